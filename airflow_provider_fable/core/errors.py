@@ -1,0 +1,24 @@
+"""Exception types shared by the core and the Airflow shells.
+
+Each one says what went wrong *and* what to do about it, because these messages end up in the
+Airflow task log read by someone at 3 a.m. None of them ever carries the API key.
+"""
+
+from __future__ import annotations
+
+
+class FableError(Exception):
+    """Base class for every error raised by airflow_provider_fable."""
+
+
+class RecordError(FableError, ValueError):
+    """A source record cannot become a request (missing id, bad template field, bad id)."""
+
+    def __init__(self, record_id: object, rule: str, message: str) -> None:
+        self.record_id = record_id
+        self.rule = rule
+        super().__init__(f"record {record_id!r}: [{rule}] {message}")
+
+
+class JobSpecError(FableError, ValueError):
+    """The BatchJob spec itself is unusable (bad template, output model, limits)."""

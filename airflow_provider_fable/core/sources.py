@@ -1,0 +1,70 @@
+"""Record sources: in-memory lists, DataFrames, SQL queries and CSV/JSONL files.
+
+Every source yields plain dicts one at a time so a million-row backlog never has to sit in
+memory as Python objects all at once (SQL uses a server-side cursor where the driver has one).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+
+def iter_dataframe(df: Any, chunk_size: int = 10_000) -> Iterator[dict[str, Any]]:
+    """Rows of a pandas DataFrame as dicts, converting NaN/NaT to None chunk by chunk."""
+    for start in range(0, len(df), chunk_size):
+        chunk = df.iloc[start : start + chunk_size]
+        chunk = chunk.astype(object).where(chunk.notna(), None)
+        yield from chunk.to_dict(orient="records")
+
+
+def iter_sql(
+    engine: sa.engine.Engine,
+    sql: str,
+    parameters: Mapping[str, Any] | None = None,
+    chunk_size: int = 10_000,
+) -> Iterator[dict[str, Any]]:
+    """Rows of a query as dicts, streamed in chunks."""
+    with engine.connect() as conn:
+        result = conn.execution_options(stream_results=True, yield_per=chunk_size).execute(
+            sa.text(sql), dict(parameters or {})
+        )
+        for row in result.mappings():
+            yield dict(row)
+
+
+def iter_file(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Rows of a .csv or .jsonl/.ndjson file."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as fh:
+            yield from csv.DictReader(fh)
+    elif suffix in (".jsonl", ".ndjson"):
+        with path.open(encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except ValueError as exc:
+                        raise ValueError(f"{path}:{n}: not a JSON object ({exc})") from None
+    else:
+        raise ValueError(f"unsupported records file {path}: use .csv, .jsonl or .ndjson")
+
+
+def iter_records(records: Any) -> Iterator[dict[str, Any]]:
+    """Normalise the accepted in-memory inputs (list of mappings, DataFrame, path) to dicts."""
+    if records is None:
+        return iter(())
+    if hasattr(records, "iloc") and hasattr(records, "to_dict"):
+        return iter_dataframe(records)
+    if isinstance(records, (str, Path)):
+        return iter_file(records)
+    if isinstance(records, Iterable):
+        return (dict(r) for r in records)
+    raise TypeError(f"records must be a list of dicts, a DataFrame or a file path, not {type(records)!r}")

@@ -1,0 +1,418 @@
+"""FableHook: an Airflow connection turned into configured anthropic clients, plus every
+Message Batches endpoint and count_tokens, sync and async.
+
+The clients always get an explicit ``api_key`` and ``base_url`` so nothing from the worker's
+environment (``ANTHROPIC_API_KEY``, ``ANTHROPIC_BASE_URL``, a developer's SDK profile) can leak
+into a task and bill the wrong account. SDK errors are re-raised as :class:`FableApiError` with a
+message that says which call failed and what to check; the API key never appears in them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseHook
+
+from airflow_provider_fable.core.errors import FableError
+from airflow_provider_fable.core.results import BatchResult, ResultLineError, parse_result_line
+
+if TYPE_CHECKING:
+    from anthropic import Anthropic, AsyncAnthropic
+    from anthropic.types.messages import MessageBatch
+
+DEFAULT_BASE_URL = "https://api.anthropic.com"
+DEFAULT_TIMEOUT = 600.0
+DEFAULT_MAX_RETRIES = 2
+
+_HINTS = {
+    401: "check the API key (the connection's password field)",
+    403: "the key is not allowed to do this; check its workspace and permissions",
+    404: "the batch id is unknown to this account/workspace (or was deleted)",
+    413: "the batch body is over 256 MB; submit fewer or smaller requests per batch",
+    429: "rate limited after the SDK's retries; lower concurrency or raise max_retries",
+    529: "the API is overloaded; retry later",
+}
+
+
+class FableConfigError(FableError):
+    """The Airflow connection cannot produce a working client."""
+
+
+class FableApiError(FableError):
+    """An API call failed after the SDK's own retries."""
+
+    def __init__(self, message: str, *, status_code: int | None = None, error_type: str | None = None):
+        super().__init__(message)
+        self.status_code = status_code
+        self.error_type = error_type
+
+
+class ResultsIncompleteError(FableError):
+    """The results download kept breaking off; what was read is kept, the rest must be re-read."""
+
+
+def _api_error(action: str, exc: Exception, conn_id: str) -> FableApiError:
+    """Wrap an SDK exception with the failing call, the API's error type and a hint."""
+    status = getattr(exc, "status_code", None)
+    body = getattr(exc, "body", None)
+    err_type, message = None, None
+    if isinstance(body, dict):
+        inner = body.get("error") if isinstance(body.get("error"), dict) else body
+        err_type, message = inner.get("type"), inner.get("message")
+    if message is None:
+        message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    head = f"{action} failed"
+    head += f": HTTP {status}" if status else f": {type(exc).__name__}"
+    if err_type:
+        head += f" {err_type}"
+    hint = _HINTS.get(status or 0)
+    if status is None:
+        hint = "could not reach the API; check the connection's base URL and the network"
+    text = f"{head}: {message} (connection {conn_id!r}"
+    text += f"; {hint})" if hint else ")"
+    return FableApiError(text, status_code=status, error_type=err_type)
+
+
+_COUNT_TOKENS_KEYS = frozenset(
+    {"messages", "model", "system", "tools", "tool_choice", "output_config", "thinking"}
+)
+
+
+def _count_tokens_body(params: dict[str, Any]) -> dict[str, Any]:
+    """count_tokens takes a subset of a request's params (no max_tokens, temperature, ...)."""
+    return {k: v for k, v in params.items() if k in _COUNT_TOKENS_KEYS}
+
+
+class FableHook(BaseHook):
+    """Interact with Anthropic's Message Batches API through an Airflow connection.
+
+    Connection fields: password = API key, host = base URL override (empty = the public API),
+    extras: ``default_model``, ``timeout`` (seconds), ``max_retries``, ``workspace_id``.
+
+    :param fable_conn_id: connection id, default ``fable_default``.
+    :param timeout: per-request timeout override (seconds).
+    :param max_retries: SDK retry override (408/409/429/5xx, connection errors).
+    """
+
+    conn_name_attr = "fable_conn_id"
+    default_conn_name = "fable_default"
+    conn_type = "fable"
+    hook_name = "Fable (Anthropic Message Batches)"
+
+    def __init__(
+        self,
+        fable_conn_id: str = default_conn_name,
+        *,
+        timeout: float | None = None,
+        max_retries: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.fable_conn_id = fable_conn_id
+        self._timeout = timeout
+        self._max_retries = max_retries
+
+    # ------------------------------------------------------------------ configuration
+    @cached_property
+    def _settings(self) -> dict[str, Any]:
+        """Client settings derived from the connection (read once per hook)."""
+        return self._settings_from(self.get_connection(self.fable_conn_id))
+
+    async def aload_connection(self) -> None:
+        """Read the connection without blocking the event loop (call first thing in a trigger).
+
+        In Airflow 3 a sync ``get_connection`` inside the triggerer's loop fails or blocks, so
+        async callers load the settings here and the cached value serves every later call.
+        """
+        if "_settings" not in self.__dict__:
+            conn = await self.aget_connection(self.fable_conn_id)
+            self.__dict__["_settings"] = self._settings_from(conn)
+
+    def _settings_from(self, conn: Any) -> dict[str, Any]:
+        if not conn.password:
+            raise FableConfigError(
+                f"connection {self.fable_conn_id!r} has no API key: put it in the password field "
+                f'(env form: AIRFLOW_CONN_{self.fable_conn_id.upper()}=\'{{"conn_type": "fable", '
+                '"password": "<key>"}\')'
+            )
+        extra = conn.extra_dejson or {}
+        base_url = (conn.host or "").strip().rstrip("/") or DEFAULT_BASE_URL
+        if "://" not in base_url:
+            base_url = f"https://{base_url}"
+        if conn.port and base_url.count(":") < 2:
+            base_url = f"{base_url}:{conn.port}"
+
+        def _num(key: str, cast: type, default: Any) -> Any:
+            value = extra.get(key)
+            if value in (None, ""):
+                return default
+            try:
+                return cast(value)
+            except (TypeError, ValueError):
+                raise FableConfigError(
+                    f"connection {self.fable_conn_id!r}: extra {key!r} must be a number, got {value!r}"
+                ) from None
+
+        timeout = self._timeout if self._timeout is not None else _num("timeout", float, DEFAULT_TIMEOUT)
+        retries = (
+            self._max_retries
+            if self._max_retries is not None
+            else _num("max_retries", int, DEFAULT_MAX_RETRIES)
+        )
+        return {
+            "api_key": conn.password,
+            "base_url": base_url,
+            "timeout": timeout,
+            "max_retries": retries,
+            "workspace_id": extra.get("workspace_id") or None,
+            "default_model": extra.get("default_model") or None,
+        }
+
+    @property
+    def base_url(self) -> str:
+        return self._settings["base_url"]
+
+    @property
+    def default_model(self) -> str | None:
+        return self._settings["default_model"]
+
+    def _client_kwargs(self) -> dict[str, Any]:
+        s = self._settings
+        headers = {"anthropic-workspace-id": s["workspace_id"]} if s["workspace_id"] else None
+        return {
+            "api_key": s["api_key"],
+            "base_url": s["base_url"],
+            "timeout": s["timeout"],
+            "max_retries": s["max_retries"],
+            "default_headers": headers,
+        }
+
+    def get_conn(self) -> Anthropic:
+        """The synchronous client (cached on the hook)."""
+        return self.client
+
+    @cached_property
+    def client(self) -> Anthropic:
+        from anthropic import Anthropic
+
+        return Anthropic(**self._client_kwargs())
+
+    def get_async_client(self) -> AsyncAnthropic:
+        """A new async client; callers own it (one per event loop, e.g. per trigger run)."""
+        from anthropic import AsyncAnthropic
+
+        return AsyncAnthropic(**self._client_kwargs())
+
+    def _call(self, action: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        import anthropic
+
+        try:
+            return fn(*args, **kwargs)
+        except anthropic.APIError as exc:
+            raise _api_error(action, exc, self.fable_conn_id) from None
+
+    # ------------------------------------------------------------------ batch endpoints
+    def create_batch(self, requests: list[dict[str, Any]]) -> MessageBatch:
+        """Create one batch. Note: not idempotent - callers must guard against paying twice."""
+        batch = self._call(
+            f"create batch of {len(requests)} requests",
+            self.client.messages.batches.create,
+            requests=requests,
+        )
+        self.log.info("Created batch %s with %d requests", batch.id, len(requests))
+        return batch
+
+    def retrieve_batch(self, batch_id: str) -> MessageBatch:
+        return self._call(f"retrieve batch {batch_id}", self.client.messages.batches.retrieve, batch_id)
+
+    def list_batches(
+        self, *, limit: int = 100, after_id: str | None = None, before_id: str | None = None
+    ) -> Iterator[MessageBatch]:
+        """Every batch visible to the key, newest first, walking all pages lazily."""
+        from anthropic import omit
+
+        page = self._call(
+            "list batches",
+            self.client.messages.batches.list,
+            limit=limit,
+            after_id=after_id or omit,
+            before_id=before_id or omit,
+        )
+        while True:
+            yield from page.data
+            if not page.has_next_page():
+                return
+            page = self._call("list batches (next page)", page.get_next_page)
+
+    def cancel_batch(self, batch_id: str) -> MessageBatch:
+        batch = self._call(f"cancel batch {batch_id}", self.client.messages.batches.cancel, batch_id)
+        self.log.info("Cancel requested for batch %s: now %s", batch_id, batch.processing_status)
+        return batch
+
+    def delete_batch(self, batch_id: str) -> str:
+        deleted = self._call(f"delete batch {batch_id}", self.client.messages.batches.delete, batch_id)
+        return deleted.id
+
+    def count_tokens(self, params: dict[str, Any]) -> int:
+        """Input tokens the API would count for one request's params (max_tokens is ignored)."""
+        body = _count_tokens_body(params)
+        return self._call("count tokens", self.client.messages.count_tokens, **body).input_tokens
+
+    def iter_result_lines(self, batch_id: str, *, max_attempts: int = 3) -> Iterator[bytes]:
+        """Raw JSONL lines of an ended batch, streamed (never all in memory).
+
+        The results file of an ended batch is immutable, so when the download breaks off it is
+        reopened and the lines already handed out are skipped: callers see every line once.
+        """
+        import anthropic
+        import httpx2
+
+        batch = self.retrieve_batch(batch_id)
+        if not batch.results_url:
+            raise FableApiError(
+                f"batch {batch_id} has no results yet (status {batch.processing_status}); "
+                "wait for it to end (FableBatchSensor) before reading results"
+            )
+        done = 0
+        for attempt in range(1, max_attempts + 1):
+            seen = 0
+            try:
+                with self.client.get(
+                    batch.results_url,
+                    cast_to=httpx2.Response,
+                    options={"headers": {"Accept": "application/binary"}},
+                    stream=True,
+                ) as response:
+                    pending = b""
+                    for chunk in response.iter_bytes():
+                        pending += chunk
+                        *lines, pending = pending.split(b"\n")
+                        for line in lines:
+                            if not line.strip():
+                                continue
+                            seen += 1
+                            if seen > done:
+                                done = seen
+                                yield line
+                    if pending.strip():
+                        try:
+                            json.loads(pending)
+                        except ValueError:
+                            raise ResultsIncompleteError(
+                                f"results of {batch_id} ended mid-line after {seen} lines"
+                            ) from None
+                        seen += 1
+                        if seen > done:
+                            done = seen
+                            yield pending
+                return
+            except (ResultsIncompleteError, httpx2.TransportError, anthropic.APIConnectionError) as exc:
+                self.log.warning(
+                    "Results download of %s broke off after %d lines (attempt %d/%d): %s",
+                    batch_id,
+                    seen,
+                    attempt,
+                    max_attempts,
+                    exc,
+                )
+                last = exc
+            except anthropic.APIError as exc:
+                raise _api_error(f"download results of {batch_id}", exc, self.fable_conn_id) from None
+        raise ResultsIncompleteError(
+            f"results of {batch_id} broke off {max_attempts} times; {done} lines were read. "
+            f"Re-run the task to read them again (loading is idempotent). Last error: {last}"
+        )
+
+    def iter_results(self, batch_id: str) -> Iterator[BatchResult]:
+        """Parsed result lines of an ended batch."""
+        for line in self.iter_result_lines(batch_id):
+            try:
+                yield parse_result_line(line)
+            except ResultLineError as exc:
+                raise FableApiError(f"batch {batch_id}: {exc}") from None
+
+    # ------------------------------------------------------------------ async (triggers)
+    @cached_property
+    def async_client(self) -> AsyncAnthropic:
+        """The async client, created on first use inside the running event loop."""
+        return self.get_async_client()
+
+    async def _acall(self, action: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        import anthropic
+
+        await self.aload_connection()
+        try:
+            return await fn(*args, **kwargs)
+        except anthropic.APIError as exc:
+            raise _api_error(action, exc, self.fable_conn_id) from None
+
+    async def acreate_batch(self, requests: list[dict[str, Any]]) -> MessageBatch:
+        batches = self.async_client.messages.batches
+        return await self._acall(
+            f"create batch of {len(requests)} requests", batches.create, requests=requests
+        )
+
+    async def aretrieve_batch(self, batch_id: str) -> MessageBatch:
+        batches = self.async_client.messages.batches
+        return await self._acall(f"retrieve batch {batch_id}", batches.retrieve, batch_id)
+
+    async def alist_batches(self, *, limit: int = 100) -> AsyncIterator[MessageBatch]:
+        import anthropic
+
+        await self.aload_connection()
+        try:
+            async for batch in self.async_client.messages.batches.list(limit=limit):
+                yield batch
+        except anthropic.APIError as exc:
+            raise _api_error("list batches", exc, self.fable_conn_id) from None
+
+    async def acancel_batch(self, batch_id: str) -> MessageBatch:
+        batches = self.async_client.messages.batches
+        return await self._acall(f"cancel batch {batch_id}", batches.cancel, batch_id)
+
+    async def adelete_batch(self, batch_id: str) -> str:
+        batches = self.async_client.messages.batches
+        return (await self._acall(f"delete batch {batch_id}", batches.delete, batch_id)).id
+
+    async def acount_tokens(self, params: dict[str, Any]) -> int:
+        body = _count_tokens_body(params)
+        return (
+            await self._acall("count tokens", self.async_client.messages.count_tokens, **body)
+        ).input_tokens
+
+    async def aiter_results(self, batch_id: str) -> AsyncIterator[BatchResult]:
+        """Parsed result lines of an ended batch, streamed through the async client."""
+        import anthropic
+
+        await self.aload_connection()
+        try:
+            decoder = await self.async_client.messages.batches.with_streaming_response.results(batch_id)
+        except anthropic.APIError as exc:
+            raise _api_error(f"download results of {batch_id}", exc, self.fable_conn_id) from None
+        async with decoder as response:
+            async for line in response.iter_lines():
+                if line.strip():
+                    yield parse_result_line(line)
+
+    async def aclose(self) -> None:
+        if "async_client" in self.__dict__:
+            await self.async_client.close()
+
+    # ------------------------------------------------------------------ UI
+    def test_connection(self) -> tuple[bool, str]:
+        """Called by the UI's Test button: one cheap authenticated call."""
+        try:
+            page = self.client.messages.batches.list(limit=1)
+            return (
+                True,
+                f"Connected to {self.base_url}; batches visible: {'yes' if page.data else 'none yet'}",
+            )
+        except Exception as exc:  # noqa: BLE001 - the UI wants a message, not a traceback
+            import anthropic
+
+            if isinstance(exc, anthropic.APIError):
+                exc = _api_error("list batches", exc, self.fable_conn_id)
+            return False, str(exc)

@@ -1,0 +1,110 @@
+"""FableValidateLoadOperator: stream batch results, validate each answer, load good rows.
+
+Accepted rows are upserted on the record id (re-running the task loads nothing twice); every
+other result goes to the rejects table with a reason and a detail naming the field and rule.
+Rows are written in chunks as the results stream in, so a million-line result file never sits in
+memory, and what was written before a failure stays written. The work itself is
+``core.loading.load_batch``; this class only wires the connection and the database to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from airflow.sdk import BaseOperator
+
+from airflow_provider_fable.core.errors import FableError
+from airflow_provider_fable.core.job import import_output_model
+from airflow_provider_fable.core.loading import LoadStats, load_batch
+from airflow_provider_fable.core.sinks import ResultSink
+from airflow_provider_fable.hooks.fable import FableHook
+from airflow_provider_fable.operators.submit import sqlalchemy_engine
+from airflow_provider_fable.sensors.batch import normalise_batch_ids
+
+
+class FableValidateLoadOperator(BaseOperator):
+    """Validate every result of the given batches and load them into a SQL database.
+
+    :param batch_ids: ids, or the submit/sensor manifest (``{"batch_ids": [...]}``). Templated.
+    :param output_model: the pydantic model the answers must satisfy (class or dotted path).
+    :param destination_conn_id: Airflow SQL connection (sqlite or postgres).
+    :param table: destination table, created from the output model if missing.
+    :param id_column: primary-key column holding the record id.
+    :param rejects_table: defaults to ``<table>_rejects``.
+    :param max_reject_rate: fail the task (after loading) when rejects exceed this share.
+    :return: counts, reject reasons, value distributions, token usage and cost.
+    """
+
+    template_fields: Sequence[str] = ("batch_ids", "table", "rejects_table")
+    ui_color = "#c6e0b4"
+
+    def __init__(
+        self,
+        *,
+        batch_ids: Any,
+        output_model: Any,
+        destination_conn_id: str,
+        table: str,
+        id_column: str = "id",
+        rejects_table: str | None = None,
+        fable_conn_id: str = FableHook.default_conn_name,
+        chunk_size: int = 1000,
+        max_reject_rate: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.batch_ids = batch_ids
+        self.output_model = output_model
+        self.destination_conn_id = destination_conn_id
+        self.table = table
+        self.id_column = id_column
+        self.rejects_table = rejects_table
+        self.fable_conn_id = fable_conn_id
+        self.chunk_size = chunk_size
+        self.max_reject_rate = max_reject_rate
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        model_cls = import_output_model(self.output_model)
+        hook = FableHook(self.fable_conn_id)
+        sink = ResultSink(
+            sqlalchemy_engine(self.destination_conn_id),
+            table=self.table,
+            id_column=self.id_column,
+            output_model=model_cls,
+            rejects_table=self.rejects_table,
+        )
+        sink.ensure_tables()
+        stats = LoadStats()
+        for batch_id in normalise_batch_ids(self.batch_ids):
+            load_batch(
+                hook.iter_results(batch_id),
+                batch_id=batch_id,
+                output_model=model_cls,
+                sink=sink,
+                stats=stats,
+                chunk_size=self.chunk_size,
+            )
+            self.log.info(
+                "Batch %s loaded; running totals: %d accepted, %d rejected",
+                batch_id,
+                stats.accepted,
+                stats.rejected,
+            )
+        summary = {**stats.summary(), "table": self.table, "rejects_table": sink.rejects.name}
+        u = stats.usage
+        self.log.info(
+            "Loaded %d accepted rows into %s; %d rejected %s; tokens in=%d out=%d cache_write=%d "
+            "cache_read=%d; cost $%s",
+            stats.accepted, self.table, stats.rejected, dict(stats.reasons.most_common(5)),
+            u.input_tokens, u.output_tokens, u.cache_creation_input_tokens, u.cache_read_input_tokens,
+            summary["cost_usd"],
+        )  # fmt: skip
+        total = summary["records"]
+        if self.max_reject_rate is not None and total and stats.rejected / total > self.max_reject_rate:
+            raise FableError(
+                f"{stats.rejected}/{total} results rejected ({stats.rejected / total:.1%}), over "
+                f"max_reject_rate {self.max_reject_rate:.1%}; accepted rows are loaded, see "
+                f"{sink.rejects.name} for reasons"
+            )
+        return summary

@@ -1,0 +1,113 @@
+"""FableBatchSensor: wait for Message Batches to end, deferring to the triggerer by default.
+
+A batch can take up to 24 hours; holding a worker slot for that is waste, so ``deferrable``
+follows ``[operators] default_deferrable`` like Airflow's own operators, and when it is on the
+wait costs no worker at all. It checks once before deferring so a batch that already ended (a
+rerun, the emulator's instant mode) resumes without a trip through the triggerer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+from airflow.configuration import conf
+from airflow.sdk import BaseSensorOperator, PokeReturnValue
+
+from airflow_provider_fable.core.errors import FableError
+from airflow_provider_fable.hooks.fable import FableHook
+from airflow_provider_fable.triggers.batch import FableBatchTrigger, batch_summary
+
+#: Batches expire 24 h after creation; waiting a little longer than that is the natural limit.
+DEFAULT_TIMEOUT = timedelta(hours=25).total_seconds()
+
+
+def normalise_batch_ids(value: Any) -> list[str]:
+    """Accept a list of ids, one id, or the submit operator's manifest (``{"batch_ids": [...]}``)."""
+    if isinstance(value, dict):
+        value = value.get("batch_ids")
+    if isinstance(value, str):
+        value = [value]
+    if not value or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"batch_ids must be a non-empty list of batch id strings, got {value!r}")
+    return list(value)
+
+
+class FableBatchSensor(BaseSensorOperator):
+    """Wait until every batch in ``batch_ids`` has ended.
+
+    Returns (XCom) ``{"batch_ids": [...], "batches": [summary, ...], "waited_in": "trigger"|"worker"}``.
+
+    :param batch_ids: ids, one id, or the submit operator's output manifest. Templated.
+    :param fable_conn_id: connection of type ``fable``.
+    :param poll_interval: seconds between polls (``poke_interval`` for non-deferrable mode).
+    :param deferrable: wait in the triggerer instead of a worker slot.
+    """
+
+    template_fields: Sequence[str] = ("batch_ids",)
+    ui_color = "#d4a27f"
+
+    def __init__(
+        self,
+        *,
+        batch_ids: Any,
+        fable_conn_id: str = FableHook.default_conn_name,
+        poll_interval: float = 60.0,
+        deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+        timeout: float = DEFAULT_TIMEOUT,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("poke_interval", poll_interval)
+        super().__init__(timeout=timeout, **kwargs)
+        self.batch_ids = batch_ids
+        self.fable_conn_id = fable_conn_id
+        self.poll_interval = poll_interval
+        self.deferrable = deferrable
+
+    def _summaries(self) -> list[dict[str, Any]]:
+        hook = FableHook(self.fable_conn_id)
+        return [batch_summary(hook.retrieve_batch(b)) for b in normalise_batch_ids(self.batch_ids)]
+
+    def poke(self, context: Any) -> PokeReturnValue:
+        summaries = self._summaries()
+        done = [s for s in summaries if s["processing_status"] == "ended"]
+        self.log.info("%d/%d batches ended", len(done), len(summaries))
+        ready = len(done) == len(summaries)
+        return PokeReturnValue(
+            is_done=ready, xcom_value=self._manifest(summaries, "worker") if ready else None
+        )
+
+    def execute(self, context: Any) -> Any:
+        if not self.deferrable:
+            return super().execute(context)
+        ids = normalise_batch_ids(self.batch_ids)
+        summaries = self._summaries()
+        if all(s["processing_status"] == "ended" for s in summaries):
+            self.log.info("All %d batches already ended; not deferring", len(ids))
+            return self._manifest(summaries, "worker")
+        self.log.info(
+            "Deferring: waiting for %d batches in the triggerer (poll every %ss)",
+            len(ids),
+            self.poll_interval,
+        )
+        self.defer(
+            trigger=FableBatchTrigger(
+                batch_ids=ids, fable_conn_id=self.fable_conn_id, poll_interval=self.poll_interval
+            ),
+            method_name="execute_complete",
+            timeout=timedelta(seconds=self.timeout),
+        )
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
+        if event.get("status") != "success":
+            raise FableError(f"waiting for batches {event.get('batch_ids')} failed: {event.get('message')}")
+        for summary in event["batches"]:
+            self.log.info("Batch %s ended: %s", summary["id"], summary["request_counts"])
+        manifest = self._manifest(event["batches"], "trigger")
+        manifest["polls"] = event.get("polls")
+        return manifest
+
+    @staticmethod
+    def _manifest(summaries: list[dict[str, Any]], waited_in: str) -> dict[str, Any]:
+        return {"batch_ids": [s["id"] for s in summaries], "batches": summaries, "waited_in": waited_in}
