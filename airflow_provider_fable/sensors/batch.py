@@ -29,8 +29,8 @@ def normalise_batch_ids(value: Any) -> list[str]:
         value = value.get("batch_ids")
     if isinstance(value, str):
         value = [value]
-    if not value or not all(isinstance(v, str) and v for v in value):
-        raise ValueError(f"batch_ids must be a non-empty list of batch id strings, got {value!r}")
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"batch_ids must be a list of batch id strings (or a manifest), got {value!r}")
     return list(value)
 
 
@@ -82,6 +82,9 @@ class FableBatchSensor(BaseSensorOperator):
         if not self.deferrable:
             return super().execute(context)
         ids = normalise_batch_ids(self.batch_ids)
+        if not ids:
+            self.log.info("No batches to wait for (the submit task found nothing to send)")
+            return self._manifest([], "worker")
         summaries = self._summaries()
         if all(s["processing_status"] == "ended" for s in summaries):
             self.log.info("All %d batches already ended; not deferring", len(ids))

@@ -1,0 +1,38 @@
+# One-command entry points. `make test` is what CI runs (.ci/run); `make demo` is the quick start.
+# Everything is installed by these rules from the committed lock (requirements.lock) with uv.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+UV     := $(PYTHON) -m uv
+# uv ignores pip.conf; point it at the system CA bundle when there is one.
+export SSL_CERT_FILE ?= $(wildcard /etc/ssl/certs/ca-certificates.crt)
+
+.PHONY: install test demo lint lock bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	@$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
+	@test -x $(PY) || $(UV) venv --quiet --python $(PYTHON) $(VENV)
+	$(UV) pip sync --quiet --python $(PY) requirements.lock
+	$(UV) pip install --quiet --python $(PY) --no-deps -e .
+	@touch $@
+
+test: install
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -p no:cacheprovider
+
+demo: install
+	$(PY) scripts/demo.py
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+# Re-resolve the lock after changing dependencies in pyproject.toml.
+lock:
+	$(UV) pip compile pyproject.toml --extra postgres --extra dev --python-version 3.11 -o requirements.lock
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache

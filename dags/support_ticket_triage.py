@@ -1,0 +1,213 @@
+"""Support ticket triage: label a backlog of unlabelled tickets through Message Batches.
+
+Each run takes the next ``params.limit`` tickets that have no triage row yet (so scheduled runs
+work through the backlog, and rejected tickets come back in the next run), submits one request
+per ticket, waits in the triggerer, then validates every answer against ``TicketTriage`` and
+loads accepted rows into ``ticket_triage`` (rejects into ``ticket_triage_rejects``).
+
+Connections: ``fable_default`` (the API or the emulator) and ``fable_backlog_db`` (any SQL
+connection holding ``support_tickets``; the ``seed_tickets`` task loads the bundled synthetic
+dataset into it when the table is empty). The top of this file imports only Airflow and
+pydantic: the SDK, pandas and SQL work happen inside tasks, so parsing stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta
+from enum import Enum
+from pathlib import Path
+
+from airflow.sdk import DAG, Param, task
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from airflow_provider_fable.operators.load import FableValidateLoadOperator
+from airflow_provider_fable.operators.submit import FableBatchSubmitOperator
+from airflow_provider_fable.sensors.batch import FableBatchSensor
+
+BACKLOG_CONN_ID = os.environ.get("FABLE_BACKLOG_CONN_ID", "fable_backlog_db")
+POLL_SECONDS = float(os.environ.get("FABLE_POLL_SECONDS", "60"))
+DATASET = Path(__file__).parent / "data" / "support_tickets.csv"
+
+
+class Category(str, Enum):
+    billing = "billing"
+    account_access = "account_access"
+    bug = "bug"
+    feature_request = "feature_request"
+    shipping = "shipping"
+
+
+class Priority(str, Enum):
+    low = "low"
+    medium = "medium"
+    high = "high"
+    urgent = "urgent"
+
+
+class TicketTriage(BaseModel):
+    """The answer for one ticket. The invariant below is checked on every answer at load time."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    category: Category = Field(description="The single team that should own the ticket.")
+    priority: Priority = Field(description="How fast the customer needs an answer.")
+    escalate: bool = Field(description="True when a lead must look today (legal, churn, data loss, outage).")
+    summary: str = Field(min_length=3, max_length=200, description="One sentence, no customer PII.")
+
+    @model_validator(mode="after")
+    def _escalation_needs_priority(self) -> TicketTriage:
+        if self.escalate and self.priority not in (Priority.high, Priority.urgent):
+            raise ValueError("escalate=true requires priority high or urgent")
+        return self
+
+
+SYSTEM_PROMPT = """You triage customer support tickets for an online store that sells hardware \
+and a companion subscription app. For every ticket, return the owning team (category), the \
+priority, whether a team lead must be pulled in today (escalate), and a one-sentence summary.
+
+Categories:
+- billing: charges, invoices, refunds, receipts, VAT, plan prices, failed or duplicate payments, \
+subscription renewals and cancellations that are about money.
+- account_access: logging in, passwords, two-factor codes, SSO, locked or suspended accounts, \
+changing the account email. A customer who cannot log in to update a card is account_access: \
+the blocker is the login, not the payment.
+- bug: something that used to work or should work is broken: errors, crashes, wrong numbers, \
+buttons that do nothing, sync failures. A 2FA code that never arrives is account_access, not bug.
+- feature_request: asks for something the product does not do yet, including "is this a bug?" \
+questions about behaviour that works as designed (e.g. exports without custom fields).
+- shipping: delivery of physical orders: tracking, delays, damaged or missing parcels, address \
+changes, customs. A shipping fee complaint about a late parcel is shipping.
+
+Priority:
+- urgent: the customer's business is stopped, data is being lost, security is at risk, or a \
+legal/chargeback threat is explicit.
+- high: a paying customer is blocked on an important task, or a deadline within days is named.
+- medium: a real problem with a workaround, or a question that needs an answer this week.
+- low: cosmetic issues, ideas, "no rush" questions.
+
+Escalate only for legal threats, chargebacks, data loss, outages affecting many users, or an \
+enterprise customer threatening to leave. Escalation always needs priority high or urgent.
+
+The summary is one plain sentence under 200 characters, without names, emails, phone numbers \
+or order numbers. Answer with the JSON object only."""
+
+PROMPT_TEMPLATE = """Ticket {ticket_id} via {channel} (customer tier: {customer_tier})
+Subject: {subject}
+
+{body}"""
+
+FEW_SHOT = [
+    {
+        "record": {
+            "ticket_id": "EXAMPLE-1",
+            "channel": "email",
+            "customer_tier": "pro",
+            "subject": "Can't get in to update my card",
+            "body": "My card expired so I wanted to update it, but the login page keeps saying my "
+            "password is wrong even after a reset. Renewal is next week.",
+        },
+        "answer": {
+            "category": "account_access",
+            "priority": "high",
+            "escalate": False,
+            "summary": "Customer cannot log in after a password reset and needs to update an expiring card.",
+        },
+    },
+    {
+        "record": {
+            "ticket_id": "EXAMPLE-2",
+            "channel": "chat",
+            "customer_tier": "enterprise",
+            "subject": "Charged twice - disputing with bank",
+            "body": "We were invoiced twice for the annual plan. If this is not refunded by Friday "
+            "our finance team will file a chargeback.",
+        },
+        "answer": {
+            "category": "billing",
+            "priority": "urgent",
+            "escalate": True,
+            "summary": "Enterprise customer was invoiced twice for the annual plan and threatens a chargeback.",
+        },
+    },
+]
+
+SELECT_BACKLOG = """
+SELECT t.ticket_id, t.channel, t.customer_tier, t.subject, t.body
+FROM support_tickets AS t
+WHERE NOT EXISTS (SELECT 1 FROM ticket_triage AS r WHERE r.ticket_id = t.ticket_id)
+ORDER BY t.ticket_id
+LIMIT {{ params.limit | int }}
+"""
+
+with DAG(
+    dag_id="support_ticket_triage",
+    description="Label unlabelled support tickets (category, priority, escalation) via Message Batches",
+    schedule="@daily",
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    params={"limit": Param(2000, type="integer", minimum=1, maximum=100_000)},
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=2)},
+    tags=["fable", "backlog", "example"],
+    doc_md=__doc__,
+) as dag:
+
+    @task
+    def seed_tickets() -> int:
+        """Create the backlog and result tables; load the bundled tickets when the backlog is empty."""
+        import csv
+
+        import sqlalchemy as sa
+
+        from airflow_provider_fable.core.sinks import ResultSink
+        from airflow_provider_fable.operators.submit import sqlalchemy_engine
+
+        engine = sqlalchemy_engine(BACKLOG_CONN_ID)
+        ResultSink(
+            engine, table="ticket_triage", id_column="ticket_id", output_model=TicketTriage
+        ).ensure_tables()
+        meta = sa.MetaData()
+        cols = ["ticket_id", "created_at", "channel", "customer_tier", "subject", "body"]
+        tickets = sa.Table(
+            "support_tickets",
+            meta,
+            sa.Column("ticket_id", sa.Text, primary_key=True),
+            *(sa.Column(c, sa.Text) for c in cols[1:]),
+        )
+        meta.create_all(engine)
+        with engine.begin() as conn:
+            existing = conn.execute(sa.select(sa.func.count()).select_from(tickets)).scalar_one()
+            if existing:
+                return existing
+            with DATASET.open(newline="", encoding="utf-8") as fh:
+                rows = [{c: row[c] for c in cols} for row in csv.DictReader(fh)]
+            conn.execute(tickets.insert(), rows)
+            return len(rows)
+
+    submit = FableBatchSubmitOperator(
+        task_id="submit",
+        sql=SELECT_BACKLOG,
+        sql_conn_id=BACKLOG_CONN_ID,
+        id_field="ticket_id",
+        prompt_template=PROMPT_TEMPLATE,
+        system_prompt=SYSTEM_PROMPT,
+        few_shot_examples=FEW_SHOT,
+        output_model=TicketTriage,
+        max_tokens=400,
+        # Until the submit ledger lands, a blind retry could create a second (billed) batch.
+        retries=0,
+    )
+
+    wait = FableBatchSensor(task_id="wait", batch_ids=submit.output, poll_interval=POLL_SECONDS)
+
+    load = FableValidateLoadOperator(
+        task_id="load",
+        batch_ids=wait.output,
+        output_model=TicketTriage,
+        destination_conn_id=BACKLOG_CONN_ID,
+        table="ticket_triage",
+        id_column="ticket_id",
+    )
+
+    seed_tickets() >> submit >> wait >> load
