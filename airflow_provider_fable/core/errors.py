@@ -20,5 +20,9 @@ class RecordError(FableError, ValueError):
         super().__init__(f"record {record_id!r}: [{rule}] {message}")
 
 
-class JobSpecError(FableError, ValueError):
-    """The BatchJob spec itself is unusable (bad template, output model, limits)."""
+class JobSpecError(FableError):
+    """The BatchJob spec itself is unusable (bad template, output model, limits).
+
+    Deliberately not a ValueError: pydantic would fold it into a generic ValidationError and
+    the actionable message would be buried.
+    """

@@ -82,17 +82,16 @@ def validate_result(result: BatchResult, output_model: type[BaseModel]) -> Outco
     if result.stop_reason == "max_tokens":
         return Rejected(record_id, "truncated", "answer cut off at max_tokens; raise max_tokens", raw, usage)
     if result.tool_input is not None:
-        payload: Any = result.tool_input
+        raw = json.dumps(result.tool_input, ensure_ascii=False)
     elif raw is None or not raw.strip():
         return Rejected(record_id, "empty_answer", "the answer has no text", raw, usage)
-    else:
-        try:
-            payload = json.loads(raw)
-        except ValueError as exc:
-            return Rejected(record_id, "invalid_json", f"answer is not JSON: {exc}", raw, usage)
     try:
-        instance = output_model.model_validate(payload)
+        # Strict JSON validation: "yes" is not a boolean and 2.5 is not an integer.
+        instance = output_model.model_validate_json(raw, strict=True)
     except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        if errors and errors[0]["type"] == "json_invalid":
+            return Rejected(record_id, "invalid_json", f"answer is not JSON: {errors[0]['msg']}", raw, usage)
         reason, detail = _describe(exc)
-        return Rejected(record_id, reason, detail, raw if raw is not None else json.dumps(payload), usage)
+        return Rejected(record_id, reason, detail, raw, usage)
     return Accepted(record_id, instance.model_dump(mode="json"), usage)

@@ -1,0 +1,70 @@
+"""Shared fixtures of the project's own tests (the Airflow/emulator ones come from our plugin)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from enum import Enum
+
+import pytest
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PG_URL = os.environ.get("FABLE_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+
+
+class Color(str, Enum):
+    red = "red"
+    green = "green"
+    blue = "blue"
+
+
+class Paint(BaseModel):
+    """A small output model with an enum, a bool, a bounded string and a cross-field invariant."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    color: Color
+    glossy: bool
+    coats: int = Field(ge=1, le=5)
+    note: str = Field(max_length=80)
+
+    @model_validator(mode="after")
+    def _glossy_needs_two_coats(self) -> Paint:
+        if self.glossy and self.coats < 2:
+            raise ValueError("glossy paint needs at least 2 coats")
+        return self
+
+
+@pytest.fixture
+def sqlite_engine(tmp_path):
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'dest.db'}")
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def pg_engine() -> Iterator[object]:
+    """A private schema on the local PostgreSQL; skipped (never under CI=true) when none answers."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(PG_URL)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except Exception as exc:  # noqa: BLE001 - any connection failure means "no server here"
+        engine.dispose()
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"PostgreSQL must be reachable in CI at {PG_URL}: {exc}")
+        pytest.skip(f"no PostgreSQL server answers at {PG_URL} ({type(exc).__name__})")
+    schema = f"fable_test_{uuid.uuid4().hex[:8]}"
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    scoped = sa.create_engine(PG_URL, connect_args={"options": f"-csearch_path={schema}"})
+    yield scoped
+    scoped.dispose()
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+    engine.dispose()
