@@ -8,7 +8,12 @@ from collections.abc import Iterator
 from enum import Enum
 
 import pytest
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# The example DAGs' sensors take their default from [operators] default_deferrable, read when
+# Airflow is first imported: set it before anything imports Airflow.
+os.environ.setdefault("AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE", "True")
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator  # noqa: E402
 
 PG_URL = os.environ.get("FABLE_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 
