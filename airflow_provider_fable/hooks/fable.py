@@ -280,12 +280,13 @@ class FableHook(BaseHook):
         for attempt in range(1, max_attempts + 1):
             seen = 0
             try:
-                with self.client.get(
+                response = self.client.get(
                     batch.results_url,
                     cast_to=httpx2.Response,
                     options={"headers": {"Accept": "application/binary"}},
                     stream=True,
-                ) as response:
+                )
+                try:
                     pending = b""
                     for chunk in response.iter_bytes():
                         pending += chunk
@@ -308,6 +309,8 @@ class FableHook(BaseHook):
                         if seen > done:
                             done = seen
                             yield pending
+                finally:
+                    response.close()
                 return
             except (ResultsIncompleteError, httpx2.TransportError, anthropic.APIConnectionError) as exc:
                 self.log.warning(
