@@ -76,6 +76,49 @@ def _api_error(action: str, exc: Exception, conn_id: str) -> FableApiError:
     return FableApiError(text, status_code=status, error_type=err_type)
 
 
+class _ResumableLines:
+    """Split a byte stream into JSONL lines across download attempts, handing each line out once.
+
+    The results file of an ended batch is immutable, so after a broken download the next attempt
+    re-reads from the start and the first ``handed_out`` lines are skipped.
+    """
+
+    def __init__(self, batch_id: str) -> None:
+        self.batch_id = batch_id
+        self.handed_out = 0
+        self._pending = b""
+        self._seen = 0
+
+    def restart(self) -> None:
+        self._pending = b""
+        self._seen = 0
+
+    def _take(self, line: bytes) -> list[bytes]:
+        if not line.strip():
+            return []
+        self._seen += 1
+        if self._seen <= self.handed_out:
+            return []
+        self.handed_out = self._seen
+        return [line]
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        *lines, self._pending = (self._pending + chunk).split(b"\n")
+        return [out for line in lines for out in self._take(line)]
+
+    def finish(self) -> list[bytes]:
+        """The last line when the stream ended without a newline; a torn line is an error."""
+        tail, self._pending = self._pending, b""
+        if tail.strip():
+            try:
+                json.loads(tail)
+            except ValueError:
+                raise ResultsIncompleteError(
+                    f"results of {self.batch_id} ended mid-line after {self._seen} lines"
+                ) from None
+        return self._take(tail)
+
+
 _COUNT_TOKENS_KEYS = frozenset(
     {"messages", "model", "system", "tools", "tool_choice", "output_config", "thinking"}
 )
@@ -276,9 +319,10 @@ class FableHook(BaseHook):
                 f"batch {batch_id} has no results yet (status {batch.processing_status}); "
                 "wait for it to end (FableBatchSensor) before reading results"
             )
-        done = 0
+        lines = _ResumableLines(batch_id)
+        last: Exception | None = None
         for attempt in range(1, max_attempts + 1):
-            seen = 0
+            lines.restart()
             try:
                 response = self.client.get(
                     batch.results_url,
@@ -287,45 +331,22 @@ class FableHook(BaseHook):
                     stream=True,
                 )
                 try:
-                    pending = b""
                     for chunk in response.iter_bytes():
-                        pending += chunk
-                        *lines, pending = pending.split(b"\n")
-                        for line in lines:
-                            if not line.strip():
-                                continue
-                            seen += 1
-                            if seen > done:
-                                done = seen
-                                yield line
-                    if pending.strip():
-                        try:
-                            json.loads(pending)
-                        except ValueError:
-                            raise ResultsIncompleteError(
-                                f"results of {batch_id} ended mid-line after {seen} lines"
-                            ) from None
-                        seen += 1
-                        if seen > done:
-                            done = seen
-                            yield pending
+                        yield from lines.feed(chunk)
+                    yield from lines.finish()
                 finally:
                     response.close()
                 return
             except (ResultsIncompleteError, httpx2.TransportError, anthropic.APIConnectionError) as exc:
+                last = exc
                 self.log.warning(
                     "Results download of %s broke off after %d lines (attempt %d/%d): %s",
-                    batch_id,
-                    seen,
-                    attempt,
-                    max_attempts,
-                    exc,
-                )
-                last = exc
+                    batch_id, lines.handed_out, attempt, max_attempts, exc,
+                )  # fmt: skip
             except anthropic.APIError as exc:
                 raise _api_error(f"download results of {batch_id}", exc, self.fable_conn_id) from None
         raise ResultsIncompleteError(
-            f"results of {batch_id} broke off {max_attempts} times; {done} lines were read. "
+            f"results of {batch_id} broke off {max_attempts} times; {lines.handed_out} lines were read. "
             f"Re-run the task to read them again (loading is idempotent). Last error: {last}"
         )
 
@@ -386,19 +407,48 @@ class FableHook(BaseHook):
             await self._acall("count tokens", self.async_client.messages.count_tokens, **body)
         ).input_tokens
 
+    async def aiter_result_lines(self, batch_id: str, *, max_attempts: int = 3) -> AsyncIterator[bytes]:
+        """Async twin of :meth:`iter_result_lines` (same resume-after-cut behaviour)."""
+        import anthropic
+        import httpx2
+
+        batch = await self.aretrieve_batch(batch_id)
+        if not batch.results_url:
+            raise FableApiError(f"batch {batch_id} has no results yet (status {batch.processing_status})")
+        lines = _ResumableLines(batch_id)
+        last: Exception | None = None
+        for attempt in range(1, max_attempts + 1):
+            lines.restart()
+            try:
+                response = await self.async_client.get(
+                    batch.results_url,
+                    cast_to=httpx2.Response,
+                    options={"headers": {"Accept": "application/binary"}},
+                    stream=True,
+                )
+                try:
+                    async for chunk in response.aiter_bytes():
+                        for line in lines.feed(chunk):
+                            yield line
+                    for line in lines.finish():
+                        yield line
+                finally:
+                    await response.aclose()
+                return
+            except (ResultsIncompleteError, httpx2.TransportError, anthropic.APIConnectionError) as exc:
+                last = exc
+                self.log.warning("Results download of %s broke off (attempt %d/%d): %s", batch_id, attempt,
+                                 max_attempts, exc)  # fmt: skip
+            except anthropic.APIError as exc:
+                raise _api_error(f"download results of {batch_id}", exc, self.fable_conn_id) from None
+        raise ResultsIncompleteError(
+            f"results of {batch_id} broke off {max_attempts} times. Last error: {last}"
+        )
+
     async def aiter_results(self, batch_id: str) -> AsyncIterator[BatchResult]:
         """Parsed result lines of an ended batch, streamed through the async client."""
-        import anthropic
-
-        await self.aload_connection()
-        try:
-            decoder = await self.async_client.messages.batches.with_streaming_response.results(batch_id)
-        except anthropic.APIError as exc:
-            raise _api_error(f"download results of {batch_id}", exc, self.fable_conn_id) from None
-        async with decoder as response:
-            async for line in response.iter_lines():
-                if line.strip():
-                    yield parse_result_line(line)
+        async for line in self.aiter_result_lines(batch_id):
+            yield parse_result_line(line)
 
     async def aclose(self) -> None:
         if "async_client" in self.__dict__:

@@ -75,12 +75,18 @@ class DagRunResult:
         return self.xcoms.get(task_id)
 
 
+def _state(value: Any) -> str | None:
+    """States come back as enums or plain strings depending on the code path; normalise."""
+    return None if value is None else str(getattr(value, "value", value))
+
+
 def load_dag(dag_id: str, dags_folder: str | os.PathLike[str] | None = None) -> Any:
     """Parse the DAGs folder and return one DAG, with import errors spelled out."""
     from airflow.dag_processing.dagbag import DagBag
 
+    ensure_metadata_db()
     folder = str(dags_folder or os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
-    bag = DagBag(dag_folder=folder, include_examples=False)
+    bag = DagBag(dag_folder=folder)
     if bag.import_errors:
         raise RuntimeError(f"DAG import errors: {bag.import_errors}")
     dag = bag.get_dag(dag_id)
@@ -101,10 +107,11 @@ def run_dag(dag: Any, *, conf: dict[str, Any] | None = None, logical_date: Any =
     dr = dag.test(**kwargs)
     with create_session() as session:
         tis = dr.get_task_instances(session=session)
-        states = {ti.task_id: (str(ti.state.value) if ti.state else None) for ti in tis}
+        states = {ti.task_id: _state(ti.state) for ti in tis}
         rows = session.query(XComModel).filter(
             XComModel.dag_id == dag.dag_id, XComModel.run_id == dr.run_id, XComModel.key == "return_value"
         )
         xcoms = {row.task_id: XComModel.deserialize_value(row) for row in rows}
-    state = dr.state.value if hasattr(dr.state, "value") else str(dr.state)
-    return DagRunResult(dag_id=dag.dag_id, run_id=dr.run_id, state=state, task_states=states, xcoms=xcoms)
+    return DagRunResult(
+        dag_id=dag.dag_id, run_id=dr.run_id, state=_state(dr.state) or "none", task_states=states, xcoms=xcoms
+    )
