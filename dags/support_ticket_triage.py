@@ -89,6 +89,12 @@ legal/chargeback threat is explicit.
 Escalate only for legal threats, chargebacks, data loss, outages affecting many users, or an \
 enterprise customer threatening to leave. Escalation always needs priority high or urgent.
 
+Reading the ticket: judge the newest message only; ignore greetings, signatures, "Sent from my \
+iPhone" lines and quoted earlier replies. When a ticket mixes topics, pick the team that has to \
+act first. Customer tier alone never raises priority, and a web-form topic chosen by the \
+customer is a hint, not the answer: customers often pick the wrong one. Mixed-language tickets \
+are triaged like any other.
+
 The summary is one plain sentence under 200 characters, without names, emails, phone numbers \
 or order numbers. Answer with the JSON object only."""
 
@@ -128,6 +134,54 @@ FEW_SHOT = [
             "priority": "urgent",
             "escalate": True,
             "summary": "Enterprise customer was invoiced twice for the annual plan and threatens a chargeback.",
+        },
+    },
+    {
+        "record": {
+            "ticket_id": "EXAMPLE-3",
+            "channel": "web_form",
+            "customer_tier": "free",
+            "subject": "Export is missing my custom fields - bug?",
+            "body": "When I export contacts to CSV the custom fields I added are not in the file. "
+            "Is that a bug? It would be great if the export could include them. No rush.",
+        },
+        "answer": {
+            "category": "feature_request",
+            "priority": "low",
+            "escalate": False,
+            "summary": "Customer asks for CSV exports to include custom fields, which they do not today.",
+        },
+    },
+    {
+        "record": {
+            "ticket_id": "EXAMPLE-4",
+            "channel": "phone_transcript",
+            "customer_tier": "pro",
+            "subject": "App crashes when opening reports",
+            "body": "Since yesterday's update the app crashes every time I open the reports tab on "
+            "my Android phone. I reinstalled it twice. I need the weekly report for a meeting on Monday.",
+        },
+        "answer": {
+            "category": "bug",
+            "priority": "high",
+            "escalate": False,
+            "summary": "App crashes on opening the reports tab on Android since the latest update.",
+        },
+    },
+    {
+        "record": {
+            "ticket_id": "EXAMPLE-5",
+            "channel": "email",
+            "customer_tier": "free",
+            "subject": "Where is my parcel?",
+            "body": "My order was marked as shipped ten days ago but the tracking page has not "
+            "changed since. Can you check with the courier?",
+        },
+        "answer": {
+            "category": "shipping",
+            "priority": "medium",
+            "escalate": False,
+            "summary": "Parcel marked as shipped ten days ago shows no tracking updates since.",
         },
     },
 ]

@@ -88,6 +88,25 @@ def print_summary(result: Any, elapsed: float) -> None:
     print("=" * 72)
 
 
+def ground_truth_agreement(db: Path) -> str:
+    """Share of accepted rows whose category matches the dataset's hidden expected_category.
+
+    With the emulator this measures its keyword "model", not Claude; with a real key it is a
+    quick QA signal for the prompt.
+    """
+    import csv
+    import sqlite3
+
+    with (ROOT / "dags" / "data" / "support_tickets.csv").open(newline="", encoding="utf-8") as fh:
+        truth = {row["ticket_id"]: row["expected_category"] for row in csv.DictReader(fh)}
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT ticket_id, category FROM ticket_triage").fetchall()
+    if not rows:
+        return "n/a"
+    hits = sum(1 for ticket_id, category in rows if truth.get(ticket_id) == category)
+    return f"{hits}/{len(rows)} = {hits / len(rows):.1%}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=2000, help="tickets to triage in this run")
@@ -127,7 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop(emulator)
     print_summary(result, elapsed)
-    print(f"  emulator  : {json.dumps(stats, sort_keys=True)[:300]}")
+    print(
+        f"  category agreement with the dataset's ground truth: {ground_truth_agreement(WORK / 'backlog.db')}"
+    )
+    calls = stats.get("calls", {})
+    print(
+        f"  emulator  : calls {json.dumps(calls, sort_keys=True)}; faults {json.dumps(stats.get('faults', {}))[:200]}"
+    )
     print(f"  inspect   : sqlite3 {WORK / 'backlog.db'} 'select * from ticket_triage limit 5'")
     load = result.xcom("load") or {}
     if result.state != "success" or not load.get("accepted"):

@@ -36,6 +36,12 @@ def isolate_airflow(
         "AIRFLOW__LOGGING__LOGGING_LEVEL": os.environ.get("AIRFLOW__LOGGING__LOGGING_LEVEL", "INFO"),
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
     }
+    key_file = home / "fernet.key"
+    if not key_file.exists():
+        from cryptography.fernet import Fernet
+
+        key_file.write_bytes(Fernet.generate_key())
+    env["AIRFLOW__CORE__FERNET_KEY"] = key_file.read_text().strip()
     if dags_folder is not None:
         env["AIRFLOW__CORE__DAGS_FOLDER"] = str(Path(dags_folder).resolve())
     os.environ.update(env)

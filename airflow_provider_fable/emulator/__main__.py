@@ -1,0 +1,198 @@
+"""``fable-emulator`` / ``python -m airflow_provider_fable.emulator``: serve the emulator.
+
+One flag per setting, so a CI job or a developer can reproduce any fault scenario from the
+shell. The "listening" line is printed (and flushed) only once requests are served, so
+scripts can wait for it instead of polling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from types import FrameType
+
+from pydantic import ValidationError
+
+from airflow_provider_fable.emulator.server import EmulatorServer
+from airflow_provider_fable.emulator.settings import ENDPOINTS, INVALID_KINDS, EmulatorSettings, FaultSettings
+
+__all__ = ["build_parser", "main", "settings_from_args"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI: server address, then one flag per ``EmulatorSettings``/``FaultSettings`` field."""
+    defaults = EmulatorSettings()
+    fault_defaults = FaultSettings()
+    parser = argparse.ArgumentParser(
+        prog="fable-emulator",
+        description="Local emulator of Anthropic's Message Batches API (for offline DAG tests).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    parser.add_argument("--port", type=int, default=8787, help="port (0 = any free port)")
+    parser.add_argument("--log-level", default="warning", help="uvicorn log level")
+
+    api = parser.add_argument_group("API behaviour")
+    api.add_argument(
+        "--processing-seconds",
+        type=float,
+        default=defaults.processing_seconds,
+        help="seconds from create until a batch ends (0 = ended on the first retrieve)",
+    )
+    api.add_argument(
+        "--cancel-seconds",
+        type=float,
+        default=defaults.cancel_seconds,
+        help="seconds a batch stays canceling",
+    )
+    api.add_argument(
+        "--max-body-bytes", type=int, default=defaults.max_body_bytes, help="request body cap (413 above it)"
+    )
+    api.add_argument(
+        "--min-cache-tokens",
+        type=int,
+        default=defaults.min_cache_tokens,
+        help="smallest cacheable prompt prefix, in estimated tokens",
+    )
+    api.add_argument("--api-key", default=None, help="accept only this key (unset: any non-empty key)")
+
+    faults = parser.add_argument_group("fault injection")
+    faults.add_argument(
+        "--seed", type=int, default=fault_defaults.seed, help="reshuffles which requests/calls fail"
+    )
+    faults.add_argument(
+        "--errored-rate",
+        type=float,
+        default=fault_defaults.errored_rate,
+        help="share of requests ending errored (api_error/overloaded_error)",
+    )
+    faults.add_argument(
+        "--expired-rate",
+        type=float,
+        default=fault_defaults.expired_rate,
+        help="share of requests ending expired",
+    )
+    faults.add_argument(
+        "--invalid-answer-rate",
+        type=float,
+        default=fault_defaults.invalid_answer_rate,
+        help="share of structured/tool answers that are broken on purpose",
+    )
+    faults.add_argument(
+        "--invalid-kinds",
+        default=",".join(fault_defaults.invalid_kinds),
+        help=f"comma-separated subset of {','.join(INVALID_KINDS)}",
+    )
+    faults.add_argument(
+        "--http-error-rate",
+        type=float,
+        default=fault_defaults.http_error_rate,
+        help="share of calls to the listed endpoints that fail",
+    )
+    faults.add_argument(
+        "--http-error-codes",
+        default=",".join(map(str, fault_defaults.http_error_codes)),
+        help="comma-separated HTTP status codes",
+    )
+    faults.add_argument(
+        "--http-error-endpoints",
+        default=",".join(fault_defaults.http_error_endpoints),
+        help=f"comma-separated subset of {','.join(ENDPOINTS)}",
+    )
+    faults.add_argument(
+        "--http-error-first-n",
+        type=int,
+        default=fault_defaults.http_error_first_n,
+        help="the first N calls to each listed endpoint fail",
+    )
+    faults.add_argument(
+        "--retry-after-ms",
+        type=int,
+        default=fault_defaults.retry_after_ms,
+        help="retry-after-ms sent with injected HTTP errors",
+    )
+    faults.add_argument(
+        "--transient-404-after-create",
+        type=int,
+        default=fault_defaults.transient_404_after_create,
+        help="the first N retrieves of each new batch answer 404",
+    )
+    faults.add_argument(
+        "--cut-results-after",
+        type=int,
+        default=fault_defaults.cut_results_after,
+        help="cut results downloads after this many lines (unset: never)",
+    )
+    faults.add_argument(
+        "--cut-results-times",
+        type=int,
+        default=fault_defaults.cut_results_times,
+        help="how many downloads of each batch are cut",
+    )
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> EmulatorSettings:
+    """Settings from parsed flags (pydantic validates them, e.g. rates within [0, 1])."""
+    return EmulatorSettings(
+        processing_seconds=args.processing_seconds,
+        cancel_seconds=args.cancel_seconds,
+        max_body_bytes=args.max_body_bytes,
+        min_cache_tokens=args.min_cache_tokens,
+        api_key=args.api_key,
+        faults=FaultSettings(
+            seed=args.seed,
+            errored_rate=args.errored_rate,
+            expired_rate=args.expired_rate,
+            invalid_answer_rate=args.invalid_answer_rate,
+            invalid_kinds=args.invalid_kinds,
+            http_error_rate=args.http_error_rate,
+            http_error_codes=args.http_error_codes,
+            http_error_endpoints=args.http_error_endpoints,
+            http_error_first_n=args.http_error_first_n,
+            retry_after_ms=args.retry_after_ms,
+            transient_404_after_create=args.transient_404_after_create,
+            cut_results_after=args.cut_results_after,
+            cut_results_times=args.cut_results_times,
+        ),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve until SIGINT/SIGTERM."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        parser.error(str(exc))
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    stop = threading.Event()
+
+    def _on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server = EmulatorServer(settings, host=args.host, port=args.port, log_level=args.log_level)
+    except OSError as exc:
+        parser.exit(1, f"fable-emulator: cannot listen on {args.host}:{args.port}: {exc}\n")
+    try:
+        server.start()
+        print(f"fable-emulator listening on {server.base_url}", flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Deterministic fault decisions.
+
+Each decision hashes ``(seed, custom_id or call index, fault name)``: a test that saw request
+``r7`` expire sees it expire on every run, and changing ``seed`` reshuffles which requests
+are hit without changing how many.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+from airflow_provider_fable.emulator.model import stable_fraction, stable_hash
+from airflow_provider_fable.emulator.settings import FaultSettings
+
+__all__ = ["HttpFaults", "errored_type", "is_invalid_answer", "request_outcome", "result_order_key"]
+
+
+def request_outcome(faults: FaultSettings, custom_id: str) -> str | None:
+    """``"errored"``, ``"expired"`` or None for a request that is processed normally.
+
+    One fraction serves both rates (errored below ``errored_rate``, expired in the next
+    ``expired_rate``), so the shares are exact-ish and raising one rate only adds requests.
+    """
+    if not faults.errored_rate and not faults.expired_rate:
+        return None
+    f = stable_fraction(faults.seed, custom_id, "outcome")
+    if f < faults.errored_rate:
+        return "errored"
+    if f < faults.errored_rate + faults.expired_rate:
+        return "expired"
+    return None
+
+
+def errored_type(faults: FaultSettings, custom_id: str) -> str:
+    """Which server-side error an errored request reports."""
+    return ("api_error", "overloaded_error")[stable_hash(faults.seed, custom_id, "errored_type") % 2]
+
+
+def is_invalid_answer(faults: FaultSettings, key: str) -> bool:
+    """Whether a succeeded request gets a deliberately broken answer."""
+    return bool(faults.invalid_answer_rate) and (
+        stable_fraction(faults.seed, key, "invalid_answer") < faults.invalid_answer_rate
+    )
+
+
+def result_order_key(faults: FaultSettings, custom_id: str) -> int:
+    """Sort key of a result line: results are deliberately not in request order."""
+    return stable_hash(faults.seed, custom_id, "result_order")
+
+
+class HttpFaults:
+    """Counts calls per endpoint and decides which of them fail with an HTTP error."""
+
+    def __init__(self, faults: FaultSettings) -> None:
+        self._faults = faults
+        self._calls: defaultdict[str, int] = defaultdict(int)
+        self._lock = threading.Lock()
+
+    def check(self, endpoint: str) -> int | None:
+        """The status code this call must fail with, or None to serve it."""
+        faults = self._faults
+        with self._lock:
+            index = self._calls[endpoint]
+            self._calls[endpoint] += 1
+        if endpoint not in faults.http_error_endpoints:
+            return None
+        codes = faults.http_error_codes
+        if index < faults.http_error_first_n:
+            return codes[index % len(codes)]
+        if faults.http_error_rate and stable_fraction(faults.seed, endpoint, index, "http_error") < (
+            faults.http_error_rate
+        ):
+            return codes[stable_hash(faults.seed, endpoint, index, "http_error_code") % len(codes)]
+        return None

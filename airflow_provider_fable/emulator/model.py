@@ -1,0 +1,1178 @@
+"""The emulator's deterministic stand-in for Claude: answers, validation and token usage.
+
+Everything here is a pure function of the request (no clock, no randomness, no shared state),
+so the same request text always gets the same answer. That is what makes offline DAG tests
+reproducible; the server-global parts (prompt cache, faults) live in ``state``.
+
+The "model" is deliberately simple but useful: structured output and forced tools get JSON
+that is valid against the requested schema, enum labels are picked by evidence found in the
+last user message (so a ticket about an invoice is labelled billing), and free text gets an
+extract of the question. Usage is estimated at ~4 characters per token.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+__all__ = [
+    "Answer",
+    "Evidence",
+    "PromptAccounting",
+    "account_prompt",
+    "answer_for_schema",
+    "build_answer",
+    "SchemaAnswer",
+    "break_answer",
+    "build_message",
+    "content_sentences",
+    "content_text",
+    "estimate_tokens",
+    "forced_tool",
+    "free_text_answer",
+    "last_user_text",
+    "name_tokens",
+    "output_schema",
+    "stable_fraction",
+    "stable_hash",
+    "stable_token",
+    "stem",
+    "usage_dict",
+    "validate_params",
+]
+
+# --------------------------------------------------------------------------------------------
+# Stable hashing: every "random" choice in the emulator goes through these, never `random`.
+# --------------------------------------------------------------------------------------------
+
+_ALNUM = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def _digest(parts: Sequence[object]) -> bytes:
+    return hashlib.sha256("\x1f".join(map(str, parts)).encode("utf-8", "surrogatepass")).digest()
+
+
+def stable_hash(*parts: object) -> int:
+    """A 64-bit integer that depends only on ``parts`` (unlike ``hash()``, stable across runs)."""
+    return int.from_bytes(_digest(parts)[:8], "big")
+
+
+def stable_fraction(*parts: object) -> float:
+    """A number in [0, 1) derived from ``parts``; fault rates compare against it."""
+    return stable_hash(*parts) / 2.0**64
+
+
+def stable_token(length: int, *parts: object) -> str:
+    """An alphanumeric id derived from ``parts`` (message and tool-use ids stay reproducible)."""
+    n = int.from_bytes(_digest(parts), "big")
+    out = []
+    for _ in range(length):
+        n, r = divmod(n, 62)
+        out.append(_ALNUM[r])
+    return "".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Request text
+# --------------------------------------------------------------------------------------------
+
+
+def content_text(content: Any) -> str:
+    """The readable text of a message's ``content`` (a string or a list of content blocks)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return ""
+    parts: list[str] = []
+    for block in content:
+        if not isinstance(block, Mapping):
+            continue
+        kind = block.get("type")
+        if kind == "text" and isinstance(block.get("text"), str):
+            parts.append(block["text"])
+        elif kind == "tool_result":
+            parts.append(content_text(block.get("content")))
+        elif kind == "document":
+            source = block.get("source")
+            if isinstance(source, Mapping) and source.get("type") == "text":
+                parts.append(str(source.get("data", "")))
+    return "\n".join(p for p in parts if p)
+
+
+def last_user_text(params: Mapping[str, Any]) -> str:
+    """Text of the last user message only.
+
+    System prompts and few-shot turns typically list every label ("billing, bug, shipping...")
+    and would otherwise count as evidence for all of them; the record being classified is the
+    last user turn.
+    """
+    messages = params.get("messages")
+    if not isinstance(messages, list):
+        return ""
+    for message in reversed(messages):
+        if isinstance(message, Mapping) and message.get("role") == "user":
+            return content_text(message.get("content"))
+    return ""
+
+
+_TAG_RE = re.compile(r"</?[A-Za-z][A-Za-z0-9_-]{0,40}>")
+_LABEL_PREFIX_RE = re.compile(r"^[A-Za-z][A-Za-z0-9 #_-]{0,24}:\s+")
+_SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?])\s+|\n+")
+_INSTRUCTION_WORDS = frozenset(
+    "classify categorize categorise summarize summarise extract analyze analyse label determine "
+    "identify decide output return respond".split()
+)
+
+
+def content_sentences(text: str) -> list[str]:
+    """Sentences of ``text`` that carry content, in order.
+
+    Prompt templates wrap the record in instructions ("Classify this ticket:") and labels
+    ("Subject: ..."); those are skipped or stripped so extracts quote the record itself.
+    """
+    text = _TAG_RE.sub(" ", text.replace("\u2019", "'"))
+    out: list[str] = []
+    for raw in _SENTENCE_SPLIT_RE.split(text):
+        sentence = " ".join(raw.split())
+        if not sentence or sentence.endswith(":") or not any(ch.isalnum() for ch in sentence):
+            continue
+        words = sentence.lower().split()
+        first = words[0].strip(",.:;!?")
+        if first == "please" and len(words) > 1:
+            first = words[1].strip(",.:;!?")
+        if first in _INSTRUCTION_WORDS:
+            continue
+        sentence = _LABEL_PREFIX_RE.sub("", sentence, count=1) or sentence
+        out.append(sentence)
+    if not out:
+        whole = " ".join(text.split())
+        if any(ch.isalnum() for ch in whole):
+            out.append(whole)
+    return out
+
+
+def trim_to(text: str, max_len: int | None) -> str:
+    """Cut ``text`` to ``max_len`` characters, at a word boundary when one is close."""
+    if max_len is None or len(text) <= max_len:
+        return text
+    if max_len <= 0:
+        return ""
+    cut = text[:max_len]
+    space = cut.rfind(" ")
+    if space >= max_len // 2:
+        cut = cut[:space]
+    return cut.rstrip(" ,;:-") or text[:max_len]
+
+
+def fit_length(text: str, min_len: int | None, max_len: int | None, filler: Sequence[str]) -> str:
+    """Honour minLength/maxLength: trim long text, pad short text with more words of the input."""
+    text = trim_to(text, max_len)
+    if min_len and len(text) < min_len:
+        words = [w for w in filler if w] or ["details"]
+        i = 0
+        while len(text) < min_len:
+            text = f"{text} {words[i % len(words)]}".strip()
+            i += 1
+        if max_len is not None:
+            text = text[:max_len]
+    return text
+
+
+def free_text_answer(text: str) -> str:
+    """Answer to a plain prompt: its first one or two content sentences, trimmed."""
+    sentences = content_sentences(text)
+    if not sentences:
+        return "I don't have enough information to answer."
+    answer = sentences[0]
+    if len(sentences) > 1 and len(answer) < 160:
+        answer = f"{answer} {sentences[1]}"
+    return trim_to(answer, 400)
+
+
+# --------------------------------------------------------------------------------------------
+# Evidence: which labels does the text talk about?
+# --------------------------------------------------------------------------------------------
+
+_WORD_RE = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+_SUFFIXES = (
+    "ations",
+    "ation",
+    "ating",
+    "ated",
+    "ates",
+    "ate",
+    "ments",
+    "ment",
+    "ings",
+    "ing",
+    "ies",
+    "ied",
+    "ed",
+    "es",
+    "ly",
+    "s",
+    "e",
+    "y",
+)
+
+
+@lru_cache(maxsize=65536)
+def stem(word: str) -> str:
+    """A crude suffix stripper so "invoices", "invoiced" and "invoice" count as one word."""
+    if len(word) <= 3 or not word.isalpha():
+        return word
+    for suffix in _SUFFIXES:
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            word = word[: -len(suffix)]
+            if (
+                suffix in ("ing", "ed", "ings")
+                and len(word) > 3
+                and word[-1] == word[-2]
+                and word[-1] not in "lsz"
+            ):
+                word = word[:-1]  # shipping -> shipp -> ship
+            break
+    return word
+
+
+def _words(text: str) -> list[str]:
+    return _WORD_RE.findall(text.lower().replace("\u2019", "'").replace("\u2018", "'"))
+
+
+def name_tokens(name: str) -> list[str]:
+    """Tokens of a label or field name: split on ``_``, ``-``, spaces and camelCase, lowercased."""
+    return _words(re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name).replace("_", " "))
+
+
+# Groups of (names a label or field may have, phrases that are evidence for it). Names are
+# matched by stem, so "escalate", "escalation" and "needs_escalation" share one entry.
+_LEXICON_GROUPS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
+    (
+        ("billing", "payment", "invoice", "invoicing", "finance", "charges", "bill"),
+        (
+            "invoice invoiced charge charged refund payment card receipt subscription overcharged "
+            "price vat bill billed billing pay paid fee pricing tax money",
+            "credit card|double charged|charged twice",
+        ),
+    ),
+    (
+        ("account access", "account", "access", "login", "authentication", "auth", "sign in"),
+        (
+            "login password reset locked 2fa sso mfa otp username signin",
+            "log in|logged in|logging in|sign in|signing in|locked out|two-factor|two factor|"
+            "verification code|account access|can't access|cannot access|can't log",
+        ),
+    ),
+    (
+        ("bug", "technical", "defect", "error", "technical issue", "malfunction"),
+        (
+            "error crash crashes crashed broken exception fails failed failing glitch 500 bug "
+            "freeze freezes stuck 404 traceback",
+            "doesn't work|does not work|not working|stack trace|won't load",
+        ),
+    ),
+    (
+        ("feature request", "feature", "enhancement", "suggestion", "idea", "improvement"),
+        (
+            "feature suggestion suggest wish roadmap enhancement idea",
+            "would love|please add|could you add|support for|it would be great|would be nice|"
+            "request a feature|can you add",
+        ),
+    ),
+    (
+        ("shipping", "delivery", "logistics", "shipment", "order status"),
+        (
+            "delivery delivered package parcel shipped tracking courier arrived shipment shipping "
+            "ship dispatch warehouse",
+            "lost package|in transit|never arrived|hasn't arrived|not arrived",
+        ),
+    ),
+    (
+        ("urgent", "critical", "emergency"),
+        (
+            "urgent asap immediately outage down critical emergency",
+            "right now|production down|as soon as possible",
+        ),
+    ),
+    (
+        ("high",),
+        ("important blocking blocker soon deadline severe significant", "high priority"),
+    ),
+    (
+        ("low",),
+        (
+            "whenever minor small cosmetic trivial",
+            "no rush|low priority|not urgent|when you get a chance|nice to have|no hurry",
+        ),
+    ),
+    (
+        ("positive",),
+        (
+            "thanks great love awesome happy excellent appreciate perfect amazing good glad "
+            "wonderful fantastic delighted helpful",
+            "thank you",
+        ),
+    ),
+    (
+        ("negative",),
+        (
+            "angry terrible awful disappointed frustrated furious unacceptable worst hate bad "
+            "annoyed upset horrible ridiculous useless poor complaint",
+            "not happy|very disappointed",
+        ),
+    ),
+    (("yes",), ("yes confirm confirmed correct true agree definitely affirmative", "of course")),
+    (("no",), ("no not never false disagree deny", "not at all")),
+    (
+        ("escalate", "escalation"),
+        (
+            "lawyer legal chargeback furious unacceptable outage urgent sue attorney lawsuit "
+            "regulator gdpr escalate manager supervisor",
+            "cancel my account|data loss|lost data|speak to a manager",
+        ),
+    ),
+    (("refund", "reimbursement"), ("refund refunded reimburse reimbursement chargeback", "money back")),
+    (
+        ("spam",),
+        ("unsubscribe winner lottery viagra prize", "click here|free money|limited offer"),
+    ),
+    (
+        ("churn", "cancel", "cancellation", "churn risk"),
+        ("cancel cancellation competitor leaving", "close my account|cancel my account|switch to"),
+    ),
+    (
+        ("security", "fraud", "breach"),
+        ("hacked breach phishing fraud unauthorized suspicious stolen compromised", "data leak"),
+    ),
+    (
+        ("pii", "personal data", "personal information"),
+        ("email phone address ssn passport", "social security|date of birth|credit card"),
+    ),
+)
+
+_LABEL_STOPWORDS = frozenset(
+    "issue issues request requests other general misc problem problems type category question "
+    "questions inquiry the a an and or of to for in on with is are has have needs need requires "
+    "require should contains contain mentions mention flag was be it any related customer user "
+    "label value".split()
+)
+_FALLBACK_LABELS = frozenset(
+    "medium normal neutral unknown other general misc none n/a na unclear unsure undetermined".split()
+)
+
+
+def _phrase_key(tokens: Iterable[str]) -> str:
+    return " ".join(stem(t) for t in tokens)
+
+
+def _build_lexicon() -> dict[str, tuple[tuple[str, ...], ...]]:
+    lexicon: dict[str, tuple[tuple[str, ...], ...]] = {}
+    for names, (single_words, multi_words) in _LEXICON_GROUPS:
+        phrases = [(w,) for w in single_words.split()]
+        phrases += [tuple(_words(p)) for p in multi_words.split("|") if p]
+        for name in names:
+            key = _phrase_key(_words(name))
+            lexicon[key] = tuple(dict.fromkeys(lexicon.get(key, ()) + tuple(phrases)))
+    return lexicon
+
+
+_LEXICON = _build_lexicon()
+
+
+@lru_cache(maxsize=4096)
+def _evidence_phrases(name: str, stopwords: frozenset[str]) -> tuple[tuple[str, ...], ...]:
+    """Phrases that count as evidence for a label or boolean field called ``name``."""
+    tokens = name_tokens(name)
+    content = [t for t in tokens if t not in stopwords]
+    candidates: list[tuple[str, ...]] = [(t,) for t in content]
+    if len(tokens) > 1:
+        candidates.append(tuple(tokens))
+    for key in {_phrase_key(tokens), _phrase_key(content), *(_phrase_key([t]) for t in content)}:
+        candidates.extend(_LEXICON.get(key, ()))
+    unique: dict[str, tuple[str, ...]] = {}
+    for phrase in candidates:
+        if phrase:
+            unique.setdefault(_phrase_key(phrase), phrase)
+    return tuple(unique.values())
+
+
+class Evidence:
+    """Word statistics of one request text, built once and queried per label."""
+
+    def __init__(self, text: str, sentences: Sequence[str] | None = None) -> None:
+        words = _words(text)
+        self.text = text
+        self._joined = " " + " ".join(words) + " "
+        self._stems = Counter(stem(w) for w in words)
+        # Keywords come from the content sentences so prompt instructions ("Classify...") are skipped.
+        self._words = _words(" ".join(sentences)) if sentences is not None else words
+
+    def count(self, phrase: Sequence[str]) -> int:
+        """Occurrences of a phrase (single words match by stem, phrases word by word)."""
+        if len(phrase) == 1:
+            return self._stems.get(stem(phrase[0]), 0)
+        return self._joined.count(" " + " ".join(phrase) + " ")
+
+    def score(self, name: str, *, stopwords: frozenset[str] = _LABEL_STOPWORDS) -> int:
+        """How strongly the text talks about ``name`` (its own tokens plus its lexicon)."""
+        return sum(self.count(p) for p in _evidence_phrases(name, stopwords))
+
+    def keywords(self, limit: int) -> list[str]:
+        """Most frequent content words, for tag/keyword fields."""
+        first: dict[str, tuple[int, str]] = {}
+        counts: Counter[str] = Counter()
+        for word in self._words:
+            if len(word) < 4 or word in _STOPWORDS or word.isdigit() or "'" in word:
+                continue
+            key = stem(word)
+            first.setdefault(key, (len(first), word))
+            counts[key] += 1
+        order = sorted(counts, key=lambda k: (-counts[k], first[k][0]))
+        return [first[k][1] for k in order[:limit]]
+
+
+_STOPWORDS = frozenset(
+    "about above after again against all also although always among another any anyone anything "
+    "around because been before being below between both came cannot could does doing done down "
+    "during each either else even ever every from further have having here hers herself himself "
+    "into itself just like made make many maybe might more most much must myself never none once "
+    "only other ought ours ourselves over please same shall should since some still such than that "
+    "their theirs them themselves then there these they thing this those though through thus till "
+    "too under until upon very want wants were what when where whether which while whom whose "
+    "will with within without would your yours yourself yourselves hello dear thanks thank regards "
+    "ticket subject message customer wrote sent".split()
+)
+
+# --------------------------------------------------------------------------------------------
+# Schema-driven answers
+# --------------------------------------------------------------------------------------------
+
+_MAX_DEPTH = 8
+_HINT_RE = re.compile(
+    r"\b(minLength|maxLength|minimum|maximum|exclusiveMinimum|exclusiveMaximum|minItems|maxItems|multipleOf)"
+    r"\s*:\s*(-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)"
+)
+_SUMMARY_TOKENS = frozenset(
+    "summary summarize reason reasoning rationale explanation explain description describe notes note "
+    "justification comment comments details analysis answer response reply body content".split()
+)
+_TAG_TOKENS = frozenset("tag tags keyword keywords topic topics phrase phrases entities entity".split())
+_CONFIDENCE_TOKENS = frozenset("confidence probability likelihood certainty score".split())
+_EMAIL_RE = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
+_URL_RE = re.compile(r"https?://[^\s<>\"')]+")
+_DATE_RE = re.compile(r"\b(\d{4})-(\d{2})-(\d{2})\b")
+
+
+def _constraint(schema: Mapping[str, Any], key: str) -> float | None:
+    """A numeric constraint, from the keyword itself or from the description.
+
+    ``anthropic.transform_schema`` moves keywords the API does not support (maxLength,
+    minimum, maxItems > 1 ...) into the description as ``{maxLength: 80, minimum: 0}``; the
+    caller's pydantic model still enforces them, so the emulator must honour both forms.
+    """
+    value = schema.get(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    description = schema.get("description")
+    if isinstance(description, str) and key in description:
+        for name, number in _HINT_RE.findall(description):
+            if name == key:
+                return float(number)
+    return None
+
+
+def _int_constraint(schema: Mapping[str, Any], key: str) -> int | None:
+    value = _constraint(schema, key)
+    return None if value is None else int(value)
+
+
+def _json_pointer(root: Any, ref: str) -> Any:
+    if not ref.startswith("#"):
+        return {}
+    node = root
+    for part in [p for p in ref[1:].split("/") if p]:
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return {}
+    return node
+
+
+@dataclass
+class SchemaAnswer:
+    """A value generated for a schema plus where its enum fields are (for ``bad_enum`` faults)."""
+
+    value: Any
+    enum_paths: list[tuple[tuple[Any, ...], tuple[Any, ...]]]
+
+
+class _Answerer:
+    """Walks a JSON schema and fills it from the request text."""
+
+    def __init__(self, root: Mapping[str, Any], text: str) -> None:
+        self.root = root
+        self.text = text
+        self.sentences = content_sentences(text)
+        self.evidence = Evidence(text, self.sentences)
+        self.filler = _words(text) or ["details"]
+        self.enum_paths: list[tuple[tuple[Any, ...], tuple[Any, ...]]] = []
+
+    # -- schema plumbing ---------------------------------------------------------------------
+    def resolve(self, schema: Any) -> Any:
+        for _ in range(32):
+            if not isinstance(schema, Mapping) or not isinstance(schema.get("$ref"), str):
+                break
+            target = _json_pointer(self.root, schema["$ref"])
+            siblings = {k: v for k, v in schema.items() if k not in ("$ref", "$defs", "definitions")}
+            schema = {**target, **siblings} if isinstance(target, Mapping) else siblings
+        if isinstance(schema, Mapping) and isinstance(schema.get("allOf"), list):
+            merged: dict[str, Any] = {k: v for k, v in schema.items() if k != "allOf"}
+            for part in schema["allOf"]:
+                part = self.resolve(part)
+                if not isinstance(part, Mapping):
+                    continue
+                for key, value in part.items():
+                    if key == "properties" and isinstance(value, Mapping):
+                        merged["properties"] = {**merged.get("properties", {}), **value}
+                    elif key == "required" and isinstance(value, list):
+                        merged["required"] = list(dict.fromkeys([*merged.get("required", []), *value]))
+                    else:
+                        merged.setdefault(key, value)
+            schema = merged
+        return schema
+
+    @staticmethod
+    def field_name(path: tuple[Any, ...]) -> str:
+        for part in reversed(path):
+            if isinstance(part, str):
+                return part
+        return ""
+
+    def _path_str(self, path: tuple[Any, ...]) -> str:
+        return "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
+
+    # -- generation --------------------------------------------------------------------------
+    def gen(self, schema: Any, path: tuple[Any, ...], depth: int) -> Any:
+        schema = self.resolve(schema)
+        if not isinstance(schema, Mapping):
+            return None if schema is False else self.string({}, path)
+        if "const" in schema:
+            return copy.deepcopy(schema["const"])
+        enum = schema.get("enum")
+        if isinstance(enum, list) and enum:
+            self.enum_paths.append((path, tuple(enum)))
+            return copy.deepcopy(self.choose(enum, path, 1)[0])
+        variants = schema.get("anyOf") or schema.get("oneOf")
+        if isinstance(variants, list) and variants:
+            return self.gen(self.pick_variant(variants, depth), path, depth)
+        kind = schema.get("type")
+        if isinstance(kind, list):
+            non_null = [t for t in kind if t != "null"]
+            kind = "null" if not non_null or (depth > _MAX_DEPTH and "null" in kind) else non_null[0]
+        if kind is None:
+            if "properties" in schema or "additionalProperties" in schema:
+                kind = "object"
+            elif "items" in schema:
+                kind = "array"
+            else:
+                kind = "string"
+        if kind == "object":
+            return self.object(schema, path, depth)
+        if kind == "array":
+            return self.array(schema, path, depth)
+        if kind == "integer":
+            return self.integer(schema, path)
+        if kind == "number":
+            return self.number(schema, path)
+        if kind == "boolean":
+            return self.boolean(path)
+        if kind == "null":
+            return None
+        return self.string(schema, path)
+
+    def pick_variant(self, variants: list[Any], depth: int) -> Any:
+        resolved = [self.resolve(v) for v in variants]
+
+        def is_null(v: Any) -> bool:
+            return isinstance(v, Mapping) and (v.get("type") == "null" or v.get("const", 0) is None)
+
+        if depth > _MAX_DEPTH:
+            for v in resolved:
+                if is_null(v):
+                    return v
+        for v in resolved:
+            if not is_null(v):
+                return v
+        return resolved[0]
+
+    def object(self, schema: Mapping[str, Any], path: tuple[Any, ...], depth: int) -> dict[str, Any]:
+        props = schema.get("properties") if isinstance(schema.get("properties"), Mapping) else {}
+        required = [r for r in schema.get("required") or [] if isinstance(r, str)]
+        out: dict[str, Any] = {}
+        for name, sub in props.items():
+            if depth <= _MAX_DEPTH or name in required:
+                out[name] = self.gen(sub, (*path, name), depth + 1)
+        for name in required:
+            if name not in out:
+                out[name] = self.string({}, (*path, name))
+        extra = schema.get("additionalProperties")
+        if not props and isinstance(extra, Mapping) and depth <= _MAX_DEPTH:
+            out["key"] = self.gen(extra, (*path, "key"), depth + 1)
+        return out
+
+    def array(self, schema: Mapping[str, Any], path: tuple[Any, ...], depth: int) -> list[Any]:
+        items = self.resolve(schema.get("items", {}))
+        lo = _int_constraint(schema, "minItems") or 0
+        hi = _int_constraint(schema, "maxItems")
+        name_toks = set(name_tokens(self.field_name(path)))
+        wanted = 3 if name_toks & _TAG_TOKENS else 1
+        n = lo if depth > _MAX_DEPTH else max(lo, wanted)
+        if hi is not None:
+            n = min(n, hi)
+        if n <= 0:
+            return []
+        enum = items.get("enum") if isinstance(items, Mapping) else None
+        if isinstance(enum, list) and enum and "const" not in items:
+            ranked = self.choose(enum, path, len(enum))
+            out = [copy.deepcopy(ranked[i % len(ranked)]) for i in range(n)]
+            self.enum_paths.extend(((*path, i), tuple(enum)) for i in range(n))
+            return out
+        is_string = (
+            isinstance(items, Mapping) and items.get("type", "string") == "string" and "format" not in items
+        )
+        if is_string and name_toks & _TAG_TOKENS:
+            words = self.evidence.keywords(n) or ["general"]
+            max_len = _int_constraint(items, "maxLength")
+            min_len = _int_constraint(items, "minLength")
+            out = [fit_length(words[i % len(words)], min_len, max_len, self.filler) for i in range(n)]
+            if len(set(out)) < len(out):
+                out = [w if i < len(words) else f"{w}-{i}" for i, w in enumerate(out)]
+            return out
+        values = [self.gen(items, (*path, i), depth + 1) for i in range(n)]
+        if schema.get("uniqueItems") and all(isinstance(v, str) for v in values):
+            values = [v if v not in values[:i] else f"{v} ({i + 1})" for i, v in enumerate(values)]
+        return values
+
+    def integer(self, schema: Mapping[str, Any], path: tuple[Any, ...]) -> int:
+        lo_f, hi_f = _constraint(schema, "minimum"), _constraint(schema, "maximum")
+        ex_lo, ex_hi = _constraint(schema, "exclusiveMinimum"), _constraint(schema, "exclusiveMaximum")
+        lo = None if lo_f is None else int(-(-lo_f // 1))
+        hi = None if hi_f is None else int(hi_f // 1)
+        if ex_lo is not None:
+            lo = max(lo if lo is not None else -(2**62), int(ex_lo // 1) + 1)
+        if ex_hi is not None:
+            hi = min(hi if hi is not None else 2**62, int(-(-ex_hi // 1)) - 1)
+        if lo is None and hi is None:
+            lo, hi = (0, 100) if set(name_tokens(self.field_name(path))) & _CONFIDENCE_TOKENS else (0, 10)
+        elif lo is None:
+            lo = hi - 10  # type: ignore[operator]
+        elif hi is None:
+            hi = lo + 10
+        assert lo is not None and hi is not None
+        if hi < lo:
+            return lo
+        step = _constraint(schema, "multipleOf")
+        h = stable_hash(self.text, self._path_str(path))
+        if step and step >= 1 and float(step).is_integer():
+            m = int(step)
+            first = -(-lo // m) * m
+            count = (hi - first) // m + 1
+            return first + (h % count) * m if count > 0 else lo
+        return lo + h % (hi - lo + 1)
+
+    def number(self, schema: Mapping[str, Any], path: tuple[Any, ...]) -> float:
+        lo, hi = _constraint(schema, "minimum"), _constraint(schema, "maximum")
+        ex_lo, ex_hi = _constraint(schema, "exclusiveMinimum"), _constraint(schema, "exclusiveMaximum")
+        frac = stable_fraction(self.text, self._path_str(path))
+        low = lo if lo is not None else ex_lo
+        high = hi if hi is not None else ex_hi
+        if low is None and high is None:
+            if set(name_tokens(self.field_name(path))) & _CONFIDENCE_TOKENS:
+                return round(0.55 + 0.44 * frac, 2)
+            low, high = 0.0, 100.0
+        elif low is None:
+            low = high - 100.0  # type: ignore[operator]
+        elif high is None:
+            high = low + 100.0
+        assert low is not None and high is not None
+        if high <= low:
+            return low
+        # A confident model: confidence-like fields land in the upper half of their range.
+        share = (
+            0.55 + 0.44 * frac
+            if set(name_tokens(self.field_name(path))) & _CONFIDENCE_TOKENS
+            else 0.05 + 0.9 * frac
+        )
+        # Stay strictly inside so exclusive bounds hold; rounding must not land on a bound.
+        value = round(low + (high - low) * share, 2)
+        if not low < value < high:
+            value = low + (high - low) * share
+        return value
+
+    def boolean(self, path: tuple[Any, ...]) -> bool:
+        return self.evidence.score(self.field_name(path)) > 0
+
+    def string(self, schema: Mapping[str, Any], path: tuple[Any, ...]) -> str:
+        fmt = schema.get("format")
+        if isinstance(fmt, str) and fmt in _FORMATS:
+            return _FORMATS[fmt](self, path)
+        name = self.field_name(path)
+        toks = set(name_tokens(name))
+        min_len = _int_constraint(schema, "minLength")
+        max_len = _int_constraint(schema, "maxLength")
+        index = path[-1] if path and isinstance(path[-1], int) else 0
+        sentences = self.sentences or ["n/a"]
+        if toks & {"email", "mail"}:
+            value = _format_email(self, path)
+        elif toks & {"url", "uri", "link", "website"}:
+            value = _format_uri(self, path)
+        elif toks & _SUMMARY_TOKENS:
+            value = trim_to(sentences[index % len(sentences)], 280)
+        elif toks & _TAG_TOKENS:
+            words = self.evidence.keywords(index + 1) or ["general"]
+            value = words[min(index, len(words) - 1)]
+        else:
+            value = " ".join(sentences[index % len(sentences)].split()[:8]).rstrip(",.;:!?")
+        return fit_length(value, min_len, max_len, self.filler)
+
+    # -- enums -------------------------------------------------------------------------------
+    def choose(self, values: Sequence[Any], path: tuple[Any, ...], k: int) -> list[Any]:
+        """Enum values ranked by evidence; ties (and no evidence) broken by a stable hash."""
+        scores = [self.evidence.score(v) if isinstance(v, str) else 0 for v in values]
+        best = max(scores)
+        where = self._path_str(path)
+
+        def rank(i: int) -> tuple[int, int, int]:
+            value = values[i]
+            fallback = 0 if isinstance(value, str) and value.lower() in _FALLBACK_LABELS else 1
+            return (-scores[i], fallback if best == 0 else 0, stable_hash(self.text, where, repr(value)))
+
+        order = sorted(range(len(values)), key=rank)
+        return [values[i] for i in order[:k]]
+
+
+def _date_from_text(answerer: _Answerer, path: tuple[Any, ...]) -> str:
+    match = _DATE_RE.search(answerer.text)
+    if match:
+        return match.group(0)
+    h = stable_hash(answerer.text, answerer._path_str(path))
+    return f"2024-{1 + h % 12:02d}-{1 + (h >> 8) % 28:02d}"
+
+
+def _format_email(answerer: _Answerer, path: tuple[Any, ...]) -> str:
+    match = _EMAIL_RE.search(answerer.text)
+    return match.group(0).rstrip(".") if match else "customer@example.com"
+
+
+def _format_uri(answerer: _Answerer, path: tuple[Any, ...]) -> str:
+    match = _URL_RE.search(answerer.text)
+    if match:
+        return match.group(0).rstrip(".,;")
+    return f"https://example.com/{stable_token(8, answerer.text, answerer._path_str(path)).lower()}"
+
+
+def _format_uuid(answerer: _Answerer, path: tuple[Any, ...]) -> str:
+    raw = _digest([answerer.text, answerer._path_str(path)])[:16]
+    return str(uuid.UUID(bytes=raw, version=4))
+
+
+_FORMATS: dict[str, Any] = {
+    "date": _date_from_text,
+    "date-time": lambda a, p: f"{_date_from_text(a, p)}T09:00:00Z",
+    "time": lambda a, p: "09:00:00Z",
+    "duration": lambda a, p: "PT1H",
+    "email": _format_email,
+    "uri": _format_uri,
+    "uri-reference": _format_uri,
+    "url": _format_uri,
+    "uuid": _format_uuid,
+    "hostname": lambda a, p: "example.com",
+    "ipv4": lambda a, p: "192.0.2.10",
+    "ipv6": lambda a, p: "2001:db8::10",
+}
+
+
+def answer_for_schema(schema: Mapping[str, Any], text: str) -> SchemaAnswer:
+    """A value valid against ``schema``, chosen from the evidence in ``text``."""
+    answerer = _Answerer(schema, text)
+    value = answerer.gen(schema, (), 0)
+    return SchemaAnswer(value=value, enum_paths=answerer.enum_paths)
+
+
+# --------------------------------------------------------------------------------------------
+# Broken answers (fault injection)
+# --------------------------------------------------------------------------------------------
+
+
+def _wrong_type(value: Any) -> Any:
+    if isinstance(value, bool):
+        return "yes"
+    if isinstance(value, str):
+        return 42
+    if isinstance(value, (int, float)):
+        return "many"
+    if isinstance(value, list):
+        return "not-a-list"
+    if isinstance(value, dict):
+        return "not-an-object"
+    return 0
+
+
+def _set_path(value: Any, path: tuple[Any, ...], new: Any) -> Any:
+    if not path:
+        return new
+    node = value
+    for part in path[:-1]:
+        node = node[part]
+    node[path[-1]] = new
+    return value
+
+
+def break_answer(
+    value: Any,
+    schema: Mapping[str, Any],
+    enum_paths: Sequence[tuple[tuple[Any, ...], tuple[Any, ...]]],
+    kind: str,
+    key: str,
+) -> tuple[Any, str]:
+    """Make ``value`` invalid in the way ``kind`` names; returns the value and the kind applied.
+
+    A kind that cannot apply to this schema (no enum for ``bad_enum``, nothing required for
+    ``missing_field``) falls back to ``wrong_type`` so the answer is still reliably invalid.
+    """
+    if kind == "bad_enum" and enum_paths:
+        path, allowed = enum_paths[stable_hash(key, "bad_enum") % len(enum_paths)]
+        bad = "unlisted_label"
+        while bad in allowed:
+            bad += "_x"
+        return _set_path(value, path, bad), "bad_enum"
+    if kind == "missing_field" and isinstance(value, dict):
+        resolved = _Answerer(schema, "").resolve(schema)
+        required = [r for r in (resolved.get("required") or []) if r in value]
+        if required:
+            del value[required[stable_hash(key, "missing_field") % len(required)]]
+            return value, "missing_field"
+    if isinstance(value, dict) and value:
+        resolved = _Answerer(schema, "").resolve(schema)
+        keys = [r for r in (resolved.get("required") or []) if r in value] or list(value)
+        target = keys[stable_hash(key, "wrong_type") % len(keys)]
+        value[target] = _wrong_type(value[target])
+        return value, "wrong_type"
+    return _wrong_type(value), "wrong_type"
+
+
+# --------------------------------------------------------------------------------------------
+# Request validation (done "asynchronously" for batches: bad params become errored results)
+# --------------------------------------------------------------------------------------------
+
+
+def output_schema(params: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The structured-output schema of a request (``output_config.format``, or the older ``output_format``)."""
+    config = params.get("output_config")
+    candidates = (config.get("format") if isinstance(config, Mapping) else None, params.get("output_format"))
+    for fmt in candidates:
+        if (
+            isinstance(fmt, Mapping)
+            and fmt.get("type") == "json_schema"
+            and isinstance(fmt.get("schema"), dict)
+        ):
+            return fmt["schema"]
+    return None
+
+
+def forced_tool(params: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The tool the request forces (``tool_choice`` type ``tool``, or ``any`` = the first tool)."""
+    choice = params.get("tool_choice")
+    tools = params.get("tools")
+    if not isinstance(choice, Mapping) or not isinstance(tools, list):
+        return None
+    custom = [t for t in tools if isinstance(t, dict) and isinstance(t.get("name"), str)]
+    if choice.get("type") == "tool":
+        return next((t for t in custom if t["name"] == choice.get("name")), None)
+    if choice.get("type") == "any" and custom:
+        return custom[0]
+    return None
+
+
+def validate_params(params: Any, *, require_max_tokens: bool = True) -> str | None:
+    """The API's complaint about a Messages request, or None when it would be accepted."""
+    if not isinstance(params, Mapping):
+        return "params: Input should be a valid dictionary"
+    model = params.get("model")
+    if "model" not in params:
+        return "model: Field required"
+    if not isinstance(model, str) or not model:
+        return "model: Input should be a non-empty string"
+    if require_max_tokens:
+        if "max_tokens" not in params:
+            return "max_tokens: Field required"
+        max_tokens = params["max_tokens"]
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            return "max_tokens: Input should be an integer greater than or equal to 1"
+    if "messages" not in params:
+        return "messages: Field required"
+    messages = params["messages"]
+    if not isinstance(messages, list):
+        return "messages: Input should be a valid list"
+    if not messages:
+        return "messages: at least one message is required"
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            return f"messages.{i}: Input should be a valid dictionary"
+        if message.get("role") not in ("user", "assistant"):
+            return f"messages.{i}.role: Input should be 'user' or 'assistant'"
+        if "content" not in message:
+            return f"messages.{i}.content: Field required"
+        if not isinstance(message["content"], (str, list)):
+            return f"messages.{i}.content: Input should be a valid string or a list of content blocks"
+    system = params.get("system")
+    if system is not None and not isinstance(system, (str, list)):
+        return "system: Input should be a valid string or a list of text blocks"
+    tools = params.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            return "tools: Input should be a valid list"
+        for i, tool in enumerate(tools):
+            if not isinstance(tool, Mapping) or not isinstance(tool.get("name"), str):
+                return f"tools.{i}.name: Field required"
+    choice = params.get("tool_choice")
+    if isinstance(choice, Mapping) and choice.get("type") == "tool":
+        names = [t.get("name") for t in tools or [] if isinstance(t, Mapping)]
+        if choice.get("name") not in names:
+            return f"tool_choice: Tool '{choice.get('name')}' not found in tools"
+    config = params.get("output_config")
+    if isinstance(config, Mapping) and config.get("format") is not None:
+        fmt = config["format"]
+        if not isinstance(fmt, Mapping) or fmt.get("type") != "json_schema":
+            return "output_config.format.type: Input should be 'json_schema'"
+        if not isinstance(fmt.get("schema"), dict):
+            return "output_config.format.schema: Input should be a valid dictionary"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Token accounting
+# --------------------------------------------------------------------------------------------
+
+_IMAGE_TOKENS = 1600
+
+
+def estimate_tokens(chars: int) -> int:
+    """~1 token per 4 characters, like the rule of thumb for English text."""
+    return (chars + 3) // 4
+
+
+def _canonical(block: Any) -> str:
+    if isinstance(block, Mapping):
+        block = {k: v for k, v in block.items() if k != "cache_control"}
+    return json.dumps(block, ensure_ascii=False, separators=(",", ":"), sort_keys=True, default=str)
+
+
+def _block_tokens(block: Any) -> int:
+    if isinstance(block, str):
+        return estimate_tokens(len(block))
+    if isinstance(block, Mapping):
+        kind = block.get("type")
+        if kind == "text" and isinstance(block.get("text"), str):
+            return estimate_tokens(len(block["text"]))
+        source = block.get("source")
+        if kind in ("image", "document") and isinstance(source, Mapping) and source.get("type") == "base64":
+            return _IMAGE_TOKENS
+    return estimate_tokens(len(_canonical(block)))
+
+
+@dataclass(frozen=True)
+class PromptAccounting:
+    """Input-token view of one request: its total and its cacheable prefix, if any."""
+
+    total_tokens: int
+    cache_prefix_tokens: int = 0
+    cache_key: str | None = None
+    cache_ttl_seconds: float = 300.0
+
+
+def _cache_ttl(cache_control: Any) -> float:
+    if isinstance(cache_control, Mapping) and cache_control.get("ttl") == "1h":
+        return 3600.0
+    return 300.0
+
+
+def account_prompt(params: Mapping[str, Any]) -> PromptAccounting:
+    """Count input tokens and find the prompt-cache prefix.
+
+    The API caches in the order tools -> system -> messages, up to and including the last
+    block that carries ``cache_control``; the prefix is identified by a hash of everything
+    before that point (so a different system prompt or model never shares a cache entry).
+    """
+    hasher = hashlib.sha256(str(params.get("model", "")).encode())
+    total = 0
+    prefix_tokens = 0
+    prefix_key: str | None = None
+    ttl = 300.0
+
+    def add(block: Any) -> None:
+        nonlocal total, prefix_tokens, prefix_key, ttl
+        total += _block_tokens(block)
+        hasher.update(_canonical(block).encode("utf-8", "surrogatepass"))
+        hasher.update(b"\x1e")
+        if isinstance(block, Mapping) and block.get("cache_control"):
+            prefix_tokens, prefix_key, ttl = (
+                total,
+                hasher.copy().hexdigest(),
+                _cache_ttl(block["cache_control"]),
+            )
+
+    for tool in params.get("tools") or []:
+        add(tool)
+    system = params.get("system")
+    if isinstance(system, str) and system:
+        add(system)
+    elif isinstance(system, list):
+        for block in system:
+            add(block)
+    for message in params.get("messages") or []:
+        if not isinstance(message, Mapping):
+            continue
+        hasher.update(str(message.get("role")).encode())
+        content = message.get("content")
+        if isinstance(content, list):
+            for block in content:
+                add(block)
+        elif content is not None:
+            add(content)
+    schema = output_schema(params)
+    if schema is not None:
+        total += estimate_tokens(len(_canonical(schema)))
+    return PromptAccounting(total, prefix_tokens, prefix_key, ttl)
+
+
+def usage_dict(
+    *,
+    input_tokens: int,
+    output_tokens: int,
+    cache_creation: int = 0,
+    cache_read: int = 0,
+    cache_ttl_seconds: float = 300.0,
+    service_tier: str = "batch",
+) -> dict[str, Any]:
+    """The ``usage`` object of a Message."""
+    long_ttl = cache_ttl_seconds >= 3600
+    return {
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "cache_creation_input_tokens": cache_creation,
+        "cache_read_input_tokens": cache_read,
+        "cache_creation": {
+            "ephemeral_5m_input_tokens": 0 if long_ttl else cache_creation,
+            "ephemeral_1h_input_tokens": cache_creation if long_ttl else 0,
+        },
+        "server_tool_use": None,
+        "service_tier": service_tier,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Answers and messages
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Answer:
+    """Content of an assistant reply, before usage is attached."""
+
+    content: list[dict[str, Any]]
+    stop_reason: str
+    output_tokens: int
+    invalid_kind: str | None = None
+
+
+def _broken_text(json_text: str) -> str:
+    return "Here is the JSON you asked for:\n" + json_text[: max(1, len(json_text) // 2)]
+
+
+def build_answer(
+    params: Mapping[str, Any],
+    *,
+    invalid_kind: str | None = None,
+    id_seed: str = "",
+    fault_key: str | None = None,
+) -> Answer:
+    """The reply the emulated model gives to ``params`` (already validated).
+
+    ``invalid_kind`` (a fault) breaks a structured or tool answer on purpose; free-text
+    requests have no schema to violate and are answered normally. ``id_seed`` derives the
+    tool-use id; ``fault_key`` (default: ``id_seed``) picks which field a fault breaks, and
+    is kept free of the batch id so a request breaks the same way in every batch.
+    """
+    fault_key = id_seed if fault_key is None else fault_key
+    text = last_user_text(params)
+    max_tokens = params.get("max_tokens")
+    tool = forced_tool(params)
+    if tool is not None:
+        schema = (
+            tool.get("input_schema") if isinstance(tool.get("input_schema"), Mapping) else {"type": "object"}
+        )
+        generated = answer_for_schema(schema, text)
+        value: Any = generated.value if isinstance(generated.value, dict) else {}
+        applied = None
+        if invalid_kind is not None and invalid_kind != "non_json":
+            value, applied = break_answer(value, schema, generated.enum_paths, invalid_kind, fault_key)
+        if invalid_kind == "non_json" or not isinstance(value, dict):
+            reply = _broken_text(json.dumps(value, ensure_ascii=False))
+            return Answer(
+                [{"type": "text", "text": reply}], "end_turn", estimate_tokens(len(reply)), "non_json"
+            )
+        block = {
+            "type": "tool_use",
+            "id": "toolu_01" + stable_token(22, id_seed, "tool_use"),
+            "name": tool["name"],
+            "input": value,
+        }
+        return Answer([block], "tool_use", 8 + estimate_tokens(len(_canonical(value))), applied)
+
+    schema = output_schema(params)
+    applied = None
+    if schema is not None:
+        generated = answer_for_schema(schema, text)
+        value = generated.value
+        if invalid_kind == "non_json":
+            reply, applied = _broken_text(json.dumps(value, ensure_ascii=False)), "non_json"
+        else:
+            if invalid_kind is not None:
+                value, applied = break_answer(value, schema, generated.enum_paths, invalid_kind, fault_key)
+            reply = json.dumps(value, ensure_ascii=False)
+    else:
+        reply = free_text_answer(text)
+    stop_reason = "end_turn"
+    output_tokens = max(1, estimate_tokens(len(reply)))
+    if isinstance(max_tokens, int) and output_tokens > max_tokens:
+        # Like the real API: the reply is cut at max_tokens (structured JSON included).
+        reply, output_tokens, stop_reason = reply[: max_tokens * 4], max_tokens, "max_tokens"
+    return Answer([{"type": "text", "text": reply}], stop_reason, output_tokens, applied)
+
+
+def build_message(
+    params: Mapping[str, Any], answer: Answer, usage: dict[str, Any], message_id: str
+) -> dict[str, Any]:
+    """A Messages API ``Message`` object."""
+    return {
+        "id": message_id,
+        "type": "message",
+        "role": "assistant",
+        "model": params.get("model"),
+        "content": answer.content,
+        "stop_reason": answer.stop_reason,
+        "stop_sequence": None,
+        "usage": usage,
+    }

@@ -1,0 +1,122 @@
+"""Settings of the Message Batches emulator.
+
+They are frozen pydantic models because one settings object is shared by every request
+handler thread of a running server: nothing may change it behind their backs, and invalid
+values (a rate of 1.5, an unknown endpoint name) must fail when the server is configured,
+not halfway through a test run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "ENDPOINTS",
+    "INVALID_KINDS",
+    "EmulatorSettings",
+    "FaultSettings",
+]
+
+#: Endpoint names used by ``http_error_endpoints`` and by the call counters of ``/_emulator/stats``.
+ENDPOINTS: tuple[str, ...] = (
+    "create",
+    "retrieve",
+    "list",
+    "cancel",
+    "delete",
+    "results",
+    "count_tokens",
+    "messages",
+)
+
+#: Ways a succeeded answer can be broken on purpose (``invalid_answer_rate``).
+INVALID_KINDS: tuple[str, ...] = ("non_json", "wrong_type", "bad_enum", "missing_field")
+
+
+def _split_csv(value: Any) -> Any:
+    """Accept ``"429,500"`` as well as a list, so env vars and CLI strings need no parsing upstream."""
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+class FaultSettings(BaseModel):
+    """What goes wrong, and how often, for one server start.
+
+    Every decision is a hash of ``(seed, custom_id or call index, fault name)``, never a random
+    draw, so a failing test reproduces exactly: the same requests fail the same way every run.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    seed: int = 0
+    errored_rate: float = Field(0.0, ge=0.0, le=1.0)
+    expired_rate: float = Field(0.0, ge=0.0, le=1.0)
+    invalid_answer_rate: float = Field(0.0, ge=0.0, le=1.0)
+    invalid_kinds: tuple[str, ...] = INVALID_KINDS
+    http_error_rate: float = Field(0.0, ge=0.0, le=1.0)
+    http_error_codes: tuple[int, ...] = (429, 500, 529)
+    http_error_endpoints: tuple[str, ...] = ENDPOINTS
+    http_error_first_n: int = Field(0, ge=0)
+    #: Delay the emulator asks for in ``retry-after-ms``; small so SDK retries stay fast.
+    retry_after_ms: int = Field(10, ge=1)
+    transient_404_after_create: int = Field(0, ge=0)
+    cut_results_after: int | None = Field(None, ge=0)
+    cut_results_times: int = Field(1, ge=0)
+
+    @field_validator("invalid_kinds", "http_error_codes", "http_error_endpoints", mode="before")
+    @classmethod
+    def _csv(cls, value: Any) -> Any:
+        return _split_csv(value)
+
+    @field_validator("invalid_kinds")
+    @classmethod
+    def _known_kinds(cls, kinds: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = sorted(set(kinds) - set(INVALID_KINDS))
+        if unknown or not kinds:
+            raise ValueError(
+                f"invalid_kinds must be a non-empty subset of {list(INVALID_KINDS)}, got {unknown}"
+            )
+        return kinds
+
+    @field_validator("http_error_endpoints")
+    @classmethod
+    def _known_endpoints(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = sorted(set(names) - set(ENDPOINTS))
+        if unknown:
+            raise ValueError(f"unknown http_error_endpoints {unknown}; known: {list(ENDPOINTS)}")
+        return names
+
+    @field_validator("http_error_codes")
+    @classmethod
+    def _error_codes(cls, codes: tuple[int, ...]) -> tuple[int, ...]:
+        if not codes or any(not 400 <= code <= 599 for code in codes):
+            raise ValueError(f"http_error_codes must be non-empty HTTP error codes (400-599), got {codes}")
+        return codes
+
+    @model_validator(mode="after")
+    def _outcome_shares(self) -> FaultSettings:
+        # Both shares are cut from one hash fraction per request, so together they must fit in 1.
+        if self.errored_rate + self.expired_rate > 1.0:
+            raise ValueError("errored_rate + expired_rate must not exceed 1")
+        return self
+
+
+class EmulatorSettings(BaseModel):
+    """How the emulated API behaves: timing, limits, auth and faults."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    #: Seconds from create until a batch ends; 0 ends it on the first retrieve after create.
+    processing_seconds: float = Field(0.0, ge=0.0)
+    #: Seconds a batch stays ``canceling`` before it ends.
+    cancel_seconds: float = Field(0.2, ge=0.0)
+    #: Request body cap; larger bodies get 413 request_too_large like the real API's 256 MB cap.
+    max_body_bytes: int = Field(256 * 1024 * 1024, ge=1)
+    #: Smallest cacheable prompt prefix, in estimated tokens (the API's minimum is 1024 for most models).
+    min_cache_tokens: int = Field(1024, ge=0)
+    #: When set, only this key is accepted; when None any non-empty key is.
+    api_key: str | None = None
+    faults: FaultSettings = FaultSettings()
