@@ -5,6 +5,7 @@ All DAG runs live in this one module so Airflow's first-run warm-up is paid once
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from airflow_provider_fable.testing.plugin import point_connection_at
+from airflow_provider_fable.testing.plugin import TEST_API_KEY, point_connection_at
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,10 +98,59 @@ def test_triage_dag_end_to_end(triage_env):
         ).scalar_one()
         assert billing_share is None or billing_share > 0.5
 
-    # A second run only picks up tickets still without a triage row (the rejects) and upserts.
+    # The API key never reaches XCom (task logs: see the CLI test below).
+    assert TEST_API_KEY not in json.dumps(result.xcoms, default=str)
+
+    # A second run takes tickets still without a triage row: the first run's rejects come back
+    # first (ORDER BY ticket_id), then the rest of the backlog; accepted rows are never duplicated.
+    with engine.connect() as conn:
+        first_rejects = {r[0] for r in conn.execute(sa.text("SELECT record_id FROM ticket_triage_rejects"))}
     again = airflow_env.run_dag(dag, conf={"limit": 300})
     assert again.state == "success", again.task_states
-    assert again.xcom("submit")["request_count"] == 300  # next 300 of the backlog + rejects first by id
+    second_batch = again.xcom("submit")["batch_ids"][0]
+    assert again.xcom("submit")["request_count"] == 300
     with engine.connect() as conn:
         rows = conn.execute(sa.text("SELECT count(*), count(DISTINCT ticket_id) FROM ticket_triage")).one()
-        assert rows[0] == rows[1]
+        assert rows[0] == rows[1] == loaded["accepted"] + again.xcom("load")["accepted"]
+        retried = {
+            r[0]
+            for r in conn.execute(
+                sa.text(
+                    "SELECT ticket_id FROM ticket_triage WHERE _batch_id = :b UNION "
+                    "SELECT record_id FROM ticket_triage_rejects WHERE batch_id = :b"
+                ),
+                {"b": second_batch},
+            )
+        }
+    assert first_rejects <= retried
+
+
+def test_airflow_dags_test_cli_runs_the_dag_and_never_logs_the_key(triage_env):
+    """`airflow dags test` in a subprocess: the whole task log output is ours to inspect."""
+    _, server, engine = triage_env
+    out = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("airflow")),
+            "dags",
+            "test",
+            "support_ticket_triage",
+            "-c",
+            '{"limit": 40}',
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO"},
+        timeout=300,
+    )
+    logs = out.stdout + out.stderr
+    assert out.returncode == 0, logs[-3000:]
+    assert "Submitting 40 requests" in logs
+    assert "Deferring" in logs
+    assert "Loaded" in logs
+    assert TEST_API_KEY not in logs
+    with engine.connect() as conn:
+        loaded = conn.execute(sa.text("SELECT count(*) FROM ticket_triage")).scalar_one()
+        rejected = conn.execute(
+            sa.text("SELECT count(DISTINCT record_id) FROM ticket_triage_rejects")
+        ).scalar_one()
+    assert loaded > 0 and loaded + rejected == 40
