@@ -30,6 +30,9 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+bench: install
+	$(PY) bench/parse_validate.py
+
 # Re-resolve the lock after changing dependencies in pyproject.toml.
 lock:
 	$(UV) pip compile pyproject.toml --extra postgres --extra dev --python-version 3.11 -o requirements.lock
