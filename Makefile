@@ -4,7 +4,8 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-UV     := $(PYTHON) -m uv
+# A uv on PATH wins; otherwise the one pip installs for $(PYTHON) (bootstrapped by `install`).
+UV     := $(or $(shell command -v uv 2>/dev/null),$(PYTHON) -m uv)
 # uv ignores pip.conf; point it at the system CA bundle when there is one.
 export SSL_CERT_FILE ?= $(wildcard /etc/ssl/certs/ca-certificates.crt)
 
@@ -13,7 +14,8 @@ export SSL_CERT_FILE ?= $(wildcard /etc/ssl/certs/ca-certificates.crt)
 install: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.lock pyproject.toml
-	@$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
+	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv \
+		|| $(PYTHON) -m pip install --quiet --user --break-system-packages uv
 	@test -x $(PY) || $(UV) venv --quiet --python $(PYTHON) $(VENV)
 	$(UV) pip sync --quiet --python $(PY) requirements.lock
 	$(UV) pip install --quiet --python $(PY) --no-deps -e .
@@ -35,7 +37,7 @@ bench: install
 
 # Re-resolve the lock after changing dependencies in pyproject.toml.
 lock:
-	$(UV) pip compile pyproject.toml --extra postgres --extra dev --python-version 3.11 -o requirements.lock
+	$(UV) pip compile pyproject.toml --extra postgres --extra dev --universal --python-version 3.10 -o requirements.lock
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache

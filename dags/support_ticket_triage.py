@@ -215,7 +215,7 @@ with DAG(
         import sqlalchemy as sa
 
         from airflow_provider_fable.core.sinks import ResultSink
-        from airflow_provider_fable.operators.submit import sqlalchemy_engine
+        from airflow_provider_fable.hooks.sql import sqlalchemy_engine
 
         engine = sqlalchemy_engine(BACKLOG_CONN_ID)
         ResultSink(

@@ -90,6 +90,7 @@ def test_few_shot_answer_must_satisfy_output_model():
         ({"id": None, "text": "t"}, "custom_id.missing"),
         ({"text": "t"}, "id.missing"),
         ({"id": "ok", "other": "t"}, "template.missing_field"),
+        ({"id": "trailing-newline\n", "text": "t"}, "custom_id.pattern"),
     ],
 )
 def test_bad_records_name_record_and_rule(record, rule):
@@ -184,3 +185,23 @@ def test_batch_cost_is_half_price_with_cache_multipliers():
     # sonnet: 3 in + 15 out + 0.3 cache read = 18.3, halved for batches
     assert usage_cost_usd(usage, "claude-sonnet-4-5") == pytest.approx(9.15)
     assert usage_cost_usd(usage, "unknown-model") is None
+
+
+def test_format_errors_name_record_rule_and_position():
+    job = make_job(prompt_template="{id}: {amount:.2f}")
+    with pytest.raises(RecordError) as info:
+        list(build_requests(job, [{"id": "a", "amount": 1.5}, {"id": "b", "amount": None}]))
+    assert info.value.rule == "template.format"
+    assert "'b' (#2 in the source)" in str(info.value)
+
+
+def test_aliased_fields_validate_and_dump_by_alias():
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class Aliased(BaseModel):
+        model_config = ConfigDict(populate_by_name=True)
+        label_value: str = Field(alias="label")
+
+    outcome = validate_result(parse_result_line(succeeded("x", '{"label": "ok"}')), Aliased)
+    assert isinstance(outcome, Accepted)
+    assert outcome.data == {"label": "ok"}

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
+import urllib.request
 
 import pytest
 
 from airflow_provider_fable.core.job import BatchJob
 from airflow_provider_fable.core.requests import build_requests
-from airflow_provider_fable.hooks.fable import FableApiError, FableConfigError, FableHook
+from airflow_provider_fable.hooks.fable import (
+    BatchCreateUncertainError,
+    FableApiError,
+    FableConfigError,
+    FableHook,
+    ResultsIncompleteError,
+)
 from airflow_provider_fable.testing.plugin import TEST_API_KEY, point_connection_at
 from tests.conftest import Paint
 
@@ -178,8 +184,34 @@ async def test_async_endpoints(fable_connection):
         await hook.aclose()
 
 
-def test_key_is_not_in_environment_dump_of_hook(hook):
-    # The hook's repr/log-facing attributes must not carry the key.
+def test_ambiguous_create_failure_is_not_retried(fable_emulator_factory):
+    """A 500 on create may hide a created batch: one attempt only, and an error that says so."""
+    server = fable_emulator_factory(
+        faults={"http_error_first_n": 1, "http_error_codes": [500], "http_error_endpoints": ["create"]}
+    )
+    point_connection_at(server, max_retries=3)
+    with pytest.raises(BatchCreateUncertainError, match="may or may not have been created"):
+        FableHook().create_batch(requests_for(2))
+    with urllib.request.urlopen(f"{server.base_url}/_emulator/stats") as resp:
+        assert json.load(resp)["calls"]["create"] == 1
+
+
+def test_short_results_file_is_detected(fable_emulator_factory):
+    # The cut fault drops the connection; with every download cut, the hook gives up loudly.
+    server = fable_emulator_factory(faults={"cut_results_after": 3, "cut_results_times": 5})
+    point_connection_at(server)
+    hook = FableHook()
+    batch = hook.create_batch(requests_for(8))
+    got = []
+    with pytest.raises(ResultsIncompleteError, match="3 of 8 lines"):
+        for line in hook.iter_result_lines(batch.id, max_attempts=2):
+            got.append(line)
+    assert len(got) == 3, "what was read before giving up was handed out once"
+
+
+def test_hook_repr_and_errors_never_carry_the_key(hook):
+    hook.retrieve_batch(hook.create_batch(requests_for(1)).id)  # settings and client are loaded now
     assert TEST_API_KEY not in repr(hook)
-    assert TEST_API_KEY not in hook.base_url
-    assert os.environ.get("ANTHROPIC_API_KEY") != TEST_API_KEY
+    with pytest.raises(FableApiError) as info:
+        hook.retrieve_batch("msgbatch_missing")
+    assert TEST_API_KEY not in str(info.value)

@@ -23,7 +23,13 @@ def _exercise(engine) -> None:
     # A rerun of the same batch plus an updated answer for j0: still one row per record.
     rows[0] = Accepted("j0", {"color": "blue", "glossy": True, "coats": 2, "note": "again"}, Usage(10, 2))
     sink.write_accepted(rows, batch_id="b2", model="m")
-    rej = [Rejected("j9", "schema", "color: bad", '{"color":"pink"}', Usage())]
+    # A NUL in an answer would make PostgreSQL refuse the whole chunk; it is dropped instead.
+    sink.write_accepted(
+        [Accepted("j4", {"color": "red", "glossy": False, "coats": 1, "note": "a\x00b"}, Usage())],
+        batch_id="b3",
+        model="m",
+    )
+    rej = [Rejected("j9", "schema", "color: bad", '{"color":"pink\x00"}', Usage())]
     sink.write_rejected(rej, batch_id="b1")
     sink.write_rejected(rej, batch_id="b1")
     with engine.connect() as conn:
@@ -34,6 +40,7 @@ def _exercise(engine) -> None:
         assert (color, bool(glossy), batch) == ("blue", True, "b2")
         assert conn.execute(sa.text("SELECT count(*) FROM paint_rejects")).scalar_one() == 1
         assert conn.execute(sa.text("SELECT reason FROM paint_rejects")).scalar_one() == "schema"
+        assert conn.execute(sa.text("SELECT note FROM paint WHERE job_id = 'j4'")).scalar_one() == "ab"
 
 
 def test_sqlite_upsert_is_idempotent(sqlite_engine):

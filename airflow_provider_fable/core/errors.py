@@ -14,10 +14,19 @@ class FableError(Exception):
 class RecordError(FableError, ValueError):
     """A source record cannot become a request (missing id, bad template field, bad id)."""
 
-    def __init__(self, record_id: object, rule: str, message: str) -> None:
+    def __init__(self, record_id: object, rule: str, message: str, position: int | None = None) -> None:
         self.record_id = record_id
         self.rule = rule
-        super().__init__(f"record {record_id!r}: [{rule}] {message}")
+        self.message = message
+        self.position = position
+        where = f"record {record_id!r}" if record_id is not None else "record without id"
+        if position is not None:
+            where += f" (#{position} in the source)"
+        super().__init__(f"{where}: [{rule}] {message}")
+
+    def at(self, position: int) -> RecordError:
+        """The same error, located in the source (callers iterating records know the position)."""
+        return RecordError(self.record_id, self.rule, self.message, position)
 
 
 class JobSpecError(FableError):

@@ -12,7 +12,8 @@ from typing import Any
 
 from airflow_provider_fable.core.errors import RecordError
 
-CUSTOM_ID_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+#: The API's rule. Always use ``fullmatch``: with ``match``, ``$`` lets a trailing newline through.
+CUSTOM_ID_RE = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 
 
 def encode(record_id: Any) -> str:
@@ -24,7 +25,7 @@ def encode(record_id: Any) -> str:
     if isinstance(record_id, float) and record_id.is_integer():
         record_id = int(record_id)
     text = str(record_id)
-    if not CUSTOM_ID_RE.match(text):
+    if not CUSTOM_ID_RE.fullmatch(text):
         raise RecordError(
             record_id,
             "custom_id.pattern",

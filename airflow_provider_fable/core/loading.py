@@ -15,20 +15,19 @@ from pydantic import BaseModel
 
 from airflow_provider_fable.core.cost import usage_cost_usd
 from airflow_provider_fable.core.results import BatchResult, Usage
-from airflow_provider_fable.core.sinks import ResultSink
+from airflow_provider_fable.core.sinks import ResultSink, resolve
 from airflow_provider_fable.core.validation import Accepted, Rejected, validate_result
 
 
 def distribution_fields(output_model: type[BaseModel]) -> list[str]:
     """Output fields whose values form a closed set (enums, booleans): worth a distribution."""
-    schema = output_model.model_json_schema()
+    schema = output_model.model_json_schema(by_alias=True)
     defs = schema.get("$defs", {})
-    names = []
-    for name, prop in schema.get("properties", {}).items():
-        target = defs.get(prop["$ref"].rsplit("/", 1)[-1], {}) if "$ref" in prop else prop
-        if "enum" in target or target.get("type") == "boolean":
-            names.append(name)
-    return names
+    return [
+        name
+        for name, prop in schema.get("properties", {}).items()
+        if "enum" in (target := resolve(prop, defs)) or target.get("type") == "boolean"
+    ]
 
 
 @dataclass

@@ -43,6 +43,8 @@ def render_prompt(job: BatchJob, record: Mapping[str, Any], record_id: Any = Non
             f"prompt_template uses {{{exc.args[0]}}} but the record has no such field "
             f"(fields: {', '.join(sorted(map(str, record)))})",
         ) from None
+    except (ValueError, TypeError, IndexError, AttributeError) as exc:
+        raise RecordError(record_id, "template.format", f"cannot fill prompt_template: {exc}") from None
 
 
 class _StrictRecord(dict):
@@ -61,7 +63,7 @@ def prefix_messages(job: BatchJob) -> list[dict[str, Any]]:
     turns: list[dict[str, Any]] = []
     for example in job.few_shot_examples:
         turns.append({"role": "user", "content": render_prompt(job, example.record, "few_shot")})
-        answer = job.output_model.model_validate(example.answer).model_dump(mode="json")
+        answer = job.output_model.model_validate(example.answer).model_dump(mode="json", by_alias=True)
         turns.append({"role": "assistant", "content": json.dumps(answer, ensure_ascii=False)})
     if turns and job.cache_prompt_prefix:
         last = turns[-1]
@@ -110,11 +112,14 @@ def build_requests(job: BatchJob, records: Iterable[Mapping[str, Any]]) -> Itera
     shared = base_params(job)
     prefix = prefix_messages(job)
     seen: set[str] = set()
-    for record in records:
-        request = build_request(job, record, shared=shared, prefix=prefix)
+    for position, record in enumerate(records, 1):
+        try:
+            request = build_request(job, record, shared=shared, prefix=prefix)
+        except RecordError as exc:
+            raise exc.at(position) from None
         if request["custom_id"] in seen:
             raise RecordError(
-                record.get(job.id_field), "custom_id.duplicate", "two source records share this id"
+                record.get(job.id_field), "custom_id.duplicate", "two source records share this id", position
             )
         seen.add(request["custom_id"])
         yield request

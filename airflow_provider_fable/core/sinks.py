@@ -29,10 +29,20 @@ def _check_ident(name: str, what: str) -> str:
     return name
 
 
+def resolve(prop: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """Follow ``$ref`` and unwrap ``Optional`` (anyOf [X, null]) to the property's real schema."""
+    if "$ref" in prop:
+        return resolve(defs.get(prop["$ref"].rsplit("/", 1)[-1], {}), defs)
+    for key in ("anyOf", "oneOf"):
+        options = [p for p in prop.get(key, ()) if p.get("type") != "null"]
+        if len(options) == 1:
+            return resolve(options[0], defs)
+    return prop
+
+
 def _json_type(prop: dict[str, Any], defs: dict[str, Any]) -> str:
     """Collapse a JSON-schema property to one scalar kind: string/integer/number/boolean/json."""
-    if "$ref" in prop:
-        return _json_type(defs.get(prop["$ref"].rsplit("/", 1)[-1], {}), defs)
+    prop = resolve(prop, defs)
     for key in ("anyOf", "oneOf"):
         if key in prop:
             kinds = {_json_type(p, defs) for p in prop[key] if p.get("type") != "null"}
@@ -46,6 +56,11 @@ def _json_type(prop: dict[str, Any], defs: dict[str, Any]) -> str:
     return kind if kind in ("string", "integer", "number", "boolean") else "json"
 
 
+def _text(value: Any) -> Any:
+    """PostgreSQL text cannot hold NUL; a model answer can. Drop it rather than fail the load."""
+    return value.replace("\x00", "") if isinstance(value, str) and "\x00" in value else value
+
+
 _SQL_TYPES = {
     "string": sa.Text,
     "integer": sa.BigInteger,
@@ -57,7 +72,7 @@ _SQL_TYPES = {
 
 def output_columns(output_model: type[BaseModel]) -> dict[str, str]:
     """Column name -> scalar kind for every field of the output model."""
-    schema = output_model.model_json_schema()
+    schema = output_model.model_json_schema(by_alias=True)
     defs = schema.get("$defs", {})
     return {
         _check_ident(name, "output field"): _json_type(prop, defs)
@@ -134,8 +149,8 @@ class ResultSink:
 
     def _cell(self, name: str, value: Any) -> Any:
         if value is not None and self.kinds[name] == "json":
-            return json.dumps(value, ensure_ascii=False, sort_keys=True)
-        return value
+            value = json.dumps(value, ensure_ascii=False, sort_keys=True)
+        return _text(value)
 
     def write_accepted(self, items: Iterable[Accepted], *, batch_id: str, model: str | None) -> int:
         now = datetime.now(timezone.utc).isoformat()
@@ -160,8 +175,8 @@ class ResultSink:
                 "record_id": item.record_id,
                 "batch_id": batch_id,
                 "reason": item.reason,
-                "detail": item.detail[:2000],
-                "raw_answer": None if item.raw is None else item.raw[:4000],
+                "detail": _text(item.detail[:2000]),
+                "raw_answer": None if item.raw is None else _text(item.raw[:4000]),
                 "retryable": item.retryable,
                 "rejected_at": now,
             }

@@ -94,4 +94,4 @@ def validate_result(result: BatchResult, output_model: type[BaseModel]) -> Outco
             return Rejected(record_id, "invalid_json", f"answer is not JSON: {errors[0]['msg']}", raw, usage)
         reason, detail = _describe(exc)
         return Rejected(record_id, reason, detail, raw, usage)
-    return Accepted(record_id, instance.model_dump(mode="json"), usage)
+    return Accepted(record_id, instance.model_dump(mode="json", by_alias=True), usage)

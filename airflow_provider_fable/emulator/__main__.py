@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds from create until a batch ends (0 = ended on the first retrieve)",
     )
     api.add_argument(
+        "--processing-retrieves",
+        type=int,
+        default=defaults.processing_retrieves,
+        help="end a batch on its N-th retrieve instead (deterministic waits for tests)",
+    )
+    api.add_argument(
         "--cancel-seconds",
         type=float,
         default=defaults.cancel_seconds,
@@ -139,6 +145,7 @@ def settings_from_args(args: argparse.Namespace) -> EmulatorSettings:
     """Settings from parsed flags (pydantic validates them, e.g. rates within [0, 1])."""
     return EmulatorSettings(
         processing_seconds=args.processing_seconds,
+        processing_retrieves=args.processing_retrieves,
         cancel_seconds=args.cancel_seconds,
         max_body_bytes=args.max_body_bytes,
         min_cache_tokens=args.min_cache_tokens,

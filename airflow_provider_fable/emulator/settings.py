@@ -111,6 +111,9 @@ class EmulatorSettings(BaseModel):
 
     #: Seconds from create until a batch ends; 0 ends it on the first retrieve after create.
     processing_seconds: float = Field(0.0, ge=0.0)
+    #: When set, a batch ends on its N-th retrieve instead of after ``processing_seconds``:
+    #: tests that must see a wait really happen (a sensor deferring) do not depend on timing.
+    processing_retrieves: int | None = Field(None, ge=1)
     #: Seconds a batch stays ``canceling`` before it ends.
     cancel_seconds: float = Field(0.2, ge=0.0)
     #: Request body cap; larger bodies get 413 request_too_large like the real API's 256 MB cap.

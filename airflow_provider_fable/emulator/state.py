@@ -12,7 +12,6 @@ computing the results of a 100,000-request batch never blocks requests about oth
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 from collections import Counter
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from airflow_provider_fable.core.ids import CUSTOM_ID_RE
 from airflow_provider_fable.emulator import faults as fault_rules
 from airflow_provider_fable.emulator import model
 from airflow_provider_fable.emulator.errors import ApiError, error_body, new_request_id, random_id
@@ -38,7 +38,6 @@ __all__ = [
 ]
 
 MAX_REQUESTS = 100_000
-_CUSTOM_ID_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _EXPIRY_SECONDS = 24 * 3600
 _TYPES = ("succeeded", "errored", "canceled", "expired")
 
@@ -93,7 +92,7 @@ def parse_create_body(raw: bytes) -> list[tuple[str, Any]]:
         custom_id = item["custom_id"]
         if not isinstance(custom_id, str):
             raise ApiError(400, f"requests.{i}.custom_id: Input should be a valid string")
-        if not _CUSTOM_ID_RE.match(custom_id):
+        if not CUSTOM_ID_RE.fullmatch(custom_id):
             shown = custom_id if len(custom_id) <= 80 else custom_id[:77] + "..."
             raise ApiError(
                 400,
@@ -401,6 +400,10 @@ class BatchStore:
             return
         now = self.clock()
         if batch.status == "in_progress":
+            if self.settings.processing_retrieves is not None:
+                if batch.retrieves >= self.settings.processing_retrieves:
+                    self._finish(batch, now)
+                return
             end = batch.created_at + batch.processing_seconds
             if now >= end:
                 self._finish(batch, end)
@@ -412,7 +415,11 @@ class BatchStore:
 
     def _finished_before_cancel(self, batch: Batch, index: int) -> bool:
         """Requests complete evenly over the processing window; those done before cancel stay done."""
-        if batch.cancel_initiated_at is None or batch.processing_seconds <= 0:
+        if batch.cancel_initiated_at is None:
+            return True
+        if self.settings.processing_retrieves is not None:
+            return False  # retrieve-driven batches have no timeline: nothing finished before cancel
+        if batch.processing_seconds <= 0:
             return True
         done_at = batch.created_at + batch.processing_seconds * (index + 1) / batch.size
         return done_at <= batch.cancel_initiated_at

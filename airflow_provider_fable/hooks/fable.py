@@ -10,9 +10,10 @@ message that says which call failed and what to check; the API key never appears
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Iterator
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from airflow.sdk import BaseHook
 
@@ -76,16 +77,69 @@ def _api_error(action: str, exc: Exception, conn_id: str) -> FableApiError:
     return FableApiError(text, status_code=status, error_type=err_type)
 
 
+class BatchCreateUncertainError(FableApiError):
+    """A create failed in a way that does not tell whether the batch exists (and is billed)."""
+
+
+#: Statuses that mean the API refused the request before doing any work: safe to send again.
+_REFUSED_STATUSES = frozenset({429, 529})
+_RESULTS_ACCEPT = {"Accept": "application/binary"}
+
+
+def _retry_delay(exc: Any, attempt: int) -> float:
+    """Honour ``retry-after-ms`` / ``retry-after`` when the API sends them, else back off."""
+    headers = getattr(getattr(exc, "response", None), "headers", None) or {}
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        try:
+            value = float(headers.get(name)) * scale
+        except (TypeError, ValueError):
+            continue
+        if 0 <= value <= 60:
+            return value
+    return min(0.5 * 2 ** (attempt - 1), 8.0)
+
+
+def _uncertain(action: str, exc: Exception, conn_id: str) -> str:
+    return (
+        f"{_api_error(action, exc, conn_id)} The batch may or may not have been created: before "
+        "submitting these records again, list recent batches (FableHook.list_batches) and load "
+        "or cancel any that match, or you may pay twice."
+    )
+
+
+def _ended(batch: Any) -> Any:
+    if not batch.results_url:
+        raise FableApiError(
+            f"batch {batch.id} has no results yet (status {batch.processing_status}); "
+            "wait for it to end (FableBatchSensor) before reading results"
+        )
+    return batch
+
+
+def _parse(batch_id: str, line: bytes) -> BatchResult:
+    try:
+        return parse_result_line(line)
+    except ResultLineError as exc:
+        raise FableApiError(f"batch {batch_id}: {exc}") from None
+
+
 class _ResumableLines:
     """Split a byte stream into JSONL lines across download attempts, handing each line out once.
 
     The results file of an ended batch is immutable, so after a broken download the next attempt
-    re-reads from the start and the first ``handed_out`` lines are skipped.
+    re-reads from the start and the first ``handed_out`` lines are skipped. A download that ends
+    cleanly but short of the batch's request count counts as broken too.
     """
 
-    def __init__(self, batch_id: str) -> None:
-        self.batch_id = batch_id
+    def __init__(self, batch: Any) -> None:
+        self.batch_id = batch.id
+        self.url = batch.results_url
+        counts = batch.request_counts
+        self.expected = (
+            counts.succeeded + counts.errored + counts.canceled + counts.expired + counts.processing
+        )
         self.handed_out = 0
+        self.last_error: Exception | None = None
         self._pending = b""
         self._seen = 0
 
@@ -107,7 +161,7 @@ class _ResumableLines:
         return [out for line in lines for out in self._take(line)]
 
     def finish(self) -> list[bytes]:
-        """The last line when the stream ended without a newline; a torn line is an error."""
+        """The last line when the stream ended without a newline; a torn or short file is an error."""
         tail, self._pending = self._pending, b""
         if tail.strip():
             try:
@@ -117,6 +171,27 @@ class _ResumableLines:
                     f"results of {self.batch_id} ended mid-line after {self._seen} lines"
                 ) from None
         return self._take(tail)
+
+    def check_complete(self) -> None:
+        """A file that ended cleanly but short of the request count is a broken download too."""
+        if self._seen < self.expected:
+            raise ResultsIncompleteError(
+                f"results of {self.batch_id} ended after {self._seen} of {self.expected} lines"
+            )
+
+    def failed(self, exc: Exception, attempt: int, max_attempts: int, log: Any) -> None:
+        self.last_error = exc
+        log.warning(
+            "Results download of %s broke off after %d lines (attempt %d/%d): %s",
+            self.batch_id, self.handed_out, attempt, max_attempts, exc,
+        )  # fmt: skip
+
+    def give_up(self, max_attempts: int) -> NoReturn:
+        raise ResultsIncompleteError(
+            f"results of {self.batch_id} broke off {max_attempts} times; {self.handed_out} of "
+            f"{self.expected} lines were read. Re-run the task to read them again (loading is "
+            f"idempotent). Last error: {self.last_error}"
+        )
 
 
 _COUNT_TOKENS_KEYS = frozenset(
@@ -249,6 +324,11 @@ class FableHook(BaseHook):
 
         return AsyncAnthropic(**self._client_kwargs())
 
+    def close(self) -> None:
+        """Close the sync client's connection pool (the async one: :meth:`aclose`)."""
+        if "client" in self.__dict__:
+            self.client.close()
+
     def _call(self, action: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         import anthropic
 
@@ -259,14 +339,36 @@ class FableHook(BaseHook):
 
     # ------------------------------------------------------------------ batch endpoints
     def create_batch(self, requests: list[dict[str, Any]]) -> MessageBatch:
-        """Create one batch. Note: not idempotent - callers must guard against paying twice."""
-        batch = self._call(
-            f"create batch of {len(requests)} requests",
-            self.client.messages.batches.create,
-            requests=requests,
-        )
-        self.log.info("Created batch %s with %d requests", batch.id, len(requests))
-        return batch
+        """Create one batch, retrying only where the API provably created nothing.
+
+        The SDK would retry a create after a timeout or a 5xx with no idempotency key, which can
+        leave two billed batches. Here the SDK's retries are off for this call; 429 and 529 (the
+        request was refused before any work) are retried with backoff, while an ambiguous failure
+        (timeout, connection drop, 500-504) raises :class:`BatchCreateUncertainError` so nobody
+        blindly pays again.
+        """
+        import anthropic
+
+        action = f"create batch of {len(requests)} requests"
+        client = self.client.with_options(max_retries=0)
+        attempts = max(1, self._settings["max_retries"] + 1)
+        for attempt in range(1, attempts + 1):
+            try:
+                batch = client.messages.batches.create(requests=requests)
+            except anthropic.APIStatusError as exc:
+                if exc.status_code in _REFUSED_STATUSES and attempt < attempts:
+                    delay = _retry_delay(exc, attempt)
+                    self.log.warning("%s: HTTP %s, retrying in %.1fs", action, exc.status_code, delay)
+                    time.sleep(delay)
+                    continue
+                if exc.status_code >= 500 and exc.status_code not in _REFUSED_STATUSES:
+                    raise BatchCreateUncertainError(_uncertain(action, exc, self.fable_conn_id)) from None
+                raise _api_error(action, exc, self.fable_conn_id) from None
+            except anthropic.APIConnectionError as exc:  # includes timeouts
+                raise BatchCreateUncertainError(_uncertain(action, exc, self.fable_conn_id)) from None
+            self.log.info("Created batch %s with %d requests", batch.id, len(requests))
+            return batch
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def retrieve_batch(self, batch_id: str) -> MessageBatch:
         return self._call(f"retrieve batch {batch_id}", self.client.messages.batches.retrieve, batch_id)
@@ -307,124 +409,111 @@ class FableHook(BaseHook):
     def iter_result_lines(self, batch_id: str, *, max_attempts: int = 3) -> Iterator[bytes]:
         """Raw JSONL lines of an ended batch, streamed (never all in memory).
 
-        The results file of an ended batch is immutable, so when the download breaks off it is
+        A download that breaks off, or ends with fewer lines than the batch has requests, is
         reopened and the lines already handed out are skipped: callers see every line once.
         """
         import anthropic
         import httpx2
 
-        batch = self.retrieve_batch(batch_id)
-        if not batch.results_url:
-            raise FableApiError(
-                f"batch {batch_id} has no results yet (status {batch.processing_status}); "
-                "wait for it to end (FableBatchSensor) before reading results"
-            )
-        lines = _ResumableLines(batch_id)
-        last: Exception | None = None
+        lines = _ResumableLines(_ended(self.retrieve_batch(batch_id)))
         for attempt in range(1, max_attempts + 1):
             lines.restart()
             try:
                 response = self.client.get(
-                    batch.results_url,
-                    cast_to=httpx2.Response,
-                    options={"headers": {"Accept": "application/binary"}},
-                    stream=True,
+                    lines.url, cast_to=httpx2.Response, options={"headers": _RESULTS_ACCEPT}, stream=True
                 )
                 try:
                     for chunk in response.iter_bytes():
                         yield from lines.feed(chunk)
                     yield from lines.finish()
+                    lines.check_complete()
                 finally:
                     response.close()
                 return
             except (ResultsIncompleteError, httpx2.TransportError, anthropic.APIConnectionError) as exc:
-                last = exc
-                self.log.warning(
-                    "Results download of %s broke off after %d lines (attempt %d/%d): %s",
-                    batch_id, lines.handed_out, attempt, max_attempts, exc,
-                )  # fmt: skip
+                lines.failed(exc, attempt, max_attempts, self.log)
             except anthropic.APIError as exc:
                 raise _api_error(f"download results of {batch_id}", exc, self.fable_conn_id) from None
-        raise ResultsIncompleteError(
-            f"results of {batch_id} broke off {max_attempts} times; {lines.handed_out} lines were read. "
-            f"Re-run the task to read them again (loading is idempotent). Last error: {last}"
-        )
+        lines.give_up(max_attempts)
 
     def iter_results(self, batch_id: str) -> Iterator[BatchResult]:
         """Parsed result lines of an ended batch."""
         for line in self.iter_result_lines(batch_id):
-            try:
-                yield parse_result_line(line)
-            except ResultLineError as exc:
-                raise FableApiError(f"batch {batch_id}: {exc}") from None
+            yield _parse(batch_id, line)
 
     # ------------------------------------------------------------------ async (triggers)
-    @cached_property
-    def async_client(self) -> AsyncAnthropic:
-        """The async client, created on first use inside the running event loop."""
-        return self.get_async_client()
+    async def aclient(self) -> AsyncAnthropic:
+        """The async client, created inside the running loop after an async connection read.
 
-    async def _acall(self, action: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        Reading the connection first matters: a sync ``get_connection`` inside the triggerer's
+        event loop fails (or blocks it) in Airflow 3.
+        """
+        await self.aload_connection()
+        if "_async_client" not in self.__dict__:
+            self.__dict__["_async_client"] = self.get_async_client()
+        return self.__dict__["_async_client"]
+
+    async def _acall(self, action: str, call: Any) -> Any:
         import anthropic
 
-        await self.aload_connection()
+        client = await self.aclient()
         try:
-            return await fn(*args, **kwargs)
+            return await call(client)
         except anthropic.APIError as exc:
             raise _api_error(action, exc, self.fable_conn_id) from None
 
     async def acreate_batch(self, requests: list[dict[str, Any]]) -> MessageBatch:
-        batches = self.async_client.messages.batches
-        return await self._acall(
-            f"create batch of {len(requests)} requests", batches.create, requests=requests
-        )
+        """Async create (same caveat as :meth:`create_batch`: SDK retries are off for it)."""
+        import anthropic
+
+        client = await self.aclient()
+        action = f"create batch of {len(requests)} requests"
+        try:
+            return await client.with_options(max_retries=0).messages.batches.create(requests=requests)
+        except anthropic.APIConnectionError as exc:
+            raise BatchCreateUncertainError(_uncertain(action, exc, self.fable_conn_id)) from None
+        except anthropic.APIError as exc:
+            raise _api_error(action, exc, self.fable_conn_id) from None
 
     async def aretrieve_batch(self, batch_id: str) -> MessageBatch:
-        batches = self.async_client.messages.batches
-        return await self._acall(f"retrieve batch {batch_id}", batches.retrieve, batch_id)
+        return await self._acall(
+            f"retrieve batch {batch_id}", lambda c: c.messages.batches.retrieve(batch_id)
+        )
 
     async def alist_batches(self, *, limit: int = 100) -> AsyncIterator[MessageBatch]:
         import anthropic
 
-        await self.aload_connection()
+        client = await self.aclient()
         try:
-            async for batch in self.async_client.messages.batches.list(limit=limit):
+            async for batch in client.messages.batches.list(limit=limit):
                 yield batch
         except anthropic.APIError as exc:
             raise _api_error("list batches", exc, self.fable_conn_id) from None
 
     async def acancel_batch(self, batch_id: str) -> MessageBatch:
-        batches = self.async_client.messages.batches
-        return await self._acall(f"cancel batch {batch_id}", batches.cancel, batch_id)
+        return await self._acall(f"cancel batch {batch_id}", lambda c: c.messages.batches.cancel(batch_id))
 
     async def adelete_batch(self, batch_id: str) -> str:
-        batches = self.async_client.messages.batches
-        return (await self._acall(f"delete batch {batch_id}", batches.delete, batch_id)).id
+        deleted = await self._acall(f"delete batch {batch_id}", lambda c: c.messages.batches.delete(batch_id))
+        return deleted.id
 
     async def acount_tokens(self, params: dict[str, Any]) -> int:
         body = _count_tokens_body(params)
-        return (
-            await self._acall("count tokens", self.async_client.messages.count_tokens, **body)
-        ).input_tokens
+        counted = await self._acall("count tokens", lambda c: c.messages.count_tokens(**body))
+        return counted.input_tokens
 
     async def aiter_result_lines(self, batch_id: str, *, max_attempts: int = 3) -> AsyncIterator[bytes]:
-        """Async twin of :meth:`iter_result_lines` (same resume-after-cut behaviour)."""
+        """Async twin of :meth:`iter_result_lines` (same resume and completeness checks)."""
         import anthropic
         import httpx2
 
-        batch = await self.aretrieve_batch(batch_id)
-        if not batch.results_url:
-            raise FableApiError(f"batch {batch_id} has no results yet (status {batch.processing_status})")
-        lines = _ResumableLines(batch_id)
-        last: Exception | None = None
+        lines = _ResumableLines(_ended(await self.aretrieve_batch(batch_id)))
+        client = await self.aclient()
         for attempt in range(1, max_attempts + 1):
             lines.restart()
             try:
-                response = await self.async_client.get(
-                    batch.results_url,
-                    cast_to=httpx2.Response,
-                    options={"headers": {"Accept": "application/binary"}},
-                    stream=True,
+                response = await client.get(
+                    lines.url, cast_to=httpx2.Response, options={"headers": _RESULTS_ACCEPT}, stream=True
                 )
                 try:
                     async for chunk in response.aiter_bytes():
@@ -432,27 +521,25 @@ class FableHook(BaseHook):
                             yield line
                     for line in lines.finish():
                         yield line
+                    lines.check_complete()
                 finally:
                     await response.aclose()
                 return
             except (ResultsIncompleteError, httpx2.TransportError, anthropic.APIConnectionError) as exc:
-                last = exc
-                self.log.warning("Results download of %s broke off (attempt %d/%d): %s", batch_id, attempt,
-                                 max_attempts, exc)  # fmt: skip
+                lines.failed(exc, attempt, max_attempts, self.log)
             except anthropic.APIError as exc:
                 raise _api_error(f"download results of {batch_id}", exc, self.fable_conn_id) from None
-        raise ResultsIncompleteError(
-            f"results of {batch_id} broke off {max_attempts} times. Last error: {last}"
-        )
+        lines.give_up(max_attempts)
 
     async def aiter_results(self, batch_id: str) -> AsyncIterator[BatchResult]:
         """Parsed result lines of an ended batch, streamed through the async client."""
         async for line in self.aiter_result_lines(batch_id):
-            yield parse_result_line(line)
+            yield _parse(batch_id, line)
 
     async def aclose(self) -> None:
-        if "async_client" in self.__dict__:
-            await self.async_client.close()
+        client = self.__dict__.pop("_async_client", None)
+        if client is not None:
+            await client.close()
 
     # ------------------------------------------------------------------ UI
     def test_connection(self) -> tuple[bool, str]:

@@ -17,10 +17,10 @@ from airflow.sdk import BaseOperator
 from airflow_provider_fable.core.errors import FableError
 from airflow_provider_fable.core.job import import_output_model
 from airflow_provider_fable.core.loading import LoadStats, load_batch
+from airflow_provider_fable.core.manifest import normalise_batch_ids
 from airflow_provider_fable.core.sinks import ResultSink
 from airflow_provider_fable.hooks.fable import FableHook
-from airflow_provider_fable.operators.submit import sqlalchemy_engine
-from airflow_provider_fable.sensors.batch import normalise_batch_ids
+from airflow_provider_fable.hooks.sql import sqlalchemy_engine
 
 
 class FableValidateLoadOperator(BaseOperator):
@@ -67,8 +67,16 @@ class FableValidateLoadOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         model_cls = import_output_model(self.output_model)
         hook = FableHook(self.fable_conn_id)
+        engine = sqlalchemy_engine(self.destination_conn_id)
+        try:
+            return self._load(hook, engine, model_cls)
+        finally:
+            hook.close()
+            engine.dispose()
+
+    def _load(self, hook: FableHook, engine: Any, model_cls: Any) -> dict[str, Any]:
         sink = ResultSink(
-            sqlalchemy_engine(self.destination_conn_id),
+            engine,
             table=self.table,
             id_column=self.id_column,
             output_model=model_cls,

@@ -3,15 +3,22 @@
 Every request is built and checked before the first batch is created, so a bad record (missing
 id, id unusable as custom_id, a field the template needs) fails the task before anything is
 paid for, with the record and the rule named. Requests are split into batches under the API's
-limits (100,000 requests / 256 MB). The task returns a small manifest for XCom.
+limits (100,000 requests / 256 MB) and spooled to a temporary file, so memory holds one shard at
+a time, not the whole backlog. The task returns a small manifest for XCom.
+
+Retry safety: creates are never retried blindly (see ``FableHook.create_batch``), but a task
+retry after a partial submit would create new batches; until the submit ledger exists, give
+this task ``retries=0`` (the example DAG does).
 """
 
 from __future__ import annotations
 
+import json
+import tempfile
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import IO, Any
 
-from airflow.sdk import BaseHook, BaseOperator
+from airflow.sdk import BaseOperator
 
 from airflow_provider_fable.core.errors import FableError
 from airflow_provider_fable.core.job import DEFAULT_MODEL, BatchJob
@@ -19,16 +26,7 @@ from airflow_provider_fable.core.requests import build_requests
 from airflow_provider_fable.core.sharding import MAX_BATCH_BYTES, MAX_REQUESTS_PER_BATCH, shard_requests
 from airflow_provider_fable.core.sources import iter_records, iter_sql
 from airflow_provider_fable.hooks.fable import FableHook
-
-
-def sqlalchemy_engine(conn_id: str) -> Any:
-    """A SQLAlchemy engine for any Airflow SQL connection (sqlite, postgres, ...)."""
-    hook = BaseHook.get_connection(conn_id).get_hook()
-    if not hasattr(hook, "get_sqlalchemy_engine"):
-        raise FableError(
-            f"connection {conn_id!r} is not a SQL connection (its hook has no SQLAlchemy engine)"
-        )
-    return hook.get_sqlalchemy_engine()
+from airflow_provider_fable.hooks.sql import sqlalchemy_engine
 
 
 class FableBatchSubmitOperator(BaseOperator):
@@ -109,56 +107,71 @@ class FableBatchSubmitOperator(BaseOperator):
             cache_prompt_prefix=self.cache_prompt_prefix,
         )
 
-    def iter_source(self) -> Iterator[dict[str, Any]]:
+    def iter_source(self, engine: Any = None) -> Iterator[dict[str, Any]]:
         if self.sql is not None:
-            return iter_sql(sqlalchemy_engine(self.sql_conn_id), self.sql, self.sql_parameters)
+            return iter_sql(engine, self.sql, self.sql_parameters)
         return iter_records(self.records)
+
+    def _spool(self, job: BatchJob, engine: Any, spool: IO[bytes]) -> list[tuple[int, int]]:
+        """Build and check every request, writing shards to ``spool``; returns (offset, count) per shard.
+
+        Only one shard is in memory at a time, and nothing is sent until every record has passed.
+        """
+        shards: list[tuple[int, int]] = []
+        built = build_requests(job, self.iter_source(engine))
+        for shard in shard_requests(
+            built, max_requests=self.max_requests_per_batch, max_bytes=self.max_bytes_per_batch
+        ):
+            shards.append((spool.tell(), len(shard)))
+            for request in shard:
+                spool.write(json.dumps(request, ensure_ascii=False, separators=(",", ":")).encode())
+                spool.write(b"\n")
+        return shards
 
     def execute(self, context: Any) -> dict[str, Any]:
         hook = FableHook(self.fable_conn_id)
         job = self.build_job(hook)
-        # Build and check every request before paying for any of them.
-        shards = list(
-            shard_requests(
-                build_requests(job, self.iter_source()),
-                max_requests=self.max_requests_per_batch,
-                max_bytes=self.max_bytes_per_batch,
-            )
-        )
-        total = sum(len(s) for s in shards)
-        if not total:
-            self.log.warning("The source returned no records; nothing to submit")
-            return {
-                "batch_ids": [],
-                "request_count": 0,
-                "model": job.model,
-                "job_fingerprint": job.fingerprint(),
-                "shards": [],
-            }
-        self.log.info(
-            "Submitting %d requests for model %s in %d batch(es) (job %s)",
-            total,
-            job.model,
-            len(shards),
-            job.fingerprint(),
-        )
-        created: list[dict[str, Any]] = []
-        for n, shard in enumerate(shards, 1):
-            try:
-                batch = hook.create_batch(shard)
-            except FableError as exc:
-                done = [c["batch_id"] for c in created]
-                raise FableError(
-                    f"creating batch {n}/{len(shards)} failed after {len(done)} batch(es) were created "
-                    f"({', '.join(done) or 'none'}); those are running and billed - do not resubmit "
-                    f"their records. Cause: {exc}"
-                ) from exc
-            created.append({"batch_id": batch.id, "requests": len(shard)})
-            self.log.info("Batch %d/%d: %s (%d requests)", n, len(shards), batch.id, len(shard))
-        return {
-            "batch_ids": [c["batch_id"] for c in created],
+        engine = sqlalchemy_engine(self.sql_conn_id) if self.sql is not None else None
+        try:
+            with tempfile.TemporaryFile(prefix="fable-requests-") as spool:
+                shards = self._spool(job, engine, spool)
+                return self._submit(hook, job, spool, shards)
+        finally:
+            hook.close()
+            if engine is not None:
+                engine.dispose()
+
+    def _submit(
+        self, hook: FableHook, job: BatchJob, spool: IO[bytes], shards: list[tuple[int, int]]
+    ) -> dict[str, Any]:
+        total = sum(count for _, count in shards)
+        manifest: dict[str, Any] = {
+            "batch_ids": [],
             "request_count": total,
             "model": job.model,
             "job_fingerprint": job.fingerprint(),
-            "shards": created,
+            "shards": [],
         }
+        if not total:
+            self.log.warning("The source returned no records; nothing to submit")
+            return manifest
+        self.log.info(
+            "Submitting %d requests for model %s in %d batch(es) (job %s)",
+            total, job.model, len(shards), manifest["job_fingerprint"],
+        )  # fmt: skip
+        for n, (offset, count) in enumerate(shards, 1):
+            spool.seek(offset)
+            requests = [json.loads(spool.readline()) for _ in range(count)]
+            try:
+                batch = hook.create_batch(requests)
+            except FableError as exc:
+                done = manifest["batch_ids"]
+                raise FableError(
+                    f"creating batch {n}/{len(shards)} failed after {len(done)} batch(es) were created "
+                    f"({', '.join(done) or 'none'}); those are running and billed - load them rather "
+                    f"than resubmitting their records. Cause: {exc}"
+                ) from exc
+            manifest["batch_ids"].append(batch.id)
+            manifest["shards"].append({"batch_id": batch.id, "requests": count})
+            self.log.info("Batch %d/%d: %s (%d requests)", n, len(shards), batch.id, count)
+        return manifest

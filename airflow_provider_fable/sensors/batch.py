@@ -12,26 +12,15 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from airflow.configuration import conf
-from airflow.sdk import BaseSensorOperator, PokeReturnValue
+from airflow.sdk import BaseSensorOperator, PokeReturnValue, conf
 
 from airflow_provider_fable.core.errors import FableError
+from airflow_provider_fable.core.manifest import normalise_batch_ids
 from airflow_provider_fable.hooks.fable import FableHook
-from airflow_provider_fable.triggers.batch import FableBatchTrigger, batch_summary
+from airflow_provider_fable.triggers.batch import FableBatchTrigger, batch_summary, is_transient
 
 #: Batches expire 24 h after creation; waiting a little longer than that is the natural limit.
 DEFAULT_TIMEOUT = timedelta(hours=25).total_seconds()
-
-
-def normalise_batch_ids(value: Any) -> list[str]:
-    """Accept a list of ids, one id, or the submit operator's manifest (``{"batch_ids": [...]}``)."""
-    if isinstance(value, dict):
-        value = value.get("batch_ids")
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
-        raise ValueError(f"batch_ids must be a list of batch id strings (or a manifest), got {value!r}")
-    return list(value)
 
 
 class FableBatchSensor(BaseSensorOperator):
@@ -65,12 +54,27 @@ class FableBatchSensor(BaseSensorOperator):
         self.poll_interval = poll_interval
         self.deferrable = deferrable
 
-    def _summaries(self) -> list[dict[str, Any]]:
+    def _summaries(self) -> list[dict[str, Any]] | None:
+        """Current summaries, or None when the API had a transient hiccup (poll again later).
+
+        A 404 right after create (eventual consistency) or a 5xx must not fail a wait that
+        the trigger would simply have retried.
+        """
         hook = FableHook(self.fable_conn_id)
-        return [batch_summary(hook.retrieve_batch(b)) for b in normalise_batch_ids(self.batch_ids)]
+        try:
+            return [batch_summary(hook.retrieve_batch(b)) for b in normalise_batch_ids(self.batch_ids)]
+        except FableError as exc:
+            if not is_transient(exc):
+                raise
+            self.log.warning("Could not read batch status yet (%s); will check again", exc)
+            return None
+        finally:
+            hook.close()
 
     def poke(self, context: Any) -> PokeReturnValue:
         summaries = self._summaries()
+        if summaries is None:
+            return PokeReturnValue(is_done=False)
         done = [s for s in summaries if s["processing_status"] == "ended"]
         self.log.info("%d/%d batches ended", len(done), len(summaries))
         ready = len(done) == len(summaries)
@@ -86,7 +90,7 @@ class FableBatchSensor(BaseSensorOperator):
             self.log.info("No batches to wait for (the submit task found nothing to send)")
             return self._manifest([], "worker")
         summaries = self._summaries()
-        if all(s["processing_status"] == "ended" for s in summaries):
+        if summaries is not None and all(s["processing_status"] == "ended" for s in summaries):
             self.log.info("All %d batches already ended; not deferring", len(ids))
             return self._manifest(summaries, "worker")
         self.log.info(

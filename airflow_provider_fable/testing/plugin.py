@@ -8,15 +8,18 @@ Fixtures:
   ``set_connection`` and ``run_dag``.
 - ``fable_connection``: ``fable_default`` pointed at the session emulator.
 
-Isolation: at ``pytest_configure`` the plugin points AIRFLOW_HOME at a temporary directory with a
-SQLite metadata DB and no example DAGs, before anything imports Airflow, so tests never touch a
-developer's real Airflow. Opt out with the ini option ``fable_isolate_airflow = false``; choose
-the DAGs folder with ``fable_dags_folder`` (default ``dags`` under the rootdir when present).
+Isolation (opt-in, because installing a provider must not change how a project's other tests
+see Airflow): with ``fable_isolate_airflow = true`` in the pytest ini (or the environment variable
+``FABLE_ISOLATE_AIRFLOW=1``), ``pytest_configure`` points AIRFLOW_HOME at a temporary directory
+with a SQLite metadata DB and no example DAGs, before anything imports Airflow, so tests never
+touch a developer's real Airflow; the directory is removed at the end of the session. Choose the
+DAGs folder with ``fable_dags_folder`` (default ``dags`` under the rootdir when present).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,15 +33,22 @@ TEST_API_KEY = "fable-test-key"  # a fake key for the emulator; never a real sec
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini(
         "fable_isolate_airflow",
-        "Point AIRFLOW_HOME at a temporary directory for the test session (default true).",
+        "Point AIRFLOW_HOME at a temporary directory for the test session (default false).",
         type="bool",
-        default=True,
+        default=False,
     )
     parser.addini("fable_dags_folder", "DAGs folder for the isolated Airflow (default: <rootdir>/dags).")
 
 
+def _isolation_wanted(config: pytest.Config) -> bool:
+    env = os.environ.get("FABLE_ISOLATE_AIRFLOW", "").strip().lower()
+    if env:
+        return env in ("1", "true", "yes", "on")
+    return bool(config.getini("fable_isolate_airflow"))
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    if not config.getini("fable_isolate_airflow"):
+    if not _isolation_wanted(config):
         return
     from airflow_provider_fable.testing.airflow_env import isolate_airflow
 
@@ -74,6 +84,12 @@ class FableAirflow:
         from airflow_provider_fable.testing.airflow_env import run_dag
 
         return run_dag(dag, **kwargs)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    home = getattr(config, "_fable_airflow_home", None)
+    if home is not None:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

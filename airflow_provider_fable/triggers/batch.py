@@ -36,9 +36,16 @@ def batch_summary(batch: Any) -> dict[str, Any]:
     }
 
 
-def is_transient(exc: FableError) -> bool:
-    """Errors worth another poll: eventual-consistency 404s, 408/409/429/5xx, network trouble."""
-    status = getattr(exc, "status_code", None)
+def is_transient(exc: Exception) -> bool:
+    """API errors worth another poll: eventual-consistency 404s, 408/409/429/5xx, network trouble.
+
+    Configuration errors (no key) and other 4xx are final: retrying them only delays the alert.
+    """
+    from airflow_provider_fable.hooks.fable import FableApiError
+
+    if not isinstance(exc, FableApiError):
+        return False
+    status = exc.status_code
     return status is None or status in (404, 408, 409, 429) or status >= 500
 
 

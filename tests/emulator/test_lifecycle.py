@@ -77,3 +77,13 @@ def test_list_shows_live_status(client: anthropic.Anthropic) -> None:
     (listed,) = [b for b in client.messages.batches.list(limit=5).data if b.id == created.id]
     assert listed.processing_status == "in_progress"
     assert listed.results_url is None
+
+
+def test_processing_retrieves_ends_a_batch_on_the_nth_retrieve() -> None:
+    from airflow_provider_fable.emulator import EmulatorServer
+
+    with EmulatorServer(EmulatorSettings(processing_seconds=3600, processing_retrieves=3)) as server:
+        with anthropic.Anthropic(api_key="k", base_url=server.base_url) as sdk:
+            created = sdk.messages.batches.create(requests=_requests(2))
+            statuses = [sdk.messages.batches.retrieve(created.id).processing_status for _ in range(4)]
+    assert statuses == ["in_progress", "in_progress", "ended", "ended"]
