@@ -58,11 +58,14 @@ def test_submit_splits_into_batches_and_returns_manifest(fable_emulator_factory)
     assert stats(server)["calls"]["create"] == 3
 
 
-def test_submit_accepts_a_dataframe(fable_emulator_factory):
+def test_submit_accepts_a_dataframe_a_loader_and_a_file(fable_emulator_factory, tmp_path):
     server = fable_emulator_factory()
     point_connection_at(server)
-    manifest = submit_op(records=pd.DataFrame(RECORDS)).execute({})
-    assert manifest["request_count"] == 7
+    assert submit_op(records=pd.DataFrame(RECORDS)).execute({})["request_count"] == 7
+    assert submit_op(records=lambda: pd.DataFrame(RECORDS[:3])).execute({})["request_count"] == 3
+    path = tmp_path / "records.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in RECORDS[:2]) + "\n")
+    assert submit_op(records=str(path)).execute({})["request_count"] == 2
 
 
 def test_bad_record_fails_before_anything_is_paid_for(fable_emulator_factory):

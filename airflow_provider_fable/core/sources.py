@@ -58,7 +58,12 @@ def iter_file(path: str | Path) -> Iterator[dict[str, Any]]:
 
 
 def iter_records(records: Any) -> Iterator[dict[str, Any]]:
-    """Normalise the accepted in-memory inputs (list of mappings, DataFrame, path) to dicts."""
+    """Normalise the accepted inputs (list of mappings, DataFrame, path, or a callable returning
+    one of those) to dicts. A callable runs at execute time, so a DAG file can name a loader
+    (e.g. one that reads Parquet with pandas) without building a DataFrame while it is parsed.
+    """
+    if callable(records) and not hasattr(records, "iloc"):
+        records = records()
     if records is None:
         return iter(())
     if hasattr(records, "iloc") and hasattr(records, "to_dict"):

@@ -32,8 +32,8 @@ from airflow_provider_fable.hooks.sql import sqlalchemy_engine
 class FableBatchSubmitOperator(BaseOperator):
     """Submit one Messages request per source record as Message Batches.
 
-    Records come from exactly one of ``records`` (list of dicts, DataFrame, or a .csv/.jsonl path)
-    or ``sql`` run on ``sql_conn_id``.
+    Records come from exactly one of ``records`` (list of dicts, DataFrame, a .csv/.jsonl path, or
+    a callable returning one of those, called at execute time) or ``sql`` run on ``sql_conn_id``.
 
     :param prompt_template: ``str.format`` template filled from each record, e.g. ``"{subject}\\n{body}"``.
     :param output_model: pydantic model (or dotted path) of the answer; sent as structured output.
