@@ -252,109 +252,229 @@ def name_tokens(name: str) -> list[str]:
     return _words(re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name).replace("_", " "))
 
 
-# Groups of (names a label or field may have, phrases that are evidence for it). Names are
-# matched by stem, so "escalate", "escalation" and "needs_escalation" share one entry.
-_LEXICON_GROUPS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
-    (
+# Contractions are expanded before matching, so "doesn't work", "does not work" and the
+# typed-in-a-hurry "doesnt work" are one phrase, and negation is always the word "not".
+_NOT_CONTRACTIONS = {"can't": "can", "cannot": "can", "cant": "can", "won't": "will", "shan't": "shall"}
+_BARE_NOT = frozenset(
+    "dont doesnt didnt isnt arent wasnt werent hasnt havent hadnt couldnt wouldnt shouldnt".split()
+)
+# A word counts as negated when one of these is among the two words before it ("not urgent").
+_NEGATORS = frozenset("not no never without nothing hardly".split())
+
+
+def _evidence_tokens(text: str) -> list[str]:
+    """Words of ``text`` for evidence matching, with ``n't`` contractions expanded."""
+    out: list[str] = []
+    for word in _words(text):
+        if word in _NOT_CONTRACTIONS:
+            out += [_NOT_CONTRACTIONS[word], "not"]
+        elif word.endswith("n't") and len(word) > 3:
+            out += [word[:-3], "not"]
+        elif word in _BARE_NOT:
+            out += [word[:-2], "not"]
+        else:
+            out.append(word)
+    return out
+
+
+# A deadline the text names ("by Friday", "before our audit on 2026-01-20", "by 14 March")
+# counts as the word "deadline": it is what makes a ticket high priority.
+_MONTHS = (
+    r"jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?|"
+    r"sep(?:t(?:ember)?)?|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?"
+)
+_WHEN = (
+    r"(?:\d{1,4}[./-]\d{1,2}[./-]\d{2,4}"
+    rf"|(?:{_MONTHS})\.?\s+\d{{1,2}}(?:st|nd|rd|th)?\b"
+    rf"|\d{{1,2}}(?:st|nd|rd|th)?\s+(?:of\s+)?(?:{_MONTHS})\b"
+    r"|(?:monday|tuesday|wednesday|thursday|friday|saturday|sunday|tomorrow|tonight|eod|noon)\b"
+    r"|end\s+of\s+(?:the\s+)?(?:day|week|month|quarter)\b)"
+)
+_DEADLINE_RE = re.compile(
+    rf"\bby\s+(?:the\s+|this\s+|next\s+|our\s+)?{_WHEN}"
+    rf"|\b(?:before|no\s+later\s+than|due|deadline\s+is)\b[^.!?\n]{{0,40}}?{_WHEN}",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Names a label or field may have, and weighted, comma-separated evidence phrases for it.
+
+    Weights: ``strong`` (3) phrases all but settle the label, ``normal`` (2) ones point at it,
+    ``weak`` (1) ones only tip a close call (they are common in other topics too). In a
+    ``negatable`` group a single word right after "not"/"no"/"never" does not count, so "not
+    urgent" is no evidence for urgent (it is a phrase of ``low``). Topic words ignore negation:
+    "no error, nothing happens" is still about a defect.
+    """
+
+    names: tuple[str, ...]
+    strong: str = ""
+    normal: str = ""
+    weak: str = ""
+    negatable: bool = False
+
+
+# Names are matched by stem, so "escalate", "escalation" and "needs_escalation" share one entry.
+_LEXICON_GROUPS: tuple[_Group, ...] = (
+    _Group(
         ("billing", "payment", "invoice", "invoicing", "finance", "charges", "bill"),
-        (
-            "invoice invoiced charge charged refund payment card receipt subscription overcharged "
-            "price vat bill billed billing pay paid fee pricing tax money",
-            "credit card|double charged|charged twice",
-        ),
+        strong="invoice, invoiced, billed, billing, overcharged, overcharge, refund, receipt, "
+        "subscription, vat, double charged, charged twice, charged me twice, duplicate charge, "
+        "credit card, debit card, bank statement, card statement, payment failed, money back, "
+        "prorated, proration, direct debit, billing cycle",
+        normal="charge, charged, payment, paid, pay, card, bill, fee, fees, price, pricing, tax, "
+        "trial, renewal, renew, upgrade, downgrade, discount, coupon, promo code, visa, mastercard, "
+        "amex, paypal, bank, currency, accountant, statement, cost, seats, per seat, plan price, "
+        "annual plan, monthly plan, credit note, purchase order, card ending",
+        weak="plan, money, amount, dollars, euros, pounds, checkout, cancel, cancelled, expensive",
     ),
-    (
+    _Group(
         ("account access", "account", "access", "login", "authentication", "auth", "sign in"),
-        (
-            "login password reset locked 2fa sso mfa otp username signin",
-            "log in|logged in|logging in|sign in|signing in|locked out|two-factor|two factor|"
-            "verification code|account access|can't access|cannot access|can't log",
-        ),
+        strong="login, password, unable to log in, sign in, signin, locked out, 2fa, mfa, sso, "
+        "otp, two factor, two step, authenticator, verification code, reset link, password reset, "
+        "can not access, can not log, can not sign, can not get in, get into my account, "
+        "account access, locked, unlock, lockout, backup codes, magic link, login email",
+        normal="log in, logged in, access, permission, permissions, invite link, username, "
+        "credentials, security code, suspended, deactivated, get in, get past, reset my, lost my phone, "
+        "new phone, recovery code, saml, okta, single sign",
+        weak="account, role, admin, reset, expired, verify, invite, logout, log out",
     ),
-    (
+    _Group(
         ("bug", "technical", "defect", "error", "technical issue", "malfunction"),
-        (
-            "error crash crashes crashed broken exception fails failed failing glitch 500 bug "
-            "freeze freezes stuck 404 traceback",
-            "doesn't work|does not work|not working|stack trace|won't load",
-        ),
+        strong="bug, crash, crashes, crashed, crashing, exception, traceback, stack trace, glitch, "
+        "not working, does not work, stopped working, is broken, broken, does nothing, "
+        "blank page, blank screen, white screen, freezes, frozen, error message, "
+        "since the update, after the update, after updating, since updating, does not load, "
+        "will not load, fails to load, not loading, wrong total, wrong totals, keeps crashing, "
+        "regression, data is wrong",
+        normal="error, errors, fail, fails, failed, failing, failure, freeze, hangs, spinner, "
+        "loading forever, timeout, timed out, times out, slow, sluggish, lag, laggy, sync, syncing, "
+        "disappeared, vanished, no results, reinstall, reinstalled, clearing the cache, "
+        "cleared the cache, console, every time, "
+        "reproduce, not showing, does not show, not appear, does not appear, not updating, "
+        "button, counted twice, wrong number, wrong numbers, shows the wrong, is empty, "
+        "not saving, not save, does not save, stopped, duplicated, misaligned, overlapping",
+        weak="update, updated, app, page, screen, dashboard, wrong, missing, stuck, duplicate, "
+        "browser, chrome, firefox, safari, android, ios, iphone, windows, version, report, "
+        "export, display, calculated, webhook, endpoint, api, 500, 502, 503, 504, 404, http, "
+        "still, again, incorrect",
     ),
-    (
+    _Group(
         ("feature request", "feature", "enhancement", "suggestion", "idea", "improvement"),
-        (
-            "feature suggestion suggest wish roadmap enhancement idea",
-            "would love|please add|could you add|support for|it would be great|would be nice|"
-            "request a feature|can you add",
-        ),
+        strong="feature request, please add, could you add, can you add, would love, we'd love, "
+        "i'd love, would be great, would be nice, would be useful, would be helpful, it would help, "
+        "suggestion, suggest, roadmap, enhancement, any plans, do you plan, plans to, "
+        "is there a way, would like to be able, ability to, option to, wish, request a feature, "
+        "feature",
+        normal="idea, support for, use case, would want, would save, integrate, integration, "
+        "does not support, not possible, possible to, we want, let us, allow, add a, add an, "
+        "feedback, previous system, other tools, bulk, in bulk, automatically, customizable, "
+        "customisable, not supported, no way to, is it possible, would it be possible, any chance, "
+        "we would like, we'd like, one by one, one at a time, manually, does not have, there is no",
+        weak="could, would, able, add, new, improve, currently",
     ),
-    (
+    _Group(
         ("shipping", "delivery", "logistics", "shipment", "order status"),
-        (
-            "delivery delivered package parcel shipped tracking courier arrived shipment shipping "
-            "ship dispatch warehouse",
-            "lost package|in transit|never arrived|hasn't arrived|not arrived",
-        ),
+        strong="delivery, delivered, package, parcel, tracking, courier, carrier, shipment, "
+        "shipping, shipped, in transit, never arrived, not arrived, not yet arrived, lost package, "
+        "return label, packing slip, customs, import duties, dispatch, dispatched, warehouse, "
+        "out for delivery, delivery address, shipping address, tracking number",
+        normal="arrive, arrived, ship, box, damaged, wrong item, received the wrong, "
+        "received a, ups, fedex, dhl, usps, dpd, royal mail, duties, swap, neighbour, "
+        "neighbor, doorstep, postal, postcode, zip code, send back, has not moved, stuck in, "
+        "replacement, exchange, broken on arrival, missing from, return it, return the, returned the",
+        weak="order, received, item, device, hardware",
     ),
-    (
+    _Group(
         ("urgent", "critical", "emergency"),
-        (
-            "urgent asap immediately outage down critical emergency",
-            "right now|production down|as soon as possible",
-        ),
+        strong="urgent, urgently, asap, emergency, outage, critical, production down, is down, "
+        "are down, site down, data loss, lost data, lawyer, legal, attorney, lawsuit, chargeback, "
+        "security breach, hacked, breach, can not work, can not do any work, completely stopped, "
+        "turning customers away, losing money, losing sales, business stopped, full outage",
+        normal="immediately, right now, as soon as possible, everyone, every user, all users, "
+        "entire team, whole team, dead, unauthorized, unauthorised, someone else, privacy, "
+        "security, can not take, can not sell, nobody can, no one can",
+        weak="all of, worried",
+        negatable=True,
     ),
-    (
+    _Group(
         ("high",),
-        ("important blocking blocker soon deadline severe significant", "high priority"),
+        strong="high priority, blocking, blocker, deadline, before then, at the latest, time sensitive",
+        normal="important, soon, prioritise, prioritize, priority, blocked, tomorrow, "
+        "severe, significant, end of month, month end, need this fixed, need it",
+        weak="payroll, audit, meeting",
+        negatable=True,
     ),
-    (
+    _Group(
+        ("medium", "normal", "moderate"),
+        normal="workaround, work around, working around, this week, when you can, annoying, "
+        "in the meantime, for now, not the end of the world",
+        negatable=True,
+    ),
+    _Group(
         ("low",),
-        (
-            "whenever minor small cosmetic trivial",
-            "no rush|low priority|not urgent|when you get a chance|nice to have|no hurry",
-        ),
+        strong="no rush, no hurry, low priority, not urgent, when you get a chance, whenever, "
+        "just curious, nice to have, not a big deal, no big deal, "
+        "at your convenience, cosmetic, trivial, minor",
+        normal="just wondering, curious, just flagging, when you have time, typo",
+        weak="small, tiny, suggestion, idea, would be nice",
+        negatable=True,
     ),
-    (
+    _Group(
         ("positive",),
-        (
-            "thanks great love awesome happy excellent appreciate perfect amazing good glad "
-            "wonderful fantastic delighted helpful",
-            "thank you",
-        ),
+        strong="love, awesome, excellent, amazing, fantastic, delighted, wonderful",
+        normal="great, happy, appreciate, perfect, good, glad, helpful",
+        # Politeness, not sentiment: nearly every message ends with it.
+        weak="thank you, thanks",
+        negatable=True,
     ),
-    (
+    _Group(
         ("negative",),
-        (
-            "angry terrible awful disappointed frustrated furious unacceptable worst hate bad "
-            "annoyed upset horrible ridiculous useless poor complaint",
-            "not happy|very disappointed",
-        ),
+        strong="angry, terrible, awful, furious, unacceptable, worst, hate, horrible, ridiculous, "
+        "useless, not happy, very disappointed",
+        normal="disappointed, frustrated, frustrating, annoyed, upset, bad, poor, complaint",
+        negatable=True,
     ),
-    (("yes",), ("yes confirm confirmed correct true agree definitely affirmative", "of course")),
-    (("no",), ("no not never false disagree deny", "not at all")),
-    (
+    _Group(
+        ("yes",),
+        strong="yes, of course, definitely, affirmative",
+        normal="confirm, confirmed, correct, true, agree",
+    ),
+    _Group(("no",), strong="no, never, not at all, disagree, deny", normal="not, false"),
+    _Group(
         ("escalate", "escalation"),
-        (
-            "lawyer legal chargeback furious unacceptable outage urgent sue attorney lawsuit "
-            "regulator gdpr escalate manager supervisor",
-            "cancel my account|data loss|lost data|speak to a manager",
-        ),
+        strong="lawyer, legal, attorney, lawsuit, sue, chargeback, regulator, gdpr, data loss, "
+        "lost data, speak to a manager, talk to a manager, cancel my account, cancel our account, "
+        "cancel our contract, considering leaving, thinking of leaving, outage, escalate, "
+        "unacceptable, furious, ombudsman, consumer protection, small claims, security breach",
+        normal="competitor, leaving, dispute, disputing, breach, every user, all users, "
+        "whole company, entire company, privacy, data leak",
+        weak="urgent, switch to, complaint, disappeared, vanished",
+        negatable=True,
     ),
-    (("refund", "reimbursement"), ("refund refunded reimburse reimbursement chargeback", "money back")),
-    (
+    _Group(
+        ("refund", "reimbursement"),
+        strong="refund, refunded, reimburse, reimbursement, chargeback, money back",
+    ),
+    _Group(
         ("spam",),
-        ("unsubscribe winner lottery viagra prize", "click here|free money|limited offer"),
+        strong="unsubscribe, winner, lottery, viagra, prize, click here, free money, limited offer",
     ),
-    (
+    _Group(
         ("churn", "cancel", "cancellation", "churn risk"),
-        ("cancel cancellation competitor leaving", "close my account|cancel my account|switch to"),
+        strong="cancel, cancellation, close my account, cancel my account, considering leaving",
+        normal="competitor, leaving, switch to",
     ),
-    (
+    _Group(
         ("security", "fraud", "breach"),
-        ("hacked breach phishing fraud unauthorized suspicious stolen compromised", "data leak"),
+        strong="hacked, breach, phishing, fraud, unauthorized, unauthorised, suspicious, stolen, "
+        "compromised, data leak",
     ),
-    (
+    _Group(
         ("pii", "personal data", "personal information"),
-        ("email phone address ssn passport", "social security|date of birth|credit card"),
+        strong="ssn, passport, social security, date of birth, credit card",
+        normal="email, phone, address",
     ),
 )
 
@@ -367,20 +487,37 @@ _LABEL_STOPWORDS = frozenset(
 _FALLBACK_LABELS = frozenset(
     "medium normal neutral unknown other general misc none n/a na unclear unsure undetermined".split()
 )
+_OWN_WORD_WEIGHT = 3  # a label's own word ("damaged" for damaged_item) not weighed by the lexicon
+_OWN_PHRASE_WEIGHT = 3  # its whole multi-word name ("account access")
+_SATURATION = 2  # a phrase stops adding evidence after this many occurrences
+_BOOLEAN_THRESHOLD = 2  # weak words alone do not make a boolean field true
+
+# (stems of a phrase, weight, negatable)
+_Phrase = tuple[tuple[str, ...], int, bool]
 
 
 def _phrase_key(tokens: Iterable[str]) -> str:
     return " ".join(stem(t) for t in tokens)
 
 
-def _build_lexicon() -> dict[str, tuple[tuple[str, ...], ...]]:
-    lexicon: dict[str, tuple[tuple[str, ...], ...]] = {}
-    for names, (single_words, multi_words) in _LEXICON_GROUPS:
-        phrases = [(w,) for w in single_words.split()]
-        phrases += [tuple(_words(p)) for p in multi_words.split("|") if p]
-        for name in names:
-            key = _phrase_key(_words(name))
-            lexicon[key] = tuple(dict.fromkeys(lexicon.get(key, ()) + tuple(phrases)))
+def _phrase_stems(phrase: str) -> tuple[str, ...]:
+    return tuple(stem(t) for t in _evidence_tokens(phrase))
+
+
+def _build_lexicon() -> dict[str, dict[tuple[str, ...], _Phrase]]:
+    lexicon: dict[str, dict[tuple[str, ...], _Phrase]] = {}
+    for group in _LEXICON_GROUPS:
+        phrases: dict[tuple[str, ...], _Phrase] = {}
+        for weight, listing in ((1, group.weak), (2, group.normal), (3, group.strong)):
+            for raw in listing.split(","):
+                stems = _phrase_stems(raw)
+                if stems:
+                    phrases[stems] = (stems, weight, group.negatable)
+        for name in group.names:
+            entry = lexicon.setdefault(_phrase_key(_words(name)), {})
+            for stems, phrase in phrases.items():
+                if stems not in entry or entry[stems][1] < phrase[1]:
+                    entry[stems] = phrase
     return lexicon
 
 
@@ -388,42 +525,70 @@ _LEXICON = _build_lexicon()
 
 
 @lru_cache(maxsize=4096)
-def _evidence_phrases(name: str, stopwords: frozenset[str]) -> tuple[tuple[str, ...], ...]:
-    """Phrases that count as evidence for a label or boolean field called ``name``."""
+def _evidence_phrases(name: str, stopwords: frozenset[str]) -> tuple[_Phrase, ...]:
+    """Weighted phrases that count as evidence for a label or boolean field called ``name``.
+
+    The lexicon entries of the name (and of its content words) come first; the name's own
+    words count too, at a default weight, unless the lexicon already weighs them.
+    """
     tokens = name_tokens(name)
     content = [t for t in tokens if t not in stopwords]
-    candidates: list[tuple[str, ...]] = [(t,) for t in content]
+    found: dict[tuple[str, ...], _Phrase] = {}
+    whole = {_phrase_key(tokens), _phrase_key(content)}
+    parts = {_phrase_key([t]) for t in content} - whole
+    for key in sorted(whole | parts):
+        # A lexicon reached through one word of a longer name ("delivery" in "late_delivery")
+        # is about the wider topic, so it counts a notch less than the name's own words.
+        cut = 1 if key in parts else 0
+        for stems, (_, weight, neg) in _LEXICON.get(key, {}).items():
+            weight = max(1, weight - cut)
+            if stems not in found or found[stems][1] < weight:
+                found[stems] = (stems, weight, neg)
+    negatable = any(p[2] for p in found.values())
+    own: list[tuple[tuple[str, ...], int]] = [((stem(t),), _OWN_WORD_WEIGHT) for t in content]
     if len(tokens) > 1:
-        candidates.append(tuple(tokens))
-    for key in {_phrase_key(tokens), _phrase_key(content), *(_phrase_key([t]) for t in content)}:
-        candidates.extend(_LEXICON.get(key, ()))
-    unique: dict[str, tuple[str, ...]] = {}
-    for phrase in candidates:
-        if phrase:
-            unique.setdefault(_phrase_key(phrase), phrase)
-    return tuple(unique.values())
+        own.append((tuple(stem(t) for t in tokens), _OWN_PHRASE_WEIGHT))
+    for stems, weight in own:
+        if stems and stems not in found:
+            found[stems] = (stems, weight, negatable)
+    return tuple(found.values())
 
 
 class Evidence:
     """Word statistics of one request text, built once and queried per label."""
 
     def __init__(self, text: str, sentences: Sequence[str] | None = None) -> None:
-        words = _words(text)
+        tokens = _evidence_tokens(text)
+        stems = [stem(t) for t in tokens]
         self.text = text
-        self._joined = " " + " ".join(words) + " "
-        self._stems = Counter(stem(w) for w in words)
+        self._joined = " " + " ".join(stems) + " "
+        self._stems = Counter(stems)
+        negated = Counter(
+            s for i, s in enumerate(stems) if any(t in _NEGATORS for t in tokens[max(0, i - 2) : i])
+        )
+        deadlines = len(_DEADLINE_RE.findall(text))
+        if deadlines:
+            self._stems[stem("deadline")] += deadlines
+        self._affirmed = self._stems - negated
         # Keywords come from the content sentences so prompt instructions ("Classify...") are skipped.
-        self._words = _words(" ".join(sentences)) if sentences is not None else words
+        self._words = _words(" ".join(sentences)) if sentences is not None else _words(text)
 
-    def count(self, phrase: Sequence[str]) -> int:
-        """Occurrences of a phrase (single words match by stem, phrases word by word)."""
-        if len(phrase) == 1:
-            return self._stems.get(stem(phrase[0]), 0)
-        return self._joined.count(" " + " ".join(phrase) + " ")
+    def count(self, phrase: Sequence[str], *, negatable: bool = False) -> int:
+        """Occurrences of a phrase (words match by stem; ``negatable`` skips negated single words)."""
+        stems = tuple(stem(t) for t in _evidence_tokens(" ".join(phrase)))
+        return self._count_stems(stems, negatable)
+
+    def _count_stems(self, stems: tuple[str, ...], negatable: bool) -> int:
+        if len(stems) == 1:
+            return (self._affirmed if negatable else self._stems).get(stems[0], 0)
+        return self._joined.count(" " + " ".join(stems) + " ") if stems else 0
 
     def score(self, name: str, *, stopwords: frozenset[str] = _LABEL_STOPWORDS) -> int:
-        """How strongly the text talks about ``name`` (its own tokens plus its lexicon)."""
-        return sum(self.count(p) for p in _evidence_phrases(name, stopwords))
+        """How strongly the text talks about ``name``: weighted hits of its own words and lexicon."""
+        return sum(
+            weight * min(self._count_stems(stems, negatable), _SATURATION)
+            for stems, weight, negatable in _evidence_phrases(name, stopwords)
+        )
 
     def keywords(self, limit: int) -> list[str]:
         """Most frequent content words, for tag/keyword fields."""
@@ -721,7 +886,7 @@ class _Answerer:
         return value
 
     def boolean(self, path: tuple[Any, ...]) -> bool:
-        return self.evidence.score(self.field_name(path)) > 0
+        return self.evidence.score(self.field_name(path)) >= _BOOLEAN_THRESHOLD
 
     def string(self, schema: Mapping[str, Any], path: tuple[Any, ...]) -> str:
         fmt = schema.get("format")

@@ -309,3 +309,62 @@ def test_stemming_groups_word_forms() -> None:
     assert model.stem("shipping") == model.stem("ship")
     # "please" in a complaint is not a positive word.
     assert model.Evidence("Please refund me now").score("positive") == 0
+
+
+TRIAGE_LABELS = ["billing", "account_access", "bug", "feature_request", "shipping"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # Defects described without the word "error": symptoms, contractions typed without apostrophes.
+        ("Since the update the sync freezes and the report shows the wrong total.", "bug"),
+        ("The dashboard doesnt load, just a blank page and a spinner.", "bug"),
+        # A login mentioned in passing does not make it an access problem.
+        ("After logging in, the export button does nothing. It happens every time.", "bug"),
+        ("Is there a way to export in bulk? It would save us hours.", "feature_request"),
+        ("I ordered a scanner but received the wrong item, how do I send it back?", "shipping"),
+    ],
+)
+def test_weighted_evidence_reads_symptoms_not_just_keywords(text: str, expected: str) -> None:
+    schema = {"type": "object", "properties": {"category": {"enum": TRIAGE_LABELS}}}
+    assert model.answer_for_schema(schema, text).value["category"] == expected
+
+
+PRIORITY_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "priority": {"enum": ["low", "medium", "high", "urgent"]},
+        "escalate": {"type": "boolean"},
+    },
+    "required": ["priority", "escalate"],
+}
+
+
+@pytest.mark.parametrize(
+    ("text", "priority", "escalate"),
+    [
+        # Negation: "not urgent" is evidence for low, never for urgent.
+        ("Not urgent at all, whenever you get a chance.", "low", False),
+        # A named deadline makes it high; "by <someone> on <date>" is not a deadline.
+        ("Please fix the report by Friday, our accountant needs it.", "high", False),
+        ("The payment was taken by the bank on 2026-02-02.", "medium", False),
+        # What makes a ticket escalate also makes it urgent, so the two agree.
+        ("Our lawyer will be in touch about this data loss.", "urgent", True),
+        # Weak words alone (a job title, "switch to") do not flip a boolean.
+        ("My manager asked me to switch to monthly billing.", "medium", False),
+    ],
+)
+def test_priority_negation_deadlines_and_escalation(text: str, priority: str, escalate: bool) -> None:
+    value = model.answer_for_schema(PRIORITY_SCHEMA, text).value
+    assert (value["priority"], value["escalate"]) == (priority, escalate)
+
+
+def test_a_labels_own_words_beat_the_topic_lexicon_of_one_of_its_words() -> None:
+    # "delivery" brings the whole shipping lexicon (arrived, damaged, item ...) to late_delivery,
+    # but damaged_item names exactly what the text says.
+    schema = {"properties": {"reason": {"enum": ["duplicate_charge", "damaged_item", "late_delivery"]}}}
+    pick = lambda text: model.answer_for_schema(schema, text).value["reason"]  # noqa: E731
+    assert pick("The item arrived damaged.") == "damaged_item"
+    assert pick("Delivery was a week late.") == "late_delivery"
+    assert pick("You charged me twice for one order.") == "duplicate_charge"
