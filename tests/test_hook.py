@@ -97,7 +97,7 @@ def test_missing_key_is_a_config_error(monkeypatch, fable_emulator):
 
 def test_wrong_key_fails_with_hint_and_never_echoes_the_key(fable_emulator_factory, monkeypatch):
     server = fable_emulator_factory(api_key="the-right-key")
-    secret = "sk-ant-wrong-but-secret-0123456789"
+    secret = "fake-wrong-key-but-still-secret-0123456789"
     monkeypatch.setenv(
         "AIRFLOW_CONN_FABLE_BADKEY",
         json.dumps({"conn_type": "fable", "host": server.base_url, "password": secret}),
