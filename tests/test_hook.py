@@ -190,10 +190,50 @@ def test_ambiguous_create_failure_is_not_retried(fable_emulator_factory):
         faults={"http_error_first_n": 1, "http_error_codes": [500], "http_error_endpoints": ["create"]}
     )
     point_connection_at(server, max_retries=3)
-    with pytest.raises(BatchCreateUncertainError, match="may or may not have been created"):
+    with pytest.raises(BatchCreateUncertainError, match="may or may not have been created") as info:
         FableHook().create_batch(requests_for(2))
+    assert info.value.status_code == 500
     with urllib.request.urlopen(f"{server.base_url}/_emulator/stats") as resp:
         assert json.load(resp)["calls"]["create"] == 1
+
+
+async def test_async_create_follows_the_same_retry_rule(fable_emulator_factory):
+    server = fable_emulator_factory(
+        faults={"http_error_first_n": 2, "http_error_codes": [429, 500], "http_error_endpoints": ["create"]}
+    )
+    point_connection_at(server, max_retries=3)
+    hook = FableHook()
+    try:
+        # Call 1 gets 429 (refused: retried), call 2 gets 500 (ambiguous: not retried).
+        with pytest.raises(BatchCreateUncertainError) as info:
+            await hook.acreate_batch(requests_for(1))
+        assert info.value.status_code == 500
+        batch = await hook.acreate_batch(requests_for(1))  # faults used up: a clean create
+        assert batch.id.startswith("msgbatch_")
+    finally:
+        await hook.aclose()
+    with urllib.request.urlopen(f"{server.base_url}/_emulator/stats") as resp:
+        assert json.load(resp)["calls"]["create"] == 3
+
+
+def test_a_clean_but_short_results_file_is_incomplete():
+    """A body that ends on a line boundary but short of the request count is not the whole file."""
+    from types import SimpleNamespace
+
+    from airflow_provider_fable.hooks.fable import _ResumableLines
+
+    counts = SimpleNamespace(succeeded=3, errored=1, canceled=0, expired=1, processing=0)
+    lines = _ResumableLines(SimpleNamespace(id="msgbatch_x", results_url="u", request_counts=counts))
+    got = lines.feed(b'{"a": 1}\n{"a": 2}\n{"a"') + lines.feed(b": 3}\n")
+    got += lines.finish()
+    assert len(got) == 3
+    with pytest.raises(ResultsIncompleteError, match="3 of 5 lines"):
+        lines.check_complete()
+    lines.restart()  # a second download hands out only what is new
+    again = lines.feed(b'{"a": 1}\n{"a": 2}\n{"a": 3}\n{"a": 4}\n{"a": 5}')
+    again += lines.finish()
+    lines.check_complete()
+    assert again == [b'{"a": 4}', b'{"a": 5}']
 
 
 def test_short_results_file_is_detected(fable_emulator_factory):

@@ -189,3 +189,13 @@ def test_sensor_execute_complete_raises_on_error_event():
     sensor = FableBatchSensor(task_id="wait", batch_ids=["msgbatch_x"], deferrable=True)
     with pytest.raises(FableError, match="boom"):
         sensor.execute_complete({}, {"status": "error", "message": "boom", "batch_ids": ["msgbatch_x"]})
+
+
+def test_sensor_poke_gives_up_on_a_batch_that_never_appears(fable_connection):
+    sensor = FableBatchSensor(
+        task_id="wait", batch_ids=["msgbatch_mistyped"], deferrable=False, max_consecutive_errors=3
+    )
+    assert sensor.poke({}).is_done is False  # a 404 may be eventual consistency right after create
+    assert sensor.poke({}).is_done is False
+    with pytest.raises(FableError, match="404"):
+        sensor.poke({})

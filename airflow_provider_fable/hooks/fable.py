@@ -33,7 +33,7 @@ _HINTS = {
     403: "the key is not allowed to do this; check its workspace and permissions",
     404: "the batch id is unknown to this account/workspace (or was deleted)",
     413: "the batch body is over 256 MB; submit fewer or smaller requests per batch",
-    429: "rate limited after the SDK's retries; lower concurrency or raise max_retries",
+    429: "rate limited after retries; lower concurrency or raise the connection's max_retries",
     529: "the API is overloaded; retry later",
 }
 
@@ -99,12 +99,33 @@ def _retry_delay(exc: Any, attempt: int) -> float:
     return min(0.5 * 2 ** (attempt - 1), 8.0)
 
 
-def _uncertain(action: str, exc: Exception, conn_id: str) -> str:
-    return (
-        f"{_api_error(action, exc, conn_id)} The batch may or may not have been created: before "
-        "submitting these records again, list recent batches (FableHook.list_batches) and load "
-        "or cancel any that match, or you may pay twice."
+def _uncertain(action: str, exc: Exception, conn_id: str) -> BatchCreateUncertainError:
+    base = _api_error(action, exc, conn_id)
+    return BatchCreateUncertainError(
+        f"{base} The batch may or may not have been created: before submitting these records "
+        "again, list recent batches (FableHook.list_batches) and load or cancel any that match, "
+        "or you may pay twice.",
+        status_code=base.status_code,
+        error_type=base.error_type,
     )
+
+
+def _create_retry_delay(action: str, exc: Exception, attempt: int, attempts: int, conn_id: str) -> float:
+    """Seconds to wait before sending a failed create again, or raise the error that fits.
+
+    Only 429/529 prove the API refused the request before doing any work. A timeout, a dropped
+    connection or a 500-504 may hide a created (billed) batch, so those are never retried.
+    """
+    import anthropic
+
+    if isinstance(exc, anthropic.APIStatusError):
+        if exc.status_code in _REFUSED_STATUSES and attempt < attempts:
+            return _retry_delay(exc, attempt)
+        if exc.status_code >= 500 and exc.status_code not in _REFUSED_STATUSES:
+            raise _uncertain(action, exc, conn_id) from None
+    elif isinstance(exc, anthropic.APIConnectionError):  # includes timeouts
+        raise _uncertain(action, exc, conn_id) from None
+    raise _api_error(action, exc, conn_id) from None
 
 
 def _ended(batch: Any) -> Any:
@@ -355,20 +376,16 @@ class FableHook(BaseHook):
         for attempt in range(1, attempts + 1):
             try:
                 batch = client.messages.batches.create(requests=requests)
-            except anthropic.APIStatusError as exc:
-                if exc.status_code in _REFUSED_STATUSES and attempt < attempts:
-                    delay = _retry_delay(exc, attempt)
-                    self.log.warning("%s: HTTP %s, retrying in %.1fs", action, exc.status_code, delay)
-                    time.sleep(delay)
-                    continue
-                if exc.status_code >= 500 and exc.status_code not in _REFUSED_STATUSES:
-                    raise BatchCreateUncertainError(_uncertain(action, exc, self.fable_conn_id)) from None
-                raise _api_error(action, exc, self.fable_conn_id) from None
-            except anthropic.APIConnectionError as exc:  # includes timeouts
-                raise BatchCreateUncertainError(_uncertain(action, exc, self.fable_conn_id)) from None
+            except anthropic.APIError as exc:
+                delay = _create_retry_delay(action, exc, attempt, attempts, self.fable_conn_id)
+                self.log.warning(
+                    "%s: HTTP %s, retrying in %.1fs", action, getattr(exc, "status_code", "?"), delay
+                )
+                time.sleep(delay)
+                continue
             self.log.info("Created batch %s with %d requests", batch.id, len(requests))
             return batch
-        raise AssertionError("unreachable")  # pragma: no cover
+        raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
 
     def retrieve_batch(self, batch_id: str) -> MessageBatch:
         return self._call(f"retrieve batch {batch_id}", self.client.messages.batches.retrieve, batch_id)
@@ -463,17 +480,24 @@ class FableHook(BaseHook):
             raise _api_error(action, exc, self.fable_conn_id) from None
 
     async def acreate_batch(self, requests: list[dict[str, Any]]) -> MessageBatch:
-        """Async create (same caveat as :meth:`create_batch`: SDK retries are off for it)."""
+        """Async :meth:`create_batch`, with the same rule: only provable refusals are retried."""
+        import asyncio
+
         import anthropic
 
-        client = await self.aclient()
+        client = (await self.aclient()).with_options(max_retries=0)
         action = f"create batch of {len(requests)} requests"
-        try:
-            return await client.with_options(max_retries=0).messages.batches.create(requests=requests)
-        except anthropic.APIConnectionError as exc:
-            raise BatchCreateUncertainError(_uncertain(action, exc, self.fable_conn_id)) from None
-        except anthropic.APIError as exc:
-            raise _api_error(action, exc, self.fable_conn_id) from None
+        attempts = max(1, self._settings["max_retries"] + 1)
+        for attempt in range(1, attempts + 1):
+            try:
+                return await client.messages.batches.create(requests=requests)
+            except anthropic.APIError as exc:
+                delay = _create_retry_delay(action, exc, attempt, attempts, self.fable_conn_id)
+                self.log.warning(
+                    "%s: HTTP %s, retrying in %.1fs", action, getattr(exc, "status_code", "?"), delay
+                )
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
 
     async def aretrieve_batch(self, batch_id: str) -> MessageBatch:
         return await self._acall(

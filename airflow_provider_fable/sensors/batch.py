@@ -12,7 +12,12 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from airflow.sdk import BaseSensorOperator, PokeReturnValue, conf
+from airflow.sdk import BaseSensorOperator, PokeReturnValue
+
+try:  # Task SDK >= 1.2 (Airflow 3.2); Airflow 3.1 only has the core module
+    from airflow.sdk import conf
+except ImportError:  # pragma: no cover - depends on the installed Airflow
+    from airflow.configuration import conf
 
 from airflow_provider_fable.core.errors import FableError
 from airflow_provider_fable.core.manifest import normalise_batch_ids
@@ -32,6 +37,8 @@ class FableBatchSensor(BaseSensorOperator):
     :param fable_conn_id: connection of type ``fable``.
     :param poll_interval: seconds between polls (``poke_interval`` for non-deferrable mode).
     :param deferrable: wait in the triggerer instead of a worker slot.
+    :param max_consecutive_errors: transient API errors in a row tolerated before failing (a
+        mistyped or deleted batch id answers 404 forever; it must not wait out the timeout).
     """
 
     template_fields: Sequence[str] = ("batch_ids",)
@@ -45,6 +52,7 @@ class FableBatchSensor(BaseSensorOperator):
         poll_interval: float = 60.0,
         deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
         timeout: float = DEFAULT_TIMEOUT,
+        max_consecutive_errors: int = 10,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("poke_interval", poll_interval)
@@ -53,6 +61,8 @@ class FableBatchSensor(BaseSensorOperator):
         self.fable_conn_id = fable_conn_id
         self.poll_interval = poll_interval
         self.deferrable = deferrable
+        self.max_consecutive_errors = max_consecutive_errors
+        self._errors_in_a_row = 0
 
     def _summaries(self) -> list[dict[str, Any]] | None:
         """Current summaries, or None when the API had a transient hiccup (poll again later).
@@ -62,14 +72,19 @@ class FableBatchSensor(BaseSensorOperator):
         """
         hook = FableHook(self.fable_conn_id)
         try:
-            return [batch_summary(hook.retrieve_batch(b)) for b in normalise_batch_ids(self.batch_ids)]
+            summaries = [batch_summary(hook.retrieve_batch(b)) for b in normalise_batch_ids(self.batch_ids)]
         except FableError as exc:
-            if not is_transient(exc):
+            self._errors_in_a_row += 1
+            if not is_transient(exc) or self._errors_in_a_row >= self.max_consecutive_errors:
                 raise
-            self.log.warning("Could not read batch status yet (%s); will check again", exc)
+            self.log.warning(
+                "Could not read batch status (%d in a row, will check again): %s", self._errors_in_a_row, exc
+            )
             return None
         finally:
             hook.close()
+        self._errors_in_a_row = 0
+        return summaries
 
     def poke(self, context: Any) -> PokeReturnValue:
         summaries = self._summaries()
@@ -100,7 +115,10 @@ class FableBatchSensor(BaseSensorOperator):
         )
         self.defer(
             trigger=FableBatchTrigger(
-                batch_ids=ids, fable_conn_id=self.fable_conn_id, poll_interval=self.poll_interval
+                batch_ids=ids,
+                fable_conn_id=self.fable_conn_id,
+                poll_interval=self.poll_interval,
+                max_consecutive_errors=self.max_consecutive_errors,
             ),
             method_name="execute_complete",
             timeout=timedelta(seconds=self.timeout),

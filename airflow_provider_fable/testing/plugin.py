@@ -96,8 +96,16 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 def fable_airflow(request: pytest.FixtureRequest) -> FableAirflow:
     from airflow_provider_fable.testing.airflow_env import ensure_metadata_db
 
+    home = getattr(request.config, "_fable_airflow_home", None)
+    if home is None or os.environ.get("AIRFLOW_HOME") != str(Path(home).resolve()):
+        pytest.fail(
+            "fable_airflow creates tables and DAG runs in the Airflow metadata DB, so it only runs on "
+            "the plugin's private Airflow: set `fable_isolate_airflow = true` in your pytest ini "
+            "(or FABLE_ISOLATE_AIRFLOW=1) and make sure nothing imports airflow before pytest starts",
+            pytrace=False,
+        )
     ensure_metadata_db()
-    return FableAirflow(getattr(request.config, "_fable_airflow_home", None))
+    return FableAirflow(home)
 
 
 @pytest.fixture(scope="session")
