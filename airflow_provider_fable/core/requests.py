@@ -35,7 +35,7 @@ def api_output_schema(job: BatchJob) -> dict[str, Any]:
 def render_prompt(job: BatchJob, record: Mapping[str, Any], record_id: Any = None) -> str:
     """Fill the prompt template from the record, naming the record and field when one is missing."""
     try:
-        return job.prompt_template.format_map(_StrictRecord(record))
+        return job.prompt_template.format_map(_RecordView(record))
     except KeyError as exc:
         raise RecordError(
             record_id,
@@ -47,11 +47,8 @@ def render_prompt(job: BatchJob, record: Mapping[str, Any], record_id: Any = Non
         raise RecordError(record_id, "template.format", f"cannot fill prompt_template: {exc}") from None
 
 
-class _StrictRecord(dict):
+class _RecordView(dict):
     """Record view for ``format_map``: None renders as an empty string rather than 'None'."""
-
-    def __init__(self, record: Mapping[str, Any]) -> None:
-        super().__init__(record)
 
     def __getitem__(self, key: str) -> Any:
         value = super().__getitem__(key)
