@@ -6,8 +6,9 @@ per ticket, waits in the triggerer, then validates every answer against ``Ticket
 loads accepted rows into ``ticket_triage`` (rejects into ``ticket_triage_rejects``).
 
 Connections: ``fable_default`` (the API or the emulator) and ``fable_backlog_db`` (any SQL
-connection holding ``support_tickets``; the ``seed_tickets`` task loads the bundled synthetic
-dataset into it when the table is empty). The top of this file imports only Airflow and
+connection holding ``support_tickets``; the ``seed_tickets`` task loads the synthetic dataset
+bundled with the provider into it when the table is empty, and fails naming any missing
+connection and how to create it). The top of this file imports only Airflow and
 pydantic: the SDK, pandas and SQL work happen inside tasks, so parsing stays fast.
 """
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 import os
 from datetime import datetime, timedelta
 from enum import Enum
-from pathlib import Path
 
 from airflow.sdk import DAG, Param, task
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -27,7 +27,6 @@ from airflow_provider_fable.sensors.batch import FableBatchSensor
 
 BACKLOG_CONN_ID = os.environ.get("FABLE_BACKLOG_CONN_ID", "fable_backlog_db")
 POLL_SECONDS = float(os.environ.get("FABLE_POLL_SECONDS", "60"))
-DATASET = Path(__file__).parent / "data" / "support_tickets.csv"
 
 
 class Category(str, Enum):
@@ -210,13 +209,13 @@ with DAG(
     @task
     def seed_tickets() -> int:
         """Create the backlog and result tables; load the bundled tickets when the backlog is empty."""
-        import csv
-
         import sqlalchemy as sa
 
         from airflow_provider_fable.core.sinks import ResultSink
+        from airflow_provider_fable.example_data import iter_dataset, require_connections
         from airflow_provider_fable.hooks.sql import sqlalchemy_engine
 
+        require_connections(fable="fable_default", sql=BACKLOG_CONN_ID)
         engine = sqlalchemy_engine(BACKLOG_CONN_ID)
         ResultSink(
             engine, table="ticket_triage", id_column="ticket_id", output_model=TicketTriage
@@ -234,8 +233,7 @@ with DAG(
             existing = conn.execute(sa.select(sa.func.count()).select_from(tickets)).scalar_one()
             if existing:
                 return existing
-            with DATASET.open(newline="", encoding="utf-8") as fh:
-                rows = [{c: row[c] for c in cols} for row in csv.DictReader(fh)]
+            rows = [{c: row[c] for c in cols} for row in iter_dataset("support_tickets")]
             conn.execute(tickets.insert(), rows)
             return len(rows)
 

@@ -94,11 +94,11 @@ def ground_truth_agreement(db: Path) -> str:
     With the emulator this measures its keyword "model", not Claude; with a real key it is a
     quick QA signal for the prompt.
     """
-    import csv
     import sqlite3
 
-    with (ROOT / "dags" / "data" / "support_tickets.csv").open(newline="", encoding="utf-8") as fh:
-        truth = {row["ticket_id"]: row["expected_category"] for row in csv.DictReader(fh)}
+    from airflow_provider_fable.example_data import iter_dataset
+
+    truth = {row["ticket_id"]: row["expected_category"] for row in iter_dataset("support_tickets")}
     with sqlite3.connect(db) as conn:
         rows = conn.execute("SELECT ticket_id, category FROM ticket_triage").fetchall()
     if not rows:

@@ -58,7 +58,7 @@ from typing import TypeVar
 T = TypeVar("T")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO_ROOT / "dags" / "data" / "support_tickets.csv"
+DEFAULT_OUT = REPO_ROOT / "airflow_provider_fable" / "example_data" / "support_tickets.csv"
 DEFAULT_COUNT = 2400
 DEFAULT_SEED = 7
 
@@ -2807,7 +2807,7 @@ def write_csv(rows: Sequence[dict[str, str]], out: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; defaults reproduce the committed ``dags/data/support_tickets.csv``."""
+    """CLI entry point; defaults reproduce the committed ``airflow_provider_fable/example_data/support_tickets.csv``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--count", type=int, default=DEFAULT_COUNT, help="number of tickets (default %(default)s)"
@@ -2817,7 +2817,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--out",
         type=Path,
         default=DEFAULT_OUT,
-        help="output CSV (default dags/data/support_tickets.csv in the repository)",
+        help="output CSV (default airflow_provider_fable/example_data/support_tickets.csv)",
     )
     args = parser.parse_args(argv)
     rows = generate_tickets(args.count, args.seed)

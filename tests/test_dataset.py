@@ -1,4 +1,4 @@
-"""Guards for the bundled synthetic ticket backlog (``dags/data/support_tickets.csv``).
+"""Guards for the bundled synthetic ticket backlog (``airflow_provider_fable/example_data/support_tickets.csv``).
 
 The CSV is generated, not hand-edited: the drift test regenerates it with the script's defaults and
 demands byte equality, so a changed generator without a regenerated CSV (or a hand-edited CSV) fails
@@ -23,7 +23,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "generate_tickets.py"
-DATASET = ROOT / "dags" / "data" / "support_tickets.csv"
+DATASET = ROOT / "airflow_provider_fable" / "example_data" / "support_tickets.csv"
 
 COLUMNS = [
     "ticket_id",
@@ -74,7 +74,7 @@ def test_committed_csv_matches_generator(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     subprocess.run([sys.executable, str(SCRIPT), "--out", str(out)], check=True, env=env, capture_output=True)
     assert out.read_bytes() == DATASET.read_bytes(), (
-        "dags/data/support_tickets.csv is out of date: run `python scripts/generate_tickets.py`"
+        "airflow_provider_fable/example_data/support_tickets.csv is out of date: run `python scripts/generate_tickets.py`"
     )
 
 
