@@ -77,10 +77,8 @@ def require_connections(**conn_ids: str) -> None:
     kind of connection it is (for the hint), the values are the ids. Run as the first task of an
     example DAG so a new user learns what to set up before anything is read or paid for.
     """
-    from airflow.exceptions import AirflowNotFoundException
     from airflow.sdk import BaseHook
-
-    from airflow_provider_fable.core.errors import FableError
+    from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
 
     missing = []
     for kind, conn_id in conn_ids.items():
@@ -93,7 +91,8 @@ def require_connections(**conn_ids: str) -> None:
                 f"connection {conn_id!r} is not defined; create it with:\n    {hint}\n  or set {env}"
             )
     if missing:
-        raise FableError("\n".join(missing))
+        # Not retried: a retry cannot create the connection.
+        raise AirflowFailException("\n".join(missing))
 
 
 def seed_table(
@@ -198,12 +197,13 @@ def example_prices() -> dict[str, Any]:
 
 def enforce_budget(estimate: float | None, budget_usd: float | None, what: str) -> None:
     """Refuse (before anything is sent) a run whose estimate is over its budget Param."""
-    from airflow_provider_fable.core.errors import FableError
+    from airflow.sdk.exceptions import AirflowFailException
 
     if budget_usd is None or estimate is None:
         return
     if estimate > budget_usd:
-        raise FableError(
+        # Not retried: the same selection would be refused again.
+        raise AirflowFailException(
             f"{what}: estimated cost ${estimate:.4f} is over params.budget_usd ${budget_usd:.4f}; "
             "lower params.pilot (or the section size) or raise the budget"
         )

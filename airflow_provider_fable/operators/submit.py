@@ -46,7 +46,7 @@ class FableBatchSubmitOperator(BaseOperator):
     :return: manifest ``{"batch_ids", "request_count", "model", "job_fingerprint", "shards"}``.
     """
 
-    template_fields: Sequence[str] = ("sql", "sql_parameters")
+    template_fields: Sequence[str] = ("sql", "sql_parameters", "model")
     template_ext: Sequence[str] = (".sql",)
     ui_color = "#e8b594"
 

@@ -1,0 +1,218 @@
+"""The three pattern DAGs end to end: real Airflow (dag.test), real SDK, emulator, SQLite and PostgreSQL.
+
+Each test runs a DAG on a small pilot and asserts on the loaded tables: row counts, enum values,
+the pattern's invariants (evidence quotes the record; ``other`` has a justification; one combined
+summary per document with all four parts), escalation counts and stage costs, inconsistency rows.
+All runs share this module so Airflow's first-run warm-up is paid once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from airflow_provider_fable.testing.plugin import TEST_API_KEY, point_connection_at
+
+ROOT = Path(__file__).resolve().parents[1]
+PATTERN_DAGS = ("crm_lead_enrichment", "document_summaries", "cancellation_reason_cleanup")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backlog(request, fable_airflow, fable_emulator_factory, tmp_path, monkeypatch):
+    """(airflow, engine) with ``fable_backlog_db`` on a fresh SQLite file or a private PG schema."""
+    yield from _backlog(request, request.param, fable_airflow, fable_emulator_factory, tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def sqlite_backlog(request, fable_airflow, fable_emulator_factory, tmp_path, monkeypatch):
+    """The same on SQLite only, for behaviour that does not depend on the database."""
+    yield from _backlog(request, "sqlite", fable_airflow, fable_emulator_factory, tmp_path, monkeypatch)
+
+
+def _backlog(request, kind, fable_airflow, fable_emulator_factory, tmp_path, monkeypatch):
+    server = fable_emulator_factory(
+        processing_retrieves=2, faults={"invalid_answer_rate": 0.05, "errored_rate": 0.01, "seed": 5}
+    )
+    point_connection_at(server)
+    monkeypatch.setenv("FABLE_POLL_SECONDS", "0.2")
+    if kind == "sqlite":
+        db = tmp_path / "backlog.db"
+        fable_airflow.set_connection("fable_backlog_db", conn_type="sqlite", host=str(db))
+        engine = sa.create_engine(f"sqlite:///{db}")
+    else:
+        engine = request.getfixturevalue("pg_engine")
+        with engine.connect() as conn:
+            schema = conn.execute(sa.text("SELECT current_schema()")).scalar_one()
+        fable_airflow.set_connection(
+            "fable_backlog_db",
+            conn_type="postgres",
+            host="127.0.0.1",
+            port=5432,
+            login="postgres",
+            schema="test",
+            extra={"sqlalchemy_query": {"options": f"-csearch_path={schema}"}},
+        )
+    yield fable_airflow, engine
+    if kind == "sqlite":
+        engine.dispose()
+
+
+def _rows(engine, sql: str, **binds):
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.execute(sa.text(sql), binds).mappings()]
+
+
+@pytest.mark.parametrize("path", [f"dags/{d}.py" for d in PATTERN_DAGS])
+def test_dag_files_import_only_airflow_and_pydantic(path):
+    code = (
+        "import sys, importlib.util;"
+        f"spec = importlib.util.spec_from_file_location('d', {path!r});"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m);"
+        "print(sorted(k for k in ('anthropic', 'pandas', 'httpx2') if k in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, env=os.environ
+    )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_dags_are_scheduled_with_params_retries_and_assets(fable_airflow):
+    for dag_id in PATTERN_DAGS:
+        dag = fable_airflow.load_dag(dag_id)
+        assert dag.timetable.summary != "None" and dag.timetable.can_be_scheduled, dag_id
+        assert {"pilot", "budget_usd", "scope"} <= set(dag.params), dag_id
+        assert any("model" in p for p in dag.params), dag_id
+        for t in dag.tasks:
+            assert t.retries and t.retries >= 1, (dag_id, t.task_id)
+        outlets = [o for t in dag.tasks for o in t.outlets]
+        assert outlets, dag_id
+
+
+def test_missing_connection_names_it_and_how_to_create_it(fable_airflow, monkeypatch):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from airflow_provider_fable.example_data import require_connections
+
+    monkeypatch.delenv("AIRFLOW_CONN_NOPE_DB", raising=False)
+    with pytest.raises(AirflowFailException) as err:
+        require_connections(sql="nope_db")
+    text = str(err.value)
+    assert "'nope_db' is not defined" in text
+    assert "airflow connections add nope_db" in text and "AIRFLOW_CONN_NOPE_DB" in text
+
+
+# ---------------------------------------------------------------------------------------------------
+# crm_lead_enrichment
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_crm_lead_enrichment_cascade(backlog):
+    airflow_env, engine = backlog
+    from airflow_provider_fable import example_data as ex
+
+    dag = airflow_env.load_dag("crm_lead_enrichment")
+    result = airflow_env.run_dag(dag, conf={"pilot": 120, "high_value_usd": 20_000})
+    assert result.state == "success", result.task_states
+
+    selected = result.xcom("select_leads")
+    assert selected["selected"] == 120 and selected["window"] is None  # manual run: the backlog
+    cheap = result.xcom("submit_cheap")
+    strong = result.xcom("submit_escalated")
+    assert cheap["request_count"] == 120 and cheap["model"] == "claude-haiku-4-5"
+    plan = result.xcom("plan_escalation")
+    assert 0 < plan["escalated"] < 120
+    assert strong["request_count"] == plan["escalated"] and strong["model"] == "claude-fable-5"
+    assert {"low_confidence", "unknown_high_value"} <= set(plan["by_reason"])
+
+    work = _rows(engine, "SELECT stage, count(*) AS n FROM lead_work GROUP BY stage")
+    assert {r["stage"]: r["n"] for r in work} == {"cheap": 120, "escalated": plan["escalated"]}
+
+    final = _rows(engine, "SELECT * FROM lead_enrichment")
+    report = result.xcom("report")
+    assert len(final) == report["final"]["cheap"] + report["final"]["escalated"]
+    assert len(final) + report["final"]["unresolved"] == 120
+    assert {r["stage"] for r in final} == {"cheap", "escalated"}
+    assert {r["model"] for r in final if r["stage"] == "escalated"} == {"claude-fable-5"}
+    leads = {r["lead_id"]: r for r in ex.iter_dataset("crm_leads")}
+    from_module = _load_dag_module("crm_lead_enrichment")
+    for r in final:
+        assert r["industry"] in {e.value for e in from_module.Industry}
+        assert r["company_size"] in {e.value for e in from_module.CompanySize}
+        assert r["persona"] in {e.value for e in from_module.Persona}
+        assert 0 <= r["confidence"] <= 1
+        assert from_module.evidence_is_quoted(r["evidence"], leads[r["lead_id"]]), r
+        if r["stage"] == "escalated":
+            assert r["escalation_reason"] in plan["by_reason"]
+
+    # Stage costs: both stages cost something, and the cascade is cheaper than all-on-Fable-5.
+    assert report["escalated"] == plan["escalated"]
+    assert report["stage1"]["cost_usd"] > 0 and report["stage2"]["cost_usd"] > 0
+    assert report["cascade_cost_usd"] == pytest.approx(
+        report["stage1"]["cost_usd"] + report["stage2"]["cost_usd"]
+    )
+    assert report["cascade_cost_usd"] < report["all_on_escalation_model_usd"]
+    assert report["labelled_leads"] >= 5
+    assert all(v is None or 0 <= v <= 1 for v in report["accuracy"].values())
+    assert TEST_API_KEY not in json.dumps(result.xcoms, default=str)
+
+    # A second run takes the next leads; nothing already enriched is selected again.
+    again = airflow_env.run_dag(dag, conf={"pilot": 30})
+    assert again.state == "success", again.task_states
+    second = {
+        r["lead_id"]
+        for r in _rows(
+            engine, "SELECT lead_id FROM lead_work WHERE run_id = :r AND stage = 'cheap'", r=again.run_id
+        )
+    }
+    assert len(second) == 30 and not second & {r["lead_id"] for r in final}
+
+
+def test_crm_interval_run_selects_only_its_interval(sqlite_backlog):
+    airflow_env, engine = sqlite_backlog
+    dag = airflow_env.load_dag("crm_lead_enrichment")
+    day = datetime(2026, 3, 10, tzinfo=timezone.utc)
+    result = airflow_env.run_dag(
+        dag, conf={"pilot": 1000, "scope": "interval", "budget_usd": None}, logical_date=day
+    )
+    assert result.state == "success", result.task_states
+    got = result.xcom("select_leads")["window"]
+    window = (got["start"], got["end"])
+    assert window == ("2026-03-10T00:00:00Z", "2026-03-11T00:00:00Z")
+    rows = _rows(
+        engine,
+        "SELECT l.created_at FROM crm_leads l JOIN lead_work w ON w.lead_id = l.lead_id WHERE w.stage = 'cheap'",
+    )
+    assert rows and all(window[0] <= r["created_at"] < window[1] for r in rows)
+    in_window = _rows(
+        engine,
+        "SELECT count(*) AS n FROM crm_leads WHERE created_at >= :a AND created_at < :b",
+        a=window[0],
+        b=window[1],
+    )[0]["n"]
+    assert len(rows) == in_window
+
+
+def test_crm_budget_refuses_before_anything_is_sent(sqlite_backlog):
+    airflow_env, engine = sqlite_backlog
+    dag = airflow_env.load_dag("crm_lead_enrichment")
+    result = airflow_env.run_dag(dag, conf={"pilot": 200, "budget_usd": 0.0001})
+    assert result.state == "failed"
+    assert result.task_states["select_leads"] in ("failed", "up_for_retry")
+    assert result.xcom("submit_cheap") is None
+
+
+def _load_dag_module(dag_id: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_pattern_{dag_id}", ROOT / "dags" / f"{dag_id}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
