@@ -216,3 +216,71 @@ def _load_dag_module(dag_id: str):
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+# ---------------------------------------------------------------------------------------------------
+# document_summaries
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_split_sections_keeps_boundaries_and_bounds():
+    module = _load_dag_module("document_summaries")
+    from airflow_provider_fable import example_data as ex
+
+    docs = [d for d in ex.iter_dataset("documents") if len(d["body"]) > 20_000][:5]
+    for doc in docs:
+        sections = module.split_sections(doc["body"], 800)
+        assert len(sections) > 3
+        assert all(module.estimate_tokens(text) <= 800 for _, text in sections)
+        paragraphs = [p.strip() for p in doc["body"].strip().split("\n\n") if p.strip()]
+        assert [p for _, text in sections for p in text.split("\n\n")] == paragraphs  # nothing lost
+        assert sum(bool(heading) for heading, _ in sections) >= len(sections) - 1
+        overlapped = module.split_sections(doc["body"], 800, overlap_paragraphs=1)
+        assert all(module.estimate_tokens(text) <= 800 for _, text in overlapped)
+        assert len(overlapped) >= len(sections)
+    assert module.split_sections("One short paragraph.", 800) == [("", "One short paragraph.")]
+
+
+def test_document_summaries_chunk_then_combine(backlog):
+    airflow_env, engine = backlog
+    dag = airflow_env.load_dag("document_summaries")
+    result = airflow_env.run_dag(dag, conf={"pilot": 14, "section_tokens": 500})
+    assert result.state == "success", result.task_states
+
+    plan = result.xcom("plan_sections")
+    assert plan["documents"] == 14 and plan["direct"] > 0 and plan["chunked"] > 0
+    submitted = result.xcom("submit_sections")
+    assert submitted["request_count"] == plan["sections"]
+    sections = _rows(engine, "SELECT section_id, doc_id, section_no, section_count FROM document_sections")
+    assert len(sections) == plan["sections"]
+    for s in sections:  # custom_id keeps doc id + section number
+        assert s["section_id"] == f"{s['doc_id']}-s{s['section_no']:03d}"
+        assert 1 <= s["section_no"] <= s["section_count"]
+
+    combine = result.xcom("plan_combine")
+    assert combine["to_combine"] + combine["incomplete"] == 14
+    loaded = result.xcom("load_combine")
+    summaries = _rows(engine, "SELECT * FROM document_summaries")
+    assert len(summaries) == loaded["accepted"] > 0
+    assert len({s["doc_id"] for s in summaries}) == len(summaries)  # one per document
+    for s in summaries:
+        assert len(s["executive_summary"]) >= 20
+        for part in ("key_points", "risks", "open_questions"):
+            items = json.loads(s[part])
+            assert isinstance(items, list) and items and all(isinstance(i, str) and i for i in items), part
+
+    # Incomplete documents (a section rejected) are reported and get no summary.
+    incomplete = _rows(engine, "SELECT * FROM document_summary_incomplete")
+    assert len(incomplete) == combine["incomplete"]
+    assert not {r["doc_id"] for r in incomplete} & {s["doc_id"] for s in summaries}
+    bad_sections = _rows(engine, "SELECT DISTINCT record_id FROM section_summaries_rejects")
+    bad_docs = {r["record_id"].rsplit("-s", 1)[0] for r in bad_sections}
+    assert {r["doc_id"] for r in incomplete} == bad_docs
+    for r in incomplete:
+        assert r["missing_sections"] and r["reasons"]
+    combined_ids = {r["doc_id"] for r in _rows(engine, "SELECT doc_id FROM document_combine_inputs")}
+    assert combined_ids.isdisjoint(bad_docs)
+
+    report = result.xcom("report")
+    assert report["summaries_loaded"] == len(summaries)
+    assert report["stage_cost_usd"]["sections"] > 0 and report["stage_cost_usd"]["combine"] > 0
