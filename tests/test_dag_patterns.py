@@ -284,3 +284,65 @@ def test_document_summaries_chunk_then_combine(backlog):
     report = result.xcom("report")
     assert report["summaries_loaded"] == len(summaries)
     assert report["stage_cost_usd"]["sections"] > 0 and report["stage_cost_usd"]["combine"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# cancellation_reason_cleanup
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_normalise_groups_near_duplicates():
+    module = _load_dag_module("cancellation_reason_cleanup")
+    assert module.normalise("  Too expensive!!") == module.normalise("too expensive.") == "too expensive"
+    assert module.normalise("TROP CHER") == module.normalise("trop cher :(") == "trop cher"
+    assert module.normalise("zu teuer") != module.normalise("too expensive")
+    assert module.normalise("n/a") == "n a" and module.normalise("-") == ""
+
+
+def test_cancellation_reason_cleanup(backlog):
+    airflow_env, engine = backlog
+    module = _load_dag_module("cancellation_reason_cleanup")
+    dag = airflow_env.load_dag("cancellation_reason_cleanup")
+    result = airflow_env.run_dag(dag, conf={"pilot": 600, "max_other_share": 1.0})
+    assert result.state == "success", result.task_states
+
+    loaded = result.xcom("load")
+    rows = _rows(engine, "SELECT * FROM cancellation_reasons_clean")
+    assert len(rows) == loaded["accepted"] and loaded["accepted"] + loaded["rejected"] == 600
+    labels = {e.value for e in module.ReasonLabel}
+    for r in rows:
+        assert r["label"] in labels
+        assert 0 <= r["confidence"] <= 1
+        if r["label"] == "other":  # the invariant holds on every loaded row
+            assert r["justification"] and len(r["justification"].strip()) >= 10
+    assert len({r["label"] for r in rows}) >= 5
+
+    # The review table holds exactly the normalised texts mapped to more than one label.
+    source = {
+        r["cancellation_id"]: r["reason_for_cancellation"]
+        for r in _rows(engine, "SELECT cancellation_id, reason_for_cancellation FROM cancellations")
+    }
+    expected: dict[str, set[str]] = {}
+    for r in rows:
+        expected.setdefault(module.normalise(source[r["cancellation_id"]]), set()).add(r["label"])
+    inconsistent = {k: v for k, v in expected.items() if len(v) > 1}
+    review = _rows(engine, "SELECT * FROM cancellation_reason_review")
+    assert {r["normalized_text"]: set(r["labels"].split(",")) for r in review} == inconsistent
+    assert review, "near-duplicates mapped differently must be flagged"
+    for r in review:
+        counts = json.loads(r["label_counts"])
+        assert sum(counts.values()) == r["row_count"] and r["majority_label"] in counts
+    report = result.xcom("report")
+    assert report["rows"] == len(rows) and report["inconsistent_texts"] == len(review)
+    assert sum(report["distribution"].values()) == len(rows)
+
+
+def test_cancellation_other_guardrail_fails_after_loading(sqlite_backlog):
+    airflow_env, engine = sqlite_backlog
+    dag = airflow_env.load_dag("cancellation_reason_cleanup")
+    result = airflow_env.run_dag(dag, conf={"pilot": 150, "max_other_share": 0.0})
+    report = result.xcom("report")
+    assert report["distribution"].get("other", 0) > 0
+    assert result.state == "failed" and result.task_states["guard_other_share"] == "failed"
+    # Nothing is lost: the rows stay loaded and the review table is built.
+    assert _rows(engine, "SELECT count(*) AS n FROM cancellation_reasons_clean")[0]["n"] == report["rows"] > 0
