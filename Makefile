@@ -25,8 +25,10 @@ test: install
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# `make demo` runs the ticket DAG; `make demo DAG=crm_lead_enrichment` (or document_summaries,
+# cancellation_reason_cleanup) runs a pattern DAG and prints its own summary.
 demo: install
-	$(PY) scripts/demo.py
+	$(PY) scripts/demo.py $(if $(DAG),--dag $(DAG))
 
 lint: install
 	$(PY) -m ruff check .
