@@ -36,6 +36,7 @@ lint: install
 
 bench: install
 	$(PY) bench/parse_validate.py
+	$(PY) bench/dag_parse.py
 
 # Re-resolve the lock after changing dependencies in pyproject.toml.
 lock:
