@@ -98,7 +98,9 @@ def print_crm(result: Any, elapsed: float) -> None:
           f"{s1.get('rejected', 0)} rejected; cost ${s1.get('cost_usd')}")  # fmt: skip
     print(f"  escalated  : {r.get('escalated', 0)} to {s2.get('model')} {r.get('escalated_by_reason', {})} "
           f"(over budget, not escalated: {r.get('not_escalated_over_budget', 0)})")  # fmt: skip
-    print(f"  stage 2    : {s2.get('accepted', 0)} accepted, {s2.get('rejected', 0)} rejected; cost ${s2.get('cost_usd')}")
+    print(
+        f"  stage 2    : {s2.get('accepted', 0)} accepted, {s2.get('rejected', 0)} rejected; cost ${s2.get('cost_usd')}"
+    )
     print(f"  cascade    : ${r.get('cascade_cost_usd')} vs ${r.get('all_on_escalation_model_usd')} all on "
           f"{s2.get('model')} (ratio {r.get('cascade_vs_all_strong')})")  # fmt: skip
     print(f"  final rows : {r.get('final', {})}  -> table lead_enrichment")
@@ -109,7 +111,9 @@ def print_docs(result: Any, elapsed: float) -> None:
     r = result.xcom("report") or {}
     print(f"  documents  : {r.get('documents', 0)} ({r.get('direct', 0)} short -> straight to combine, "
           f"{r.get('chunked', 0)} chunked into {r.get('sections', 0)} sections)")  # fmt: skip
-    print(f"  sections   : {r.get('sections_accepted', 0)} summarised, {r.get('sections_rejected', 0)} rejected")
+    print(
+        f"  sections   : {r.get('sections_accepted', 0)} summarised, {r.get('sections_rejected', 0)} rejected"
+    )
     print(f"  combined   : {r.get('summaries_loaded', 0)} summaries loaded of {r.get('combined_submitted', 0)} "
           f"submitted -> table document_summaries")  # fmt: skip
     print(f"  incomplete : {r.get('incomplete_documents', 0)} documents not combined (a section failed): "
@@ -119,7 +123,9 @@ def print_docs(result: Any, elapsed: float) -> None:
 
 def print_cancellations(result: Any, elapsed: float) -> None:
     r = result.xcom("report") or {}
-    print(f"  rows       : {r.get('rows', 0)} labelled, {r.get('rejected', 0)} rejected -> table cancellation_reasons_clean")
+    print(
+        f"  rows       : {r.get('rows', 0)} labelled, {r.get('rejected', 0)} rejected -> table cancellation_reasons_clean"
+    )
     print(f"  labels     : {r.get('distribution', {})}")
     print(f"  other share: {r.get('other_share')}  low confidence (<0.6): {r.get('low_confidence')}")
     print(f"  review     : {r.get('inconsistent_texts', 0)} normalised texts mapped to more than one label "
@@ -173,7 +179,10 @@ def ground_truth_agreement(db: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--dag", default="support_ticket_triage", choices=["support_ticket_triage", *PATTERNS], help="DAG to run"
+        "--dag",
+        default="support_ticket_triage",
+        choices=["support_ticket_triage", *PATTERNS],
+        help="DAG to run",
     )
     parser.add_argument("--limit", type=int, default=2000, help="tickets to triage in this run")
     parser.add_argument("--processing-seconds", type=float, default=3.0, help="emulated batch duration")

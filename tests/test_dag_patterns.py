@@ -175,6 +175,23 @@ def test_crm_lead_enrichment_cascade(backlog):
     assert len(second) == 30 and not second & {r["lead_id"] for r in final}
 
 
+def test_crm_evidence_must_quote_the_record():
+    module = _load_dag_module("crm_lead_enrichment")
+    lead = {
+        "company_name": "Mercy Clinics",
+        "website_domain": "mercyclinics.com",
+        "job_title": "CFO",
+        "notes": "Hospital group,   radiology department is the buyer",
+    }
+    assert module.evidence_is_quoted("hospital group, radiology department", lead)  # case/space-insensitive
+    assert module.evidence_is_quoted("", lead)  # nothing claimed, nothing to quote
+    assert not module.evidence_is_quoted("about 1,200 staff", lead)  # an invented specific
+    with pytest.raises(ValueError, match="evidence must quote"):
+        module.LeadEnrichment(
+            industry="healthcare", company_size="unknown", persona="finance", confidence=0.9, evidence=""
+        )
+
+
 def test_crm_interval_run_selects_only_its_interval(sqlite_backlog):
     airflow_env, engine = sqlite_backlog
     dag = airflow_env.load_dag("crm_lead_enrichment")
