@@ -36,6 +36,12 @@ def sqlite_backlog(request, fable_airflow, fable_emulator_factory, tmp_path, mon
     yield from _backlog(request, "sqlite", fable_airflow, fable_emulator_factory, tmp_path, monkeypatch)
 
 
+@pytest.fixture
+def pg_backlog(request, fable_airflow, fable_emulator_factory, tmp_path, monkeypatch):
+    """PostgreSQL only (the ticket DAG's SQLite runs live in test_dag_triage.py)."""
+    yield from _backlog(request, "postgres", fable_airflow, fable_emulator_factory, tmp_path, monkeypatch)
+
+
 def _backlog(request, kind, fable_airflow, fable_emulator_factory, tmp_path, monkeypatch):
     server = fable_emulator_factory(
         processing_retrieves=2, faults={"invalid_answer_rate": 0.05, "errored_rate": 0.01, "seed": 5}
@@ -391,3 +397,17 @@ def test_each_example_dag_works_copied_alone(sqlite_backlog, tmp_path):
     assert result.state == "success", result.task_states
     assert _rows(engine, "SELECT count(*) AS n FROM support_tickets")[0]["n"] >= 2000
     assert result.xcom("submit")["request_count"] == 20
+
+
+def test_support_ticket_triage_on_postgres(pg_backlog):
+    airflow_env, engine = pg_backlog
+    result = airflow_env.run_dag(airflow_env.load_dag("support_ticket_triage"), conf={"limit": 150})
+    assert result.state == "success", result.task_states
+    loaded = result.xcom("load")
+    rows = _rows(engine, "SELECT * FROM ticket_triage")
+    rejects = _rows(engine, "SELECT DISTINCT record_id FROM ticket_triage_rejects")
+    assert len(rows) == loaded["accepted"] > 100 and len(rows) + len(rejects) == 150
+    for r in rows:
+        assert r["category"] in {"billing", "account_access", "bug", "feature_request", "shipping"}
+        assert r["priority"] in {"low", "medium", "high", "urgent"}
+        assert not r["escalate"] or r["priority"] in ("high", "urgent")  # the model's invariant
