@@ -71,12 +71,20 @@ def _usage(raw: dict[str, Any] | None) -> Usage:
     if not raw:
         return Usage()
     get = raw.get
-    return Usage(
-        int(get("input_tokens") or 0),
-        int(get("output_tokens") or 0),
-        int(get("cache_creation_input_tokens") or 0),
-        int(get("cache_read_input_tokens") or 0),
+    usage = Usage(
+        get("input_tokens") or 0,
+        get("output_tokens") or 0,
+        get("cache_creation_input_tokens") or 0,
+        get("cache_read_input_tokens") or 0,
     )
+    if (
+        type(usage.input_tokens) is not int
+        or type(usage.output_tokens) is not int
+        or type(usage.cache_creation_input_tokens) is not int
+        or type(usage.cache_read_input_tokens) is not int
+    ):  # the API sends ints; anything else ("12", 12.0) is coerced as it always was
+        return Usage(*(int(v) for v in usage.as_dict().values()))
+    return usage
 
 
 def _loads(line: str | bytes) -> Any:

@@ -19,6 +19,7 @@ savepoints until the offending rows are isolated; each becomes a reject with rea
 
 from __future__ import annotations
 
+import csv
 import decimal
 import hashlib
 import io
@@ -27,6 +28,7 @@ import logging
 import re
 import types
 import typing
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -135,10 +137,6 @@ def _strip_nul(value: str) -> str:
     return value.replace("\x00", "") if "\x00" in value else value
 
 
-def _text(value: Any) -> Any:
-    return _strip_nul(value) if isinstance(value, str) else value
-
-
 def _json_text(value: Any) -> str:
     try:
         out = orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
@@ -159,35 +157,46 @@ def _safe_text(value: str | None, limit: int) -> str | None:
     return value
 
 
+def _row_builder(kinds: dict[str, str]) -> Callable[..., tuple[Any, ...]]:
+    """A function turning (data, id, batch, model, tokens in/out, now) into the table's row tuple.
+
+    Generated once per output model (the names are checked identifiers) so the per-row work is
+    one call with inline conversions: NUL stripped from text, nested values as JSON text.
+    """
+    parts = []
+    for name, kind in kinds.items():
+        get = f"(v := d.get({name!r}))"
+        if kind == "string":
+            parts.append(f"(_strip(v) if {get}.__class__ is str and '\\x00' in v else v)")
+        elif kind == "json":
+            parts.append(f"(None if {get} is None else _json(v))")
+        else:
+            parts.append(f"d.get({name!r})")
+    fields = "".join(f"{p}, " for p in parts)
+    source = f"lambda d, rid, batch, model, tin, tout, now: (rid, {fields}batch, model, tin, tout, now)"
+    return eval(source, {"_strip": _strip_nul, "_json": _json_text})  # noqa: S307 - built from checked names
+
+
 def _quote(name: str) -> str:
     return f'"{name}"'
 
 
-_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
+#: COPY's NULL marker: no answer can contain it (random per process), unlike ``\\N`` or "".
+_COPY_NULL = f"fable_null_{uuid.uuid4().hex}"
 
 
-def _copy_text(rows: Sequence[tuple[Any, ...]]) -> str:
-    """Rows in PostgreSQL's COPY text format (tab-separated, ``\\N`` for NULL, escaped text)."""
-    out = []
-    append = out.append
-    for row in rows:
-        fields = []
-        for v in row:
-            if v is None:
-                fields.append("\\N")
-            elif v is True:
-                fields.append("t")
-            elif v is False:
-                fields.append("f")
-            elif type(v) is str:
-                if "\\" in v or "\n" in v or "\t" in v or "\r" in v:
-                    v = v.translate(_COPY_ESCAPES)
-                fields.append(v)
-            else:
-                fields.append(str(v))
-        append("\t".join(fields))
-    append("")
-    return "\n".join(out)
+def _copy_csv(rows: Sequence[tuple[Any, ...]]) -> str:
+    """Rows as CSV for ``COPY ... (FORMAT csv)``, written by the C csv module.
+
+    Strings are always quoted (QUOTE_NONNUMERIC), numbers and booleans are not; None becomes the
+    NULL marker, which ``FORCE_NULL`` turns back into NULL even though it is quoted.
+    """
+    buf = io.StringIO()
+    null = _COPY_NULL
+    csv.writer(buf, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\n").writerows(
+        row if None not in row else tuple(null if v is None else v for v in row) for row in rows
+    )
+    return buf.getvalue()
 
 
 class _Unstorable(Exception):
@@ -256,8 +265,7 @@ class ResultSink:
         self.outcomes_view: str | None = view if _IDENT.match(view) else None
         self.metadata = meta
         self._columns = [c.name for c in self.table.columns]
-        converters: dict[str, Callable[[Any], Any]] = {"string": _text, "json": _json_text}
-        self._converters = [(name, converters.get(kind)) for name, kind in self.kinds.items()]
+        self._build_row = _row_builder(self.kinds)
         driver = engine.dialect.driver
         if engine.dialect.name == "sqlite" and driver == "pysqlite":
             self._mode = "sqlite"
@@ -350,23 +358,18 @@ WHERE t.{rid} IS NULL OR l.rejected_at > t._loaded_at"""
         """(rows, their items, refused items with why); one row per record id (last wins)."""
         by_id: dict[str, tuple[tuple[Any, ...], Accepted]] = {}
         refused: list[tuple[Accepted, str]] = []
-        converters = self._converters
+        build = self._build_row
+        integer_ids = self.id_type == "integer"
         for item in items:
-            data = item.data
-            try:
-                key = self._record_id(item.record_id)
-            except _Unstorable as exc:
-                refused.append((item, str(exc)))
-                continue
-            row = (
-                key,
-                *[data.get(name) if conv is None else conv(data.get(name)) for name, conv in converters],
-                batch_id,
-                model,
-                item.usage.input_tokens,
-                item.usage.output_tokens,
-                now,
-            )
+            key: Any = item.record_id
+            if integer_ids:
+                try:
+                    key = self._record_id(key)
+                except _Unstorable as exc:
+                    refused.append((item, str(exc)))
+                    continue
+            usage = item.usage
+            row = build(item.data, key, batch_id, model, usage.input_tokens, usage.output_tokens, now)
             by_id[item.record_id] = (row, item)
         rows = [row for row, _ in by_id.values()]
         kept = [item for _, item in by_id.values()]
@@ -559,8 +562,9 @@ class _DBAPITransaction(_Transaction):
         self.cursor.execute(
             f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {name} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
         )
-        copy_sql = f"COPY {stage} ({cols}) FROM STDIN"
-        data = _copy_text(rows)
+        nullable = ", ".join(_quote(c) for c in columns if c not in keys)
+        copy_sql = f"COPY {stage} ({cols}) FROM STDIN WITH (FORMAT csv, NULL '{_COPY_NULL}', FORCE_NULL ({nullable}))"
+        data = _copy_csv(rows)
         if self.sink._mode == "psycopg2":
             self.cursor.copy_expert(copy_sql, io.StringIO(data))
         else:
