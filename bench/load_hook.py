@@ -15,8 +15,9 @@ hook and answered by the emulator's model. Then, each in its own process:
 Prints ``bench load_hook: rows=... hook_rows_s=... file_rows_s=... baseline_rows_s=...
 hook_rss_mb=... baseline_rss_mb=... vs_file=... vs_baseline=...``.
 
-Run: ``.venv/bin/python bench/load_hook.py [--rows 200000]`` (rounded up to whole batches of
-at most 100,000 requests).
+Run: ``.venv/bin/python bench/load_hook.py [--rows 20000]`` (rounded up to whole batches of
+at most 100,000 requests). The default is small because the emulator's model answering the
+requests (not the load) dominates the setup time.
 """
 
 from __future__ import annotations
@@ -55,7 +56,6 @@ def child(kind: str, batch_ids: list[str], db: str, file: str | None) -> dict:
     from load import TicketTriage
 
     engine = sa.create_engine(f"sqlite:///{db}")
-    start = time.perf_counter()
     accepted = rejected = 0
     if kind in ("hook", "file"):
         from airflow_provider_fable.core.loading import LoadStats, load_batch
@@ -67,6 +67,8 @@ def child(kind: str, batch_ids: list[str], db: str, file: str | None) -> dict:
         sink.ensure_tables()
         stats = LoadStats()
         hook = FableHook()
+        hook.client  # noqa: B018 - connection read and SDK imported before the clock starts
+        start = time.perf_counter()
         for batch_id in batch_ids:
             if kind == "hook":
                 results = hook.iter_results(batch_id)
@@ -80,6 +82,7 @@ def child(kind: str, batch_ids: list[str], db: str, file: str | None) -> dict:
         from pydantic import ValidationError
 
         client = anthropic.Anthropic(api_key=KEY, base_url=json.loads(os.environ["AIRFLOW_CONN_FABLE_DEFAULT"])["host"])
+        start = time.perf_counter()
         good, bad = [], []
         for batch_id in batch_ids:
             for item in client.messages.batches.results(batch_id):
@@ -150,7 +153,7 @@ def run_child(kind: str, batch_ids: list[str], env: dict[str, str], workdir: Pat
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--child")
     parser.add_argument("--batch-ids")
     parser.add_argument("--db")

@@ -190,3 +190,37 @@ def test_self_referencing_model_keeps_its_columns(engine):
     load(engine, [line("n", {"name": "root", "children": [{"name": "leaf"}]})], Node)
     name, children = rows(engine, "SELECT name, children FROM t")[0]
     assert name == "root" and json.loads(children) == [{"name": "leaf", "children": []}]
+
+
+def test_should_write_skips_answers_of_superseded_batches(sqlite_engine):
+    sink = ResultSink(sqlite_engine, table="t", id_column="rid", output_model=Paint)
+    sink.ensure_tables()
+    stats = LoadStats()
+    load_batch(
+        (parse_result_line(line(f"r{i}", paint(i))) for i in range(4)),
+        batch_id="old", output_model=Paint, sink=sink, stats=stats,
+        should_write=lambda record_id, batch_id: record_id != "r2",
+    )  # fmt: skip
+    assert (stats.accepted, stats.skipped_stale) == (3, 1)
+    assert [r[0] for r in rows(sqlite_engine, "SELECT rid FROM t ORDER BY rid")] == ["r0", "r1", "r3"]
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_a_broken_stream_keeps_and_reports_what_was_committed(sqlite_engine, pipeline):
+    from airflow_provider_fable.core.results import ResultLineError
+
+    def stream():
+        for i in range(25):
+            yield parse_result_line(line(f"r{i}", paint(i)))
+        yield parse_result_line(b'{"custom_id": "torn", "resu')
+
+    sink = ResultSink(sqlite_engine, table="t", id_column="rid", output_model=Paint)
+    sink.ensure_tables()
+    seen: list[RecordOutcome] = []
+    with pytest.raises(ResultLineError):
+        load_batch(
+            stream(), batch_id="b", output_model=Paint, sink=sink, stats=LoadStats(),
+            chunk_size=10, on_outcomes=seen.extend, pipeline=pipeline,
+        )  # fmt: skip
+    assert rows(sqlite_engine, "SELECT count(*) FROM t")[0][0] == 20  # two whole chunks
+    assert len(seen) == 20
