@@ -70,21 +70,22 @@ _EMPTY: dict[str, Any] = {}
 def _usage(raw: dict[str, Any] | None) -> Usage:
     if not raw:
         return Usage()
-    get = raw.get
-    usage = Usage(
-        get("input_tokens") or 0,
-        get("output_tokens") or 0,
-        get("cache_creation_input_tokens") or 0,
-        get("cache_read_input_tokens") or 0,
+    return Usage(
+        input_tokens=int(raw.get("input_tokens") or 0),
+        output_tokens=int(raw.get("output_tokens") or 0),
+        cache_creation_input_tokens=int(raw.get("cache_creation_input_tokens") or 0),
+        cache_read_input_tokens=int(raw.get("cache_read_input_tokens") or 0),
     )
-    if (
-        type(usage.input_tokens) is not int
-        or type(usage.output_tokens) is not int
-        or type(usage.cache_creation_input_tokens) is not int
-        or type(usage.cache_read_input_tokens) is not int
-    ):  # the API sends ints; anything else ("12", 12.0) is coerced as it always was
-        return Usage(*(int(v) for v in usage.as_dict().values()))
-    return usage
+
+
+def _usage_fast(raw: dict[str, Any]) -> Usage:
+    """The common case (a dict of ints), with one type check per field and no conversions."""
+    get = raw.get
+    a, b = get("input_tokens") or 0, get("output_tokens") or 0
+    c, d = get("cache_creation_input_tokens") or 0, get("cache_read_input_tokens") or 0
+    if a.__class__ is int and b.__class__ is int and c.__class__ is int and d.__class__ is int:
+        return Usage(a, b, c, d)
+    return Usage(int(a), int(b), int(c), int(d))
 
 
 def _loads(line: str | bytes) -> Any:
@@ -120,14 +121,10 @@ def parse_result_line(line: str | bytes) -> BatchResult:
                     tool_input = block.get("input")
             if texts:
                 text = texts[0] if len(texts) == 1 else "".join(texts)
+        raw_usage = message.get("usage")
+        usage = _usage(raw_usage) if raw_usage.__class__ is not dict else _usage_fast(raw_usage)
         return BatchResult(
-            custom_id,
-            kind,
-            text,
-            tool_input,
-            message.get("stop_reason"),
-            message.get("model"),
-            _usage(message.get("usage")),
+            custom_id, kind, text, tool_input, message.get("stop_reason"), message.get("model"), usage
         )
     out = BatchResult(custom_id, kind)
     if kind == ERRORED:
