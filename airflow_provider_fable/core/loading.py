@@ -4,9 +4,9 @@ Kept out of the operator so the whole validate-and-load path can be tested and b
 without Airflow: the operator only wires a hook's result stream and a database engine to it.
 
 Memory stays flat in the size of the result file: at most one chunk of outcomes is held while it
-is being validated, plus (with ``pipeline=True``, the default) one chunk being written by a
-writer thread. The database does its part of the work (SQLite's B-tree, PostgreSQL's server
-process) while Python validates the next chunk.
+is being validated, plus (with the writer thread, on PostgreSQL by default) one chunk queued and
+one being written. PostgreSQL's server process then stores a chunk while Python validates the
+next one.
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def load_batch(
     chunk_size: int = 10_000,
     on_outcomes: Callable[[list[RecordOutcome]], None] | None = None,
     should_write: Callable[[str, str], bool] | None = None,
-    pipeline: bool = True,
+    pipeline: bool | None = None,
 ) -> None:
     """Validate every result of one batch and write it, ``chunk_size`` rows per transaction.
 
@@ -171,7 +171,10 @@ def load_batch(
     :param should_write: ``(record_id, batch_id) -> bool`` asked for each accepted answer; False
         skips it (e.g. the record has been resubmitted in a newer batch, whose answer wins).
         Skipped answers are counted in ``stats.skipped_stale`` and are not reported as outcomes.
-    :param pipeline: write chunks on a writer thread while the next chunk is validated.
+    :param pipeline: write chunks on a writer thread while the next chunk is validated. Default:
+        when the database works outside Python (PostgreSQL: COPY and the upsert run in the
+        server, the client waits without the GIL). SQLite's executemany needs the GIL for every
+        row, so a writer thread there only trades the GIL back and forth.
     """
     fields = distribution_fields(output_model)
     for f in fields:
@@ -179,6 +182,8 @@ def load_batch(
     distribution = [(f, stats.distribution[f]) for f in fields]
     reasons = stats.reasons
     model_name: str | None = None
+    if pipeline is None:
+        pipeline = sink.engine.dialect.name == "postgresql"
     writer = _Writer(sink, batch_id, lambda: model_name, pipeline)
 
     def report(done: list[tuple[_Chunk, list[Rejected]]]) -> None:
