@@ -680,14 +680,21 @@ class SchemaAnswer:
 
     value: Any
     enum_paths: list[tuple[tuple[Any, ...], tuple[Any, ...]]]
+    broken_hints: int = 0
 
 
 class _Answerer:
     """Walks a JSON schema and fills it from the request text."""
 
-    def __init__(self, root: Mapping[str, Any], text: str) -> None:
+    def __init__(
+        self, root: Mapping[str, Any], text: str, *, break_rate: float = 0.0, break_key: str = ""
+    ) -> None:
         self.root = root
         self.text = text
+        #: Share of description-only constraints to break, and the key that picks which.
+        self.break_rate = break_rate
+        self.break_key = break_key
+        self.broken = 0
         self.sentences = content_sentences(text)
         self.evidence = Evidence(text, self.sentences)
         self.filler = _words(text) or ["details"]
@@ -716,6 +723,18 @@ class _Answerer:
                         merged.setdefault(key, value)
             schema = merged
         return schema
+
+    def breaks(self, schema: Mapping[str, Any], key: str, path: tuple[Any, ...]) -> bool:
+        """Whether to violate ``key`` here: only when it reached the model as a description hint.
+
+        A real model reads ``{maxLength: 80}`` in a description as advice, not a rule, and now
+        and then ignores it; keywords the API enforces (enum, required, types) always hold.
+        """
+        if not self.break_rate or key in schema or _constraint(schema, key) is None:
+            return False
+        hit = stable_fraction(self.break_key, self.text, self._path_str(path), key) < self.break_rate
+        self.broken += hit
+        return hit
 
     @staticmethod
     def field_name(path: tuple[Any, ...]) -> str:
@@ -805,6 +824,10 @@ class _Answerer:
         n = lo if depth > _MAX_DEPTH else max(lo, wanted)
         if hi is not None:
             n = min(n, hi)
+            if self.breaks(schema, "maxItems", path):
+                n = hi + 1
+        elif lo and self.breaks(schema, "minItems", path):
+            n = lo - 1
         if n <= 0:
             return []
         enum = items.get("enum") if isinstance(items, Mapping) else None
@@ -847,6 +870,10 @@ class _Answerer:
         assert lo is not None and hi is not None
         if hi < lo:
             return lo
+        if self.breaks(schema, "maximum", path):
+            return hi + 1 + stable_hash(self.text, self._path_str(path)) % 5
+        if self.breaks(schema, "minimum", path):
+            return lo - 1 - stable_hash(self.text, self._path_str(path)) % 5
         step = _constraint(schema, "multipleOf")
         h = stable_hash(self.text, self._path_str(path))
         if step and step >= 1 and float(step).is_integer():
@@ -873,6 +900,10 @@ class _Answerer:
         assert low is not None and high is not None
         if high <= low:
             return low
+        if self.breaks(schema, "maximum", path):
+            return round(high + max(0.01, (high - low) * 0.1), 2)
+        if self.breaks(schema, "minimum", path):
+            return round(low - max(0.01, (high - low) * 0.1), 2)
         # A confident model: confidence-like fields land in the upper half of their range.
         share = (
             0.55 + 0.44 * frac
@@ -909,7 +940,16 @@ class _Answerer:
             value = words[min(index, len(words) - 1)]
         else:
             value = " ".join(sentences[index % len(sentences)].split()[:8]).rstrip(",.;:!?")
-        return fit_length(value, min_len, max_len, self.filler)
+        value = fit_length(value, min_len, max_len, self.filler)
+        if max_len is not None and self.breaks(schema, "maxLength", path):
+            # Overlong, as a model that "forgot" the hint writes: the text runs on past the limit.
+            extra = " ".join(self.filler)
+            value = (value + " " + extra + " " + " ".join(sentences))[: max(max_len + 1, int(max_len * 1.3))]
+            while len(value) <= max_len:
+                value += " more"
+        elif min_len and self.breaks(schema, "minLength", path):
+            value = value[: min_len - 1]
+        return value
 
     # -- enums -------------------------------------------------------------------------------
     def choose(self, values: Sequence[Any], path: tuple[Any, ...], k: int) -> list[Any]:
@@ -968,11 +1008,17 @@ _FORMATS: dict[str, Any] = {
 }
 
 
-def answer_for_schema(schema: Mapping[str, Any], text: str) -> SchemaAnswer:
-    """A value valid against ``schema``, chosen from the evidence in ``text``."""
-    answerer = _Answerer(schema, text)
+def answer_for_schema(
+    schema: Mapping[str, Any], text: str, *, break_rate: float = 0.0, break_key: str = ""
+) -> SchemaAnswer:
+    """A value valid against ``schema``, chosen from the evidence in ``text``.
+
+    With ``break_rate`` > 0 a share of the constraints that only live in descriptions (as
+    ``transform_schema`` leaves them) is violated, as a real model sometimes does.
+    """
+    answerer = _Answerer(schema, text, break_rate=break_rate, break_key=break_key)
     value = answerer.gen(schema, (), 0)
-    return SchemaAnswer(value=value, enum_paths=answerer.enum_paths)
+    return SchemaAnswer(value=value, enum_paths=answerer.enum_paths, broken_hints=answerer.broken)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1071,59 +1117,17 @@ def forced_tool(params: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 def validate_params(params: Any, *, require_max_tokens: bool = True) -> str | None:
-    """The API's complaint about a Messages request, or None when it would be accepted."""
-    if not isinstance(params, Mapping):
-        return "params: Input should be a valid dictionary"
-    model = params.get("model")
-    if "model" not in params:
-        return "model: Field required"
-    if not isinstance(model, str) or not model:
-        return "model: Input should be a non-empty string"
-    if require_max_tokens:
-        if "max_tokens" not in params:
-            return "max_tokens: Field required"
-        max_tokens = params["max_tokens"]
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            return "max_tokens: Input should be an integer greater than or equal to 1"
-    if "messages" not in params:
-        return "messages: Field required"
-    messages = params["messages"]
-    if not isinstance(messages, list):
-        return "messages: Input should be a valid list"
-    if not messages:
-        return "messages: at least one message is required"
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            return f"messages.{i}: Input should be a valid dictionary"
-        if message.get("role") not in ("user", "assistant"):
-            return f"messages.{i}.role: Input should be 'user' or 'assistant'"
-        if "content" not in message:
-            return f"messages.{i}.content: Field required"
-        if not isinstance(message["content"], (str, list)):
-            return f"messages.{i}.content: Input should be a valid string or a list of content blocks"
-    system = params.get("system")
-    if system is not None and not isinstance(system, (str, list)):
-        return "system: Input should be a valid string or a list of text blocks"
-    tools = params.get("tools")
-    if tools is not None:
-        if not isinstance(tools, list):
-            return "tools: Input should be a valid list"
-        for i, tool in enumerate(tools):
-            if not isinstance(tool, Mapping) or not isinstance(tool.get("name"), str):
-                return f"tools.{i}.name: Field required"
-    choice = params.get("tool_choice")
-    if isinstance(choice, Mapping) and choice.get("type") == "tool":
-        names = [t.get("name") for t in tools or [] if isinstance(t, Mapping)]
-        if choice.get("name") not in names:
-            return f"tool_choice: Tool '{choice.get('name')}' not found in tools"
-    config = params.get("output_config")
-    if isinstance(config, Mapping) and config.get("format") is not None:
-        fmt = config["format"]
-        if not isinstance(fmt, Mapping) or fmt.get("type") != "json_schema":
-            return "output_config.format.type: Input should be 'json_schema'"
-        if not isinstance(fmt.get("schema"), dict):
-            return "output_config.format.schema: Input should be a valid dictionary"
-    return None
+    """The API's complaint about a Messages request (any model accepted), or None.
+
+    Kept for callers that want the message only; the emulator itself uses
+    ``validation.validate_request``, which also knows models, API versions and betas.
+    """
+    from airflow_provider_fable.emulator.validation import validate_request
+
+    problem = validate_request(
+        params, known_models=None, endpoint="batch" if require_max_tokens else "count_tokens"
+    )
+    return None if problem is None else problem.message
 
 
 # --------------------------------------------------------------------------------------------
@@ -1260,10 +1264,38 @@ class Answer:
     stop_reason: str
     output_tokens: int
     invalid_kind: str | None = None
+    broken_hints: int = 0
 
 
 def _broken_text(json_text: str) -> str:
     return "Here is the JSON you asked for:\n" + json_text[: max(1, len(json_text) // 2)]
+
+
+def _thinking_block(params: Mapping[str, Any], text: str, id_seed: str) -> tuple[dict[str, Any], int] | None:
+    """The thinking block a request with ``thinking`` enabled gets first, and its token cost.
+
+    Thinking tokens are billed as output tokens even when the display is ``omitted`` (the
+    block then carries only the signature), so usage stays honest about what was paid for.
+    """
+    thinking = params.get("thinking")
+    if not isinstance(thinking, Mapping) or thinking.get("type") not in ("enabled", "adaptive"):
+        return None
+    sentences = content_sentences(text) or [text.strip() or "the request"]
+    reasoning = (
+        f"The request is about: {trim_to(sentences[0], 200)} I check which parts of the record "
+        "are evidence for each field before answering, and keep to the requested format."
+    )
+    tokens = estimate_tokens(len(reasoning)) + 40
+    budget = thinking.get("budget_tokens")
+    if isinstance(budget, int) and not isinstance(budget, bool):
+        tokens = min(tokens, budget)
+    omitted = thinking.get("display") == "omitted"
+    block = {
+        "type": "thinking",
+        "thinking": "" if omitted else reasoning,
+        "signature": "Eq" + stable_token(86, id_seed, "thinking-signature"),
+    }
+    return block, tokens
 
 
 def build_answer(
@@ -1272,6 +1304,7 @@ def build_answer(
     invalid_kind: str | None = None,
     id_seed: str = "",
     fault_key: str | None = None,
+    description_break_rate: float = 0.0,
 ) -> Answer:
     """The reply the emulated model gives to ``params`` (already validated).
 
@@ -1279,16 +1312,22 @@ def build_answer(
     requests have no schema to violate and are answered normally. ``id_seed`` derives the
     tool-use id; ``fault_key`` (default: ``id_seed``) picks which field a fault breaks, and
     is kept free of the batch id so a request breaks the same way in every batch.
+    ``description_break_rate`` is the share of description-only constraints the answer ignores.
+    A request with ``thinking`` gets a thinking block first, counted in the output tokens.
     """
     fault_key = id_seed if fault_key is None else fault_key
     text = last_user_text(params)
     max_tokens = params.get("max_tokens")
+    thought = _thinking_block(params, text, id_seed)
+    prefix: list[dict[str, Any]] = [thought[0]] if thought else []
+    thinking_tokens = thought[1] if thought else 0
+    break_rate = description_break_rate if invalid_kind is None else 0.0
     tool = forced_tool(params)
     if tool is not None:
         schema = (
             tool.get("input_schema") if isinstance(tool.get("input_schema"), Mapping) else {"type": "object"}
         )
-        generated = answer_for_schema(schema, text)
+        generated = answer_for_schema(schema, text, break_rate=break_rate, break_key=fault_key)
         value: Any = generated.value if isinstance(generated.value, dict) else {}
         applied = None
         if invalid_kind is not None and invalid_kind != "non_json":
@@ -1296,7 +1335,10 @@ def build_answer(
         if invalid_kind == "non_json" or not isinstance(value, dict):
             reply = _broken_text(json.dumps(value, ensure_ascii=False))
             return Answer(
-                [{"type": "text", "text": reply}], "end_turn", estimate_tokens(len(reply)), "non_json"
+                [*prefix, {"type": "text", "text": reply}],
+                "end_turn",
+                thinking_tokens + estimate_tokens(len(reply)),
+                "non_json",
             )
         block = {
             "type": "tool_use",
@@ -1304,13 +1346,16 @@ def build_answer(
             "name": tool["name"],
             "input": value,
         }
-        return Answer([block], "tool_use", 8 + estimate_tokens(len(_canonical(value))), applied)
+        tokens = thinking_tokens + 8 + estimate_tokens(len(_canonical(value)))
+        return Answer([*prefix, block], "tool_use", tokens, applied, generated.broken_hints)
 
     schema = output_schema(params)
     applied = None
+    broken_hints = 0
     if schema is not None:
-        generated = answer_for_schema(schema, text)
+        generated = answer_for_schema(schema, text, break_rate=break_rate, break_key=fault_key)
         value = generated.value
+        broken_hints = generated.broken_hints
         if invalid_kind == "non_json":
             reply, applied = _broken_text(json.dumps(value, ensure_ascii=False)), "non_json"
         else:
@@ -1321,10 +1366,13 @@ def build_answer(
         reply = free_text_answer(text)
     stop_reason = "end_turn"
     output_tokens = max(1, estimate_tokens(len(reply)))
-    if isinstance(max_tokens, int) and output_tokens > max_tokens:
+    room = max_tokens - thinking_tokens if isinstance(max_tokens, int) else None
+    if room is not None and output_tokens > room:
         # Like the real API: the reply is cut at max_tokens (structured JSON included).
-        reply, output_tokens, stop_reason = reply[: max_tokens * 4], max_tokens, "max_tokens"
-    return Answer([{"type": "text", "text": reply}], stop_reason, output_tokens, applied)
+        room = max(room, 0)
+        reply, output_tokens, stop_reason = reply[: room * 4], room, "max_tokens"
+    content = [*prefix, {"type": "text", "text": reply}] if reply or not prefix else prefix
+    return Answer(content, stop_reason, thinking_tokens + output_tokens, applied, broken_hints)
 
 
 def build_message(
