@@ -128,7 +128,8 @@ _LABEL_PREFIX_RE = re.compile(r"^[A-Za-z][A-Za-z0-9 #_-]{0,24}:\s+")
 _SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?])\s+|\n+")
 _INSTRUCTION_WORDS = frozenset(
     "classify categorize categorise summarize summarise extract analyze analyse label determine "
-    "identify decide output return respond".split()
+    "identify decide output return respond enrich tag score rate assess evaluate qualify review "
+    "read normalize normalise clean map assign fill triage".split()
 )
 
 
@@ -471,6 +472,105 @@ _LEXICON_GROUPS: tuple[_Group, ...] = (
         strong="hacked, breach, phishing, fraud, unauthorized, unauthorised, suspicious, stolen, "
         "compromised, data leak",
     ),
+    # -- firmographics (CRM leads): industries, company size words, buyer personas ----------
+    _Group(
+        ("healthcare", "health", "medical", "health care", "life sciences"),
+        strong="hospital, hospitals, clinic, clinics, patient, patients, medical, healthcare, "
+        "health system, physician, physicians, nurses, pharma, pharmaceutical, biotech, dental, "
+        "ehr, hipaa, care homes, telehealth",
+        normal="health, care, doctors, pharmacy, lab, labs, diagnostics",
+    ),
+    _Group(
+        ("education", "edtech", "higher education", "school"),
+        strong="school, schools, university, universities, college, students, teachers, "
+        "campus, edtech, curriculum, school district, classroom, faculty",
+        normal="learning, courses, course, tutoring, academy, training",
+    ),
+    _Group(
+        ("retail", "ecommerce", "e commerce", "consumer goods"),
+        strong="retail, retailer, stores, storefront, ecommerce, e-commerce, online shop, "
+        "webshop, shoppers, boutique, boutiques, merchandise, point of sale, shopify",
+        normal="shop, shops, store, brand, brands, products, catalog, consumer, apparel, fashion",
+    ),
+    _Group(
+        ("manufacturing", "industrial"),
+        strong="factory, factories, manufacturing, manufacturer, plant, plants, production line, "
+        "assembly line, machining, cnc, industrial, fabrication, shop floor",
+        normal="parts, components, machinery, equipment, production, oem, tooling",
+    ),
+    _Group(
+        ("financial services", "fintech", "banking", "insurance", "finance"),
+        strong="bank, banks, banking, credit union, lender, lending, mortgage, mortgages, "
+        "insurer, insurance, fintech, wealth management, asset management, brokerage, loans",
+        normal="investment, investments, payments, underwriting, claims, portfolio, advisors",
+    ),
+    _Group(
+        ("software", "saas", "technology", "tech", "information technology", "it"),
+        strong="saas, software, b2b software, cloud platform, developer tools, api platform, "
+        "devops, cybersecurity, data platform",
+        normal="platform, app, apps, developers, cloud, engineering team, startup, tech",
+    ),
+    _Group(
+        ("real estate", "property", "proptech"),
+        strong="real estate, property management, properties, landlord, landlords, tenants, "
+        "brokerage, realtor, realtors, apartments, leasing",
+        normal="property, buildings, rentals, listings",
+    ),
+    _Group(
+        ("hospitality", "travel", "restaurants", "food"),
+        strong="hotel, hotels, restaurant, restaurants, resort, resorts, hospitality, catering, "
+        "guests, bookings, travel agency",
+        normal="travel, food, kitchen, menu, venue, venues",
+    ),
+    _Group(
+        ("government", "public sector"),
+        strong="municipal, municipality, city council, county, state agency, government, "
+        "public sector, federal, ministry",
+        normal="agency, public, citizens, city of",
+    ),
+    _Group(
+        ("nonprofit", "non profit", "charity", "ngo"),
+        strong="nonprofit, non-profit, charity, charities, foundation, donors, donations, ngo, volunteers",
+    ),
+    _Group(
+        ("enterprise", "large"),
+        strong="enterprise, fortune 500, multinational, global company, thousands of employees, publicly traded",
+        normal="global, worldwide, offices in, subsidiaries, large",
+    ),
+    _Group(
+        ("small", "smb", "startup", "micro"),
+        strong="startup, small business, family business, founded last year, seed round, "
+        "one person, solo, freelancer, small team",
+        normal="small, founder, founders, bootstrapped, local",
+    ),
+    _Group(
+        ("mid market", "midmarket", "medium business"),
+        strong="mid-market, mid market, midsize, mid-sized, growing company, series b, series c",
+    ),
+    _Group(
+        ("executive", "economic buyer", "decision maker", "c level", "leadership"),
+        strong="ceo, cfo, coo, cmo, cio, chief, founder, co-founder, owner, president, "
+        "vice president, vp, managing director, general manager, partner, budget holder, signs off",
+        normal="head of, director, board, executive",
+    ),
+    _Group(
+        ("technical", "technical buyer", "engineer", "developer", "it"),
+        strong="cto, engineer, engineering, developer, developers, architect, devops, it manager, "
+        "it director, sysadmin, data engineer, security engineer, technical lead, tech lead",
+        normal="technical, integration, api, infrastructure, it",
+    ),
+    _Group(
+        ("end user", "user", "practitioner", "individual contributor"),
+        strong="end user, day to day, hands-on, uses the tool, individual contributor, analyst, "
+        "coordinator, specialist, associate, assistant",
+        normal="team member, staff, representative, agent",
+    ),
+    _Group(
+        ("champion", "influencer", "evaluator"),
+        strong="champion, evaluating, evaluation, trial, pilot, shortlist, comparing vendors, "
+        "proof of concept, poc",
+        normal="interested, exploring, researching, recommended",
+    ),
     _Group(
         ("pii", "personal data", "personal information"),
         strong="ssn, passport, social security, date of birth, credit card",
@@ -631,6 +731,108 @@ _SUMMARY_TOKENS = frozenset(
 )
 _TAG_TOKENS = frozenset("tag tags keyword keywords topic topics phrase phrases entities entity".split())
 _CONFIDENCE_TOKENS = frozenset("confidence probability likelihood certainty score".split())
+_EVIDENCE_TOKENS = frozenset("evidence quote quotes excerpt citation cite snippet supporting verbatim".split())
+_ROLE_KEYS = frozenset("persona role title position job contact".split())
+_SYNONYMS: dict[str, frozenset[str]] = {
+    "persona": _ROLE_KEYS,
+    "role": _ROLE_KEYS,
+    "title": frozenset({"title", "role", "position", "job"}),
+    "company": frozenset("company organization organisation account employer business name".split()),
+    "organization": frozenset("company organization organisation account employer".split()),
+    "reason": frozenset("reason why cause because comment comments feedback".split()),
+    "location": frozenset("location city country region address hq headquarters".split()),
+}
+_ROLE_RE = re.compile(
+    r"\b((?:senior |junior |lead |principal |chief |head of |vp of |vp |vice president of |"
+    r"director of |manager of )?(?:[A-Z][A-Za-z&/-]+ ){0,3}?"
+    r"(?:CEO|CFO|COO|CTO|CMO|CIO|CISO|VP|Founder|Co-founder|Owner|President|Director|Manager|"
+    r"Engineer|Developer|Architect|Analyst|Administrator|Coordinator|Specialist|Officer|Lead|"
+    r"Head of [A-Z][A-Za-z]+|Partner|Consultant|Buyer|Teacher|Principal|Nurse|Physician|Superintendent)"
+    r"(?: (?:Manager|Director|Lead|Officer|Coordinator|Engineer|Specialist|Partner))?"
+    r"(?:(?: of)? [A-Z][A-Za-z&]+(?: [A-Z][A-Za-z&]+)?)?)\b"
+)
+_COUNT_AFTER_RE = re.compile(
+    r"(?<![\w.])(\d[\d,]*(?:\.\d+)?)\s*(k\b)?\+?\s*(?:-\s*|\s+)(?:full[- ]time\s+)?"
+    r"(employees|employee|staff|people|person|workers|engineers|headcount|ftes?|team members|seats|users)\b",
+    re.IGNORECASE,
+)
+_COUNT_BEFORE_RE = re.compile(
+    r"\b(employees|headcount|staff|team size|company size|employee count|size)\s*(?:[:=]|of|is)?\s*"
+    r"(?:about|around|approx\.?|approximately|roughly|~|over|nearly|almost|some)?\s*(\d[\d,]*(?:\.\d+)?)\s*(k\b)?",
+    re.IGNORECASE,
+)
+_BAND_RE = re.compile(r"^\s*(\d[\d,.]*)\s*(k)?\s*(?:-|–|to)\s*(\d[\d,.]*)\s*(k)?\b", re.IGNORECASE)
+_PLUS_RE = re.compile(r"^\s*(?:over\s+|more than\s+)?(\d[\d,.]*)\s*(k)?\s*(?:\+|or more|and above|\b(?=\s*$))", re.IGNORECASE)
+_UNDER_RE = re.compile(r"^\s*(?:<|under\s+|less than\s+|fewer than\s+)(\d[\d,.]*)\s*(k)?", re.IGNORECASE)
+_SIZE_FIELD_TOKENS = frozenset("size employees employee headcount band segment tier bucket".split())
+_SIZE_WORDS: tuple[tuple[frozenset[str], int, int], ...] = (
+    (frozenset("micro solo".split()), 0, 9),
+    (frozenset("small smb startup".split()), 0, 49),
+    (frozenset("medium mid midsize midmarket mid_market mid-market".split()), 50, 999),
+    (frozenset("large enterprise".split()), 1000, 10**9),
+)
+_FIELD_LINE_RE = re.compile(r"^\s*([A-Za-z][A-Za-z0-9 _/-]{0,30}?)\s*[:=]\s*(\S.*?)\s*$", re.MULTILINE)
+
+
+def _number(raw: str, k: str | None) -> int:
+    value = float(raw.replace(",", "")) if raw.replace(",", "").replace(".", "", 1).isdigit() else 0.0
+    return int(value * (1000 if k else 1))
+
+
+def _counts_in(text: str) -> list[int]:
+    """Head counts stated in the record, in order of appearance (for size bands)."""
+    found: list[tuple[int, int]] = []
+    for m in _COUNT_AFTER_RE.finditer(text):
+        found.append((m.start(), _number(m.group(1), m.group(2))))
+    for m in _COUNT_BEFORE_RE.finditer(text):
+        found.append((m.start(), _number(m.group(2), m.group(3))))
+    return [n for _, n in sorted(found) if n > 0]
+
+
+def _band(value: Any) -> tuple[int, int] | None:
+    """The head-count range an enum value names ("11-50", "1000+", "<10"), if it names one."""
+    if not isinstance(value, str):
+        return None
+    m = _BAND_RE.match(value)
+    if m:
+        return _number(m.group(1), m.group(2) or m.group(4)), _number(m.group(3), m.group(4))
+    m = _UNDER_RE.match(value)
+    if m:
+        return 0, _number(m.group(1), m.group(2)) - 1
+    m = _PLUS_RE.match(value)
+    if m and ("+" in value or "more" in value.lower() or "over" in value.lower() or "above" in value.lower()):
+        return _number(m.group(1), m.group(2)), 10**12
+    return None
+
+
+def _band_choice(values: Sequence[Any], counts: Sequence[int], field: str) -> int | None:
+    """Index of the enum value whose range holds the record's head count (None: no match)."""
+    if not counts:
+        return None
+    bands = [_band(v) for v in values]
+    if sum(b is not None for b in bands) < 2:
+        if not set(name_tokens(field)) & _SIZE_FIELD_TOKENS:
+            return None
+        bands = []
+        for v in values:
+            toks = set(name_tokens(str(v))) | {str(v).lower()}
+            bands.append(next(((lo, hi) for words, lo, hi in _SIZE_WORDS if toks & words), None))
+    for count in counts:
+        for i, band in enumerate(bands):
+            if band is not None and band[0] <= count <= band[1]:
+                return i
+    return None
+
+
+def _field_lines(text: str) -> dict[str, str]:
+    """``Key: value`` lines of a record (``Title: VP Sales``), keyed by the key's tokens joined."""
+    out: dict[str, str] = {}
+    for m in _FIELD_LINE_RE.finditer(text):
+        key = " ".join(name_tokens(m.group(1)))
+        if key and key not in out and not m.group(2).startswith("//"):
+            out[key] = m.group(2)
+    return out
+_HINT_BLOCK_RE = re.compile(r"\{[^{}]*\}")
 _EMAIL_RE = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
 _URL_RE = re.compile(r"https?://[^\s<>\"')]+")
 _DATE_RE = re.compile(r"\b(\d{4})-(\d{2})-(\d{2})\b")
@@ -699,6 +901,16 @@ class _Answerer:
         self.evidence = Evidence(text, self.sentences)
         self.filler = _words(text) or ["details"]
         self.enum_paths: list[tuple[tuple[Any, ...], tuple[Any, ...]]] = []
+        #: Counts the record states ("350 employees", "Employees: 1,200", "a 12-person team").
+        self.counts = _counts_in(text)
+        #: ``Key: value`` lines of the record, by key stems, for fields named like a key.
+        self.fields = _field_lines(text)
+        #: (best score, runner-up score) of every enum decision: how sure each choice was.
+        self.decisions: list[tuple[int, int]] = []
+        #: Labels chosen so far, for evidence fields that quote what supports them.
+        self.chosen: list[str] = []
+        #: Decisions and labels of the object being filled (set before its late fields).
+        self.scope: tuple[list[tuple[int, int]], list[str]] = ([], [])
 
     # -- schema plumbing ---------------------------------------------------------------------
     def resolve(self, schema: Any) -> Any:
@@ -804,9 +1016,19 @@ class _Answerer:
         props = schema.get("properties") if isinstance(schema.get("properties"), Mapping) else {}
         required = [r for r in schema.get("required") or [] if isinstance(r, str)]
         out: dict[str, Any] = {}
+        # Fields that judge the others (confidence, evidence quotes) are filled last, from the
+        # decisions made for this object; the output keeps the schema's key order.
+        first_decision = len(self.decisions)
+        first_chosen = len(self.chosen)
+        late = [n for n in props if set(name_tokens(n)) & (_CONFIDENCE_TOKENS | _EVIDENCE_TOKENS)]
         for name, sub in props.items():
-            if depth <= _MAX_DEPTH or name in required:
+            if name not in late and (depth <= _MAX_DEPTH or name in required):
                 out[name] = self.gen(sub, (*path, name), depth + 1)
+        self.scope = (self.decisions[first_decision:], self.chosen[first_chosen:])
+        for name in late:
+            if depth <= _MAX_DEPTH or name in required:
+                out[name] = self.gen(props[name], (*path, name), depth + 1)
+        out = {name: out[name] for name in props if name in out}
         for name in required:
             if name not in out:
                 out[name] = self.string({}, (*path, name))
@@ -861,8 +1083,9 @@ class _Answerer:
             lo = max(lo if lo is not None else -(2**62), int(ex_lo // 1) + 1)
         if ex_hi is not None:
             hi = min(hi if hi is not None else 2**62, int(-(-ex_hi // 1)) - 1)
+        confident = bool(set(name_tokens(self.field_name(path))) & _CONFIDENCE_TOKENS)
         if lo is None and hi is None:
-            lo, hi = (0, 100) if set(name_tokens(self.field_name(path))) & _CONFIDENCE_TOKENS else (0, 10)
+            lo, hi = (0, 100) if confident else (0, 10)
         elif lo is None:
             lo = hi - 10  # type: ignore[operator]
         elif hi is None:
@@ -875,6 +1098,8 @@ class _Answerer:
         if self.breaks(schema, "minimum", path):
             return lo - 1 - stable_hash(self.text, self._path_str(path)) % 5
         step = _constraint(schema, "multipleOf")
+        if confident and self.scope[0] and not step:
+            return lo + round((hi - lo) * self.confidence_share(path))
         h = stable_hash(self.text, self._path_str(path))
         if step and step >= 1 and float(step).is_integer():
             m = int(step)
@@ -889,9 +1114,10 @@ class _Answerer:
         frac = stable_fraction(self.text, self._path_str(path))
         low = lo if lo is not None else ex_lo
         high = hi if hi is not None else ex_hi
+        confident = bool(set(name_tokens(self.field_name(path))) & _CONFIDENCE_TOKENS)
         if low is None and high is None:
-            if set(name_tokens(self.field_name(path))) & _CONFIDENCE_TOKENS:
-                return round(0.55 + 0.44 * frac, 2)
+            if confident:
+                return round(self.confidence_share(path), 2)
             low, high = 0.0, 100.0
         elif low is None:
             low = high - 100.0  # type: ignore[operator]
@@ -905,11 +1131,7 @@ class _Answerer:
         if self.breaks(schema, "minimum", path):
             return round(low - max(0.01, (high - low) * 0.1), 2)
         # A confident model: confidence-like fields land in the upper half of their range.
-        share = (
-            0.55 + 0.44 * frac
-            if set(name_tokens(self.field_name(path))) & _CONFIDENCE_TOKENS
-            else 0.05 + 0.9 * frac
-        )
+        share = self.confidence_share(path) if confident else 0.05 + 0.9 * frac
         # Stay strictly inside so exclusive bounds hold; rounding must not land on a bound.
         value = round(low + (high - low) * share, 2)
         if not low < value < high:
@@ -933,6 +1155,10 @@ class _Answerer:
             value = _format_email(self, path)
         elif toks & {"url", "uri", "link", "website"}:
             value = _format_uri(self, path)
+        elif toks & _EVIDENCE_TOKENS:
+            value = trim_to(self.best_quote(), 280)
+        elif (found := self.field_value(name, schema.get("description"))) is not None:
+            value = found
         elif toks & _SUMMARY_TOKENS:
             value = trim_to(sentences[index % len(sentences)], 280)
         elif toks & _TAG_TOKENS:
@@ -951,11 +1177,85 @@ class _Answerer:
             value = value[: min_len - 1]
         return value
 
+    def confidence_share(self, path: tuple[Any, ...]) -> float:
+        """Where a confidence-like field lands in its range: high when the labels of its object
+        had strong, clear evidence, low when they were guesses (fallbacks, close calls)."""
+        jitter = (stable_fraction(self.text, self._path_str(path)) - 0.5) * 0.08
+        decisions = self.scope[0]
+        if not decisions:
+            return min(0.99, max(0.01, 0.6 + 0.3 * min(1.0, len(self.sentences) / 4) + jitter))
+        strengths = [
+            0.6 * min(1.0, best / 6) + 0.4 * min(1.0, (best - runner_up) / 6) for best, runner_up in decisions
+        ]
+        return min(0.99, max(0.01, 0.2 + 0.75 * sum(strengths) / len(strengths) + jitter))
+
+    def best_quote(self) -> str:
+        """The record sentence that best supports the labels chosen for this object (verbatim)."""
+        sentences = self.sentences or ["n/a"]
+        labels = self.scope[1]
+        best, best_score = sentences[0], 0
+        for sentence in sentences:
+            evidence = Evidence(sentence, [sentence])
+            score = sum(evidence.score(label) for label in labels) + 2 * len(_counts_in(sentence))
+            if score > best_score:
+                best, best_score = sentence, score
+        return best
+
+    def field_value(self, name: str, description: Any) -> str | None:
+        """A free-text field answered from the part of the record it is about.
+
+        A ``Key: value`` line whose key matches the field name (or a synonym: persona ~ title,
+        role) wins; a role-like field takes the job title found in the record; else the
+        sentence sharing most words with the field's name and description. None: no clue.
+        """
+        toks = [t for t in name_tokens(name) if t not in _LABEL_STOPWORDS]
+        if not toks:
+            return None
+        wanted = set(toks)
+        for t in toks:
+            wanted |= _SYNONYMS.get(t, frozenset())
+        roleish = bool(wanted & _ROLE_KEYS)
+        for key, value in self.fields.items():
+            if set(key.split()) & wanted:
+                if roleish:
+                    role = _ROLE_RE.search(value)
+                    if role:
+                        return role.group(1)
+                    if set(key.split()) & {"contact"}:
+                        # "Linda Brooks, Superintendent": the title follows the name.
+                        name_part, comma, title = value.rpartition(",")
+                        if comma and name_part and title.strip():
+                            return title.strip().rstrip(".")
+                        continue
+                return value.strip().rstrip(".")
+        if roleish:
+            role = _ROLE_RE.search(self.text)
+            return role.group(1) if role else None
+        hints = {stem(t) for t in toks}
+        if isinstance(description, str):
+            hints |= {stem(w) for w in _words(_HINT_BLOCK_RE.sub(" ", description)) if len(w) > 3 and w not in _STOPWORDS}
+        best, best_hits = None, 0
+        for sentence in self.sentences:
+            hits = len(hints & {stem(w) for w in _words(sentence)})
+            if hits > best_hits:
+                best, best_hits = sentence, hits
+        return best
+
     # -- enums -------------------------------------------------------------------------------
     def choose(self, values: Sequence[Any], path: tuple[Any, ...], k: int) -> list[Any]:
-        """Enum values ranked by evidence; ties (and no evidence) broken by a stable hash."""
+        """Enum values ranked by evidence; ties (and no evidence) broken by a stable hash.
+
+        Numeric bands ("11-50", "1000+") are matched against a count found in the record
+        (employees, seats...) first: no word of a band label can be evidence for it.
+        """
         scores = [self.evidence.score(v) if isinstance(v, str) else 0 for v in values]
+        band = _band_choice(values, self.counts, self.field_name(path))
+        if band is not None:
+            scores[band] += 6
         best = max(scores)
+        ordered = sorted(scores, reverse=True)
+        runner_up = ordered[1] if len(ordered) > 1 else 0
+        self.decisions.append((best, runner_up))
         where = self._path_str(path)
 
         def rank(i: int) -> tuple[int, int, int]:
@@ -964,7 +1264,9 @@ class _Answerer:
             return (-scores[i], fallback if best == 0 else 0, stable_hash(self.text, where, repr(value)))
 
         order = sorted(range(len(values)), key=rank)
-        return [values[i] for i in order[:k]]
+        picked = [values[i] for i in order[:k]]
+        self.chosen.extend(str(v) for v in picked if isinstance(v, str) and scores[values.index(v)] > 0)
+        return picked
 
 
 def _date_from_text(answerer: _Answerer, path: tuple[Any, ...]) -> str:
