@@ -1673,7 +1673,7 @@ def build_answer(
         # Like the real API: the reply is cut at max_tokens (structured JSON included).
         room = max(room, 0)
         reply, output_tokens, stop_reason = reply[: room * 4], room, "max_tokens"
-    content = [*prefix, {"type": "text", "text": reply}] if reply or not prefix else prefix
+    content = [*prefix, {"type": "text", "text": reply}] if reply else prefix
     return Answer(content, stop_reason, thinking_tokens + output_tokens, applied, broken_hints)
 
 

@@ -78,6 +78,9 @@ def parse_create_body(raw: bytes) -> list[tuple[str, Any]]:
     body = parse_json_body(raw)
     if not isinstance(body, dict):
         raise ApiError(400, "Request body must be a JSON object")
+    for key in body:
+        if key != "requests":
+            raise ApiError(400, f"{key}: Extra inputs are not permitted")
     if "requests" not in body:
         raise ApiError(400, "requests: Field required")
     requests = body["requests"]
@@ -95,6 +98,9 @@ def parse_create_body(raw: bytes) -> list[tuple[str, Any]]:
     for i, item in enumerate(requests):
         if not isinstance(item, dict):
             raise ApiError(400, f"requests.{i}: Input should be a valid dictionary")
+        for key in item:
+            if key not in ("custom_id", "params"):
+                raise ApiError(400, f"requests.{i}.{key}: Extra inputs are not permitted")
         if "custom_id" not in item:
             raise ApiError(400, f"requests.{i}.custom_id: Field required")
         custom_id = item["custom_id"]

@@ -415,8 +415,9 @@ def validate_request(
         if "max_tokens" not in params:
             return _bad("max_tokens: Field required")
         max_tokens = params["max_tokens"]
-        if not _is_int(max_tokens) or max_tokens < 1:
-            return _bad("max_tokens: Input should be an integer greater than or equal to 1")
+        # 0 is valid: it pre-warms the prompt cache without generating (SDK 2.12 docstring).
+        if not _is_int(max_tokens) or max_tokens < 0:
+            return _bad("max_tokens: Input should be an integer greater than or equal to 0")
         limit = max_output_tokens(model)
         if max_tokens > limit:
             return _bad(

@@ -24,7 +24,9 @@ class LeadProfile(BaseModel):
     company_size: Size = Field(description="Employee head-count band.")
     persona: str = Field(max_length=80, description="Job title / buyer persona of the contact.")
     confidence: float = Field(ge=0, le=1, description="How sure you are about industry and size.")
-    evidence: str = Field(max_length=300, description="Verbatim quote from the record that supports the industry.")
+    evidence: str = Field(
+        max_length=300, description="Verbatim quote from the record that supports the industry."
+    )
 
 
 TEMPLATE = "Enrich this inbound lead.\n\nCompany: {company}\nContact: {contact}\nNotes: {notes}"

@@ -23,7 +23,9 @@ def stats(emulator: EmulatorServer) -> dict[str, Any]:
 
 def advance_clock(emulator: EmulatorServer, seconds: float) -> dict[str, Any]:
     """Move the emulator's clock forward (e.g. 24 h to run batches to their expiry)."""
-    response = httpx.post(f"{emulator.base_url}/_emulator/clock", json={"advance_seconds": seconds}, timeout=10)
+    response = httpx.post(
+        f"{emulator.base_url}/_emulator/clock", json={"advance_seconds": seconds}, timeout=10
+    )
     response.raise_for_status()
     return response.json()
 

@@ -299,7 +299,9 @@ def test_messages_endpoint_gives_the_batch_answer(client: anthropic.Anthropic) -
 
 def test_messages_endpoint_validates_synchronously(client: anthropic.Anthropic) -> None:
     with pytest.raises(anthropic.BadRequestError) as info:
-        client.messages.create(model="claude-fable-5", max_tokens=0, messages=[{"role": "user", "content": "x"}])
+        client.messages.create(
+            model="claude-fable-5", max_tokens=-1, messages=[{"role": "user", "content": "x"}]
+        )
     assert "max_tokens" in info.value.body["error"]["message"]  # type: ignore[index]
 
 

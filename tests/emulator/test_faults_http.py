@@ -35,7 +35,9 @@ def _ended_batch(client: anthropic.Anthropic, n: int) -> Any:
 
 
 def test_first_n_errors_are_retried_by_the_sdk(client: anthropic.Anthropic, emulator: EmulatorServer) -> None:
-    counted = client.messages.count_tokens(model="claude-fable-5", messages=[{"role": "user", "content": "hello"}])
+    counted = client.messages.count_tokens(
+        model="claude-fable-5", messages=[{"role": "user", "content": "hello"}]
+    )
     assert counted.input_tokens > 0
     snapshot = stats(emulator)
     assert snapshot["calls"]["count_tokens"] == 3
