@@ -80,7 +80,9 @@ def fast_forward_to_expiry(port: int, processing_seconds: float, done: threading
             )
             with urllib.request.urlopen(request, timeout=5):
                 pass
-            print("  (emulator clock moved forward 24 h: unprocessed requests reach their expiry)", flush=True)
+            print(
+                "  (emulator clock moved forward 24 h: unprocessed requests reach their expiry)", flush=True
+            )
             return
 
 

@@ -156,7 +156,12 @@ def _retry_headers(settings: EmulatorSettings, code: int, now: float) -> dict[st
     if code in (429, 529):
         reset = datetime.fromtimestamp(now, tz=timezone.utc) + timedelta(seconds=faults.retry_after_seconds)
         reset_at = reset.replace(microsecond=0).isoformat().replace("+00:00", "Z")
-        for kind, limit in (("requests", 50), ("tokens", 400_000), ("input-tokens", 400_000), ("output-tokens", 80_000)):
+        for kind, limit in (
+            ("requests", 50),
+            ("tokens", 400_000),
+            ("input-tokens", 400_000),
+            ("output-tokens", 80_000),
+        ):
             headers[f"anthropic-ratelimit-{kind}-limit"] = str(limit)
             headers[f"anthropic-ratelimit-{kind}-remaining"] = "0" if kind == "requests" else str(limit // 2)
             headers[f"anthropic-ratelimit-{kind}-reset"] = reset_at
@@ -283,7 +288,9 @@ def create_app(settings: EmulatorSettings | None = None) -> FastAPI:
         guard(request, "messages")
         params = parse_json_body(await _read_body(request, settings.max_body_bytes))
         version, betas = _api_headers(request)
-        message = await run_in_threadpool(lambda: store.create_message(params, api_version=version, betas=betas))
+        message = await run_in_threadpool(
+            lambda: store.create_message(params, api_version=version, betas=betas)
+        )
         return JSONResponse(message)
 
     # -- emulator control (no auth, never faulted) -------------------------------------------
@@ -309,7 +316,9 @@ def create_app(settings: EmulatorSettings | None = None) -> FastAPI:
         body = parse_json_body(await request.body() or b"{}")
         seconds = body.get("advance_seconds") if isinstance(body, dict) else None
         if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or seconds < 0:
-            raise ApiError(400, "advance_seconds: a number of seconds >= 0 is required (the clock only moves forward)")
+            raise ApiError(
+                400, "advance_seconds: a number of seconds >= 0 is required (the clock only moves forward)"
+            )
         store.clock.advance(float(seconds))
         return JSONResponse(clock_state())
 

@@ -731,7 +731,9 @@ _SUMMARY_TOKENS = frozenset(
 )
 _TAG_TOKENS = frozenset("tag tags keyword keywords topic topics phrase phrases entities entity".split())
 _CONFIDENCE_TOKENS = frozenset("confidence probability likelihood certainty score".split())
-_EVIDENCE_TOKENS = frozenset("evidence quote quotes excerpt citation cite snippet supporting verbatim".split())
+_EVIDENCE_TOKENS = frozenset(
+    "evidence quote quotes excerpt citation cite snippet supporting verbatim".split()
+)
 _ROLE_KEYS = frozenset("persona role title position job contact".split())
 _SYNONYMS: dict[str, frozenset[str]] = {
     "persona": _ROLE_KEYS,
@@ -762,7 +764,9 @@ _COUNT_BEFORE_RE = re.compile(
     re.IGNORECASE,
 )
 _BAND_RE = re.compile(r"^\s*(\d[\d,.]*)\s*(k)?\s*(?:-|–|to)\s*(\d[\d,.]*)\s*(k)?\b", re.IGNORECASE)
-_PLUS_RE = re.compile(r"^\s*(?:over\s+|more than\s+)?(\d[\d,.]*)\s*(k)?\s*(?:\+|or more|and above|\b(?=\s*$))", re.IGNORECASE)
+_PLUS_RE = re.compile(
+    r"^\s*(?:over\s+|more than\s+)?(\d[\d,.]*)\s*(k)?\s*(?:\+|or more|and above|\b(?=\s*$))", re.IGNORECASE
+)
 _UNDER_RE = re.compile(r"^\s*(?:<|under\s+|less than\s+|fewer than\s+)(\d[\d,.]*)\s*(k)?", re.IGNORECASE)
 _SIZE_FIELD_TOKENS = frozenset("size employees employee headcount band segment tier bucket".split())
 _SIZE_WORDS: tuple[tuple[frozenset[str], int, int], ...] = (
@@ -832,6 +836,8 @@ def _field_lines(text: str) -> dict[str, str]:
         if key and key not in out and not m.group(2).startswith("//"):
             out[key] = m.group(2)
     return out
+
+
 _HINT_BLOCK_RE = re.compile(r"\{[^{}]*\}")
 _EMAIL_RE = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
 _URL_RE = re.compile(r"https?://[^\s<>\"')]+")
@@ -1157,7 +1163,11 @@ class _Answerer:
             value = _format_uri(self, path)
         elif toks & _EVIDENCE_TOKENS:
             value = trim_to(self.best_quote(), 280)
-        elif (found := self.field_value(name, schema.get("description"))) is not None:
+        elif (
+            found := self.field_value(
+                name, schema.get("description"), by_overlap=not toks & (_SUMMARY_TOKENS | _TAG_TOKENS)
+            )
+        ) is not None:
             value = found
         elif toks & _SUMMARY_TOKENS:
             value = trim_to(sentences[index % len(sentences)], 280)
@@ -1201,7 +1211,7 @@ class _Answerer:
                 best, best_score = sentence, score
         return best
 
-    def field_value(self, name: str, description: Any) -> str | None:
+    def field_value(self, name: str, description: Any, *, by_overlap: bool = True) -> str | None:
         """A free-text field answered from the part of the record it is about.
 
         A ``Key: value`` line whose key matches the field name (or a synonym: persona ~ title,
@@ -1231,9 +1241,15 @@ class _Answerer:
         if roleish:
             role = _ROLE_RE.search(self.text)
             return role.group(1) if role else None
+        if not by_overlap:
+            return None  # summaries and tags have their own rules
         hints = {stem(t) for t in toks}
         if isinstance(description, str):
-            hints |= {stem(w) for w in _words(_HINT_BLOCK_RE.sub(" ", description)) if len(w) > 3 and w not in _STOPWORDS}
+            hints |= {
+                stem(w)
+                for w in _words(_HINT_BLOCK_RE.sub(" ", description))
+                if len(w) > 3 and w not in _STOPWORDS
+            }
         best, best_hits = None, 0
         for sentence in self.sentences:
             hits = len(hints & {stem(w) for w in _words(sentence)})

@@ -107,7 +107,9 @@ class StateFile:
             row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return default if row is None else json.loads(row[0])
 
-    def load(self) -> Iterator[tuple[str, int, dict[str, Any], list[tuple[str, Any]] | None, list[bytes] | None, bool]]:
+    def load(
+        self,
+    ) -> Iterator[tuple[str, int, dict[str, Any], list[tuple[str, Any]] | None, list[bytes] | None, bool]]:
         """Every stored batch in creation order: (id, seq, meta, requests, lines, deleted)."""
         with self._lock:
             rows = self._conn.execute(

@@ -271,7 +271,11 @@ def _check_thinking(thinking: Any, params: Mapping[str, Any], require_max_tokens
     if not isinstance(thinking, Mapping) or thinking.get("type") not in _THINKING_TYPES:
         return _bad("thinking.type: Input should be 'enabled', 'disabled' or 'adaptive'")
     kind = thinking["type"]
-    allowed = {"enabled": {"type", "budget_tokens", "display"}, "disabled": {"type"}, "adaptive": {"type", "display"}}
+    allowed = {
+        "enabled": {"type", "budget_tokens", "display"},
+        "disabled": {"type"},
+        "adaptive": {"type", "display"},
+    }
     problem = _extra(thinking, allowed[kind], f"thinking.{kind}.")
     if problem:
         return problem
@@ -329,7 +333,9 @@ def validate_schema(schema: Any, where: str = "output_config.format.schema") -> 
         ref = node.get("$ref")
         if ref is not None:
             if not isinstance(ref, str) or ref not in defs:
-                return _bad(f"{where}{at}: $ref {ref!r} must point into this schema's $defs (external refs are not supported)")
+                return _bad(
+                    f"{where}{at}: $ref {ref!r} must point into this schema's $defs (external refs are not supported)"
+                )
             if ref in stack:
                 return _bad(f"{where}{at}: recursive schemas are not supported ($ref {ref} refers to itself)")
             problem = walk(defs[ref], at, (*stack, ref))
@@ -349,7 +355,9 @@ def validate_schema(schema: Any, where: str = "output_config.format.schema") -> 
             return _bad(f"{where}{at}.enum: enum values must be strings, numbers, booleans or null")
         if "object" in kinds or "properties" in node:
             if node.get("additionalProperties") is not False:
-                return _bad(f"{where}{at}: 'additionalProperties' must be explicitly set to false for object types")
+                return _bad(
+                    f"{where}{at}: 'additionalProperties' must be explicitly set to false for object types"
+                )
             props = node.get("properties") or {}
             if not isinstance(props, Mapping):
                 return _bad(f"{where}{at}.properties: Input should be a valid dictionary")
@@ -403,7 +411,9 @@ def validate_request(
     for key in params:
         if key not in allowed:
             if key in _SAMPLING:
-                return _bad(f"{key}: is not supported in API version {api_version}; remove it (or use 2023-06-01)")
+                return _bad(
+                    f"{key}: is not supported in API version {api_version}; remove it (or use 2023-06-01)"
+                )
             return _bad(f"{key}: Extra inputs are not permitted")
     if "model" not in params:
         return _bad("model: Field required")
@@ -502,7 +512,13 @@ def validate_request(
         problem = _extra(config, ("format", "effort"), "output_config.")
         if problem:
             return problem
-        if config.get("effort") is not None and config["effort"] not in ("low", "medium", "high", "xhigh", "max"):
+        if config.get("effort") is not None and config["effort"] not in (
+            "low",
+            "medium",
+            "high",
+            "xhigh",
+            "max",
+        ):
             return _bad("output_config.effort: Input should be 'low', 'medium', 'high', 'xhigh' or 'max'")
         fmt = config.get("format")
         if fmt is not None:
