@@ -738,7 +738,6 @@ _ROLE_KEYS = frozenset("persona role title position job contact".split())
 _SYNONYMS: dict[str, frozenset[str]] = {
     "persona": _ROLE_KEYS,
     "role": _ROLE_KEYS,
-    "title": frozenset({"title", "role", "position", "job"}),
     "company": frozenset("company organization organisation account employer business name".split()),
     "organization": frozenset("company organization organisation account employer".split()),
     "reason": frozenset("reason why cause because comment comments feedback".split()),
@@ -752,6 +751,13 @@ _ROLE_RE = re.compile(
     r"Head of [A-Z][A-Za-z]+|Partner|Consultant|Buyer|Teacher|Principal|Nurse|Physician|Superintendent)"
     r"(?: (?:Manager|Director|Lead|Officer|Coordinator|Engineer|Specialist|Partner))?"
     r"(?:(?: of)? [A-Z][A-Za-z&]+(?: [A-Z][A-Za-z&]+)?)?)\b"
+)
+# "I'm the head of IT at ...", "as a teacher at ...": a role stated in prose, lower case.
+_SELF_ROLE_RE = re.compile(
+    r"\b(?:i am|i'm|im|as)\s+(?:the|a|an|our)\s+((?:[a-z]+\s+){0,2}?(?:head of \w+|director of \w+|"
+    r"vp of \w+|chief \w+ officer|\w+ manager|\w+ director|\w+ engineer|\w+ lead|founder|co-founder|"
+    r"owner|ceo|cto|cfo|coo|teacher|principal|nurse|physician|analyst|developer|engineer|consultant))\b",
+    re.IGNORECASE,
 )
 _COUNT_AFTER_RE = re.compile(
     r"(?<![\w.])(\d[\d,]*(?:\.\d+)?)\s*(k\b)?\+?\s*(?:-\s*|\s+)(?:full[- ]time\s+)?"
@@ -1224,7 +1230,10 @@ class _Answerer:
         wanted = set(toks)
         for t in toks:
             wanted |= _SYNONYMS.get(t, frozenset())
-        roleish = bool(wanted & _ROLE_KEYS)
+        # A bare "title" is a headline; "job_title", "persona" or "role" are about a person.
+        roleish = bool(set(toks) & (_ROLE_KEYS - {"title", "contact"})) or (
+            "title" in toks and bool(set(toks) & {"job", "contact", "person", "lead", "buyer"})
+        )
         for key, value in self.fields.items():
             if set(key.split()) & wanted:
                 if roleish:
@@ -1239,8 +1248,9 @@ class _Answerer:
                         continue
                 return value.strip().rstrip(".")
         if roleish:
-            role = _ROLE_RE.search(self.text)
-            return role.group(1) if role else None
+            role = _ROLE_RE.search(self.text) or _SELF_ROLE_RE.search(self.text)
+            # No title anywhere: say so, as a model would, rather than quote unrelated text.
+            return role.group(1) if role else "unknown"
         if not by_overlap:
             return None  # summaries and tags have their own rules
         hints = {stem(t) for t in toks}

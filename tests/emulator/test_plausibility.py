@@ -113,6 +113,8 @@ def test_held_out_prose_leads(client: anthropic.Anthropic) -> None:
     industry = mean(a["industry"] == truth for a, (_, truth, _) in zip(answers, HELD_OUT, strict=True))
     size = mean(a["company_size"] == band for a, (_, _, band) in zip(answers, HELD_OUT, strict=True))
     assert industry >= 0.75 and size >= 0.75, (industry, size, answers)
+    assert answers[0]["persona"] == "head of IT"  # a role stated in prose
+    assert answers[6]["persona"] == "unknown"  # no role anywhere: no invented one, no company name
 
 
 def _triage_module() -> Any:
