@@ -302,3 +302,31 @@ def wait_for_end(sdk: anthropic.Anthropic, batch_id: str) -> Any:
     from .helpers import wait_ended
 
     return wait_ended(sdk, batch_id)
+
+
+def test_strict_tool_schemas_and_beta_output_format(http: httpx.Client) -> None:
+    loose = {"type": "object", "properties": {"a": {"type": "string"}}}
+    strict_tool = {"name": "t", "strict": True, "input_schema": loose}
+    response = http.post("/v1/messages", json=text_params("x", tools=[strict_tool]))
+    assert response.status_code == 400
+    assert "tools.0.custom.input_schema: 'additionalProperties'" in response.json()["error"]["message"]
+    assert (
+        http.post("/v1/messages", json=text_params("x", tools=[{**strict_tool, "strict": False}])).status_code
+        == 200
+    )
+    # The deprecated top-level output_format exists only behind its beta header.
+    fmt = {"type": "json_schema", "schema": {**loose, "additionalProperties": False}}
+    refused = http.post("/v1/messages", json=text_params("x", output_format=fmt))
+    assert refused.json()["error"]["message"] == "output_format: Extra inputs are not permitted"
+    beta = {"anthropic-beta": "structured-outputs-2025-11-13"}
+    accepted = http.post("/v1/messages", json=text_params("x", output_format=fmt), headers=beta)
+    assert accepted.status_code == 200 and accepted.json()["content"][0]["text"].startswith("{")
+
+
+def test_omitted_thinking_display_keeps_only_the_signature(client: anthropic.Anthropic) -> None:
+    message = client.messages.create(
+        **text_params("Where is my parcel?", max_tokens=2000),
+        thinking={"type": "enabled", "budget_tokens": 1024, "display": "omitted"},
+    )
+    block = message.content[0]
+    assert block.type == "thinking" and block.thinking == "" and block.signature
