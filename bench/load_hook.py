@@ -15,7 +15,7 @@ hook and answered by the emulator's model. Then, each in its own process:
 Prints ``bench load_hook: rows=... hook_rows_s=... file_rows_s=... baseline_rows_s=...
 hook_rss_mb=... baseline_rss_mb=... vs_file=... vs_baseline=...``.
 
-Run: ``.venv/bin/python bench/load_hook.py [--rows 20000]`` (rounded up to whole batches of
+Run: ``.venv/bin/python bench/load_hook.py [--rows 10000]`` (rounded up to whole batches of
 at most 100,000 requests). The default is small because the emulator's model answering the
 requests (not the load) dominates the setup time.
 """
@@ -153,7 +153,7 @@ def run_child(kind: str, batch_ids: list[str], env: dict[str, str], workdir: Pat
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--rows", type=int, default=10_000)
     parser.add_argument("--child")
     parser.add_argument("--batch-ids")
     parser.add_argument("--db")
