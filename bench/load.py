@@ -177,7 +177,12 @@ def child_ours(path: str, rows: int, url: str, schema: str | None) -> dict:
         stats=stats,
     )
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "accepted": stats.accepted, "rejected": stats.rejected, "cpu_start": cpu_start}
+    return {
+        "seconds": seconds,
+        "accepted": stats.accepted,
+        "rejected": stats.rejected,
+        "cpu_start": cpu_start,
+    }
 
 
 def child_baseline(path: str, rows: int, url: str, schema: str | None) -> dict:

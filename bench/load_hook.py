@@ -81,7 +81,9 @@ def child(kind: str, batch_ids: list[str], db: str, file: str | None) -> dict:
         import pandas as pd
         from pydantic import ValidationError
 
-        client = anthropic.Anthropic(api_key=KEY, base_url=json.loads(os.environ["AIRFLOW_CONN_FABLE_DEFAULT"])["host"])
+        client = anthropic.Anthropic(
+            api_key=KEY, base_url=json.loads(os.environ["AIRFLOW_CONN_FABLE_DEFAULT"])["host"]
+        )
         start = time.perf_counter()
         good, bad = [], []
         for batch_id in batch_ids:
@@ -96,7 +98,9 @@ def child(kind: str, batch_ids: list[str], db: str, file: str | None) -> dict:
                 except ValidationError as exc:
                     bad.append({"record_id": item.custom_id, "batch_id": batch_id, "reason": str(exc)[:200]})
                     continue
-                good.append({"ticket_id": item.custom_id, **answer.model_dump(mode="json"), "_batch_id": batch_id})
+                good.append(
+                    {"ticket_id": item.custom_id, **answer.model_dump(mode="json"), "_batch_id": batch_id}
+                )
         pd.DataFrame(good).to_sql(TABLE, engine, if_exists="append", index=False)
         pd.DataFrame(bad).to_sql(f"{TABLE}_rejects", engine, if_exists="append", index=False)
         accepted, rejected = len(good), len(bad)
@@ -143,7 +147,18 @@ for batch_id in {batch_ids!r}:
 def run_child(kind: str, batch_ids: list[str], env: dict[str, str], workdir: Path, file: str) -> dict:
     db = workdir / f"{kind}.db"
     db.unlink(missing_ok=True)
-    cmd = [sys.executable, __file__, "--child", kind, "--batch-ids", ",".join(batch_ids), "--db", str(db), "--file", file]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        kind,
+        "--batch-ids",
+        ",".join(batch_ids),
+        "--db",
+        str(db),
+        "--file",
+        file,
+    ]
     try:
         out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
     except subprocess.CalledProcessError as exc:
@@ -176,7 +191,9 @@ def main() -> None:
             env = _env(base_url, str(workdir / "airflow"))
             start = time.perf_counter()
             batch_ids = create_batches(args.rows, env)
-            print(f"created {len(batch_ids)} batch(es) for {args.rows} requests in {time.perf_counter() - start:.1f}s")
+            print(
+                f"created {len(batch_ids)} batch(es) for {args.rows} requests in {time.perf_counter() - start:.1f}s"
+            )
             file = str(workdir / "results.jsonl")
             download(batch_ids, env, file)
             figures = {k: run_child(k, batch_ids, env, workdir, file) for k in ("hook", "file", "baseline")}

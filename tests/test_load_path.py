@@ -116,8 +116,12 @@ def test_incremental_query_of_the_quickstart_works_with_integer_and_text_ids(eng
     with engine.begin() as conn:
         conn.execute(sa.text(f"CREATE TABLE reviews (review_id {col} PRIMARY KEY, text TEXT)"))
         for i in range(1, 6):
-            conn.execute(sa.text("INSERT INTO reviews VALUES (:i, 'great')"), {"i": i if col == "BIGINT" else str(i)})
-    sink = ResultSink(engine, table="review_sentiment", id_column="review_id", output_model=Paint, id_type=id_kind)
+            conn.execute(
+                sa.text("INSERT INTO reviews VALUES (:i, 'great')"), {"i": i if col == "BIGINT" else str(i)}
+            )
+    sink = ResultSink(
+        engine, table="review_sentiment", id_column="review_id", output_model=Paint, id_type=id_kind
+    )
     sink.ensure_tables()
     load_batch(
         (parse_result_line(line(str(i), paint(i))) for i in (1, 2)),
@@ -166,9 +170,14 @@ def test_timestamps_are_real_and_the_outcomes_view_gives_the_latest_state(engine
     inspector = sa.inspect(engine)
     types = {c["name"]: c["type"] for c in inspector.get_columns("t")}
     assert isinstance(types["_loaded_at"], sa.DateTime)
-    assert isinstance({c["name"]: c["type"] for c in inspector.get_columns("t_rejects")}["rejected_at"], sa.DateTime)
+    assert isinstance(
+        {c["name"]: c["type"] for c in inspector.get_columns("t_rejects")}["rejected_at"], sa.DateTime
+    )
     if engine.dialect.name == "postgresql":
-        assert rows(engine, "SELECT pg_typeof(_loaded_at)::text FROM t LIMIT 1")[0][0] == "timestamp with time zone"
+        assert (
+            rows(engine, "SELECT pg_typeof(_loaded_at)::text FROM t LIMIT 1")[0][0]
+            == "timestamp with time zone"
+        )
         assert rows(engine, "SELECT count(*) FROM t WHERE _loaded_at > now() - interval '1 hour'")[0][0] == 2
     latest = {r.record_id: r for r in rows(engine, "SELECT * FROM t_outcomes")}
     assert {k: (v.outcome, v.batch_id, v.reason) for k, v in latest.items()} == {
