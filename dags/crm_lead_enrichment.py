@@ -9,7 +9,9 @@ a second batch of the same run, only the leads whose first answer is not good en
 * rejected (bad JSON, schema, invariant, errored/expired) by the cheap stage;
 * ``evidence`` that is not a verbatim quote of the record (an invented specific);
 * ``unknown`` in any field on a high-value account (``pipeline_value_usd >= params.high_value_usd``);
-* ``confidence`` below ``params.min_confidence``.
+* ``confidence`` below ``params.min_confidence`` (default 0.5, the prompt's "unsure") on an answer
+  that inferred something: a guess. An all-``unknown`` answer on a low-value lead stays: the cheap
+  model declined to guess, and there is no evidence for the strong one to find either.
 
 ``finalize`` writes one row per lead into ``lead_enrichment`` (the Asset downstream DAGs can be
 scheduled on) with the stage and model that produced it; ``report`` returns escalation counts,
@@ -215,7 +217,9 @@ with DAG(
         "budget_usd": Param(
             25.0, type=["number", "null"], minimum=0, description="Refuse runs estimated above this"
         ),
-        "min_confidence": Param(0.7, type="number", minimum=0, maximum=1),
+        "min_confidence": Param(
+            0.5, type="number", minimum=0, maximum=1, description="Escalate guesses below this"
+        ),
         "high_value_usd": Param(50_000, type="integer", minimum=0, description="unknown on these escalates"),
         "scope": Param("auto", enum=["auto", "interval", "backlog"], description="Which leads a run takes"),
     },
@@ -344,7 +348,11 @@ with DAG(
                         answer[f] == "unknown" for f in ENRICHED_FIELDS
                     ):
                         candidates.append((2, -value, lead_id, "unknown_high_value"))
-                    elif answer["confidence"] < params["min_confidence"]:
+                    elif answer["confidence"] < params["min_confidence"] and any(
+                        answer[f] != "unknown" for f in ENRICHED_FIELDS
+                    ):
+                        # A low-confidence inference is a guess: worth the strong model. A lead the
+                        # cheap model left all-unknown has no evidence to find on a low-value account.
                         candidates.append((3, -value, lead_id, "low_confidence"))
                 candidates.sort()
                 spent = _stage_cost(stage1, params["cheap_model"]) or 0.0

@@ -3,8 +3,13 @@
 Without ``DAG`` it runs ``support_ticket_triage``; ``DAG=crm_lead_enrichment``,
 ``DAG=document_summaries`` or ``DAG=cancellation_reason_cleanup`` run the pattern DAGs and print
 what their technique did (escalations and stage costs; sections and combined summaries;
-label distribution and flagged inconsistencies). Starts ``fable-emulator`` on a free port (3 s per batch, so the sensor really defers, and a few
-injected faults so the reject path shows), runs the DAG once with the real Airflow
+label distribution and flagged inconsistencies).
+
+Starts ``fable-emulator`` on a free port (3 s per batch, so the sensor really defers, and a few
+injected faults so the reject path shows). A small share of requests is never processed, as
+happens in production: like the real API, the emulator keeps the batch ``in_progress`` until
+its 24-hour expiry and then reports them ``expired``, so the demo moves the emulator's clock
+forward a day once the rest of the batch is done. It runs the DAG once with the real Airflow
 (``dag.test()``, triggers inline) in a private AIRFLOW_HOME under ``.demo/``, stops the emulator
 and prints what happened: records submitted, accepted, rejected with top reasons, label
 distribution and tokens. Exit status is non-zero when the run fails or nothing was accepted.
@@ -19,6 +24,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -54,6 +60,40 @@ def start_emulator(port: int, args: argparse.Namespace) -> subprocess.Popen[byte
             time.sleep(0.1)
     proc.terminate()
     raise SystemExit("emulator did not answer within 30 s")
+
+
+def fast_forward_to_expiry(port: int, processing_seconds: float, done: threading.Event) -> None:
+    """Each time new batches exist and their processing window has passed, move the emulator clock 24 h.
+
+    The requests the emulated backend never got to then expire, exactly as they would after a
+    day in production, instead of the demo waiting a day (or the emulator expiring them early).
+    The pattern DAGs create a second batch later in the same run, so this repeats per new batch.
+    """
+    base = f"http://127.0.0.1:{port}/_emulator"
+    seen = advanced_for = 0
+    created_at = 0.0
+    while not done.wait(0.5):
+        try:
+            with urllib.request.urlopen(f"{base}/stats", timeout=5) as resp:
+                created = json.load(resp).get("batches_created", 0)
+        except OSError:
+            continue
+        if created > seen:
+            seen, created_at = created, time.monotonic()
+        if seen > advanced_for and time.monotonic() - created_at > processing_seconds + 1:
+            body = json.dumps({"advance_seconds": 24 * 3600}).encode()
+            request = urllib.request.Request(
+                f"{base}/clock", data=body, headers={"content-type": "application/json"}, method="POST"
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=5):
+                    pass
+            except OSError:
+                continue
+            advanced_for = seen
+            print(
+                "  (emulator clock moved forward 24 h: unprocessed requests reach their expiry)", flush=True
+            )
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -203,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
         f"Starting fable-emulator on 127.0.0.1:{port} ({args.processing_seconds}s per batch) ...", flush=True
     )
     emulator = start_emulator(port, args)
+    done = threading.Event()
+    keeper = threading.Thread(
+        target=fast_forward_to_expiry, args=(port, args.processing_seconds, done), daemon=True
+    )
+    keeper.start()
     try:
         set_connection(
             "fable_default", conn_type="fable", host=f"http://127.0.0.1:{port}", password="demo-key"
@@ -218,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/_emulator/stats", timeout=5) as resp:
             stats = json.load(resp)
     finally:
+        done.set()
         stop(emulator)
     if args.dag in PATTERNS:
         _, printer, table = PATTERNS[args.dag]

@@ -125,7 +125,7 @@ def test_crm_lead_enrichment_cascade(backlog):
     from airflow_provider_fable import example_data as ex
 
     dag = airflow_env.load_dag("crm_lead_enrichment")
-    result = airflow_env.run_dag(dag, conf={"pilot": 120, "high_value_usd": 20_000})
+    result = airflow_env.run_dag(dag, conf={"pilot": 120})
     assert result.state == "success", result.task_states
 
     selected = result.xcom("select_leads")
