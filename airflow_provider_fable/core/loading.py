@@ -7,9 +7,9 @@ without Airflow: the operator only wires a hook's result stream and a database e
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel
 
@@ -17,6 +17,21 @@ from airflow_provider_fable.core.cost import usage_cost_usd
 from airflow_provider_fable.core.results import BatchResult, Usage
 from airflow_provider_fable.core.sinks import ResultSink, resolve
 from airflow_provider_fable.core.validation import Accepted, Rejected, validate_result
+
+
+class RecordOutcome(NamedTuple):
+    """The load's verdict on one record, handed to ``on_outcomes`` once its chunk is committed.
+
+    The ledger stores these (record status, reject reason, retryable), so "which records failed
+    and why" does not have to be inferred from the destination tables.
+    """
+
+    record_id: str
+    custom_id: str
+    status: str  # "accepted" | "rejected"
+    reason: str | None
+    retryable: bool
+    batch_id: str
 
 
 def distribution_fields(output_model: type[BaseModel]) -> list[str]:
@@ -61,8 +76,28 @@ def load_batch(
     sink: ResultSink,
     stats: LoadStats,
     chunk_size: int = 1000,
+    on_outcomes: Callable[[list[RecordOutcome]], None] | None = None,
 ) -> None:
-    """Validate every result of one batch and write it, ``chunk_size`` rows per transaction."""
+    """Validate every result of one batch and write it, ``chunk_size`` rows per transaction.
+
+    ``on_outcomes`` gets each chunk's verdicts after the chunk is written, so whatever it records
+    (the ledger) never claims a row the destination does not have.
+    """
+
+    def flush() -> None:
+        sink.write_accepted(accepted, batch_id=batch_id, model=model_name)
+        sink.write_rejected(rejected, batch_id=batch_id)
+        if on_outcomes is not None and (accepted or rejected):
+            on_outcomes(
+                [RecordOutcome(a.record_id, a.record_id, "accepted", None, False, batch_id) for a in accepted]
+                + [
+                    RecordOutcome(r.record_id, r.record_id, "rejected", r.reason, r.retryable, batch_id)
+                    for r in rejected
+                ]
+            )
+        accepted.clear()
+        rejected.clear()
+
     fields = distribution_fields(output_model)
     for f in fields:
         stats.distribution.setdefault(f, Counter())
@@ -84,12 +119,8 @@ def load_batch(
             stats.rejected += 1
             stats.reasons[outcome.reason] += 1
         if len(accepted) + len(rejected) >= chunk_size:
-            sink.write_accepted(accepted, batch_id=batch_id, model=model_name)
-            sink.write_rejected(rejected, batch_id=batch_id)
-            accepted.clear()
-            rejected.clear()
-    sink.write_accepted(accepted, batch_id=batch_id, model=model_name)
-    sink.write_rejected(rejected, batch_id=batch_id)
+            flush()
+    flush()
     stats.usage.add(batch_usage)
     cost = usage_cost_usd(batch_usage, model_name) if model_name else 0.0
     stats.cost_usd = None if cost is None or stats.cost_usd is None else stats.cost_usd + cost
