@@ -246,14 +246,15 @@ class _Submission:
         self.api = hook.base_url + (
             f"#{settings.get('workspace_id')}" if settings.get("workspace_id") else ""
         )
-        if op.rerun is not None and op.rerun not in RERUN_MODES:
+        self.rerun = op.rerun or None  # a template may render "" for "no rerun"
+        if self.rerun is not None and self.rerun not in RERUN_MODES:
             raise ValueError(f"{op.task_id}: rerun must be one of {RERUN_MODES} or None, got {op.rerun!r}")
-        self.rerun_of = _rerun_job_id(op.rerun_job, self.job_id) if op.rerun else None
+        self.rerun_of = _rerun_job_id(op.rerun_job, self.job_id) if self.rerun else None
 
     # -- selection ---------------------------------------------------------------------------
     def _rerun_ids(self) -> set[str]:
         assert self.rerun_of is not None
-        chosen = set(self.ledger.failed(self.rerun_of, retryable_only=self.op.rerun == "retryable"))
+        chosen = set(self.ledger.failed(self.rerun_of, retryable_only=self.rerun == "retryable"))
         # A retry of this very task must find the records its earlier try already sent again.
         chosen.update(self.ledger.record_ids_of_run(self.job_id, self.run_key))
         return chosen
