@@ -177,7 +177,7 @@ def test_data_intervals_run_once_and_retries_never_pay_twice(
         assert result.state == "success", result.task_states
         start, end = interval_of(result.run_id)
         expected = sum(start <= c < end for c in created)
-        assert expected > 0, (start, end, result.xcom('submit'))
+        assert expected > 0, (start, end, result.xcom("submit"))
         assert result.xcom("submit")["request_count"] == expected
         assert result.xcom("load")["records"] == expected
         total += expected
@@ -233,3 +233,22 @@ def test_airflow_dags_test_cli_runs_the_dag_and_never_logs_the_key(triage_env):
             sa.text("SELECT count(DISTINCT record_id) FROM ticket_triage_rejects")
         ).scalar_one()
     assert loaded > 0 and loaded + rejected == 40
+
+
+def test_quickstart_backfill_commands_are_valid_for_the_example_dag(fable_airflow):
+    """The quickstart's backfill commands, run as written with --dry-run, plan one run per day."""
+    import re
+
+    text = (ROOT / "docs" / "quickstart.md").read_text()
+    commands = re.findall(r"^(airflow backfill create .+)$", text, flags=re.M)
+    assert len(commands) == 2
+    airflow = str(Path(sys.executable).with_name("airflow"))
+    env = {**os.environ, "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags")}
+    subprocess.run([airflow, "dags", "reserialize"], env=env, capture_output=True, check=True, timeout=300)
+    assert commands[1].startswith(commands[0])  # the second only adds --reprocess-behavior
+    args = commands[1].split()[1:] + ["--dry-run"]
+    out = subprocess.run([airflow, *args], env=env, capture_output=True, text=True, timeout=300)
+    logs = out.stdout + out.stderr
+    assert out.returncode == 0, logs[-3000:]
+    days = set(re.findall(r"2026-01-0[5-9]", logs))
+    assert {"2026-01-06", "2026-01-07", "2026-01-08"} <= days, logs[-3000:]
