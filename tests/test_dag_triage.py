@@ -252,3 +252,32 @@ def test_quickstart_backfill_commands_are_valid_for_the_example_dag(fable_airflo
     assert out.returncode == 0, logs[-3000:]
     days = set(re.findall(r"2026-01-0[5-9]", logs))
     assert {"2026-01-06", "2026-01-07", "2026-01-08"} <= days, logs[-3000:]
+
+
+def test_retry_after_create_finds_the_batch_in_the_task_state_store(
+    fable_airflow, fable_emulator_factory, tmp_path, monkeypatch
+):
+    """First try fails right after create + state store write, before the ledger write: Airflow's
+    retry (retries=2) adopts the batch from the task state store, without listing batches."""
+    from airflow_provider_fable.core.ledger import Ledger
+    from airflow_provider_fable.hooks.ledger import embedded_ledger_url
+    from airflow_provider_fable.operators.submit import KILL_ENV
+
+    server = fable_emulator_factory()
+    point_connection_at(server)
+    fable_airflow.set_connection("fable_backlog_db", conn_type="sqlite", host=str(tmp_path / "b.db"))
+    monkeypatch.setenv("FABLE_POLL_SECONDS", "0.2")
+    monkeypatch.setenv("FABLE_RETRY_DELAY_SECONDS", "0")
+    monkeypatch.setenv(KILL_ENV, "raise:after_state_store:1")
+    dag = fable_airflow.load_dag("support_ticket_triage")
+    result = fable_airflow.run_dag(dag, conf={"limit": 20})
+    assert result.state == "success", result.task_states
+    assert result.xcom("submit")["request_count"] == 20
+    emulator = stats(server)
+    assert emulator["batches_created"] == 1
+    assert emulator["calls"].get("list", 0) == 0  # settled by the state store, not by listing
+    ledger = Ledger(sa.create_engine(embedded_ledger_url()))
+    (batch_id,) = result.xcom("submit")["batch_ids"]
+    sub = ledger.submission_for_batch(batch_id)
+    assert sub is not None and sub.state == "adopted"
+    ledger.engine.dispose()

@@ -46,17 +46,28 @@ from airflow_provider_fable.hooks.ledger import batch_candidates, open_ledger
 from airflow_provider_fable.hooks.sql import sqlalchemy_engine
 
 RERUN_MODES = ("failed", "retryable")
-#: Test-only fault seam: ``after_intent:N``, ``after_create:N``, ``after_ledger:N`` or
-#: ``between_shards:N`` SIGKILLs the process at that point of shard N (1-based), exactly like an
-#: OOM kill or a lost worker would. Unset in every real deployment.
+#: Test-only fault seam: ``after_intent:N``, ``after_create:N``, ``after_state_store:N``,
+#: ``after_ledger:N`` or ``between_shards:N`` SIGKILLs the process at that point of shard N
+#: (1-based), exactly like an OOM kill or a lost worker would; with a ``raise:`` prefix the first
+#: try raises there instead (so Airflow's own retry can be watched in-process). Unset in every
+#: real deployment.
 KILL_ENV = "FABLE_FAULT_KILL_AT"
 _STATE_KEY = "fable_batches"  # task state store key: {shard digest: batch id}
 _LEDGER_CHUNK = 1000
 
 
-def _kill_point(name: str, shard: int) -> None:
-    if os.environ.get(KILL_ENV) == f"{name}:{shard}":
+class InjectedFault(FableError):
+    """Raised at a ``raise:`` fault point (tests only)."""
+
+
+def _kill_point(name: str, shard: int, try_number: int = 1) -> None:
+    wanted = os.environ.get(KILL_ENV)
+    if not wanted:
+        return
+    if wanted == f"{name}:{shard}":
         os.kill(os.getpid(), signal.SIGKILL)
+    if wanted == f"raise:{name}:{shard}" and try_number <= 1:
+        raise InjectedFault(f"injected fault at {name} of shard {shard} ({KILL_ENV})")
 
 
 def run_key_of(context: Any) -> str:
@@ -241,6 +252,8 @@ class _Submission:
         self.op, self.log, self.hook, self.job, self.ledger = op, op.log, hook, job, ledger
         self.job_id = job.fingerprint()
         self.run_key = run_key_of(context)
+        ti = context.get("ti") if hasattr(context, "get") else None
+        self.try_number = int(getattr(ti, "try_number", 1) or 1)
         self.state_store = _StateStore(context)
         settings = getattr(hook, "_settings", {}) or {}
         self.api = hook.base_url + (
@@ -433,7 +446,7 @@ class _Submission:
                 self.job_id, run_key=self.run_key, shard=n, records=rows, byte_size=size,
                 model=job.model, api=self.api, digest=digest,
             )  # fmt: skip
-            _kill_point("after_intent", n)
+            _kill_point("after_intent", n, self.try_number)
             try:
                 batch = self.hook.create_batch(requests)
             except FableError as exc:
@@ -443,14 +456,15 @@ class _Submission:
                     f"re-attaches to what exists and reconciles this shard against the API's batch list "
                     f"(orphan_policy={self.op.orphan_policy!r}) before paying again. Cause: {exc}"
                 ) from exc
-            _kill_point("after_create", n)
+            _kill_point("after_create", n, self.try_number)
             self.state_store.put(digest, batch.id)
+            _kill_point("after_state_store", n, self.try_number)
             self.ledger.write_batch(intent.id, batch.id)
-            _kill_point("after_ledger", n)
+            _kill_point("after_ledger", n, self.try_number)
             created.append(batch.id)
             manifest["batch_ids"].append(batch.id)
             manifest["shards"].append({"batch_id": batch.id, "requests": count, "attached": False})
             self.log.info("Batch %d/%d: %s (%d requests)", n, len(shards), batch.id, count)
             if n < len(shards):
-                _kill_point("between_shards", n)
+                _kill_point("between_shards", n, self.try_number)
         return manifest
