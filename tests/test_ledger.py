@@ -318,3 +318,56 @@ def test_an_older_batch_never_overwrites_a_newer_answer(fable_emulator_factory, 
     late = load_op(old).execute({})  # the old batch's load runs late (a cleared task, a backfill)
     assert late["stale_dropped"] == 7 and late["records"] == 0
     assert set(dest_rows(dbs.dest).values()) == set(new["batch_ids"])
+
+
+@pytest.fixture
+def pg_ledger_conn(pg_engine, monkeypatch):
+    """An Airflow postgres connection ``pg_ledger`` to a private database on the local server."""
+    import uuid
+
+    from tests.conftest import PG_URL
+
+    name = f"fable_ledger_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {name}"))
+    url = sa.engine.make_url(PG_URL)
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_PG_LEDGER",
+        json.dumps(
+            {
+                "conn_type": "postgres",
+                "host": url.host,
+                "port": url.port or 5432,
+                "login": url.username,
+                "schema": name,
+            }
+        ),
+    )
+    engine = sa.create_engine(url.set(database=name))
+    yield engine
+    engine.dispose()
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"DROP DATABASE {name} WITH (FORCE)"))
+    admin.dispose()
+
+
+def test_ledger_on_postgresql_through_the_operators(fable_emulator_factory, dbs, pg_ledger_conn):
+    """Lost create response, retry adopts, rerun re-attaches: with the ledger on real PostgreSQL."""
+    server = fable_emulator_factory(
+        faults={"lose_create_response_first_n": 1, "lose_create_response_mode": "drop"}
+    )
+    point_connection_at(server)
+    with pytest.raises(FableError):
+        submit_op(ledger_conn_id="pg_ledger", records=RECORDS + [{"id": "ZD#1 ü", "text": "red"}]).execute(
+            context()
+        )
+    manifest = submit_op(
+        ledger_conn_id="pg_ledger", records=RECORDS + [{"id": "ZD#1 ü", "text": "red"}]
+    ).execute(context())
+    assert manifest["attached"] == 8 and stats(server)["batches_created"] == 1
+    load_op(manifest, ledger_conn_id="pg_ledger").execute({})
+    assert set(dest_rows(dbs.dest)) >= {"ZD#1 ü", "p0"}
+    ledger = Ledger(pg_ledger_conn)
+    assert ledger.summary(manifest["job_fingerprint"]).get("accepted", 0) >= 7
+    assert ledger.submissions_of()[0].state == "adopted"
