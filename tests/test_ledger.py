@@ -138,6 +138,21 @@ def test_intent_batch_outcomes_and_supersede(ledger):
     ]
 
 
+def test_a_late_load_of_the_old_batch_does_not_derail_a_rerun_in_flight(ledger):
+    ledger.register_job("j", model="m")
+    first = ledger.write_intent("j", run_key="k1", shard=1, records=[("r", "r", "d")], byte_size=1, model="m")
+    ledger.write_batch(first.id, "B1")
+    ledger.record_outcomes("j", "B1", [Outcome("r", "r", "rejected", "errored", True, "B1")])
+    rerun = ledger.write_intent("j", run_key="k2", shard=1, records=[("r", "r", "d")], byte_size=1, model="m")
+    # The old batch is loaded again while the rerun's create is in flight.
+    ledger.record_outcomes("j", "B1", [Outcome("r", "r", "rejected", "errored", True, "B1")])
+    assert ledger.record_states("j", ["r"])["r"].status == "pending"
+    ledger.write_batch(rerun.id, "B2")
+    state = ledger.record_states("j", ["r"])["r"]
+    assert (state.status, state.batch_id) == ("submitted", "B2")
+    assert ledger.custom_id_map("B1") == {}  # B1's answers are now stale for r
+
+
 def test_orphan_reconciliation_adopts_abandons_or_refuses(ledger):
     ledger.register_job("j", model="m")
     now = utcnow()

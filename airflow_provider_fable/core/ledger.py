@@ -423,7 +423,9 @@ class Ledger:
             c = self.records.c
             conn.execute(
                 sa.update(self.records)
-                .where(c.submission_id == submission_id, c.status == PENDING)
+                # By submission, whatever the status: a late load of the record's previous batch
+                # must not keep it out of the batch that now holds it.
+                .where(c.submission_id == submission_id)
                 .values(
                     status=SUBMITTED, batch_id=batch_id, attempts=c.attempts + 1, reason=None,
                     retryable=None, superseded_by=None, updated_at=now,
@@ -542,7 +544,8 @@ class Ledger:
     def record_outcomes(self, job_id: str, batch_id: str, outcomes: Sequence[Any]) -> None:
         """Store the load's verdicts for one batch (objects with ``Outcome``'s fields).
 
-        The record's current row changes only when this batch is still its current batch. An
+        The record's current row changes only when this batch is still its current batch (and no
+        resubmission of it is in flight). An
         acceptance marks earlier rejects of the record (in this job and in the job it reruns)
         as superseded, so a fixed record is no longer reported as failed.
         """
@@ -571,7 +574,10 @@ class Ledger:
             conn.execute(
                 sa.update(self.records)
                 .where(
-                    c.job_id == sa.bindparam("j"), c.record_id == sa.bindparam("r"), c.batch_id == sa.bindparam("b")
+                    c.job_id == sa.bindparam("j"),
+                    c.record_id == sa.bindparam("r"),
+                    c.batch_id == sa.bindparam("b"),
+                    c.status != PENDING,  # a resubmission is in flight: this verdict is history
                 )
                 .values(status=sa.bindparam("s"), reason=sa.bindparam("why"), retryable=sa.bindparam("rt"), updated_at=now),
                 [
