@@ -254,11 +254,12 @@ def test_quickstart_backfill_commands_are_valid_for_the_example_dag(fable_airflo
     assert {"2026-01-06", "2026-01-07", "2026-01-08"} <= days, logs[-3000:]
 
 
-def test_retry_after_create_finds_the_batch_in_the_task_state_store(
+def test_run_without_logical_date_and_retry_after_create_uses_the_task_state_store(
     fable_airflow, fable_emulator_factory, tmp_path, monkeypatch
 ):
-    """First try fails right after create + state store write, before the ledger write: Airflow's
-    retry (retries=2) adopts the batch from the task state store, without listing batches."""
+    """A run with no logical date takes the backlog. Its first submit try fails right after create
+    + state store write, before the ledger write: Airflow's retry (retries=2) adopts the batch
+    from the task state store, without listing batches."""
     from airflow_provider_fable.core.ledger import Ledger
     from airflow_provider_fable.hooks.ledger import embedded_ledger_url
     from airflow_provider_fable.operators.submit import KILL_ENV
@@ -270,14 +271,29 @@ def test_retry_after_create_finds_the_batch_in_the_task_state_store(
     monkeypatch.setenv("FABLE_RETRY_DELAY_SECONDS", "0")
     monkeypatch.setenv(KILL_ENV, "raise:after_state_store:1")
     dag = fable_airflow.load_dag("support_ticket_triage")
-    result = fable_airflow.run_dag(dag, conf={"limit": 20})
-    assert result.state == "success", result.task_states
-    assert result.xcom("submit")["request_count"] == 20
+    # A run with no logical date at all (as `airflow dags trigger` makes): it takes the backlog.
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    dr = dag.test(logical_date=None, run_conf={"limit": 20})
+    assert dr.logical_date is None and dr.data_interval_start is None
+    with create_session() as session:
+        states = {
+            ti.task_id: str(getattr(ti.state, "value", ti.state))
+            for ti in dr.get_task_instances(session=session)
+        }
+        rows = session.query(XComModel).filter(
+            XComModel.dag_id == dag.dag_id, XComModel.run_id == dr.run_id, XComModel.key == "return_value"
+        )
+        xcoms = {row.task_id: XComModel.deserialize_value(row) for row in rows}
+    assert set(states.values()) == {"success"}, states
+    submitted = xcoms["submit"]
+    assert submitted["request_count"] == 20
     emulator = stats(server)
     assert emulator["batches_created"] == 1
     assert emulator["calls"].get("list", 0) == 0  # settled by the state store, not by listing
     ledger = Ledger(sa.create_engine(embedded_ledger_url()))
-    (batch_id,) = result.xcom("submit")["batch_ids"]
+    (batch_id,) = submitted["batch_ids"]
     sub = ledger.submission_for_batch(batch_id)
     assert sub is not None and sub.state == "adopted"
     ledger.engine.dispose()
