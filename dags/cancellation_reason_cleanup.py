@@ -199,8 +199,10 @@ with DAG(
             ).ensure_tables()
             tables = _tables(engine)
             window = ex.run_window(context, params["scope"])
+            # Not labelled yet and not already rejected (the job ledger would re-attach those).
             where = (
-                f"NOT EXISTS (SELECT 1 FROM {CLEAN_TABLE} AS r WHERE r.cancellation_id = c.cancellation_id)"
+                f"NOT EXISTS (SELECT 1 FROM {CLEAN_TABLE} AS r WHERE r.cancellation_id = c.cancellation_id) "
+                f"AND NOT EXISTS (SELECT 1 FROM {CLEAN_TABLE}_rejects AS x WHERE x.record_id = c.cancellation_id)"
             )
             binds: dict[str, Any] = {"pilot": params["pilot"]}
             if window:

@@ -254,7 +254,12 @@ with DAG(
                 ).ensure_tables()
             _tables(engine)
             window = ex.run_window(context, params["scope"])
-            where = "NOT EXISTS (SELECT 1 FROM lead_enrichment AS e WHERE e.lead_id = l.lead_id)"
+            # Not enriched yet, and not already failed on the strong model: with the job ledger a
+            # failed lead would only re-attach to its old batch (rerun it with the ledger's rerun=).
+            where = (
+                "NOT EXISTS (SELECT 1 FROM lead_enrichment AS e WHERE e.lead_id = l.lead_id) AND NOT EXISTS "
+                "(SELECT 1 FROM lead_enrichment_stage2_rejects AS x WHERE x.record_id = l.lead_id)"
+            )
             binds: dict[str, Any] = {"pilot": params["pilot"]}
             if window:
                 where += " AND l.created_at >= :start AND l.created_at < :end"

@@ -272,7 +272,13 @@ with DAG(
             ).ensure_tables()
             tables = _tables(engine)
             window = ex.run_window(context, params["scope"])
-            where = "NOT EXISTS (SELECT 1 FROM document_summaries AS s WHERE s.doc_id = d.doc_id)"
+            # Not summarised yet and not already failed (incomplete sections or a rejected combine):
+            # with the job ledger those would only re-attach to their old batches.
+            where = (
+                "NOT EXISTS (SELECT 1 FROM document_summaries AS s WHERE s.doc_id = d.doc_id) "
+                "AND NOT EXISTS (SELECT 1 FROM document_summary_incomplete AS i WHERE i.doc_id = d.doc_id) "
+                "AND NOT EXISTS (SELECT 1 FROM document_summaries_rejects AS x WHERE x.record_id = d.doc_id)"
+            )
             binds: dict[str, Any] = {"pilot": params["pilot"]}
             if window:
                 where += " AND d.created_at >= :start AND d.created_at < :end"
