@@ -11,13 +11,16 @@ import hashlib
 import importlib
 import json
 import string
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from airflow_provider_fable.core.errors import JobSpecError
 
 DEFAULT_MODEL = "claude-sonnet-4-5"
+
+#: What to do with a record whose template field is missing, None or NaN (see ``core.requests``).
+MissingFieldPolicy = Literal["error", "skip", "empty"]
 
 
 def import_output_model(ref: type[BaseModel] | str) -> type[BaseModel]:
@@ -81,6 +84,9 @@ class BatchJob(BaseModel):
     max_tokens: int = Field(default=1024, ge=1, le=128_000)
     temperature: float | None = Field(default=0.0, ge=0.0, le=1.0)
     cache_prompt_prefix: bool = True
+    #: A missing/None/NaN template field: ``error`` (default) fails before anything is paid for,
+    #: ``skip`` leaves the record out (reported), ``empty`` renders it as an empty string.
+    on_missing_field: MissingFieldPolicy = "error"
 
     @field_validator("output_model")
     @classmethod

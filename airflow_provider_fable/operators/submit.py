@@ -13,7 +13,6 @@ this task ``retries=0`` (the example DAG does).
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Iterator, Sequence
 from typing import IO, Any
@@ -22,11 +21,15 @@ from airflow.sdk import BaseOperator
 
 from airflow_provider_fable.core.errors import FableError
 from airflow_provider_fable.core.job import DEFAULT_MODEL, BatchJob
-from airflow_provider_fable.core.requests import build_requests
-from airflow_provider_fable.core.sharding import MAX_BATCH_BYTES, MAX_REQUESTS_PER_BATCH, shard_requests
+from airflow_provider_fable.core.requests import SkippedRecord, build_requests
+from airflow_provider_fable.core.sharding import MAX_BATCH_BYTES, MAX_REQUESTS_PER_BATCH
 from airflow_provider_fable.core.sources import iter_records, iter_sql
+from airflow_provider_fable.core.spool import SpooledShard, iter_body, spool_requests
 from airflow_provider_fable.hooks.fable import FableHook
-from airflow_provider_fable.hooks.sql import sqlalchemy_engine
+from airflow_provider_fable.hooks.sql import preflight_destination, sqlalchemy_engine
+
+#: How many skipped records the manifest lists by id (all are counted and logged).
+_SKIPPED_IN_MANIFEST = 100
 
 
 class FableBatchSubmitOperator(BaseOperator):
@@ -43,6 +46,12 @@ class FableBatchSubmitOperator(BaseOperator):
     :param model: model name; defaults to the connection's ``default_model`` extra, then ``claude-sonnet-4-5``.
     :param sql: query returning the records (templated). :param sql_conn_id: its connection.
     :param sql_parameters: bind parameters for ``sql`` (templated).
+    :param on_missing_field: a record whose template field is missing, None or NaN: ``"error"``
+        (default: the task fails naming record and field, before anything is paid for), ``"skip"``
+        (left out, counted in the manifest's ``skipped`` and logged) or ``"empty"`` (rendered as "").
+    :param destination_conn_id: when set, a pre-flight check runs before the first create: the
+        SQL connection the load task will write to exists and is supported, ``destination_table``
+        and ``destination_id_column`` are valid names and the output model is storable there.
     :return: manifest ``{"batch_ids", "request_count", "model", "job_fingerprint", "shards"}``.
     """
 
@@ -69,6 +78,11 @@ class FableBatchSubmitOperator(BaseOperator):
         fable_conn_id: str = FableHook.default_conn_name,
         max_requests_per_batch: int = MAX_REQUESTS_PER_BATCH,
         max_bytes_per_batch: int = MAX_BATCH_BYTES,
+        on_missing_field: str = "error",
+        destination_conn_id: str | None = None,
+        destination_table: str | None = None,
+        destination_id_column: str = "id",
+        destination_rejects_table: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -92,6 +106,14 @@ class FableBatchSubmitOperator(BaseOperator):
         self.fable_conn_id = fable_conn_id
         self.max_requests_per_batch = max_requests_per_batch
         self.max_bytes_per_batch = max_bytes_per_batch
+        self.on_missing_field = on_missing_field
+        if destination_conn_id and not destination_table:
+            raise ValueError(f"{self.task_id}: destination_conn_id= needs destination_table=")
+        self.destination_conn_id = destination_conn_id
+        self.destination_table = destination_table
+        self.destination_id_column = destination_id_column
+        self.destination_rejects_table = destination_rejects_table
+        self.skipped: list[SkippedRecord] = []
 
     def build_job(self, hook: FableHook | None = None) -> BatchJob:
         model = self.model or (hook.default_model if hook else None) or DEFAULT_MODEL
@@ -105,6 +127,7 @@ class FableBatchSubmitOperator(BaseOperator):
             max_tokens=self.max_tokens,
             temperature=self.temperature,
             cache_prompt_prefix=self.cache_prompt_prefix,
+            on_missing_field=self.on_missing_field,
         )
 
     def iter_source(self, engine: Any = None) -> Iterator[dict[str, Any]]:
@@ -112,25 +135,32 @@ class FableBatchSubmitOperator(BaseOperator):
             return iter_sql(engine, self.sql, self.sql_parameters)
         return iter_records(self.records)
 
-    def _spool(self, job: BatchJob, engine: Any, spool: IO[bytes]) -> list[tuple[int, int]]:
-        """Build and check every request, writing shards to ``spool``; returns (offset, count) per shard.
+    def _spool(self, job: BatchJob, engine: Any, spool: IO[bytes]) -> list[SpooledShard]:
+        """Build and check every request, writing shards to ``spool`` (``core.spool``).
 
-        Only one shard is in memory at a time, and nothing is sent until every record has passed.
+        One request is in memory at a time, and nothing is sent until every record has passed.
         """
-        shards: list[tuple[int, int]] = []
-        built = build_requests(job, self.iter_source(engine))
-        for shard in shard_requests(
-            built, max_requests=self.max_requests_per_batch, max_bytes=self.max_bytes_per_batch
-        ):
-            shards.append((spool.tell(), len(shard)))
-            for request in shard:
-                spool.write(json.dumps(request, ensure_ascii=False, separators=(",", ":")).encode())
-                spool.write(b"\n")
-        return shards
+        self.skipped = []
+        built = build_requests(job, self.iter_source(engine), skipped=self.skipped)
+        return spool_requests(
+            built, spool, max_requests=self.max_requests_per_batch, max_bytes=self.max_bytes_per_batch
+        )
+
+    def preflight(self, job: BatchJob) -> None:
+        """Destination checks the load task would otherwise hit after paying (see ``core.preflight``)."""
+        if self.destination_conn_id:
+            preflight_destination(
+                self.destination_conn_id,
+                table=self.destination_table or "",
+                output_model=job.output_model,
+                id_column=self.destination_id_column,
+                rejects_table=self.destination_rejects_table,
+            )
 
     def execute(self, context: Any) -> dict[str, Any]:
         hook = FableHook(self.fable_conn_id)
         job = self.build_job(hook)
+        self.preflight(job)
         engine = sqlalchemy_engine(self.sql_conn_id) if self.sql is not None else None
         try:
             with tempfile.TemporaryFile(prefix="fable-requests-") as spool:
@@ -142,9 +172,9 @@ class FableBatchSubmitOperator(BaseOperator):
                 engine.dispose()
 
     def _submit(
-        self, hook: FableHook, job: BatchJob, spool: IO[bytes], shards: list[tuple[int, int]]
+        self, hook: FableHook, job: BatchJob, spool: IO[bytes], shards: list[SpooledShard]
     ) -> dict[str, Any]:
-        total = sum(count for _, count in shards)
+        total = sum(shard.count for shard in shards)
         manifest: dict[str, Any] = {
             "batch_ids": [],
             "request_count": total,
@@ -152,6 +182,19 @@ class FableBatchSubmitOperator(BaseOperator):
             "job_fingerprint": job.fingerprint(),
             "shards": [],
         }
+        if self.skipped:
+            manifest["skipped"] = {
+                "count": len(self.skipped),
+                "records": [s.as_dict() for s in self.skipped[:_SKIPPED_IN_MANIFEST]],
+            }
+            self.log.warning(
+                "Skipped %d record(s) with a missing/None/NaN template field (on_missing_field='skip'): %s",
+                len(self.skipped),
+                ", ".join(
+                    f"{s.record_id!r} (#{s.position}: {', '.join(s.fields)})" for s in self.skipped[:20]
+                )
+                + (" ..." if len(self.skipped) > 20 else ""),
+            )
         if not total:
             self.log.warning("The source returned no records; nothing to submit")
             return manifest
@@ -159,18 +202,22 @@ class FableBatchSubmitOperator(BaseOperator):
             "Submitting %d requests for model %s in %d batch(es) (job %s)",
             total, job.model, len(shards), manifest["job_fingerprint"],
         )  # fmt: skip
-        for n, (offset, count) in enumerate(shards, 1):
-            spool.seek(offset)
-            requests = [json.loads(spool.readline()) for _ in range(count)]
+        for n, shard in enumerate(shards, 1):
+            count = shard.count
             try:
-                batch = hook.create_batch(requests)
+                batch = hook.create_batch_from_body(
+                    lambda shard=shard: iter_body(spool, shard), count=count, size=shard.body_bytes
+                )
             except FableError as exc:
                 done = manifest["batch_ids"]
-                raise FableError(
-                    f"creating batch {n}/{len(shards)} failed after {len(done)} batch(es) were created "
-                    f"({', '.join(done) or 'none'}); those are running and billed - load them rather "
-                    f"than resubmitting their records. Cause: {exc}"
-                ) from exc
+                if done:
+                    created = (
+                        f"after {len(done)} batch(es) were created ({', '.join(done)}); those are "
+                        "running and billed - load them rather than resubmitting their records"
+                    )
+                else:
+                    created = "before this task had created any batch"
+                raise FableError(f"creating batch {n}/{len(shards)} failed {created}. Cause: {exc}") from exc
             manifest["batch_ids"].append(batch.id)
             manifest["shards"].append({"batch_id": batch.id, "requests": count})
             self.log.info("Batch %d/%d: %s (%d requests)", n, len(shards), batch.id, count)
