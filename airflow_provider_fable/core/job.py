@@ -11,6 +11,7 @@ import hashlib
 import importlib
 import json
 import string
+from functools import lru_cache
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -45,6 +46,12 @@ def import_output_model(ref: type[BaseModel] | str) -> type[BaseModel]:
 
 def template_fields_of(template: str) -> list[str]:
     """Names used by a ``str.format`` template, e.g. ``"{subject}: {body}"`` -> subject, body."""
+    return list(_template_fields(template))
+
+
+@lru_cache(maxsize=64)
+def _template_fields(template: str) -> tuple[str, ...]:
+    """Parsed once per template: every record's missing-field check asks for them."""
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
@@ -58,7 +65,7 @@ def template_fields_of(template: str) -> list[str]:
         if field_name == "" or field_name.isdigit():
             raise JobSpecError("prompt_template must use named fields like {body}, not positional {}")
         names.append(field_name.split(".")[0].split("[")[0])
-    return names
+    return tuple(names)
 
 
 class FewShotExample(BaseModel):
