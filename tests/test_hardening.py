@@ -17,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 from pydantic import BaseModel, Field
 
-from airflow_provider_fable.core.errors import FableError, RecordError
+from airflow_provider_fable.core.errors import FableError, JobSpecError, RecordError
 from airflow_provider_fable.core.job import BatchJob
 from airflow_provider_fable.core.preflight import PreflightError, check_destination
 from airflow_provider_fable.core.requests import build_requests
@@ -141,6 +141,11 @@ def test_item4_lone_surrogate_is_a_record_error_with_id_and_position(server, tmp
         submit_op(records=str(path)).execute({})
     assert "\\ud83d" in str(info.value)
     assert creates(server) == 0
+
+
+def test_item4_lone_surrogate_in_the_system_prompt_is_a_spec_error():
+    with pytest.raises(JobSpecError, match=r"system_prompt has \\ud800 at character 5"):
+        BatchJob(prompt_template="{id}", output_model=Paint, system_prompt="Pick \ud800 paint.")
 
 
 # ----------------------------------------------------------------------------- item 6

@@ -108,6 +108,21 @@ class BatchJob(BaseModel):
         template_fields_of(value)
         return value
 
+    @field_validator("prompt_template", "system_prompt")
+    @classmethod
+    def _check_encodable(cls, value: str | None, info: Any) -> str | None:
+        """A lone surrogate in shared text would fail every request at the spool, naming nothing."""
+        if value is not None:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                bad = exc.object[exc.start : exc.end].encode("unicode_escape").decode()
+                raise JobSpecError(
+                    f"{info.field_name} has {bad} at character {exc.start}: a lone surrogate that "
+                    "cannot be encoded as UTF-8"
+                ) from None
+        return value
+
     @model_validator(mode="after")
     def _check_examples(self) -> BatchJob:
         for i, example in enumerate(self.few_shot_examples):

@@ -181,7 +181,10 @@ class SkippedRecord:
     fields: list[str]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"record_id": self.record_id, "position": self.position, "fields": self.fields}
+        record_id = (
+            self.record_id if isinstance(self.record_id, (str, int, type(None))) else str(self.record_id)
+        )
+        return {"record_id": record_id, "position": self.position, "fields": self.fields}
 
 
 def build_requests(
