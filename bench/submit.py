@@ -58,7 +58,7 @@ def child(variant: str, n: int) -> None:
     from airflow_provider_fable.core.job import BatchJob
     from airflow_provider_fable.core.requests import build_requests
     from airflow_provider_fable.core.sharding import shard_requests
-    from airflow_provider_fable.core.spool import iter_body, read_requests, spool_requests
+    from airflow_provider_fable.core.spool import iter_body, spool_requests
     from airflow_provider_fable.hooks.fable import FableHook
 
     job = BatchJob(

@@ -106,6 +106,8 @@ class FableBatchSubmitOperator(BaseOperator):
         self.fable_conn_id = fable_conn_id
         self.max_requests_per_batch = max_requests_per_batch
         self.max_bytes_per_batch = max_bytes_per_batch
+        if on_missing_field not in ("error", "skip", "empty"):
+            raise ValueError(f"{self.task_id}: on_missing_field must be 'error', 'skip' or 'empty'")
         self.on_missing_field = on_missing_field
         if destination_conn_id and not destination_table:
             raise ValueError(f"{self.task_id}: destination_conn_id= needs destination_table=")
