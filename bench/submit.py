@@ -152,7 +152,9 @@ def main() -> None:
             env = {
                 **os.environ,
                 "AIRFLOW_HOME": home,
-                "AIRFLOW_CONN_FABLE_DEFAULT": json.dumps({"conn_type": "fable", "host": url, "password": KEY}),
+                "AIRFLOW_CONN_FABLE_DEFAULT": json.dumps(
+                    {"conn_type": "fable", "host": url, "password": KEY}
+                ),
             }
             ours = run_child("stream", n, env)
             base = run_child("baseline", n, env)
