@@ -165,6 +165,21 @@ def test_item6_csv_with_byte_order_mark_keeps_its_first_column(server, tmp_path)
     assert manifest["request_count"] == len(RECORDS)
 
 
+def test_item6_jsonl_with_bom_loads_and_bad_bytes_name_file_and_line(server, tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r) for r in RECORDS).encode() + b"\n")
+    assert submit_op(records=str(path)).execute({})["request_count"] == len(RECORDS)
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(json.dumps(RECORDS[0]).encode() + b'\n{"id": "x", "text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"latin1\.jsonl:2: not UTF-8"):
+        submit_op(records=str(bad)).execute({})
+    csv_bad = tmp_path / "latin1.csv"
+    csv_bad.write_bytes(b"id,text\nx,caf\xe9\n")
+    with pytest.raises(ValueError, match=r"latin1\.csv: not UTF-8"):
+        submit_op(records=str(csv_bad)).execute({})
+    assert creates(server) == 1
+
+
 # ----------------------------------------------------------------------------- item 7
 def test_item7_missing_or_non_sql_destination_fails_before_the_first_create(server):
     with pytest.raises(PreflightError, match="destination connection 'nowhere' does not exist"):
