@@ -89,7 +89,9 @@ class BatchJob(BaseModel):
     system_prompt: str | None = None
     few_shot_examples: list[FewShotExample] = Field(default_factory=list)
     max_tokens: int = Field(default=1024, ge=1, le=128_000)
-    temperature: float | None = Field(default=0.0, ge=0.0, le=1.0)
+    #: Must stay unset: API version 2026-10-21, which the anthropic SDK 2.x sends, rejects
+    #: ``temperature`` (even 0.0) with a 400, so every request of the batch would end errored.
+    temperature: float | None = Field(default=None, ge=0.0, le=1.0)
     cache_prompt_prefix: bool = True
     #: A missing/None/NaN template field: ``error`` (default) fails before anything is paid for,
     #: ``skip`` leaves the record out (reported), ``empty`` renders it as an empty string.
@@ -121,6 +123,17 @@ class BatchJob(BaseModel):
                     f"{info.field_name} has {bad} at character {exc.start}: a lone surrogate that "
                     "cannot be encoded as UTF-8"
                 ) from None
+        return value
+
+    @field_validator("temperature")
+    @classmethod
+    def _no_temperature(cls, value: float | None) -> float | None:
+        # Refused here, before anything is paid for, rather than as N errored results later.
+        if value is not None:
+            raise JobSpecError(
+                f"temperature={value}: the Messages API version 2026-10-21 (sent by anthropic SDK 2.x) "
+                "rejects temperature, top_p and top_k, even at their defaults; leave temperature unset"
+            )
         return value
 
     @model_validator(mode="after")
