@@ -21,7 +21,7 @@ from airflow_provider_fable.core.errors import FableError, JobSpecError, RecordE
 from airflow_provider_fable.core.job import BatchJob
 from airflow_provider_fable.core.preflight import PreflightError, check_destination
 from airflow_provider_fable.core.requests import build_requests
-from airflow_provider_fable.core.schema import model_properties
+from airflow_provider_fable.core.sinks import model_properties
 from airflow_provider_fable.core.spool import iter_body, read_requests, spool_requests
 from airflow_provider_fable.hooks.fable import BatchCreateUncertainError, FableApiError, FableHook
 from airflow_provider_fable.operators.load import FableValidateLoadOperator
@@ -85,10 +85,6 @@ def test_item1_self_referencing_model_properties_are_found_behind_the_root_ref()
     check_destination(table="nodes", id_column="id", output_model=Node)  # storable: no error
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core.sinks.output_columns must read core.schema.model_properties (sink owned by #8)",
-)
 def test_item1_self_referencing_model_answers_load_into_columns(server, dest):
     manifest = submit_op(prompt_template="Tree for {id}: {text}", output_model=Node).execute({})
     summary = FableValidateLoadOperator(

@@ -15,14 +15,16 @@ import sqlalchemy as sa
 from pydantic import BaseModel
 
 from airflow_provider_fable.core.errors import FableError
-from airflow_provider_fable.core.schema import model_properties
+
+# The same reading of the model the sink uses (a root ``$ref`` of a self-referencing model is
+# followed), so the pre-flight judges exactly the columns the load task will derive.
+from airflow_provider_fable.core.sinks import META_COLUMNS as RESERVED_COLUMNS
+from airflow_provider_fable.core.sinks import model_properties
 
 #: The sink's rule for table/column names (plain, unquoted identifiers up to 63 bytes: PostgreSQL).
 SQL_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 #: Dialects the sink can upsert into.
 SUPPORTED_DIALECTS = ("sqlite", "postgresql")
-#: Columns the sink adds next to the model's fields.
-RESERVED_COLUMNS = ("_batch_id", "_model", "_input_tokens", "_output_tokens", "_loaded_at")
 
 
 class PreflightError(FableError):

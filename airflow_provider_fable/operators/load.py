@@ -32,6 +32,9 @@ class FableValidateLoadOperator(BaseOperator):
     :param table: destination table, created from the output model if missing.
     :param id_column: primary-key column holding the record id.
     :param rejects_table: defaults to ``<table>_rejects``.
+    :param id_column_type: ``"text"`` or ``"integer"`` for a new table's id column (match the
+        source id so incremental queries compare like with like); default: follow an existing
+        table, else text.
     :param max_reject_rate: fail the task (after loading) when rejects exceed this share.
     :return: counts, reject reasons, value distributions, token usage and cost.
     """
@@ -49,7 +52,8 @@ class FableValidateLoadOperator(BaseOperator):
         id_column: str = "id",
         rejects_table: str | None = None,
         fable_conn_id: str = FableHook.default_conn_name,
-        chunk_size: int = 1000,
+        chunk_size: int = 10_000,
+        id_column_type: str | None = None,
         max_reject_rate: float | None = None,
         **kwargs: Any,
     ) -> None:
@@ -62,6 +66,7 @@ class FableValidateLoadOperator(BaseOperator):
         self.rejects_table = rejects_table
         self.fable_conn_id = fable_conn_id
         self.chunk_size = chunk_size
+        self.id_column_type = id_column_type
         self.max_reject_rate = max_reject_rate
 
     def execute(self, context: Any) -> dict[str, Any]:
@@ -81,6 +86,7 @@ class FableValidateLoadOperator(BaseOperator):
             id_column=self.id_column,
             output_model=model_cls,
             rejects_table=self.rejects_table,
+            id_type=self.id_column_type,
         )
         sink.ensure_tables()
         stats = LoadStats()
