@@ -24,7 +24,6 @@ from airflow_provider_fable.core.requests import build_requests
 from airflow_provider_fable.core.sinks import model_properties
 from airflow_provider_fable.core.spool import iter_body, read_requests, spool_requests
 from airflow_provider_fable.hooks.fable import BatchCreateUncertainError, FableApiError, FableHook
-from airflow_provider_fable.operators.load import FableValidateLoadOperator
 from airflow_provider_fable.operators.submit import FableBatchSubmitOperator
 from airflow_provider_fable.testing.airflow_env import set_connection
 from airflow_provider_fable.testing.plugin import TEST_API_KEY, point_connection_at
@@ -85,14 +84,12 @@ def test_item1_self_referencing_model_properties_are_found_behind_the_root_ref()
     check_destination(table="nodes", id_column="id", output_model=Node)  # storable: no error
 
 
-def test_item1_self_referencing_model_answers_load_into_columns(server, dest):
-    manifest = submit_op(prompt_template="Tree for {id}: {text}", output_model=Node).execute({})
-    summary = FableValidateLoadOperator(
-        task_id="load", batch_ids=manifest, output_model=Node, destination_conn_id="dest_db", table="nodes"
-    ).execute({})
-    assert summary["accepted"] == len(RECORDS)
-    columns = {c["name"] for c in sa.inspect(dest).get_columns("nodes")}
-    assert {"name", "children"} <= columns
+def test_item1_self_referencing_model_is_refused_before_paying(server):
+    # The API refuses a recursive structured-output schema: every request would end errored after
+    # the wait. (The emulator mirrors that rule; before, answers "loaded" into id-only rows.)
+    with pytest.raises(JobSpecError, match=r"output_model Node is recursive \(Node -> Node\)"):
+        submit_op(prompt_template="Tree for {id}: {text}", output_model=Node).execute({})
+    assert creates(server) == 0
 
 
 # ----------------------------------------------------------------------------- item 3

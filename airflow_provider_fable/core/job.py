@@ -68,6 +68,42 @@ def _template_fields(template: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+def recursive_ref(schema: dict[str, Any]) -> list[str] | None:
+    """The first ``$ref`` cycle of a JSON schema (definition names), or None when there is none.
+
+    A self-referencing pydantic model (``children: list["Node"]``) has one; the Messages API
+    refuses such a structured-output schema, so this is checked before anything is built or paid.
+    """
+    defs = {
+        f"#/{key}/{name}": sub
+        for key in ("$defs", "definitions")
+        for name, sub in schema.get(key, {}).items()
+    }
+
+    def refs(node: Any) -> list[str]:
+        if isinstance(node, dict):
+            own = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+            return own + [r for k, v in node.items() if k not in ("$defs", "definitions") for r in refs(v)]
+        if isinstance(node, list):
+            return [r for v in node for r in refs(v)]
+        return []
+
+    def walk(ref: str, stack: list[str]) -> list[str] | None:
+        if ref in stack:
+            return [r.rsplit("/", 1)[-1] for r in stack[stack.index(ref) :]] + [ref.rsplit("/", 1)[-1]]
+        for nxt in refs(defs.get(ref, {})):
+            found = walk(nxt, [*stack, ref])
+            if found:
+                return found
+        return None
+
+    for ref in refs(schema):
+        found = walk(ref, [])
+        if found:
+            return found
+    return None
+
+
 class FewShotExample(BaseModel):
     """One worked example: an input record and the answer we want for it."""
 
@@ -100,7 +136,15 @@ class BatchJob(BaseModel):
     @field_validator("output_model")
     @classmethod
     def _resolve_output_model(cls, value: Any) -> type[BaseModel]:
-        return import_output_model(value)
+        model = import_output_model(value)
+        cycle = recursive_ref(model.model_json_schema())
+        if cycle:
+            raise JobSpecError(
+                f"output_model {model.__name__} is recursive ({' -> '.join(cycle)}): the API's "
+                "structured outputs do not support recursive schemas, so every request would end "
+                "errored. Bound the nesting with distinct models (e.g. Node -> ChildNode -> LeafNode)"
+            )
+        return model
 
     @field_validator("prompt_template")
     @classmethod
