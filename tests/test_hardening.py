@@ -115,8 +115,10 @@ def test_item3_skip_reports_and_empty_renders(server):
     records = [*RECORDS, {"id": "gap1", "text": None}, {"id": "gap2", "text": math.nan}]
     manifest = submit_op(records=records, on_missing_field="skip").execute({})
     assert manifest["request_count"] == len(RECORDS)
-    assert manifest["skipped"]["count"] == 2
-    assert [(s["record_id"], s["position"], s["fields"]) for s in manifest["skipped"]["records"]] == [
+    assert manifest["missing_field_skipped"]["count"] == 2
+    assert [
+        (s["record_id"], s["position"], s["fields"]) for s in manifest["missing_field_skipped"]["records"]
+    ] == [
         ("gap1", 6, ["text"]),
         ("gap2", 7, ["text"]),
     ]

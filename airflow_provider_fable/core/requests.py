@@ -200,7 +200,7 @@ def build_requests(
     """
     shared = base_params(job)
     prefix = prefix_messages(job)
-    seen: set[str] = set()
+    seen: dict[str, str] = {}
     for position, record in enumerate(records, 1):
         if job.on_missing_field == "skip":
             missing = missing_template_fields(job, record)
@@ -212,9 +212,16 @@ def build_requests(
             request = build_request(job, record, shared=shared, prefix=prefix)
         except RecordError as exc:
             raise exc.at(position) from None
-        if request["custom_id"] in seen:
+        custom_id = request["custom_id"]
+        if custom_id in seen:
+            real = ids.record_id_text(record.get(job.id_field))
+            if seen[custom_id] == real:
+                raise RecordError(real, "custom_id.duplicate", "two source records share this id", position)
             raise RecordError(
-                record.get(job.id_field), "custom_id.duplicate", "two source records share this id", position
+                real,
+                "custom_id.collision",
+                f"its custom_id {custom_id!r} is also the custom_id of record {seen[custom_id]!r}",
+                position,
             )
-        seen.add(request["custom_id"])
+        seen[custom_id] = ids.record_id_text(record.get(job.id_field))
         yield request
