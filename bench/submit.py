@@ -10,7 +10,9 @@ Each variant runs in its own child process (peak RSS is per process, read with `
 against one emulator in yet another process, so the emulator's memory is never counted. The same
 synthetic records (a ticket-like text of ~300 characters) are used by both.
 
-Run: ``.venv/bin/python bench/submit.py [--records 100000 1000000]``
+``--operator`` adds a third child running the whole ``FableBatchSubmitOperator`` (ledger included).
+
+Run: ``.venv/bin/python bench/submit.py [--records 100000 1000000] [--operator]``
 """
 
 from __future__ import annotations
@@ -69,6 +71,23 @@ def child(variant: str, n: int) -> None:
     hook = FableHook()
     start = time.perf_counter()
     ids = []
+    if variant == "operator":
+        # The whole submit task as Airflow runs it (ledger in an embedded SQLite under AIRFLOW_HOME).
+        from airflow_provider_fable.operators.submit import FableBatchSubmitOperator
+
+        op = FableBatchSubmitOperator(
+            task_id="bench_submit",
+            prompt_template=job.prompt_template,
+            system_prompt=job.system_prompt,
+            output_model=Answer,
+            records=lambda: records(n),
+        )
+        ids = op.execute({})["batch_ids"]
+        elapsed = time.perf_counter() - start
+        total = sum(hook.retrieve_batch(b).request_counts.processing for b in ids)
+        assert total == n, f"{variant}: the emulator holds {total} of {n} requests"
+        print(json.dumps({"seconds": elapsed, "batches": len(ids)}), flush=True)
+        return
     with tempfile.TemporaryFile(prefix="bench-spool-") as spool:
         if variant == "stream":
             for shard in spool_requests(build_requests(job, records(n)), spool):
@@ -139,7 +158,10 @@ def start_emulator() -> tuple[subprocess.Popen, str]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, nargs="+", default=[100_000, 1_000_000])
-    parser.add_argument("--child", choices=["stream", "baseline"])
+    parser.add_argument("--child", choices=["stream", "baseline", "operator"])
+    parser.add_argument(
+        "--operator", action="store_true", help="also run the whole submit operator (with its ledger)"
+    )
     args = parser.parse_args()
     if args.child:
         child(args.child, args.records[0])
@@ -158,10 +180,13 @@ def main() -> None:
             }
             ours = run_child("stream", n, env)
             base = run_child("baseline", n, env)
+            whole = run_child("operator", n, env) if args.operator else None
         finally:
             emulator.terminate()
             emulator.wait()
-        for name, r in (("stream", ours), ("baseline", base)):
+        for name, r in (("stream", ours), ("baseline", base), ("operator", whole)):
+            if r is None:
+                continue
             print(
                 f"records={n} path={name} batches={r['batches']} records_per_s={r['rps']:.0f} "
                 f"peak_rss_mb={r['peak_mb']:.0f}"
