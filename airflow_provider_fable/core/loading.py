@@ -16,7 +16,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from pydantic import BaseModel
 
@@ -24,6 +24,14 @@ from airflow_provider_fable.core.cost import usage_cost_usd
 from airflow_provider_fable.core.results import BatchResult, Usage
 from airflow_provider_fable.core.sinks import ResultSink, model_properties, resolve
 from airflow_provider_fable.core.validation import Accepted, Rejected, validate_result
+
+
+class ChunkSink(Protocol):
+    """What ``load_batch`` needs of a destination (``ResultSink``, ``core.parquet`` sinks)."""
+
+    def write_chunk(
+        self, accepted: list[Accepted], rejected: list[Rejected], *, batch_id: str, model: str | None
+    ) -> list[Rejected]: ...
 
 
 class RecordOutcome(NamedTuple):
@@ -94,7 +102,9 @@ class _Writer:
     committed chunk, the rows that turned out unstorable.
     """
 
-    def __init__(self, sink: ResultSink, batch_id: str, model: Callable[[], str | None], threaded: bool):
+    def __init__(
+        self, sink: ResultSink | ChunkSink, batch_id: str, model: Callable[[], str | None], threaded: bool
+    ):
         self.sink, self.batch_id, self.model = sink, batch_id, model
         self.done: queue.Queue[tuple[_Chunk, list[Rejected]] | BaseException] = queue.Queue()
         self.todo: queue.Queue[_Chunk | None] | None = None
@@ -156,7 +166,7 @@ def load_batch(
     *,
     batch_id: str,
     output_model: type[BaseModel],
-    sink: ResultSink,
+    sink: ResultSink | ChunkSink,
     stats: LoadStats,
     chunk_size: int = 10_000,
     on_outcomes: Callable[[list[RecordOutcome]], None] | None = None,
@@ -183,7 +193,8 @@ def load_batch(
     reasons = stats.reasons
     model_name: str | None = None
     if pipeline is None:
-        pipeline = sink.engine.dialect.name == "postgresql"
+        engine = getattr(sink, "engine", None)  # a ParquetSink alone has no database
+        pipeline = engine is not None and engine.dialect.name == "postgresql"
     writer = _Writer(sink, batch_id, lambda: model_name, pipeline)
 
     def report(done: list[tuple[_Chunk, list[Rejected]]]) -> None:
