@@ -360,7 +360,9 @@ def main() -> None:
                       + " ".join(f"{k}={v['seconds']:.2f}s(cpu {v['cpu']:.2f}s)/{v['rss_mb']:.0f}MB"
                                for k, v in figures.items()),
                       flush=True)  # fmt: skip
-                tag = "" if args.pipeline == "default" or backend != "sqlite" else f" pipeline={args.pipeline}"
+                tag = (
+                    "" if args.pipeline == "default" or backend != "sqlite" else f" pipeline={args.pipeline}"
+                )
                 lines.append(
                     f"bench load: backend={backend}{tag} rows={rows} ours_rows_s={ours:.0f} "
                     f"baseline_rows_s={base:.0f} floor_rows_s={floor:.0f} "
