@@ -36,6 +36,7 @@ bench: install
 	$(PY) bench/parse_validate.py
 	$(PY) bench/load.py
 	$(PY) bench/load_hook.py
+	$(PY) bench/parquet.py
 	$(PY) bench/submit.py
 
 # A wheel and an sdist in dist/ (what `pip install dist/airflow_provider_fable-*.whl` installs).
