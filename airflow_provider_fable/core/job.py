@@ -11,13 +11,13 @@ import hashlib
 import importlib
 import json
 import string
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from airflow_provider_fable.core.errors import JobSpecError
 
-DEFAULT_MODEL = "claude-sonnet-4-5"
+DEFAULT_MODEL = "claude-fable-5"
 
 
 def import_output_model(ref: type[BaseModel] | str) -> type[BaseModel]:
@@ -81,6 +81,10 @@ class BatchJob(BaseModel):
     max_tokens: int = Field(default=1024, ge=1, le=128_000)
     temperature: float | None = Field(default=0.0, ge=0.0, le=1.0)
     cache_prompt_prefix: bool = True
+    #: TTL of the shared prefix's cache entry. A batch runs for minutes to hours, longer than the
+    #: 5-minute default, so "1h" keeps the prefix cached across the whole batch (writes cost 2x
+    #: input instead of 1.25x, reads 0.1x either way).
+    cache_ttl: Literal["5m", "1h"] = "1h"
 
     @field_validator("output_model")
     @classmethod

@@ -40,6 +40,8 @@ class LoadStats:
     distribution: dict[str, Counter[str]] = field(default_factory=dict)
     usage: Usage = field(default_factory=Usage)
     cost_usd: float | None = 0.0
+    #: Price table for the cost (default table when None; see core.cost.merge_prices).
+    prices: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -91,5 +93,5 @@ def load_batch(
     sink.write_accepted(accepted, batch_id=batch_id, model=model_name)
     sink.write_rejected(rejected, batch_id=batch_id)
     stats.usage.add(batch_usage)
-    cost = usage_cost_usd(batch_usage, model_name) if model_name else 0.0
+    cost = usage_cost_usd(batch_usage, model_name, prices=stats.prices) if model_name else 0.0
     stats.cost_usd = None if cost is None or stats.cost_usd is None else stats.cost_usd + cost

@@ -25,12 +25,15 @@ class Usage:
     output_tokens: int = 0
     cache_creation_input_tokens: int = 0
     cache_read_input_tokens: int = 0
+    #: The part of ``cache_creation_input_tokens`` written with the 1-hour TTL (priced higher).
+    cache_creation_1h_input_tokens: int = 0
 
     def add(self, other: Usage) -> None:
         self.input_tokens += other.input_tokens
         self.output_tokens += other.output_tokens
         self.cache_creation_input_tokens += other.cache_creation_input_tokens
         self.cache_read_input_tokens += other.cache_read_input_tokens
+        self.cache_creation_1h_input_tokens += other.cache_creation_1h_input_tokens
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -38,6 +41,7 @@ class Usage:
             "output_tokens": self.output_tokens,
             "cache_creation_input_tokens": self.cache_creation_input_tokens,
             "cache_read_input_tokens": self.cache_read_input_tokens,
+            "cache_creation_1h_input_tokens": self.cache_creation_1h_input_tokens,
         }
 
 
@@ -68,6 +72,7 @@ def _usage(raw: dict[str, Any] | None) -> Usage:
         output_tokens=int(raw.get("output_tokens") or 0),
         cache_creation_input_tokens=int(raw.get("cache_creation_input_tokens") or 0),
         cache_read_input_tokens=int(raw.get("cache_read_input_tokens") or 0),
+        cache_creation_1h_input_tokens=int((raw.get("cache_creation") or {}).get("ephemeral_1h_input_tokens") or 0),
     )
 
 

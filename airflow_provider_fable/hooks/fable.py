@@ -229,7 +229,8 @@ class FableHook(BaseHook):
     """Interact with Anthropic's Message Batches API through an Airflow connection.
 
     Connection fields: password = API key, host = base URL override (empty = the public API),
-    extras: ``default_model``, ``timeout`` (seconds), ``max_retries``, ``workspace_id``.
+    extras: ``default_model``, ``timeout`` (seconds), ``max_retries``, ``workspace_id``,
+    ``prices`` (model -> price overrides, see ``core.cost.parse_prices``).
 
     :param fable_conn_id: connection id, default ``fable_default``.
     :param timeout: per-request timeout override (seconds).
@@ -308,6 +309,7 @@ class FableHook(BaseHook):
             "max_retries": retries,
             "workspace_id": extra.get("workspace_id") or None,
             "default_model": extra.get("default_model") or None,
+            "prices": extra.get("prices") or None,
         }
 
     @property
@@ -317,6 +319,11 @@ class FableHook(BaseHook):
     @property
     def default_model(self) -> str | None:
         return self._settings["default_model"]
+
+    @property
+    def price_overrides(self) -> Any:
+        """The connection's ``prices`` extra (model -> price), applied over the default table."""
+        return self._settings.get("prices")
 
     def _client_kwargs(self) -> dict[str, Any]:
         s = self._settings

@@ -14,16 +14,17 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 
-from airflow_provider_fable.core.errors import FableError
+from airflow_provider_fable.core.cost import merge_prices
 from airflow_provider_fable.core.job import import_output_model
 from airflow_provider_fable.core.loading import LoadStats, load_batch
 from airflow_provider_fable.core.manifest import normalise_batch_ids
 from airflow_provider_fable.core.sinks import ResultSink
 from airflow_provider_fable.hooks.fable import FableHook
 from airflow_provider_fable.hooks.sql import sqlalchemy_engine
+from airflow_provider_fable.operators.guarded import LoadGuardrailsMixin
 
 
-class FableValidateLoadOperator(BaseOperator):
+class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
     """Validate every result of the given batches and load them into a SQL database.
 
     :param batch_ids: ids, or the submit/sensor manifest (``{"batch_ids": [...]}``). Templated.
@@ -33,10 +34,29 @@ class FableValidateLoadOperator(BaseOperator):
     :param id_column: primary-key column holding the record id.
     :param rejects_table: defaults to ``<table>_rejects``.
     :param max_reject_rate: fail the task (after loading) when rejects exceed this share.
-    :return: counts, reject reasons, value distributions, token usage and cost.
+    :param max_share: ``{"field": {"value": share}}``: fail (after loading) when more than this
+        share of accepted rows has the value, e.g. ``{"category": {"other": 0.15}}``.
+    :param min_share: same shape; fail when fewer than this share of accepted rows have the value.
+    :param min_accepted: fail (after loading) when fewer rows were accepted.
+    :param fail_when_all_rejected: fail when every result was rejected (default True).
+    :param qa_size: rows in the QA review table ``<table>_qa`` (0 = no QA sample).
+    :param qa_seed: seed of the QA sample (default: the submit's, else 0).
+    :param qa_table: QA table name (default ``<table>_qa``).
+    :param submit_manifest: the submit task's manifest (``submit.output``; templated): gives the
+        estimate for "estimate vs actual" and the input excerpts for the QA table.
+    :param prices: price overrides over the connection's ``prices`` extra and the default table.
+    :return: counts, reject reasons, value distributions, token usage, cost, estimate, QA table;
+        also pushed as XCom ``summary`` when a guardrail fails the task.
     """
 
-    template_fields: Sequence[str] = ("batch_ids", "table", "rejects_table")
+    template_fields: Sequence[str] = (
+        "batch_ids",
+        "table",
+        "rejects_table",
+        "submit_manifest",
+        "max_reject_rate",
+        "min_accepted",
+    )
     ui_color = "#c6e0b4"
 
     def __init__(
@@ -51,6 +71,15 @@ class FableValidateLoadOperator(BaseOperator):
         fable_conn_id: str = FableHook.default_conn_name,
         chunk_size: int = 1000,
         max_reject_rate: float | None = None,
+        max_share: dict[str, dict[str, float]] | None = None,
+        min_share: dict[str, dict[str, float]] | None = None,
+        min_accepted: int | None = None,
+        fail_when_all_rejected: bool = True,
+        qa_size: int = 50,
+        qa_seed: int | None = None,
+        qa_table: str | None = None,
+        submit_manifest: Any = None,
+        prices: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -62,19 +91,30 @@ class FableValidateLoadOperator(BaseOperator):
         self.rejects_table = rejects_table
         self.fable_conn_id = fable_conn_id
         self.chunk_size = chunk_size
+        # Guardrails (operators/guarded.py): checked after the rows are loaded.
         self.max_reject_rate = max_reject_rate
+        self.max_share = max_share
+        self.min_share = min_share
+        self.min_accepted = min_accepted
+        self.fail_when_all_rejected = fail_when_all_rejected
+        self.qa_size = qa_size
+        self.qa_seed = qa_seed
+        self.qa_table = qa_table
+        self.submit_manifest = submit_manifest
+        self.prices = prices
 
     def execute(self, context: Any) -> dict[str, Any]:
         model_cls = import_output_model(self.output_model)
+        self._check_guardrail_config(model_cls)
         hook = FableHook(self.fable_conn_id)
         engine = sqlalchemy_engine(self.destination_conn_id)
         try:
-            return self._load(hook, engine, model_cls)
+            return self._load(hook, engine, model_cls, context)
         finally:
             hook.close()
             engine.dispose()
 
-    def _load(self, hook: FableHook, engine: Any, model_cls: Any) -> dict[str, Any]:
+    def _load(self, hook: FableHook, engine: Any, model_cls: Any, context: Any = None) -> dict[str, Any]:
         sink = ResultSink(
             engine,
             table=self.table,
@@ -83,8 +123,9 @@ class FableValidateLoadOperator(BaseOperator):
             rejects_table=self.rejects_table,
         )
         sink.ensure_tables()
-        stats = LoadStats()
-        for batch_id in normalise_batch_ids(self.batch_ids):
+        stats = LoadStats(prices=merge_prices(hook.price_overrides, self.prices))
+        batch_ids = normalise_batch_ids(self.batch_ids)
+        for batch_id in batch_ids:
             load_batch(
                 hook.iter_results(batch_id),
                 batch_id=batch_id,
@@ -108,11 +149,4 @@ class FableValidateLoadOperator(BaseOperator):
             u.input_tokens, u.output_tokens, u.cache_creation_input_tokens, u.cache_read_input_tokens,
             summary["cost_usd"],
         )  # fmt: skip
-        total = summary["records"]
-        if self.max_reject_rate is not None and total and stats.rejected / total > self.max_reject_rate:
-            raise FableError(
-                f"{stats.rejected}/{total} results rejected ({stats.rejected / total:.1%}), over "
-                f"max_reject_rate {self.max_reject_rate:.1%}; accepted rows are loaded, see "
-                f"{sink.rejects.name} for reasons"
-            )
-        return summary
+        return self._finish_load(engine, sink, batch_ids, summary, context)

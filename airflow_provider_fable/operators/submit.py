@@ -27,9 +27,10 @@ from airflow_provider_fable.core.sharding import MAX_BATCH_BYTES, MAX_REQUESTS_P
 from airflow_provider_fable.core.sources import iter_records, iter_sql
 from airflow_provider_fable.hooks.fable import FableHook
 from airflow_provider_fable.hooks.sql import sqlalchemy_engine
+from airflow_provider_fable.operators.guarded import SubmitGuardrailsMixin
 
 
-class FableBatchSubmitOperator(BaseOperator):
+class FableBatchSubmitOperator(SubmitGuardrailsMixin, BaseOperator):
     """Submit one Messages request per source record as Message Batches.
 
     Records come from exactly one of ``records`` (list of dicts, DataFrame, a .csv/.jsonl path, or
@@ -40,13 +41,26 @@ class FableBatchSubmitOperator(BaseOperator):
     :param id_field: record field whose value becomes the ``custom_id``.
     :param system_prompt: system prompt shared by every request (cached when long enough).
     :param few_shot_examples: ``[{"record": {...}, "answer": {...}}]`` turns placed before each record.
-    :param model: model name; defaults to the connection's ``default_model`` extra, then ``claude-sonnet-4-5``.
+    :param model: model name (templated); defaults to the connection's ``default_model`` extra,
+        then ``claude-fable-5``.
     :param sql: query returning the records (templated). :param sql_conn_id: its connection.
     :param sql_parameters: bind parameters for ``sql`` (templated).
-    :return: manifest ``{"batch_ids", "request_count", "model", "job_fingerprint", "shards"}``.
+    :param cache_ttl: TTL of the shared prefix's prompt cache, ``"1h"`` (default) or ``"5m"``.
+    :param sample: pilot: submit only a seeded random sample of N records spread over the whole
+        source (templated; 0/None = the full run). The manifest says ``pilot``.
+    :param sample_seed: seed of the pilot sample and of the estimate's request sample.
+    :param max_cost_usd: fail before the first create when the estimate is above this (templated).
+    :param prices: price overrides ``{model: {"input": .., "output": .., ...}}`` (USD/MTok) over
+        the connection's ``prices`` extra and the default table (``core.cost``).
+    :param estimate_sample: requests counted with ``count_tokens`` for the estimate (0 = no estimate).
+    :param output_tokens_per_request: output estimate to use instead of the latest pilot's mean.
+    :param qa_excerpts: how many input excerpts to record for the load's QA sample (0 = none).
+    :param qa_seed: seed of the QA sample (must match the load's ``qa_seed``; both default to 0).
+    :return: manifest ``{"batch_ids", "request_count", "model", "job_fingerprint", "shards",
+        "pilot", "estimate", "qa_excerpts"}``.
     """
 
-    template_fields: Sequence[str] = ("sql", "sql_parameters")
+    template_fields: Sequence[str] = ("sql", "sql_parameters", "model", "sample", "max_cost_usd")
     template_ext: Sequence[str] = (".sql",)
     ui_color = "#e8b594"
 
@@ -69,6 +83,15 @@ class FableBatchSubmitOperator(BaseOperator):
         fable_conn_id: str = FableHook.default_conn_name,
         max_requests_per_batch: int = MAX_REQUESTS_PER_BATCH,
         max_bytes_per_batch: int = MAX_BATCH_BYTES,
+        cache_ttl: str = "1h",
+        sample: int | str | None = None,
+        sample_seed: int = 0,
+        max_cost_usd: float | str | None = None,
+        prices: dict[str, Any] | None = None,
+        estimate_sample: int = 50,
+        output_tokens_per_request: float | None = None,
+        qa_excerpts: int = 100,
+        qa_seed: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -92,6 +115,16 @@ class FableBatchSubmitOperator(BaseOperator):
         self.fable_conn_id = fable_conn_id
         self.max_requests_per_batch = max_requests_per_batch
         self.max_bytes_per_batch = max_bytes_per_batch
+        # Guardrails (operators/guarded.py): pilot, estimate, budget cap, QA excerpts.
+        self.cache_ttl = cache_ttl
+        self.sample = sample
+        self.sample_seed = sample_seed
+        self.max_cost_usd = max_cost_usd
+        self.prices = prices
+        self.estimate_sample = estimate_sample
+        self.output_tokens_per_request = output_tokens_per_request
+        self.qa_excerpts = qa_excerpts
+        self.qa_seed = qa_seed
 
     def build_job(self, hook: FableHook | None = None) -> BatchJob:
         model = self.model or (hook.default_model if hook else None) or DEFAULT_MODEL
@@ -105,12 +138,15 @@ class FableBatchSubmitOperator(BaseOperator):
             max_tokens=self.max_tokens,
             temperature=self.temperature,
             cache_prompt_prefix=self.cache_prompt_prefix,
+            cache_ttl=self.cache_ttl,
         )
 
     def iter_source(self, engine: Any = None) -> Iterator[dict[str, Any]]:
         if self.sql is not None:
-            return iter_sql(engine, self.sql, self.sql_parameters)
-        return iter_records(self.records)
+            records = iter_sql(engine, self.sql, self.sql_parameters)
+        else:
+            records = iter_records(self.records)
+        return self._excerpt_tap(self._sampled(records))
 
     def _spool(self, job: BatchJob, engine: Any, spool: IO[bytes]) -> list[tuple[int, int]]:
         """Build and check every request, writing shards to ``spool``; returns (offset, count) per shard.
@@ -135,7 +171,10 @@ class FableBatchSubmitOperator(BaseOperator):
         try:
             with tempfile.TemporaryFile(prefix="fable-requests-") as spool:
                 shards = self._spool(job, engine, spool)
-                return self._submit(hook, job, spool, shards)
+                guarded = self._estimate_before_submit(hook, job, spool, shards)  # may refuse: budget
+                manifest = self._submit(hook, job, spool, shards)
+                self._after_submit(job, manifest, guarded, context)
+                return manifest
         finally:
             hook.close()
             if engine is not None:
