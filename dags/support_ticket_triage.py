@@ -201,7 +201,17 @@ with DAG(
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
-    params={"limit": Param(2000, type="integer", minimum=1, maximum=100_000)},
+    params={
+        "limit": Param(2000, type="integer", minimum=1, maximum=100_000),
+        # Pilot first: `airflow dags trigger support_ticket_triage -c '{"pilot": 200}'` submits a
+        # seeded sample of 200 of the selected tickets; the next full run estimates its output
+        # tokens from that pilot's measured answers.
+        "pilot": Param(0, type="integer", minimum=0, description="0 = full run; N = pilot of N sampled tickets"),
+        "model": Param("claude-fable-5", type="string", description="Model every request is sent to"),
+        "max_cost_usd": Param(
+            None, type=["null", "number"], description="Fail before submitting when the estimate is above this"
+        ),
+    },
     default_args={"retries": 2, "retry_delay": timedelta(minutes=2)},
     tags=["fable", "backlog", "example"],
     doc_md=__doc__,
@@ -249,6 +259,9 @@ with DAG(
         few_shot_examples=FEW_SHOT,
         output_model=TicketTriage,
         max_tokens=400,
+        model="{{ params.model }}",
+        sample="{{ params.pilot }}",
+        max_cost_usd="{{ params.max_cost_usd }}",
         # Until the submit ledger lands, a blind retry could create a second (billed) batch.
         retries=0,
     )
@@ -262,6 +275,9 @@ with DAG(
         destination_conn_id=BACKLOG_CONN_ID,
         table="ticket_triage",
         id_column="ticket_id",
+        submit_manifest=submit.output,  # estimate vs actual cost, input excerpts for the QA table
+        max_reject_rate=0.25,
+        max_share={"priority": {"urgent": 0.5}},
     )
 
     seed_tickets() >> submit >> wait >> load
