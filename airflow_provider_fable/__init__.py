@@ -69,7 +69,7 @@ def get_provider_info() -> dict[str, Any]:
                     "default_model": {
                         "label": "Default model",
                         "schema": {"type": ["string", "null"]},
-                        "description": "Model used when an operator does not name one, e.g. claude-sonnet-4-5.",
+                        "description": "Model used when an operator does not name one (default claude-fable-5).",
                     },
                     "timeout": {
                         "label": "Request timeout (seconds)",
