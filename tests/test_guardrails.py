@@ -220,3 +220,16 @@ def test_example_dag_pilot_then_full_run_within_ten_percent_of_estimate(triage):
     with engine.connect() as conn:
         excerpts = conn.execute(sa.text("SELECT count(source_excerpt) FROM ticket_triage_qa")).scalar_one()
     assert excerpts >= 40  # the submit recorded the inputs a QA sample can pick
+
+
+def test_example_dag_budget_cap_fails_the_submit_before_any_create(triage):
+    airflow_env, server, engine = triage
+    dag = airflow_env.load_dag("support_ticket_triage")
+    result = airflow_env.run_dag(dag, conf={"limit": 100, "max_cost_usd": 0.01})
+    assert result.task_states["submit"] == "failed"
+    assert result.task_states["load"] != "success"
+    seen = stats(server)
+    assert seen["calls"]["count_tokens"] > 0  # the estimate ran ...
+    assert seen["calls"]["create"] == 0  # ... and nothing was created
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM ticket_triage")).scalar_one() == 0

@@ -234,3 +234,21 @@ def test_qa_sample_is_spread_seeded_and_carries_excerpts(sqlite_engine):
     write_qa_sample(sqlite_engine, table=sink.table, id_column="paint_id", batch_ids=["b1"], size=2)
     with sqlite_engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM paint_qa")).scalar_one() == 2
+
+
+def test_qa_sample_on_postgres(pg_engine):
+    sink = ResultSink(pg_engine, table="paint", id_column="paint_id", output_model=Paint)
+    sink.ensure_tables()
+    answers = [
+        Accepted(f"p{i}", {"color": "blue", "glossy": True, "coats": 2, "note": "n"}, Usage())
+        for i in range(12)
+    ]
+    sink.write_accepted(answers, batch_id="b1", model="m")
+    for size in (5, 3):  # recreated, not appended
+        name, n = write_qa_sample(
+            pg_engine, table=sink.table, id_column="paint_id", batch_ids=["b1"], size=size
+        )
+    with pg_engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT paint_id, glossy, coats FROM paint_qa ORDER BY qa_rank")).all()
+    assert (name, n, len(rows)) == ("paint_qa", 3, 3)
+    assert all(r.glossy is True and r.coats == 2 for r in rows)
