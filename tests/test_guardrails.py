@@ -233,3 +233,30 @@ def test_example_dag_budget_cap_fails_the_submit_before_any_create(triage):
     assert seen["calls"]["create"] == 0  # ... and nothing was created
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM ticket_triage")).scalar_one() == 0
+
+
+@pytest.mark.parametrize("ttl", ["1h", "5m"])
+def test_cache_ttl_reaches_the_api_and_is_charged_at_its_rate(fable_emulator_factory, dest, ttl):
+    server = fable_emulator_factory()
+    # Connection-level prices: cache writes 100 $/MTok at 5m, 1000 at 1h, everything else free.
+    prices = {
+        "claude-fable-5": {
+            "input": 0,
+            "output": 0,
+            "cache_read": 0,
+            "cache_write_5m": 100,
+            "cache_write_1h": 1000,
+        }
+    }
+    point_connection_at(server, prices=prices)
+    manifest = submit_op(cache_ttl=ttl, estimate_sample=3).execute({})
+    summary = load_op(manifest, qa_size=0).execute({})
+    written = summary["usage"]["cache_creation_input_tokens"]
+    assert written == manifest["estimate"]["prefix_tokens"] > 0  # one write, then reads
+    assert summary["usage"]["cache_creation_1h_input_tokens"] == (written if ttl == "1h" else 0)
+    rate = 1000 if ttl == "1h" else 100
+    assert summary["cost_usd"] == pytest.approx(written * rate / 1e6 * 0.5)
+    assert manifest["estimate"]["cost_usd"] == pytest.approx(summary["cost_usd"])
+    # An operator-level override wins over the connection's.
+    cheaper = load_op(manifest, qa_size=0, prices={"claude-fable-5": [0, 0]}).execute({})
+    assert cheaper["cost_usd"] == 0
