@@ -206,10 +206,14 @@ with DAG(
         # Pilot first: `airflow dags trigger support_ticket_triage -c '{"pilot": 200}'` submits a
         # seeded sample of 200 of the selected tickets; the next full run estimates its output
         # tokens from that pilot's measured answers.
-        "pilot": Param(0, type="integer", minimum=0, description="0 = full run; N = pilot of N sampled tickets"),
+        "pilot": Param(
+            0, type="integer", minimum=0, description="0 = full run; N = pilot of N sampled tickets"
+        ),
         "model": Param("claude-fable-5", type="string", description="Model every request is sent to"),
         "max_cost_usd": Param(
-            None, type=["null", "number"], description="Fail before submitting when the estimate is above this"
+            None,
+            type=["null", "number"],
+            description="Fail before submitting when the estimate is above this",
         ),
     },
     default_args={"retries": 2, "retry_delay": timedelta(minutes=2)},

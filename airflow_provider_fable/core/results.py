@@ -72,7 +72,9 @@ def _usage(raw: dict[str, Any] | None) -> Usage:
         output_tokens=int(raw.get("output_tokens") or 0),
         cache_creation_input_tokens=int(raw.get("cache_creation_input_tokens") or 0),
         cache_read_input_tokens=int(raw.get("cache_read_input_tokens") or 0),
-        cache_creation_1h_input_tokens=int((raw.get("cache_creation") or {}).get("ephemeral_1h_input_tokens") or 0),
+        cache_creation_1h_input_tokens=int(
+            (raw.get("cache_creation") or {}).get("ephemeral_1h_input_tokens") or 0
+        ),
     )
 
 
