@@ -38,9 +38,11 @@ from airflow_provider_fable.core.guardrails import (
     raise_on_breaches,
 )
 from airflow_provider_fable.core.job import BatchJob
+from airflow_provider_fable.core.loading import distribution_fields
 from airflow_provider_fable.core.qa import excerpt, write_qa_sample
 from airflow_provider_fable.core.requests import render_prompt
 from airflow_provider_fable.core.sampling import BottomK
+from airflow_provider_fable.core.sinks import resolve
 
 _CUSTOM_ID = re.compile(rb'"custom_id":"((?:[^"\\]|\\.)*)"')
 PILOT_VARIABLE_PREFIX = "fable_pilot_"
@@ -298,12 +300,8 @@ class LoadGuardrailsMixin:
     log: Any
 
     def _check_guardrail_config(self, model_cls: Any) -> None:
-        from airflow_provider_fable.core.loading import distribution_fields
-
         schema = model_cls.model_json_schema(by_alias=True)
         defs = schema.get("$defs", {})
-        from airflow_provider_fable.core.sinks import resolve
-
         fields: dict[str, list[str] | None] = {}
         for name in distribution_fields(model_cls):
             target = resolve(schema["properties"][name], defs)
@@ -332,6 +330,7 @@ class LoadGuardrailsMixin:
         submitted = self._submit_manifest()
         estimate = submitted.get("estimate") or {}
         summary["estimated_cost_usd"] = estimate.get("cost_usd")
+        summary["pilot"] = submitted.get("pilot", False)
         summary["cache_hit_share"] = cache_hit_share(summary.get("usage") or {})
         if self.qa_size:
             excerpts = (submitted.get("qa_excerpts") or {}).get("records") or {}
