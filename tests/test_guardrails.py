@@ -260,3 +260,14 @@ def test_cache_ttl_reaches_the_api_and_is_charged_at_its_rate(fable_emulator_fac
     # An operator-level override wins over the connection's.
     cheaper = load_op(manifest, qa_size=0, prices={"claude-fable-5": [0, 0]}).execute({})
     assert cheaper["cost_usd"] == 0
+
+
+def test_failed_estimate_blocks_only_a_capped_run(fable_emulator_factory):
+    faults = {"http_error_rate": 1.0, "http_error_codes": [500], "http_error_endpoints": ["count_tokens"]}
+    server = fable_emulator_factory(faults=faults)
+    point_connection_at(server, max_retries=0)
+    with pytest.raises(Exception, match="max_cost_usd=5.0 is set but the estimate failed"):
+        submit_op(max_cost_usd=5).execute({})
+    assert stats(server)["calls"]["create"] == 0
+    manifest = submit_op().execute({})  # no cap: the estimate is information, the run goes on
+    assert "estimate" not in manifest and len(manifest["batch_ids"]) == 1

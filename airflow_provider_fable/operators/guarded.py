@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
 from airflow_provider_fable.core.cost import merge_prices
-from airflow_provider_fable.core.errors import RecordError
+from airflow_provider_fable.core.errors import FableError, RecordError
 from airflow_provider_fable.core.estimate import (
     OUTPUT_FROM_PILOT,
     OUTPUT_GIVEN,
@@ -241,8 +241,18 @@ class SubmitGuardrailsMixin:
             return extra
         prices = self._price_table(hook)
         sampled = self._sample_spool(spool, self.estimate_sample, self.sample_seed)
-        counts = [hook.count_tokens(r["params"]) for r in sampled]
-        prefix = self._prefix_tokens(hook, job, sampled[0]["params"], counts[0])
+        try:
+            counts = [hook.count_tokens(r["params"]) for r in sampled]
+            prefix = self._prefix_tokens(hook, job, sampled[0]["params"], counts[0])
+        except FableError as exc:
+            if max_cost is not None:
+                raise FableError(
+                    f"max_cost_usd={max_cost} is set but the estimate failed, so the budget can not be "
+                    f"checked; nothing was submitted. Cause: {exc}"
+                ) from exc
+            # Without a cap the estimate is information, not a gate: do not block the run on it.
+            self.log.warning("No cost estimate: count_tokens failed (%s); submitting without one", exc)
+            return extra
         given = opt_float(self.output_tokens_per_request, "output_tokens_per_request")
         if given is not None:
             output, basis, detail = given, OUTPUT_GIVEN, f"given: output_tokens_per_request={given}"
