@@ -34,6 +34,7 @@ lint: install
 
 bench: install
 	$(PY) bench/parse_validate.py
+	$(PY) bench/pilot_sample.py
 
 # Re-resolve the lock after changing dependencies in pyproject.toml.
 lock:
