@@ -271,3 +271,38 @@ def test_failed_estimate_blocks_only_a_capped_run(fable_emulator_factory):
     assert stats(server)["calls"]["create"] == 0
     manifest = submit_op().execute({})  # no cap: the estimate is information, the run goes on
     assert "estimate" not in manifest and len(manifest["batch_ids"]) == 1
+
+
+def test_example_dag_guardrail_breach_fails_the_load_with_rows_loaded(
+    fable_airflow, fable_emulator_factory, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("FABLE_POLL_SECONDS", "0.2")
+    # Half the answers broken: over the DAG's max_reject_rate=0.25.
+    server = fable_emulator_factory(faults={"invalid_answer_rate": 0.5, "seed": 2})
+    point_connection_at(server)
+    db = tmp_path / "backlog.db"
+    fable_airflow.set_connection("fable_backlog_db", conn_type="sqlite", host=str(db))
+    dag = fable_airflow.load_dag("support_ticket_triage")
+    dag.get_task(
+        "load"
+    ).retries = 0  # a guardrail failure is not transient; dag.test() would wait out retry_delay
+    result = fable_airflow.run_dag(dag, conf={"limit": 60})
+    assert result.task_states["submit"] == "success"
+    assert result.task_states["load"] == "failed"
+    engine = sa.create_engine(f"sqlite:///{db}")
+    try:
+        with engine.connect() as conn:
+            accepted = conn.execute(sa.text("SELECT count(*) FROM ticket_triage")).scalar_one()
+            rejected = conn.execute(sa.text("SELECT count(*) FROM ticket_triage_rejects")).scalar_one()
+    finally:
+        engine.dispose()
+    assert accepted + rejected == 60 and accepted > 0 and rejected / 60 > 0.25
+    # The summary the failed task could not return is kept as XCom "summary".
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        row = session.query(XComModel).filter_by(run_id=result.run_id, task_id="load", key="summary").one()
+        summary = XComModel.deserialize_value(row)
+    assert summary["rejected"] == rejected
+    assert any("> max_reject_rate 25.0%" in g for g in summary["guardrails"])
