@@ -110,6 +110,14 @@ def test_template_must_use_named_fields():
         make_job(prompt_template="hello {}")
 
 
+def test_temperature_is_refused_before_anything_is_sent():
+    # API version 2026-10-21 (sent by SDK 2.x) answers 400 to temperature, even 0.0.
+    with pytest.raises(JobSpecError, match="temperature"):
+        make_job(temperature=0.0)
+    params = next(iter(build_requests(make_job(), [{"id": "a", "text": "1"}])))["params"]
+    assert "temperature" not in params
+
+
 def test_fingerprint_is_stable_and_sensitive():
     assert make_job().fingerprint() == make_job().fingerprint()
     assert make_job().fingerprint() != make_job(max_tokens=99).fingerprint()

@@ -74,7 +74,7 @@ class FableBatchSubmitOperator(SubmitGuardrailsMixin, BaseOperator):
         few_shot_examples: list[dict[str, Any]] | None = None,
         model: str | None = None,
         max_tokens: int = 1024,
-        temperature: float | None = 0.0,
+        temperature: float | None = None,
         cache_prompt_prefix: bool = True,
         records: Any = None,
         sql: str | None = None,
