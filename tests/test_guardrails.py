@@ -104,9 +104,9 @@ def test_budget_cap_below_the_estimate_fails_before_any_create(fable_emulator_fa
 
 
 def test_unknown_model_under_a_cap_is_refused_not_free(fable_emulator_factory, caplog, capsys):
-    server = fable_emulator_factory()
+    server = fable_emulator_factory(known_models=None)  # the emulator serves any model name
     point_connection_at(server)
-    with pytest.raises(UnknownPriceError, match="model 'acme-llm-1' has no known price"):
+    with pytest.raises(UnknownPriceError, match="no known price for model 'acme-llm-1'"):
         submit_op(model="acme-llm-1", max_cost_usd=1000).execute({})
     assert stats(server)["calls"]["create"] == 0
     with caplog.at_level(logging.WARNING):
@@ -277,15 +277,14 @@ def test_example_dag_guardrail_breach_fails_the_load_with_rows_loaded(
     fable_airflow, fable_emulator_factory, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("FABLE_POLL_SECONDS", "0.2")
-    # Half the answers broken: over the DAG's max_reject_rate=0.25.
-    server = fable_emulator_factory(faults={"invalid_answer_rate": 0.5, "seed": 2})
+    # Most answers broken: over the DAG's max_reject_rate=0.5.
+    server = fable_emulator_factory(faults={"invalid_answer_rate": 0.8, "seed": 2})
     point_connection_at(server)
     db = tmp_path / "backlog.db"
     fable_airflow.set_connection("fable_backlog_db", conn_type="sqlite", host=str(db))
     dag = fable_airflow.load_dag("support_ticket_triage")
-    dag.get_task(
-        "load"
-    ).retries = 0  # a guardrail failure is not transient; dag.test() would wait out retry_delay
+    # A guardrail failure is not transient; dag.test() would wait out the retry_delay.
+    dag.get_task("load").retries = 0
     result = fable_airflow.run_dag(dag, conf={"limit": 60})
     assert result.task_states["submit"] == "success"
     assert result.task_states["load"] == "failed"
@@ -296,7 +295,7 @@ def test_example_dag_guardrail_breach_fails_the_load_with_rows_loaded(
             rejected = conn.execute(sa.text("SELECT count(*) FROM ticket_triage_rejects")).scalar_one()
     finally:
         engine.dispose()
-    assert accepted + rejected == 60 and accepted > 0 and rejected / 60 > 0.25
+    assert accepted + rejected == 60 and accepted > 0 and rejected / 60 > 0.5
     # The summary the failed task could not return is kept as XCom "summary".
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
@@ -305,4 +304,4 @@ def test_example_dag_guardrail_breach_fails_the_load_with_rows_loaded(
         row = session.query(XComModel).filter_by(run_id=result.run_id, task_id="load", key="summary").one()
         summary = XComModel.deserialize_value(row)
     assert summary["rejected"] == rejected
-    assert any("> max_reject_rate 25.0%" in g for g in summary["guardrails"])
+    assert any("> max_reject_rate 50.0%" in g for g in summary["guardrails"])

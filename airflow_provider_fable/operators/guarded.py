@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
-from airflow_provider_fable.core.cost import merge_prices
+from airflow_provider_fable.core.cost import merge_prices, require_price
 from airflow_provider_fable.core.errors import FableError, RecordError
 from airflow_provider_fable.core.estimate import (
     OUTPUT_FROM_PILOT,
@@ -240,6 +240,8 @@ class SubmitGuardrailsMixin:
                 raise ValueError("max_cost_usd needs the estimate: estimate_sample must be > 0")
             return extra
         prices = self._price_table(hook)
+        if max_cost is not None:
+            require_price(job.model, prices)  # an unpriced model under a cap: refuse before counting
         sampled = self._sample_spool(spool, self.estimate_sample, self.sample_seed)
         try:
             counts = [hook.count_tokens(r["params"]) for r in sampled]
