@@ -111,10 +111,13 @@ def test_unknown_model_under_a_cap_is_refused_not_free(fable_emulator_factory, c
     assert stats(server)["calls"]["create"] == 0
     with caplog.at_level(logging.WARNING):
         manifest = submit_op(model="acme-llm-1").execute({})
-    assert manifest["estimate"]["cost_usd"] is None
+    assert manifest["estimate"]["cost_usd"] is None, manifest
     assert "no known price" in logged(caplog, capsys)
     # An operator-level price makes it estimable (and the load prices the actual with it too).
-    priced = submit_op(model="acme-llm-1", prices={"acme-llm": [1, 2]}, max_cost_usd=1).execute({})
+    # resubmit: the job ledger would otherwise re-attach these records to the batch just made.
+    priced = submit_op(
+        model="acme-llm-1", prices={"acme-llm": [1, 2]}, max_cost_usd=1, resubmit=True
+    ).execute({})
     assert priced["estimate"]["cost_usd"] > 0
 
 

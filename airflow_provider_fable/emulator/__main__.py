@@ -162,6 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=fault_defaults.cut_results_times,
         help="how many downloads of each batch are cut",
     )
+    faults.add_argument(
+        "--lose-create-response-first-n",
+        type=int,
+        default=fault_defaults.lose_create_response_first_n,
+        help="the first N creates make the batch, then lose the response",
+    )
+    faults.add_argument(
+        "--lose-create-response-mode",
+        choices=("500", "drop"),
+        default=fault_defaults.lose_create_response_mode,
+        help="how a lost create response looks: a 500 or a dropped connection",
+    )
     return parser
 
 
@@ -195,6 +207,8 @@ def settings_from_args(args: argparse.Namespace) -> EmulatorSettings:
             transient_404_after_create=args.transient_404_after_create,
             cut_results_after=args.cut_results_after,
             cut_results_times=args.cut_results_times,
+            lose_create_response_first_n=args.lose_create_response_first_n,
+            lose_create_response_mode=args.lose_create_response_mode,
         ),
     )
 

@@ -77,6 +77,15 @@ class _CutStreamResponse(StreamingResponse):
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
 
 
+class _DroppedResponse(Response):
+    """A response that starts and then breaks off: the client sees a dropped connection."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"4096")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b'{"id": "msgbatch_', "more_body": True})
+
+
 class _QuietCutFilter(logging.Filter):
     """Uvicorn logs an error for every deliberate cut; that is the fault working, not a bug."""
 
@@ -238,7 +247,14 @@ def create_app(settings: EmulatorSettings | None = None) -> FastAPI:
         raw = await _read_body(request, settings.max_body_bytes)
         requests = await run_in_threadpool(parse_create_body, raw)
         version, betas = _api_headers(request)
-        return JSONResponse(store.create(requests, base_url(request), api_version=version, betas=betas))
+        batch = store.create(requests, base_url(request), api_version=version, betas=betas)
+        lost = store.http_faults.lose_create_response()
+        if lost is not None:
+            store.stats.fault("lost_create_response")
+            if lost == "drop":
+                return _DroppedResponse()
+            raise ApiError(500, "Emulated internal error after the batch was created (fault injection)")
+        return JSONResponse(batch)
 
     @app.get("/v1/messages/batches")
     def list_batches(request: Request) -> JSONResponse:

@@ -78,6 +78,12 @@ class FaultSettings(BaseModel):
     transient_404_after_create: int = Field(0, ge=0)
     cut_results_after: int | None = Field(None, ge=0)
     cut_results_times: int = Field(1, ge=0)
+    #: The first N creates make the batch and then lose the response, the worst case for a
+    #: client: the batch exists (and is billed) but the caller never learns its id.
+    lose_create_response_first_n: int = Field(0, ge=0)
+    #: How the response is lost: ``"500"`` (an internal error after the batch was made) or
+    #: ``"drop"`` (the connection closes mid-response).
+    lose_create_response_mode: str = Field("500", pattern="^(500|drop)$")
 
     @field_validator("invalid_kinds", "http_error_codes", "http_error_endpoints", mode="before")
     @classmethod

@@ -178,6 +178,7 @@ class Stats:
                     "http_error_by_code": dict(self.http_errors_by_code),
                     "transient_404": self.faults["transient_404"],
                     "cut_stream": self.faults["cut_stream"],
+                    "lost_create_response": self.faults["lost_create_response"],
                     "errored": self.faults["errored"],
                     "expired": self.faults["expired"],
                     "invalid_answer": self.faults["invalid_answer"],
