@@ -37,7 +37,7 @@ bench: install
 
 # Re-resolve the lock after changing dependencies in pyproject.toml.
 lock:
-	$(UV) pip compile pyproject.toml --extra postgres --extra dev --universal --python-version 3.10 -o requirements.lock
+	$(UV) pip compile pyproject.toml --extra postgres --extra dev --extra bench --universal --python-version 3.10 -o requirements.lock
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache
