@@ -109,6 +109,13 @@ class FableValidateLoadOperator(BaseOperator):
             summary["cost_usd"],
         )  # fmt: skip
         total = summary["records"]
+        if total and not stats.accepted:
+            # A canceled or all-expired batch used to end in a green load of zero rows.
+            raise FableError(
+                f"nothing was accepted: all {total} results of batches "
+                f"{', '.join(normalise_batch_ids(self.batch_ids))} were rejected (reasons: "
+                f"{dict(stats.reasons.most_common(5))}); see {sink.rejects.name}"
+            )
         if self.max_reject_rate is not None and total and stats.rejected / total > self.max_reject_rate:
             raise FableError(
                 f"{stats.rejected}/{total} results rejected ({stats.rejected / total:.1%}), over "

@@ -40,6 +40,7 @@ from airflow_provider_fable.core.terminal import (
     default_deadline,
     totals,
 )
+from airflow_provider_fable.hooks.shared_client import shared_client
 
 #: Seconds ``on_kill`` and a deadline give each cancel call before giving up on it.
 CANCEL_TIMEOUT = 20.0
@@ -172,8 +173,6 @@ class FableBatchTrigger(BaseTrigger):
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        from airflow_provider_fable.hooks.shared_client import shared_client
-
         policy = TerminalPolicy(
             fail_on_partial=self.fail_on_partial, accept_incomplete=self.accept_incomplete
         )
@@ -247,8 +246,6 @@ class FableBatchTrigger(BaseTrigger):
         Called by Airflow >= 3.3 only for user actions, after ``run`` was cancelled; never on a
         triggerer restart or hand-over (those only call ``cleanup``, which does nothing here).
         """
-        from airflow_provider_fable.hooks.shared_client import shared_client
-
         pending = self._pending()
         if not pending:
             return
