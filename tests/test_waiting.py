@@ -425,3 +425,37 @@ print(json.dumps({"statuses": sorted(set(statuses)), "slow": slow, "other": othe
     assert result["sdk"] is False
     assert result["slow"] == [], result["slow"]
     assert result["other"] == [], result["other"]
+
+
+# ----------------------------------------------------------------------------- one-task operator
+def test_batch_operator_submits_defers_and_returns_the_manifest(fable_emulator_factory):
+    """Submit + deferred wait in one task; the resume gets the submit manifest back."""
+    from airflow.sdk.exceptions import TaskDeferred
+
+    from airflow_provider_fable.operators.batch import FableBatchOperator
+    from tests.conftest import Paint
+
+    server = fable_emulator_factory(processing_retrieves=3)
+    point_connection_at(server)
+    op = FableBatchOperator(
+        task_id="batch",
+        prompt_template="Paint for {id}: {text}",
+        output_model=Paint,
+        records=[{"id": f"p{i}", "text": "red fence"} for i in range(5)],
+        max_requests_per_batch=2,
+        poll_interval=0.1,
+    )
+    with pytest.raises(TaskDeferred) as deferred:
+        op.execute({})
+    assert deferred.value.method_name == "execute_complete"
+    manifest = deferred.value.kwargs["manifest"]
+    assert manifest["request_count"] == 5 and len(manifest["batch_ids"]) == 3
+    assert op.operator_extra_links[0].get_link(op, ti_key=None).endswith("/batches")  # 3 batches: list page
+    payload = run_trigger(deferred.value.trigger)
+    result = op.execute_complete({}, event=payload, **deferred.value.kwargs)
+    assert (
+        result["batch_ids"] == manifest["batch_ids"]
+        and result["job_fingerprint"] == manifest["job_fingerprint"]
+    )
+    assert result["waited_in"] == "trigger" and result["outcome"] == "ended"
+    assert sum(b["request_counts"]["succeeded"] for b in result["batches"]) == 5

@@ -38,7 +38,7 @@ from airflow_provider_fable.core.terminal import summary_from_json
 ANTHROPIC_VERSION = "2026-10-21"
 _BATCH_PATH = "/v1/messages/batches/{}"
 #: Enough connections for thousands of waits on one loop without opening one per poll.
-POOL_SIZE = 64
+POOL_SIZE = 16
 #: A status poll is tiny; a slow answer is better retried at the next poll than waited on.
 POLL_TIMEOUT = 30.0
 #: Seconds a connection read is reused by waits starting on the same loop: thousands of waits
@@ -159,7 +159,7 @@ class _LoopState:
     def __init__(self) -> None:
         self.warm: asyncio.Future[None] | None = None
         self.clients: dict[str, asyncio.Future[SharedAsyncClient]] = {}
-        self.settings: dict[str, tuple[float, dict[str, Any]]] = {}
+        self.settings: dict[str, tuple[float, asyncio.Future[dict[str, Any]]]] = {}
 
 
 _loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = weakref.WeakKeyDictionary()
@@ -170,18 +170,25 @@ def _key(conn_id: str, kwargs: dict[str, Any]) -> str:
     return f"{conn_id}:{hashlib.sha256(blob).hexdigest()}"
 
 
-async def _settings(state: _LoopState, conn_id: str) -> dict[str, Any]:
-    now = time.monotonic()
-    cached = state.settings.get(conn_id)
-    if cached is not None and now - cached[0] < CONNECTION_TTL:
-        return cached[1]
+async def _read_settings(conn_id: str) -> dict[str, Any]:
     from airflow_provider_fable.hooks.fable import FableHook
 
     hook = FableHook(conn_id)
     await hook.aload_connection()
-    kwargs = hook._client_kwargs()
-    state.settings[conn_id] = (now, kwargs)
-    return kwargs
+    return hook._client_kwargs()
+
+
+async def _settings(state: _LoopState, conn_id: str) -> dict[str, Any]:
+    """The connection's client settings; one read in flight per connection (no stampede when
+    thousands of waits start together), reused for ``CONNECTION_TTL`` seconds."""
+    now = time.monotonic()
+    cached = state.settings.get(conn_id)
+    stale = cached is None or now - cached[0] >= CONNECTION_TTL
+    if not stale and cached[1].done() and cached[1].exception() is not None:
+        stale = True
+    if stale:
+        cached = state.settings[conn_id] = (now, asyncio.ensure_future(_read_settings(conn_id)))
+    return await asyncio.shield(cached[1])
 
 
 async def shared_client(conn_id: str) -> SharedAsyncClient:

@@ -27,6 +27,7 @@ from airflow_provider_fable.core.sharding import MAX_BATCH_BYTES, MAX_REQUESTS_P
 from airflow_provider_fable.core.sources import iter_records, iter_sql
 from airflow_provider_fable.hooks.fable import FableHook
 from airflow_provider_fable.hooks.sql import sqlalchemy_engine
+from airflow_provider_fable.links import FableBatchLink
 
 
 class FableBatchSubmitOperator(BaseOperator):
@@ -49,6 +50,7 @@ class FableBatchSubmitOperator(BaseOperator):
     template_fields: Sequence[str] = ("sql", "sql_parameters")
     template_ext: Sequence[str] = (".sql",)
     ui_color = "#e8b594"
+    operator_extra_links = (FableBatchLink(),)
 
     def __init__(
         self,

@@ -100,6 +100,8 @@ class FableBatchSensor(BaseSensorOperator):
         self.max_consecutive_errors = max_consecutive_errors
         self._state: dict[str, Any] = {}
         self.link_batch_ids: list[str] | None = None
+        #: Extra keyword arguments for the resume method (FableBatchOperator passes its manifest).
+        self.defer_kwargs: dict[str, Any] | None = None
 
     @property
     def policy(self) -> TerminalPolicy:
@@ -254,6 +256,7 @@ class FableBatchSensor(BaseSensorOperator):
                 accept_incomplete=self.accept_incomplete,
             ),
             method_name=method_name,
+            kwargs=self.defer_kwargs,
             timeout=timeout,
         )
 

@@ -186,7 +186,9 @@ class FableBatchTrigger(BaseTrigger):
             return
         deadline = self.deadline
         errors = polls = 0
-        delay = random.uniform(0.0, self.poll_interval * self.jitter)
+        # The sensor checked once before deferring, so the first poll can wait; spreading it over
+        # a whole interval keeps thousands of waits deferred together from polling in step.
+        delay = random.uniform(0.0, self.poll_interval)
         while True:
             await asyncio.sleep(delay)
             delay = self._next_delay()
