@@ -34,6 +34,7 @@ lint: install
 
 bench: install
 	$(PY) bench/parse_validate.py
+	$(PY) bench/triggerer.py
 
 # Re-resolve the lock after changing dependencies in pyproject.toml.
 lock:
