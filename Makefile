@@ -34,6 +34,8 @@ lint: install
 
 bench: install
 	$(PY) bench/parse_validate.py
+	$(PY) bench/load.py
+	$(PY) bench/load_hook.py
 	$(PY) bench/triggerer.py
 
 # Re-resolve the lock after changing dependencies in pyproject.toml.

@@ -1,9 +1,20 @@
-"""Support ticket triage: label a backlog of unlabelled tickets through Message Batches.
+"""Support ticket triage: label support tickets through Message Batches, exactly once per ticket.
 
-Each run takes the next ``params.limit`` tickets that have no triage row yet (so scheduled runs
-work through the backlog, and rejected tickets come back in the next run), submits one request
-per ticket, waits in the triggerer, then validates every answer against ``TicketTriage`` and
-loads accepted rows into ``ticket_triage`` (rejects into ``ticket_triage_rejects``).
+Which tickets a run takes (``params.mode``):
+
+- ``interval``: tickets created within the run's data interval (``data_interval_start`` <=
+  ``created_at`` < ``data_interval_end``). Scheduled and backfill runs use it by default, so
+  ``airflow backfill create --dag-id support_ticket_triage --from-date ... --to-date ...``
+  processes each day once; re-running a day re-attaches to its batch (nothing new is paid).
+- ``backlog``: the next ``params.limit`` tickets never processed (no triage row, no reject row).
+  Runs triggered from the CLI or the UI are manual runs: they may have no logical date or data
+  interval at all, so by default they take the backlog instead of failing on an undefined date.
+- ``failed``: the tickets the job ledger holds as rejected, sent again (``rerun="failed"``).
+- ``auto`` (default): ``interval`` for scheduled/backfill runs, ``backlog`` otherwise.
+
+Each ticket is submitted once per job (see docs/ledger.md): every task has ``retries=2``; a retried
+or cleared submit re-attaches to the batches it already created. The answers are validated against
+``TicketTriage``; accepted rows go to ``ticket_triage``, rejects to ``ticket_triage_rejects``.
 
 Connections: ``fable_default`` (the API or the emulator) and ``fable_backlog_db`` (any SQL
 connection holding ``support_tickets``; the ``seed_tickets`` task loads the bundled synthetic
@@ -19,6 +30,7 @@ from enum import Enum
 from pathlib import Path
 
 from airflow.sdk import DAG, Param, task
+from airflow.sdk.definitions.timetables.interval import CronDataIntervalTimetable
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from airflow_provider_fable.operators.load import FableValidateLoadOperator
@@ -27,6 +39,7 @@ from airflow_provider_fable.sensors.batch import FableBatchSensor
 
 BACKLOG_CONN_ID = os.environ.get("FABLE_BACKLOG_CONN_ID", "fable_backlog_db")
 POLL_SECONDS = float(os.environ.get("FABLE_POLL_SECONDS", "60"))
+RETRY_DELAY = timedelta(seconds=float(os.environ.get("FABLE_RETRY_DELAY_SECONDS", "120")))
 DATASET = Path(__file__).parent / "data" / "support_tickets.csv"
 
 
@@ -186,23 +199,61 @@ FEW_SHOT = [
     },
 ]
 
-SELECT_BACKLOG = """
+
+def require_interval(start: object) -> str:
+    """Template macro: a clear error when ``mode=interval`` meets a run without a data interval."""
+    if start is None:
+        raise ValueError(
+            "params.mode='interval' needs a run with a data interval (a scheduled or backfill run, "
+            "or one triggered with a logical date); use mode='backlog' for runs without one"
+        )
+    return ""
+
+
+#: ``auto`` resolves to ``interval`` for scheduled and backfill runs (they have a data interval),
+#: ``backlog`` for manual runs (from the CLI or UI they may have none).
+MODE = (
+    "{% set mode = params.mode %}{% if mode == 'auto' %}{% set mode = 'interval' "
+    "if (dag_run.run_type in ('scheduled', 'backfill') and data_interval_start) else 'backlog' %}"
+    "{% endif %}"
+)
+
+SELECT_TICKETS = (
+    MODE
+    + """
 SELECT t.ticket_id, t.channel, t.customer_tier, t.subject, t.body
 FROM support_tickets AS t
+{% if mode == 'interval' %}
+{{ require_interval(data_interval_start) }}
+WHERE t.created_at >= '{{ data_interval_start.strftime('%Y-%m-%dT%H:%M:%SZ') }}'
+  AND t.created_at < '{{ data_interval_end.strftime('%Y-%m-%dT%H:%M:%SZ') }}'
+{% elif mode == 'failed' %}
+WHERE EXISTS (SELECT 1 FROM ticket_triage_rejects AS x WHERE x.record_id = t.ticket_id)
+  AND NOT EXISTS (SELECT 1 FROM ticket_triage AS r WHERE r.ticket_id = t.ticket_id)
+{% else %}
 WHERE NOT EXISTS (SELECT 1 FROM ticket_triage AS r WHERE r.ticket_id = t.ticket_id)
+  AND NOT EXISTS (SELECT 1 FROM ticket_triage_rejects AS x WHERE x.record_id = t.ticket_id)
+{% endif %}
 ORDER BY t.ticket_id
 LIMIT {{ params.limit | int }}
 """
+)
 
 with DAG(
     dag_id="support_ticket_triage",
     description="Label unlabelled support tickets (category, priority, escalation) via Message Batches",
-    schedule="@daily",
+    # Real daily data intervals (midnight to midnight UTC). Airflow 3's plain "@daily" is a
+    # trigger timetable whose runs have a zero-length interval, which would select nothing.
+    schedule=CronDataIntervalTimetable("0 0 * * *", timezone="UTC"),
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
-    params={"limit": Param(2000, type="integer", minimum=1, maximum=100_000)},
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=2)},
+    params={
+        "limit": Param(2000, type="integer", minimum=1, maximum=100_000),
+        "mode": Param("auto", enum=["auto", "interval", "backlog", "failed"]),
+    },
+    default_args={"retries": 2, "retry_delay": RETRY_DELAY},
+    user_defined_macros={"require_interval": require_interval},
     tags=["fable", "backlog", "example"],
     doc_md=__doc__,
 ) as dag:
@@ -241,7 +292,7 @@ with DAG(
 
     submit = FableBatchSubmitOperator(
         task_id="submit",
-        sql=SELECT_BACKLOG,
+        sql=SELECT_TICKETS,
         sql_conn_id=BACKLOG_CONN_ID,
         id_field="ticket_id",
         prompt_template=PROMPT_TEMPLATE,
@@ -249,8 +300,8 @@ with DAG(
         few_shot_examples=FEW_SHOT,
         output_model=TicketTriage,
         max_tokens=400,
-        # Until the submit ledger lands, a blind retry could create a second (billed) batch.
-        retries=0,
+        # mode=failed: only tickets the ledger holds as rejected by this job are sent again.
+        rerun="{{ 'failed' if params.mode == 'failed' else '' }}",
     )
 
     wait = FableBatchSensor(task_id="wait", batch_ids=submit.output, poll_interval=POLL_SECONDS)

@@ -1,7 +1,10 @@
 """`make demo`: run the support_ticket_triage DAG end to end on the local emulator + SQLite.
 
 Starts ``fable-emulator`` on a free port (3 s per batch, so the sensor really defers, and a few
-injected faults so the reject path shows), runs the DAG once with the real Airflow
+injected faults so the reject path shows). A small share of requests is never processed, as
+happens in production: like the real API, the emulator keeps the batch ``in_progress`` until
+its 24-hour expiry and then reports them ``expired``, so the demo moves the emulator's clock
+forward a day once the rest of the batch is done. It runs the DAG once with the real Airflow
 (``dag.test()``, triggers inline) in a private AIRFLOW_HOME under ``.demo/``, stops the emulator
 and prints what happened: records submitted, accepted, rejected with top reasons, label
 distribution and tokens. Exit status is non-zero when the run fails or nothing was accepted.
@@ -16,6 +19,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -51,6 +55,35 @@ def start_emulator(port: int, args: argparse.Namespace) -> subprocess.Popen[byte
             time.sleep(0.1)
     proc.terminate()
     raise SystemExit("emulator did not answer within 30 s")
+
+
+def fast_forward_to_expiry(port: int, processing_seconds: float, done: threading.Event) -> None:
+    """Once batches exist and their processing window has passed, move the emulator clock 24 h.
+
+    The requests the emulated backend never got to then expire, exactly as they would after a
+    day in production, instead of the demo waiting a day (or the emulator expiring them early).
+    """
+    base = f"http://127.0.0.1:{port}/_emulator"
+    created_at = None
+    while not done.wait(0.5):
+        try:
+            with urllib.request.urlopen(f"{base}/stats", timeout=5) as resp:
+                created = json.load(resp).get("batches_created", 0)
+        except OSError:
+            continue
+        if created and created_at is None:
+            created_at = time.monotonic()
+        if created_at is not None and time.monotonic() - created_at > processing_seconds + 1:
+            body = json.dumps({"advance_seconds": 24 * 3600}).encode()
+            request = urllib.request.Request(
+                f"{base}/clock", data=body, headers={"content-type": "application/json"}, method="POST"
+            )
+            with urllib.request.urlopen(request, timeout=5):
+                pass
+            print(
+                "  (emulator clock moved forward 24 h: unprocessed requests reach their expiry)", flush=True
+            )
+            return
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -128,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         f"Starting fable-emulator on 127.0.0.1:{port} ({args.processing_seconds}s per batch) ...", flush=True
     )
     emulator = start_emulator(port, args)
+    done = threading.Event()
+    keeper = threading.Thread(
+        target=fast_forward_to_expiry, args=(port, args.processing_seconds, done), daemon=True
+    )
+    keeper.start()
     try:
         set_connection(
             "fable_default", conn_type="fable", host=f"http://127.0.0.1:{port}", password="demo-key"
@@ -144,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/_emulator/stats", timeout=5) as resp:
             stats = json.load(resp)
     finally:
+        done.set()
         stop(emulator)
     print_summary(result, elapsed)
     print(

@@ -104,28 +104,104 @@ def test_triage_dag_end_to_end(triage_env):
     # The API key never reaches XCom (task logs: see the CLI test below).
     assert TEST_API_KEY not in json.dumps(result.xcoms, default=str)
 
-    # A second run takes tickets still without a triage row: the first run's rejects come back
-    # first (ORDER BY ticket_id), then the rest of the backlog; accepted rows are never duplicated.
+    # A second manual run takes the next tickets never processed (no triage row, no reject row);
+    # accepted rows are never duplicated.
     with engine.connect() as conn:
         first_rejects = {r[0] for r in conn.execute(sa.text("SELECT record_id FROM ticket_triage_rejects"))}
     again = airflow_env.run_dag(dag, conf={"limit": 300})
     assert again.state == "success", again.task_states
-    second_batch = again.xcom("submit")["batch_ids"][0]
-    assert again.xcom("submit")["request_count"] == 300
+    second = again.xcom("submit")
+    assert second["request_count"] == second["submitted"] == 300
     with engine.connect() as conn:
         rows = conn.execute(sa.text("SELECT count(*), count(DISTINCT ticket_id) FROM ticket_triage")).one()
         assert rows[0] == rows[1] == loaded["accepted"] + again.xcom("load")["accepted"]
-        retried = {
-            r[0]
-            for r in conn.execute(
+        second_ids = set(
+            conn.execute(
                 sa.text(
                     "SELECT ticket_id FROM ticket_triage WHERE _batch_id = :b UNION "
                     "SELECT record_id FROM ticket_triage_rejects WHERE batch_id = :b"
                 ),
-                {"b": second_batch},
-            )
-        }
-    assert first_rejects <= retried
+                {"b": second["batch_ids"][0]},
+            ).scalars()
+        )
+    assert len(second_ids) == 300 and not (second_ids & first_rejects)
+
+    # mode=failed sends again exactly the tickets the ledger holds as rejected, in a new batch.
+    failed = airflow_env.run_dag(dag, conf={"limit": 2000, "mode": "failed"})
+    assert failed.state == "success", failed.task_states
+    rerun = failed.xcom("submit")
+    assert rerun["submitted"] == loaded["rejected"] + again.xcom("load")["rejected"]
+    assert not set(rerun["batch_ids"]) & {submitted["batch_ids"][0], second["batch_ids"][0]}
+
+
+def test_data_intervals_run_once_and_retries_never_pay_twice(
+    fable_airflow, fable_emulator_factory, tmp_path, monkeypatch
+):
+    """Three consecutive days via `dag.test(logical_date=...)`; the first submit loses its create
+    response (retries=2 recovers it by adopting the batch); re-running a day adds nothing."""
+    import csv
+    from datetime import datetime, timezone
+
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+
+    server = fable_emulator_factory(faults={"lose_create_response_first_n": 1})
+    point_connection_at(server)
+    db = tmp_path / "backlog.db"
+    fable_airflow.set_connection("fable_backlog_db", conn_type="sqlite", host=str(db))
+    monkeypatch.setenv("FABLE_POLL_SECONDS", "0.2")
+    monkeypatch.setenv("FABLE_RETRY_DELAY_SECONDS", "0")
+    dag = fable_airflow.load_dag("support_ticket_triage")
+    with (ROOT / "dags" / "data" / "support_tickets.csv").open(newline="", encoding="utf-8") as fh:
+        created = [row["created_at"] for row in csv.DictReader(fh)]
+    engine = sa.create_engine(f"sqlite:///{db}")
+
+    def interval_of(run_id: str) -> tuple[str, str]:
+        with create_session() as session:
+            dr = session.query(DagRun).filter(DagRun.dag_id == dag.dag_id, DagRun.run_id == run_id).one()
+            fmt = "%Y-%m-%dT%H:%M:%SZ"
+            return dr.data_interval_start.strftime(fmt), dr.data_interval_end.strftime(fmt)
+
+    def rows() -> int:
+        with engine.connect() as conn:
+            return conn.execute(
+                sa.text(
+                    "SELECT (SELECT count(*) FROM ticket_triage) + (SELECT count(*) FROM ticket_triage_rejects)"
+                )
+            ).scalar_one()
+
+    total = 0
+    for day in (6, 7, 8):  # @daily: a run at day D covers D-1 .. D
+        logical = datetime(2026, 1, day, tzinfo=timezone.utc)
+        result = fable_airflow.run_dag(dag, logical_date=logical, conf={"mode": "interval"})
+        assert result.state == "success", result.task_states
+        start, end = interval_of(result.run_id)
+        expected = sum(start <= c < end for c in created)
+        assert expected > 0, (start, end, result.xcom("submit"))
+        assert result.xcom("submit")["request_count"] == expected
+        assert result.xcom("load")["records"] == expected
+        total += expected
+        assert rows() == total
+    emulator = stats(server)
+    assert emulator["faults"]["lost_create_response"] == 1
+    assert emulator["batches_created"] == 3  # one per interval, though the first create lost its answer
+
+    # Re-running (clearing) a finished interval re-attaches: no batch, no row added.
+    again = fable_airflow.run_dag(
+        dag, logical_date=datetime(2026, 1, 7, tzinfo=timezone.utc), conf={"mode": "interval"}
+    )
+    assert again.state == "success", again.task_states
+    assert again.xcom("submit")["submitted"] == 0 and again.xcom("submit")["attached"] > 0
+    assert stats(server)["batches_created"] == 3
+    assert rows() == total
+    engine.dispose()
+
+
+def stats(server) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{server.base_url}/_emulator/stats") as resp:
+        return json.load(resp)
 
 
 def test_airflow_dags_test_cli_runs_the_dag_and_never_logs_the_key(triage_env):
@@ -157,3 +233,67 @@ def test_airflow_dags_test_cli_runs_the_dag_and_never_logs_the_key(triage_env):
             sa.text("SELECT count(DISTINCT record_id) FROM ticket_triage_rejects")
         ).scalar_one()
     assert loaded > 0 and loaded + rejected == 40
+
+
+def test_quickstart_backfill_commands_are_valid_for_the_example_dag(fable_airflow):
+    """The quickstart's backfill commands, run as written with --dry-run, plan one run per day."""
+    import re
+
+    text = (ROOT / "docs" / "quickstart.md").read_text()
+    commands = re.findall(r"^(airflow backfill create .+)$", text, flags=re.M)
+    assert len(commands) == 2
+    airflow = str(Path(sys.executable).with_name("airflow"))
+    env = {**os.environ, "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags")}
+    subprocess.run([airflow, "dags", "reserialize"], env=env, capture_output=True, check=True, timeout=300)
+    assert commands[1].startswith(commands[0])  # the second only adds --reprocess-behavior
+    args = commands[1].split()[1:] + ["--dry-run"]
+    out = subprocess.run([airflow, *args], env=env, capture_output=True, text=True, timeout=300)
+    logs = out.stdout + out.stderr
+    assert out.returncode == 0, logs[-3000:]
+    days = set(re.findall(r"2026-01-0[5-9]", logs))
+    assert {"2026-01-06", "2026-01-07", "2026-01-08"} <= days, logs[-3000:]
+
+
+def test_run_without_logical_date_and_retry_after_create_uses_the_task_state_store(
+    fable_airflow, fable_emulator_factory, tmp_path, monkeypatch
+):
+    """A run with no logical date takes the backlog. Its first submit try fails right after create
+    + state store write, before the ledger write: Airflow's retry (retries=2) adopts the batch
+    from the task state store, without listing batches."""
+    from airflow_provider_fable.core.ledger import Ledger
+    from airflow_provider_fable.hooks.ledger import embedded_ledger_url
+    from airflow_provider_fable.operators.submit import KILL_ENV
+
+    server = fable_emulator_factory()
+    point_connection_at(server)
+    fable_airflow.set_connection("fable_backlog_db", conn_type="sqlite", host=str(tmp_path / "b.db"))
+    monkeypatch.setenv("FABLE_POLL_SECONDS", "0.2")
+    monkeypatch.setenv("FABLE_RETRY_DELAY_SECONDS", "0")
+    monkeypatch.setenv(KILL_ENV, "raise:after_state_store:1")
+    dag = fable_airflow.load_dag("support_ticket_triage")
+    # A run with no logical date at all (as `airflow dags trigger` makes): it takes the backlog.
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    dr = dag.test(logical_date=None, run_conf={"limit": 20})
+    assert dr.logical_date is None and dr.data_interval_start is None
+    with create_session() as session:
+        states = {
+            ti.task_id: str(getattr(ti.state, "value", ti.state))
+            for ti in dr.get_task_instances(session=session)
+        }
+        rows = session.query(XComModel).filter(
+            XComModel.dag_id == dag.dag_id, XComModel.run_id == dr.run_id, XComModel.key == "return_value"
+        )
+        xcoms = {row.task_id: XComModel.deserialize_value(row) for row in rows}
+    assert set(states.values()) == {"success"}, states
+    submitted = xcoms["submit"]
+    assert submitted["request_count"] == 20
+    emulator = stats(server)
+    assert emulator["batches_created"] == 1
+    assert emulator["calls"].get("list", 0) == 0  # settled by the state store, not by listing
+    ledger = Ledger(sa.create_engine(embedded_ledger_url()))
+    (batch_id,) = submitted["batch_ids"]
+    sub = ledger.submission_for_batch(batch_id)
+    assert sub is not None and sub.state == "adopted"
+    ledger.engine.dispose()

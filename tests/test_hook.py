@@ -122,7 +122,12 @@ def test_environment_credentials_do_not_leak_in(hook, monkeypatch):
 
 def test_sdk_retries_transient_429_on_create(fable_emulator_factory):
     server = fable_emulator_factory(
-        faults={"http_error_first_n": 2, "http_error_codes": [429], "http_error_endpoints": ["create"]}
+        faults={
+            "http_error_first_n": 2,
+            "http_error_codes": [429],
+            "http_error_endpoints": ["create"],
+            "retry_after_ms": 10,
+        }
     )
     point_connection_at(server, max_retries=3)
     hook = FableHook()
@@ -187,7 +192,12 @@ async def test_async_endpoints(fable_connection):
 def test_ambiguous_create_failure_is_not_retried(fable_emulator_factory):
     """A 500 on create may hide a created batch: one attempt only, and an error that says so."""
     server = fable_emulator_factory(
-        faults={"http_error_first_n": 1, "http_error_codes": [500], "http_error_endpoints": ["create"]}
+        faults={
+            "http_error_first_n": 1,
+            "http_error_codes": [500],
+            "http_error_endpoints": ["create"],
+            "retry_after_ms": 10,
+        }
     )
     point_connection_at(server, max_retries=3)
     with pytest.raises(BatchCreateUncertainError, match="may or may not have been created") as info:
@@ -199,7 +209,12 @@ def test_ambiguous_create_failure_is_not_retried(fable_emulator_factory):
 
 async def test_async_create_follows_the_same_retry_rule(fable_emulator_factory):
     server = fable_emulator_factory(
-        faults={"http_error_first_n": 2, "http_error_codes": [429, 500], "http_error_endpoints": ["create"]}
+        faults={
+            "http_error_first_n": 2,
+            "http_error_codes": [429, 500],
+            "http_error_endpoints": ["create"],
+            "retry_after_ms": 10,
+        }
     )
     point_connection_at(server, max_retries=3)
     hook = FableHook()

@@ -71,8 +71,8 @@ def test_submit_accepts_a_dataframe_a_loader_and_a_file(fable_emulator_factory, 
 def test_bad_record_fails_before_anything_is_paid_for(fable_emulator_factory):
     server = fable_emulator_factory()
     point_connection_at(server)
-    bad = [*RECORDS, {"id": "has spaces and more", "text": "x"}]
-    with pytest.raises(RecordError, match=r"'has spaces and more'.*custom_id.pattern"):
+    bad = [*RECORDS, {"id": "p3", "text": "x"}]
+    with pytest.raises(RecordError, match=r"'p3'.*custom_id.duplicate"):
         submit_op(records=bad, max_requests_per_batch=3).execute({})
     assert stats(server)["calls"]["create"] == 0
 

@@ -79,7 +79,9 @@ class BatchJob(BaseModel):
     system_prompt: str | None = None
     few_shot_examples: list[FewShotExample] = Field(default_factory=list)
     max_tokens: int = Field(default=1024, ge=1, le=128_000)
-    temperature: float | None = Field(default=0.0, ge=0.0, le=1.0)
+    #: Must stay unset: API version 2026-10-21, which the anthropic SDK 2.x sends, rejects
+    #: ``temperature`` (even 0.0) with a 400, so every request of the batch would end errored.
+    temperature: float | None = Field(default=None, ge=0.0, le=1.0)
     cache_prompt_prefix: bool = True
 
     @field_validator("output_model")
@@ -93,6 +95,17 @@ class BatchJob(BaseModel):
         if not value.strip():
             raise JobSpecError("prompt_template is empty")
         template_fields_of(value)
+        return value
+
+    @field_validator("temperature")
+    @classmethod
+    def _no_temperature(cls, value: float | None) -> float | None:
+        # Refused here, before anything is paid for, rather than as N errored results later.
+        if value is not None:
+            raise JobSpecError(
+                f"temperature={value}: the Messages API version 2026-10-21 (sent by anthropic SDK 2.x) "
+                "rejects temperature, top_p and top_k, even at their defaults; leave temperature unset"
+            )
         return value
 
     @model_validator(mode="after")

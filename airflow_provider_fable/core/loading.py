@@ -2,30 +2,53 @@
 
 Kept out of the operator so the whole validate-and-load path can be tested and benchmarked
 without Airflow: the operator only wires a hook's result stream and a database engine to it.
+
+Memory stays flat in the size of the result file: at most one chunk of outcomes is held while it
+is being validated, plus (with the writer thread, on PostgreSQL by default) one chunk queued and
+one being written. PostgreSQL's server process then stores a chunk while Python validates the
+next one.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel
 
 from airflow_provider_fable.core.cost import usage_cost_usd
 from airflow_provider_fable.core.results import BatchResult, Usage
-from airflow_provider_fable.core.sinks import ResultSink, resolve
+from airflow_provider_fable.core.sinks import ResultSink, model_properties, resolve
 from airflow_provider_fable.core.validation import Accepted, Rejected, validate_result
+
+
+class RecordOutcome(NamedTuple):
+    """What happened to one record in one batch, reported after its chunk is committed.
+
+    ``retryable`` follows ``validation.RETRYABLE_REASONS``: true for API trouble (errored,
+    expired, canceled) and for answers a new request may get right (invalid_json, truncated,
+    empty_answer, schema, invariant); false for accepted rows, refusals, unknown result types and
+    ``unstorable`` rows (a valid answer the column cannot hold would fail the same way again).
+    """
+
+    record_id: str
+    custom_id: str
+    status: str  # "accepted" | "rejected"
+    reason: str | None
+    retryable: bool
+    batch_id: str
 
 
 def distribution_fields(output_model: type[BaseModel]) -> list[str]:
     """Output fields whose values form a closed set (enums, booleans): worth a distribution."""
-    schema = output_model.model_json_schema(by_alias=True)
-    defs = schema.get("$defs", {})
+    properties, defs = model_properties(output_model)
     return [
         name
-        for name, prop in schema.get("properties", {}).items()
+        for name, prop in properties.items()
         if "enum" in (target := resolve(prop, defs)) or target.get("type") == "boolean"
     ]
 
@@ -40,9 +63,11 @@ class LoadStats:
     distribution: dict[str, Counter[str]] = field(default_factory=dict)
     usage: Usage = field(default_factory=Usage)
     cost_usd: float | None = 0.0
+    #: Accepted answers not written because ``should_write`` said a newer batch owns the record.
+    skipped_stale: int = 0
 
     def summary(self) -> dict[str, Any]:
-        return {
+        out = {
             "records": self.accepted + self.rejected,
             "accepted": self.accepted,
             "rejected": self.rejected,
@@ -51,6 +76,79 @@ class LoadStats:
             "usage": self.usage.as_dict(),
             "cost_usd": None if self.cost_usd is None else round(self.cost_usd, 6),
         }
+        if self.skipped_stale:
+            out["skipped_stale"] = self.skipped_stale
+        return out
+
+
+class _Chunk(NamedTuple):
+    accepted: list[Accepted]
+    rejected: list[Rejected]
+    custom_ids: dict[str, str]  # record id -> custom_id, only where they differ
+
+
+class _Writer:
+    """Writes chunks in order, in a thread (pipeline) or inline; reports committed outcomes.
+
+    Callbacks and statistics stay on the caller's thread: the writer only hands back, per
+    committed chunk, the rows that turned out unstorable.
+    """
+
+    def __init__(self, sink: ResultSink, batch_id: str, model: Callable[[], str | None], threaded: bool):
+        self.sink, self.batch_id, self.model = sink, batch_id, model
+        self.done: queue.Queue[tuple[_Chunk, list[Rejected]] | BaseException] = queue.Queue()
+        self.todo: queue.Queue[_Chunk | None] | None = None
+        self.thread: threading.Thread | None = None
+        if threaded:
+            self.todo = queue.Queue(maxsize=1)  # one chunk queued + one being written: bounded
+            self.thread = threading.Thread(target=self._run, name="fable-load-writer", daemon=True)
+            self.thread.start()
+
+    def _write(self, chunk: _Chunk) -> None:
+        unstorable = self.sink.write_chunk(
+            chunk.accepted, chunk.rejected, batch_id=self.batch_id, model=self.model()
+        )
+        self.done.put((chunk, unstorable))
+
+    def _run(self) -> None:
+        assert self.todo is not None
+        while (chunk := self.todo.get()) is not None:
+            try:
+                self._write(chunk)
+            except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+                self.done.put(exc)
+                return
+
+    def submit(self, chunk: _Chunk) -> None:
+        if self.todo is None:
+            self._write(chunk)
+            return
+        while True:
+            assert self.thread is not None
+            if not self.thread.is_alive():
+                return  # it failed; the error is waiting in ``done``
+            try:
+                self.todo.put(chunk, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        if self.todo is not None and self.thread is not None:
+            if self.thread.is_alive():
+                self.todo.put(None)
+            self.thread.join()
+
+    def committed(self) -> list[tuple[_Chunk, list[Rejected]]]:
+        out = []
+        while True:
+            try:
+                item = self.done.get_nowait()
+            except queue.Empty:
+                return out
+            if isinstance(item, BaseException):
+                raise item
+            out.append(item)
 
 
 def load_batch(
@@ -60,36 +158,113 @@ def load_batch(
     output_model: type[BaseModel],
     sink: ResultSink,
     stats: LoadStats,
-    chunk_size: int = 1000,
+    chunk_size: int = 10_000,
+    on_outcomes: Callable[[list[RecordOutcome]], None] | None = None,
+    should_write: Callable[[str, str], bool] | None = None,
+    pipeline: bool | None = None,
 ) -> None:
-    """Validate every result of one batch and write it, ``chunk_size`` rows per transaction."""
+    """Validate every result of one batch and write it, ``chunk_size`` rows per transaction.
+
+    :param on_outcomes: called (on this thread) with every record's outcome after the chunk
+        holding it is committed, in order; an answer that turned out unstorable is reported as
+        rejected with reason ``unstorable``.
+    :param should_write: ``(record_id, batch_id) -> bool`` asked for each accepted answer; False
+        skips it (e.g. the record has been resubmitted in a newer batch, whose answer wins).
+        Skipped answers are counted in ``stats.skipped_stale`` and are not reported as outcomes.
+    :param pipeline: write chunks on a writer thread while the next chunk is validated. Default:
+        when the database works outside Python (PostgreSQL: COPY and the upsert run in the
+        server, the client waits without the GIL). SQLite's executemany needs the GIL for every
+        row, so a writer thread there only trades the GIL back and forth.
+    """
     fields = distribution_fields(output_model)
     for f in fields:
         stats.distribution.setdefault(f, Counter())
+    distribution = [(f, stats.distribution[f]) for f in fields]
+    reasons = stats.reasons
+    model_name: str | None = None
+    if pipeline is None:
+        pipeline = sink.engine.dialect.name == "postgresql"
+    writer = _Writer(sink, batch_id, lambda: model_name, pipeline)
+
+    def report(done: list[tuple[_Chunk, list[Rejected]]]) -> None:
+        for chunk, unstorable in done:
+            if unstorable:
+                # Counted as accepted while validating; the database had the last word.
+                stats.accepted -= len(unstorable)
+                stats.rejected += len(unstorable)
+                reasons["unstorable"] += len(unstorable)
+                for item in unstorable:
+                    data = next((a.data for a in chunk.accepted if a.record_id == item.record_id), {})
+                    for f, counter in distribution:
+                        key = str(data.get(f))
+                        counter[key] -= 1
+                        if counter[key] <= 0:
+                            del counter[key]
+            if on_outcomes is None:
+                continue
+            bad = {r.record_id for r in unstorable}
+            cid = chunk.custom_ids.get
+            outcomes = [
+                RecordOutcome(a.record_id, cid(a.record_id, a.record_id), "accepted", None, False, batch_id)
+                for a in chunk.accepted
+                if a.record_id not in bad
+            ]
+            outcomes += [
+                RecordOutcome(r.record_id, cid(r.record_id, r.record_id), "rejected", r.reason, r.retryable, batch_id)
+                for r in (*chunk.rejected, *unstorable)
+            ]  # fmt: skip
+            on_outcomes(outcomes)
+
     accepted: list[Accepted] = []
     rejected: list[Rejected] = []
-    batch_usage = Usage()
-    model_name: str | None = None
-    for result in results:
-        model_name = model_name or result.model
-        outcome = validate_result(result, output_model)
-        batch_usage.add(outcome.usage)
-        if isinstance(outcome, Accepted):
-            accepted.append(outcome)
-            stats.accepted += 1
-            for f in fields:
-                stats.distribution[f][str(outcome.data.get(f))] += 1
-        else:
-            rejected.append(outcome)
-            stats.rejected += 1
-            stats.reasons[outcome.reason] += 1
-        if len(accepted) + len(rejected) >= chunk_size:
-            sink.write_accepted(accepted, batch_id=batch_id, model=model_name)
-            sink.write_rejected(rejected, batch_id=batch_id)
-            accepted.clear()
-            rejected.clear()
-    sink.write_accepted(accepted, batch_id=batch_id, model=model_name)
-    sink.write_rejected(rejected, batch_id=batch_id)
+    custom_ids: dict[str, str] = {}
+    tokens_in = tokens_out = cache_write = cache_read = 0
+
+    def flush() -> None:
+        # Counting per chunk (in C: Counter.update, len) rather than per row in the loop.
+        stats.accepted += len(accepted)
+        stats.rejected += len(rejected)
+        reasons.update([r.reason for r in rejected])
+        for f, counter in distribution:
+            counter.update([str(a.data.get(f)) for a in accepted])
+        writer.submit(_Chunk(accepted, rejected, custom_ids))
+
+    try:
+        for result in results:
+            if model_name is None:
+                model_name = result.model
+            outcome = validate_result(result, output_model)
+            usage = outcome.usage
+            tokens_in += usage.input_tokens
+            tokens_out += usage.output_tokens
+            cache_write += usage.cache_creation_input_tokens
+            cache_read += usage.cache_read_input_tokens
+            if result.custom_id != outcome.record_id:
+                custom_ids[outcome.record_id] = result.custom_id
+            if type(outcome) is Accepted:
+                if should_write is not None and not should_write(outcome.record_id, batch_id):
+                    stats.skipped_stale += 1
+                    continue
+                accepted.append(outcome)
+            else:
+                rejected.append(outcome)
+            if len(accepted) + len(rejected) >= chunk_size:
+                flush()
+                accepted, rejected, custom_ids = [], [], {}
+                report(writer.committed())
+        if accepted or rejected:
+            flush()
+    except BaseException:
+        # What was committed stays committed, and is still reported, before the error surfaces.
+        writer.close()
+        try:
+            report(writer.committed())
+        except Exception:  # noqa: BLE001 - the original error is the one to raise
+            pass
+        raise
+    writer.close()
+    report(writer.committed())
+    batch_usage = Usage(tokens_in, tokens_out, cache_write, cache_read)
     stats.usage.add(batch_usage)
     cost = usage_cost_usd(batch_usage, model_name) if model_name else 0.0
     stats.cost_usd = None if cost is None or stats.cost_usd is None else stats.cost_usd + cost

@@ -108,15 +108,22 @@ def build_requests(job: BatchJob, records: Iterable[Mapping[str, Any]]) -> Itera
     """Requests for many records, checking custom_id uniqueness across the whole run."""
     shared = base_params(job)
     prefix = prefix_messages(job)
-    seen: set[str] = set()
+    seen: dict[str, str] = {}
     for position, record in enumerate(records, 1):
         try:
             request = build_request(job, record, shared=shared, prefix=prefix)
         except RecordError as exc:
             raise exc.at(position) from None
-        if request["custom_id"] in seen:
+        custom_id = request["custom_id"]
+        if custom_id in seen:
+            real = ids.record_id_text(record.get(job.id_field))
+            if seen[custom_id] == real:
+                raise RecordError(real, "custom_id.duplicate", "two source records share this id", position)
             raise RecordError(
-                record.get(job.id_field), "custom_id.duplicate", "two source records share this id", position
+                real,
+                "custom_id.collision",
+                f"its custom_id {custom_id!r} is also the custom_id of record {seen[custom_id]!r}",
+                position,
             )
-        seen.add(request["custom_id"])
+        seen[custom_id] = ids.record_id_text(record.get(job.id_field))
         yield request

@@ -1,8 +1,10 @@
 """Parse result lines of a batch (one JSON object per line) into small, flat records.
 
-Result files can be millions of lines, so parsing works on raw lines with ``json.loads`` and
-keeps only what validation and cost accounting need, instead of building the SDK's pydantic
-objects per line.
+Result files can be millions of lines, so parsing works on raw lines and keeps only what
+validation and cost accounting need, instead of building the SDK's pydantic objects per line.
+Lines are decoded with ``orjson`` (several times faster than ``json`` on these ~1 KB objects);
+the rare line orjson refuses but ``json`` accepts (a lone UTF-16 surrogate escape, ``NaN``) goes
+through ``json`` so the accepted input is exactly what it was before orjson.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 SUCCEEDED = "succeeded"
 ERRORED = "errored"
@@ -60,6 +64,9 @@ class ResultLineError(ValueError):
     """A line of the results file is not a result object (truncated download, corruption)."""
 
 
+_EMPTY: dict[str, Any] = {}
+
+
 def _usage(raw: dict[str, Any] | None) -> Usage:
     if not raw:
         return Usage()
@@ -71,30 +78,56 @@ def _usage(raw: dict[str, Any] | None) -> Usage:
     )
 
 
+def _usage_fast(raw: dict[str, Any]) -> Usage:
+    """The common case (a dict of ints), with one type check per field and no conversions."""
+    get = raw.get
+    a, b = get("input_tokens") or 0, get("output_tokens") or 0
+    c, d = get("cache_creation_input_tokens") or 0, get("cache_read_input_tokens") or 0
+    if a.__class__ is int and b.__class__ is int and c.__class__ is int and d.__class__ is int:
+        return Usage(a, b, c, d)
+    return Usage(int(a), int(b), int(c), int(d))
+
+
+def _loads(line: str | bytes) -> Any:
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        # orjson is stricter than json (lone surrogates, NaN/Infinity); keep json's acceptance.
+        return json.loads(line)
+
+
 def parse_result_line(line: str | bytes) -> BatchResult:
     """Parse one JSONL line. Raises ResultLineError when the line is not a result object."""
     try:
-        obj = json.loads(line)
+        obj = _loads(line)
         custom_id = obj["custom_id"]
         result = obj["result"]
         kind = result["type"]
     except (ValueError, KeyError, TypeError) as exc:
         preview = line[:120] if isinstance(line, str) else line[:120].decode("utf-8", "replace")
         raise ResultLineError(f"unparseable result line ({exc}): {preview!r}") from None
-    out = BatchResult(custom_id=custom_id, type=kind)
     if kind == SUCCEEDED:
-        message = result.get("message") or {}
-        out.stop_reason = message.get("stop_reason")
-        out.model = message.get("model")
-        out.usage = _usage(message.get("usage"))
-        texts = []
-        for block in message.get("content") or ():
-            if block.get("type") == "text":
-                texts.append(block.get("text") or "")
-            elif block.get("type") == "tool_use" and out.tool_input is None:
-                out.tool_input = block.get("input")
-        out.text = "".join(texts) if texts else None
-    elif kind == ERRORED:
+        message = result.get("message") or _EMPTY
+        text = None
+        tool_input = None
+        content = message.get("content")
+        if content:
+            texts = []
+            for block in content:
+                block_type = block.get("type")
+                if block_type == "text":
+                    texts.append(block.get("text") or "")
+                elif block_type == "tool_use" and tool_input is None:
+                    tool_input = block.get("input")
+            if texts:
+                text = texts[0] if len(texts) == 1 else "".join(texts)
+        raw_usage = message.get("usage")
+        usage = _usage(raw_usage) if raw_usage.__class__ is not dict else _usage_fast(raw_usage)
+        return BatchResult(
+            custom_id, kind, text, tool_input, message.get("stop_reason"), message.get("model"), usage
+        )
+    out = BatchResult(custom_id, kind)
+    if kind == ERRORED:
         envelope = result.get("error") or {}
         inner = envelope.get("error") if isinstance(envelope.get("error"), dict) else envelope
         out.error_type = inner.get("type")

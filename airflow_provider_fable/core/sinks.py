@@ -1,26 +1,50 @@
-"""Idempotent writers for accepted rows and rejects (SQLAlchemy Core; SQLite and PostgreSQL).
+"""Idempotent bulk writers for accepted rows and rejects (SQLite and PostgreSQL).
 
 Accepted answers are upserted on the record id, so loading the same results twice (a task retry,
 a re-run of the DAG) leaves exactly one row per record. Rejects are keyed on (record id, batch
 id): the history of why a record failed survives reruns, and writing the same batch twice is a
-no-op. Tables are created from the output model when missing so a first run needs no DDL.
+no-op. Tables are created from the output model when missing so a first run needs no DDL, with a
+``<table>_outcomes`` view giving each record's latest outcome (accepted, or its latest reject).
+
+Speed: a chunk (accepted rows + rejects) is one transaction on one DB-API connection. SQLite gets
+one prepared upsert run with ``executemany`` over plain tuples; PostgreSQL gets ``COPY`` into a
+temporary staging table and one ``INSERT ... SELECT ... ON CONFLICT DO UPDATE`` from it (psycopg2
+or psycopg 3). Other drivers fall back to SQLAlchemy's executemany.
+
+A value the database refuses (an integer beyond 64 bits, text it cannot encode, a constraint of
+a hand-made table) must not block the load: the failing chunk is rolled back and bisected under
+savepoints until the offending rows are isolated; each becomes a reject with reason
+``unstorable`` and the database's message, and every other row of the chunk is written.
 """
 
 from __future__ import annotations
 
+import csv
+import decimal
+import hashlib
+import io
 import json
+import logging
 import re
-from collections.abc import Iterable, Sequence
+import types
+import typing
+import uuid
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from pydantic import BaseModel
 
 from airflow_provider_fable.core.validation import Accepted, Rejected
 
+log = logging.getLogger(__name__)
+
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 META_COLUMNS = ("_batch_id", "_model", "_input_tokens", "_output_tokens", "_loaded_at")
+REJECT_COLUMNS = ("record_id", "batch_id", "reason", "detail", "raw_answer", "retryable", "rejected_at")
+ID_TYPES = ("text", "integer")
 
 
 def _check_ident(name: str, what: str) -> str:
@@ -40,6 +64,20 @@ def resolve(prop: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     return prop
 
 
+def model_properties(output_model: type[BaseModel]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(properties, $defs) of the model's JSON schema (by alias), following a top-level ``$ref``.
+
+    A self-referencing model (``children: list["Node"]``) gets a schema that is only
+    ``{"$ref": "#/$defs/Node", "$defs": {...}}``: reading ``properties`` at the top would find
+    no fields and load nothing but ids.
+    """
+    schema = output_model.model_json_schema(by_alias=True)
+    defs = schema.get("$defs", {})
+    if "properties" not in schema and "$ref" in schema:
+        schema = resolve(schema, defs)
+    return schema.get("properties", {}), defs
+
+
 def _json_type(prop: dict[str, Any], defs: dict[str, Any]) -> str:
     """Collapse a JSON-schema property to one scalar kind: string/integer/number/boolean/json."""
     prop = resolve(prop, defs)
@@ -56,32 +94,122 @@ def _json_type(prop: dict[str, Any], defs: dict[str, Any]) -> str:
     return kind if kind in ("string", "integer", "number", "boolean") else "json"
 
 
-def _text(value: Any) -> Any:
-    """PostgreSQL text cannot hold NUL; a model answer can. Drop it rather than fail the load."""
-    return value.replace("\x00", "") if isinstance(value, str) and "\x00" in value else value
+def _is_decimal(annotation: Any) -> bool:
+    """``Decimal`` or ``Decimal | None`` (``condecimal`` keeps its constraints outside the type)."""
+    if annotation is decimal.Decimal:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return len(args) == 1 and args[0] is decimal.Decimal
+    return False
 
 
 _SQL_TYPES = {
     "string": sa.Text,
     "integer": sa.BigInteger,
     "number": sa.Float,
+    "decimal": sa.Numeric,
     "boolean": sa.Boolean,
     "json": sa.Text,
 }
 
 
 def output_columns(output_model: type[BaseModel]) -> dict[str, str]:
-    """Column name -> scalar kind for every field of the output model."""
-    schema = output_model.model_json_schema(by_alias=True)
-    defs = schema.get("$defs", {})
+    """Column name -> kind for every field of the output model.
+
+    Kinds: string, integer, number, decimal (stored as NUMERIC, exact), boolean, json (nested or
+    mixed values, stored as JSON text).
+    """
+    properties, defs = model_properties(output_model)
+    decimals = {
+        (info.alias or name)
+        for name, info in output_model.model_fields.items()
+        if _is_decimal(info.annotation)
+    }
     return {
-        _check_ident(name, "output field"): _json_type(prop, defs)
-        for name, prop in schema.get("properties", {}).items()
+        _check_ident(name, "output field"): "decimal" if name in decimals else _json_type(prop, defs)
+        for name, prop in properties.items()
     }
 
 
+def _strip_nul(value: str) -> str:
+    """PostgreSQL text cannot hold NUL; a model answer can. Drop it rather than fail the load."""
+    return value.replace("\x00", "") if "\x00" in value else value
+
+
+def _json_text(value: Any) -> str:
+    try:
+        out = orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    except orjson.JSONEncodeError:  # ints beyond 64 bits, lone surrogates: json copes
+        out = json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return _strip_nul(out)
+
+
+def _safe_text(value: str | None, limit: int) -> str | None:
+    """Text for the rejects table: bounded, NUL-free and encodable (lone surrogates replaced)."""
+    if value is None:
+        return None
+    value = _strip_nul(value[:limit])
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        value = value.encode("utf-8", "replace").decode("utf-8")
+    return value
+
+
+def _row_builder(kinds: dict[str, str]) -> Callable[..., tuple[Any, ...]]:
+    """A function turning (data, id, batch, model, tokens in/out, now) into the table's row tuple.
+
+    Generated once per output model (the names are checked identifiers) so the per-row work is
+    one call with inline conversions: NUL stripped from text, nested values as JSON text.
+    """
+    parts = []
+    for name, kind in kinds.items():
+        get = f"(v := d.get({name!r}))"
+        if kind == "string":
+            parts.append(f"(_strip(v) if {get}.__class__ is str and '\\x00' in v else v)")
+        elif kind == "json":
+            parts.append(f"(None if {get} is None else _json(v))")
+        else:
+            parts.append(f"d.get({name!r})")
+    fields = "".join(f"{p}, " for p in parts)
+    source = f"lambda d, rid, batch, model, tin, tout, now: (rid, {fields}batch, model, tin, tout, now)"
+    return eval(source, {"_strip": _strip_nul, "_json": _json_text})  # noqa: S307 - built from checked names
+
+
+def _quote(name: str) -> str:
+    return f'"{name}"'
+
+
+#: COPY's NULL marker: no answer can contain it (random per process), unlike ``\\N`` or "".
+_COPY_NULL = f"fable_null_{uuid.uuid4().hex}"
+
+
+def _copy_csv(rows: Sequence[tuple[Any, ...]]) -> str:
+    """Rows as CSV for ``COPY ... (FORMAT csv)``, written by the C csv module.
+
+    Strings are always quoted (QUOTE_NONNUMERIC), numbers and booleans are not; None becomes the
+    NULL marker, which ``FORCE_NULL`` turns back into NULL even though it is quoted.
+    """
+    buf = io.StringIO()
+    null = _COPY_NULL
+    csv.writer(buf, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\n").writerows(
+        row if None not in row else tuple(null if v is None else v for v in row) for row in rows
+    )
+    return buf.getvalue()
+
+
+class _Unstorable(Exception):
+    """A row refused before it reaches the database (e.g. a text id for an integer id column)."""
+
+
 class ResultSink:
-    """Writes accepted rows to ``table`` and rejects to ``rejects_table`` on one engine."""
+    """Writes accepted rows to ``table`` and rejects to ``rejects_table`` on one engine.
+
+    :param id_type: ``"text"`` or ``"integer"`` for the id column of a new table; ``None``
+        follows the column of an existing table and creates ``text`` otherwise. An integer id
+        column lets incremental queries compare it with an integer source id on PostgreSQL.
+    """
 
     def __init__(
         self,
@@ -92,27 +220,35 @@ class ResultSink:
         output_model: type[BaseModel],
         rejects_table: str | None = None,
         schema: str | None = None,
+        id_type: str | None = None,
     ) -> None:
         self.engine = engine
         if engine.dialect.name not in ("sqlite", "postgresql"):
             raise ValueError(
                 f"upserts are implemented for sqlite and postgresql, not {engine.dialect.name!r}"
             )
+        if id_type is not None and id_type not in ID_TYPES:
+            raise ValueError(f"id_type must be one of {ID_TYPES} or None, not {id_type!r}")
         self.kinds = output_columns(output_model)
         self.id_column = _check_ident(id_column, "id column")
         if self.id_column in self.kinds:
             raise ValueError(f"output model field {id_column!r} clashes with the id column")
+        _check_ident(table, "table")
+        self.schema = schema
+        self.id_type = id_type or self._existing_id_type(table) or "text"
         meta = sa.MetaData(schema=schema)
         self.table = sa.Table(
-            _check_ident(table, "table"),
+            table,
             meta,
-            sa.Column(self.id_column, sa.Text, primary_key=True),
+            sa.Column(
+                self.id_column, sa.BigInteger if self.id_type == "integer" else sa.Text, primary_key=True
+            ),
             *(sa.Column(name, _SQL_TYPES[kind]()) for name, kind in self.kinds.items()),
             sa.Column("_batch_id", sa.Text),
             sa.Column("_model", sa.Text),
             sa.Column("_input_tokens", sa.BigInteger),
             sa.Column("_output_tokens", sa.BigInteger),
-            sa.Column("_loaded_at", sa.Text),
+            sa.Column("_loaded_at", sa.DateTime(timezone=True)),
         )
         self.rejects = sa.Table(
             _check_ident(rejects_table or f"{table}_rejects", "rejects table"),
@@ -123,63 +259,350 @@ class ResultSink:
             sa.Column("detail", sa.Text),
             sa.Column("raw_answer", sa.Text),
             sa.Column("retryable", sa.Boolean),
-            sa.Column("rejected_at", sa.Text),
+            sa.Column("rejected_at", sa.DateTime(timezone=True)),
         )
+        view = f"{table}_outcomes"
+        self.outcomes_view: str | None = view if _IDENT.match(view) else None
         self.metadata = meta
+        self._columns = [c.name for c in self.table.columns]
+        self._build_row = _row_builder(self.kinds)
+        driver = engine.dialect.driver
+        if engine.dialect.name == "sqlite" and driver == "pysqlite":
+            self._mode = "sqlite"
+        elif engine.dialect.name == "postgresql" and driver in ("psycopg2", "psycopg"):
+            self._mode = driver
+        else:
+            self._mode = "sqlalchemy"
+        dbapi = engine.dialect.dbapi
+        #: Errors that mean "this data" (not "this connection"): worth isolating row by row.
+        self._data_errors: tuple[type[BaseException], ...] = (
+            ValueError,  # includes UnicodeEncodeError
+            OverflowError,
+            TypeError,
+            _Unstorable,
+            sa.exc.DataError,
+            sa.exc.IntegrityError,
+            *(getattr(dbapi, n) for n in ("DataError", "IntegrityError") if dbapi and hasattr(dbapi, n)),
+        )
+
+    # ------------------------------------------------------------------ DDL
+    def _existing_id_type(self, table: str) -> str | None:
+        inspector = sa.inspect(self.engine)
+        if not inspector.has_table(table, schema=self.schema):
+            return None
+        for col in inspector.get_columns(table, schema=self.schema):
+            if col["name"] == self.id_column:
+                return "integer" if isinstance(col["type"], sa.Integer) else "text"
+        return None
 
     def ensure_tables(self) -> None:
+        """Create the tables (and the outcomes view) when missing; existing ones are kept."""
         self.metadata.create_all(self.engine, checkfirst=True)
+        if self.outcomes_view is None:
+            return
+        if self.outcomes_view in sa.inspect(self.engine).get_view_names(schema=self.schema):
+            return
+        try:
+            with self.engine.begin() as conn:
+                conn.exec_driver_sql(self._outcomes_view_sql())
+        except sa.exc.DBAPIError as exc:  # e.g. a table made by an older version (text timestamps)
+            log.warning("could not create view %s: %s", self.outcomes_view, exc.orig)
 
-    def _insert(self, table: sa.Table) -> Any:
-        if self.engine.dialect.name == "postgresql":
+    def _name(self, name: str) -> str:
+        return f"{_quote(self.schema)}.{_quote(name)}" if self.schema else _quote(name)
+
+    def _outcomes_view_sql(self) -> str:
+        """Each record's latest outcome: its accepted row, unless a later reject exists."""
+        t, r, rid = self._name(self.table.name), self._name(self.rejects.name), _quote(self.id_column)
+        return f"""CREATE VIEW {self._name(self.outcomes_view or "")} AS
+WITH ranked AS (
+    SELECT record_id, batch_id, reason, detail, retryable, rejected_at,
+           ROW_NUMBER() OVER (PARTITION BY record_id ORDER BY rejected_at DESC, batch_id DESC) AS rn
+    FROM {r}
+), latest AS (SELECT * FROM ranked WHERE rn = 1)
+SELECT CAST(t.{rid} AS TEXT) AS record_id, 'accepted' AS outcome, t._batch_id AS batch_id,
+       CAST(NULL AS TEXT) AS reason, CAST(NULL AS TEXT) AS detail, FALSE AS retryable,
+       t._loaded_at AS outcome_at
+FROM {t} AS t LEFT JOIN latest AS l ON l.record_id = CAST(t.{rid} AS TEXT)
+WHERE l.record_id IS NULL OR l.rejected_at <= t._loaded_at
+UNION ALL
+SELECT l.record_id, 'rejected', l.batch_id, l.reason, l.detail, l.retryable, l.rejected_at
+FROM latest AS l LEFT JOIN {t} AS t ON CAST(t.{rid} AS TEXT) = l.record_id
+WHERE t.{rid} IS NULL OR l.rejected_at > t._loaded_at"""
+
+    # ------------------------------------------------------------------ rows
+    def _now(self) -> Any:
+        now = datetime.now(timezone.utc)
+        if self._mode == "sqlite":  # SQLAlchemy's SQLite DateTime storage format
+            return now.strftime("%Y-%m-%d %H:%M:%S.%f")
+        if self._mode == "sqlalchemy":
+            return now
+        return now.isoformat()
+
+    def _record_id(self, record_id: str) -> Any:
+        if self.id_type == "integer":
+            try:
+                value = int(record_id)
+            except ValueError:
+                raise _Unstorable(
+                    f"record id {record_id!r} is not an integer, but column {self.id_column!r} is"
+                ) from None
+            if not -(2**63) <= value < 2**63:
+                raise _Unstorable(f"record id {record_id!r} is out of range for a 64-bit integer column")
+            return value
+        return record_id
+
+    def _accepted_rows(
+        self, items: Iterable[Accepted], batch_id: str, model: str | None, now: Any
+    ) -> tuple[list[tuple[Any, ...]], list[Accepted], list[tuple[Accepted, str]]]:
+        """(rows, their items, refused items with why); one row per record id (last wins)."""
+        by_id: dict[str, tuple[tuple[Any, ...], Accepted]] = {}
+        refused: list[tuple[Accepted, str]] = []
+        build = self._build_row
+        integer_ids = self.id_type == "integer"
+        for item in items:
+            key: Any = item.record_id
+            if integer_ids:
+                try:
+                    key = self._record_id(key)
+                except _Unstorable as exc:
+                    refused.append((item, str(exc)))
+                    continue
+            usage = item.usage
+            row = build(item.data, key, batch_id, model, usage.input_tokens, usage.output_tokens, now)
+            by_id[item.record_id] = (row, item)
+        rows = [row for row, _ in by_id.values()]
+        kept = [item for _, item in by_id.values()]
+        return rows, kept, refused
+
+    @staticmethod
+    def _reject_rows(items: Iterable[Rejected], batch_id: str, now: Any) -> list[tuple[Any, ...]]:
+        by_key = {
+            item.record_id: (
+                item.record_id,
+                batch_id,
+                item.reason,
+                _safe_text(item.detail, 2000),
+                _safe_text(item.raw, 4000),
+                item.retryable,
+                now,
+            )
+            for item in items
+        }
+        return list(by_key.values())
+
+    # ------------------------------------------------------------------ writes
+    def write_chunk(
+        self,
+        accepted: Sequence[Accepted],
+        rejected: Sequence[Rejected],
+        *,
+        batch_id: str,
+        model: str | None,
+    ) -> list[Rejected]:
+        """Write one chunk of accepted rows and rejects in one transaction.
+
+        Returns the accepted items that could not be stored: they were written as rejects with
+        reason ``unstorable`` (and are not in the table).
+        """
+        if not accepted and not rejected:
+            return []
+        now = self._now()
+        rows, kept, refused = self._accepted_rows(accepted, batch_id, model, now)
+        with self._transaction() as tx:
+            failed = self._write_isolating(tx, rows)
+            refused += [(kept[i], message) for i, message in failed]
+            unstorable = [
+                Rejected(
+                    item.record_id,
+                    "unstorable",
+                    f"the database refused the row: {message}",
+                    _json_text(item.data),
+                    item.usage,
+                )
+                for item, message in refused
+            ]
+            reject_rows = self._reject_rows([*rejected, *unstorable], batch_id, now)
+            if reject_rows:
+                tx.upsert(self.rejects, ("record_id", "batch_id"), list(REJECT_COLUMNS), reject_rows)
+        return unstorable
+
+    def write_accepted(self, items: Iterable[Accepted], *, batch_id: str, model: str | None) -> int:
+        """Upsert accepted rows; returns how many were stored (the rest became ``unstorable``)."""
+        items = list(items)
+        return len(items) - len(self.write_chunk(items, [], batch_id=batch_id, model=model))
+
+    def write_rejected(self, items: Iterable[Rejected], *, batch_id: str) -> int:
+        items = list(items)
+        self.write_chunk([], items, batch_id=batch_id, model=None)
+        return len(items)
+
+    def _write_isolating(self, tx: _Transaction, rows: list[tuple[Any, ...]]) -> list[tuple[int, str]]:
+        """Upsert rows; on a data error, bisect under savepoints. Returns (index, message) refused."""
+        if not rows:
+            return []
+        key = (self.id_column,)
+        try:
+            with tx.savepoint():
+                tx.upsert(self.table, key, self._columns, rows)
+            return []
+        except self._data_errors:
+            pass
+        failed: list[tuple[int, str]] = []
+        pending = [(0, len(rows) // 2), (len(rows) // 2, len(rows))]
+        while pending:
+            lo, hi = pending.pop()
+            if lo >= hi:
+                continue
+            try:
+                with tx.savepoint():
+                    tx.upsert(self.table, key, self._columns, rows[lo:hi])
+            except self._data_errors as exc:
+                if hi - lo == 1:
+                    failed.append((lo, _error_message(exc)))
+                else:
+                    mid = (lo + hi) // 2
+                    pending += [(lo, mid), (mid, hi)]
+        return sorted(failed)
+
+    def _transaction(self) -> _Transaction:
+        if self._mode == "sqlalchemy":
+            return _SATransaction(self)
+        return _DBAPITransaction(self)
+
+
+def _error_message(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip().splitlines()
+    return f"{type(orig).__name__}: {text[0] if text else ''}"[:500]
+
+
+class _Transaction:
+    """One chunk's transaction with savepoints and a bulk upsert, per driver family."""
+
+    def __init__(self, sink: ResultSink) -> None:
+        self.sink = sink
+        self._sp = 0
+
+    def __enter__(self) -> _Transaction:
+        raise NotImplementedError
+
+    def __exit__(self, *exc: Any) -> None:
+        raise NotImplementedError
+
+    def savepoint(self) -> Any:
+        raise NotImplementedError
+
+    def upsert(
+        self, table: sa.Table, keys: Sequence[str], columns: list[str], rows: list[tuple[Any, ...]]
+    ) -> None:
+        raise NotImplementedError
+
+
+class _DBAPISavepoint:
+    def __init__(self, cursor: Any, name: str) -> None:
+        self.cursor, self.name = cursor, name
+
+    def __enter__(self) -> None:
+        self.cursor.execute(f"SAVEPOINT {self.name}")
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.cursor.execute(f"RELEASE SAVEPOINT {self.name}")
+        else:
+            self.cursor.execute(f"ROLLBACK TO SAVEPOINT {self.name}")
+            self.cursor.execute(f"RELEASE SAVEPOINT {self.name}")
+
+
+class _DBAPITransaction(_Transaction):
+    """Raw DB-API connection from the engine's pool: sqlite3, psycopg2 or psycopg 3."""
+
+    _sql_cache: dict[tuple[str, str], str]
+
+    def __enter__(self) -> _DBAPITransaction:
+        self.raw = self.sink.engine.raw_connection()
+        self.conn = self.raw.driver_connection
+        self.cursor = self.conn.cursor()
+        if self.sink._mode == "sqlite" and not self.conn.in_transaction:
+            # Explicit BEGIN: a first SAVEPOINT outside a transaction would otherwise commit on
+            # RELEASE, and the chunk must be one transaction.
+            self.cursor.execute("BEGIN")
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        try:
+            if exc_type is None:
+                self.conn.commit()
+            else:
+                self.conn.rollback()
+        finally:
+            self.cursor.close()
+            self.raw.close()
+
+    def savepoint(self) -> _DBAPISavepoint:
+        self._sp += 1
+        return _DBAPISavepoint(self.cursor, f"fable_sp_{self._sp}")
+
+    def upsert(
+        self, table: sa.Table, keys: Sequence[str], columns: list[str], rows: list[tuple[Any, ...]]
+    ) -> None:
+        name = self.sink._name(table.name)
+        cols = ", ".join(_quote(c) for c in columns)
+        updates = ", ".join(f"{_quote(c)} = EXCLUDED.{_quote(c)}" for c in columns if c not in keys)
+        conflict = f"ON CONFLICT ({', '.join(_quote(k) for k in keys)}) DO UPDATE SET {updates}"
+        if self.sink._mode == "sqlite":
+            marks = ", ".join("?" for _ in columns)
+            self.cursor.executemany(f"INSERT INTO {name} ({cols}) VALUES ({marks}) {conflict}", rows)
+            return
+        # PostgreSQL: COPY into a session-private staging table shaped like the target, then one
+        # set-based upsert. The staging table empties itself at commit; within the transaction
+        # it is truncated after each use (a rolled-back savepoint restores it empty as well).
+        digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+        stage = _quote(f"fable_stage_{table.name[:40]}_{digest}")
+        self.cursor.execute(
+            f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {name} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        )
+        nullable = ", ".join(_quote(c) for c in columns if c not in keys)
+        copy_sql = f"COPY {stage} ({cols}) FROM STDIN WITH (FORMAT csv, NULL '{_COPY_NULL}', FORCE_NULL ({nullable}))"
+        data = _copy_csv(rows)
+        if self.sink._mode == "psycopg2":
+            self.cursor.copy_expert(copy_sql, io.StringIO(data))
+        else:
+            with self.cursor.copy(copy_sql) as copy:
+                copy.write(data)
+        self.cursor.execute(f"INSERT INTO {name} ({cols}) SELECT {cols} FROM {stage} {conflict}")
+        self.cursor.execute(f"TRUNCATE {stage}")
+
+
+class _SATransaction(_Transaction):
+    """Any other driver: SQLAlchemy's dialect upsert with executemany and nested transactions."""
+
+    def __enter__(self) -> _SATransaction:
+        self.conn = self.sink.engine.connect()
+        self.tx = self.conn.begin()
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        try:
+            if exc_type is None:
+                self.tx.commit()
+            else:
+                self.tx.rollback()
+        finally:
+            self.conn.close()
+
+    def savepoint(self) -> Any:
+        return self.conn.begin_nested()
+
+    def upsert(
+        self, table: sa.Table, keys: Sequence[str], columns: list[str], rows: list[tuple[Any, ...]]
+    ) -> None:
+        if self.sink.engine.dialect.name == "postgresql":
             from sqlalchemy.dialects.postgresql import insert
         else:
             from sqlalchemy.dialects.sqlite import insert
-        return insert(table)
-
-    def _upsert(self, table: sa.Table, keys: Sequence[str], rows: list[dict[str, Any]]) -> int:
-        if not rows:
-            return 0
-        stmt = self._insert(table)
-        updates = {c.name: stmt.excluded[c.name] for c in table.columns if c.name not in keys}
-        stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_=updates)
-        with self.engine.begin() as conn:
-            conn.execute(stmt, rows)
-        return len(rows)
-
-    def _cell(self, name: str, value: Any) -> Any:
-        if value is not None and self.kinds[name] == "json":
-            value = json.dumps(value, ensure_ascii=False, sort_keys=True)
-        return _text(value)
-
-    def write_accepted(self, items: Iterable[Accepted], *, batch_id: str, model: str | None) -> int:
-        now = datetime.now(timezone.utc).isoformat()
-        rows = [
-            {
-                self.id_column: item.record_id,
-                **{name: self._cell(name, item.data.get(name)) for name in self.kinds},
-                "_batch_id": batch_id,
-                "_model": model,
-                "_input_tokens": item.usage.input_tokens,
-                "_output_tokens": item.usage.output_tokens,
-                "_loaded_at": now,
-            }
-            for item in items
-        ]
-        return self._upsert(self.table, [self.id_column], rows)
-
-    def write_rejected(self, items: Iterable[Rejected], *, batch_id: str) -> int:
-        now = datetime.now(timezone.utc).isoformat()
-        rows = [
-            {
-                "record_id": item.record_id,
-                "batch_id": batch_id,
-                "reason": item.reason,
-                "detail": _text(item.detail[:2000]),
-                "raw_answer": None if item.raw is None else _text(item.raw[:4000]),
-                "retryable": item.retryable,
-                "rejected_at": now,
-            }
-            for item in items
-        ]
-        return self._upsert(self.rejects, ["record_id", "batch_id"], rows)
+        stmt = insert(table)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=list(keys), set_={c: stmt.excluded[c] for c in columns if c not in keys}
+        )
+        self.conn.execute(stmt, [dict(zip(columns, row, strict=True)) for row in rows])

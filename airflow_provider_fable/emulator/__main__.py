@@ -64,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="smallest cacheable prompt prefix, in estimated tokens",
     )
     api.add_argument("--api-key", default=None, help="accept only this key (unset: any non-empty key)")
+    api.add_argument(
+        "--known-models",
+        default=None,
+        help="comma-separated model ids the API knows (default: the current Claude models and aliases; "
+        "'*' accepts any model)",
+    )
+    api.add_argument(
+        "--state",
+        default=None,
+        metavar="PATH",
+        help="SQLite state file: batches, results and the clock survive a restart",
+    )
 
     faults = parser.add_argument_group("fault injection")
     faults.add_argument(
@@ -115,10 +127,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="the first N calls to each listed endpoint fail",
     )
     faults.add_argument(
+        "--retry-after-seconds",
+        type=int,
+        default=fault_defaults.retry_after_seconds,
+        help="retry-after (seconds) sent with injected HTTP errors; the SDK waits that long",
+    )
+    faults.add_argument(
         "--retry-after-ms",
         type=int,
         default=fault_defaults.retry_after_ms,
-        help="retry-after-ms sent with injected HTTP errors",
+        help="also send retry-after-ms (the SDK prefers it): fast retries for tests",
+    )
+    faults.add_argument(
+        "--description-break-rate",
+        type=float,
+        default=fault_defaults.description_break_rate,
+        help="share of description-only schema constraints (maxLength, maximum...) answers break",
     )
     faults.add_argument(
         "--transient-404-after-create",
@@ -138,12 +162,29 @@ def build_parser() -> argparse.ArgumentParser:
         default=fault_defaults.cut_results_times,
         help="how many downloads of each batch are cut",
     )
+    faults.add_argument(
+        "--lose-create-response-first-n",
+        type=int,
+        default=fault_defaults.lose_create_response_first_n,
+        help="the first N creates make the batch, then lose the response",
+    )
+    faults.add_argument(
+        "--lose-create-response-mode",
+        choices=("500", "drop"),
+        default=fault_defaults.lose_create_response_mode,
+        help="how a lost create response looks: a 500 or a dropped connection",
+    )
     return parser
 
 
 def settings_from_args(args: argparse.Namespace) -> EmulatorSettings:
     """Settings from parsed flags (pydantic validates them, e.g. rates within [0, 1])."""
+    known_models = EmulatorSettings().known_models
+    if args.known_models is not None:
+        known_models = None if args.known_models.strip() == "*" else args.known_models
     return EmulatorSettings(
+        known_models=known_models,
+        state_path=args.state,
         processing_seconds=args.processing_seconds,
         processing_retrieves=args.processing_retrieves,
         cancel_seconds=args.cancel_seconds,
@@ -160,10 +201,14 @@ def settings_from_args(args: argparse.Namespace) -> EmulatorSettings:
             http_error_codes=args.http_error_codes,
             http_error_endpoints=args.http_error_endpoints,
             http_error_first_n=args.http_error_first_n,
+            retry_after_seconds=args.retry_after_seconds,
             retry_after_ms=args.retry_after_ms,
+            description_break_rate=args.description_break_rate,
             transient_404_after_create=args.transient_404_after_create,
             cut_results_after=args.cut_results_after,
             cut_results_times=args.cut_results_times,
+            lose_create_response_first_n=args.lose_create_response_first_n,
+            lose_create_response_mode=args.lose_create_response_mode,
         ),
     )
 

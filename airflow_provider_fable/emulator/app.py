@@ -2,14 +2,16 @@
 
 The official ``anthropic`` SDK must work against it unchanged, so every detail a client can
 observe follows the real API: paths, JSON shapes, error bodies and status codes, the
-``request-id`` header, ``retry-after`` on retryable errors, and a results file streamed as
-JSON Lines from an absolute ``results_url``.
+``request-id`` header, the ``anthropic-version``/``anthropic-beta`` header checks,
+``retry-after`` (seconds) and ``anthropic-ratelimit-*`` on 429/529, and a results file
+streamed as JSON Lines from an absolute ``results_url``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,7 +27,9 @@ from airflow_provider_fable.emulator.state import (
     ResultsDownload,
     parse_create_body,
     parse_json_body,
+    rfc3339,
 )
+from airflow_provider_fable.emulator.validation import check_betas, check_version
 
 __all__ = ["create_app"]
 
@@ -71,6 +75,15 @@ class _CutStreamResponse(StreamingResponse):
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         async for chunk in self.body_iterator:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+
+class _DroppedResponse(Response):
+    """A response that starts and then breaks off: the client sees a dropped connection."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"4096")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b'{"id": "msgbatch_', "more_body": True})
 
 
 class _QuietCutFilter(logging.Filter):
@@ -138,6 +151,39 @@ def _int_query(request: Request, name: str, default: int, lo: int, hi: int) -> i
     return value
 
 
+def _retry_headers(settings: EmulatorSettings, code: int, now: float) -> dict[str, str]:
+    """What the API sends with a retryable error: ``retry-after`` in seconds and, for rate
+    limits and overload, the ``anthropic-ratelimit-*`` state. ``retry-after-ms`` (which the SDK
+    prefers) only when a test asks for it, so by default clients wait as long as in production.
+    """
+    faults = settings.faults
+    headers = {"retry-after": str(faults.retry_after_seconds)}
+    if faults.retry_after_ms is not None:
+        headers["retry-after-ms"] = str(faults.retry_after_ms)
+    if code == 429 or code >= 500:
+        headers["x-should-retry"] = "true"
+    if code in (429, 529):
+        reset = datetime.fromtimestamp(now, tz=timezone.utc) + timedelta(seconds=faults.retry_after_seconds)
+        reset_at = reset.replace(microsecond=0).isoformat().replace("+00:00", "Z")
+        for kind, limit in (
+            ("requests", 50),
+            ("tokens", 400_000),
+            ("input-tokens", 400_000),
+            ("output-tokens", 80_000),
+        ):
+            headers[f"anthropic-ratelimit-{kind}-limit"] = str(limit)
+            headers[f"anthropic-ratelimit-{kind}-remaining"] = "0" if kind == "requests" else str(limit // 2)
+            headers[f"anthropic-ratelimit-{kind}-reset"] = reset_at
+    return headers
+
+
+def _api_headers(request: Request) -> tuple[str, tuple[str, ...]]:
+    """``anthropic-version`` and the ``anthropic-beta`` values of a request (checked by guard)."""
+    version = request.headers.get("anthropic-version", "")
+    betas = tuple(b.strip() for b in request.headers.get("anthropic-beta", "").split(",") if b.strip())
+    return version, betas
+
+
 def create_app(settings: EmulatorSettings | None = None) -> FastAPI:
     """Build an emulator app with its own, empty state.
 
@@ -180,13 +226,15 @@ def create_app(settings: EmulatorSettings | None = None) -> FastAPI:
         if settings.api_key is not None and key != settings.api_key:
             store.stats.add("auth_failures")
             raise ApiError(401, "invalid x-api-key")
+        version, betas = _api_headers(request)
+        problem = check_version(version) or check_betas(",".join(betas))
+        if problem is not None:
+            store.stats.add("header_rejects")
+            raise ApiError(problem.status, problem.message, error_type=problem.error_type)
         code = store.http_faults.check(endpoint)
         if code is not None:
             store.stats.fault("http_error", code=code)
-            ms = settings.faults.retry_after_ms
-            headers = {"retry-after-ms": str(ms), "retry-after": str(max(1, round(ms / 1000)))}
-            if code == 429 or code >= 500:
-                headers["x-should-retry"] = "true"
+            headers = _retry_headers(settings, code, store.clock())
             raise ApiError(code, f"Emulated {code} fault on {endpoint} (fault injection)", headers=headers)
 
     def base_url(request: Request) -> str:
@@ -198,7 +246,15 @@ def create_app(settings: EmulatorSettings | None = None) -> FastAPI:
         guard(request, "create")
         raw = await _read_body(request, settings.max_body_bytes)
         requests = await run_in_threadpool(parse_create_body, raw)
-        return JSONResponse(store.create(requests, base_url(request)))
+        version, betas = _api_headers(request)
+        batch = store.create(requests, base_url(request), api_version=version, betas=betas)
+        lost = store.http_faults.lose_create_response()
+        if lost is not None:
+            store.stats.fault("lost_create_response")
+            if lost == "drop":
+                return _DroppedResponse()
+            raise ApiError(500, "Emulated internal error after the batch was created (fault injection)")
+        return JSONResponse(batch)
 
     @app.get("/v1/messages/batches")
     def list_batches(request: Request) -> JSONResponse:
@@ -239,13 +295,19 @@ def create_app(settings: EmulatorSettings | None = None) -> FastAPI:
     async def count_tokens(request: Request) -> JSONResponse:
         guard(request, "count_tokens")
         params = parse_json_body(await _read_body(request, settings.max_body_bytes))
-        return JSONResponse({"input_tokens": await run_in_threadpool(store.count_tokens, params)})
+        version, betas = _api_headers(request)
+        tokens = await run_in_threadpool(lambda: store.count_tokens(params, api_version=version, betas=betas))
+        return JSONResponse({"input_tokens": tokens})
 
     @app.post("/v1/messages")
     async def create_message(request: Request) -> JSONResponse:
         guard(request, "messages")
         params = parse_json_body(await _read_body(request, settings.max_body_bytes))
-        return JSONResponse(await run_in_threadpool(store.create_message, params))
+        version, betas = _api_headers(request)
+        message = await run_in_threadpool(
+            lambda: store.create_message(params, api_version=version, betas=betas)
+        )
+        return JSONResponse(message)
 
     # -- emulator control (no auth, never faulted) -------------------------------------------
     @app.get("/_emulator/health")
@@ -255,5 +317,25 @@ def create_app(settings: EmulatorSettings | None = None) -> FastAPI:
     @app.get("/_emulator/stats")
     def stats() -> JSONResponse:
         return JSONResponse(store.stats.snapshot())
+
+    def clock_state() -> dict[str, object]:
+        now = store.clock()
+        return {"now": rfc3339(now), "now_unix": now, "offset_seconds": store.clock.offset}
+
+    @app.get("/_emulator/clock")
+    def get_clock() -> JSONResponse:
+        return JSONResponse(clock_state())
+
+    @app.post("/_emulator/clock")
+    async def advance_clock(request: Request) -> JSONResponse:
+        """Move the emulated clock forward: ``{"advance_seconds": 86400}`` runs batches to expiry."""
+        body = parse_json_body(await request.body() or b"{}")
+        seconds = body.get("advance_seconds") if isinstance(body, dict) else None
+        if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or seconds < 0:
+            raise ApiError(
+                400, "advance_seconds: a number of seconds >= 0 is required (the clock only moves forward)"
+            )
+        store.clock.advance(float(seconds))
+        return JSONResponse(clock_state())
 
     return app

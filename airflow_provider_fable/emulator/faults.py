@@ -57,6 +57,15 @@ class HttpFaults:
         self._calls: defaultdict[str, int] = defaultdict(int)
         self._lock = threading.Lock()
 
+    def lose_create_response(self) -> str | None:
+        """``"500"``/``"drop"`` when this create (already made) must lose its response, else None."""
+        with self._lock:
+            index = self._calls["create:made"]
+            self._calls["create:made"] += 1
+        if index < self._faults.lose_create_response_first_n:
+            return self._faults.lose_create_response_mode
+        return None
+
     def check(self, endpoint: str) -> int | None:
         """The status code this call must fail with, or None to serve it."""
         faults = self._faults

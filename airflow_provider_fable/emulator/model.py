@@ -128,7 +128,8 @@ _LABEL_PREFIX_RE = re.compile(r"^[A-Za-z][A-Za-z0-9 #_-]{0,24}:\s+")
 _SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?])\s+|\n+")
 _INSTRUCTION_WORDS = frozenset(
     "classify categorize categorise summarize summarise extract analyze analyse label determine "
-    "identify decide output return respond".split()
+    "identify decide output return respond enrich tag score rate assess evaluate qualify review "
+    "read normalize normalise clean map assign fill triage".split()
 )
 
 
@@ -471,6 +472,105 @@ _LEXICON_GROUPS: tuple[_Group, ...] = (
         strong="hacked, breach, phishing, fraud, unauthorized, unauthorised, suspicious, stolen, "
         "compromised, data leak",
     ),
+    # -- firmographics (CRM leads): industries, company size words, buyer personas ----------
+    _Group(
+        ("healthcare", "health", "medical", "health care", "life sciences"),
+        strong="hospital, hospitals, clinic, clinics, patient, patients, medical, healthcare, "
+        "health system, physician, physicians, nurses, pharma, pharmaceutical, biotech, dental, "
+        "ehr, hipaa, care homes, telehealth",
+        normal="health, care, doctors, pharmacy, lab, labs, diagnostics",
+    ),
+    _Group(
+        ("education", "edtech", "higher education", "school"),
+        strong="school, schools, university, universities, college, students, teachers, "
+        "campus, edtech, curriculum, school district, classroom, faculty",
+        normal="learning, courses, course, tutoring, academy, training",
+    ),
+    _Group(
+        ("retail", "ecommerce", "e commerce", "consumer goods"),
+        strong="retail, retailer, stores, storefront, ecommerce, e-commerce, online shop, "
+        "webshop, shoppers, boutique, boutiques, merchandise, point of sale, shopify",
+        normal="shop, shops, store, brand, brands, products, catalog, consumer, apparel, fashion",
+    ),
+    _Group(
+        ("manufacturing", "industrial"),
+        strong="factory, factories, manufacturing, manufacturer, plant, plants, production line, "
+        "assembly line, machining, cnc, industrial, fabrication, shop floor",
+        normal="parts, components, machinery, equipment, production, oem, tooling",
+    ),
+    _Group(
+        ("financial services", "fintech", "banking", "insurance", "finance"),
+        strong="bank, banks, banking, credit union, lender, lending, mortgage, mortgages, "
+        "insurer, insurance, fintech, wealth management, asset management, brokerage, loans",
+        normal="investment, investments, payments, underwriting, claims, portfolio, advisors",
+    ),
+    _Group(
+        ("software", "saas", "technology", "tech", "information technology", "it"),
+        strong="saas, software, b2b software, cloud platform, developer tools, api platform, "
+        "devops, cybersecurity, data platform",
+        normal="platform, app, apps, developers, cloud, engineering team, startup, tech",
+    ),
+    _Group(
+        ("real estate", "property", "proptech"),
+        strong="real estate, property management, properties, landlord, landlords, tenants, "
+        "brokerage, realtor, realtors, apartments, leasing",
+        normal="property, buildings, rentals, listings",
+    ),
+    _Group(
+        ("hospitality", "travel", "restaurants", "food"),
+        strong="hotel, hotels, restaurant, restaurants, resort, resorts, hospitality, catering, "
+        "guests, bookings, travel agency",
+        normal="travel, food, kitchen, menu, venue, venues",
+    ),
+    _Group(
+        ("government", "public sector"),
+        strong="municipal, municipality, city council, county, state agency, government, "
+        "public sector, federal, ministry",
+        normal="agency, public, citizens, city of",
+    ),
+    _Group(
+        ("nonprofit", "non profit", "charity", "ngo"),
+        strong="nonprofit, non-profit, charity, charities, foundation, donors, donations, ngo, volunteers",
+    ),
+    _Group(
+        ("enterprise", "large"),
+        strong="enterprise, fortune 500, multinational, global company, thousands of employees, publicly traded",
+        normal="global, worldwide, offices in, subsidiaries, large",
+    ),
+    _Group(
+        ("small", "smb", "startup", "micro"),
+        strong="startup, small business, family business, founded last year, seed round, "
+        "one person, solo, freelancer, small team",
+        normal="small, founder, founders, bootstrapped, local",
+    ),
+    _Group(
+        ("mid market", "midmarket", "medium business"),
+        strong="mid-market, mid market, midsize, mid-sized, growing company, series b, series c",
+    ),
+    _Group(
+        ("executive", "economic buyer", "decision maker", "c level", "leadership"),
+        strong="ceo, cfo, coo, cmo, cio, chief, founder, co-founder, owner, president, "
+        "vice president, vp, managing director, general manager, partner, budget holder, signs off",
+        normal="head of, director, board, executive",
+    ),
+    _Group(
+        ("technical", "technical buyer", "engineer", "developer", "it"),
+        strong="cto, engineer, engineering, developer, developers, architect, devops, it manager, "
+        "it director, sysadmin, data engineer, security engineer, technical lead, tech lead",
+        normal="technical, integration, api, infrastructure, it",
+    ),
+    _Group(
+        ("end user", "user", "practitioner", "individual contributor"),
+        strong="end user, day to day, hands-on, uses the tool, individual contributor, analyst, "
+        "coordinator, specialist, associate, assistant",
+        normal="team member, staff, representative, agent",
+    ),
+    _Group(
+        ("champion", "influencer", "evaluator"),
+        strong="champion, evaluating, evaluation, trial, pilot, shortlist, comparing vendors, "
+        "proof of concept, poc",
+        normal="interested, exploring, researching, recommended",
+    ),
     _Group(
         ("pii", "personal data", "personal information"),
         strong="ssn, passport, social security, date of birth, credit card",
@@ -631,6 +731,120 @@ _SUMMARY_TOKENS = frozenset(
 )
 _TAG_TOKENS = frozenset("tag tags keyword keywords topic topics phrase phrases entities entity".split())
 _CONFIDENCE_TOKENS = frozenset("confidence probability likelihood certainty score".split())
+_EVIDENCE_TOKENS = frozenset(
+    "evidence quote quotes excerpt citation cite snippet supporting verbatim".split()
+)
+_ROLE_KEYS = frozenset("persona role title position job contact".split())
+_SYNONYMS: dict[str, frozenset[str]] = {
+    "persona": _ROLE_KEYS,
+    "role": _ROLE_KEYS,
+    "company": frozenset("company organization organisation account employer business name".split()),
+    "organization": frozenset("company organization organisation account employer".split()),
+    "reason": frozenset("reason why cause because comment comments feedback".split()),
+    "location": frozenset("location city country region address hq headquarters".split()),
+}
+_ROLE_RE = re.compile(
+    r"\b((?:senior |junior |lead |principal |chief |head of |vp of |vp |vice president of |"
+    r"director of |manager of )?(?:[A-Z][A-Za-z&/-]+ ){0,3}?"
+    r"(?:CEO|CFO|COO|CTO|CMO|CIO|CISO|VP|Founder|Co-founder|Owner|President|Director|Manager|"
+    r"Engineer|Developer|Architect|Analyst|Administrator|Coordinator|Specialist|Officer|Lead|"
+    r"Head of [A-Z][A-Za-z]+|Partner|Consultant|Buyer|Teacher|Principal|Nurse|Physician|Superintendent)"
+    r"(?: (?:Manager|Director|Lead|Officer|Coordinator|Engineer|Specialist|Partner))?"
+    r"(?:(?: of)? [A-Z][A-Za-z&]+(?: [A-Z][A-Za-z&]+)?)?)\b"
+)
+# "I'm the head of IT at ...", "as a teacher at ...": a role stated in prose, lower case.
+_SELF_ROLE_RE = re.compile(
+    r"\b(?:i am|i'm|im|as)\s+(?:the|a|an|our)\s+((?:[a-z]+\s+){0,2}?(?:head of \w+|director of \w+|"
+    r"vp of \w+|chief \w+ officer|\w+ manager|\w+ director|\w+ engineer|\w+ lead|founder|co-founder|"
+    r"owner|ceo|cto|cfo|coo|teacher|principal|nurse|physician|analyst|developer|engineer|consultant))\b",
+    re.IGNORECASE,
+)
+_COUNT_AFTER_RE = re.compile(
+    r"(?<![\w.])(\d[\d,]*(?:\.\d+)?)\s*(k\b)?\+?\s*(?:-\s*|\s+)(?:full[- ]time\s+)?"
+    r"(employees|employee|staff|people|person|workers|engineers|headcount|ftes?|team members|seats|users)\b",
+    re.IGNORECASE,
+)
+_COUNT_BEFORE_RE = re.compile(
+    r"\b(employees|headcount|staff|team size|company size|employee count|size)\s*(?:[:=]|of|is)?\s*"
+    r"(?:about|around|approx\.?|approximately|roughly|~|over|nearly|almost|some)?\s*(\d[\d,]*(?:\.\d+)?)\s*(k\b)?",
+    re.IGNORECASE,
+)
+_BAND_RE = re.compile(r"^\s*(\d[\d,.]*)\s*(k)?\s*(?:-|–|to)\s*(\d[\d,.]*)\s*(k)?\b", re.IGNORECASE)
+_PLUS_RE = re.compile(
+    r"^\s*(?:over\s+|more than\s+)?(\d[\d,.]*)\s*(k)?\s*(?:\+|or more|and above|\b(?=\s*$))", re.IGNORECASE
+)
+_UNDER_RE = re.compile(r"^\s*(?:<|under\s+|less than\s+|fewer than\s+)(\d[\d,.]*)\s*(k)?", re.IGNORECASE)
+_SIZE_FIELD_TOKENS = frozenset("size employees employee headcount band segment tier bucket".split())
+_SIZE_WORDS: tuple[tuple[frozenset[str], int, int], ...] = (
+    (frozenset("micro solo".split()), 0, 9),
+    (frozenset("small smb startup".split()), 0, 49),
+    (frozenset("medium mid midsize midmarket mid_market mid-market".split()), 50, 999),
+    (frozenset("large enterprise".split()), 1000, 10**9),
+)
+_FIELD_LINE_RE = re.compile(r"^\s*([A-Za-z][A-Za-z0-9 _/-]{0,30}?)\s*[:=]\s*(\S.*?)\s*$", re.MULTILINE)
+
+
+def _number(raw: str, k: str | None) -> int:
+    value = float(raw.replace(",", "")) if raw.replace(",", "").replace(".", "", 1).isdigit() else 0.0
+    return int(value * (1000 if k else 1))
+
+
+def _counts_in(text: str) -> list[int]:
+    """Head counts stated in the record, in order of appearance (for size bands)."""
+    found: list[tuple[int, int]] = []
+    for m in _COUNT_AFTER_RE.finditer(text):
+        found.append((m.start(), _number(m.group(1), m.group(2))))
+    for m in _COUNT_BEFORE_RE.finditer(text):
+        found.append((m.start(), _number(m.group(2), m.group(3))))
+    return [n for _, n in sorted(found) if n > 0]
+
+
+def _band(value: Any) -> tuple[int, int] | None:
+    """The head-count range an enum value names ("11-50", "1000+", "<10"), if it names one."""
+    if not isinstance(value, str):
+        return None
+    m = _BAND_RE.match(value)
+    if m:
+        return _number(m.group(1), m.group(2) or m.group(4)), _number(m.group(3), m.group(4))
+    m = _UNDER_RE.match(value)
+    if m:
+        return 0, _number(m.group(1), m.group(2)) - 1
+    m = _PLUS_RE.match(value)
+    if m and ("+" in value or "more" in value.lower() or "over" in value.lower() or "above" in value.lower()):
+        return _number(m.group(1), m.group(2)), 10**12
+    return None
+
+
+def _band_choice(values: Sequence[Any], counts: Sequence[int], field: str) -> int | None:
+    """Index of the enum value whose range holds the record's head count (None: no match)."""
+    if not counts:
+        return None
+    bands = [_band(v) for v in values]
+    if sum(b is not None for b in bands) < 2:
+        if not set(name_tokens(field)) & _SIZE_FIELD_TOKENS:
+            return None
+        bands = []
+        for v in values:
+            toks = set(name_tokens(str(v))) | {str(v).lower()}
+            bands.append(next(((lo, hi) for words, lo, hi in _SIZE_WORDS if toks & words), None))
+    for count in counts:
+        for i, band in enumerate(bands):
+            if band is not None and band[0] <= count <= band[1]:
+                return i
+    return None
+
+
+def _field_lines(text: str) -> dict[str, str]:
+    """``Key: value`` lines of a record (``Title: VP Sales``), keyed by the key's tokens joined."""
+    out: dict[str, str] = {}
+    for m in _FIELD_LINE_RE.finditer(text):
+        key = " ".join(name_tokens(m.group(1)))
+        if key and key not in out and not m.group(2).startswith("//"):
+            out[key] = m.group(2)
+    return out
+
+
+_HINT_BLOCK_RE = re.compile(r"\{[^{}]*\}")
 _EMAIL_RE = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
 _URL_RE = re.compile(r"https?://[^\s<>\"')]+")
 _DATE_RE = re.compile(r"\b(\d{4})-(\d{2})-(\d{2})\b")
@@ -680,18 +894,35 @@ class SchemaAnswer:
 
     value: Any
     enum_paths: list[tuple[tuple[Any, ...], tuple[Any, ...]]]
+    broken_hints: int = 0
 
 
 class _Answerer:
     """Walks a JSON schema and fills it from the request text."""
 
-    def __init__(self, root: Mapping[str, Any], text: str) -> None:
+    def __init__(
+        self, root: Mapping[str, Any], text: str, *, break_rate: float = 0.0, break_key: str = ""
+    ) -> None:
         self.root = root
         self.text = text
+        #: Share of description-only constraints to break, and the key that picks which.
+        self.break_rate = break_rate
+        self.break_key = break_key
+        self.broken = 0
         self.sentences = content_sentences(text)
         self.evidence = Evidence(text, self.sentences)
         self.filler = _words(text) or ["details"]
         self.enum_paths: list[tuple[tuple[Any, ...], tuple[Any, ...]]] = []
+        #: Counts the record states ("350 employees", "Employees: 1,200", "a 12-person team").
+        self.counts = _counts_in(text)
+        #: ``Key: value`` lines of the record, by key stems, for fields named like a key.
+        self.fields = _field_lines(text)
+        #: (best score, runner-up score) of every enum decision: how sure each choice was.
+        self.decisions: list[tuple[int, int]] = []
+        #: Labels chosen so far, for evidence fields that quote what supports them.
+        self.chosen: list[str] = []
+        #: Decisions and labels of the object being filled (set before its late fields).
+        self.scope: tuple[list[tuple[int, int]], list[str]] = ([], [])
 
     # -- schema plumbing ---------------------------------------------------------------------
     def resolve(self, schema: Any) -> Any:
@@ -716,6 +947,18 @@ class _Answerer:
                         merged.setdefault(key, value)
             schema = merged
         return schema
+
+    def breaks(self, schema: Mapping[str, Any], key: str, path: tuple[Any, ...]) -> bool:
+        """Whether to violate ``key`` here: only when it reached the model as a description hint.
+
+        A real model reads ``{maxLength: 80}`` in a description as advice, not a rule, and now
+        and then ignores it; keywords the API enforces (enum, required, types) always hold.
+        """
+        if not self.break_rate or key in schema or _constraint(schema, key) is None:
+            return False
+        hit = stable_fraction(self.break_key, self.text, self._path_str(path), key) < self.break_rate
+        self.broken += hit
+        return hit
 
     @staticmethod
     def field_name(path: tuple[Any, ...]) -> str:
@@ -785,9 +1028,19 @@ class _Answerer:
         props = schema.get("properties") if isinstance(schema.get("properties"), Mapping) else {}
         required = [r for r in schema.get("required") or [] if isinstance(r, str)]
         out: dict[str, Any] = {}
+        # Fields that judge the others (confidence, evidence quotes) are filled last, from the
+        # decisions made for this object; the output keeps the schema's key order.
+        first_decision = len(self.decisions)
+        first_chosen = len(self.chosen)
+        late = [n for n in props if set(name_tokens(n)) & (_CONFIDENCE_TOKENS | _EVIDENCE_TOKENS)]
         for name, sub in props.items():
-            if depth <= _MAX_DEPTH or name in required:
+            if name not in late and (depth <= _MAX_DEPTH or name in required):
                 out[name] = self.gen(sub, (*path, name), depth + 1)
+        self.scope = (self.decisions[first_decision:], self.chosen[first_chosen:])
+        for name in late:
+            if depth <= _MAX_DEPTH or name in required:
+                out[name] = self.gen(props[name], (*path, name), depth + 1)
+        out = {name: out[name] for name in props if name in out}
         for name in required:
             if name not in out:
                 out[name] = self.string({}, (*path, name))
@@ -805,6 +1058,10 @@ class _Answerer:
         n = lo if depth > _MAX_DEPTH else max(lo, wanted)
         if hi is not None:
             n = min(n, hi)
+            if self.breaks(schema, "maxItems", path):
+                n = hi + 1
+        elif lo and self.breaks(schema, "minItems", path):
+            n = lo - 1
         if n <= 0:
             return []
         enum = items.get("enum") if isinstance(items, Mapping) else None
@@ -838,8 +1095,9 @@ class _Answerer:
             lo = max(lo if lo is not None else -(2**62), int(ex_lo // 1) + 1)
         if ex_hi is not None:
             hi = min(hi if hi is not None else 2**62, int(-(-ex_hi // 1)) - 1)
+        confident = bool(set(name_tokens(self.field_name(path))) & _CONFIDENCE_TOKENS)
         if lo is None and hi is None:
-            lo, hi = (0, 100) if set(name_tokens(self.field_name(path))) & _CONFIDENCE_TOKENS else (0, 10)
+            lo, hi = (0, 100) if confident else (0, 10)
         elif lo is None:
             lo = hi - 10  # type: ignore[operator]
         elif hi is None:
@@ -847,7 +1105,13 @@ class _Answerer:
         assert lo is not None and hi is not None
         if hi < lo:
             return lo
+        if self.breaks(schema, "maximum", path):
+            return hi + 1 + stable_hash(self.text, self._path_str(path)) % 5
+        if self.breaks(schema, "minimum", path):
+            return lo - 1 - stable_hash(self.text, self._path_str(path)) % 5
         step = _constraint(schema, "multipleOf")
+        if confident and self.scope[0] and not step:
+            return lo + round((hi - lo) * self.confidence_share(path))
         h = stable_hash(self.text, self._path_str(path))
         if step and step >= 1 and float(step).is_integer():
             m = int(step)
@@ -862,9 +1126,10 @@ class _Answerer:
         frac = stable_fraction(self.text, self._path_str(path))
         low = lo if lo is not None else ex_lo
         high = hi if hi is not None else ex_hi
+        confident = bool(set(name_tokens(self.field_name(path))) & _CONFIDENCE_TOKENS)
         if low is None and high is None:
-            if set(name_tokens(self.field_name(path))) & _CONFIDENCE_TOKENS:
-                return round(0.55 + 0.44 * frac, 2)
+            if confident:
+                return round(self.confidence_share(path), 2)
             low, high = 0.0, 100.0
         elif low is None:
             low = high - 100.0  # type: ignore[operator]
@@ -873,12 +1138,12 @@ class _Answerer:
         assert low is not None and high is not None
         if high <= low:
             return low
+        if self.breaks(schema, "maximum", path):
+            return round(high + max(0.01, (high - low) * 0.1), 2)
+        if self.breaks(schema, "minimum", path):
+            return round(low - max(0.01, (high - low) * 0.1), 2)
         # A confident model: confidence-like fields land in the upper half of their range.
-        share = (
-            0.55 + 0.44 * frac
-            if set(name_tokens(self.field_name(path))) & _CONFIDENCE_TOKENS
-            else 0.05 + 0.9 * frac
-        )
+        share = self.confidence_share(path) if confident else 0.05 + 0.9 * frac
         # Stay strictly inside so exclusive bounds hold; rounding must not land on a bound.
         value = round(low + (high - low) * share, 2)
         if not low < value < high:
@@ -902,6 +1167,14 @@ class _Answerer:
             value = _format_email(self, path)
         elif toks & {"url", "uri", "link", "website"}:
             value = _format_uri(self, path)
+        elif toks & _EVIDENCE_TOKENS:
+            value = trim_to(self.best_quote(), 280)
+        elif (
+            found := self.field_value(
+                name, schema.get("description"), by_overlap=not toks & (_SUMMARY_TOKENS | _TAG_TOKENS)
+            )
+        ) is not None:
+            value = found
         elif toks & _SUMMARY_TOKENS:
             value = trim_to(sentences[index % len(sentences)], 280)
         elif toks & _TAG_TOKENS:
@@ -909,13 +1182,106 @@ class _Answerer:
             value = words[min(index, len(words) - 1)]
         else:
             value = " ".join(sentences[index % len(sentences)].split()[:8]).rstrip(",.;:!?")
-        return fit_length(value, min_len, max_len, self.filler)
+        value = fit_length(value, min_len, max_len, self.filler)
+        if max_len is not None and self.breaks(schema, "maxLength", path):
+            # Overlong, as a model that "forgot" the hint writes: the text runs on past the limit.
+            extra = " ".join(self.filler)
+            value = (value + " " + extra + " " + " ".join(sentences))[: max(max_len + 1, int(max_len * 1.3))]
+            while len(value) <= max_len:
+                value += " more"
+        elif min_len and self.breaks(schema, "minLength", path):
+            value = value[: min_len - 1]
+        return value
+
+    def confidence_share(self, path: tuple[Any, ...]) -> float:
+        """Where a confidence-like field lands in its range: high when the labels of its object
+        had strong, clear evidence, low when they were guesses (fallbacks, close calls)."""
+        jitter = (stable_fraction(self.text, self._path_str(path)) - 0.5) * 0.08
+        decisions = self.scope[0]
+        if not decisions:
+            return min(0.99, max(0.01, 0.6 + 0.3 * min(1.0, len(self.sentences) / 4) + jitter))
+        strengths = [
+            0.6 * min(1.0, best / 6) + 0.4 * min(1.0, (best - runner_up) / 6) for best, runner_up in decisions
+        ]
+        return min(0.99, max(0.01, 0.2 + 0.75 * sum(strengths) / len(strengths) + jitter))
+
+    def best_quote(self) -> str:
+        """The record sentence that best supports the labels chosen for this object (verbatim)."""
+        sentences = self.sentences or ["n/a"]
+        labels = self.scope[1]
+        best, best_score = sentences[0], 0
+        for sentence in sentences:
+            evidence = Evidence(sentence, [sentence])
+            score = sum(evidence.score(label) for label in labels) + 2 * len(_counts_in(sentence))
+            if score > best_score:
+                best, best_score = sentence, score
+        return best
+
+    def field_value(self, name: str, description: Any, *, by_overlap: bool = True) -> str | None:
+        """A free-text field answered from the part of the record it is about.
+
+        A ``Key: value`` line whose key matches the field name (or a synonym: persona ~ title,
+        role) wins; a role-like field takes the job title found in the record; else the
+        sentence sharing most words with the field's name and description. None: no clue.
+        """
+        toks = [t for t in name_tokens(name) if t not in _LABEL_STOPWORDS]
+        if not toks:
+            return None
+        wanted = set(toks)
+        for t in toks:
+            wanted |= _SYNONYMS.get(t, frozenset())
+        # A bare "title" is a headline; "job_title", "persona" or "role" are about a person.
+        roleish = bool(set(toks) & (_ROLE_KEYS - {"title", "contact"})) or (
+            "title" in toks and bool(set(toks) & {"job", "contact", "person", "lead", "buyer"})
+        )
+        for key, value in self.fields.items():
+            if set(key.split()) & wanted:
+                if roleish:
+                    role = _ROLE_RE.search(value)
+                    if role:
+                        return role.group(1)
+                    if set(key.split()) & {"contact"}:
+                        # "Linda Brooks, Superintendent": the title follows the name.
+                        name_part, comma, title = value.rpartition(",")
+                        if comma and name_part and title.strip():
+                            return title.strip().rstrip(".")
+                        continue
+                return value.strip().rstrip(".")
+        if roleish:
+            role = _ROLE_RE.search(self.text) or _SELF_ROLE_RE.search(self.text)
+            # No title anywhere: say so, as a model would, rather than quote unrelated text.
+            return role.group(1) if role else "unknown"
+        if not by_overlap:
+            return None  # summaries and tags have their own rules
+        hints = {stem(t) for t in toks}
+        if isinstance(description, str):
+            hints |= {
+                stem(w)
+                for w in _words(_HINT_BLOCK_RE.sub(" ", description))
+                if len(w) > 3 and w not in _STOPWORDS
+            }
+        best, best_hits = None, 0
+        for sentence in self.sentences:
+            hits = len(hints & {stem(w) for w in _words(sentence)})
+            if hits > best_hits:
+                best, best_hits = sentence, hits
+        return best
 
     # -- enums -------------------------------------------------------------------------------
     def choose(self, values: Sequence[Any], path: tuple[Any, ...], k: int) -> list[Any]:
-        """Enum values ranked by evidence; ties (and no evidence) broken by a stable hash."""
+        """Enum values ranked by evidence; ties (and no evidence) broken by a stable hash.
+
+        Numeric bands ("11-50", "1000+") are matched against a count found in the record
+        (employees, seats...) first: no word of a band label can be evidence for it.
+        """
         scores = [self.evidence.score(v) if isinstance(v, str) else 0 for v in values]
+        band = _band_choice(values, self.counts, self.field_name(path))
+        if band is not None:
+            scores[band] += 6
         best = max(scores)
+        ordered = sorted(scores, reverse=True)
+        runner_up = ordered[1] if len(ordered) > 1 else 0
+        self.decisions.append((best, runner_up))
         where = self._path_str(path)
 
         def rank(i: int) -> tuple[int, int, int]:
@@ -924,7 +1290,9 @@ class _Answerer:
             return (-scores[i], fallback if best == 0 else 0, stable_hash(self.text, where, repr(value)))
 
         order = sorted(range(len(values)), key=rank)
-        return [values[i] for i in order[:k]]
+        picked = [values[i] for i in order[:k]]
+        self.chosen.extend(str(v) for v in picked if isinstance(v, str) and scores[values.index(v)] > 0)
+        return picked
 
 
 def _date_from_text(answerer: _Answerer, path: tuple[Any, ...]) -> str:
@@ -968,11 +1336,17 @@ _FORMATS: dict[str, Any] = {
 }
 
 
-def answer_for_schema(schema: Mapping[str, Any], text: str) -> SchemaAnswer:
-    """A value valid against ``schema``, chosen from the evidence in ``text``."""
-    answerer = _Answerer(schema, text)
+def answer_for_schema(
+    schema: Mapping[str, Any], text: str, *, break_rate: float = 0.0, break_key: str = ""
+) -> SchemaAnswer:
+    """A value valid against ``schema``, chosen from the evidence in ``text``.
+
+    With ``break_rate`` > 0 a share of the constraints that only live in descriptions (as
+    ``transform_schema`` leaves them) is violated, as a real model sometimes does.
+    """
+    answerer = _Answerer(schema, text, break_rate=break_rate, break_key=break_key)
     value = answerer.gen(schema, (), 0)
-    return SchemaAnswer(value=value, enum_paths=answerer.enum_paths)
+    return SchemaAnswer(value=value, enum_paths=answerer.enum_paths, broken_hints=answerer.broken)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1071,59 +1445,17 @@ def forced_tool(params: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 def validate_params(params: Any, *, require_max_tokens: bool = True) -> str | None:
-    """The API's complaint about a Messages request, or None when it would be accepted."""
-    if not isinstance(params, Mapping):
-        return "params: Input should be a valid dictionary"
-    model = params.get("model")
-    if "model" not in params:
-        return "model: Field required"
-    if not isinstance(model, str) or not model:
-        return "model: Input should be a non-empty string"
-    if require_max_tokens:
-        if "max_tokens" not in params:
-            return "max_tokens: Field required"
-        max_tokens = params["max_tokens"]
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            return "max_tokens: Input should be an integer greater than or equal to 1"
-    if "messages" not in params:
-        return "messages: Field required"
-    messages = params["messages"]
-    if not isinstance(messages, list):
-        return "messages: Input should be a valid list"
-    if not messages:
-        return "messages: at least one message is required"
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            return f"messages.{i}: Input should be a valid dictionary"
-        if message.get("role") not in ("user", "assistant"):
-            return f"messages.{i}.role: Input should be 'user' or 'assistant'"
-        if "content" not in message:
-            return f"messages.{i}.content: Field required"
-        if not isinstance(message["content"], (str, list)):
-            return f"messages.{i}.content: Input should be a valid string or a list of content blocks"
-    system = params.get("system")
-    if system is not None and not isinstance(system, (str, list)):
-        return "system: Input should be a valid string or a list of text blocks"
-    tools = params.get("tools")
-    if tools is not None:
-        if not isinstance(tools, list):
-            return "tools: Input should be a valid list"
-        for i, tool in enumerate(tools):
-            if not isinstance(tool, Mapping) or not isinstance(tool.get("name"), str):
-                return f"tools.{i}.name: Field required"
-    choice = params.get("tool_choice")
-    if isinstance(choice, Mapping) and choice.get("type") == "tool":
-        names = [t.get("name") for t in tools or [] if isinstance(t, Mapping)]
-        if choice.get("name") not in names:
-            return f"tool_choice: Tool '{choice.get('name')}' not found in tools"
-    config = params.get("output_config")
-    if isinstance(config, Mapping) and config.get("format") is not None:
-        fmt = config["format"]
-        if not isinstance(fmt, Mapping) or fmt.get("type") != "json_schema":
-            return "output_config.format.type: Input should be 'json_schema'"
-        if not isinstance(fmt.get("schema"), dict):
-            return "output_config.format.schema: Input should be a valid dictionary"
-    return None
+    """The API's complaint about a Messages request (any model accepted), or None.
+
+    Kept for callers that want the message only; the emulator itself uses
+    ``validation.validate_request``, which also knows models, API versions and betas.
+    """
+    from airflow_provider_fable.emulator.validation import validate_request
+
+    problem = validate_request(
+        params, known_models=None, endpoint="batch" if require_max_tokens else "count_tokens"
+    )
+    return None if problem is None else problem.message
 
 
 # --------------------------------------------------------------------------------------------
@@ -1260,10 +1592,38 @@ class Answer:
     stop_reason: str
     output_tokens: int
     invalid_kind: str | None = None
+    broken_hints: int = 0
 
 
 def _broken_text(json_text: str) -> str:
     return "Here is the JSON you asked for:\n" + json_text[: max(1, len(json_text) // 2)]
+
+
+def _thinking_block(params: Mapping[str, Any], text: str, id_seed: str) -> tuple[dict[str, Any], int] | None:
+    """The thinking block a request with ``thinking`` enabled gets first, and its token cost.
+
+    Thinking tokens are billed as output tokens even when the display is ``omitted`` (the
+    block then carries only the signature), so usage stays honest about what was paid for.
+    """
+    thinking = params.get("thinking")
+    if not isinstance(thinking, Mapping) or thinking.get("type") not in ("enabled", "adaptive"):
+        return None
+    sentences = content_sentences(text) or [text.strip() or "the request"]
+    reasoning = (
+        f"The request is about: {trim_to(sentences[0], 200)} I check which parts of the record "
+        "are evidence for each field before answering, and keep to the requested format."
+    )
+    tokens = estimate_tokens(len(reasoning)) + 40
+    budget = thinking.get("budget_tokens")
+    if isinstance(budget, int) and not isinstance(budget, bool):
+        tokens = min(tokens, budget)
+    omitted = thinking.get("display") == "omitted"
+    block = {
+        "type": "thinking",
+        "thinking": "" if omitted else reasoning,
+        "signature": "Eq" + stable_token(86, id_seed, "thinking-signature"),
+    }
+    return block, tokens
 
 
 def build_answer(
@@ -1272,6 +1632,7 @@ def build_answer(
     invalid_kind: str | None = None,
     id_seed: str = "",
     fault_key: str | None = None,
+    description_break_rate: float = 0.0,
 ) -> Answer:
     """The reply the emulated model gives to ``params`` (already validated).
 
@@ -1279,16 +1640,22 @@ def build_answer(
     requests have no schema to violate and are answered normally. ``id_seed`` derives the
     tool-use id; ``fault_key`` (default: ``id_seed``) picks which field a fault breaks, and
     is kept free of the batch id so a request breaks the same way in every batch.
+    ``description_break_rate`` is the share of description-only constraints the answer ignores.
+    A request with ``thinking`` gets a thinking block first, counted in the output tokens.
     """
     fault_key = id_seed if fault_key is None else fault_key
     text = last_user_text(params)
     max_tokens = params.get("max_tokens")
+    thought = _thinking_block(params, text, id_seed)
+    prefix: list[dict[str, Any]] = [thought[0]] if thought else []
+    thinking_tokens = thought[1] if thought else 0
+    break_rate = description_break_rate if invalid_kind is None else 0.0
     tool = forced_tool(params)
     if tool is not None:
         schema = (
             tool.get("input_schema") if isinstance(tool.get("input_schema"), Mapping) else {"type": "object"}
         )
-        generated = answer_for_schema(schema, text)
+        generated = answer_for_schema(schema, text, break_rate=break_rate, break_key=fault_key)
         value: Any = generated.value if isinstance(generated.value, dict) else {}
         applied = None
         if invalid_kind is not None and invalid_kind != "non_json":
@@ -1296,7 +1663,10 @@ def build_answer(
         if invalid_kind == "non_json" or not isinstance(value, dict):
             reply = _broken_text(json.dumps(value, ensure_ascii=False))
             return Answer(
-                [{"type": "text", "text": reply}], "end_turn", estimate_tokens(len(reply)), "non_json"
+                [*prefix, {"type": "text", "text": reply}],
+                "end_turn",
+                thinking_tokens + estimate_tokens(len(reply)),
+                "non_json",
             )
         block = {
             "type": "tool_use",
@@ -1304,13 +1674,16 @@ def build_answer(
             "name": tool["name"],
             "input": value,
         }
-        return Answer([block], "tool_use", 8 + estimate_tokens(len(_canonical(value))), applied)
+        tokens = thinking_tokens + 8 + estimate_tokens(len(_canonical(value)))
+        return Answer([*prefix, block], "tool_use", tokens, applied, generated.broken_hints)
 
     schema = output_schema(params)
     applied = None
+    broken_hints = 0
     if schema is not None:
-        generated = answer_for_schema(schema, text)
+        generated = answer_for_schema(schema, text, break_rate=break_rate, break_key=fault_key)
         value = generated.value
+        broken_hints = generated.broken_hints
         if invalid_kind == "non_json":
             reply, applied = _broken_text(json.dumps(value, ensure_ascii=False)), "non_json"
         else:
@@ -1321,10 +1694,13 @@ def build_answer(
         reply = free_text_answer(text)
     stop_reason = "end_turn"
     output_tokens = max(1, estimate_tokens(len(reply)))
-    if isinstance(max_tokens, int) and output_tokens > max_tokens:
+    room = max_tokens - thinking_tokens if isinstance(max_tokens, int) else None
+    if room is not None and output_tokens > room:
         # Like the real API: the reply is cut at max_tokens (structured JSON included).
-        reply, output_tokens, stop_reason = reply[: max_tokens * 4], max_tokens, "max_tokens"
-    return Answer([{"type": "text", "text": reply}], stop_reason, output_tokens, applied)
+        room = max(room, 0)
+        reply, output_tokens, stop_reason = reply[: room * 4], room, "max_tokens"
+    content = [*prefix, {"type": "text", "text": reply}] if reply else prefix
+    return Answer(content, stop_reason, thinking_tokens + output_tokens, applied, broken_hints)
 
 
 def build_message(

@@ -103,6 +103,7 @@ class EmulatorServer:
                 self._server.force_exit = True
                 self._thread.join(timeout)
         self._socket.close()
+        self.store.close()  # the state file, if any: a restarted server reopens it
 
     def __enter__(self) -> EmulatorServer:
         return self.start()

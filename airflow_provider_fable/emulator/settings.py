@@ -12,6 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from airflow_provider_fable.emulator.validation import KNOWN_MODELS
+
 __all__ = [
     "ENDPOINTS",
     "INVALID_KINDS",
@@ -52,7 +54,11 @@ class FaultSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     seed: int = 0
+    #: Share of requests ending ``errored`` (``api_error``/``overloaded_error``).
     errored_rate: float = Field(0.0, ge=0.0, le=1.0)
+    #: Share of requests the emulated backend never gets to: they keep the batch
+    #: ``in_progress`` until its 24-hour expiry (advance ``/_emulator/clock``), then end
+    #: ``expired``. Never ``expired`` in a batch canceled before then (they are ``canceled``).
     expired_rate: float = Field(0.0, ge=0.0, le=1.0)
     invalid_answer_rate: float = Field(0.0, ge=0.0, le=1.0)
     invalid_kinds: tuple[str, ...] = INVALID_KINDS
@@ -60,11 +66,24 @@ class FaultSettings(BaseModel):
     http_error_codes: tuple[int, ...] = (429, 500, 529)
     http_error_endpoints: tuple[str, ...] = ENDPOINTS
     http_error_first_n: int = Field(0, ge=0)
-    #: Delay the emulator asks for in ``retry-after-ms``; small so SDK retries stay fast.
-    retry_after_ms: int = Field(10, ge=1)
+    #: ``retry-after`` (seconds) sent with injected 429/529/5xx, as the API does. The SDK waits
+    #: that long before retrying (it honours 1..60 s), so the default is realistic, not fast.
+    retry_after_seconds: int = Field(5, ge=0, le=600)
+    #: When set, also send ``retry-after-ms`` (which the SDK prefers): tests that inject
+    #: retryable errors set this (e.g. 10) so their retries take milliseconds.
+    retry_after_ms: int | None = Field(None, ge=1)
+    #: Share of constraints that only reach the model as description hints (``{maxLength: 80}``
+    #: after ``transform_schema``) that an answer breaks, as a real model sometimes does.
+    description_break_rate: float = Field(0.02, ge=0.0, le=1.0)
     transient_404_after_create: int = Field(0, ge=0)
     cut_results_after: int | None = Field(None, ge=0)
     cut_results_times: int = Field(1, ge=0)
+    #: The first N creates make the batch and then lose the response, the worst case for a
+    #: client: the batch exists (and is billed) but the caller never learns its id.
+    lose_create_response_first_n: int = Field(0, ge=0)
+    #: How the response is lost: ``"500"`` (an internal error after the batch was made) or
+    #: ``"drop"`` (the connection closes mid-response).
+    lose_create_response_mode: str = Field("500", pattern="^(500|drop)$")
 
     @field_validator("invalid_kinds", "http_error_codes", "http_error_endpoints", mode="before")
     @classmethod
@@ -122,4 +141,15 @@ class EmulatorSettings(BaseModel):
     min_cache_tokens: int = Field(1024, ge=0)
     #: When set, only this key is accepted; when None any non-empty key is.
     api_key: str | None = None
+    #: Model ids and aliases the API knows; others are ``not_found_error`` (None: accept any).
+    known_models: tuple[str, ...] | None = KNOWN_MODELS
+    #: Optional state file (SQLite): batches, results and the clock survive a restart.
+    state_path: str | None = None
+    #: Initial offset of the emulated clock, in seconds (``/_emulator/clock`` moves it later).
+    clock_offset_seconds: float = 0.0
     faults: FaultSettings = FaultSettings()
+
+    @field_validator("known_models", mode="before")
+    @classmethod
+    def _models_csv(cls, value: Any) -> Any:
+        return _split_csv(value)

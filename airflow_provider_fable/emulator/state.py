@@ -5,6 +5,11 @@ after ``created_at + processing_seconds``. That keeps the emulator free of backg
 threads, makes ``processing_seconds=0`` mean "ended on the first retrieve", and lets the
 results be computed exactly once, at the end, like the real API's immutable results file.
 
+The clock is controllable (``Clock.advance``, ``POST /_emulator/clock``): a batch whose
+requests are not all processed stays ``in_progress`` until ``created_at + 24 h`` on that
+clock, then ends with those requests ``expired``, as in the real API. With a state file the
+store writes every batch change to SQLite and reloads it on start.
+
 Locking: one store lock guards the batch index only; each batch has its own lock, so
 computing the results of a 100,000-request batch never blocks requests about other batches.
 """
@@ -25,7 +30,9 @@ from airflow_provider_fable.emulator import faults as fault_rules
 from airflow_provider_fable.emulator import model
 from airflow_provider_fable.emulator.errors import ApiError, error_body, new_request_id, random_id
 from airflow_provider_fable.emulator.faults import HttpFaults
+from airflow_provider_fable.emulator.persist import Clock, StateFile
 from airflow_provider_fable.emulator.settings import ENDPOINTS, EmulatorSettings
+from airflow_provider_fable.emulator.validation import API_VERSIONS, Problem, validate_request
 
 __all__ = [
     "MAX_REQUESTS",
@@ -38,7 +45,8 @@ __all__ = [
 ]
 
 MAX_REQUESTS = 100_000
-_EXPIRY_SECONDS = 24 * 3600
+EXPIRY_SECONDS = 24 * 3600
+_EXPIRY_SECONDS = EXPIRY_SECONDS
 _TYPES = ("succeeded", "errored", "canceled", "expired")
 
 
@@ -70,6 +78,9 @@ def parse_create_body(raw: bytes) -> list[tuple[str, Any]]:
     body = parse_json_body(raw)
     if not isinstance(body, dict):
         raise ApiError(400, "Request body must be a JSON object")
+    for key in body:
+        if key != "requests":
+            raise ApiError(400, f"{key}: Extra inputs are not permitted")
     if "requests" not in body:
         raise ApiError(400, "requests: Field required")
     requests = body["requests"]
@@ -87,6 +98,9 @@ def parse_create_body(raw: bytes) -> list[tuple[str, Any]]:
     for i, item in enumerate(requests):
         if not isinstance(item, dict):
             raise ApiError(400, f"requests.{i}: Input should be a valid dictionary")
+        for key in item:
+            if key not in ("custom_id", "params"):
+                raise ApiError(400, f"requests.{i}.{key}: Extra inputs are not permitted")
         if "custom_id" not in item:
             raise ApiError(400, f"requests.{i}.custom_id: Field required")
         custom_id = item["custom_id"]
@@ -164,11 +178,14 @@ class Stats:
                     "http_error_by_code": dict(self.http_errors_by_code),
                     "transient_404": self.faults["transient_404"],
                     "cut_stream": self.faults["cut_stream"],
+                    "lost_create_response": self.faults["lost_create_response"],
                     "errored": self.faults["errored"],
                     "expired": self.faults["expired"],
                     "invalid_answer": self.faults["invalid_answer"],
                     "invalid_answer_by_kind": dict(self.invalid_by_kind),
+                    "description_constraint_broken": self.faults["description_constraint_broken"],
                 },
+                "header_rejects": self.counters["header_rejects"],
             }
 
 
@@ -210,6 +227,12 @@ class Batch:
     lines: list[bytes] | None = None
     retrieves: int = 0
     downloads: int = 0
+    #: The ``anthropic-version``/``anthropic-beta`` of the create call: params are validated
+    #: against them when the batch is processed, as the API does.
+    api_version: str = API_VERSIONS[-1]
+    betas: tuple[str, ...] = ()
+    #: Whether some requests are never processed (``expired_rate``): the batch then runs to expiry.
+    has_stuck: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
@@ -235,18 +258,68 @@ class BatchStore:
 
     def __init__(self, settings: EmulatorSettings, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
-        self.clock = clock
+        self.state_file = StateFile(settings.state_path) if settings.state_path else None
+        offset = settings.clock_offset_seconds
+        if self.state_file is not None:
+            offset = max(offset, float(self.state_file.get_meta("clock_offset", 0.0)))
+        self.clock = Clock(clock, offset)
+        if self.state_file is not None:
+            state_file = self.state_file
+            self.clock.on_change = lambda value: state_file.set_meta("clock_offset", value)
         self.stats = Stats()
-        self.cache = PromptCache(clock)
+        self.cache = PromptCache(self.clock)
         self.http_faults = HttpFaults(settings.faults)
         self._lock = threading.Lock()
         self._batches: dict[str, Batch] = {}
         self._seq_by_id: dict[str, int] = {}
         self._next_seq = 0
+        if self.state_file is not None:
+            self._load()
+
+    # -- persistence -------------------------------------------------------------------------
+    _META_FIELDS = (
+        "created_at", "processing_seconds", "size", "status", "cancel_initiated_at", "ended_at",
+        "counts", "retrieves", "downloads", "api_version", "betas", "has_stuck",
+    )  # fmt: skip
+
+    def _save(self, batch: Batch) -> None:
+        """Write one batch to the state file (caller holds ``batch.lock``); no-op without one."""
+        if self.state_file is None:
+            return
+        meta = {name: getattr(batch, name) for name in self._META_FIELDS}
+        requests = batch.requests if batch.lines is None else None
+        self.state_file.save_batch(batch.id, batch.seq, meta, requests, batch.lines)
+
+    def _load(self) -> None:
+        assert self.state_file is not None
+        for batch_id, seq, meta, requests, lines, deleted in self.state_file.load():
+            self._seq_by_id[batch_id] = seq
+            self._next_seq = max(self._next_seq, seq + 1)
+            if deleted:
+                continue
+            meta["betas"] = tuple(meta.get("betas") or ())
+            batch = Batch(id=batch_id, seq=seq, requests=requests or [], lines=lines, **meta)
+            self._batches[batch_id] = batch
+
+    def close(self) -> None:
+        """Release the state file (the in-memory state stays usable for inspection)."""
+        if self.state_file is not None:
+            self.state_file.close()
 
     # -- create / read -----------------------------------------------------------------------
-    def create(self, requests: list[tuple[str, Any]], base_url: str) -> dict[str, Any]:
+    def create(
+        self,
+        requests: list[tuple[str, Any]],
+        base_url: str,
+        *,
+        api_version: str = API_VERSIONS[-1],
+        betas: tuple[str, ...] = (),
+    ) -> dict[str, Any]:
         """Store a validated batch; the response always says ``in_progress``, like the API's."""
+        faults = self.settings.faults
+        has_stuck = bool(faults.expired_rate) and any(
+            fault_rules.request_outcome(faults, custom_id) == "expired" for custom_id, _ in requests
+        )
         with self._lock:
             batch_id = random_id("msgbatch_")
             while batch_id in self._seq_by_id:
@@ -258,6 +331,9 @@ class BatchStore:
                 processing_seconds=self.settings.processing_seconds,
                 requests=requests,
                 size=len(requests),
+                api_version=api_version,
+                betas=betas,
+                has_stuck=has_stuck,
             )
             self._next_seq += 1
             self._batches[batch_id] = batch
@@ -265,6 +341,7 @@ class BatchStore:
         self.stats.add("batches_created")
         self.stats.add("requests_seen", len(requests))
         with batch.lock:
+            self._save(batch)
             return self._render(batch, base_url)
 
     def _get(self, batch_id: str) -> Batch:
@@ -331,6 +408,7 @@ class BatchStore:
             if batch.status == "in_progress":
                 batch.status = "canceling"
                 batch.cancel_initiated_at = self.clock()
+                self._save(batch)
             return self._render(batch, base_url)
 
     def delete(self, batch_id: str) -> dict[str, Any]:
@@ -346,6 +424,8 @@ class BatchStore:
                 )
         with self._lock:
             self._batches.pop(batch_id, None)
+        if self.state_file is not None:
+            self.state_file.mark_deleted(batch_id)
         return {"id": batch_id, "type": "message_batch_deleted"}
 
     def open_results(self, batch_id: str) -> ResultsDownload:
@@ -368,18 +448,33 @@ class BatchStore:
             return ResultsDownload(batch.lines)
 
     # -- synchronous Messages API ------------------------------------------------------------
-    def count_tokens(self, params: Any) -> int:
+    def _problem(
+        self, params: Any, endpoint: str, api_version: str, betas: tuple[str, ...]
+    ) -> Problem | None:
+        return validate_request(
+            params,
+            api_version=api_version,
+            betas=betas,
+            known_models=self.settings.known_models,
+            endpoint=endpoint,
+        )
+
+    def count_tokens(
+        self, params: Any, *, api_version: str = API_VERSIONS[-1], betas: tuple[str, ...] = ()
+    ) -> int:
         """Input tokens of a request, with the same estimator as batch usage."""
-        problem = model.validate_params(params, require_max_tokens=False)
+        problem = self._problem(params, "count_tokens", api_version, betas)
         if problem:
-            raise ApiError(400, problem)
+            raise ApiError(problem.status, problem.message, error_type=problem.error_type)
         return model.account_prompt(params).total_tokens
 
-    def create_message(self, params: Any) -> dict[str, Any]:
+    def create_message(
+        self, params: Any, *, api_version: str = API_VERSIONS[-1], betas: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
         """``POST /v1/messages``: the Message a batch request with these params would get."""
-        problem = model.validate_params(params)
+        problem = self._problem(params, "messages", api_version, betas)
         if problem:
-            raise ApiError(400, problem)
+            raise ApiError(problem.status, problem.message, error_type=problem.error_type)
         if params.get("stream"):
             raise ApiError(400, "stream: streaming responses are not supported by the emulator")
         key = model.stable_token(16, _dumps(params))
@@ -400,51 +495,59 @@ class BatchStore:
             return
         now = self.clock()
         if batch.status == "in_progress":
+            expiry = batch.created_at + EXPIRY_SECONDS
             if self.settings.processing_retrieves is not None:
-                if batch.retrieves >= self.settings.processing_retrieves:
+                if batch.retrieves >= self.settings.processing_retrieves and not batch.has_stuck:
                     self._finish(batch, now)
+                elif now >= expiry:
+                    self._finish(batch, expiry, expiring=True)
                 return
             end = batch.created_at + batch.processing_seconds
-            if now >= end:
+            if now >= end and not batch.has_stuck and end < expiry:
                 self._finish(batch, end)
+            elif now >= expiry:
+                self._finish(batch, expiry, expiring=True)
         elif batch.status == "canceling":
             assert batch.cancel_initiated_at is not None
             end = batch.cancel_initiated_at + self.settings.cancel_seconds
             if now >= end:
                 self._finish(batch, end)
 
-    def _finished_before_cancel(self, batch: Batch, index: int) -> bool:
-        """Requests complete evenly over the processing window; those done before cancel stay done."""
-        if batch.cancel_initiated_at is None:
-            return True
+    def _done_by(self, batch: Batch, index: int, at: float) -> bool:
+        """Requests complete evenly over the processing window; was request ``index`` done at ``at``?"""
         if self.settings.processing_retrieves is not None:
-            return False  # retrieve-driven batches have no timeline: nothing finished before cancel
+            # Retrieve-driven batches have no timeline: done only once enough retrieves happened
+            # (and never before a cancel).
+            return batch.cancel_initiated_at is None and batch.retrieves >= self.settings.processing_retrieves
         if batch.processing_seconds <= 0:
             return True
         done_at = batch.created_at + batch.processing_seconds * (index + 1) / batch.size
-        return done_at <= batch.cancel_initiated_at
+        return done_at <= at
 
-    def _finish(self, batch: Batch, ended_at: float) -> None:
+    def _finish(self, batch: Batch, ended_at: float, *, expiring: bool = False) -> None:
+        """Compute the results file once. ``expiring``: the batch reached its 24 h expiry."""
         faults = self.settings.faults
         counts = dict.fromkeys(_TYPES, 0)
         keyed: list[tuple[int, bytes]] = []
         invalid_seen = 0
+        canceled_at = batch.cancel_initiated_at
         for index, (custom_id, params) in enumerate(batch.requests):
-            if not self._finished_before_cancel(batch, index):
+            outcome = fault_rules.request_outcome(faults, custom_id)
+            unprocessed = outcome == "expired"  # the backend never gets to it
+            if canceled_at is not None and (unprocessed or not self._done_by(batch, index, canceled_at)):
                 result: dict[str, Any] = {"type": "canceled"}
+            elif expiring and (unprocessed or not self._done_by(batch, index, ended_at)):
+                result = {"type": "expired"}
+                self.stats.fault("expired")
             else:
-                problem = model.validate_params(params)
-                outcome = fault_rules.request_outcome(faults, custom_id)
+                problem = self._problem(params, "batch", batch.api_version, batch.betas)
                 if problem:
-                    result = _errored("invalid_request_error", problem)
+                    result = _errored(problem.error_type, problem.message)
                 elif outcome == "errored":
                     error_type = fault_rules.errored_type(faults, custom_id)
                     message = "Internal server error" if error_type == "api_error" else "Overloaded"
                     result = _errored(error_type, message)
                     self.stats.fault("errored")
-                elif outcome == "expired":
-                    result = {"type": "expired"}
-                    self.stats.fault("expired")
                 else:
                     kind = None
                     if fault_rules.is_invalid_answer(faults, custom_id) and (
@@ -469,6 +572,7 @@ class BatchStore:
         batch.status = "ended"
         batch.ended_at = ended_at
         self.stats.add_results(counts)
+        self._save(batch)
 
     def _message(
         self,
@@ -485,9 +589,12 @@ class BatchStore:
             invalid_kind=invalid_kind,
             id_seed=id_seed,
             fault_key=f"{self.settings.faults.seed}:{fault_key if fault_key is not None else id_seed}",
+            description_break_rate=self.settings.faults.description_break_rate,
         )
         if answer.invalid_kind is not None:
             self.stats.fault("invalid_answer", kind=answer.invalid_kind)
+        if answer.broken_hints:
+            self.stats.fault("description_constraint_broken", answer.broken_hints)
         accounting = model.account_prompt(params)
         creation = read = 0
         if (

@@ -5,22 +5,47 @@ other result goes to the rejects table with a reason and a detail naming the fie
 Rows are written in chunks as the results stream in, so a million-line result file never sits in
 memory, and what was written before a failure stays written. The work itself is
 ``core.loading.load_batch``; this class only wires the connection and the database to it.
+
+Ledger (see docs/ledger.md): for batches the submit operator recorded, result custom_ids are
+mapped back to the real record ids (encoded ids), answers from a batch that is no longer a
+record's current batch are dropped (an older batch never overwrites a newer answer), and every
+record's verdict (accepted / rejected, reason, retryable) is written to the ledger.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from airflow.sdk import BaseOperator
 
 from airflow_provider_fable.core.errors import FableError
 from airflow_provider_fable.core.job import import_output_model
-from airflow_provider_fable.core.loading import LoadStats, load_batch
+from airflow_provider_fable.core.ledger import Ledger
+from airflow_provider_fable.core.loading import LoadStats, RecordOutcome, load_batch
 from airflow_provider_fable.core.manifest import normalise_batch_ids
+from airflow_provider_fable.core.results import BatchResult
 from airflow_provider_fable.core.sinks import ResultSink
 from airflow_provider_fable.hooks.fable import FableHook
+from airflow_provider_fable.hooks.ledger import open_ledger
 from airflow_provider_fable.hooks.sql import sqlalchemy_engine
+
+
+def _current_results(
+    results: Iterable[BatchResult], mapping: dict[str, str], counter: list[int]
+) -> Iterator[BatchResult]:
+    """Results whose record still belongs to this batch, custom_ids mapped back to real ids.
+
+    ``mapping`` is the ledger's custom_id -> record id for records whose current batch is this
+    one; anything else is an answer a newer batch replaces, so it is dropped and counted.
+    """
+    for result in results:
+        record_id = mapping.get(result.custom_id)
+        if record_id is None:
+            counter[0] += 1
+            continue
+        result.custom_id = record_id
+        yield result
 
 
 class FableValidateLoadOperator(BaseOperator):
@@ -32,6 +57,9 @@ class FableValidateLoadOperator(BaseOperator):
     :param table: destination table, created from the output model if missing.
     :param id_column: primary-key column holding the record id.
     :param rejects_table: defaults to ``<table>_rejects``.
+    :param id_column_type: ``"text"`` or ``"integer"`` for a new table's id column (match the
+        source id so incremental queries compare like with like); default: follow an existing
+        table, else text.
     :param max_reject_rate: fail the task (after loading) when rejects exceed this share.
     :return: counts, reject reasons, value distributions, token usage and cost.
     """
@@ -49,11 +77,14 @@ class FableValidateLoadOperator(BaseOperator):
         id_column: str = "id",
         rejects_table: str | None = None,
         fable_conn_id: str = FableHook.default_conn_name,
-        chunk_size: int = 1000,
+        chunk_size: int = 10_000,
+        id_column_type: str | None = None,
         max_reject_rate: float | None = None,
+        ledger_conn_id: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.ledger_conn_id = ledger_conn_id
         self.batch_ids = batch_ids
         self.output_model = output_model
         self.destination_conn_id = destination_conn_id
@@ -62,36 +93,59 @@ class FableValidateLoadOperator(BaseOperator):
         self.rejects_table = rejects_table
         self.fable_conn_id = fable_conn_id
         self.chunk_size = chunk_size
+        self.id_column_type = id_column_type
         self.max_reject_rate = max_reject_rate
 
     def execute(self, context: Any) -> dict[str, Any]:
         model_cls = import_output_model(self.output_model)
         hook = FableHook(self.fable_conn_id)
         engine = sqlalchemy_engine(self.destination_conn_id)
+        ledger = open_ledger(self.ledger_conn_id, self.fable_conn_id, self.log)
         try:
-            return self._load(hook, engine, model_cls)
+            return self._load(hook, engine, model_cls, ledger)
         finally:
             hook.close()
             engine.dispose()
+            ledger.engine.dispose()
 
-    def _load(self, hook: FableHook, engine: Any, model_cls: Any) -> dict[str, Any]:
+    def _load(
+        self, hook: FableHook, engine: Any, model_cls: Any, ledger: Ledger | None = None
+    ) -> dict[str, Any]:
         sink = ResultSink(
             engine,
             table=self.table,
             id_column=self.id_column,
             output_model=model_cls,
             rejects_table=self.rejects_table,
+            id_type=self.id_column_type,
         )
         sink.ensure_tables()
         stats = LoadStats()
+        stale = [0]
         for batch_id in normalise_batch_ids(self.batch_ids):
+            results: Iterable[BatchResult] = hook.iter_results(batch_id)
+            on_outcomes = None
+            submission = ledger.submission_for_batch(batch_id) if ledger is not None else None
+            if submission is not None and ledger is not None:
+                job_id = submission.job_id
+                results = _current_results(results, ledger.custom_id_map(batch_id), stale)
+
+                def on_outcomes(
+                    outcomes: list[RecordOutcome], job_id: str = job_id, batch_id: str = batch_id
+                ) -> None:
+                    ledger.record_outcomes(job_id, batch_id, outcomes)
+            else:
+                self.log.info(
+                    "Batch %s is not in the job ledger (submitted elsewhere): loaded as is", batch_id
+                )
             load_batch(
-                hook.iter_results(batch_id),
+                results,
                 batch_id=batch_id,
                 output_model=model_cls,
                 sink=sink,
                 stats=stats,
                 chunk_size=self.chunk_size,
+                on_outcomes=on_outcomes,
             )
             self.log.info(
                 "Batch %s loaded; running totals: %d accepted, %d rejected",
@@ -99,7 +153,18 @@ class FableValidateLoadOperator(BaseOperator):
                 stats.accepted,
                 stats.rejected,
             )
-        summary = {**stats.summary(), "table": self.table, "rejects_table": sink.rejects.name}
+        if stale[0]:
+            self.log.warning(
+                "Dropped %d answer(s) from batches that are no longer their record's current batch "
+                "(a newer batch replaced them; loading them would overwrite newer answers)",
+                stale[0],
+            )
+        summary = {
+            **stats.summary(),
+            "table": self.table,
+            "rejects_table": sink.rejects.name,
+            "stale_dropped": stale[0],
+        }
         u = stats.usage
         self.log.info(
             "Loaded %d accepted rows into %s; %d rejected %s; tokens in=%d out=%d cache_write=%d "

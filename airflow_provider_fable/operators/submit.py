@@ -1,53 +1,145 @@
-"""FableBatchSubmitOperator: source records -> one request per record -> Message Batches.
+"""FableBatchSubmitOperator: source records -> one request per record -> Message Batches, exactly once.
 
 Every request is built and checked before the first batch is created, so a bad record (missing
-id, id unusable as custom_id, a field the template needs) fails the task before anything is
-paid for, with the record and the rule named. Requests are split into batches under the API's
-limits (100,000 requests / 256 MB) and spooled to a temporary file, so memory holds one shard at
-a time, not the whole backlog. The task returns a small manifest for XCom.
+id, duplicate id, a field the template needs) fails the task before anything is paid for, with the
+record and the rule named. Requests are split into batches under the API's limits (100,000
+requests / 256 MB) and spooled to a temporary file, so memory holds one shard at a time.
 
-Retry safety: creates are never retried blindly (see ``FableHook.create_batch``), but a task
-retry after a partial submit would create new batches; until the submit ledger exists, give
-this task ``retries=0`` (the example DAG does).
+Exactly-once (see docs/ledger.md): every record's state lives in the job ledger
+(``core.ledger``). Before each paid ``create`` the shard's *intent* is written; right after it, the
+batch id. A retry, a cleared task or a re-run of the same data interval finds the records' batches
+and re-attaches to them (same manifest, nothing created); only records that never got a batch are
+sent. An intent left without a batch id (a crash, a lost create response) is reconciled against
+the API's batch list before anything new is sent. ``rerun="failed"``/``"retryable"`` takes the
+records to send again from the ledger; ``skip_done`` leaves out records the job already accepted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import signal
 import tempfile
 from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
 from airflow.sdk import BaseOperator
 
+from airflow_provider_fable.core import ids
 from airflow_provider_fable.core.errors import FableError
 from airflow_provider_fable.core.job import DEFAULT_MODEL, BatchJob
+from airflow_provider_fable.core.ledger import (
+    ACCEPTED,
+    CLOCK_SKEW,
+    ORPHAN_POLICIES,
+    PENDING,
+    REJECTED,
+    Ledger,
+    RecordState,
+)
 from airflow_provider_fable.core.requests import build_requests
 from airflow_provider_fable.core.sharding import MAX_BATCH_BYTES, MAX_REQUESTS_PER_BATCH, shard_requests
 from airflow_provider_fable.core.sources import iter_records, iter_sql
 from airflow_provider_fable.hooks.fable import FableHook
+from airflow_provider_fable.hooks.ledger import batch_candidates, open_ledger
 from airflow_provider_fable.hooks.sql import sqlalchemy_engine
 from airflow_provider_fable.links import FableBatchLink
 
+RERUN_MODES = ("failed", "retryable")
+#: Test-only fault seam: ``after_intent:N``, ``after_create:N``, ``after_state_store:N``,
+#: ``after_ledger:N`` or ``between_shards:N`` SIGKILLs the process at that point of shard N
+#: (1-based), exactly like an OOM kill or a lost worker would; with a ``raise:`` prefix the first
+#: try raises there instead (so Airflow's own retry can be watched in-process). Unset in every
+#: real deployment.
+KILL_ENV = "FABLE_FAULT_KILL_AT"
+_STATE_KEY = "fable_batches"  # task state store key: {shard digest: batch id}
+_LEDGER_CHUNK = 1000
+
+
+class InjectedFault(FableError):
+    """Raised at a ``raise:`` fault point (tests only)."""
+
+
+def _kill_point(name: str, shard: int, try_number: int = 1) -> None:
+    wanted = os.environ.get(KILL_ENV)
+    if not wanted:
+        return
+    if wanted == f"{name}:{shard}":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if wanted == f"raise:{name}:{shard}" and try_number <= 1:
+        raise InjectedFault(f"injected fault at {name} of shard {shard} ({KILL_ENV})")
+
+
+def run_key_of(context: Any) -> str:
+    """dag_id/run_id/task_id/map_index of the running task (``adhoc`` outside a task)."""
+    ti = context.get("ti") if hasattr(context, "get") else None
+    if ti is None:
+        return "adhoc"
+    return f"{ti.dag_id}/{ti.run_id}/{ti.task_id}/{getattr(ti, 'map_index', -1)}"
+
+
+class _StateStore:
+    """Airflow >= 3.3's task state store when the context has one; a no-op otherwise.
+
+    The ledger is the source of truth. The state store is a second, platform-native copy of the
+    batch ids of this task instance: on a retry it settles an orphaned intent of the same task
+    without listing batches.
+    """
+
+    def __init__(self, context: Any) -> None:
+        self._store = context.get("task_state_store") if hasattr(context, "get") else None
+
+    def get(self) -> dict[str, str]:
+        if self._store is None:
+            return {}
+        try:
+            return dict(self._store.get(_STATE_KEY) or {})
+        except Exception:  # noqa: BLE001 - the store is an optimisation; the ledger decides
+            return {}
+
+    def put(self, digest: str, batch_id: str) -> None:
+        if self._store is None:
+            return
+        try:
+            from airflow.sdk.execution_time.context import NEVER_EXPIRE
+
+            value = {**self.get(), digest: batch_id}
+            self._store.set(_STATE_KEY, value, retention=NEVER_EXPIRE)
+        except Exception:  # noqa: BLE001
+            return
+
 
 class FableBatchSubmitOperator(BaseOperator):
-    """Submit one Messages request per source record as Message Batches.
+    """Submit one Messages request per source record as Message Batches, exactly once per job.
 
     Records come from exactly one of ``records`` (list of dicts, DataFrame, a .csv/.jsonl path, or
     a callable returning one of those, called at execute time) or ``sql`` run on ``sql_conn_id``.
 
     :param prompt_template: ``str.format`` template filled from each record, e.g. ``"{subject}\\n{body}"``.
     :param output_model: pydantic model (or dotted path) of the answer; sent as structured output.
-    :param id_field: record field whose value becomes the ``custom_id``.
+    :param id_field: record field whose value becomes the ``custom_id`` (encoded when the API's
+        rule refuses it; the ledger keeps the mapping).
     :param system_prompt: system prompt shared by every request (cached when long enough).
     :param few_shot_examples: ``[{"record": {...}, "answer": {...}}]`` turns placed before each record.
     :param model: model name; defaults to the connection's ``default_model`` extra, then ``claude-sonnet-4-5``.
     :param sql: query returning the records (templated). :param sql_conn_id: its connection.
     :param sql_parameters: bind parameters for ``sql`` (templated).
-    :return: manifest ``{"batch_ids", "request_count", "model", "job_fingerprint", "shards"}``.
+    :param ledger_conn_id: SQL connection of the job ledger; default: the fable connection's
+        ``ledger_conn_id`` extra, else an embedded SQLite under AIRFLOW_HOME (one machine only).
+    :param rerun: ``"failed"`` or ``"retryable"``: send only the source records that ``rerun_job``
+        rejected (all, or only retryable rejects) in the ledger. Templated.
+    :param rerun_job: fingerprint (or a submit manifest) of the job whose rejects to rerun;
+        defaults to this job. Pass the first job's manifest to rerun its failures with another model.
+    :param skip_done: leave out records this job has already accepted.
+    :param resubmit: send every selected record again even when it already has a batch (pays again).
+    :param orphan_policy: ``"fail"`` (default) or ``"resubmit"``: what to do with an intent that
+        never recorded its batch when several listed batches could be it.
+    :return: manifest ``{"batch_ids", "request_count", "model", "job_fingerprint", "shards",
+        "submitted", "attached", "skipped", "run_key"}``.
     """
 
-    template_fields: Sequence[str] = ("sql", "sql_parameters")
+    template_fields: Sequence[str] = ("sql", "sql_parameters", "rerun", "rerun_job")
     template_ext: Sequence[str] = (".sql",)
     ui_color = "#e8b594"
     operator_extra_links = (FableBatchLink(),)
@@ -62,7 +154,7 @@ class FableBatchSubmitOperator(BaseOperator):
         few_shot_examples: list[dict[str, Any]] | None = None,
         model: str | None = None,
         max_tokens: int = 1024,
-        temperature: float | None = 0.0,
+        temperature: float | None = None,
         cache_prompt_prefix: bool = True,
         records: Any = None,
         sql: str | None = None,
@@ -71,6 +163,12 @@ class FableBatchSubmitOperator(BaseOperator):
         fable_conn_id: str = FableHook.default_conn_name,
         max_requests_per_batch: int = MAX_REQUESTS_PER_BATCH,
         max_bytes_per_batch: int = MAX_BATCH_BYTES,
+        ledger_conn_id: str | None = None,
+        rerun: str | None = None,
+        rerun_job: Any = None,
+        skip_done: bool = False,
+        resubmit: bool = False,
+        orphan_policy: str = "fail",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -78,6 +176,8 @@ class FableBatchSubmitOperator(BaseOperator):
             raise ValueError(f"{self.task_id}: pass exactly one of records= or sql=")
         if sql is not None and not sql_conn_id:
             raise ValueError(f"{self.task_id}: sql= needs sql_conn_id=")
+        if orphan_policy not in ORPHAN_POLICIES:
+            raise ValueError(f"{self.task_id}: orphan_policy must be one of {ORPHAN_POLICIES}")
         self.prompt_template = prompt_template
         self.output_model = output_model
         self.id_field = id_field
@@ -94,6 +194,12 @@ class FableBatchSubmitOperator(BaseOperator):
         self.fable_conn_id = fable_conn_id
         self.max_requests_per_batch = max_requests_per_batch
         self.max_bytes_per_batch = max_bytes_per_batch
+        self.ledger_conn_id = ledger_conn_id
+        self.rerun = rerun
+        self.rerun_job = rerun_job
+        self.skip_done = skip_done
+        self.resubmit = resubmit
+        self.orphan_policy = orphan_policy
 
     def build_job(self, hook: FableHook | None = None) -> BatchJob:
         model = self.model or (hook.default_model if hook else None) or DEFAULT_MODEL
@@ -114,66 +220,253 @@ class FableBatchSubmitOperator(BaseOperator):
             return iter_sql(engine, self.sql, self.sql_parameters)
         return iter_records(self.records)
 
-    def _spool(self, job: BatchJob, engine: Any, spool: IO[bytes]) -> list[tuple[int, int]]:
-        """Build and check every request, writing shards to ``spool``; returns (offset, count) per shard.
-
-        Only one shard is in memory at a time, and nothing is sent until every record has passed.
-        """
-        shards: list[tuple[int, int]] = []
-        built = build_requests(job, self.iter_source(engine))
-        for shard in shard_requests(
-            built, max_requests=self.max_requests_per_batch, max_bytes=self.max_bytes_per_batch
-        ):
-            shards.append((spool.tell(), len(shard)))
-            for request in shard:
-                spool.write(json.dumps(request, ensure_ascii=False, separators=(",", ":")).encode())
-                spool.write(b"\n")
-        return shards
-
+    # ------------------------------------------------------------------ execute
     def execute(self, context: Any) -> dict[str, Any]:
         hook = FableHook(self.fable_conn_id)
         job = self.build_job(hook)
         engine = sqlalchemy_engine(self.sql_conn_id) if self.sql is not None else None
+        ledger = open_ledger(self.ledger_conn_id, self.fable_conn_id, self.log)
         try:
-            with tempfile.TemporaryFile(prefix="fable-requests-") as spool:
-                shards = self._spool(job, engine, spool)
-                return self._submit(hook, job, spool, shards)
+            return _Submission(self, context, hook, job, ledger).run(self.iter_source(engine))
         finally:
             hook.close()
+            ledger.engine.dispose()
             if engine is not None:
                 engine.dispose()
 
+
+def _rerun_job_id(value: Any, default: str) -> str:
+    if value is None or value == "":
+        return default
+    if isinstance(value, dict):
+        value = value.get("job_fingerprint")
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"rerun_job must be a job fingerprint or a submit manifest, got {value!r}")
+    return value
+
+
+class _Submission:
+    """One execution of the submit operator: select, reconcile, attach or send, record."""
+
+    def __init__(
+        self, op: FableBatchSubmitOperator, context: Any, hook: FableHook, job: BatchJob, ledger: Ledger
+    ):
+        self.op, self.log, self.hook, self.job, self.ledger = op, op.log, hook, job, ledger
+        self.job_id = job.fingerprint()
+        self.run_key = run_key_of(context)
+        ti = context.get("ti") if hasattr(context, "get") else None
+        self.try_number = int(getattr(ti, "try_number", 1) or 1)
+        self.state_store = _StateStore(context)
+        settings = getattr(hook, "_settings", {}) or {}
+        self.api = hook.base_url + (
+            f"#{settings.get('workspace_id')}" if settings.get("workspace_id") else ""
+        )
+        self.rerun = op.rerun or None  # a template may render "" for "no rerun"
+        if self.rerun is not None and self.rerun not in RERUN_MODES:
+            raise ValueError(f"{op.task_id}: rerun must be one of {RERUN_MODES} or None, got {op.rerun!r}")
+        self.rerun_of = _rerun_job_id(op.rerun_job, self.job_id) if self.rerun else None
+
+    # -- selection ---------------------------------------------------------------------------
+    def _rerun_ids(self) -> set[str]:
+        assert self.rerun_of is not None
+        chosen = set(self.ledger.failed(self.rerun_of, retryable_only=self.rerun == "retryable"))
+        # A retry of this very task must find the records its earlier try already sent again.
+        chosen.update(self.ledger.record_ids_of_run(self.job_id, self.run_key))
+        return chosen
+
+    def _decide(self, state: RecordState | None) -> str:
+        """``send``, ``attach`` or ``skip`` for one selected record."""
+        if self.op.skip_done and state is not None and state.status == ACCEPTED:
+            return "skip"
+        if self.op.resubmit:
+            return "send"
+        if state is None or state.status == PENDING or not state.batch_id or state.api != self.api:
+            return "send"
+        if self.rerun_of == self.job_id and state.status == REJECTED:
+            return "send"  # rerun of this job's own rejects: that is the point
+        return "attach"
+
+    def _selected(self, requests: Iterator[dict[str, Any]], plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Requests that must be sent; attach/skip decisions are counted in ``plan`` on the way."""
+        rerun_ids = self._rerun_ids() if self.rerun_of else None
+        buf: list[tuple[str, dict[str, Any]]] = []
+
+        def flush() -> Iterator[dict[str, Any]]:
+            states = self.ledger.record_states(self.job_id, [rid for rid, _ in buf])
+            for rid, request in buf:
+                state = states.get(rid)
+                verdict = self._decide(state)
+                if verdict == "send":
+                    if rid != request["custom_id"]:
+                        plan["ids"][request["custom_id"]] = rid  # only encoded ids need remembering
+                    yield request
+                elif verdict == "attach":
+                    assert state is not None and state.batch_id
+                    plan["attached"][state.batch_id] = plan["attached"].get(state.batch_id, 0) + 1
+                else:
+                    plan["skipped"] += 1
+            buf.clear()
+
+        for request, record in requests:
+            rid = ids.record_id_text(record.get(self.job.id_field))
+            if rerun_ids is not None and rid not in rerun_ids:
+                plan["not_selected"] += 1
+                continue
+            buf.append((rid, request))
+            if len(buf) >= _LEDGER_CHUNK:
+                yield from flush()
+        if buf:
+            yield from flush()
+
+    # -- orphans -----------------------------------------------------------------------------
+    def _reconcile(self) -> None:
+        intents = self.ledger.open_intents(self.job_id, api=self.api)
+        if not intents:
+            return
+        known = self.state_store.get()
+        since = min(i.intent_at for i in intents) - CLOCK_SKEW
+        candidates = None
+        for intent in intents:
+            if intent.run_key == self.run_key and intent.digest in known:
+                self.ledger.write_batch(
+                    intent.id, known[intent.digest], state="adopted", note="task state store"
+                )
+                self.log.info(
+                    "Shard %d: batch %s found in the task state store", intent.shard, known[intent.digest]
+                )
+                continue
+            if candidates is None:
+                candidates = list(batch_candidates(self.hook, since))
+            adopted = self.ledger.reconcile(intent, candidates, policy=self.op.orphan_policy)
+            if adopted:
+                self.log.warning(
+                    "Shard %d of run %s never recorded its batch; adopted %s (created after the intent, "
+                    "%d requests, unclaimed)", intent.shard, intent.run_key, adopted, intent.request_count,
+                )  # fmt: skip
+            else:
+                self.log.warning(
+                    "Shard %d of run %s never recorded a batch and no batch matches it; its records "
+                    "will be sent again", intent.shard, intent.run_key,
+                )  # fmt: skip
+
+    # -- run ---------------------------------------------------------------------------------
+    def run(self, source: Iterator[dict[str, Any]]) -> dict[str, Any]:
+        job, ledger = self.job, self.ledger
+        ledger.register_job(
+            self.job_id,
+            model=job.model,
+            spec={
+                "prompt_template": job.prompt_template,
+                "output_model": f"{job.output_model.__module__}.{job.output_model.__qualname__}",
+                "id_field": job.id_field,
+                "max_tokens": job.max_tokens,
+                "temperature": job.temperature,
+                "system_prompt_sha256": hashlib.sha256((job.system_prompt or "").encode()).hexdigest()[:16],
+                "few_shot_examples": len(job.few_shot_examples),
+            },
+            parent_job=self.rerun_of if self.rerun_of and self.rerun_of != self.job_id else None,
+        )
+        self._reconcile()
+        plan: dict[str, Any] = {"ids": {}, "attached": {}, "skipped": 0, "not_selected": 0}
+        with tempfile.TemporaryFile(prefix="fable-requests-") as spool:
+            shards = self._spool(self._selected(self._paired(source), plan), spool)
+            return self._submit(spool, shards, plan)
+
+    def _paired(self, source: Iterator[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+        """(request, record) pairs; every record is checked before the first create."""
+        records: list[dict[str, Any]] = []
+
+        def remember() -> Iterator[dict[str, Any]]:
+            for record in source:
+                records.append(record)
+                yield record
+
+        for request in build_requests(self.job, remember()):
+            yield request, records.pop()
+
+    def _spool(self, requests: Iterator[dict[str, Any]], spool: IO[bytes]) -> list[tuple[int, int, int, str]]:
+        """Write the shards to ``spool``; (offset, count, bytes, sha256) per shard."""
+        shards = []
+        for shard in shard_requests(
+            requests, max_requests=self.op.max_requests_per_batch, max_bytes=self.op.max_bytes_per_batch
+        ):
+            start = spool.tell()
+            h = hashlib.sha256()
+            for request in shard:
+                line = json.dumps(request, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+                h.update(line)
+                spool.write(line)
+            shards.append((start, len(shard), spool.tell() - start, h.hexdigest()))
+        return shards
+
     def _submit(
-        self, hook: FableHook, job: BatchJob, spool: IO[bytes], shards: list[tuple[int, int]]
+        self, spool: IO[bytes], shards: list[tuple[int, int, int, str]], plan: dict[str, Any]
     ) -> dict[str, Any]:
-        total = sum(count for _, count in shards)
+        job = self.job
+        attached: dict[str, int] = plan["attached"]
+        new = sum(count for _, count, _, _ in shards)
         manifest: dict[str, Any] = {
-            "batch_ids": [],
-            "request_count": total,
+            "batch_ids": list(attached),
+            "request_count": new + sum(attached.values()),
             "model": job.model,
-            "job_fingerprint": job.fingerprint(),
-            "shards": [],
+            "job_fingerprint": self.job_id,
+            "shards": [{"batch_id": b, "requests": n, "attached": True} for b, n in attached.items()],
+            "submitted": new,
+            "attached": sum(attached.values()),
+            "skipped": plan["skipped"],
+            "run_key": self.run_key,
         }
-        if not total:
-            self.log.warning("The source returned no records; nothing to submit")
+        if attached:
+            self.log.info(
+                "Re-attached %d record(s) to %d batch(es) already created for job %s: %s",
+                manifest["attached"], len(attached), self.job_id, ", ".join(attached),
+            )  # fmt: skip
+        if not new:
+            if not attached:
+                self.log.warning("No records to submit (source empty or all skipped)")
             return manifest
         self.log.info(
             "Submitting %d requests for model %s in %d batch(es) (job %s)",
-            total, job.model, len(shards), manifest["job_fingerprint"],
-        )  # fmt: skip
-        for n, (offset, count) in enumerate(shards, 1):
+            new,
+            job.model,
+            len(shards),
+            self.job_id,
+        )
+        created: list[str] = []
+        for n, (offset, count, size, digest) in enumerate(shards, 1):
             spool.seek(offset)
             requests = [json.loads(spool.readline()) for _ in range(count)]
+            rows = [
+                (
+                    plan["ids"].get(r["custom_id"], r["custom_id"]),
+                    r["custom_id"],
+                    hashlib.sha256(json.dumps(r, sort_keys=True, ensure_ascii=False).encode()).hexdigest(),
+                )
+                for r in requests
+            ]
+            intent = self.ledger.write_intent(
+                self.job_id, run_key=self.run_key, shard=n, records=rows, byte_size=size,
+                model=job.model, api=self.api, digest=digest,
+            )  # fmt: skip
+            _kill_point("after_intent", n, self.try_number)
             try:
-                batch = hook.create_batch(requests)
+                batch = self.hook.create_batch(requests)
             except FableError as exc:
-                done = manifest["batch_ids"]
                 raise FableError(
-                    f"creating batch {n}/{len(shards)} failed after {len(done)} batch(es) were created "
-                    f"({', '.join(done) or 'none'}); those are running and billed - load them rather "
-                    f"than resubmitting their records. Cause: {exc}"
+                    f"creating batch {n}/{len(shards)} failed after {len(created)} batch(es) were created "
+                    f"({', '.join(created) or 'none'}). The ledger holds this shard's intent: a retry "
+                    f"re-attaches to what exists and reconciles this shard against the API's batch list "
+                    f"(orphan_policy={self.op.orphan_policy!r}) before paying again. Cause: {exc}"
                 ) from exc
+            _kill_point("after_create", n, self.try_number)
+            self.state_store.put(digest, batch.id)
+            _kill_point("after_state_store", n, self.try_number)
+            self.ledger.write_batch(intent.id, batch.id)
+            _kill_point("after_ledger", n, self.try_number)
+            created.append(batch.id)
             manifest["batch_ids"].append(batch.id)
-            manifest["shards"].append({"batch_id": batch.id, "requests": count})
+            manifest["shards"].append({"batch_id": batch.id, "requests": count, "attached": False})
             self.log.info("Batch %d/%d: %s (%d requests)", n, len(shards), batch.id, count)
+            if n < len(shards):
+                _kill_point("between_shards", n, self.try_number)
         return manifest

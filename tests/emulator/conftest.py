@@ -37,5 +37,6 @@ def client(emulator: EmulatorServer) -> Iterator[anthropic.Anthropic]:
 def http(emulator: EmulatorServer) -> Iterator[httpx.Client]:
     """A plain HTTP client (with a valid key) for what the SDK hides: headers, raw bodies."""
     api_key = emulator.settings.api_key or API_KEY
-    with httpx.Client(base_url=emulator.base_url, headers={"x-api-key": api_key}, timeout=60) as raw:
+    headers = {"x-api-key": api_key, "anthropic-version": "2026-10-21"}
+    with httpx.Client(base_url=emulator.base_url, headers=headers, timeout=60) as raw:
         yield raw

@@ -12,6 +12,8 @@ import pytest
 from airflow_provider_fable.emulator import EmulatorServer
 
 API_KEY = "test-key"
+#: Headers every raw HTTP call needs (the SDK sends them itself), as the real API requires.
+API_HEADERS = {"x-api-key": API_KEY, "anthropic-version": "2026-10-21"}
 
 
 def stats(emulator: EmulatorServer) -> dict[str, Any]:
@@ -19,10 +21,19 @@ def stats(emulator: EmulatorServer) -> dict[str, Any]:
     return httpx.get(f"{emulator.base_url}/_emulator/stats", timeout=10).json()
 
 
+def advance_clock(emulator: EmulatorServer, seconds: float) -> dict[str, Any]:
+    """Move the emulator's clock forward (e.g. 24 h to run batches to their expiry)."""
+    response = httpx.post(
+        f"{emulator.base_url}/_emulator/clock", json={"advance_seconds": seconds}, timeout=10
+    )
+    response.raise_for_status()
+    return response.json()
+
+
 def text_params(text: str, **extra: Any) -> dict[str, Any]:
     """Minimal valid Messages params for one user message."""
     return {
-        "model": "claude-test",
+        "model": "claude-fable-5",
         "max_tokens": 400,
         "messages": [{"role": "user", "content": text}],
         **extra,

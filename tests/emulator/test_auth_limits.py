@@ -36,7 +36,10 @@ def test_bearer_and_x_api_key_are_both_accepted(
     emulator: EmulatorServer, client: anthropic.Anthropic
 ) -> None:
     assert client.messages.batches.list().data is not None  # SDK 2.x sends Authorization: Bearer
-    response = httpx.get(f"{emulator.base_url}/v1/messages/batches", headers={"x-api-key": "secret"})
+    response = httpx.get(
+        f"{emulator.base_url}/v1/messages/batches",
+        headers={"x-api-key": "secret", "anthropic-version": "2026-10-21"},
+    )
     assert response.status_code == 200
 
 
@@ -55,7 +58,9 @@ def test_body_without_length_is_counted_while_reading(emulator: EmulatorServer) 
         yield b'{"custom_id": "last", "params": {}}]}'
 
     response = httpx.post(
-        f"{emulator.base_url}/v1/messages/batches", content=chunks(), headers={"x-api-key": "secret"}
+        f"{emulator.base_url}/v1/messages/batches",
+        content=chunks(),
+        headers={"x-api-key": "secret", "anthropic-version": "2026-10-21"},
     )
     assert "content-length" not in response.request.headers
     assert response.status_code == 413

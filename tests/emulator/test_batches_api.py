@@ -77,7 +77,7 @@ def test_results_are_jsonl_with_the_api_shapes(client: anthropic.Anthropic, http
     message = line["result"]["message"]
     assert message["id"].startswith("msg_")
     assert message["type"] == "message" and message["role"] == "assistant"
-    assert message["model"] == "claude-test"
+    assert message["model"] == "claude-fable-5"
     assert message["stop_reason"] == "end_turn" and message["stop_sequence"] is None
     assert message["content"][0]["type"] == "text"
     usage = message["usage"]
@@ -274,7 +274,7 @@ def test_list_limit_is_validated(http: httpx.Client, limit: str) -> None:
 
 
 def test_count_tokens_matches_usage_of_the_same_request(client: anthropic.Anthropic) -> None:
-    short = client.messages.count_tokens(model="claude-test", messages=[{"role": "user", "content": "hi"}])
+    short = client.messages.count_tokens(model="claude-fable-5", messages=[{"role": "user", "content": "hi"}])
     params = text_params("A considerably longer question about my invoice and the charges on it. " * 5)
     counted = client.messages.count_tokens(model=params["model"], messages=params["messages"])
     assert counted.input_tokens > short.input_tokens > 0
@@ -299,7 +299,9 @@ def test_messages_endpoint_gives_the_batch_answer(client: anthropic.Anthropic) -
 
 def test_messages_endpoint_validates_synchronously(client: anthropic.Anthropic) -> None:
     with pytest.raises(anthropic.BadRequestError) as info:
-        client.messages.create(model="claude-test", max_tokens=0, messages=[{"role": "user", "content": "x"}])
+        client.messages.create(
+            model="claude-fable-5", max_tokens=-1, messages=[{"role": "user", "content": "x"}]
+        )
     assert "max_tokens" in info.value.body["error"]["message"]  # type: ignore[index]
 
 

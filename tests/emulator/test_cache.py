@@ -16,7 +16,7 @@ SYSTEM_TEXT = "You are a careful support-ticket classifier. " * 40  # ~450 token
 
 
 def _params(
-    text: str, *, model: str = "claude-test", system: str = SYSTEM_TEXT, ttl: str | None = None
+    text: str, *, model: str = "claude-fable-5", system: str = SYSTEM_TEXT, ttl: str | None = None
 ) -> dict[str, Any]:
     cache_control: dict[str, Any] = {"type": "ephemeral"}
     if ttl:
@@ -49,7 +49,7 @@ def test_first_request_writes_then_others_read(client: anthropic.Anthropic, emul
         assert usage[cid].cache_creation_input_tokens == 0
         assert usage[cid].cache_read_input_tokens == prefix
     counted = client.messages.count_tokens(
-        model="claude-test",
+        model="claude-fable-5",
         system=requests[0]["params"]["system"],
         messages=requests[0]["params"]["messages"],
     )
@@ -74,8 +74,8 @@ def test_cache_is_per_model(client: anthropic.Anthropic) -> None:
     usage = _run(
         client,
         [
-            {"custom_id": "m1", "params": _params("x", system=system, model="model-a")},
-            {"custom_id": "m2", "params": _params("x", system=system, model="model-b")},
+            {"custom_id": "m1", "params": _params("x", system=system, model="claude-sonnet-4-5")},
+            {"custom_id": "m2", "params": _params("x", system=system, model="claude-haiku-4-5")},
         ],
     )
     assert usage["m1"].cache_creation_input_tokens > 0
@@ -93,7 +93,7 @@ def test_short_prefix_is_not_cached(client: anthropic.Anthropic) -> None:
 def test_one_hour_ttl_and_few_shot_breakpoint(client: anthropic.Anthropic) -> None:
     example = "Example ticket about a refund for a duplicated invoice line. " * 20
     params = {
-        "model": "claude-test",
+        "model": "claude-fable-5",
         "max_tokens": 300,
         "messages": [
             {"role": "user", "content": example},

@@ -44,6 +44,10 @@ def test_every_flag_maps_to_a_setting() -> None:
             "--http-error-endpoints=create,results",
             "--http-error-first-n=3",
             "--retry-after-ms=7",
+            "--retry-after-seconds=2",
+            "--description-break-rate=0.1",
+            "--known-models=claude-fable-5,my-model",
+            "--state=/tmp/emu-state.sqlite",
             "--transient-404-after-create=2",
             "--cut-results-after=10",
             "--cut-results-times=2",
@@ -55,6 +59,8 @@ def test_every_flag_maps_to_a_setting() -> None:
         max_body_bytes=1000,
         min_cache_tokens=10,
         api_key="k",
+        known_models=("claude-fable-5", "my-model"),
+        state_path="/tmp/emu-state.sqlite",
         faults=FaultSettings(
             seed=9,
             errored_rate=0.05,
@@ -66,6 +72,8 @@ def test_every_flag_maps_to_a_setting() -> None:
             http_error_endpoints=("create", "results"),
             http_error_first_n=3,
             retry_after_ms=7,
+            retry_after_seconds=2,
+            description_break_rate=0.1,
             transient_404_after_create=2,
             cut_results_after=10,
             cut_results_times=2,
@@ -75,6 +83,10 @@ def test_every_flag_maps_to_a_setting() -> None:
 
 def test_defaults_match_the_settings_defaults() -> None:
     assert settings_from_args(build_parser().parse_args([])) == EmulatorSettings()
+
+
+def test_star_accepts_any_model() -> None:
+    assert settings_from_args(build_parser().parse_args(["--known-models", "*"])).known_models is None
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import pytest
 
 from airflow_provider_fable.emulator import EmulatorServer, EmulatorSettings, FaultSettings
 
-from .helpers import API_KEY, stats, text_params
+from .helpers import API_HEADERS, API_KEY, stats, text_params
 
 EMULATOR_SETTINGS = EmulatorSettings(
     faults=FaultSettings(
@@ -35,13 +35,15 @@ def _ended_batch(client: anthropic.Anthropic, n: int) -> Any:
 
 
 def test_first_n_errors_are_retried_by_the_sdk(client: anthropic.Anthropic, emulator: EmulatorServer) -> None:
-    counted = client.messages.count_tokens(model="m", messages=[{"role": "user", "content": "hello"}])
+    counted = client.messages.count_tokens(
+        model="claude-fable-5", messages=[{"role": "user", "content": "hello"}]
+    )
     assert counted.input_tokens > 0
     snapshot = stats(emulator)
     assert snapshot["calls"]["count_tokens"] == 3
     assert snapshot["faults"]["http_error_by_code"] == {"429": 1, "529": 1}
     # Later calls are served at once.
-    client.messages.count_tokens(model="m", messages=[{"role": "user", "content": "again"}])
+    client.messages.count_tokens(model="claude-fable-5", messages=[{"role": "user", "content": "again"}])
     assert stats(emulator)["calls"]["count_tokens"] == 4
 
 
@@ -52,6 +54,7 @@ def test_errors_carry_the_api_shape_and_retry_headers(emulator: EmulatorServer) 
     assert rate_limited.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
     headers = rate_limited.value.response.headers
     assert headers["retry-after-ms"] == "5" and headers["x-should-retry"] == "true"
+    assert headers["retry-after"] == "5" and headers["anthropic-ratelimit-requests-remaining"] == "0"
     assert headers["request-id"] == rate_limited.value.request_id
     with pytest.raises(anthropic.OverloadedError) as overloaded:
         no_retries.messages.batches.list()
@@ -82,7 +85,7 @@ def test_results_stream_is_cut_once(client: anthropic.Anthropic, emulator: Emula
 def test_cut_stream_ends_mid_line(client: anthropic.Anthropic) -> None:
     batch = _ended_batch(client, 4)
     received = b""
-    with httpx.Client(headers={"x-api-key": API_KEY}) as raw:
+    with httpx.Client(headers=API_HEADERS) as raw:
         with pytest.raises(httpx.RemoteProtocolError):
             with raw.stream("GET", batch.results_url) as response:
                 for chunk in response.iter_raw():

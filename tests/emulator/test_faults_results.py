@@ -12,10 +12,12 @@ from pydantic import BaseModel, ValidationError
 
 from airflow_provider_fable.emulator import EmulatorServer, EmulatorSettings, FaultSettings
 
-from .helpers import stats
+from .helpers import advance_clock, stats
 
 EMULATOR_SETTINGS = EmulatorSettings(
-    faults=FaultSettings(seed=7, errored_rate=0.2, expired_rate=0.1, invalid_answer_rate=0.4)
+    faults=FaultSettings(
+        seed=7, errored_rate=0.2, expired_rate=0.1, invalid_answer_rate=0.4, description_break_rate=0
+    )
 )
 N = 200
 
@@ -34,7 +36,7 @@ def _requests() -> list[dict[str, Any]]:
         {
             "custom_id": f"rec-{i}",
             "params": {
-                "model": "claude-test",
+                "model": "claude-fable-5",
                 "max_tokens": 500,
                 "messages": [{"role": "user", "content": f"Ticket {i}: my invoice is wrong."}],
                 "output_config": {"format": {"type": "json_schema", "schema": SCHEMA}},
@@ -44,15 +46,20 @@ def _requests() -> list[dict[str, Any]]:
     ]
 
 
-def _run(client: anthropic.Anthropic) -> tuple[Any, dict[str, Any]]:
+def _run(client: anthropic.Anthropic, emulator: EmulatorServer) -> tuple[Any, dict[str, Any]]:
+    """Run a batch to its end: the unprocessed share keeps it in progress until its 24 h expiry."""
     batch = client.messages.batches.create(requests=_requests())
+    assert client.messages.batches.retrieve(batch.id).processing_status == "in_progress"
+    advance_clock(emulator, 24 * 3600)
     ended = client.messages.batches.retrieve(batch.id)
+    assert ended.processing_status == "ended"
+    assert ended.ended_at == ended.expires_at
     return ended, {r.custom_id: r.result for r in client.messages.batches.results(batch.id)}
 
 
 @pytest.fixture(scope="module")
-def first_run(client: anthropic.Anthropic) -> tuple[Any, dict[str, Any]]:
-    return _run(client)
+def first_run(client: anthropic.Anthropic, emulator: EmulatorServer) -> tuple[Any, dict[str, Any]]:
+    return _run(client, emulator)
 
 
 def test_errored_and_expired_shares(first_run: tuple[Any, dict[str, Any]]) -> None:
@@ -102,10 +109,10 @@ def test_invalid_answers_cover_every_kind(
 
 
 def test_faults_are_deterministic_per_custom_id(
-    client: anthropic.Anthropic, first_run: tuple[Any, dict[str, Any]]
+    client: anthropic.Anthropic, emulator: EmulatorServer, first_run: tuple[Any, dict[str, Any]]
 ) -> None:
     _, first = first_run
-    _, second = _run(client)
+    _, second = _run(client, emulator)
     assert {k: r.type for k, r in first.items()} == {k: r.type for k, r in second.items()}
     for custom_id, result in first.items():
         if result.type == "succeeded":

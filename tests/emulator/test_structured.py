@@ -11,7 +11,13 @@ import anthropic
 import pytest
 from pydantic import BaseModel, Field
 
+from airflow_provider_fable.emulator import EmulatorSettings, FaultSettings
+
 from .helpers import text_params
+
+# These tests check that answers validate; breaking description-only hints (on by default, like
+# a real model now and then) has its own test in test_fidelity.py.
+EMULATOR_SETTINGS = EmulatorSettings(faults=FaultSettings(description_break_rate=0))
 
 
 class Category(str, enum.Enum):
@@ -82,7 +88,7 @@ CASES = {
 
 def _structured_params(text: str) -> dict[str, Any]:
     return {
-        "model": "claude-test",
+        "model": "claude-fable-5",
         "max_tokens": 1024,
         "system": SYSTEM,
         "messages": [*FEW_SHOT, {"role": "user", "content": f"Ticket:\n{text}"}],
@@ -149,7 +155,7 @@ def test_no_evidence_is_stable_and_prefers_fallback_labels(client: anthropic.Ant
 
 def test_sdk_parse_helper_works(client: anthropic.Anthropic) -> None:
     parsed = client.messages.parse(
-        model="claude-test",
+        model="claude-fable-5",
         max_tokens=1024,
         messages=[{"role": "user", "content": CASES["invoice"][0]}],
         output_format=Ticket,

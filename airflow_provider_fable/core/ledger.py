@@ -1,0 +1,603 @@
+"""The job ledger: where a backlog's state lives, and what makes submission exactly-once.
+
+Why a ledger: the Batches API has no idempotency key, so a retried or cleared submit task cannot
+ask the API "did I already create this?". The ledger answers instead. Before every paid ``create``
+the submit operator writes an *intent* (which records, how many requests, when); right after the
+create it writes the batch id. A later try finds the batch (re-attach) or, when the process died
+between the two writes, reconciles the intent against the API's list of batches (orphans).
+
+It also answers "which records are done, which failed and why" without reading the destination:
+every record of every job has one current row (status ``pending/submitted/accepted/rejected``) and
+the load appends an outcome row per (record, batch), so history survives reruns.
+
+Pure SQLAlchemy Core, no Airflow import: the operators hand it an engine. SQLite and PostgreSQL.
+Tables are created on first use; ``SCHEMA_VERSION`` is stored in ``fable_ledger_meta``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import sqlalchemy as sa
+
+from airflow_provider_fable.core.errors import FableError
+
+SCHEMA_VERSION = 1
+
+#: Record statuses. ``pending``: an intent names it, no batch yet. ``submitted``: in a created
+#: batch, not loaded. ``accepted``/``rejected``: the load's verdict for its current batch.
+PENDING, SUBMITTED, ACCEPTED, REJECTED = "pending", "submitted", "accepted", "rejected"
+#: Submission states. ``intent`` has no batch id yet; ``created`` got one from the create call;
+#: ``adopted`` got one from orphan reconciliation; ``abandoned`` is an intent known to have made
+#: no batch (or given up under ``orphan_policy="resubmit"``).
+INTENT, CREATED, ADOPTED, ABANDONED = "intent", "created", "adopted", "abandoned"
+ORPHAN_POLICIES = ("fail", "resubmit")
+#: How far before an intent a batch's ``created_at`` may lie and still be its batch (clock skew
+#: between the worker and the API).
+CLOCK_SKEW = timedelta(minutes=2)
+_CHUNK = 500  # ids per IN (...) query: under SQLite's bound-parameter limit with room to spare
+
+
+class LedgerError(FableError):
+    """The ledger cannot decide safely (e.g. an orphaned intent with ambiguous candidates)."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _ts(value: datetime) -> str:
+    """Timestamps are stored as fixed-width UTC ISO text: sortable and identical on both dialects."""
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_ts(value: str) -> datetime:
+    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+
+
+def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _tables(meta: sa.MetaData) -> dict[str, sa.Table]:
+    text, integer = sa.Text, sa.BigInteger
+    return {
+        "meta": sa.Table(
+            "fable_ledger_meta",
+            meta,
+            sa.Column("key", sa.String(64), primary_key=True),
+            sa.Column("value", text),
+        ),
+        "jobs": sa.Table(
+            "fable_jobs",
+            meta,
+            sa.Column("job_id", sa.String(64), primary_key=True),  # the BatchJob fingerprint
+            sa.Column("model", text, nullable=False),
+            sa.Column("spec", text),  # JSON summary: template, output model, id field, max_tokens...
+            sa.Column("parent_job", sa.String(64)),  # the job whose failures this one reruns
+            sa.Column("created_at", text, nullable=False),
+        ),
+        "submissions": sa.Table(
+            "fable_submissions",
+            meta,
+            sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+            sa.Column("job_id", sa.String(64), nullable=False, index=True),
+            sa.Column("run_key", text, nullable=False),  # dag_id/run_id/task_id/map_index
+            sa.Column("api", text),  # base URL (+ workspace) the batch lives on
+            sa.Column("digest", sa.String(64)),  # sha256 of the shard's request lines
+            sa.Column("shard", sa.Integer, nullable=False),
+            sa.Column("request_count", integer, nullable=False),
+            sa.Column("byte_size", integer, nullable=False),
+            sa.Column("state", sa.String(16), nullable=False),
+            sa.Column("batch_id", sa.String(128), unique=True),
+            sa.Column("intent_at", text, nullable=False),
+            sa.Column("batch_at", text),
+            sa.Column("note", text),
+        ),
+        "records": sa.Table(
+            "fable_records",
+            meta,
+            sa.Column("job_id", sa.String(64), primary_key=True),
+            sa.Column("record_id", text, primary_key=True),
+            sa.Column("custom_id", sa.String(64), nullable=False),
+            sa.Column("status", sa.String(16), nullable=False),
+            sa.Column("batch_id", sa.String(128), index=True),
+            sa.Column("submission_id", sa.Integer),
+            sa.Column("request_digest", sa.String(64)),
+            sa.Column("reason", text),
+            sa.Column("retryable", sa.Boolean),
+            sa.Column("attempts", sa.Integer, nullable=False, default=0),
+            sa.Column("model", text),
+            sa.Column("superseded_by", sa.String(64)),  # a child job accepted it later
+            sa.Column("created_at", text, nullable=False),
+            sa.Column("updated_at", text, nullable=False),
+        ),
+        "outcomes": sa.Table(
+            "fable_record_outcomes",
+            meta,
+            sa.Column("job_id", sa.String(64), primary_key=True),
+            sa.Column("record_id", text, primary_key=True),
+            sa.Column("batch_id", sa.String(128), primary_key=True),
+            sa.Column("status", sa.String(16), nullable=False),
+            sa.Column("reason", text),
+            sa.Column("retryable", sa.Boolean),
+            sa.Column("superseded", sa.Boolean, nullable=False, default=False),
+            sa.Column("at", text, nullable=False),
+        ),
+    }
+
+
+@dataclass(frozen=True)
+class Submission:
+    id: int
+    job_id: str
+    run_key: str
+    shard: int
+    request_count: int
+    byte_size: int
+    state: str
+    batch_id: str | None
+    intent_at: datetime
+    api: str | None = None
+    digest: str | None = None
+
+
+@dataclass(frozen=True)
+class RecordState:
+    record_id: str
+    custom_id: str
+    status: str
+    batch_id: str | None
+    request_digest: str | None
+    retryable: bool | None
+    superseded_by: str | None
+    api: str | None  # where its current batch lives
+    run_key: str | None  # the run that last submitted it
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One load verdict; the field names match ``core.loading.RecordOutcome``."""
+
+    record_id: str
+    custom_id: str
+    status: str
+    reason: str | None
+    retryable: bool
+    batch_id: str
+
+
+@dataclass(frozen=True)
+class BatchCandidate:
+    """What orphan reconciliation needs from a listed batch (the hook adapts the SDK's object)."""
+
+    id: str
+    created_at: datetime
+    request_count: int
+
+
+class Ledger:
+    """The ledger on one SQLAlchemy engine. Cheap to build; ``ensure_schema`` runs once per object."""
+
+    def __init__(self, engine: sa.engine.Engine, *, schema: str | None = None) -> None:
+        if engine.dialect.name not in ("sqlite", "postgresql"):
+            raise ValueError(f"the ledger supports sqlite and postgresql, not {engine.dialect.name!r}")
+        self.engine = engine
+        self.metadata = sa.MetaData(schema=schema)
+        t = _tables(self.metadata)
+        self.meta, self.jobs, self.submissions = t["meta"], t["jobs"], t["submissions"]
+        self.records, self.outcomes = t["records"], t["outcomes"]
+        self._ready = False
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> Ledger:
+        return cls(sa.create_engine(url), **kwargs)
+
+    # ------------------------------------------------------------------ schema
+    def ensure_schema(self) -> Ledger:
+        """Create the tables when missing; refuse a ledger written by a newer schema version."""
+        if self._ready:
+            return self
+        self.metadata.create_all(self.engine, checkfirst=True)
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                sa.select(self.meta.c.value).where(self.meta.c.key == "schema_version")
+            ).first()
+            if row is None:
+                conn.execute(
+                    self._insert(self.meta)
+                    .values(key="schema_version", value=str(SCHEMA_VERSION))
+                    .on_conflict_do_nothing()
+                )
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise LedgerError(
+                    f"the ledger has schema version {row[0]}, newer than this provider's {SCHEMA_VERSION}; "
+                    "upgrade airflow-provider-fable on this worker"
+                )
+        self._ready = True
+        return self
+
+    def schema_version(self) -> int:
+        self.ensure_schema()
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    sa.select(self.meta.c.value).where(self.meta.c.key == "schema_version")
+                ).scalar_one()
+            )
+
+    def _insert(self, table: sa.Table) -> Any:
+        if self.engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        return insert(table)
+
+    # ------------------------------------------------------------------ jobs
+    def register_job(
+        self, job_id: str, *, model: str, spec: dict[str, Any] | None = None, parent_job: str | None = None
+    ) -> None:
+        """Record the job once (same fingerprint = same job; later calls change nothing)."""
+        self.ensure_schema()
+        row = {
+            "job_id": job_id,
+            "model": model,
+            "spec": json.dumps(spec or {}, sort_keys=True, default=str),
+            "parent_job": parent_job,
+            "created_at": _ts(utcnow()),
+        }
+        with self.engine.begin() as conn:
+            conn.execute(self._insert(self.jobs).values(**row).on_conflict_do_nothing())
+            if parent_job:
+                conn.execute(
+                    sa.update(self.jobs)
+                    .where(self.jobs.c.job_id == job_id, self.jobs.c.parent_job.is_(None))
+                    .values(parent_job=parent_job)
+                )
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        self.ensure_schema()
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(self.jobs).where(self.jobs.c.job_id == job_id)).mappings().first()
+        return dict(row) if row else None
+
+    # ------------------------------------------------------------------ records
+    def record_states(self, job_id: str, record_ids: Iterable[str]) -> dict[str, RecordState]:
+        """Current rows of the given records in ``job_id`` (absent ids: never seen by this job)."""
+        self.ensure_schema()
+        c, s = self.records.c, self.submissions.c
+        out: dict[str, RecordState] = {}
+        ids = list(dict.fromkeys(record_ids))
+        with self.engine.connect() as conn:
+            for part in _chunks(ids):
+                rows = conn.execute(
+                    sa.select(
+                        c.record_id, c.custom_id, c.status, c.batch_id, c.request_digest, c.retryable,
+                        c.superseded_by, s.api, s.run_key,
+                    )
+                    .select_from(self.records.outerjoin(self.submissions, s.id == c.submission_id))
+                    .where(c.job_id == job_id, c.record_id.in_(part))
+                )  # fmt: skip
+                for r in rows:
+                    out[r.record_id] = RecordState(*r)
+        return out
+
+    def record_ids(
+        self, job_id: str, *, statuses: Sequence[str] | None = None, retryable: bool | None = None,
+        include_superseded: bool = False,
+    ) -> list[str]:  # fmt: skip
+        """Record ids of a job, filtered by status (and retryable flag), in id order."""
+        self.ensure_schema()
+        c = self.records.c
+        q = sa.select(c.record_id).where(c.job_id == job_id).order_by(c.record_id)
+        if statuses:
+            q = q.where(c.status.in_(list(statuses)))
+        if retryable is not None:
+            q = q.where(c.retryable.is_(retryable))
+        if not include_superseded:
+            q = q.where(c.superseded_by.is_(None))
+        with self.engine.connect() as conn:
+            return list(conn.execute(q).scalars())
+
+    def record_ids_of_run(self, job_id: str, run_key: str) -> list[str]:
+        """Records of a job whose latest submission was made by ``run_key`` (a retry's own work)."""
+        self.ensure_schema()
+        c, s = self.records.c, self.submissions.c
+        q = (
+            sa.select(c.record_id)
+            .select_from(self.records.join(self.submissions, s.id == c.submission_id))
+            .where(c.job_id == job_id, s.run_key == run_key)
+        )
+        with self.engine.connect() as conn:
+            return list(conn.execute(q).scalars())
+
+    def failed(self, job_id: str, *, retryable_only: bool = False) -> list[str]:
+        """Ids the job has rejected (only retryable ones on request), not accepted by a later rerun."""
+        return self.record_ids(job_id, statuses=[REJECTED], retryable=True if retryable_only else None)
+
+    def summary(self, job_id: str) -> dict[str, int]:
+        """Record counts by status for a job (superseded rejects counted apart)."""
+        self.ensure_schema()
+        c = self.records.c
+        q = (
+            sa.select(c.status, (c.superseded_by.is_not(None)).label("sup"), sa.func.count())
+            .where(c.job_id == job_id)
+            .group_by(c.status, c.superseded_by.is_not(None))
+        )
+        out: dict[str, int] = {}
+        with self.engine.connect() as conn:
+            for status, sup, n in conn.execute(q):
+                key = f"{status}_superseded" if sup else status
+                out[key] = out.get(key, 0) + int(n)
+        return out
+
+    def history(self, record_id: str) -> list[dict[str, Any]]:
+        """Every load verdict ever recorded for a record id, across jobs, oldest first."""
+        self.ensure_schema()
+        o = self.outcomes.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(self.outcomes).where(o.record_id == record_id).order_by(o.at)
+            ).mappings()
+            return [dict(r) for r in rows]
+
+    # ------------------------------------------------------------------ submissions
+    def _submission(self, row: Any) -> Submission:
+        return Submission(
+            id=row.id, job_id=row.job_id, run_key=row.run_key, shard=row.shard,
+            request_count=row.request_count, byte_size=row.byte_size, state=row.state,
+            batch_id=row.batch_id, intent_at=_parse_ts(row.intent_at), api=row.api, digest=row.digest,
+        )  # fmt: skip
+
+    def write_intent(
+        self,
+        job_id: str,
+        *,
+        run_key: str,
+        shard: int,
+        records: Sequence[tuple[str, str, str]],
+        byte_size: int,
+        model: str,
+        api: str | None = None,
+        digest: str | None = None,
+    ) -> Submission:
+        """Write the intent of one shard *before* its create: one submission row plus its records.
+
+        ``records`` is ``(record_id, custom_id, request_digest)`` per request. Records already
+        known to the job move to ``pending`` under this submission; their previous batch id is
+        kept until the new one exists, so the load's staleness check stays right meanwhile.
+        """
+        self.ensure_schema()
+        now = _ts(utcnow())
+        with self.engine.begin() as conn:
+            sub_id = conn.execute(
+                sa.insert(self.submissions)
+                .values(
+                    job_id=job_id, run_key=run_key, shard=shard, request_count=len(records),
+                    byte_size=byte_size, state=INTENT, intent_at=now, api=api, digest=digest,
+                )
+                .returning(self.submissions.c.id)
+            ).scalar_one()  # fmt: skip
+            rows = [
+                {
+                    "job_id": job_id, "record_id": rid, "custom_id": cid, "status": PENDING,
+                    "submission_id": sub_id, "request_digest": digest, "attempts": 0, "model": model,
+                    "created_at": now, "updated_at": now,
+                }
+                for rid, cid, digest in records
+            ]  # fmt: skip
+            for part in _chunks(rows):
+                stmt = self._insert(self.records)
+                stmt = stmt.on_conflict_do_update(
+                    index_elements=["job_id", "record_id"],
+                    set_={
+                        "custom_id": stmt.excluded.custom_id,
+                        "status": PENDING,
+                        "submission_id": stmt.excluded.submission_id,
+                        "request_digest": stmt.excluded.request_digest,
+                        "model": stmt.excluded.model,
+                        "updated_at": stmt.excluded.updated_at,
+                    },
+                )
+                conn.execute(stmt, list(part))
+            row = conn.execute(sa.select(self.submissions).where(self.submissions.c.id == sub_id)).one()
+        return self._submission(row)
+
+    def write_batch(
+        self, submission_id: int, batch_id: str, *, state: str = CREATED, note: str | None = None
+    ) -> None:
+        """The batch exists: the submission gets its id and its records become ``submitted``."""
+        self.ensure_schema()
+        now = _ts(utcnow())
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.update(self.submissions)
+                .where(self.submissions.c.id == submission_id)
+                .values(batch_id=batch_id, state=state, batch_at=now, note=note)
+            )
+            c = self.records.c
+            conn.execute(
+                sa.update(self.records)
+                # By submission, whatever the status: a late load of the record's previous batch
+                # must not keep it out of the batch that now holds it.
+                .where(c.submission_id == submission_id)
+                .values(
+                    status=SUBMITTED, batch_id=batch_id, attempts=c.attempts + 1, reason=None,
+                    retryable=None, superseded_by=None, updated_at=now,
+                )
+            )  # fmt: skip
+
+    def abandon(self, submission_id: int, note: str) -> None:
+        """An intent that made no batch (or is given up on): its records are free to send again."""
+        self.ensure_schema()
+        with self.engine.begin() as conn:
+            conn.execute(
+                sa.update(self.submissions)
+                .where(self.submissions.c.id == submission_id)
+                .values(state=ABANDONED, note=note)
+            )
+
+    def open_intents(self, job_id: str, *, api: str | None = None) -> list[Submission]:
+        """Intents of a job that never got a batch id: crashes or lost create responses."""
+        self.ensure_schema()
+        s = self.submissions.c
+        q = (
+            sa.select(self.submissions)
+            .where(s.job_id == job_id, s.state == INTENT)
+            .order_by(s.intent_at, s.id)
+        )
+        if api is not None:
+            q = q.where(s.api == api)
+        with self.engine.connect() as conn:
+            rows = conn.execute(q)
+            return [self._submission(r) for r in rows]
+
+    def submissions_of(self, job_id: str | None = None, *, run_key: str | None = None) -> list[Submission]:
+        self.ensure_schema()
+        s = self.submissions.c
+        q = sa.select(self.submissions).order_by(s.id)
+        if job_id:
+            q = q.where(s.job_id == job_id)
+        if run_key:
+            q = q.where(s.run_key == run_key)
+        with self.engine.connect() as conn:
+            return [self._submission(r) for r in conn.execute(q)]
+
+    def submission_for_batch(self, batch_id: str) -> Submission | None:
+        self.ensure_schema()
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(self.submissions).where(self.submissions.c.batch_id == batch_id)
+            ).first()
+        return self._submission(row) if row else None
+
+    def claimed_batch_ids(self, batch_ids: Iterable[str]) -> set[str]:
+        self.ensure_schema()
+        ids = list(batch_ids)
+        out: set[str] = set()
+        with self.engine.connect() as conn:
+            for part in _chunks(ids):
+                out.update(
+                    conn.execute(
+                        sa.select(self.submissions.c.batch_id).where(self.submissions.c.batch_id.in_(part))
+                    ).scalars()
+                )
+        return out
+
+    def reconcile(
+        self,
+        intent: Submission,
+        candidates: Iterable[BatchCandidate],
+        *,
+        policy: str = "fail",
+        skew: timedelta = CLOCK_SKEW,
+    ) -> str | None:
+        """Settle an orphaned intent against the batches the API lists; returns the adopted id or None.
+
+        A candidate is a batch created no earlier than the intent (minus clock skew) with the
+        intent's request count that no submission has claimed. Exactly one: adopted. None: the
+        create never made a batch, the intent is abandoned and its records are sent again.
+        Several: not certain which is ours, so ``policy`` decides: ``"fail"`` raises naming them
+        (a human picks; nothing is paid twice), ``"resubmit"`` abandons the intent and pays again.
+        """
+        if policy not in ORPHAN_POLICIES:
+            raise ValueError(f"orphan_policy must be one of {ORPHAN_POLICIES}, got {policy!r}")
+        since = intent.intent_at - skew
+        fitting = [c for c in candidates if c.created_at >= since and c.request_count == intent.request_count]
+        claimed = self.claimed_batch_ids(c.id for c in fitting)
+        free = [c for c in fitting if c.id not in claimed]
+        if len(free) == 1:
+            self.write_batch(intent.id, free[0].id, state=ADOPTED, note="adopted by orphan reconciliation")
+            return free[0].id
+        if not free:
+            self.abandon(intent.id, "no batch was created for this intent (none listed since it)")
+            return None
+        names = ", ".join(f"{c.id} (created {c.created_at.isoformat()})" for c in free)
+        if policy == "resubmit":
+            self.abandon(intent.id, f"ambiguous orphan, resubmitted under orphan_policy='resubmit': {names}")
+            return None
+        raise LedgerError(
+            f"shard {intent.shard} of job {intent.job_id} (run {intent.run_key}) wrote its intent at "
+            f"{intent.intent_at.isoformat()} for {intent.request_count} requests but never recorded a "
+            f"batch id, and {len(free)} unclaimed batches could be it: {names}. Cancel the ones that "
+            "are not yours, or set orphan_policy='resubmit' to submit these records again (paying again)."
+        )
+
+    # ------------------------------------------------------------------ load side
+    def custom_id_map(self, batch_id: str) -> dict[str, str]:
+        """custom_id -> record id for records whose *current* batch is ``batch_id``.
+
+        The load uses it twice: to map encoded custom_ids back to real ids, and to drop answers
+        from a batch that is no longer a record's current one (a newer batch supersedes it).
+        """
+        self.ensure_schema()
+        c = self.records.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(c.custom_id, c.record_id).where(c.batch_id == batch_id))
+            return {cid: rid for cid, rid in rows}
+
+    def record_outcomes(self, job_id: str, batch_id: str, outcomes: Sequence[Any]) -> None:
+        """Store the load's verdicts for one batch (objects with ``Outcome``'s fields).
+
+        The record's current row changes only when this batch is still its current batch (and no
+        resubmission of it is in flight). An
+        acceptance marks earlier rejects of the record (in this job and in the job it reruns)
+        as superseded, so a fixed record is no longer reported as failed.
+        """
+        if not outcomes:
+            return
+        self.ensure_schema()
+        now = _ts(utcnow())
+        c, o = self.records.c, self.outcomes.c
+        parent = (self.job(job_id) or {}).get("parent_job")
+        events = [
+            {
+                "job_id": job_id, "record_id": x.record_id, "batch_id": batch_id, "status": x.status,
+                "reason": x.reason, "retryable": bool(x.retryable), "superseded": False, "at": now,
+            }
+            for x in outcomes
+        ]  # fmt: skip
+        accepted = [x.record_id for x in outcomes if x.status == ACCEPTED]
+        with self.engine.begin() as conn:
+            for part in _chunks(events):
+                stmt = self._insert(self.outcomes)
+                stmt = stmt.on_conflict_do_update(
+                    index_elements=["job_id", "record_id", "batch_id"],
+                    set_={k: stmt.excluded[k] for k in ("status", "reason", "retryable", "at")},
+                )
+                conn.execute(stmt, list(part))
+            conn.execute(
+                sa.update(self.records)
+                .where(
+                    c.job_id == sa.bindparam("j"),
+                    c.record_id == sa.bindparam("r"),
+                    c.batch_id == sa.bindparam("b"),
+                    c.status != PENDING,  # a resubmission is in flight: this verdict is history
+                )
+                .values(status=sa.bindparam("s"), reason=sa.bindparam("why"), retryable=sa.bindparam("rt"), updated_at=now),
+                [
+                    {"j": job_id, "r": x.record_id, "b": batch_id, "s": x.status, "why": x.reason, "rt": bool(x.retryable)}
+                    for x in outcomes
+                ],
+            )  # fmt: skip
+            jobs = [job_id] + ([parent] if parent else [])
+            for part in _chunks(accepted):
+                conn.execute(
+                    sa.update(self.outcomes)
+                    .where(
+                        o.job_id.in_(jobs), o.record_id.in_(part), o.status == REJECTED,
+                        o.batch_id != batch_id, o.superseded.is_(False),
+                    )
+                    .values(superseded=True)
+                )  # fmt: skip
+                if parent:
+                    conn.execute(
+                        sa.update(self.records)
+                        .where(c.job_id == parent, c.record_id.in_(part), c.status == REJECTED)
+                        .values(superseded_by=job_id, updated_at=now)
+                    )

@@ -1,0 +1,235 @@
+"""The bulk load path (core.loading + core.sinks) on real SQLite and real PostgreSQL.
+
+Covers the sink items of issue #6: unstorable rows become rejects while the rest loads (2), the
+id column follows the source id type so the quickstart's incremental query works (5), Decimal
+fields are numeric (6), real timestamps and a latest-outcome view (11); plus the RecordOutcome
+callback the ledger relies on, COPY escaping, and self-referencing output models.
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+import pytest
+import sqlalchemy as sa
+from pydantic import BaseModel
+
+from airflow_provider_fable.core.loading import LoadStats, RecordOutcome, load_batch
+from airflow_provider_fable.core.results import parse_result_line
+from airflow_provider_fable.core.sinks import ResultSink, output_columns
+from tests.conftest import Paint
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def engine(request):
+    return request.getfixturevalue("sqlite_engine" if request.param == "sqlite" else "pg_engine")
+
+
+def line(custom_id: str, answer: object, *, kind: str = "succeeded") -> bytes:
+    if kind != "succeeded":
+        return json.dumps({"custom_id": custom_id, "result": {"type": kind}}).encode()
+    text = answer if isinstance(answer, str) else json.dumps(answer)
+    message = {
+        "model": "claude-haiku-4-5",
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": "end_turn",
+        "usage": {"input_tokens": 10, "output_tokens": 5},
+    }
+    return json.dumps({"custom_id": custom_id, "result": {"type": "succeeded", "message": message}}).encode()
+
+
+def paint(i: int, **extra: object) -> dict:
+    return {"color": "red", "glossy": False, "coats": 1, "note": f"n{i}", **extra}
+
+
+def load(engine, lines, model=Paint, *, batch_id="b1", chunk_size=1000, **sink_kw):
+    sink = ResultSink(engine, table="t", id_column="rid", output_model=model, **sink_kw)
+    sink.ensure_tables()
+    stats, seen = LoadStats(), []
+    load_batch(
+        (parse_result_line(x) for x in lines),
+        batch_id=batch_id,
+        output_model=model,
+        sink=sink,
+        stats=stats,
+        chunk_size=chunk_size,
+        on_outcomes=seen.extend,
+    )
+    return stats, seen
+
+
+def rows(engine, sql: str) -> list:
+    with engine.connect() as conn:
+        return conn.execute(sa.text(sql)).all()
+
+
+class Counted(BaseModel):
+    label: str
+    count: int
+
+
+def test_unstorable_value_is_a_reject_and_the_rest_loads(engine):
+    """#6 item 2: an int beyond 64 bits used to fail the chunk (and every rerun) forever."""
+    answers = [{"label": f"l{i}", "count": i} for i in range(40)]
+    answers[7]["count"] = 2**70
+    answers[31]["count"] = -(2**80)
+    lines = [line(f"r{i}", a) for i, a in enumerate(answers)]
+    for attempt in range(2):  # a rerun loads the same way: no blocked load, no duplicates
+        stats, seen = load(engine, lines, Counted, chunk_size=16)
+        assert (stats.accepted, stats.rejected) == (38, 2), attempt
+        assert stats.reasons == {"unstorable": 2}
+        assert rows(engine, "SELECT count(*) FROM t")[0][0] == 38
+        rejects = rows(engine, "SELECT record_id, reason, detail, raw_answer, retryable FROM t_rejects")
+        assert sorted(r.record_id for r in rejects) == ["r31", "r7"]
+        for r in rejects:
+            assert r.reason == "unstorable" and r.retryable is not None and not r.retryable
+            assert "refused" in r.detail and ("int" in r.detail.lower() or "range" in r.detail.lower())
+            assert str(2**70) in r.raw_answer or str(-(2**80)) in r.raw_answer
+        bad = [o for o in seen if o.status == "rejected"]
+        assert sorted(o.record_id for o in bad) == ["r31", "r7"]
+        assert all(o.reason == "unstorable" and not o.retryable for o in bad)
+        assert len([o for o in seen if o.status == "accepted"]) == 38
+
+
+def test_outcomes_are_reported_after_commit_in_the_agreed_shape(engine):
+    lines = [line("a1", paint(1)), line("a2", "not json"), line("a3", None, kind="expired")]
+    stats, seen = load(engine, lines)
+    assert all(isinstance(o, RecordOutcome) for o in seen)
+    by_id = {o.record_id: o for o in seen}
+    assert by_id["a1"] == RecordOutcome("a1", "a1", "accepted", None, False, "b1")
+    assert by_id["a2"] == RecordOutcome("a2", "a2", "rejected", "invalid_json", True, "b1")
+    assert by_id["a3"] == RecordOutcome("a3", "a3", "rejected", "expired", True, "b1")
+
+
+def test_copy_and_executemany_keep_awkward_text_exact(engine):
+    note = 'tab\there\nnew line \\N back\\slash "quoted" é 🎨\r'
+    load(engine, [line("x", paint(1, note=note[:80]))])
+    assert rows(engine, "SELECT note FROM t")[0][0] == note[:80]
+
+
+@pytest.mark.parametrize("id_kind", ["integer", "text"])
+def test_incremental_query_of_the_quickstart_works_with_integer_and_text_ids(engine, id_kind):
+    """#6 item 5: with integer source ids the id column was text and PostgreSQL refused
+    ``s.review_id = r.review_id`` (text = integer) on the second run."""
+    col = "BIGINT" if id_kind == "integer" else "TEXT"
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE TABLE reviews (review_id {col} PRIMARY KEY, text TEXT)"))
+        for i in range(1, 6):
+            conn.execute(
+                sa.text("INSERT INTO reviews VALUES (:i, 'great')"), {"i": i if col == "BIGINT" else str(i)}
+            )
+    sink = ResultSink(
+        engine, table="review_sentiment", id_column="review_id", output_model=Paint, id_type=id_kind
+    )
+    sink.ensure_tables()
+    load_batch(
+        (parse_result_line(line(str(i), paint(i))) for i in (1, 2)),
+        batch_id="b1", output_model=Paint, sink=sink, stats=LoadStats(),
+    )  # fmt: skip
+    query = """SELECT r.review_id, r.text FROM reviews r
+               WHERE NOT EXISTS (SELECT 1 FROM review_sentiment s WHERE s.review_id = r.review_id)
+               ORDER BY r.review_id"""
+    left = [r.review_id for r in rows(engine, query)]
+    assert [str(x) for x in left] == ["3", "4", "5"]
+    # A later run follows the existing table's id type without being told.
+    again = ResultSink(engine, table="review_sentiment", id_column="review_id", output_model=Paint)
+    assert again.id_type == id_kind
+
+
+def test_text_id_into_an_integer_id_column_is_unstorable(engine):
+    stats, _ = load(engine, [line("12", paint(1)), line("A-7", paint(2))], id_type="integer")
+    assert (stats.accepted, stats.reasons["unstorable"]) == (1, 1)
+    assert rows(engine, "SELECT rid FROM t")[0][0] == 12
+    assert "not an integer" in rows(engine, "SELECT detail FROM t_rejects")[0][0]
+
+
+class Invoice(BaseModel):
+    amount: Decimal
+    tax: Decimal | None = None
+
+
+def test_decimal_fields_are_stored_as_numbers(engine):
+    """#6 item 6: Decimal answers used to land as JSON strings ('"12.50"')."""
+    assert output_columns(Invoice) == {"amount": "decimal", "tax": "decimal"}
+    load(engine, [line("i1", {"amount": "12.50", "tax": 2.5}), line("i2", {"amount": 3})], Invoice)
+    got = dict(rows(engine, "SELECT rid, amount FROM t"))
+    assert {k: Decimal(str(v)) for k, v in got.items()} == {"i1": Decimal("12.5"), "i2": Decimal("3")}
+    total = rows(engine, "SELECT sum(amount) + 0 FROM t")[0][0]
+    assert Decimal(str(total)) == Decimal("15.5")  # arithmetic works: a number, not text
+    if engine.dialect.name == "postgresql":
+        assert rows(engine, "SELECT pg_typeof(amount)::text FROM t LIMIT 1")[0][0] == "numeric"
+    else:
+        assert {r[0] for r in rows(engine, "SELECT typeof(amount) FROM t")} <= {"real", "integer"}
+
+
+def test_timestamps_are_real_and_the_outcomes_view_gives_the_latest_state(engine):
+    """#6 item 11: _loaded_at / rejected_at were text; the rejects table had no current view."""
+    load(engine, [line("a", "oops"), line("b", paint(2)), line("c", "oops")], batch_id="b1")
+    load(engine, [line("a", paint(1)), line("b", "oops"), line("c", {"color": "pink"})], batch_id="b2")
+    inspector = sa.inspect(engine)
+    types = {c["name"]: c["type"] for c in inspector.get_columns("t")}
+    assert isinstance(types["_loaded_at"], sa.DateTime)
+    assert isinstance(
+        {c["name"]: c["type"] for c in inspector.get_columns("t_rejects")}["rejected_at"], sa.DateTime
+    )
+    if engine.dialect.name == "postgresql":
+        assert (
+            rows(engine, "SELECT pg_typeof(_loaded_at)::text FROM t LIMIT 1")[0][0]
+            == "timestamp with time zone"
+        )
+        assert rows(engine, "SELECT count(*) FROM t WHERE _loaded_at > now() - interval '1 hour'")[0][0] == 2
+    latest = {r.record_id: r for r in rows(engine, "SELECT * FROM t_outcomes")}
+    assert {k: (v.outcome, v.batch_id, v.reason) for k, v in latest.items()} == {
+        "a": ("accepted", "b2", None),  # rejected in b1, accepted in b2
+        "b": ("rejected", "b2", "invalid_json"),  # accepted in b1, its b2 answer was bad
+        "c": ("rejected", "b2", "schema"),  # rejected twice: the latest reason
+    }
+    assert rows(engine, "SELECT count(*) FROM t_rejects")[0][0] == 4  # the history stays
+
+
+class Node(BaseModel):
+    name: str
+    children: list[Node] = []
+
+
+def test_self_referencing_model_keeps_its_columns(engine):
+    """#6 item 1 (sink side): the top-level schema is a $ref; its fields are still columns."""
+    assert output_columns(Node) == {"name": "string", "children": "json"}
+    load(engine, [line("n", {"name": "root", "children": [{"name": "leaf"}]})], Node)
+    name, children = rows(engine, "SELECT name, children FROM t")[0]
+    assert name == "root" and json.loads(children) == [{"name": "leaf", "children": []}]
+
+
+def test_should_write_skips_answers_of_superseded_batches(sqlite_engine):
+    sink = ResultSink(sqlite_engine, table="t", id_column="rid", output_model=Paint)
+    sink.ensure_tables()
+    stats = LoadStats()
+    load_batch(
+        (parse_result_line(line(f"r{i}", paint(i))) for i in range(4)),
+        batch_id="old", output_model=Paint, sink=sink, stats=stats,
+        should_write=lambda record_id, batch_id: record_id != "r2",
+    )  # fmt: skip
+    assert (stats.accepted, stats.skipped_stale) == (3, 1)
+    assert [r[0] for r in rows(sqlite_engine, "SELECT rid FROM t ORDER BY rid")] == ["r0", "r1", "r3"]
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_a_broken_stream_keeps_and_reports_what_was_committed(sqlite_engine, pipeline):
+    from airflow_provider_fable.core.results import ResultLineError
+
+    def stream():
+        for i in range(25):
+            yield parse_result_line(line(f"r{i}", paint(i)))
+        yield parse_result_line(b'{"custom_id": "torn", "resu')
+
+    sink = ResultSink(sqlite_engine, table="t", id_column="rid", output_model=Paint)
+    sink.ensure_tables()
+    seen: list[RecordOutcome] = []
+    with pytest.raises(ResultLineError):
+        load_batch(
+            stream(), batch_id="b", output_model=Paint, sink=sink, stats=LoadStats(),
+            chunk_size=10, on_outcomes=seen.extend, pipeline=pipeline,
+        )  # fmt: skip
+    assert rows(sqlite_engine, "SELECT count(*) FROM t")[0][0] == 20  # two whole chunks
+    assert len(seen) == 20
