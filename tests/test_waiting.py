@@ -158,6 +158,14 @@ def test_all_expired_fails_the_wait_and_an_accepted_load_of_nothing_fails(
     server = fable_emulator_factory(faults={"expired_rate": 1.0})
     point_connection_at(server)
     ids = create(1, per_batch=4)
+    # The emulator ends a batch with unprocessed requests at its 24 h expiry, on a clock we move.
+    req = urllib.request.Request(
+        f"{server.base_url}/_emulator/clock",
+        data=json.dumps({"advance_seconds": 86400 + 60}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    urllib.request.urlopen(req).close()
     payload = run_trigger(FableBatchTrigger(batch_ids=ids, poll_interval=0.05))
     assert payload["status"] == "failed" and payload["reason"] == "incomplete"
     assert "no request succeeded" in payload["message"] and "expired 4" in payload["message"]
