@@ -581,14 +581,21 @@ class FableHook(BaseHook):
 
     # ------------------------------------------------------------------ async (triggers)
     async def aclient(self) -> AsyncAnthropic:
-        """The async client, created inside the running loop after an async connection read.
+        """The async client of this hook, built in a worker thread after an async connection read.
+
+        Waits on batches use :func:`airflow_provider_fable.hooks.shared_client.shared_client`
+        instead (one client per connection per triggerer, not one per hook).
 
         Reading the connection first matters: a sync ``get_connection`` inside the triggerer's
         event loop fails (or blocks it) in Airflow 3.
         """
         await self.aload_connection()
         if "_async_client" not in self.__dict__:
-            self.__dict__["_async_client"] = self.get_async_client()
+            import asyncio
+
+            # Importing the SDK (seconds, cold) and building the client (TLS context, pool) would
+            # stall every other coroutine of the loop: do both in a worker thread.
+            self.__dict__["_async_client"] = await asyncio.to_thread(self.get_async_client)
         return self.__dict__["_async_client"]
 
     async def _acall(self, action: str, call: Any) -> Any:
