@@ -60,16 +60,10 @@ def batch_summary(batch: Any) -> dict[str, Any]:
 
 
 def is_transient(exc: Exception) -> bool:
-    """API errors worth another poll: eventual-consistency 404s, 408/409/429/5xx, network trouble.
+    """API errors worth another poll (the hook's rule, shared with the load's status read)."""
+    from airflow_provider_fable.hooks.fable import is_transient_api_error
 
-    Configuration errors (no key) and other 4xx are final: retrying them only delays the alert.
-    """
-    from airflow_provider_fable.hooks.fable import FableApiError
-
-    if not isinstance(exc, FableApiError):
-        return False
-    status = exc.status_code
-    return status is None or status in (404, 408, 409, 429) or status >= 500
+    return is_transient_api_error(exc)
 
 
 def _unknown(batch_id: str) -> dict[str, Any]:
