@@ -344,7 +344,7 @@ class LoadGuardrailsMixin:
         summary["estimated_cost_usd"] = estimate.get("cost_usd")
         summary["pilot"] = submitted.get("pilot", False)
         summary["cache_hit_share"] = cache_hit_share(summary.get("usage") or {})
-        if self.qa_size:
+        if self.qa_size and engine is not None and sink is not None:  # no QA table for Parquet-only
             excerpts = (submitted.get("qa_excerpts") or {}).get("records") or {}
             seed = self.qa_seed
             if seed is None:
@@ -374,5 +374,7 @@ class LoadGuardrailsMixin:
         if ti is not None and breaches:
             # A failing task pushes no return value: keep the summary readable next to the failure.
             ti.xcom_push(key="summary", value=summary)
-        raise_on_breaches(breaches, table=self.table, rejects_table=summary.get("rejects_table", ""))
+        raise_on_breaches(
+            breaches, table=self.table or str(self.parquet_path), rejects_table=summary.get("rejects_table") or ""
+        )
         return summary

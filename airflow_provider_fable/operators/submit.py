@@ -46,6 +46,7 @@ from airflow_provider_fable.core.spool import SpooledShard, iter_body, spool_req
 from airflow_provider_fable.hooks.fable import FableHook
 from airflow_provider_fable.hooks.ledger import batch_candidates, open_ledger
 from airflow_provider_fable.hooks.sql import preflight_destination, sqlalchemy_engine
+from airflow_provider_fable.links import FableBatchLink
 from airflow_provider_fable.operators.guarded import SubmitGuardrailsMixin
 
 RERUN_MODES = ("failed", "retryable")
@@ -174,6 +175,7 @@ class FableBatchSubmitOperator(SubmitGuardrailsMixin, BaseOperator):
     )
     template_ext: Sequence[str] = (".sql",)
     ui_color = "#e8b594"
+    operator_extra_links = (FableBatchLink(),)
 
     def __init__(
         self,
