@@ -38,8 +38,10 @@ bench: install
 	$(PY) bench/parse_validate.py
 	$(PY) bench/load.py
 	$(PY) bench/load_hook.py
+	$(PY) bench/pilot_sample.py
 	$(PY) bench/parquet.py
 	$(PY) bench/submit.py
+	$(PY) bench/triggerer.py
 	$(PY) bench/dag_parse.py
 
 # A wheel and an sdist in dist/ (what `pip install dist/airflow_provider_fable-*.whl` installs).
@@ -49,7 +51,7 @@ dist:
 
 # Re-resolve the lock after changing dependencies in pyproject.toml.
 lock:
-	$(UV) pip compile pyproject.toml --extra postgres --extra parquet --extra emulator --extra testing --extra dev --universal --python-version 3.10 -o requirements.lock
+	$(UV) pip compile pyproject.toml --extra postgres --extra parquet --extra emulator --extra testing --extra dev --extra bench --universal --python-version 3.10 -o requirements.lock
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache dist build *.egg-info

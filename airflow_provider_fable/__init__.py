@@ -44,10 +44,12 @@ def get_provider_info() -> dict[str, Any]:
                 "integration-name": "Anthropic Message Batches",
                 "python-modules": [
                     "airflow_provider_fable.operators.submit",
+                    "airflow_provider_fable.operators.batch",
                     "airflow_provider_fable.operators.load",
                 ],
             }
         ],
+        "extra-links": ["airflow_provider_fable.links.FableBatchLink"],
         "sensors": [
             {
                 "integration-name": "Anthropic Message Batches",
@@ -69,7 +71,7 @@ def get_provider_info() -> dict[str, Any]:
                     "default_model": {
                         "label": "Default model",
                         "schema": {"type": ["string", "null"]},
-                        "description": "Model used when an operator does not name one, e.g. claude-sonnet-4-5.",
+                        "description": "Model used when an operator does not name one (default claude-fable-5).",
                     },
                     "timeout": {
                         "label": "Request timeout (seconds)",

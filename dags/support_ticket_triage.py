@@ -254,6 +254,18 @@ with DAG(
     max_active_runs=1,
     params={
         "limit": Param(2000, type="integer", minimum=1, maximum=100_000),
+        # Pilot first: `airflow dags trigger support_ticket_triage -c '{"pilot": 200}'` submits a
+        # seeded sample of 200 of the selected tickets; the next full run estimates its output
+        # tokens from that pilot's measured answers.
+        "pilot": Param(
+            0, type="integer", minimum=0, description="0 = full run; N = pilot of N sampled tickets"
+        ),
+        "model": Param("claude-fable-5", type="string", description="Model every request is sent to"),
+        "max_cost_usd": Param(
+            None,
+            type=["null", "number"],
+            description="Fail before submitting when the estimate is above this",
+        ),
         "mode": Param("auto", enum=["auto", "interval", "backlog", "failed"]),
     },
     default_args={"retries": 2, "retry_delay": RETRY_DELAY},
@@ -303,6 +315,9 @@ with DAG(
         few_shot_examples=FEW_SHOT,
         output_model=TicketTriage,
         max_tokens=400,
+        model="{{ params.model }}",
+        sample="{{ params.pilot }}",
+        max_cost_usd="{{ params.max_cost_usd }}",
         # mode=failed: only tickets the ledger holds as rejected by this job are sent again.
         rerun="{{ 'failed' if params.mode == 'failed' else '' }}",
     )
@@ -316,6 +331,9 @@ with DAG(
         destination_conn_id=BACKLOG_CONN_ID,
         table="ticket_triage",
         id_column="ticket_id",
+        submit_manifest=submit.output,  # estimate vs actual cost, input excerpts for the QA table
+        max_reject_rate=0.5,  # half the answers rejected: the prompt or schema is wrong, stop
+        max_share={"priority": {"urgent": 0.5}},
     )
 
     seed_tickets() >> submit >> wait >> load

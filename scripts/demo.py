@@ -127,7 +127,10 @@ def print_summary(result: Any, elapsed: float) -> None:
         f"cache_write={usage.get('cache_creation_input_tokens', 0)} "
         f"cache_read={usage.get('cache_read_input_tokens', 0)}"
     )
-    print(f"  cost      : ${load.get('cost_usd')} at batch prices (emulated usage)")
+    estimate = (manifest.get("estimate") or {}).get("cost_usd")
+    print(f"  cost      : ${load.get('cost_usd')} at batch prices (emulated usage); estimated before "
+          f"submit: ${estimate} (output basis: {(manifest.get('estimate') or {}).get('output_basis')})")  # fmt: skip
+    print(f"  QA sample : {load.get('qa_rows')} rows in {load.get('qa_table')}")
     print("=" * 72)
 
 

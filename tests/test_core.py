@@ -56,7 +56,7 @@ def test_request_has_structured_output_system_cache_and_real_id():
     schema = params["output_config"]["format"]["schema"]
     assert set(schema["required"]) == {"color", "glossy", "coats", "note"}
     assert schema["additionalProperties"] is False
-    assert params["system"][0]["cache_control"] == {"type": "ephemeral"}
+    assert params["system"][0]["cache_control"] == {"type": "ephemeral", "ttl": "1h"}
     assert params["messages"][-1] == {"role": "user", "content": "Paint request A-1: blue walls"}
 
 
@@ -68,7 +68,7 @@ def test_few_shot_turns_precede_record_and_carry_the_cache_breakpoint():
     [req] = build_requests(make_job(few_shot_examples=[example]), [{"id": 7, "text": "x"}])
     msgs = req["params"]["messages"]
     assert [m["role"] for m in msgs] == ["user", "assistant", "user"]
-    assert msgs[1]["content"][0]["cache_control"] == {"type": "ephemeral"}
+    assert msgs[1]["content"][0]["cache_control"] == {"type": "ephemeral", "ttl": "1h"}
     assert "cache_control" not in req["params"]["system"][0]
     assert req["custom_id"] == "7"
 

@@ -1,58 +1,198 @@
-"""Cost from token usage, with Message Batches' 50 % discount.
+"""Prices and dollar cost of token usage, with the Message Batches discount.
 
-Prices are USD per million tokens at standard (non-batch) rates, matched by model-name prefix;
-cache writes cost 1.25x input (5-minute TTL) and cache reads 0.1x input. The table is a default:
-pass your own ``prices`` when your contract differs or a model is missing.
+One table is used both before a run (the estimate and the budget cap) and after it (the cost the
+load reports), so "estimate vs actual" compares like with like. Prices are USD per million
+tokens at standard rates; each model has its own cache-write rates for the 5-minute and the
+1-hour TTL and its cache-read rate, because those multipliers are not the same on every model
+(Fable 5.1 reads the cache at 0.025x input, Fable 5 at 0.1x). The batch discount applies to
+every kind of token.
+
+A model is matched by the longest table key that prefixes its name, so dated ids
+(``claude-haiku-4-5-20251001``) find their family. A model with no match has *no* price: cost
+is ``None`` (shown as unknown), never 0, so an unpriced run can not slip under a budget cap.
+
+The table can be overridden per connection (extra ``prices``) and per operator (``prices=``),
+e.g. ``{"claude-fable-5": {"input": 10, "output": 50}}``: see :func:`parse_prices`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
+from airflow_provider_fable.core.errors import FableError
 from airflow_provider_fable.core.results import Usage
 
 BATCH_DISCOUNT = 0.5
-CACHE_WRITE_MULTIPLIER = 1.25
+CACHE_WRITE_5M_MULTIPLIER = 1.25
+CACHE_WRITE_1H_MULTIPLIER = 2.0
 CACHE_READ_MULTIPLIER = 0.1
+#: Kept for callers of the first release; the 5-minute rate.
+CACHE_WRITE_MULTIPLIER = CACHE_WRITE_5M_MULTIPLIER
+
+
+class UnknownPriceError(FableError):
+    """The model has no known price; a budget cap can not be checked against an unknown cost."""
 
 
 @dataclass(frozen=True, slots=True)
 class Price:
+    """Standard (non-batch) USD per million tokens for one model family.
+
+    Cache rates default to the usual multipliers of the input price when not given.
+    ``min_cache_tokens`` is the smallest prefix the API caches for the model: below it a
+    ``cache_control`` breakpoint is silently ignored and the prefix is billed as plain input.
+    ``placeholder`` marks prices the project could not confirm from the official price list.
+    """
+
     input_per_mtok: float
     output_per_mtok: float
+    cache_write_5m_per_mtok: float | None = None
+    cache_write_1h_per_mtok: float | None = None
+    cache_read_per_mtok: float | None = None
+    batch_discount: float = BATCH_DISCOUNT
+    min_cache_tokens: int = 1024
+    placeholder: bool = False
+
+    def __post_init__(self) -> None:
+        fill = {
+            "cache_write_5m_per_mtok": self.input_per_mtok * CACHE_WRITE_5M_MULTIPLIER,
+            "cache_write_1h_per_mtok": self.input_per_mtok * CACHE_WRITE_1H_MULTIPLIER,
+            "cache_read_per_mtok": self.input_per_mtok * CACHE_READ_MULTIPLIER,
+        }
+        for name, value in fill.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        for name in ("input_per_mtok", "output_per_mtok", *fill):
+            if getattr(self, name) < 0:
+                raise ValueError(f"price {name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.batch_discount <= 1:
+            raise ValueError(f"batch_discount is the share paid (0 < x <= 1), got {self.batch_discount}")
+
+    def cache_write_per_mtok(self, ttl: str) -> float:
+        return self.cache_write_1h_per_mtok if ttl == "1h" else self.cache_write_5m_per_mtok  # type: ignore[return-value]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
-#: Longest matching prefix wins.
+#: Longest matching prefix wins. Source: the official pricing page
+#: (platform.claude.com/docs/en/about-claude/pricing), except rows marked ``placeholder``,
+#: which come from third-party price trackers and must be checked before relying on them.
+#: ``min_cache_tokens`` per the prompt-caching documentation where known (1024 otherwise).
 DEFAULT_PRICES: dict[str, Price] = {
-    "claude-opus-4-5": Price(5.0, 25.0),
-    "claude-opus-4": Price(15.0, 75.0),
-    "claude-sonnet-4": Price(3.0, 15.0),
-    "claude-3-7-sonnet": Price(3.0, 15.0),
-    "claude-haiku-4": Price(1.0, 5.0),
-    "claude-3-5-haiku": Price(0.8, 4.0),
-    "claude-3-haiku": Price(0.25, 1.25),
+    "claude-fable-5-1": Price(10.0, 50.0, 12.5, 20.0, 0.25, min_cache_tokens=1024),
+    "claude-fable-5": Price(10.0, 50.0, 12.5, 20.0, 1.0, min_cache_tokens=1024),
+    "claude-mythos-5-1": Price(10.0, 50.0, 12.5, 20.0, 0.25),
+    "claude-mythos-5": Price(10.0, 50.0, 12.5, 20.0, 1.0),
+    "claude-opus-5-5": Price(4.0, 20.0, 5.0, 8.0, 0.2, placeholder=True),
+    "claude-opus-5": Price(5.0, 25.0, 6.25, 10.0, 0.5),
+    "claude-opus-4-8": Price(5.0, 25.0, 6.25, 10.0, 0.5),
+    "claude-opus-4-7": Price(5.0, 25.0, 6.25, 10.0, 0.5, min_cache_tokens=2048),
+    "claude-opus-4-6": Price(5.0, 25.0, 6.25, 10.0, 0.5, min_cache_tokens=4096),
+    "claude-opus-4-5": Price(5.0, 25.0, 6.25, 10.0, 0.5, min_cache_tokens=4096),
+    "claude-opus-4-1": Price(15.0, 75.0, 18.75, 30.0, 1.5),
+    "claude-opus-4": Price(15.0, 75.0, 18.75, 30.0, 1.5),
+    "claude-sonnet-5-5": Price(2.0, 10.0, 2.5, 4.0, 0.1, placeholder=True),
+    "claude-sonnet-5": Price(2.0, 10.0, 2.5, 4.0, 0.2, placeholder=True),
+    "claude-sonnet-4": Price(3.0, 15.0, 3.75, 6.0, 0.3),
+    "claude-3-7-sonnet": Price(3.0, 15.0, 3.75, 6.0, 0.3),
+    "claude-haiku-5-5": Price(0.1, 0.5, 0.125, 0.2, 0.01, placeholder=True),
+    "claude-haiku-4-5": Price(1.0, 5.0, 1.25, 2.0, 0.1, min_cache_tokens=4096),
+    "claude-3-5-haiku": Price(0.8, 4.0, 1.0, 1.6, 0.08, min_cache_tokens=2048),
+    "claude-3-haiku": Price(0.25, 1.25, 0.3, 0.5, 0.03, min_cache_tokens=2048),
+}
+
+_ALIASES = {
+    "input": "input_per_mtok",
+    "output": "output_per_mtok",
+    "cache_write_5m": "cache_write_5m_per_mtok",
+    "cache_write_1h": "cache_write_1h_per_mtok",
+    "cache_read": "cache_read_per_mtok",
 }
 
 
+def parse_price(model: str, value: Any) -> Price:
+    """One price from a ``Price``, ``[input, output]`` or a dict (short or long key names)."""
+    if isinstance(value, Price):
+        return value
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return Price(float(value[0]), float(value[1]))
+    if isinstance(value, dict):
+        fields = {_ALIASES.get(k, k): v for k, v in value.items()}
+        unknown = set(fields) - set(Price.__dataclass_fields__)
+        if unknown or "input_per_mtok" not in fields or "output_per_mtok" not in fields:
+            raise ValueError(
+                f"price for {model!r} needs 'input' and 'output' (USD per million tokens) and may "
+                f"have cache_write_5m, cache_write_1h, cache_read, batch_discount, min_cache_tokens; "
+                f"got {sorted(value)}"
+            )
+        return Price(**fields)
+    raise ValueError(f"price for {model!r} must be a dict or [input, output], got {value!r}")
+
+
+def parse_prices(table: Any) -> dict[str, Price]:
+    """An override table (model prefix -> price), e.g. from a connection extra or ``prices=``."""
+    if table is None:
+        return {}
+    if isinstance(table, str):
+        import json
+
+        table = json.loads(table)
+    if not isinstance(table, dict):
+        raise ValueError(f"prices must be a mapping of model name -> price, got {type(table).__name__}")
+    return {str(model): parse_price(str(model), value) for model, value in table.items()}
+
+
+def merge_prices(*overrides: Any) -> dict[str, Price]:
+    """The default table with each override applied in turn (later wins, per model key)."""
+    table = dict(DEFAULT_PRICES)
+    for override in overrides:
+        table.update(parse_prices(override))
+    return table
+
+
 def price_for(model: str, prices: dict[str, Price] | None = None) -> Price | None:
-    table = prices or DEFAULT_PRICES
+    """The price of ``model`` by longest matching key, or None when the model is unknown."""
+    table = prices if prices is not None else DEFAULT_PRICES
     matches = [p for p in table if model.startswith(p)]
     return table[max(matches, key=len)] if matches else None
 
 
-def usage_cost_usd(
-    usage: Usage, model: str, *, batch: bool = True, prices: dict[str, Price] | None = None
-) -> float | None:
-    """Dollar cost of ``usage`` on ``model``; None when the model has no known price."""
+def require_price(model: str, prices: dict[str, Price] | None = None) -> Price:
     price = price_for(model, prices)
     if price is None:
+        raise UnknownPriceError(
+            f"no known price for model {model!r}: its cost can not be estimated or checked against "
+            f"a budget. Pass prices={{{model!r}: {{'input': ..., 'output': ...}}}} (USD per million "
+            f"tokens) on the operator or in the connection's 'prices' extra"
+        )
+    return price
+
+
+def usage_cost_usd(
+    usage: Usage,
+    model: str,
+    *,
+    batch: bool = True,
+    prices: dict[str, Price] | None = None,
+    price: Price | None = None,
+) -> float | None:
+    """Dollar cost of ``usage`` on ``model``; None when the model has no known price.
+
+    Cache writes are split by TTL when the usage says how many were 1-hour writes (the API's
+    ``cache_creation.ephemeral_1h_input_tokens``); the rest are charged at the 5-minute rate.
+    """
+    price = price or price_for(model, prices)
+    if price is None:
         return None
-    per_in = price.input_per_mtok / 1e6
-    per_out = price.output_per_mtok / 1e6
+    write_1h = min(usage.cache_creation_1h_input_tokens, usage.cache_creation_input_tokens)
+    write_5m = usage.cache_creation_input_tokens - write_1h
     total = (
-        usage.input_tokens * per_in
-        + usage.cache_creation_input_tokens * per_in * CACHE_WRITE_MULTIPLIER
-        + usage.cache_read_input_tokens * per_in * CACHE_READ_MULTIPLIER
-        + usage.output_tokens * per_out
-    )
-    return round(total * (BATCH_DISCOUNT if batch else 1.0), 6)
+        usage.input_tokens * price.input_per_mtok
+        + write_5m * price.cache_write_5m_per_mtok  # type: ignore[operator]
+        + write_1h * price.cache_write_1h_per_mtok  # type: ignore[operator]
+        + usage.cache_read_input_tokens * price.cache_read_per_mtok  # type: ignore[operator]
+        + usage.output_tokens * price.output_per_mtok
+    ) / 1e6
+    return round(total * (price.batch_discount if batch else 1.0), 6)

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from airflow_provider_fable.core.errors import JobSpecError
 
-DEFAULT_MODEL = "claude-sonnet-4-5"
+DEFAULT_MODEL = "claude-fable-5"
 
 #: What to do with a record whose template field is missing, None or NaN (see ``core.requests``).
 MissingFieldPolicy = Literal["error", "skip", "empty"]
@@ -129,6 +129,10 @@ class BatchJob(BaseModel):
     #: ``temperature`` (even 0.0) with a 400, so every request of the batch would end errored.
     temperature: float | None = Field(default=None, ge=0.0, le=1.0)
     cache_prompt_prefix: bool = True
+    #: TTL of the shared prefix's cache entry. A batch runs for minutes to hours, longer than the
+    #: 5-minute default, so "1h" keeps the prefix cached across the whole batch (writes cost 2x
+    #: input instead of 1.25x, reads 0.1x either way).
+    cache_ttl: Literal["5m", "1h"] = "1h"
     #: A missing/None/NaN template field: ``error`` (default) fails before anything is paid for,
     #: ``skip`` leaves the record out (reported), ``empty`` renders it as an empty string.
     on_missing_field: MissingFieldPolicy = "error"

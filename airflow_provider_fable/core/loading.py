@@ -76,6 +76,8 @@ class LoadStats:
     cost_usd: float | None = 0.0
     #: Accepted answers not written because ``should_write`` said a newer batch owns the record.
     skipped_stale: int = 0
+    #: Price table for the cost (default table when None; see core.cost.merge_prices).
+    prices: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         out = {
@@ -384,7 +386,7 @@ def load_batch(
     accepted: list[Accepted] = []
     rejected: list[Rejected] = []
     custom_ids: dict[str, str] = {}
-    tokens_in = tokens_out = cache_write = cache_read = 0
+    tokens_in = tokens_out = cache_write = cache_read = cache_write_1h = 0
 
     def flush(final: bool = False) -> None:
         # Counting per chunk (in C: Counter.update, len) rather than per row in the loop.
@@ -405,6 +407,7 @@ def load_batch(
             tokens_out += usage.output_tokens
             cache_write += usage.cache_creation_input_tokens
             cache_read += usage.cache_read_input_tokens
+            cache_write_1h += usage.cache_creation_1h_input_tokens  # priced at the 1-hour TTL rate
             if result.custom_id != outcome.record_id:
                 custom_ids[outcome.record_id] = result.custom_id
             if type(outcome) is Accepted:
@@ -431,7 +434,7 @@ def load_batch(
     writer.close()
     while done := writer.committed():
         report(done)
-    batch_usage = Usage(tokens_in, tokens_out, cache_write, cache_read)
+    batch_usage = Usage(tokens_in, tokens_out, cache_write, cache_read, cache_write_1h)
     stats.usage.add(batch_usage)
-    cost = usage_cost_usd(batch_usage, model_name) if model_name else 0.0
+    cost = usage_cost_usd(batch_usage, model_name, prices=stats.prices) if model_name else 0.0
     stats.cost_usd = None if cost is None or stats.cost_usd is None else stats.cost_usd + cost

@@ -19,7 +19,10 @@ from airflow_provider_fable.core import ids
 from airflow_provider_fable.core.errors import RecordError
 from airflow_provider_fable.core.job import BatchJob
 
-_CACHE = {"type": "ephemeral"}
+
+def cache_control(job: BatchJob) -> dict[str, str]:
+    """The breakpoint marker for the shared prefix, with the job's TTL ("5m" or "1h")."""
+    return {"type": "ephemeral", "ttl": job.cache_ttl}
 
 
 @lru_cache(maxsize=32)
@@ -132,7 +135,7 @@ def prefix_messages(job: BatchJob) -> list[dict[str, Any]]:
         turns.append({"role": "assistant", "content": json.dumps(answer, ensure_ascii=False)})
     if turns and job.cache_prompt_prefix:
         last = turns[-1]
-        last["content"] = [{"type": "text", "text": last["content"], "cache_control": _CACHE}]
+        last["content"] = [{"type": "text", "text": last["content"], "cache_control": cache_control(job)}]
     return turns
 
 
@@ -149,7 +152,7 @@ def base_params(job: BatchJob) -> dict[str, Any]:
         block: dict[str, Any] = {"type": "text", "text": job.system_prompt}
         # With few-shot turns the breakpoint sits on the last example, covering the system too.
         if job.cache_prompt_prefix and not job.few_shot_examples:
-            block["cache_control"] = _CACHE
+            block["cache_control"] = cache_control(job)
         params["system"] = [block]
     return params
 

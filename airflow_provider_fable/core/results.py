@@ -29,12 +29,15 @@ class Usage:
     output_tokens: int = 0
     cache_creation_input_tokens: int = 0
     cache_read_input_tokens: int = 0
+    #: The part of ``cache_creation_input_tokens`` written with the 1-hour TTL (priced higher).
+    cache_creation_1h_input_tokens: int = 0
 
     def add(self, other: Usage) -> None:
         self.input_tokens += other.input_tokens
         self.output_tokens += other.output_tokens
         self.cache_creation_input_tokens += other.cache_creation_input_tokens
         self.cache_read_input_tokens += other.cache_read_input_tokens
+        self.cache_creation_1h_input_tokens += other.cache_creation_1h_input_tokens
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -42,6 +45,7 @@ class Usage:
             "output_tokens": self.output_tokens,
             "cache_creation_input_tokens": self.cache_creation_input_tokens,
             "cache_read_input_tokens": self.cache_read_input_tokens,
+            "cache_creation_1h_input_tokens": self.cache_creation_1h_input_tokens,
         }
 
 
@@ -75,6 +79,9 @@ def _usage(raw: dict[str, Any] | None) -> Usage:
         output_tokens=int(raw.get("output_tokens") or 0),
         cache_creation_input_tokens=int(raw.get("cache_creation_input_tokens") or 0),
         cache_read_input_tokens=int(raw.get("cache_read_input_tokens") or 0),
+        cache_creation_1h_input_tokens=int(
+            (raw.get("cache_creation") or {}).get("ephemeral_1h_input_tokens") or 0
+        ),
     )
 
 
@@ -83,9 +90,20 @@ def _usage_fast(raw: dict[str, Any]) -> Usage:
     get = raw.get
     a, b = get("input_tokens") or 0, get("output_tokens") or 0
     c, d = get("cache_creation_input_tokens") or 0, get("cache_read_input_tokens") or 0
-    if a.__class__ is int and b.__class__ is int and c.__class__ is int and d.__class__ is int:
-        return Usage(a, b, c, d)
-    return Usage(int(a), int(b), int(c), int(d))
+    e = 0  # 1-hour cache writes, priced apart; only looked up when there are cache writes
+    if c:
+        split = get("cache_creation")
+        if split.__class__ is dict:
+            e = split.get("ephemeral_1h_input_tokens") or 0
+    if (
+        a.__class__ is int
+        and b.__class__ is int
+        and c.__class__ is int
+        and d.__class__ is int
+        and e.__class__ is int
+    ):
+        return Usage(a, b, c, d, e)
+    return Usage(int(a), int(b), int(c), int(d), int(e))
 
 
 def _loads(line: str | bytes) -> Any:

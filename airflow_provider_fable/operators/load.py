@@ -19,7 +19,7 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 
-from airflow_provider_fable.core.errors import FableError
+from airflow_provider_fable.core.cost import merge_prices
 from airflow_provider_fable.core.job import import_output_model
 from airflow_provider_fable.core.ledger import Ledger
 from airflow_provider_fable.core.loading import LoadStats, RecordOutcome, load_batch
@@ -29,6 +29,7 @@ from airflow_provider_fable.core.sinks import ResultSink
 from airflow_provider_fable.hooks.fable import FableHook
 from airflow_provider_fable.hooks.ledger import open_ledger
 from airflow_provider_fable.hooks.sql import sqlalchemy_engine
+from airflow_provider_fable.operators.guarded import LoadGuardrailsMixin
 
 
 def _current_results(
@@ -48,7 +49,7 @@ def _current_results(
         yield result
 
 
-class FableValidateLoadOperator(BaseOperator):
+class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
     """Validate every result of the given batches and load them into a SQL database.
 
     :param batch_ids: ids, or the submit/sensor manifest (``{"batch_ids": [...]}``). Templated.
@@ -61,17 +62,32 @@ class FableValidateLoadOperator(BaseOperator):
         source id so incremental queries compare like with like); default: follow an existing
         table, else text.
     :param max_reject_rate: fail the task (after loading) when rejects exceed this share.
+    :param max_share: ``{"field": {"value": share}}``: fail (after loading) when more than this
+        share of accepted rows has the value, e.g. ``{"category": {"other": 0.15}}``.
+    :param min_share: same shape; fail when fewer than this share of accepted rows have the value.
+    :param min_accepted: fail (after loading) when fewer rows were accepted.
+    :param fail_when_all_rejected: fail when every result was rejected (default True).
+    :param qa_size: rows in the QA review table ``<table>_qa`` (0 = no QA sample).
+    :param qa_seed: seed of the QA sample (default: the submit's, else 0).
+    :param qa_table: QA table name (default ``<table>_qa``).
+    :param submit_manifest: the submit task's manifest (``submit.output``; templated): gives the
+        estimate for "estimate vs actual" and the input excerpts for the QA table.
+    :param prices: price overrides over the connection's ``prices`` extra and the default table.
     :param parquet_path: also (or, without ``destination_conn_id``, only) write the accepted rows
         to this Parquet file, streamed one row group per chunk: a local path, an fsspec URL
         (``s3://...``) or an ``ObjectStoragePath``. Needs the ``[parquet]`` extra. Templated.
     :param parquet_rejects_path: where to write the rejects as Parquet (optional). Templated.
-    :return: counts, reject reasons, value distributions, token usage and cost.
+    :return: counts, reject reasons, value distributions, token usage, cost, estimate, QA table;
+        also pushed as XCom ``summary`` when a guardrail fails the task.
     """
 
     template_fields: Sequence[str] = (
         "batch_ids",
         "table",
         "rejects_table",
+        "submit_manifest",
+        "max_reject_rate",
+        "min_accepted",
         "parquet_path",
         "parquet_rejects_path",
     )
@@ -91,6 +107,15 @@ class FableValidateLoadOperator(BaseOperator):
         id_column_type: str | None = None,
         max_reject_rate: float | None = None,
         ledger_conn_id: str | None = None,
+        max_share: dict[str, dict[str, float]] | None = None,
+        min_share: dict[str, dict[str, float]] | None = None,
+        min_accepted: int | None = None,
+        fail_when_all_rejected: bool = True,
+        qa_size: int = 50,
+        qa_seed: int | None = None,
+        qa_table: str | None = None,
+        submit_manifest: Any = None,
+        prices: dict[str, Any] | None = None,
         parquet_path: Any = None,
         parquet_rejects_path: Any = None,
         **kwargs: Any,
@@ -112,15 +137,26 @@ class FableValidateLoadOperator(BaseOperator):
         self.fable_conn_id = fable_conn_id
         self.chunk_size = chunk_size
         self.id_column_type = id_column_type
+        # Guardrails (operators/guarded.py): checked after the rows are loaded.
         self.max_reject_rate = max_reject_rate
+        self.max_share = max_share
+        self.min_share = min_share
+        self.min_accepted = min_accepted
+        self.fail_when_all_rejected = fail_when_all_rejected
+        self.qa_size = qa_size
+        self.qa_seed = qa_seed
+        self.qa_table = qa_table
+        self.submit_manifest = submit_manifest
+        self.prices = prices
 
     def execute(self, context: Any) -> dict[str, Any]:
         model_cls = import_output_model(self.output_model)
+        self._check_guardrail_config(model_cls)
         hook = FableHook(self.fable_conn_id)
         engine = sqlalchemy_engine(self.destination_conn_id) if self.destination_conn_id else None
         ledger = open_ledger(self.ledger_conn_id, self.fable_conn_id, self.log)
         try:
-            return self._load(hook, engine, model_cls, ledger)
+            return self._load(hook, engine, model_cls, ledger, context)
         finally:
             hook.close()
             if engine is not None:
@@ -143,7 +179,7 @@ class FableValidateLoadOperator(BaseOperator):
         return lake if sink is None else TeeSink(sink, lake)
 
     def _load(
-        self, hook: FableHook, engine: Any, model_cls: Any, ledger: Ledger | None = None
+        self, hook: FableHook, engine: Any, model_cls: Any, ledger: Ledger | None = None, context: Any = None
     ) -> dict[str, Any]:
         sink = None
         if engine is not None:
@@ -158,7 +194,8 @@ class FableValidateLoadOperator(BaseOperator):
             sink.ensure_tables()
         target = self._with_parquet(sink, model_cls)
         lake = getattr(target, "lake", target) if self.parquet_path is not None else None
-        stats = LoadStats()
+        stats = LoadStats(prices=merge_prices(hook.price_overrides, self.prices))
+        batch_ids = normalise_batch_ids(self.batch_ids)
         stale = [0]
         try:
             self._load_batches(hook, model_cls, ledger, target, stats, stale)
@@ -192,14 +229,7 @@ class FableValidateLoadOperator(BaseOperator):
             u.input_tokens, u.output_tokens, u.cache_creation_input_tokens, u.cache_read_input_tokens,
             summary["cost_usd"],
         )  # fmt: skip
-        total = summary["records"]
-        if self.max_reject_rate is not None and total and stats.rejected / total > self.max_reject_rate:
-            raise FableError(
-                f"{stats.rejected}/{total} results rejected ({stats.rejected / total:.1%}), over "
-                f"max_reject_rate {self.max_reject_rate:.1%}; accepted rows are loaded, see "
-                f"{summary['rejects_table'] or self.parquet_rejects_path or 'the task log'} for reasons"
-            )
-        return summary
+        return self._finish_load(engine, sink, batch_ids, summary, context)
 
     def _load_batches(
         self,

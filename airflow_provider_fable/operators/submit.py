@@ -46,6 +46,8 @@ from airflow_provider_fable.core.spool import SpooledShard, iter_body, spool_req
 from airflow_provider_fable.hooks.fable import FableHook
 from airflow_provider_fable.hooks.ledger import batch_candidates, open_ledger
 from airflow_provider_fable.hooks.sql import preflight_destination, sqlalchemy_engine
+from airflow_provider_fable.links import FableBatchLink
+from airflow_provider_fable.operators.guarded import SubmitGuardrailsMixin
 
 RERUN_MODES = ("failed", "retryable")
 #: Test-only fault seam: ``after_intent:N``, ``after_create:N``, ``after_state_store:N``,
@@ -113,7 +115,7 @@ class _StateStore:
             return
 
 
-class FableBatchSubmitOperator(BaseOperator):
+class FableBatchSubmitOperator(SubmitGuardrailsMixin, BaseOperator):
     """Submit one Messages request per source record as Message Batches, exactly once per job.
 
     Records come from exactly one of ``records`` (list of dicts, DataFrame, a .csv/.jsonl path, or
@@ -125,9 +127,21 @@ class FableBatchSubmitOperator(BaseOperator):
         rule refuses it; the ledger keeps the mapping).
     :param system_prompt: system prompt shared by every request (cached when long enough).
     :param few_shot_examples: ``[{"record": {...}, "answer": {...}}]`` turns placed before each record.
-    :param model: model name; defaults to the connection's ``default_model`` extra, then ``claude-sonnet-4-5``.
+    :param model: model name (templated); defaults to the connection's ``default_model`` extra,
+        then ``claude-fable-5``.
     :param sql: query returning the records (templated). :param sql_conn_id: its connection.
     :param sql_parameters: bind parameters for ``sql`` (templated).
+    :param cache_ttl: TTL of the shared prefix's prompt cache, ``"1h"`` (default) or ``"5m"``.
+    :param sample: pilot: submit only a seeded random sample of N records spread over the whole
+        source (templated; 0/None = the full run). The manifest says ``pilot``.
+    :param sample_seed: seed of the pilot sample and of the estimate's request sample.
+    :param max_cost_usd: fail before the first create when the estimate is above this (templated).
+    :param prices: price overrides ``{model: {"input": .., "output": .., ...}}`` (USD/MTok) over
+        the connection's ``prices`` extra and the default table (``core.cost``).
+    :param estimate_sample: requests counted with ``count_tokens`` for the estimate (0 = no estimate).
+    :param output_tokens_per_request: output estimate to use instead of the latest pilot's mean.
+    :param qa_excerpts: how many input excerpts to record for the load's QA sample (0 = none).
+    :param qa_seed: seed of the QA sample (must match the load's ``qa_seed``; both default to 0).
     :param ledger_conn_id: SQL connection of the job ledger; default: the fable connection's
         ``ledger_conn_id`` extra, else an embedded SQLite under AIRFLOW_HOME (one machine only).
     :param rerun: ``"failed"`` or ``"retryable"``: send only the source records that ``rerun_job``
@@ -146,12 +160,22 @@ class FableBatchSubmitOperator(BaseOperator):
         SQL connection the load task will write to exists and is supported, ``destination_table``
         and ``destination_id_column`` are valid names and the output model is storable there.
     :return: manifest ``{"batch_ids", "request_count", "model", "job_fingerprint", "shards",
-        "submitted", "attached", "skipped", "run_key"}`` (+ ``missing_field_skipped``).
+        "submitted", "attached", "skipped", "run_key", "pilot", "estimate", "qa_excerpts"}``
+        (+ ``missing_field_skipped``).
     """
 
-    template_fields: Sequence[str] = ("sql", "sql_parameters", "model", "rerun", "rerun_job")
+    template_fields: Sequence[str] = (
+        "sql",
+        "sql_parameters",
+        "rerun",
+        "rerun_job",
+        "model",
+        "sample",
+        "max_cost_usd",
+    )
     template_ext: Sequence[str] = (".sql",)
     ui_color = "#e8b594"
+    operator_extra_links = (FableBatchLink(),)
 
     def __init__(
         self,
@@ -183,6 +207,15 @@ class FableBatchSubmitOperator(BaseOperator):
         destination_table: str | None = None,
         destination_id_column: str = "id",
         destination_rejects_table: str | None = None,
+        cache_ttl: str = "1h",
+        sample: int | str | None = None,
+        sample_seed: int = 0,
+        max_cost_usd: float | str | None = None,
+        prices: dict[str, Any] | None = None,
+        estimate_sample: int = 50,
+        output_tokens_per_request: float | None = None,
+        qa_excerpts: int = 100,
+        qa_seed: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -224,6 +257,16 @@ class FableBatchSubmitOperator(BaseOperator):
         self.destination_id_column = destination_id_column
         self.destination_rejects_table = destination_rejects_table
         self.skipped: list[SkippedRecord] = []
+        # Guardrails (operators/guarded.py): pilot, estimate, budget cap, QA excerpts.
+        self.cache_ttl = cache_ttl
+        self.sample = sample
+        self.sample_seed = sample_seed
+        self.max_cost_usd = max_cost_usd
+        self.prices = prices
+        self.estimate_sample = estimate_sample
+        self.output_tokens_per_request = output_tokens_per_request
+        self.qa_excerpts = qa_excerpts
+        self.qa_seed = qa_seed
 
     def build_job(self, hook: FableHook | None = None) -> BatchJob:
         model = self.model or (hook.default_model if hook else None) or DEFAULT_MODEL
@@ -238,12 +281,15 @@ class FableBatchSubmitOperator(BaseOperator):
             temperature=self.temperature,
             cache_prompt_prefix=self.cache_prompt_prefix,
             on_missing_field=self.on_missing_field,
+            cache_ttl=self.cache_ttl,
         )
 
     def iter_source(self, engine: Any = None) -> Iterator[dict[str, Any]]:
         if self.sql is not None:
-            return iter_sql(engine, self.sql, self.sql_parameters)
-        return iter_records(self.records)
+            records = iter_sql(engine, self.sql, self.sql_parameters)
+        else:
+            records = iter_records(self.records)
+        return self._excerpt_tap(self._sampled(records))
 
     def preflight(self, job: BatchJob) -> None:
         """Destination checks the load task would otherwise hit after paying (see ``core.preflight``)."""
@@ -289,6 +335,7 @@ class _Submission:
         self, op: FableBatchSubmitOperator, context: Any, hook: FableHook, job: BatchJob, ledger: Ledger
     ):
         self.op, self.log, self.hook, self.job, self.ledger = op, op.log, hook, job, ledger
+        self.context = context
         self.job_id = job.fingerprint()
         self.run_key = run_key_of(context)
         ti = context.get("ti") if hasattr(context, "get") else None
@@ -407,7 +454,14 @@ class _Submission:
         plan: dict[str, Any] = {"ids": {}, "attached": {}, "skipped": 0, "not_selected": 0}
         with tempfile.TemporaryFile(prefix="fable-requests-") as spool:
             shards = self._spool(self._selected(self._paired(source), plan), spool)
-            return self._submit(spool, shards, plan)
+            # Guardrails (operators/guarded.py): estimate, log it, refuse over max_cost_usd, all
+            # before the first intent or create; then pilot / estimate / QA excerpts into the manifest.
+            guarded = self.op._estimate_before_submit(
+                self.hook, job, spool, [(shard.offset, shard.count) for shard in shards]
+            )
+            manifest = self._submit(spool, shards, plan)
+            self.op._after_submit(job, manifest, guarded, self.context)
+            return manifest
 
     def _paired(self, source: Iterator[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
         """(request, record) pairs; every record is checked before the first create."""

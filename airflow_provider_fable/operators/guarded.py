@@ -1,0 +1,380 @@
+"""The seed's guardrails as operator mixins: pilot, estimate and budget cap, QA sample, checks.
+
+Kept apart from ``submit.py`` and ``load.py`` so those stay about their own flow: each operator
+calls a few methods of its mixin at fixed points (before the first create; after the rows are
+loaded) and the work is done by the pure core modules (``core.sampling``, ``core.estimate``,
+``core.cost``, ``core.qa``, ``core.guardrails``).
+
+Where the pilot is remembered: the submit of a pilot records ``{batch ids, job fingerprint,
+sample}`` so that a later full run of the *same job* (same fingerprint: same prompt, model and
+schema) can measure the pilot's real output tokens per request from its results. Until the job
+ledger exists the record is an Airflow Variable ``fable_pilot_<fingerprint>`` (shared by every
+worker through the metadata database); ``_find_pilot``/``_remember_pilot`` are the seam where
+the ledger takes over.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping
+from typing import IO, Any
+
+from airflow_provider_fable.core.cost import merge_prices, require_price
+from airflow_provider_fable.core.errors import FableError, RecordError
+from airflow_provider_fable.core.estimate import (
+    OUTPUT_FROM_PILOT,
+    OUTPUT_GIVEN,
+    OUTPUT_UPPER_BOUND,
+    Estimate,
+    check_budget,
+    estimate_run,
+)
+from airflow_provider_fable.core.guardrails import (
+    cache_hit_share,
+    check_config,
+    check_guardrails,
+    format_summary,
+    raise_on_breaches,
+)
+from airflow_provider_fable.core.job import BatchJob
+from airflow_provider_fable.core.loading import distribution_fields
+from airflow_provider_fable.core.qa import excerpt, write_qa_sample
+from airflow_provider_fable.core.requests import render_prompt
+from airflow_provider_fable.core.sampling import BottomK
+from airflow_provider_fable.core.sinks import resolve
+
+_CUSTOM_ID = re.compile(rb'"custom_id":"((?:[^"\\]|\\.)*)"')
+PILOT_VARIABLE_PREFIX = "fable_pilot_"
+
+
+def opt_int(value: Any, what: str) -> int | None:
+    """A templated int param: '' / 'None' / None / 0 mean "off"."""
+    if value in (None, "", "None", "none", "null", 0, "0", False):
+        return None
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be an integer, got {value!r}") from None
+    if number < 0:
+        raise ValueError(f"{what} must be >= 0, got {number}")
+    return number or None
+
+
+def opt_float(value: Any, what: str) -> float | None:
+    if value in (None, "", "None", "none", "null"):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number, got {value!r}") from None
+
+
+class SubmitGuardrailsMixin:
+    """Pilot sampling, pre-submit estimate and budget cap for ``FableBatchSubmitOperator``."""
+
+    sample: Any
+    sample_seed: int
+    max_cost_usd: Any
+    prices: Any
+    estimate_sample: int
+    output_tokens_per_request: float | None
+    qa_excerpts: int
+    qa_seed: int
+    id_field: str
+    log: Any
+
+    # -- pilot ----------------------------------------------------------------------------
+    def _pilot_size(self) -> int | None:
+        return opt_int(self.sample, "sample")
+
+    def _sampled(self, records: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """The seeded pilot sample of the source (streaming, ``sample`` records in memory)."""
+        size = self._pilot_size()
+        if size is None:
+            yield from records
+            return
+        chooser: BottomK[dict[str, Any]] = BottomK(size, self.sample_seed)
+        for position, record in enumerate(records, 1):
+            if self.id_field not in record:
+                raise RecordError(None, "id.missing", f"record has no id field {self.id_field!r}", position)
+            chooser.offer(record[self.id_field], record)
+        self._source_seen = chooser.seen
+        self.log.info(
+            "Pilot: %d of %d source records, seeded sample (seed %s) spread over the whole source",
+            len(chooser), chooser.seen, self.sample_seed,
+        )  # fmt: skip
+        yield from chooser.items()
+
+    def _excerpt_tap(self, records: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Keep the records a QA sample (same seed) can pick, to record their input excerpts."""
+        self._excerpt_chooser: BottomK[dict[str, Any]] = BottomK(self.qa_excerpts, self.qa_seed)
+        for record in records:
+            if self.id_field in record:
+                self._excerpt_chooser.offer(str(record[self.id_field]), record)
+            yield record
+
+    def _excerpts(self, job: BatchJob) -> dict[str, str]:
+        chooser = getattr(self, "_excerpt_chooser", None)
+        if chooser is None:
+            return {}
+        out: dict[str, str] = {}
+        for record in chooser.items():
+            try:
+                out[str(record[self.id_field])] = excerpt(render_prompt(job, record, record[self.id_field]))
+            except RecordError:
+                continue
+        return out
+
+    # -- estimate ---------------------------------------------------------------------------
+    def _price_table(self, hook: Any) -> dict[str, Any]:
+        return merge_prices(hook.price_overrides, self.prices)
+
+    def _sample_spool(self, spool: IO[bytes], k: int, seed: int | str) -> list[dict[str, Any]]:
+        """A seeded sample of the spooled requests, read back by offset (k requests in memory)."""
+        chooser: BottomK[int] = BottomK(k, seed)
+        spool.seek(0)
+        offset = 0
+        for line in spool:
+            match = _CUSTOM_ID.search(line, 0, 400)
+            chooser.offer(match.group(1).decode() if match else offset, offset)
+            offset += len(line)
+        picked = []
+        for off in chooser.items():
+            spool.seek(off)
+            picked.append(json.loads(spool.readline()))
+        return picked
+
+    def _prefix_tokens(self, hook: Any, job: BatchJob, params: dict[str, Any], full: int) -> int:
+        """Tokens of the shared (cacheable) prefix: a request minus the same request without it."""
+        if not job.cache_prompt_prefix or not (job.system_prompt or job.few_shot_examples):
+            return 0
+        bare = {k: v for k, v in params.items() if k != "system"}
+        bare["messages"] = params["messages"][-1:]
+        return max(0, full - hook.count_tokens(bare))
+
+    def _find_pilot(self, job: BatchJob) -> dict[str, Any] | None:
+        """The most recent pilot of this job (seam: the ledger replaces the Variable)."""
+        try:
+            from airflow.sdk import Variable
+
+            raw = Variable.get(PILOT_VARIABLE_PREFIX + job.fingerprint(), default=None)
+        except Exception as exc:  # noqa: BLE001 - outside a task (plain Python) there is no store
+            self.log.debug("No pilot store available: %s", exc)
+            return None
+        if not raw:
+            return None
+        return json.loads(raw) if isinstance(raw, str) else raw
+
+    def _remember_pilot(self, job: BatchJob, manifest: Mapping[str, Any], context: Any) -> None:
+        record = {
+            "batch_ids": list(manifest.get("batch_ids") or []),
+            "job_fingerprint": job.fingerprint(),
+            "model": job.model,
+            "requests": manifest.get("request_count"),
+            "run_id": (context or {}).get("run_id") if isinstance(context, Mapping) else None,
+        }
+        try:
+            from airflow.sdk import Variable
+
+            Variable.set(PILOT_VARIABLE_PREFIX + job.fingerprint(), json.dumps(record))
+        except Exception as exc:  # noqa: BLE001 - a pilot still ran; only later estimates lose it
+            self.log.warning(
+                "Pilot batches %s ran but could not be recorded for later estimates (%s); pass "
+                "output_tokens_per_request= to the full run instead",
+                record["batch_ids"], exc,
+            )  # fmt: skip
+            return
+        self.log.info("Pilot recorded for job %s: batches %s", record["job_fingerprint"], record["batch_ids"])
+
+    def _pilot_output(self, hook: Any, job: BatchJob) -> tuple[float, str] | None:
+        """Mean output tokens per succeeded request of the job's latest ended pilot."""
+        pilot = self._find_pilot(job)
+        if not pilot or not pilot.get("batch_ids"):
+            return None
+        outputs: list[int] = []
+        for batch_id in pilot["batch_ids"]:
+            try:
+                if hook.retrieve_batch(batch_id).processing_status != "ended":
+                    self.log.info("Pilot batch %s has not ended; output estimated from max_tokens", batch_id)
+                    return None
+                outputs.extend(
+                    r.usage.output_tokens for r in hook.iter_results(batch_id) if r.type == "succeeded"
+                )
+            except Exception as exc:  # noqa: BLE001 - a lost pilot only weakens the estimate
+                self.log.warning("Pilot batch %s could not be read (%s); ignoring the pilot", batch_id, exc)
+                return None
+        if not outputs:
+            return None
+        mean = sum(outputs) / len(outputs)
+        detail = (
+            f"mean of {len(outputs)} succeeded results of the pilot"
+            + (f" in run {pilot['run_id']}" if pilot.get("run_id") else "")
+            + f" (batches {', '.join(pilot['batch_ids'])})"
+        )
+        return mean, detail
+
+    def _estimate_before_submit(
+        self, hook: Any, job: BatchJob, spool: IO[bytes], shards: list[tuple[int, int]]
+    ) -> dict[str, Any]:
+        """Count, extrapolate, log and check the budget. Raises before any create when over it.
+
+        Returns the manifest entries (``estimate``, ``pilot``, ``qa_excerpts``).
+        """
+        total = sum(count for _, count in shards)
+        pilot_size = self._pilot_size()
+        extra: dict[str, Any] = {
+            "pilot": (
+                {
+                    "sample": pilot_size,
+                    "seed": self.sample_seed,
+                    "source_records": getattr(self, "_source_seen", None),
+                }
+                if pilot_size is not None
+                else False
+            ),
+        }
+        max_cost = opt_float(self.max_cost_usd, "max_cost_usd")
+        if not total or not self.estimate_sample:
+            if max_cost is not None and total:
+                raise ValueError("max_cost_usd needs the estimate: estimate_sample must be > 0")
+            return extra
+        prices = self._price_table(hook)
+        if max_cost is not None:
+            require_price(job.model, prices)  # an unpriced model under a cap: refuse before counting
+        sampled = self._sample_spool(spool, self.estimate_sample, self.sample_seed)
+        try:
+            counts = [hook.count_tokens(r["params"]) for r in sampled]
+            prefix = self._prefix_tokens(hook, job, sampled[0]["params"], counts[0])
+        except FableError as exc:
+            if max_cost is not None:
+                raise FableError(
+                    f"max_cost_usd={max_cost} is set but the estimate failed, so the budget can not be "
+                    f"checked; nothing was submitted. Cause: {exc}"
+                ) from exc
+            # Without a cap the estimate is information, not a gate: do not block the run on it.
+            self.log.warning("No cost estimate: count_tokens failed (%s); submitting without one", exc)
+            return extra
+        given = opt_float(self.output_tokens_per_request, "output_tokens_per_request")
+        if given is not None:
+            output, basis, detail = given, OUTPUT_GIVEN, f"given: output_tokens_per_request={given}"
+        elif pilot_size is None and (measured := self._pilot_output(hook, job)) is not None:
+            output, basis, detail = measured[0], OUTPUT_FROM_PILOT, measured[1]
+        else:
+            output, basis, detail = None, OUTPUT_UPPER_BOUND, None
+        estimate: Estimate = estimate_run(
+            model=job.model,
+            requests=total,
+            batches=len(shards),
+            sample_counts=counts,
+            prefix_tokens=prefix,
+            max_tokens=job.max_tokens,
+            cache_ttl=job.cache_ttl,
+            output_per_request=output,
+            output_basis=basis,
+            output_basis_detail=detail,
+            prices=prices,
+        )
+        self.log.info("%s", estimate.describe())
+        if estimate.cost_usd is None:
+            self.log.warning("Model %s has no known price: the run's cost is unknown, not zero", job.model)
+        extra["estimate"] = estimate.as_dict()
+        check_budget(estimate, max_cost)
+        if max_cost is not None:
+            self.log.info("Estimate $%.4f is within max_cost_usd $%.4f", estimate.cost_usd, max_cost)
+        return extra
+
+    def _after_submit(
+        self, job: BatchJob, manifest: dict[str, Any], extra: dict[str, Any], context: Any
+    ) -> None:
+        manifest.update(extra)
+        if self.qa_excerpts:
+            manifest["qa_excerpts"] = {"seed": self.qa_seed, "records": self._excerpts(job)}
+        if extra.get("pilot") and manifest.get("batch_ids"):
+            self._remember_pilot(job, manifest, context)
+
+
+class LoadGuardrailsMixin:
+    """QA sample, summary block and distribution guardrails for ``FableValidateLoadOperator``."""
+
+    max_share: Any
+    min_share: Any
+    max_reject_rate: Any
+    min_accepted: Any
+    fail_when_all_rejected: bool
+    qa_size: int
+    qa_seed: Any
+    qa_table: str | None
+    submit_manifest: Any
+    prices: Any
+    table: str
+    id_column: str
+    log: Any
+
+    def _check_guardrail_config(self, model_cls: Any) -> None:
+        schema = model_cls.model_json_schema(by_alias=True)
+        defs = schema.get("$defs", {})
+        fields: dict[str, list[str] | None] = {}
+        for name in distribution_fields(model_cls):
+            target = resolve(schema["properties"][name], defs)
+            fields[name] = [str(v) for v in target["enum"]] if "enum" in target else ["True", "False"]
+        check_config(
+            max_share=self.max_share,
+            min_share=self.min_share,
+            fields=fields,
+            max_reject_rate=opt_float(self.max_reject_rate, "max_reject_rate"),
+            min_accepted=opt_int(self.min_accepted, "min_accepted"),
+        )
+
+    def _submit_manifest(self) -> dict[str, Any]:
+        value = self.submit_manifest
+        if isinstance(value, str) and value.strip().startswith("{"):
+            value = json.loads(value)
+        return value if isinstance(value, dict) else {}
+
+    def _finish_load(
+        self, engine: Any, sink: Any, batch_ids: list[str], summary: dict[str, Any], context: Any
+    ) -> dict[str, Any]:
+        """QA sample, summary block (log + XCom), then the guardrails (which may fail the task).
+
+        Runs after every row is written, so a breach fails the task with the rows in place.
+        """
+        submitted = self._submit_manifest()
+        estimate = submitted.get("estimate") or {}
+        summary["estimated_cost_usd"] = estimate.get("cost_usd")
+        summary["pilot"] = submitted.get("pilot", False)
+        summary["cache_hit_share"] = cache_hit_share(summary.get("usage") or {})
+        if self.qa_size and engine is not None and sink is not None:  # no QA table for Parquet-only
+            excerpts = (submitted.get("qa_excerpts") or {}).get("records") or {}
+            seed = self.qa_seed
+            if seed is None:
+                seed = (submitted.get("qa_excerpts") or {}).get("seed", 0)
+            name, rows = write_qa_sample(
+                engine,
+                table=sink.table,
+                id_column=self.id_column,
+                batch_ids=batch_ids,
+                size=self.qa_size,
+                seed=seed,
+                excerpts=excerpts,
+                qa_table=self.qa_table,
+            )
+            summary["qa_table"], summary["qa_rows"] = name, rows
+        breaches = check_guardrails(
+            summary,
+            max_share=self.max_share,
+            min_share=self.min_share,
+            max_reject_rate=opt_float(self.max_reject_rate, "max_reject_rate"),
+            min_accepted=opt_int(self.min_accepted, "min_accepted"),
+            fail_when_all_rejected=self.fail_when_all_rejected,
+        )
+        summary["guardrails"] = [b.message for b in breaches]
+        self.log.info("\n%s", format_summary(summary))
+        ti = context.get("ti") if isinstance(context, Mapping) else None
+        if ti is not None and breaches:
+            # A failing task pushes no return value: keep the summary readable next to the failure.
+            ti.xcom_push(key="summary", value=summary)
+        raise_on_breaches(
+            breaches, table=self.table or str(self.parquet_path), rejects_table=summary.get("rejects_table") or ""
+        )
+        return summary
