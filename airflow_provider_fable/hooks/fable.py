@@ -429,18 +429,27 @@ class FableHook(BaseHook):
         """The connection's ``prices`` extra (model -> price), applied over the default table."""
         return self._settings.get("prices")
 
-    def _client_kwargs(self) -> dict[str, Any]:
-        from anthropic import Timeout
-
+    def _client_settings(self) -> dict[str, Any]:
+        """What a client needs, as plain data (no SDK import: the triggerer's shared poll
+        client builds from this without loading ``anthropic``)."""
         s = self._settings
         headers = {"anthropic-workspace-id": s["workspace_id"]} if s["workspace_id"] else None
         return {
             "api_key": s["api_key"],
             "base_url": s["base_url"],
-            "timeout": Timeout(s["timeout"], connect=s["connect_timeout"]),
+            "timeout": s["timeout"],
+            "connect_timeout": s["connect_timeout"],
             "max_retries": s["max_retries"],
             "default_headers": headers,
         }
+
+    def _client_kwargs(self) -> dict[str, Any]:
+        """The SDK client's keyword arguments: read and connect timeouts kept apart."""
+        from anthropic import Timeout
+
+        kwargs = self._client_settings()
+        kwargs["timeout"] = Timeout(kwargs["timeout"], connect=kwargs.pop("connect_timeout"))
+        return kwargs
 
     def get_conn(self) -> Anthropic:
         """The synchronous client (cached on the hook)."""

@@ -145,11 +145,10 @@ def _build(conn_id: str, kwargs: dict[str, Any]) -> SharedAsyncClient:
     """Runs in a worker thread: the TLS context and the pool are built off the loop."""
     import httpx
 
-    # The hook hands the SDK a Timeout object (read and connect limits apart); a bare number is
-    # accepted too. A poll never waits longer than POLL_TIMEOUT for its answer.
-    timeout = kwargs.get("timeout")
-    read = getattr(timeout, "read", timeout) or POLL_TIMEOUT
-    connect = getattr(timeout, "connect", None) or 10.0
+    # Plain numbers from FableHook._client_settings (read and connect limits apart). A poll
+    # never waits longer than POLL_TIMEOUT for its answer.
+    read = kwargs.get("timeout") or POLL_TIMEOUT
+    connect = kwargs.get("connect_timeout") or 10.0
     http = httpx.AsyncClient(
         base_url=kwargs["base_url"],
         timeout=httpx.Timeout(min(POLL_TIMEOUT, read), connect=min(connect, POLL_TIMEOUT)),
@@ -180,7 +179,7 @@ async def _read_settings(conn_id: str) -> dict[str, Any]:
 
     hook = FableHook(conn_id)
     await hook.aload_connection()
-    return hook._client_kwargs()
+    return hook._client_settings()
 
 
 async def _settings(state: _LoopState, conn_id: str) -> dict[str, Any]:
