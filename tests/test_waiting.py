@@ -178,7 +178,7 @@ def test_all_expired_fails_the_wait_and_an_accepted_load_of_nothing_fails(
     load = FableValidateLoadOperator(
         task_id="load", batch_ids=ids, output_model=Paint, destination_conn_id="dest_db", table="paint"
     )
-    with pytest.raises(FableError, match="nothing was accepted: all 4 results"):
+    with pytest.raises(FableError, match="all 4 results were rejected"):
         load.execute({})
 
 
