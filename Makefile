@@ -36,6 +36,7 @@ bench: install
 	$(PY) bench/parse_validate.py
 	$(PY) bench/load.py
 	$(PY) bench/load_hook.py
+	$(PY) bench/ledger.py
 
 # Re-resolve the lock after changing dependencies in pyproject.toml.
 lock:

@@ -9,14 +9,16 @@ Each (backend, records, path) runs in its own process, on a fresh ledger:
 - ours, the calls the operators make for one job of N records: ``register_job``; per shard of
   100,000 requests (the API's limit) ``write_intent`` then ``write_batch``; a retry's look-up
   (``record_states`` over every id, 1,000 at a time, as ``_Submission._selected`` does); then the
-  load's verdicts, ``record_outcomes`` per chunk of 10,000 (the load's chunk size), ~5 % rejects.
+  load's verdicts, ``record_outcomes`` per chunk of 10,000 (the load's chunk size), ~5 % rejects;
+  then (timed apart, not in the rate) the id set a retry of a ``rerun=`` builds: the job's failed
+  ids plus every id its run key sent. Peak RSS covers all of it.
 - baseline: the same final rows of ``fable_records`` and ``fable_record_outcomes`` inserted with
   one plain DBAPI ``executemany`` each (no upsert, no status updates, no look-up), one
   transaction: the floor for "a row per record".
 
 Peak RSS is the child's ``ru_maxrss``. Each pair prints ``bench ledger: backend=... records=...
 ours_records_s=... baseline_records_s=... submit_s=... lookup_s=... outcomes_s=...
-ours_rss_mb=... baseline_rss_mb=... vs_baseline=...`` (vs_baseline = ours records/s over the
+rerun_set_s=... ours_rss_mb=... baseline_rss_mb=... vs_baseline=...`` (vs_baseline = ours records/s over the
 baseline's; < 1 means slower).
 
 Run: ``.venv/bin/python bench/ledger.py`` (default 100,000 and 1,000,000 records on sqlite and
@@ -107,9 +109,17 @@ def run_ours(backend: str, n: int, where: str) -> dict:
                 ]
                 ledger.record_outcomes(JOB, batch_id, outcomes)
         t3 = time.perf_counter()
+        # A retry of a rerun: the failed ids plus every id this run key already sent (a set).
+        rerun = set(ledger.failed(JOB))
+        rerun.update(ledger.record_ids_of_run(JOB, "bench/run/submit/-1"))
+        assert len(rerun) == n, len(rerun)
+        t4 = time.perf_counter()
         summary = ledger.summary(JOB)
         assert summary == {"accepted": n - len(range(0, n, 20)), "rejected": len(range(0, n, 20))}, summary
-        return {"submit_s": t1 - t0, "lookup_s": t2 - t1, "outcomes_s": t3 - t2, "total_s": t3 - t0}
+        return {
+            "submit_s": t1 - t0, "lookup_s": t2 - t1, "outcomes_s": t3 - t2, "rerun_set_s": t4 - t3,
+            "total_s": t3 - t0,
+        }  # fmt: skip
     finally:
         engine.dispose()
         if drop:
@@ -217,6 +227,7 @@ def main() -> None:
                 f"bench ledger: backend={backend} records={n} ours_records_s={ours_rate:,.0f} "
                 f"baseline_records_s={base_rate:,.0f} submit_s={ours['submit_s']:.1f} "
                 f"lookup_s={ours['lookup_s']:.1f} outcomes_s={ours['outcomes_s']:.1f} "
+                f"rerun_set_s={ours['rerun_set_s']:.1f} "
                 f"ours_rss_mb={ours['rss_mb']:.0f} baseline_rss_mb={base['rss_mb']:.0f} "
                 f"vs_baseline={ours_rate / base_rate:.2f}",
                 flush=True,
