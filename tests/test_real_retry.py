@@ -5,8 +5,8 @@ the retry is Airflow's own: an api-server (execution API), a scheduler with the 
 a dag-processor run as subprocesses on a throwaway PostgreSQL metadata database, with a private
 AIRFLOW_HOME and a DAGs folder holding one small DAG per kill point (``submit`` with
 ``retries=2`` then ``load``). The submit's first try SIGKILLs itself at the DAG's point (the
-``FABLE_FAULT_KILL_AT`` seam, set by a ``pre_execute`` hook on try 1 only: the try number comes
-from Airflow, so "first try" holds across the worker processes); the task-sdk supervisor reports
+``FABLE_FAULT_KILL_AT`` seam, set by a ``pre_execute`` hook on every try; the seam fires on try 1
+only, by Airflow's try number, so "first try" holds across worker processes); the supervisor reports
 the kill, the scheduler puts the task up for retry and runs it again in a new process. A fifth
 DAG's emulator creates shard 1's batch and drops the connection before answering (the lost create
 response). Each DAG has its own emulator, ledger (SQLite, the one-machine setup) and destination,
@@ -77,14 +77,12 @@ class Paint(BaseModel):
     note: str = Field(max_length=80)
 
 
-def kill_on_first_try(point):
-    """Arm the operator's fault seam on try 1 only; the retry runs clean."""
+def arm(point):
+    """Arm the operator's fault seam on every try: the seam itself fires on try 1 only."""
 
     def hook(context):
-        if context["ti"].try_number == 1 and point in KILL_POINTS:
+        if point in KILL_POINTS:
             os.environ[KILL_ENV] = point
-        else:
-            os.environ.pop(KILL_ENV, None)
 
     return hook
 
@@ -101,7 +99,7 @@ for n, point in enumerate(CASES):
             ledger_conn_id=f"ledger_{{n}}",
             retries=2,
             retry_delay=timedelta(seconds=1),
-            pre_execute=kill_on_first_try(point),
+            pre_execute=arm(point),
         )
         load = FableValidateLoadOperator(
             task_id="load",
@@ -294,8 +292,10 @@ def deployment(metadata_db, tmp_path_factory) -> Iterator[SimpleNamespace]:
         dep.start("dag-processor", "dag-processor")
         engine = sa.create_engine(metadata_db)
         try:
-            runs = _trigger_and_wait(dep, engine)
-            yield SimpleNamespace(dep=dep, engine=engine, runs=runs, emulators=emulators, root=root)
+            runs, token = _trigger_and_wait(dep, engine)
+            yield SimpleNamespace(
+                dep=dep, engine=engine, runs=runs, token=token, emulators=emulators, root=root
+            )
         finally:
             engine.dispose()
     finally:
@@ -320,7 +320,7 @@ def _poll(what: str, dep: Deployment, check, timeout: float):
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{dep.diagnostics()}")
 
 
-def _trigger_and_wait(dep: Deployment, engine: sa.Engine) -> dict[str, str]:
+def _trigger_and_wait(dep: Deployment, engine: sa.Engine) -> tuple[dict[str, str], str]:
     started = time.monotonic()
     wanted = {dag_id(p) for p in CASES}
 
@@ -348,7 +348,7 @@ def _trigger_and_wait(dep: Deployment, engine: sa.Engine) -> dict[str, str]:
         return len(states) == len(CASES) and all(s in ("success", "failed") for _, s in states)
 
     _poll("the DAG runs to finish", dep, finished, max(60.0, TIMEOUT - (time.monotonic() - started)))
-    return runs
+    return runs, token
 
 
 def _emulator_batches(server) -> list[dict]:
@@ -406,6 +406,10 @@ def test_airflow_retries_a_failed_submit_and_pays_once(deployment, point):
     else:
         assert "SIGKILL" in log, f"try 1 was not killed by SIGKILL:\n{log[-3000:]}"
 
+    _assert_paid_once_and_loaded_once(deployment, n)
+
+
+def _assert_paid_once_and_loaded_once(deployment: SimpleNamespace, n: int) -> None:
     # Exactly one batch per shard on the emulator's own list; every request sent once.
     server = deployment.emulators[n]
     batches = _emulator_batches(server)
@@ -426,3 +430,36 @@ def test_airflow_retries_a_failed_submit_and_pays_once(deployment, point):
     finally:
         dest.dispose()
     assert sorted(loaded) == RECORD_IDS
+
+
+def test_clearing_the_submit_of_a_finished_run_creates_nothing(deployment):
+    """Clear submit (and its load) of a finished run, as from the UI: the scheduler runs both again,
+    the submit re-attaches to the run's batches and the load rewrites the same rows."""
+    dep, point = deployment.dep, POINTS[1]
+    run_id, dag = deployment.runs[point], dag_id(point)
+    dep.api(
+        "POST",
+        f"/api/v2/dags/{dag}/clearTaskInstances",
+        deployment.token,
+        {"dry_run": False, "dag_run_id": run_id, "task_ids": ["submit"], "include_downstream": True,
+         "only_failed": False},
+    )  # fmt: skip
+
+    def rerun_done() -> dict[str, tuple[str, int]] | None:
+        with deployment.engine.connect() as conn:
+            tis = {
+                t: (state, tries)
+                for t, state, tries in conn.execute(
+                    sa.text(
+                        "SELECT task_id, state, try_number FROM task_instance WHERE dag_id = :d AND run_id = :r"
+                    ),
+                    {"d": dag, "r": run_id},
+                )
+            }
+        done = tis["submit"][1] > 2 and all(state in ("success", "failed") for state, _ in tis.values())
+        return tis if done else None
+
+    tis = _poll("the cleared tasks to run again", dep, rerun_done, TIMEOUT)
+    assert tis["submit"][0] == tis["load"][0] == "success", f"{tis}\n{dep.diagnostics()}"
+    assert tis["submit"][1] == 3 and tis["load"][1] == 2, tis  # both really ran again
+    _assert_paid_once_and_loaded_once(deployment, POINTS.index(point))
