@@ -9,7 +9,7 @@ UV     := $(or $(shell command -v uv 2>/dev/null),$(PYTHON) -m uv)
 # uv ignores pip.conf; point it at the system CA bundle when there is one.
 export SSL_CERT_FILE ?= $(wildcard /etc/ssl/certs/ca-certificates.crt)
 
-.PHONY: install test demo lint lock bench clean
+.PHONY: install test demo lint lock bench dist clean
 
 install: $(VENV)/.installed
 
@@ -36,11 +36,18 @@ bench: install
 	$(PY) bench/parse_validate.py
 	$(PY) bench/load.py
 	$(PY) bench/load_hook.py
+	$(PY) bench/parquet.py
+	$(PY) bench/submit.py
 	$(PY) bench/ledger.py
+
+# A wheel and an sdist in dist/ (what `pip install dist/airflow_provider_fable-*.whl` installs).
+dist:
+	rm -rf dist
+	$(UV) build --quiet --sdist --wheel --out-dir dist .
 
 # Re-resolve the lock after changing dependencies in pyproject.toml.
 lock:
-	$(UV) pip compile pyproject.toml --extra postgres --extra dev --universal --python-version 3.10 -o requirements.lock
+	$(UV) pip compile pyproject.toml --extra postgres --extra parquet --extra emulator --extra testing --extra dev --universal --python-version 3.10 -o requirements.lock
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache
+	rm -rf $(VENV) .demo .pytest_cache dist build *.egg-info

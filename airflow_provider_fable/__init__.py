@@ -74,6 +74,16 @@ def get_provider_info() -> dict[str, Any]:
                     "timeout": {
                         "label": "Request timeout (seconds)",
                         "schema": {"type": ["number", "null"], "default": 600},
+                        "description": "Read timeout of one API call (connecting has its own limit).",
+                    },
+                    "connect_timeout": {
+                        "label": "Connect timeout (seconds)",
+                        "schema": {"type": ["number", "null"], "default": 5},
+                    },
+                    "scheme": {
+                        "label": "Scheme",
+                        "schema": {"type": ["string", "null"], "enum": ["http", "https", None]},
+                        "description": "For a base URL given without one (URI form); empty = https.",
                     },
                     "max_retries": {
                         "label": "Max retries",

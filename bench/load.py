@@ -20,7 +20,8 @@ Peak RSS is the child process's ``ru_maxrss``. Each (backend, rows) pair prints
 ours_rss_mb=... baseline_rss_mb=... vs_baseline=... vs_floor=...``.
 
 Run: ``.venv/bin/python bench/load.py`` (default: 100,000 and 1,000,000 lines, sqlite and
-postgres). Options: ``--rows 100000,1000000 --backends sqlite,postgres --pg-url URL``.
+postgres). Options: ``--rows 100000,1000000 --backends sqlite,postgres --pg-url URL
+--pipeline process`` (ours on SQLite with the opt-in writer process).
 PostgreSQL is skipped with a note when no server answers at the URL.
 """
 
@@ -160,6 +161,7 @@ def _engine(url: str, schema: str | None):
 
 
 def child_ours(path: str, rows: int, url: str, schema: str | None) -> dict:
+    """``FABLE_BENCH_PIPELINE=process`` runs ours with the opt-in SQLite writer process."""
     from airflow_provider_fable.core.loading import LoadStats, load_batch
     from airflow_provider_fable.core.results import parse_result_line
     from airflow_provider_fable.core.sinks import ResultSink
@@ -175,6 +177,7 @@ def child_ours(path: str, rows: int, url: str, schema: str | None) -> dict:
         output_model=TicketTriage,
         sink=sink,
         stats=stats,
+        pipeline={"process": "process", "inline": False}.get(os.environ.get("FABLE_BENCH_PIPELINE", "")),
     )
     seconds = time.perf_counter() - start
     return {
@@ -316,6 +319,10 @@ def main() -> None:
     parser.add_argument("--rows", default="100000,1000000")
     parser.add_argument("--backends", default="sqlite,postgres")
     parser.add_argument("--pg-url", default=PG_URL)
+    parser.add_argument(
+        "--pipeline", choices=["default", "process"], default="default",
+        help="ours on SQLite: the default (inline) or the opt-in writer process",
+    )  # fmt: skip
     parser.add_argument("--child", choices=sorted(CHILDREN))
     parser.add_argument("--file")
     parser.add_argument("--url")
@@ -328,6 +335,8 @@ def main() -> None:
         print(json.dumps(result))
         return
     sizes = [int(x) for x in args.rows.split(",")]
+    if args.pipeline != "default":
+        os.environ["FABLE_BENCH_PIPELINE"] = args.pipeline
     backends = args.backends.split(",")
     if "postgres" in backends and not _pg_available(args.pg_url):
         print(f"note: no PostgreSQL at {args.pg_url}; postgres skipped")
@@ -351,8 +360,11 @@ def main() -> None:
                       + " ".join(f"{k}={v['seconds']:.2f}s(cpu {v['cpu']:.2f}s)/{v['rss_mb']:.0f}MB"
                                for k, v in figures.items()),
                       flush=True)  # fmt: skip
+                tag = (
+                    "" if args.pipeline == "default" or backend != "sqlite" else f" pipeline={args.pipeline}"
+                )
                 lines.append(
-                    f"bench load: backend={backend} rows={rows} ours_rows_s={ours:.0f} "
+                    f"bench load: backend={backend}{tag} rows={rows} ours_rows_s={ours:.0f} "
                     f"baseline_rows_s={base:.0f} floor_rows_s={floor:.0f} "
                     f"ours_rss_mb={figures['ours']['rss_mb']:.0f} "
                     f"baseline_rss_mb={figures['baseline']['rss_mb']:.0f} "

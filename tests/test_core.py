@@ -229,7 +229,7 @@ def test_batch_cost_is_half_price_with_cache_multipliers():
 def test_format_errors_name_record_rule_and_position():
     job = make_job(prompt_template="{id}: {amount:.2f}")
     with pytest.raises(RecordError) as info:
-        list(build_requests(job, [{"id": "a", "amount": 1.5}, {"id": "b", "amount": None}]))
+        list(build_requests(job, [{"id": "a", "amount": 1.5}, {"id": "b", "amount": "n/a"}]))
     assert info.value.rule == "template.format"
     assert "'b' (#2 in the source)" in str(info.value)
 

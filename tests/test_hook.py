@@ -168,7 +168,9 @@ def test_connection_extras_configure_client(fable_emulator, monkeypatch):
     )
     hook = FableHook("fable_tuned")
     assert hook.client.max_retries == 4
-    assert hook.client.timeout == 12.5
+    # `timeout` is the read timeout of a call; connecting keeps a short limit (issue #6 item 8).
+    assert hook.client.timeout.read == 12.5
+    assert hook.client.timeout.connect == 5.0
     assert hook.default_model == "claude-haiku-4-5"
 
 

@@ -233,3 +233,47 @@ def test_a_broken_stream_keeps_and_reports_what_was_committed(sqlite_engine, pip
         )  # fmt: skip
     assert rows(sqlite_engine, "SELECT count(*) FROM t")[0][0] == 20  # two whole chunks
     assert len(seen) == 20
+
+
+def test_a_writer_process_stores_the_same_rows_and_reports_unstorable(sqlite_engine):
+    """pipeline="process" (SQLite): chunks go to a second process; same rows, same outcomes."""
+    answers = [{"label": f"l{i}", "count": i} for i in range(45)]
+    answers[7]["count"] = 2**70  # refused by the database in the writer process
+    lines = [line(f"r{i}", a) for i, a in enumerate(answers)] + [line("x", "not json")]
+    sink = ResultSink(sqlite_engine, table="t", id_column="rid", output_model=Counted)
+    sink.ensure_tables()
+    stats, seen = LoadStats(), []
+    load_batch(
+        (parse_result_line(x) for x in lines), batch_id="b1", output_model=Counted, sink=sink,
+        stats=stats, chunk_size=10, on_outcomes=seen.extend, pipeline="process",
+    )  # fmt: skip
+    assert (stats.accepted, stats.rejected) == (44, 2)
+    assert stats.reasons == {"unstorable": 1, "invalid_json": 1}
+    assert len(seen) == 46 and len({o.record_id for o in seen}) == 46
+    assert {o.record_id: o.reason for o in seen if o.status == "rejected"} == {
+        "r7": "unstorable",
+        "x": "invalid_json",
+    }
+    assert rows(sqlite_engine, "SELECT count(*) FROM t")[0][0] == 44
+    bad = dict(rows(sqlite_engine, "SELECT record_id, raw_answer FROM t_rejects WHERE reason = 'unstorable'"))
+    assert json.loads(bad["r7"]) == {"label": "l7", "count": 2**70}
+
+
+def test_a_writer_process_keeps_and_reports_what_was_committed_on_a_broken_stream(sqlite_engine):
+    from airflow_provider_fable.core.results import ResultLineError
+
+    def stream():
+        for i in range(25):
+            yield parse_result_line(line(f"r{i}", paint(i)))
+        yield parse_result_line(b'{"custom_id": "torn", "resu')
+
+    sink = ResultSink(sqlite_engine, table="t", id_column="rid", output_model=Paint)
+    sink.ensure_tables()
+    seen: list[RecordOutcome] = []
+    with pytest.raises(ResultLineError):
+        load_batch(
+            stream(), batch_id="b", output_model=Paint, sink=sink, stats=LoadStats(),
+            chunk_size=10, on_outcomes=seen.extend, pipeline="process",
+        )  # fmt: skip
+    assert rows(sqlite_engine, "SELECT count(*) FROM t")[0][0] == 20
+    assert len(seen) == 20

@@ -11,13 +11,17 @@ import hashlib
 import importlib
 import json
 import string
-from typing import Any
+from functools import lru_cache
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from airflow_provider_fable.core.errors import JobSpecError
 
 DEFAULT_MODEL = "claude-sonnet-4-5"
+
+#: What to do with a record whose template field is missing, None or NaN (see ``core.requests``).
+MissingFieldPolicy = Literal["error", "skip", "empty"]
 
 
 def import_output_model(ref: type[BaseModel] | str) -> type[BaseModel]:
@@ -42,6 +46,12 @@ def import_output_model(ref: type[BaseModel] | str) -> type[BaseModel]:
 
 def template_fields_of(template: str) -> list[str]:
     """Names used by a ``str.format`` template, e.g. ``"{subject}: {body}"`` -> subject, body."""
+    return list(_template_fields(template))
+
+
+@lru_cache(maxsize=64)
+def _template_fields(template: str) -> tuple[str, ...]:
+    """Parsed once per template: every record's missing-field check asks for them."""
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
@@ -55,7 +65,43 @@ def template_fields_of(template: str) -> list[str]:
         if field_name == "" or field_name.isdigit():
             raise JobSpecError("prompt_template must use named fields like {body}, not positional {}")
         names.append(field_name.split(".")[0].split("[")[0])
-    return names
+    return tuple(names)
+
+
+def recursive_ref(schema: dict[str, Any]) -> list[str] | None:
+    """The first ``$ref`` cycle of a JSON schema (definition names), or None when there is none.
+
+    A self-referencing pydantic model (``children: list["Node"]``) has one; the Messages API
+    refuses such a structured-output schema, so this is checked before anything is built or paid.
+    """
+    defs = {
+        f"#/{key}/{name}": sub
+        for key in ("$defs", "definitions")
+        for name, sub in schema.get(key, {}).items()
+    }
+
+    def refs(node: Any) -> list[str]:
+        if isinstance(node, dict):
+            own = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+            return own + [r for k, v in node.items() if k not in ("$defs", "definitions") for r in refs(v)]
+        if isinstance(node, list):
+            return [r for v in node for r in refs(v)]
+        return []
+
+    def walk(ref: str, stack: list[str]) -> list[str] | None:
+        if ref in stack:
+            return [r.rsplit("/", 1)[-1] for r in stack[stack.index(ref) :]] + [ref.rsplit("/", 1)[-1]]
+        for nxt in refs(defs.get(ref, {})):
+            found = walk(nxt, [*stack, ref])
+            if found:
+                return found
+        return None
+
+    for ref in refs(schema):
+        found = walk(ref, [])
+        if found:
+            return found
+    return None
 
 
 class FewShotExample(BaseModel):
@@ -83,11 +129,22 @@ class BatchJob(BaseModel):
     #: ``temperature`` (even 0.0) with a 400, so every request of the batch would end errored.
     temperature: float | None = Field(default=None, ge=0.0, le=1.0)
     cache_prompt_prefix: bool = True
+    #: A missing/None/NaN template field: ``error`` (default) fails before anything is paid for,
+    #: ``skip`` leaves the record out (reported), ``empty`` renders it as an empty string.
+    on_missing_field: MissingFieldPolicy = "error"
 
     @field_validator("output_model")
     @classmethod
     def _resolve_output_model(cls, value: Any) -> type[BaseModel]:
-        return import_output_model(value)
+        model = import_output_model(value)
+        cycle = recursive_ref(model.model_json_schema())
+        if cycle:
+            raise JobSpecError(
+                f"output_model {model.__name__} is recursive ({' -> '.join(cycle)}): the API's "
+                "structured outputs do not support recursive schemas, so every request would end "
+                "errored. Bound the nesting with distinct models (e.g. Node -> ChildNode -> LeafNode)"
+            )
+        return model
 
     @field_validator("prompt_template")
     @classmethod
@@ -95,6 +152,21 @@ class BatchJob(BaseModel):
         if not value.strip():
             raise JobSpecError("prompt_template is empty")
         template_fields_of(value)
+        return value
+
+    @field_validator("prompt_template", "system_prompt")
+    @classmethod
+    def _check_encodable(cls, value: str | None, info: Any) -> str | None:
+        """A lone surrogate in shared text would fail every request at the spool, naming nothing."""
+        if value is not None:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                bad = exc.object[exc.start : exc.end].encode("unicode_escape").decode()
+                raise JobSpecError(
+                    f"{info.field_name} has {bad} at character {exc.start}: a lone surrogate that "
+                    "cannot be encoded as UTF-8"
+                ) from None
         return value
 
     @field_validator("temperature")

@@ -11,12 +11,15 @@ next one.
 
 from __future__ import annotations
 
+import pickle
 import queue
+import subprocess
+import sys
 import threading
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from pydantic import BaseModel
 
@@ -24,6 +27,14 @@ from airflow_provider_fable.core.cost import usage_cost_usd
 from airflow_provider_fable.core.results import BatchResult, Usage
 from airflow_provider_fable.core.sinks import ResultSink, model_properties, resolve
 from airflow_provider_fable.core.validation import Accepted, Rejected, validate_result
+
+
+class ChunkSink(Protocol):
+    """What ``load_batch`` needs of a destination (``ResultSink``, ``core.parquet`` sinks)."""
+
+    def write_chunk(
+        self, accepted: list[Accepted], rejected: list[Rejected], *, batch_id: str, model: str | None
+    ) -> list[Rejected]: ...
 
 
 class RecordOutcome(NamedTuple):
@@ -94,7 +105,9 @@ class _Writer:
     committed chunk, the rows that turned out unstorable.
     """
 
-    def __init__(self, sink: ResultSink, batch_id: str, model: Callable[[], str | None], threaded: bool):
+    def __init__(
+        self, sink: ResultSink | ChunkSink, batch_id: str, model: Callable[[], str | None], threaded: bool
+    ):
         self.sink, self.batch_id, self.model = sink, batch_id, model
         self.done: queue.Queue[tuple[_Chunk, list[Rejected]] | BaseException] = queue.Queue()
         self.todo: queue.Queue[_Chunk | None] | None = None
@@ -119,7 +132,7 @@ class _Writer:
                 self.done.put(exc)
                 return
 
-    def submit(self, chunk: _Chunk) -> None:
+    def submit(self, chunk: _Chunk, final: bool = False) -> None:
         if self.todo is None:
             self._write(chunk)
             return
@@ -151,17 +164,160 @@ class _Writer:
             out.append(item)
 
 
+class _ProcessWriter:
+    """Chunks stored by a second process while this one parses and validates the next.
+
+    For SQLite, whose ``executemany`` holds the GIL for every row, so a thread cannot overlap
+    it with validation; on a 2-core worker the two halves then run side by side. This process
+    still builds the row tuples (``ResultSink.prepare_chunk``) and keeps the callbacks and the
+    statistics; the writer process (``core.writer_process``) only runs ``ResultSink.store`` on
+    plain tuples. It is started at the first full chunk, so small loads (one chunk) are written
+    inline. Memory stays bounded: one chunk queued, one being written, their items kept here
+    for reporting.
+    """
+
+    def __init__(self, sink: ResultSink, batch_id: str, model: Callable[[], str | None]):
+        self.sink, self.batch_id, self.model = sink, batch_id, model
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.todo: queue.Queue[bytes | None] = queue.Queue(maxsize=1)
+        self.answers: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.threads: list[threading.Thread] = []
+        self.pending: deque[tuple[_Chunk, list[Accepted], list[Rejected]]] = deque()
+        self.ready: list[tuple[_Chunk, list[Rejected]]] = []
+        self.error: BaseException | None = None
+
+    def _start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "airflow_provider_fable.core.writer_process"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        self.todo.put(pickle.dumps(self.sink))
+        for target, name in ((self._send, "fable-load-send"), (self._receive, "fable-load-receive")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def _send(self) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        try:
+            while (frame := self.todo.get()) is not None:
+                self.proc.stdin.write(frame)
+                self.proc.stdin.flush()
+            self.proc.stdin.write(pickle.dumps(None))
+            self.proc.stdin.close()
+        except OSError:  # the writer process died; the receiver reports it
+            pass
+
+    def _receive(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        while True:
+            try:
+                self.answers.put(pickle.load(self.proc.stdout))
+            except EOFError:
+                self.answers.put(("eof", None))
+                return
+            except Exception as exc:  # noqa: BLE001 - surfaced on the loading thread
+                self.answers.put(("error", exc))
+                return
+
+    def _drain(self, block: bool) -> None:
+        """Collect answers of the writer process; with ``block``, until none is outstanding."""
+        while self.pending and self.error is None:
+            try:
+                status, value = self.answers.get() if block else self.answers.get_nowait()
+            except queue.Empty:
+                return
+            if status == "eof":
+                code = self.proc.wait() if self.proc is not None else None
+                self.error = RuntimeError(
+                    f"the load's writer process exited (code {code}) with {len(self.pending)} "
+                    "chunk(s) unwritten"
+                )
+                return
+            if status == "error":
+                self.error = value
+                return
+            chunk, kept, early = self.pending.popleft()
+            self.ready.append((chunk, self.sink.unstorable_items(kept, early, value)))
+
+    def submit(self, chunk: _Chunk, final: bool = False) -> None:
+        if self.proc is None and final:
+            unstorable = self.sink.write_chunk(
+                chunk.accepted, chunk.rejected, batch_id=self.batch_id, model=self.model()
+            )
+            self.ready.append((chunk, unstorable))
+            return
+        if self.error is not None:
+            return  # raised by ``committed``
+        if self.proc is None:
+            self._start()
+        job, kept, early = self.sink.prepare_chunk(
+            chunk.accepted, chunk.rejected, batch_id=self.batch_id, model=self.model()
+        )
+        self.pending.append((chunk, kept, early))
+        frame = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
+        while self.error is None:
+            try:
+                self.todo.put(frame, timeout=0.5)
+                return
+            except queue.Full:
+                self._drain(block=False)
+
+    def close(self) -> None:
+        if self.proc is None:
+            return
+        while self.error is None:
+            try:
+                self.todo.put(None, timeout=0.5)
+                break
+            except queue.Full:
+                self._drain(block=False)
+        self._drain(block=True)
+        if self.error is not None and self.proc.poll() is None:
+            self.proc.kill()  # it stopped at its error; do not wait for the rest of the queue
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        for thread in self.threads:
+            thread.join(timeout=5)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
+        self.proc = None
+
+    def committed(self) -> list[tuple[_Chunk, list[Rejected]]]:
+        """Chunks committed so far; the writer's error once every committed one was returned."""
+        if self.proc is not None:
+            self._drain(block=False)
+        out, self.ready = self.ready, []
+        if not out and self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        return out
+
+
+def _separate_writer_helps(sink: Any) -> bool:
+    """A SQLite database in a file, through ``ResultSink``: another process can write it."""
+    if not isinstance(sink, ResultSink) or sink.engine.dialect.name != "sqlite":
+        return False
+    database = sink.engine.url.database or ""
+    return database not in ("", ":memory:") and "mode=memory" not in str(sink.engine.url)
+
+
 def load_batch(
     results: Iterable[BatchResult],
     *,
     batch_id: str,
     output_model: type[BaseModel],
-    sink: ResultSink,
+    sink: ResultSink | ChunkSink,
     stats: LoadStats,
     chunk_size: int = 10_000,
     on_outcomes: Callable[[list[RecordOutcome]], None] | None = None,
     should_write: Callable[[str, str], bool] | None = None,
-    pipeline: bool | None = None,
+    pipeline: bool | str | None = None,
 ) -> None:
     """Validate every result of one batch and write it, ``chunk_size`` rows per transaction.
 
@@ -171,10 +327,13 @@ def load_batch(
     :param should_write: ``(record_id, batch_id) -> bool`` asked for each accepted answer; False
         skips it (e.g. the record has been resubmitted in a newer batch, whose answer wins).
         Skipped answers are counted in ``stats.skipped_stale`` and are not reported as outcomes.
-    :param pipeline: write chunks on a writer thread while the next chunk is validated. Default:
-        when the database works outside Python (PostgreSQL: COPY and the upsert run in the
-        server, the client waits without the GIL). SQLite's executemany needs the GIL for every
-        row, so a writer thread there only trades the GIL back and forth.
+    :param pipeline: write chunks while the next chunk is validated: ``True`` (or ``"thread"``)
+        on a writer thread, ``"process"`` in a writer process (SQLite files only; started once
+        a first chunk is full), ``False`` inline. Default: a thread when the database works
+        outside Python (PostgreSQL: COPY and the upsert run in the server, the client waits
+        without the GIL), else inline. SQLite's executemany needs the GIL for every row, so a
+        thread does not help there; a writer process can, but only with a core to spare (see
+        docs/performance.md: on a saturated machine it was slower), hence opt-in.
     """
     fields = distribution_fields(output_model)
     for f in fields:
@@ -183,8 +342,15 @@ def load_batch(
     reasons = stats.reasons
     model_name: str | None = None
     if pipeline is None:
-        pipeline = sink.engine.dialect.name == "postgresql"
-    writer = _Writer(sink, batch_id, lambda: model_name, pipeline)
+        engine = getattr(sink, "engine", None)  # a ParquetSink alone has no database
+        pipeline = engine is not None and engine.dialect.name == "postgresql"
+    writer: _Writer | _ProcessWriter
+    if pipeline == "process":
+        if not _separate_writer_helps(sink):
+            raise ValueError("pipeline='process' needs a ResultSink on a SQLite database file")
+        writer = _ProcessWriter(sink, batch_id, lambda: model_name)
+    else:
+        writer = _Writer(sink, batch_id, lambda: model_name, bool(pipeline))
 
     def report(done: list[tuple[_Chunk, list[Rejected]]]) -> None:
         for chunk, unstorable in done:
@@ -220,14 +386,14 @@ def load_batch(
     custom_ids: dict[str, str] = {}
     tokens_in = tokens_out = cache_write = cache_read = 0
 
-    def flush() -> None:
+    def flush(final: bool = False) -> None:
         # Counting per chunk (in C: Counter.update, len) rather than per row in the loop.
         stats.accepted += len(accepted)
         stats.rejected += len(rejected)
         reasons.update([r.reason for r in rejected])
         for f, counter in distribution:
             counter.update([str(a.data.get(f)) for a in accepted])
-        writer.submit(_Chunk(accepted, rejected, custom_ids))
+        writer.submit(_Chunk(accepted, rejected, custom_ids), final)
 
     try:
         for result in results:
@@ -253,7 +419,7 @@ def load_batch(
                 accepted, rejected, custom_ids = [], [], {}
                 report(writer.committed())
         if accepted or rejected:
-            flush()
+            flush(final=True)
     except BaseException:
         # What was committed stays committed, and is still reported, before the error surfaces.
         writer.close()
@@ -263,7 +429,8 @@ def load_batch(
             pass
         raise
     writer.close()
-    report(writer.committed())
+    while done := writer.committed():
+        report(done)
     batch_usage = Usage(tokens_in, tokens_out, cache_write, cache_read)
     stats.usage.add(batch_usage)
     cost = usage_cost_usd(batch_usage, model_name) if model_name else 0.0

@@ -9,7 +9,9 @@ validator will check. The shared prefix (system prompt + few-shot turns) carries
 from __future__ import annotations
 
 import json
+import numbers
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -32,10 +34,44 @@ def api_output_schema(job: BatchJob) -> dict[str, Any]:
     return _api_schema(json.dumps(job.output_schema(), sort_keys=True))
 
 
+def is_missing(value: Any) -> bool:
+    """None, NaN (float or numpy) and pandas' NA/NaT: a value that carries nothing to ask about."""
+    if value is None:
+        return True
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        try:
+            return bool(value != value)
+        except (TypeError, ValueError):  # pragma: no cover - exotic numeric types
+            return False
+    return type(value).__name__ in ("NAType", "NaTType")
+
+
+def missing_template_fields(job: BatchJob, record: Mapping[str, Any]) -> list[str]:
+    """Template fields the record lacks or holds as None/NaN, in template order."""
+    return [f for f in dict.fromkeys(job.template_fields) if f not in record or is_missing(record[f])]
+
+
 def render_prompt(job: BatchJob, record: Mapping[str, Any], record_id: Any = None) -> str:
-    """Fill the prompt template from the record, naming the record and field when one is missing."""
+    """Fill the prompt template from the record, naming the record and field when one is missing.
+
+    A field that is absent, None or NaN would render as "" or "nan": the model would then answer
+    about nothing and the answer would pass validation. Unless the job says ``on_missing_field=
+    "empty"``, that is an error here, before anything is paid for. (``"skip"`` is decided by
+    :func:`build_requests`, which leaves such records out before calling this.)
+    """
+    missing = missing_template_fields(job, record)
+    if missing and job.on_missing_field != "empty":
+        field = missing[0]
+        state = "has no such field" if field not in record else f"has {field}={record[field]!r}"
+        raise RecordError(
+            record_id,
+            "template.missing_field",
+            f"prompt_template uses {{{field}}} but the record {state} (fields: "
+            f"{', '.join(sorted(map(str, record)))}); fix the source, or pass "
+            'on_missing_field="skip" or "empty"',
+        )
     try:
-        return job.prompt_template.format_map(_RecordView(record))
+        prompt = job.prompt_template.format_map(_RecordView(record))
     except KeyError as exc:
         raise RecordError(
             record_id,
@@ -45,14 +81,46 @@ def render_prompt(job: BatchJob, record: Mapping[str, Any], record_id: Any = Non
         ) from None
     except (ValueError, TypeError, IndexError, AttributeError) as exc:
         raise RecordError(record_id, "template.format", f"cannot fill prompt_template: {exc}") from None
+    _check_encodable(job, record, record_id, prompt)
+    return prompt
+
+
+def _check_encodable(job: BatchJob, record: Mapping[str, Any], record_id: Any, prompt: str) -> None:
+    """A lone surrogate (legal in JSON text, e.g. ``"\\ud800"``) cannot be sent as UTF-8.
+
+    Found here it is a record error naming the field and the character, instead of a raw
+    UnicodeEncodeError from the spool writer that names no record at all.
+    """
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        where = f"character {exc.start} of the prompt"
+        for name in dict.fromkeys(job.template_fields):
+            value = record.get(name)
+            text = value if isinstance(value, str) else str(value)
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as inner:
+                where = f"field {name!r}, character {inner.start}"
+                break
+        bad = exc.object[exc.start : exc.end].encode("unicode_escape").decode()
+        raise RecordError(
+            record_id,
+            "text.unencodable",
+            f"{where} is {bad}, a lone surrogate that cannot be encoded as UTF-8; "
+            "fix the source text (it usually comes from a broken emoji or a bad \\u escape)",
+        ) from None
 
 
 class _RecordView(dict):
-    """Record view for ``format_map``: None renders as an empty string rather than 'None'."""
+    """Record view for ``format_map``: a missing value (None/NaN) renders as an empty string.
+
+    Only reached for such values under ``on_missing_field="empty"``; otherwise they were refused.
+    """
 
     def __getitem__(self, key: str) -> Any:
         value = super().__getitem__(key)
-        return "" if value is None else value
+        return "" if is_missing(value) else value
 
 
 def prefix_messages(job: BatchJob) -> list[dict[str, Any]]:
@@ -104,12 +172,42 @@ def build_request(
     return {"custom_id": custom_id, "params": params}
 
 
-def build_requests(job: BatchJob, records: Iterable[Mapping[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Requests for many records, checking custom_id uniqueness across the whole run."""
+@dataclass
+class SkippedRecord:
+    """A record left out under ``on_missing_field="skip"``: reported, never silently dropped."""
+
+    record_id: Any
+    position: int
+    fields: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        record_id = (
+            self.record_id if isinstance(self.record_id, (str, int, type(None))) else str(self.record_id)
+        )
+        return {"record_id": record_id, "position": self.position, "fields": self.fields}
+
+
+def build_requests(
+    job: BatchJob,
+    records: Iterable[Mapping[str, Any]],
+    *,
+    skipped: list[SkippedRecord] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Requests for many records, checking custom_id uniqueness across the whole run.
+
+    Under ``on_missing_field="skip"`` a record with a missing template field is left out and
+    appended to ``skipped`` (pass a list to see them; the submit operator reports them).
+    """
     shared = base_params(job)
     prefix = prefix_messages(job)
     seen: dict[str, str] = {}
     for position, record in enumerate(records, 1):
+        if job.on_missing_field == "skip":
+            missing = missing_template_fields(job, record)
+            if missing:
+                if skipped is not None:
+                    skipped.append(SkippedRecord(record.get(job.id_field), position, missing))
+                continue
         try:
             request = build_request(job, record, shared=shared, prefix=prefix)
         except RecordError as exc:

@@ -37,6 +37,7 @@ import orjson
 import sqlalchemy as sa
 from pydantic import BaseModel
 
+from airflow_provider_fable.core.results import Usage
 from airflow_provider_fable.core.validation import Accepted, Rejected
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 META_COLUMNS = ("_batch_id", "_model", "_input_tokens", "_output_tokens", "_loaded_at")
 REJECT_COLUMNS = ("record_id", "batch_id", "reason", "detail", "raw_answer", "retryable", "rejected_at")
 ID_TYPES = ("text", "integer")
+_NO_USAGE = Usage()
 
 
 def _check_ident(name: str, what: str) -> str:
@@ -407,25 +409,77 @@ WHERE t.{rid} IS NULL OR l.rejected_at > t._loaded_at"""
         """
         if not accepted and not rejected:
             return []
+        job, kept, refused = self.prepare_chunk(accepted, rejected, batch_id=batch_id, model=model)
+        return self.unstorable_items(kept, refused, self.store(job))
+
+    def prepare_chunk(
+        self, accepted: Sequence[Accepted], rejected: Sequence[Rejected], *, batch_id: str, model: str | None
+    ) -> tuple[StoreJob, list[Accepted], list[Rejected]]:
+        """The chunk as plain tuples (``StoreJob``), for ``store`` here or in a writer process.
+
+        Returns the job, the accepted items its rows came from (same order) and the items
+        refused before reaching the database (as ``unstorable`` rejects, already in the job).
+        """
         now = self._now()
         rows, kept, refused = self._accepted_rows(accepted, batch_id, model, now)
+        early = [_unstorable(item, message) for item, message in refused]
+        job = StoreJob(
+            rows,
+            [item.record_id for item in kept],
+            self._reject_rows([*rejected, *early], batch_id, now),
+            batch_id,
+            now,
+        )
+        return job, kept, early
+
+    @staticmethod
+    def unstorable_items(
+        kept: list[Accepted], early: list[Rejected], failed: list[tuple[int, str]]
+    ) -> list[Rejected]:
+        """The ``unstorable`` rejects of a stored chunk, from ``store``'s (index, message) list."""
+        return early + [_unstorable(kept[i], message) for i, message in failed]
+
+    def store(self, job: StoreJob) -> list[tuple[int, str]]:
+        """Write a prepared chunk in one transaction; returns (row index, message) refused.
+
+        Needs only plain tuples and this sink's SQL, so it runs the same in a writer process.
+        A refused row's reject is written in the same transaction, its raw answer rebuilt from
+        the row (the row holds every field of the answer).
+        """
         with self._transaction() as tx:
-            failed = self._write_isolating(tx, rows)
-            refused += [(kept[i], message) for i, message in failed]
-            unstorable = [
-                Rejected(
-                    item.record_id,
-                    "unstorable",
-                    f"the database refused the row: {message}",
-                    _json_text(item.data),
-                    item.usage,
-                )
-                for item, message in refused
-            ]
-            reject_rows = self._reject_rows([*rejected, *unstorable], batch_id, now)
+            failed = self._write_isolating(tx, job.rows)
+            reject_rows = job.reject_rows
+            if failed:
+                more = [
+                    _unstorable_row(
+                        job.ids[i], job.batch_id, message, self._raw_from_row(job.rows[i]), job.now
+                    )
+                    for i, message in failed
+                ]
+                reject_rows = list({r[0]: r for r in [*reject_rows, *more]}.values())
             if reject_rows:
                 tx.upsert(self.rejects, ("record_id", "batch_id"), list(REJECT_COLUMNS), reject_rows)
-        return unstorable
+        return failed
+
+    def _raw_from_row(self, row: tuple[Any, ...]) -> str:
+        """The answer's JSON (as ``_json_text`` of the accepted data) from its table row."""
+        data = {}
+        for (name, kind), value in zip(self.kinds.items(), row[1:], strict=False):
+            data[name] = orjson.loads(value) if kind == "json" and value is not None else value
+        return _json_text(data)
+
+    # ------------------------------------------------------------------ writer processes
+    def __getstate__(self) -> dict[str, Any]:
+        """For a writer process: everything but the engine (re-created from its URL there)."""
+        state = {k: v for k, v in self.__dict__.items() if k not in ("engine", "_build_row")}
+        state["_url"] = self.engine.url.render_as_string(hide_password=False)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        url = state.pop("_url")
+        self.__dict__.update(state)
+        self.engine = sa.create_engine(url)
+        self._build_row = _row_builder(self.kinds)
 
     def write_accepted(self, items: Iterable[Accepted], *, batch_id: str, model: str | None) -> int:
         """Upsert accepted rows; returns how many were stored (the rest became ``unstorable``)."""
@@ -469,6 +523,34 @@ WHERE t.{rid} IS NULL OR l.rejected_at > t._loaded_at"""
         if self._mode == "sqlalchemy":
             return _SATransaction(self)
         return _DBAPITransaction(self)
+
+
+class StoreJob(typing.NamedTuple):
+    """One chunk ready for the database: plain tuples only (cheap to send to another process)."""
+
+    rows: list[tuple[Any, ...]]
+    ids: list[str]  # record id of each row (the row may hold it as an integer)
+    reject_rows: list[tuple[Any, ...]]
+    batch_id: str
+    now: Any
+
+
+def _unstorable(item: Accepted, message: str) -> Rejected:
+    return Rejected(
+        item.record_id,
+        "unstorable",
+        f"the database refused the row: {message}",
+        _json_text(item.data),
+        item.usage,
+    )
+
+
+def _unstorable_row(record_id: str, batch_id: str, message: str, raw: str, now: Any) -> tuple[Any, ...]:
+    return ResultSink._reject_rows(
+        [Rejected(record_id, "unstorable", f"the database refused the row: {message}", raw, _NO_USAGE)],
+        batch_id,
+        now,
+    )[0]
 
 
 def _error_message(exc: BaseException) -> str:

@@ -39,22 +39,59 @@ def iter_sql(
 
 
 def iter_file(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Rows of a .csv or .jsonl/.ndjson file."""
+    """Rows of a .csv or .jsonl/.ndjson file.
+
+    CSV is read as ``utf-8-sig``: spreadsheet exports start with a byte-order mark, which plain
+    ``utf-8`` glues onto the first column name (``"\ufeffid"``), so the id field "disappears".
+    A JSONL line must hold one JSON object; anything else is named by file and line rather than
+    failing later with a bare TypeError in ``dict(record)``.
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as fh:
-            yield from csv.DictReader(fh)
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            try:
+                yield from csv.DictReader(fh)
+            except UnicodeDecodeError as exc:
+                # Decoding runs ahead of the reader in blocks, so no honest line number exists here.
+                raise ValueError(f"{path}: not UTF-8 ({exc.reason}); re-export it as UTF-8") from None
     elif suffix in (".jsonl", ".ndjson"):
-        with path.open(encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except ValueError as exc:
-                        raise ValueError(f"{path}:{n}: not a JSON object ({exc})") from None
+        with path.open("rb") as fh:
+            for n, raw in enumerate(fh, 1):
+                if n == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a BOM is not part of the first record
+                    raw = raw[3:]
+                if not raw.strip():
+                    continue
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise ValueError(
+                        f"{path}:{n}: not UTF-8 (byte {exc.start} of the line: {exc.reason})"
+                    ) from None
+                try:
+                    value = json.loads(line)
+                except ValueError as exc:
+                    raise ValueError(f"{path}:{n}: not a JSON object ({exc})") from None
+                if not isinstance(value, dict):
+                    raise ValueError(
+                        f"{path}:{n}: not a JSON object (found a JSON {_json_kind(value)}); "
+                        'each line must be one record like {"id": ..., ...}'
+                    )
+                yield value
     else:
         raise ValueError(f"unsupported records file {path}: use .csv, .jsonl or .ndjson")
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    if value is None:
+        return "null"
+    return "number"
 
 
 def iter_records(records: Any) -> Iterator[dict[str, Any]]:

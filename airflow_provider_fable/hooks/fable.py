@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 DEFAULT_TIMEOUT = 600.0
+#: Seconds to establish a connection. The ``timeout`` extra is the read/write timeout of a call
+#: (a 256 MB create can legitimately take minutes); an unreachable host should fail in seconds,
+#: as with the SDK's own default, not after ``timeout``.
+DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_MAX_RETRIES = 2
 
 _HINTS = {
@@ -55,8 +59,45 @@ class ResultsIncompleteError(FableError):
     """The results download kept breaking off; what was read is kept, the rest must be re-read."""
 
 
-def _api_error(action: str, exc: Exception, conn_id: str) -> FableApiError:
-    """Wrap an SDK exception with the failing call, the API's error type and a hint."""
+#: A 404 on a call that names no batch id means the URL itself is wrong, not the batch.
+_HINT_404_ENDPOINT = (
+    "the API has no such endpoint at this address: check the connection's base URL "
+    "(host field); it is the server root, e.g. https://api.anthropic.com"
+)
+
+
+def _not_sent(exc: Exception) -> bool:
+    """True when the connection was never established, so the request cannot have reached the API."""
+    import httpx2
+
+    cause = exc.__cause__ or exc.__context__
+    return isinstance(cause, (httpx2.ConnectError, httpx2.ConnectTimeout))
+
+
+def _base_url_hint(base_url: str | None) -> str | None:
+    if base_url and base_url.rstrip("/").endswith("/v1"):
+        return (
+            f"the base URL {base_url} ends in /v1, but the client adds /v1/... itself; "
+            "remove /v1 from the connection's host"
+        )
+    return None
+
+
+def _api_error(
+    action: str,
+    exc: Exception,
+    conn_id: str,
+    *,
+    base_url: str | None = None,
+    names_batch: bool = True,
+    scheme_assumed: bool = False,
+) -> FableApiError:
+    """Wrap an SDK exception with the failing call, the API's error type and a hint.
+
+    ``names_batch=False`` for calls that address no batch id (create, list, count tokens): a 404
+    there means a wrong base URL, not an unknown batch. ``base_url`` lets the hint name a base URL
+    ending in ``/v1`` and say where a refused connection was aimed.
+    """
     status = getattr(exc, "status_code", None)
     body = getattr(exc, "body", None)
     err_type, message = None, None
@@ -70,8 +111,23 @@ def _api_error(action: str, exc: Exception, conn_id: str) -> FableApiError:
     if err_type:
         head += f" {err_type}"
     hint = _HINTS.get(status or 0)
+    if status == 404:
+        hint = _base_url_hint(base_url) or (hint if names_batch else _HINT_404_ENDPOINT)
     if status is None:
-        hint = "could not reach the API; check the connection's base URL and the network"
+        where = f" at {base_url}" if base_url else ""
+        if _not_sent(exc):
+            hint = (
+                f"nothing answered{where} (connection refused, unreachable or connect timeout); "
+                "the request was never sent. Check the connection's host and port and that the "
+                "server is running"
+            )
+        else:
+            hint = f"could not reach the API{where}; check the connection's base URL and the network"
+        if scheme_assumed:
+            hint += (
+                "; the host had no scheme so https was assumed: for a plain-HTTP server (such as "
+                "the emulator) set the extra scheme=http (URI form: fable://:KEY@host:port?scheme=http)"
+            )
     text = f"{head}: {message} (connection {conn_id!r}"
     text += f"; {hint})" if hint else ")"
     return FableApiError(text, status_code=status, error_type=err_type)
@@ -99,8 +155,8 @@ def _retry_delay(exc: Any, attempt: int) -> float:
     return min(0.5 * 2 ** (attempt - 1), 8.0)
 
 
-def _uncertain(action: str, exc: Exception, conn_id: str) -> BatchCreateUncertainError:
-    base = _api_error(action, exc, conn_id)
+def _uncertain(action: str, exc: Exception, conn_id: str, **where: Any) -> BatchCreateUncertainError:
+    base = _api_error(action, exc, conn_id, names_batch=False, **where)
     return BatchCreateUncertainError(
         f"{base} The batch may or may not have been created: before submitting these records "
         "again, list recent batches (FableHook.list_batches) and load or cancel any that match, "
@@ -110,11 +166,15 @@ def _uncertain(action: str, exc: Exception, conn_id: str) -> BatchCreateUncertai
     )
 
 
-def _create_retry_delay(action: str, exc: Exception, attempt: int, attempts: int, conn_id: str) -> float:
+def _create_retry_delay(
+    action: str, exc: Exception, attempt: int, attempts: int, conn_id: str, **where: Any
+) -> float:
     """Seconds to wait before sending a failed create again, or raise the error that fits.
 
-    Only 429/529 prove the API refused the request before doing any work. A timeout, a dropped
-    connection or a 500-504 may hide a created (billed) batch, so those are never retried.
+    Only 429/529 and a connection that was never established (refused, unreachable, connect
+    timeout) prove nothing was created. A read timeout, a dropped connection or a 500-504 may
+    hide a created (billed) batch, so those are never retried and raise
+    :class:`BatchCreateUncertainError`. ``where`` (``base_url``, ``scheme_assumed``) sharpens hints.
     """
     import anthropic
 
@@ -122,10 +182,14 @@ def _create_retry_delay(action: str, exc: Exception, attempt: int, attempts: int
         if exc.status_code in _REFUSED_STATUSES and attempt < attempts:
             return _retry_delay(exc, attempt)
         if exc.status_code >= 500 and exc.status_code not in _REFUSED_STATUSES:
-            raise _uncertain(action, exc, conn_id) from None
+            raise _uncertain(action, exc, conn_id, **where) from None
     elif isinstance(exc, anthropic.APIConnectionError):  # includes timeouts
-        raise _uncertain(action, exc, conn_id) from None
-    raise _api_error(action, exc, conn_id) from None
+        if _not_sent(exc):
+            if attempt < attempts:
+                return min(0.5 * 2 ** (attempt - 1), 8.0)
+            raise _api_error(action, exc, conn_id, names_batch=False, **where) from None
+        raise _uncertain(action, exc, conn_id, **where) from None
+    raise _api_error(action, exc, conn_id, names_batch=False, **where) from None
 
 
 def _ended(batch: Any) -> Any:
@@ -228,8 +292,11 @@ def _count_tokens_body(params: dict[str, Any]) -> dict[str, Any]:
 class FableHook(BaseHook):
     """Interact with Anthropic's Message Batches API through an Airflow connection.
 
-    Connection fields: password = API key, host = base URL override (empty = the public API),
-    extras: ``default_model``, ``timeout`` (seconds), ``max_retries``, ``workspace_id``.
+    Connection fields: password = API key, host = base URL override (empty = the public API;
+    ``http://127.0.0.1:8787`` or ``127.0.0.1`` + port + extra ``scheme=http``), extras:
+    ``default_model``, ``timeout`` (read timeout of a call, seconds), ``connect_timeout``
+    (seconds, default 5), ``max_retries``, ``workspace_id``, ``scheme`` (``http``/``https``, for
+    a host given without one, as in the URI form ``fable://:KEY@127.0.0.1:8787?scheme=http``).
 
     :param fable_conn_id: connection id, default ``fable_default``.
     :param timeout: per-request timeout override (seconds).
@@ -279,8 +346,19 @@ class FableHook(BaseHook):
             )
         extra = conn.extra_dejson or {}
         base_url = (conn.host or "").strip().rstrip("/") or DEFAULT_BASE_URL
+        scheme = str(extra.get("scheme") or "").strip().lower().rstrip(":/")
+        if scheme not in ("", "http", "https"):
+            raise FableConfigError(
+                f"connection {self.fable_conn_id!r}: extra 'scheme' must be http or https, got {scheme!r}"
+            )
+        given = base_url.split("://", 1)[0].lower() if "://" in base_url else ""
+        if scheme and given and scheme != given:
+            raise FableConfigError(
+                f"connection {self.fable_conn_id!r}: host says {given}:// but extra scheme is {scheme!r}"
+            )
+        scheme_assumed = not (scheme or given)
         if "://" not in base_url:
-            base_url = f"https://{base_url}"
+            base_url = f"{scheme or 'https'}://{base_url}"
         if conn.port and base_url.count(":") < 2:
             base_url = f"{base_url}:{conn.port}"
 
@@ -296,6 +374,7 @@ class FableHook(BaseHook):
                 ) from None
 
         timeout = self._timeout if self._timeout is not None else _num("timeout", float, DEFAULT_TIMEOUT)
+        connect_timeout = min(timeout, _num("connect_timeout", float, DEFAULT_CONNECT_TIMEOUT))
         retries = (
             self._max_retries
             if self._max_retries is not None
@@ -305,6 +384,8 @@ class FableHook(BaseHook):
             "api_key": conn.password,
             "base_url": base_url,
             "timeout": timeout,
+            "connect_timeout": connect_timeout,
+            "scheme_assumed": scheme_assumed and base_url != DEFAULT_BASE_URL,
             "max_retries": retries,
             "workspace_id": extra.get("workspace_id") or None,
             "default_model": extra.get("default_model") or None,
@@ -319,12 +400,14 @@ class FableHook(BaseHook):
         return self._settings["default_model"]
 
     def _client_kwargs(self) -> dict[str, Any]:
+        from anthropic import Timeout
+
         s = self._settings
         headers = {"anthropic-workspace-id": s["workspace_id"]} if s["workspace_id"] else None
         return {
             "api_key": s["api_key"],
             "base_url": s["base_url"],
-            "timeout": s["timeout"],
+            "timeout": Timeout(s["timeout"], connect=s["connect_timeout"]),
             "max_retries": s["max_retries"],
             "default_headers": headers,
         }
@@ -356,7 +439,15 @@ class FableHook(BaseHook):
         try:
             return fn(*args, **kwargs)
         except anthropic.APIError as exc:
-            raise _api_error(action, exc, self.fable_conn_id) from None
+            names_batch = not action.startswith(("list batches", "count tokens"))
+            raise _api_error(
+                action, exc, self.fable_conn_id, names_batch=names_batch, **self._where()
+            ) from None
+
+    def _where(self) -> dict[str, Any]:
+        """Context for error hints: where the call was aimed and whether its scheme was guessed."""
+        s = self.__dict__.get("_settings") or {}
+        return {"base_url": s.get("base_url"), "scheme_assumed": bool(s.get("scheme_assumed"))}
 
     # ------------------------------------------------------------------ batch endpoints
     def create_batch(self, requests: list[dict[str, Any]]) -> MessageBatch:
@@ -364,26 +455,56 @@ class FableHook(BaseHook):
 
         The SDK would retry a create after a timeout or a 5xx with no idempotency key, which can
         leave two billed batches. Here the SDK's retries are off for this call; 429 and 529 (the
-        request was refused before any work) are retried with backoff, while an ambiguous failure
-        (timeout, connection drop, 500-504) raises :class:`BatchCreateUncertainError` so nobody
-        blindly pays again.
+        request was refused before any work) and a connection that was never established are
+        retried with backoff, while an ambiguous failure (read timeout, connection drop, 500-504)
+        raises :class:`BatchCreateUncertainError` so nobody blindly pays again.
         """
+        return self._create(len(requests), lambda client: client.messages.batches.create(requests=requests))
+
+    def create_batch_from_body(
+        self, body: Callable[[], Iterable[bytes]], *, count: int, size: int | None = None
+    ) -> MessageBatch:
+        """Create one batch from an already serialised ``{"requests":[...]}`` body.
+
+        ``body`` is called once per attempt and yields the JSON bytes in chunks (e.g. straight from
+        the submit task's spool file), so a 100,000-request shard is never rebuilt as Python dicts:
+        the task's memory stays flat in the number of records. ``size`` (the body's byte length)
+        is sent as Content-Length instead of chunked encoding. Same retry rule as :meth:`create_batch`.
+        """
+        from anthropic.types.messages import MessageBatch
+
+        headers = {"Content-Type": "application/json"}
+        if size is not None:
+            headers["Content-Length"] = str(size)
+        return self._create(
+            count,
+            lambda client: client.post(
+                "/v1/messages/batches", cast_to=MessageBatch, content=body(), options={"headers": headers}
+            ),
+        )
+
+    def _create(self, count: int, send: Callable[[Anthropic], MessageBatch]) -> MessageBatch:
         import anthropic
 
-        action = f"create batch of {len(requests)} requests"
+        action = f"create batch of {count} requests"
         client = self.client.with_options(max_retries=0)
         attempts = max(1, self._settings["max_retries"] + 1)
         for attempt in range(1, attempts + 1):
             try:
-                batch = client.messages.batches.create(requests=requests)
+                batch = send(client)
             except anthropic.APIError as exc:
-                delay = _create_retry_delay(action, exc, attempt, attempts, self.fable_conn_id)
+                delay = _create_retry_delay(
+                    action, exc, attempt, attempts, self.fable_conn_id, **self._where()
+                )
                 self.log.warning(
-                    "%s: HTTP %s, retrying in %.1fs", action, getattr(exc, "status_code", "?"), delay
+                    "%s: %s, retrying in %.1fs",
+                    action,
+                    f"HTTP {exc.status_code}" if getattr(exc, "status_code", None) else type(exc).__name__,
+                    delay,
                 )
                 time.sleep(delay)
                 continue
-            self.log.info("Created batch %s with %d requests", batch.id, len(requests))
+            self.log.info("Created batch %s with %d requests", batch.id, count)
             return batch
         raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
 
@@ -578,5 +699,5 @@ class FableHook(BaseHook):
             import anthropic
 
             if isinstance(exc, anthropic.APIError):
-                exc = _api_error("list batches", exc, self.fable_conn_id)
+                exc = _api_error("list batches", exc, self.fable_conn_id, names_batch=False, **self._where())
             return False, str(exc)

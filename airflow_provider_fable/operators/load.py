@@ -61,10 +61,20 @@ class FableValidateLoadOperator(BaseOperator):
         source id so incremental queries compare like with like); default: follow an existing
         table, else text.
     :param max_reject_rate: fail the task (after loading) when rejects exceed this share.
+    :param parquet_path: also (or, without ``destination_conn_id``, only) write the accepted rows
+        to this Parquet file, streamed one row group per chunk: a local path, an fsspec URL
+        (``s3://...``) or an ``ObjectStoragePath``. Needs the ``[parquet]`` extra. Templated.
+    :param parquet_rejects_path: where to write the rejects as Parquet (optional). Templated.
     :return: counts, reject reasons, value distributions, token usage and cost.
     """
 
-    template_fields: Sequence[str] = ("batch_ids", "table", "rejects_table")
+    template_fields: Sequence[str] = (
+        "batch_ids",
+        "table",
+        "rejects_table",
+        "parquet_path",
+        "parquet_rejects_path",
+    )
     ui_color = "#c6e0b4"
 
     def __init__(
@@ -72,8 +82,8 @@ class FableValidateLoadOperator(BaseOperator):
         *,
         batch_ids: Any,
         output_model: Any,
-        destination_conn_id: str,
-        table: str,
+        destination_conn_id: str | None = None,
+        table: str | None = None,
         id_column: str = "id",
         rejects_table: str | None = None,
         fable_conn_id: str = FableHook.default_conn_name,
@@ -81,9 +91,17 @@ class FableValidateLoadOperator(BaseOperator):
         id_column_type: str | None = None,
         max_reject_rate: float | None = None,
         ledger_conn_id: str | None = None,
+        parquet_path: Any = None,
+        parquet_rejects_path: Any = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if destination_conn_id is None and parquet_path is None:
+            raise ValueError("give destination_conn_id (a SQL table), parquet_path, or both")
+        if destination_conn_id is not None and not table:
+            raise ValueError("a SQL destination needs a table")
+        self.parquet_path = parquet_path
+        self.parquet_rejects_path = parquet_rejects_path
         self.ledger_conn_id = ledger_conn_id
         self.batch_ids = batch_ids
         self.output_model = output_model
@@ -99,29 +117,99 @@ class FableValidateLoadOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         model_cls = import_output_model(self.output_model)
         hook = FableHook(self.fable_conn_id)
-        engine = sqlalchemy_engine(self.destination_conn_id)
+        engine = sqlalchemy_engine(self.destination_conn_id) if self.destination_conn_id else None
         ledger = open_ledger(self.ledger_conn_id, self.fable_conn_id, self.log)
         try:
             return self._load(hook, engine, model_cls, ledger)
         finally:
             hook.close()
-            engine.dispose()
+            if engine is not None:
+                engine.dispose()
             ledger.engine.dispose()
+
+    def _with_parquet(self, sink: ResultSink | None, model_cls: Any) -> Any:
+        """The sink ``load_batch`` writes to: the SQL table, a Parquet file, or both."""
+        if self.parquet_path is None:
+            return sink
+        from airflow_provider_fable.core.parquet import ParquetSink, TeeSink
+
+        lake = ParquetSink(
+            self.parquet_path,
+            id_column=self.id_column,
+            output_model=model_cls,
+            rejects_path=self.parquet_rejects_path,
+            id_type=sink.id_type if sink is not None else self.id_column_type or "text",
+        )
+        return lake if sink is None else TeeSink(sink, lake)
 
     def _load(
         self, hook: FableHook, engine: Any, model_cls: Any, ledger: Ledger | None = None
     ) -> dict[str, Any]:
-        sink = ResultSink(
-            engine,
-            table=self.table,
-            id_column=self.id_column,
-            output_model=model_cls,
-            rejects_table=self.rejects_table,
-            id_type=self.id_column_type,
-        )
-        sink.ensure_tables()
+        sink = None
+        if engine is not None:
+            sink = ResultSink(
+                engine,
+                table=self.table or "",
+                id_column=self.id_column,
+                output_model=model_cls,
+                rejects_table=self.rejects_table,
+                id_type=self.id_column_type,
+            )
+            sink.ensure_tables()
+        target = self._with_parquet(sink, model_cls)
+        lake = getattr(target, "lake", target) if self.parquet_path is not None else None
         stats = LoadStats()
         stale = [0]
+        try:
+            self._load_batches(hook, model_cls, ledger, target, stats, stale)
+        except BaseException:
+            if lake is not None:
+                lake.abort()  # no half-written file; the SQL rows already committed stay
+            raise
+        if lake is not None:
+            lake.close()
+        if stale[0]:
+            self.log.warning(
+                "Dropped %d answer(s) from batches that are no longer their record's current batch "
+                "(a newer batch replaced them; loading them would overwrite newer answers)",
+                stale[0],
+            )
+        summary = {
+            **stats.summary(),
+            "table": self.table if sink is not None else None,
+            "rejects_table": sink.rejects.name if sink is not None else None,
+            "stale_dropped": stale[0],
+        }
+        if self.parquet_path is not None:
+            summary["parquet_path"] = str(self.parquet_path)
+            if self.parquet_rejects_path is not None:
+                summary["parquet_rejects_path"] = str(self.parquet_rejects_path)
+        u = stats.usage
+        self.log.info(
+            "Loaded %d accepted rows into %s; %d rejected %s; tokens in=%d out=%d cache_write=%d "
+            "cache_read=%d; cost $%s",
+            stats.accepted, self.table or self.parquet_path, stats.rejected, dict(stats.reasons.most_common(5)),
+            u.input_tokens, u.output_tokens, u.cache_creation_input_tokens, u.cache_read_input_tokens,
+            summary["cost_usd"],
+        )  # fmt: skip
+        total = summary["records"]
+        if self.max_reject_rate is not None and total and stats.rejected / total > self.max_reject_rate:
+            raise FableError(
+                f"{stats.rejected}/{total} results rejected ({stats.rejected / total:.1%}), over "
+                f"max_reject_rate {self.max_reject_rate:.1%}; accepted rows are loaded, see "
+                f"{summary['rejects_table'] or self.parquet_rejects_path or 'the task log'} for reasons"
+            )
+        return summary
+
+    def _load_batches(
+        self,
+        hook: FableHook,
+        model_cls: Any,
+        ledger: Ledger | None,
+        target: Any,
+        stats: LoadStats,
+        stale: list[int],
+    ) -> None:
         for batch_id in normalise_batch_ids(self.batch_ids):
             results: Iterable[BatchResult] = hook.iter_results(batch_id)
             on_outcomes = None
@@ -142,7 +230,7 @@ class FableValidateLoadOperator(BaseOperator):
                 results,
                 batch_id=batch_id,
                 output_model=model_cls,
-                sink=sink,
+                sink=target,
                 stats=stats,
                 chunk_size=self.chunk_size,
                 on_outcomes=on_outcomes,
@@ -153,31 +241,3 @@ class FableValidateLoadOperator(BaseOperator):
                 stats.accepted,
                 stats.rejected,
             )
-        if stale[0]:
-            self.log.warning(
-                "Dropped %d answer(s) from batches that are no longer their record's current batch "
-                "(a newer batch replaced them; loading them would overwrite newer answers)",
-                stale[0],
-            )
-        summary = {
-            **stats.summary(),
-            "table": self.table,
-            "rejects_table": sink.rejects.name,
-            "stale_dropped": stale[0],
-        }
-        u = stats.usage
-        self.log.info(
-            "Loaded %d accepted rows into %s; %d rejected %s; tokens in=%d out=%d cache_write=%d "
-            "cache_read=%d; cost $%s",
-            stats.accepted, self.table, stats.rejected, dict(stats.reasons.most_common(5)),
-            u.input_tokens, u.output_tokens, u.cache_creation_input_tokens, u.cache_read_input_tokens,
-            summary["cost_usd"],
-        )  # fmt: skip
-        total = summary["records"]
-        if self.max_reject_rate is not None and total and stats.rejected / total > self.max_reject_rate:
-            raise FableError(
-                f"{stats.rejected}/{total} results rejected ({stats.rejected / total:.1%}), over "
-                f"max_reject_rate {self.max_reject_rate:.1%}; accepted rows are loaded, see "
-                f"{sink.rejects.name} for reasons"
-            )
-        return summary

@@ -3,7 +3,8 @@
 Every request is built and checked before the first batch is created, so a bad record (missing
 id, duplicate id, a field the template needs) fails the task before anything is paid for, with the
 record and the rule named. Requests are split into batches under the API's limits (100,000
-requests / 256 MB) and spooled to a temporary file, so memory holds one shard at a time.
+requests / 256 MB) and spooled to a temporary file (``core.spool``); each create body is streamed
+from the spool, so memory stays flat in the number of records (never a shard of dicts).
 
 Exactly-once (see docs/ledger.md): every record's state lives in the job ledger
 (``core.ledger``). Before each paid ``create`` the shard's *intent* is written; right after it, the
@@ -38,12 +39,13 @@ from airflow_provider_fable.core.ledger import (
     Ledger,
     RecordState,
 )
-from airflow_provider_fable.core.requests import build_requests
-from airflow_provider_fable.core.sharding import MAX_BATCH_BYTES, MAX_REQUESTS_PER_BATCH, shard_requests
+from airflow_provider_fable.core.requests import SkippedRecord, build_requests
+from airflow_provider_fable.core.sharding import MAX_BATCH_BYTES, MAX_REQUESTS_PER_BATCH
 from airflow_provider_fable.core.sources import iter_records, iter_sql
+from airflow_provider_fable.core.spool import SpooledShard, iter_body, spool_requests
 from airflow_provider_fable.hooks.fable import FableHook
 from airflow_provider_fable.hooks.ledger import batch_candidates, open_ledger
-from airflow_provider_fable.hooks.sql import sqlalchemy_engine
+from airflow_provider_fable.hooks.sql import preflight_destination, sqlalchemy_engine
 
 RERUN_MODES = ("failed", "retryable")
 #: Test-only fault seam: ``after_intent:N``, ``after_create:N``, ``after_state_store:N``,
@@ -55,6 +57,8 @@ RERUN_MODES = ("failed", "retryable")
 KILL_ENV = "FABLE_FAULT_KILL_AT"
 _STATE_KEY = "fable_batches"  # task state store key: {shard digest: batch id}
 _LEDGER_CHUNK = 1000
+#: How many records left out by ``on_missing_field="skip"`` the manifest lists by id (all are counted).
+_SKIPPED_IN_MANIFEST = 100
 
 
 class InjectedFault(FableError):
@@ -137,8 +141,15 @@ class FableBatchSubmitOperator(BaseOperator):
     :param resubmit: send every selected record again even when it already has a batch (pays again).
     :param orphan_policy: ``"fail"`` (default) or ``"resubmit"``: what to do with an intent that
         never recorded its batch when several listed batches could be it.
+    :param on_missing_field: a record whose template field is missing, None or NaN: ``"error"``
+        (default: the task fails naming record and field, before anything is paid for), ``"skip"``
+        (left out, listed in the manifest's ``missing_field_skipped`` and logged) or ``"empty"``
+        (rendered as "").
+    :param destination_conn_id: when set, a pre-flight check runs before the first create: the
+        SQL connection the load task will write to exists and is supported, ``destination_table``
+        and ``destination_id_column`` are valid names and the output model is storable there.
     :return: manifest ``{"batch_ids", "request_count", "model", "job_fingerprint", "shards",
-        "submitted", "attached", "skipped", "run_key"}``.
+        "submitted", "attached", "skipped", "run_key"}`` (+ ``missing_field_skipped``).
     """
 
     template_fields: Sequence[str] = ("sql", "sql_parameters", "rerun", "rerun_job")
@@ -170,6 +181,11 @@ class FableBatchSubmitOperator(BaseOperator):
         skip_done: bool = False,
         resubmit: bool = False,
         orphan_policy: str = "fail",
+        on_missing_field: str = "error",
+        destination_conn_id: str | None = None,
+        destination_table: str | None = None,
+        destination_id_column: str = "id",
+        destination_rejects_table: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -201,6 +217,16 @@ class FableBatchSubmitOperator(BaseOperator):
         self.skip_done = skip_done
         self.resubmit = resubmit
         self.orphan_policy = orphan_policy
+        if on_missing_field not in ("error", "skip", "empty"):
+            raise ValueError(f"{self.task_id}: on_missing_field must be 'error', 'skip' or 'empty'")
+        self.on_missing_field = on_missing_field
+        if destination_conn_id and not destination_table:
+            raise ValueError(f"{self.task_id}: destination_conn_id= needs destination_table=")
+        self.destination_conn_id = destination_conn_id
+        self.destination_table = destination_table
+        self.destination_id_column = destination_id_column
+        self.destination_rejects_table = destination_rejects_table
+        self.skipped: list[SkippedRecord] = []
 
     def build_job(self, hook: FableHook | None = None) -> BatchJob:
         model = self.model or (hook.default_model if hook else None) or DEFAULT_MODEL
@@ -214,6 +240,7 @@ class FableBatchSubmitOperator(BaseOperator):
             max_tokens=self.max_tokens,
             temperature=self.temperature,
             cache_prompt_prefix=self.cache_prompt_prefix,
+            on_missing_field=self.on_missing_field,
         )
 
     def iter_source(self, engine: Any = None) -> Iterator[dict[str, Any]]:
@@ -221,10 +248,22 @@ class FableBatchSubmitOperator(BaseOperator):
             return iter_sql(engine, self.sql, self.sql_parameters)
         return iter_records(self.records)
 
+    def preflight(self, job: BatchJob) -> None:
+        """Destination checks the load task would otherwise hit after paying (see ``core.preflight``)."""
+        if self.destination_conn_id:
+            preflight_destination(
+                self.destination_conn_id,
+                table=self.destination_table or "",
+                output_model=job.output_model,
+                id_column=self.destination_id_column,
+                rejects_table=self.destination_rejects_table,
+            )
+
     # ------------------------------------------------------------------ execute
     def execute(self, context: Any) -> dict[str, Any]:
         hook = FableHook(self.fable_conn_id)
         job = self.build_job(hook)
+        self.preflight(job)
         engine = sqlalchemy_engine(self.sql_conn_id) if self.sql is not None else None
         ledger = open_ledger(self.ledger_conn_id, self.fable_conn_id, self.log)
         try:
@@ -382,30 +421,52 @@ class _Submission:
                 records.append(record)
                 yield record
 
-        for request in build_requests(self.job, remember()):
-            yield request, records.pop()
+        self.op.skipped = []
+        for request in build_requests(self.job, remember(), skipped=self.op.skipped):
+            # The record just consumed is the last one; records skipped before it are dropped too.
+            record = records[-1]
+            records.clear()
+            yield request, record
 
-    def _spool(self, requests: Iterator[dict[str, Any]], spool: IO[bytes]) -> list[tuple[int, int, int, str]]:
-        """Write the shards to ``spool``; (offset, count, bytes, sha256) per shard."""
-        shards = []
-        for shard in shard_requests(
-            requests, max_requests=self.op.max_requests_per_batch, max_bytes=self.op.max_bytes_per_batch
-        ):
-            start = spool.tell()
-            h = hashlib.sha256()
-            for request in shard:
-                line = json.dumps(request, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
-                h.update(line)
-                spool.write(line)
-            shards.append((start, len(shard), spool.tell() - start, h.hexdigest()))
-        return shards
+    def _spool(self, requests: Iterator[dict[str, Any]], spool: IO[bytes]) -> list[SpooledShard]:
+        """Write the shards to ``spool`` (``core.spool``: one request in memory at a time)."""
+        return spool_requests(
+            requests,
+            spool,
+            max_requests=self.op.max_requests_per_batch,
+            max_bytes=self.op.max_bytes_per_batch,
+        )
 
-    def _submit(
-        self, spool: IO[bytes], shards: list[tuple[int, int, int, str]], plan: dict[str, Any]
-    ) -> dict[str, Any]:
+    def _shard_rows(
+        self, spool: IO[bytes], shard: SpooledShard, plan: dict[str, Any]
+    ) -> tuple[list[tuple[str, str, str]], str, int]:
+        """Ledger rows (record id, custom_id, request hash), shard digest and byte size, line by line.
+
+        Only the small rows are kept: each request is parsed, hashed and dropped, so the shard is
+        never held as a list of dicts (the body itself is streamed by ``iter_body``).
+        """
+        spool.seek(shard.offset)
+        digest = hashlib.sha256()
+        rows = []
+        size = 0
+        for _ in range(shard.count):
+            line = spool.readline()
+            digest.update(line)
+            size += len(line)
+            r = json.loads(line)
+            rows.append(
+                (
+                    plan["ids"].get(r["custom_id"], r["custom_id"]),
+                    r["custom_id"],
+                    hashlib.sha256(json.dumps(r, sort_keys=True, ensure_ascii=False).encode()).hexdigest(),
+                )
+            )
+        return rows, digest.hexdigest(), size
+
+    def _submit(self, spool: IO[bytes], shards: list[SpooledShard], plan: dict[str, Any]) -> dict[str, Any]:
         job = self.job
         attached: dict[str, int] = plan["attached"]
-        new = sum(count for _, count, _, _ in shards)
+        new = sum(shard.count for shard in shards)
         manifest: dict[str, Any] = {
             "batch_ids": list(attached),
             "request_count": new + sum(attached.values()),
@@ -417,6 +478,18 @@ class _Submission:
             "skipped": plan["skipped"],
             "run_key": self.run_key,
         }
+        missing = self.op.skipped
+        if missing:
+            manifest["missing_field_skipped"] = {
+                "count": len(missing),
+                "records": [m.as_dict() for m in missing[:_SKIPPED_IN_MANIFEST]],
+            }
+            self.log.warning(
+                "Left out %d record(s) with a missing/None/NaN template field (on_missing_field='skip'): %s",
+                len(missing),
+                ", ".join(f"{m.record_id!r} (#{m.position}: {', '.join(m.fields)})" for m in missing[:20])
+                + (" ..." if len(missing) > 20 else ""),
+            )
         if attached:
             self.log.info(
                 "Re-attached %d record(s) to %d batch(es) already created for job %s: %s",
@@ -434,28 +507,27 @@ class _Submission:
             self.job_id,
         )
         created: list[str] = []
-        for n, (offset, count, size, digest) in enumerate(shards, 1):
-            spool.seek(offset)
-            requests = [json.loads(spool.readline()) for _ in range(count)]
-            rows = [
-                (
-                    plan["ids"].get(r["custom_id"], r["custom_id"]),
-                    r["custom_id"],
-                    hashlib.sha256(json.dumps(r, sort_keys=True, ensure_ascii=False).encode()).hexdigest(),
-                )
-                for r in requests
-            ]
+        for n, shard in enumerate(shards, 1):
+            count = shard.count
+            rows, digest, size = self._shard_rows(spool, shard, plan)
             intent = self.ledger.write_intent(
                 self.job_id, run_key=self.run_key, shard=n, records=rows, byte_size=size,
                 model=job.model, api=self.api, digest=digest,
             )  # fmt: skip
+            del rows
             _kill_point("after_intent", n, self.try_number)
             try:
-                batch = self.hook.create_batch(requests)
+                batch = self.hook.create_batch_from_body(
+                    lambda shard=shard: iter_body(spool, shard), count=count, size=shard.body_bytes
+                )
             except FableError as exc:
+                done = (
+                    f"after {len(created)} batch(es) were created ({', '.join(created)})"
+                    if created
+                    else "before this task had created any batch"
+                )
                 raise FableError(
-                    f"creating batch {n}/{len(shards)} failed after {len(created)} batch(es) were created "
-                    f"({', '.join(created) or 'none'}). The ledger holds this shard's intent: a retry "
+                    f"creating batch {n}/{len(shards)} failed {done}. The ledger holds this shard's intent: a retry "
                     f"re-attaches to what exists and reconciles this shard against the API's batch list "
                     f"(orphan_policy={self.op.orphan_policy!r}) before paying again. Cause: {exc}"
                 ) from exc
