@@ -38,6 +38,7 @@ bench: install
 	$(PY) bench/load_hook.py
 	$(PY) bench/parquet.py
 	$(PY) bench/submit.py
+	$(PY) bench/triggerer.py
 	$(PY) bench/ledger.py
 
 # A wheel and an sdist in dist/ (what `pip install dist/airflow_provider_fable-*.whl` installs).
@@ -47,7 +48,7 @@ dist:
 
 # Re-resolve the lock after changing dependencies in pyproject.toml.
 lock:
-	$(UV) pip compile pyproject.toml --extra postgres --extra parquet --extra emulator --extra testing --extra dev --universal --python-version 3.10 -o requirements.lock
+	$(UV) pip compile pyproject.toml --extra postgres --extra parquet --extra emulator --extra testing --extra dev --extra bench --universal --python-version 3.10 -o requirements.lock
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache dist build *.egg-info

@@ -44,10 +44,12 @@ def get_provider_info() -> dict[str, Any]:
                 "integration-name": "Anthropic Message Batches",
                 "python-modules": [
                     "airflow_provider_fable.operators.submit",
+                    "airflow_provider_fable.operators.batch",
                     "airflow_provider_fable.operators.load",
                 ],
             }
         ],
+        "extra-links": ["airflow_provider_fable.links.FableBatchLink"],
         "sensors": [
             {
                 "integration-name": "Anthropic Message Batches",

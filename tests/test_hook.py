@@ -272,3 +272,45 @@ def test_hook_repr_and_errors_never_carry_the_key(hook):
     with pytest.raises(FableApiError) as info:
         hook.retrieve_batch("msgbatch_missing")
     assert TEST_API_KEY not in str(info.value)
+
+
+def test_results_status_read_tolerates_transient_errors_like_the_sensor(fable_emulator_factory, monkeypatch):
+    """Issue 6 item 9: a 5xx streak on the status read before a download no longer fails the load."""
+    server = fable_emulator_factory(
+        faults={
+            "http_error_first_n": 3,
+            "http_error_codes": [500, 503, 529],
+            "http_error_endpoints": ["retrieve"],
+        }
+    )
+    point_connection_at(server, max_retries=0)
+    monkeypatch.setattr(FableHook, "results_status_backoff", 0.01)
+    hook = FableHook()
+    batch = hook.create_batch(requests_for(4))
+    ids = sorted(json.loads(line)["custom_id"] for line in hook.iter_result_lines(batch.id))
+    assert ids == [f"r{i}" for i in range(4)]
+
+
+def test_results_status_read_gives_up_on_a_final_error(fable_emulator_factory, monkeypatch):
+    server = fable_emulator_factory(
+        faults={"http_error_first_n": 10, "http_error_codes": [500], "http_error_endpoints": ["retrieve"]}
+    )
+    point_connection_at(server, max_retries=0)
+    monkeypatch.setattr(FableHook, "results_status_backoff", 0.01)
+    monkeypatch.setattr(FableHook, "results_status_attempts", 3)
+    hook = FableHook()
+    batch = hook.create_batch(requests_for(2))
+    with pytest.raises(FableApiError, match="500|server"):
+        list(hook.iter_result_lines(batch.id))
+
+
+async def test_async_results_status_read_tolerates_transient_errors(fable_emulator_factory, monkeypatch):
+    server = fable_emulator_factory(
+        faults={"http_error_first_n": 2, "http_error_codes": [502], "http_error_endpoints": ["retrieve"]}
+    )
+    point_connection_at(server, max_retries=0)
+    monkeypatch.setattr(FableHook, "results_status_backoff", 0.01)
+    hook = FableHook()
+    batch = hook.create_batch(requests_for(3))
+    ids = sorted([json.loads(line)["custom_id"] async for line in hook.aiter_result_lines(batch.id)])
+    assert ids == [f"r{i}" for i in range(3)]

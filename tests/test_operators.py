@@ -146,9 +146,13 @@ def test_sensor_poke_mode_waits_then_returns_summaries(fable_emulator_factory):
     from airflow_provider_fable.hooks.fable import FableHook
 
     FableHook().cancel_batch(manifest["batch_ids"][0])
+    with pytest.raises(FableError, match="canceled: msgbatch_"):  # canceled from outside fails by default
+        sensor.poke({})
+    sensor.accept_incomplete = True
     done = sensor.poke({})
     assert done.is_done is True
     assert done.xcom_value["batches"][0]["request_counts"]["canceled"] == 7
+    assert done.xcom_value["outcome"] == "partial"
 
 
 def test_trigger_serializes_and_fires_when_batches_end(fable_emulator_factory):

@@ -55,6 +55,25 @@ class FableApiError(FableError):
         self.error_type = error_type
 
 
+def is_transient_api_error(exc: BaseException) -> bool:
+    """API errors worth another try: eventual-consistency 404s, 408/409/429/5xx, network trouble.
+
+    Configuration errors (no key) and other 4xx are final: retrying them only delays the alert.
+    The sensor, the trigger and the load's status read share this rule, so a hiccup the wait
+    tolerated does not fail the load that follows it.
+    """
+    if not isinstance(exc, FableApiError):
+        return False
+    status = exc.status_code
+    return status is None or status in (404, 408, 409, 429) or status >= 500
+
+
+#: Status reads a results download makes before giving up on transient errors (each already
+#: includes the SDK's own retries), and the first back-off in seconds (doubled each time, <= 30 s).
+RESULTS_STATUS_ATTEMPTS = 5
+RESULTS_STATUS_BACKOFF = 2.0
+
+
 class ResultsIncompleteError(FableError):
     """The results download kept breaking off; what was read is kept, the rest must be re-read."""
 
@@ -307,6 +326,10 @@ class FableHook(BaseHook):
     default_conn_name = "fable_default"
     conn_type = "fable"
     hook_name = "Fable (Anthropic Message Batches)"
+    #: Transient-error tolerance of the status read before a results download (see
+    #: :meth:`_retrieve_for_results`); class attributes so a test or a subclass can shorten them.
+    results_status_attempts = RESULTS_STATUS_ATTEMPTS
+    results_status_backoff = RESULTS_STATUS_BACKOFF
 
     def __init__(
         self,
@@ -511,6 +534,31 @@ class FableHook(BaseHook):
     def retrieve_batch(self, batch_id: str) -> MessageBatch:
         return self._call(f"retrieve batch {batch_id}", self.client.messages.batches.retrieve, batch_id)
 
+    def _status_retry_delay(self, batch_id: str, exc: FableApiError, attempt: int) -> float:
+        """Seconds to wait before the next status read, or re-raise when the error is final."""
+        if not is_transient_api_error(exc) or attempt >= self.results_status_attempts:
+            raise exc
+        delay = min(self.results_status_backoff * 2 ** (attempt - 1), 30.0)
+        self.log.warning(
+            "Reading the status of batch %s failed (%s); transient, trying again in %.1f s (%d/%d)",
+            batch_id, exc, delay, attempt, self.results_status_attempts,
+        )  # fmt: skip
+        return delay
+
+    def _retrieve_for_results(self, batch_id: str) -> MessageBatch:
+        """The batch's status before a results download, tolerating transient API errors.
+
+        The sensor already tolerates several transient errors in a row; without the same rule
+        here a single 5xx between the wait and the download would fail the load task.
+        """
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return self.retrieve_batch(batch_id)
+            except FableApiError as exc:
+                time.sleep(self._status_retry_delay(batch_id, exc, attempt))
+
     def list_batches(
         self, *, limit: int = 100, after_id: str | None = None, before_id: str | None = None
     ) -> Iterator[MessageBatch]:
@@ -553,7 +601,7 @@ class FableHook(BaseHook):
         import anthropic
         import httpx2
 
-        lines = _ResumableLines(_ended(self.retrieve_batch(batch_id)))
+        lines = _ResumableLines(_ended(self._retrieve_for_results(batch_id)))
         for attempt in range(1, max_attempts + 1):
             lines.restart()
             try:
@@ -581,14 +629,21 @@ class FableHook(BaseHook):
 
     # ------------------------------------------------------------------ async (triggers)
     async def aclient(self) -> AsyncAnthropic:
-        """The async client, created inside the running loop after an async connection read.
+        """The async client of this hook, built in a worker thread after an async connection read.
+
+        Waits on batches use :func:`airflow_provider_fable.hooks.shared_client.shared_client`
+        instead (one client per connection per triggerer, not one per hook).
 
         Reading the connection first matters: a sync ``get_connection`` inside the triggerer's
         event loop fails (or blocks it) in Airflow 3.
         """
         await self.aload_connection()
         if "_async_client" not in self.__dict__:
-            self.__dict__["_async_client"] = self.get_async_client()
+            import asyncio
+
+            # Importing the SDK (seconds, cold) and building the client (TLS context, pool) would
+            # stall every other coroutine of the loop: do both in a worker thread.
+            self.__dict__["_async_client"] = await asyncio.to_thread(self.get_async_client)
         return self.__dict__["_async_client"]
 
     async def _acall(self, action: str, call: Any) -> Any:
@@ -625,6 +680,18 @@ class FableHook(BaseHook):
             f"retrieve batch {batch_id}", lambda c: c.messages.batches.retrieve(batch_id)
         )
 
+    async def _aretrieve_for_results(self, batch_id: str) -> MessageBatch:
+        """Async twin of :meth:`_retrieve_for_results`."""
+        import asyncio
+
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self.aretrieve_batch(batch_id)
+            except FableApiError as exc:
+                await asyncio.sleep(self._status_retry_delay(batch_id, exc, attempt))
+
     async def alist_batches(self, *, limit: int = 100) -> AsyncIterator[MessageBatch]:
         import anthropic
 
@@ -652,7 +719,7 @@ class FableHook(BaseHook):
         import anthropic
         import httpx2
 
-        lines = _ResumableLines(_ended(await self.aretrieve_batch(batch_id)))
+        lines = _ResumableLines(_ended(await self._aretrieve_for_results(batch_id)))
         client = await self.aclient()
         for attempt in range(1, max_attempts + 1):
             lines.restart()

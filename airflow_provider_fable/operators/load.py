@@ -193,6 +193,16 @@ class FableValidateLoadOperator(BaseOperator):
             summary["cost_usd"],
         )  # fmt: skip
         total = summary["records"]
+        if total and not stats.accepted and set(stats.reasons) <= {"canceled", "expired", "errored"}:
+            # A canceled or all-expired batch used to end in a green load of zero rows. (Answers
+            # that came back and were rejected on validation are not this case: a rerun of
+            # rejected records may legitimately be rejected again, and the rejects say why.)
+            raise FableError(
+                f"nothing was accepted: all {total} results of batches "
+                f"{', '.join(normalise_batch_ids(self.batch_ids))} were rejected (reasons: "
+                f"{dict(stats.reasons.most_common(5))}); see "
+                f"{summary['rejects_table'] or self.parquet_rejects_path or 'the task log'}"
+            )
         if self.max_reject_rate is not None and total and stats.rejected / total > self.max_reject_rate:
             raise FableError(
                 f"{stats.rejected}/{total} results rejected ({stats.rejected / total:.1%}), over "

@@ -46,6 +46,7 @@ from airflow_provider_fable.core.spool import SpooledShard, iter_body, spool_req
 from airflow_provider_fable.hooks.fable import FableHook
 from airflow_provider_fable.hooks.ledger import batch_candidates, open_ledger
 from airflow_provider_fable.hooks.sql import preflight_destination, sqlalchemy_engine
+from airflow_provider_fable.links import FableBatchLink
 
 RERUN_MODES = ("failed", "retryable")
 #: Test-only fault seam: ``after_intent:N``, ``after_create:N``, ``after_state_store:N``,
@@ -155,6 +156,7 @@ class FableBatchSubmitOperator(BaseOperator):
     template_fields: Sequence[str] = ("sql", "sql_parameters", "rerun", "rerun_job")
     template_ext: Sequence[str] = (".sql",)
     ui_color = "#e8b594"
+    operator_extra_links = (FableBatchLink(),)
 
     def __init__(
         self,

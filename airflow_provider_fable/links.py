@@ -1,0 +1,45 @@
+"""Operator extra link: from a submit, sensor or batch task to its batch in the Anthropic console.
+
+Airflow 3 resolves extra links in the worker when the task finishes or defers (``finalize``) and
+stores the URL in XCom for the UI, so ``get_link`` sees the executed operator: the batch ids are
+the ones it actually used (rendered templates, ids created by the submit). Several batches link
+to the console's batch list (their ids are in the task log); one batch links to its own page.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.sdk import BaseOperatorLink
+
+from airflow_provider_fable.core.manifest import normalise_batch_ids
+
+#: The console pages for Message Batches (the batch page is the list page + the batch id).
+CONSOLE_BATCHES_URL = "https://console.anthropic.com/workspaces/default/batches"
+
+
+def console_url(batch_ids: list[str]) -> str:
+    if len(batch_ids) == 1:
+        return f"{CONSOLE_BATCHES_URL}/{batch_ids[0]}"
+    return CONSOLE_BATCHES_URL
+
+
+class FableBatchLink(BaseOperatorLink):
+    """ "Anthropic console" button on tasks that create or wait on batches."""
+
+    name = "Anthropic console"
+
+    def get_link(self, operator: Any, *, ti_key: Any) -> str:
+        ids = getattr(operator, "link_batch_ids", None)
+        if ids is None:
+            try:  # the submit operator's manifest (its return value)
+                from airflow.sdk.execution_time.xcom import XCom
+
+                ids = XCom.get_value(ti_key=ti_key, key="return_value")
+            except Exception:  # noqa: BLE001 - no link is better than a failed task finalize
+                ids = None
+        try:
+            ids = normalise_batch_ids(ids) if ids else []
+        except ValueError:
+            ids = []
+        return console_url(ids) if ids else ""

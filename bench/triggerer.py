@@ -1,0 +1,204 @@
+"""Benchmark: thousands of deferred waits in one event loop, ours vs the official provider's trigger.
+
+What a triggerer pays per wait: N concurrent waits poll the emulator from one asyncio loop for a
+fixed wall time; each contender runs in its own fresh process (with Airflow's task SDK loaded, as
+in a triggerer, and nothing else), and reports
+
+- CPU milliseconds per poll in the steady window (process CPU / retrieves the emulator served),
+- the worst event-loop lag (a 20 ms heartbeat's overshoot) during start-up and in the window.
+
+Contenders: ``FableBatchTrigger`` (shared client per connection, plain HTTP poll, jitter) and the
+official ``airflow.providers.anthropic.triggers.batch.AnthropicBatchTrigger`` (sync SDK per
+trigger through ``asyncio.to_thread``), installed by the ``bench`` extra. The emulator runs in a
+separate process (its CPU is not counted); batches never end during the run.
+
+Run: ``.venv/bin/python bench/triggerer.py [--waits 1000 10000] [--poll 10] [--window 30]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+KEY = "bench-key"
+HEARTBEAT = 0.02
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _retrieves(base: str) -> int:
+    with urllib.request.urlopen(f"{base}/_emulator/stats") as resp:
+        return json.load(resp)["calls"].get("retrieve", 0)
+
+
+def _create_batches(base: str, count: int) -> list[str]:
+    ids = []
+    body = {"requests": [{"custom_id": "r0", "params": {"model": "claude-haiku-4-5", "max_tokens": 8,
+                                                           "messages": [{"role": "user", "content": "x"}]}}]}  # fmt: skip
+    for _ in range(count):
+        req = urllib.request.Request(
+            f"{base}/v1/messages/batches",
+            data=json.dumps(body).encode(),
+            headers={"x-api-key": KEY, "content-type": "application/json", "anthropic-version": "2023-06-01"},
+        )
+        with urllib.request.urlopen(req) as resp:
+            ids.append(json.load(resp)["id"])
+    return ids
+
+
+# ----------------------------------------------------------------------------- one contender
+async def _heartbeat(lags: list[float], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        t = time.perf_counter()
+        await asyncio.sleep(HEARTBEAT)
+        lags.append(time.perf_counter() - t - HEARTBEAT)
+
+
+def _trigger(kind: str, batch_id: str, poll: float) -> object:
+    if kind == "ours":
+        from airflow_provider_fable.triggers.batch import FableBatchTrigger
+
+        return FableBatchTrigger(batch_ids=[batch_id], poll_interval=poll, deadline=time.time() + 86400)
+    from airflow.providers.anthropic.triggers.batch import AnthropicBatchTrigger
+
+    return AnthropicBatchTrigger(conn_id="anthropic_default", batch_id=batch_id, poll_interval=poll,
+                                 end_time=time.time() + 86400)  # fmt: skip
+
+
+async def _run_worker(kind: str, base: str, ids: list[str], waits: int, poll: float, window: float) -> dict:
+    async def wait(n: int) -> None:
+        async for _ in _trigger(kind, ids[n % len(ids)], poll).run():
+            return
+
+    stop = asyncio.Event()
+    lags: list[float] = []
+    beat = asyncio.ensure_future(_heartbeat(lags, stop))
+    tasks = [asyncio.ensure_future(wait(n)) for n in range(waits)]
+    # Start-up: every wait builds what it needs and polls at least once (one poll interval + slack).
+    await asyncio.sleep(poll * 1.5)
+    startup_lag = max(lags, default=0.0)
+    lags.clear()
+    cpu0, polls0 = time.process_time(), await asyncio.to_thread(_retrieves, base)
+    await asyncio.sleep(window)
+    cpu1, polls1 = time.process_time(), await asyncio.to_thread(_retrieves, base)
+    steady_lag = max(lags, default=0.0)
+    stop.set()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, beat, return_exceptions=True)
+    polls = polls1 - polls0
+    return {
+        "kind": kind,
+        "waits": waits,
+        "polls": polls,
+        "cpu_ms_per_poll": (cpu1 - cpu0) * 1000 / max(polls, 1),
+        "startup_lag_ms": startup_lag * 1000,
+        "steady_lag_ms": steady_lag * 1000,
+        "polls_per_s": polls / window,
+    }
+
+
+def worker(args: argparse.Namespace) -> None:
+    import logging
+
+    # What a triggerer has loaded before any trigger runs; the contenders import the rest.
+    import airflow.sdk  # noqa: F401
+    import airflow.sdk.execution_time.supervisor  # noqa: F401
+    import airflow.triggers.base  # noqa: F401
+
+    logging.getLogger().setLevel(logging.WARNING)
+    ids = json.loads(os.environ["BENCH_BATCH_IDS"])
+    result = asyncio.run(_run_worker(args.worker, args.base, ids, args.waits_one, args.poll, args.window))
+    print(json.dumps(result))
+
+
+# ----------------------------------------------------------------------------- driver
+def _run_contender(kind: str, base: str, ids: list[str], waits: int, args: argparse.Namespace) -> dict:
+    env = dict(os.environ)
+    env.update(
+        {
+            "BENCH_BATCH_IDS": json.dumps(ids),
+            "AIRFLOW_CONN_FABLE_DEFAULT": json.dumps({"conn_type": "fable", "password": KEY, "host": base}),
+            "AIRFLOW_CONN_ANTHROPIC_DEFAULT": json.dumps(
+                {"conn_type": "anthropic", "password": KEY, "host": base}
+            ),
+            "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
+        }
+    )
+    cmd = [sys.executable, __file__, "--worker", kind, "--base", base, "--waits-one", str(waits),
+           "--poll", str(args.poll), "--window", str(args.window)]  # fmt: skip
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"{kind} worker failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--waits", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--poll", type=float, default=10.0, help="poll interval of every wait (s)")
+    parser.add_argument("--window", type=float, default=30.0, help="steady-state measurement window (s)")
+    parser.add_argument("--batches", type=int, default=200, help="distinct batch ids the waits share")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--base", help=argparse.SUPPRESS)
+    parser.add_argument("--waits-one", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    emulator = subprocess.Popen(
+        [sys.executable, "-m", "airflow_provider_fable.emulator", "--port", str(port),
+         "--processing-seconds", "1000000", "--api-key", KEY],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                _retrieves(base)
+                break
+            except OSError:
+                if time.time() > deadline or emulator.poll() is not None:
+                    raise SystemExit("the emulator did not start") from None
+                time.sleep(0.2)
+        ids = _create_batches(base, args.batches)
+        for waits in args.waits:
+            ours = _run_contender("ours", base, ids, waits, args)
+            official = _run_contender("official", base, ids, waits, args)
+            for r in (ours, official):
+                print(
+                    f"{r['kind']:>8}: waits={waits} polls={r['polls']} ({r['polls_per_s']:.0f}/s) "
+                    f"cpu_ms_per_poll={r['cpu_ms_per_poll']:.3f} worst_lag_ms startup={r['startup_lag_ms']:.0f} "
+                    f"steady={r['steady_lag_ms']:.0f}"
+                )
+            # 10,000 waits at a 60 s poll = 166.7 polls/s; extrapolated from the measured CPU per poll.
+            core_share = ours["cpu_ms_per_poll"] / 1000 * 10000 / 60
+            print(
+                f"bench triggerer: waits={waits} poll_s={args.poll:g} "
+                f"ours_cpu_ms_per_poll={ours['cpu_ms_per_poll']:.3f} "
+                f"official_cpu_ms_per_poll={official['cpu_ms_per_poll']:.3f} "
+                f"ours_worst_lag_ms={max(ours['startup_lag_ms'], ours['steady_lag_ms']):.0f} "
+                f"official_worst_lag_ms={max(official['startup_lag_ms'], official['steady_lag_ms']):.0f} "
+                f"ours_10k_waits_60s_poll_core_share={core_share:.1%} "
+                f"vs_baseline={official['cpu_ms_per_poll'] / max(ours['cpu_ms_per_poll'], 1e-9):.2f}"
+            )
+    finally:
+        emulator.terminate()
+        emulator.wait(10)
+
+
+if __name__ == "__main__":
+    main()
