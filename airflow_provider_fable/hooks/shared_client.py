@@ -145,9 +145,14 @@ def _build(conn_id: str, kwargs: dict[str, Any]) -> SharedAsyncClient:
     """Runs in a worker thread: the TLS context and the pool are built off the loop."""
     import httpx
 
+    # The hook hands the SDK a Timeout object (read and connect limits apart); a bare number is
+    # accepted too. A poll never waits longer than POLL_TIMEOUT for its answer.
+    timeout = kwargs.get("timeout")
+    read = getattr(timeout, "read", timeout) or POLL_TIMEOUT
+    connect = getattr(timeout, "connect", None) or 10.0
     http = httpx.AsyncClient(
         base_url=kwargs["base_url"],
-        timeout=httpx.Timeout(min(POLL_TIMEOUT, kwargs.get("timeout") or POLL_TIMEOUT), connect=10.0),
+        timeout=httpx.Timeout(min(POLL_TIMEOUT, read), connect=min(connect, POLL_TIMEOUT)),
         limits=httpx.Limits(max_connections=POOL_SIZE, max_keepalive_connections=POOL_SIZE),
     )
     return SharedAsyncClient(conn_id, http, request_headers(kwargs))
