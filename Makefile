@@ -43,6 +43,7 @@ bench: install
 	$(PY) bench/submit.py
 	$(PY) bench/triggerer.py
 	$(PY) bench/dag_parse.py
+	$(PY) bench/ledger.py
 
 # A wheel and an sdist in dist/ (what `pip install dist/airflow_provider_fable-*.whl` installs).
 dist:

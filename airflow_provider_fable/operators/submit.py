@@ -52,9 +52,10 @@ from airflow_provider_fable.operators.guarded import SubmitGuardrailsMixin
 RERUN_MODES = ("failed", "retryable")
 #: Test-only fault seam: ``after_intent:N``, ``after_create:N``, ``after_state_store:N``,
 #: ``after_ledger:N`` or ``between_shards:N`` SIGKILLs the process at that point of shard N
-#: (1-based), exactly like an OOM kill or a lost worker would; with a ``raise:`` prefix the first
-#: try raises there instead (so Airflow's own retry can be watched in-process). Unset in every
-#: real deployment.
+#: (1-based), exactly like an OOM kill or a lost worker would; with a ``raise:`` prefix it raises
+#: there instead (so Airflow's own retry can be watched in-process). Either fires on the first
+#: try only (Airflow's ``try_number``, which holds across worker processes), so a deployment with
+#: the variable set sees its retries succeed. Unset in every real deployment.
 KILL_ENV = "FABLE_FAULT_KILL_AT"
 _STATE_KEY = "fable_batches"  # task state store key: {shard digest: batch id}
 _LEDGER_CHUNK = 1000
@@ -70,9 +71,11 @@ def _kill_point(name: str, shard: int, try_number: int = 1) -> None:
     wanted = os.environ.get(KILL_ENV)
     if not wanted:
         return
+    if try_number > 1:
+        return
     if wanted == f"{name}:{shard}":
         os.kill(os.getpid(), signal.SIGKILL)
-    if wanted == f"raise:{name}:{shard}" and try_number <= 1:
+    if wanted == f"raise:{name}:{shard}":
         raise InjectedFault(f"injected fault at {name} of shard {shard} ({KILL_ENV})")
 
 
