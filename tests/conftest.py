@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
+from typing import Any
 
 import pytest
 
@@ -50,12 +52,10 @@ def sqlite_engine(tmp_path):
     engine.dispose()
 
 
-@pytest.fixture
-def pg_engine() -> Iterator[object]:
-    """A private schema on the local PostgreSQL; skipped (never under CI=true) when none answers."""
+def require_pg(engine: Any) -> None:
+    """Skip the test when no PostgreSQL answers on ``engine`` (fail instead under CI=true)."""
     import sqlalchemy as sa
 
-    engine = sa.create_engine(PG_URL)
     try:
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
@@ -64,6 +64,37 @@ def pg_engine() -> Iterator[object]:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"PostgreSQL must be reachable in CI at {PG_URL}: {exc}")
         pytest.skip(f"no PostgreSQL server answers at {PG_URL} ({type(exc).__name__})")
+
+
+@contextmanager
+def private_pg_database(prefix: str) -> Iterator[Any]:
+    """A throwaway database on the local PostgreSQL (its URL), dropped WITH FORCE on exit.
+
+    Shared by the tests that need a whole database rather than a schema: Airflow's metadata DB
+    of the real-deployment tests, and a ledger reached through an Airflow connection.
+    """
+    import sqlalchemy as sa
+
+    admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    require_pg(admin)
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {name}"))
+    try:
+        yield sa.engine.make_url(PG_URL).set(database=name)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
+
+
+@pytest.fixture
+def pg_engine() -> Iterator[object]:
+    """A private schema on the local PostgreSQL; skipped (never under CI=true) when none answers."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(PG_URL)
+    require_pg(engine)
     schema = f"fable_test_{uuid.uuid4().hex[:8]}"
     with engine.begin() as conn:
         conn.execute(sa.text(f"CREATE SCHEMA {schema}"))

@@ -29,15 +29,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
 
 from airflow_provider_fable.hooks.fable import FableHook
 from airflow_provider_fable.testing.plugin import TEST_API_KEY, point_connection_at
+from tests.conftest import private_pg_database
 
-PG = "postgresql+psycopg2://postgres@127.0.0.1:5432"
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
 
 DAG_FILE = """
@@ -109,24 +108,8 @@ class Api:
 
 @pytest.fixture
 def metadata_db():
-    import sqlalchemy as sa
-
-    admin = sa.create_engine(f"{PG}/postgres", isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-    except Exception as exc:  # noqa: BLE001
-        admin.dispose()
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"PostgreSQL must be reachable in CI: {exc}")
-        pytest.skip(f"no PostgreSQL server answers on 127.0.0.1:5432 ({type(exc).__name__})")
-    name = f"fable_deploy_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE {name}"))
-    yield f"{PG}/{name}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-    admin.dispose()
+    with private_pg_database("fable_deploy") as url:
+        yield url.render_as_string(hide_password=False)
 
 
 def test_real_deployment_defers_waits_and_cancels_on_kill(metadata_db, fable_emulator_factory, tmp_path):

@@ -338,33 +338,24 @@ def test_an_older_batch_never_overwrites_a_newer_answer(fable_emulator_factory, 
 @pytest.fixture
 def pg_ledger_conn(pg_engine, monkeypatch):
     """An Airflow postgres connection ``pg_ledger`` to a private database on the local server."""
-    import uuid
+    from tests.conftest import private_pg_database
 
-    from tests.conftest import PG_URL
-
-    name = f"fable_ledger_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE {name}"))
-    url = sa.engine.make_url(PG_URL)
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_PG_LEDGER",
-        json.dumps(
-            {
-                "conn_type": "postgres",
-                "host": url.host,
-                "port": url.port or 5432,
-                "login": url.username,
-                "schema": name,
-            }
-        ),
-    )
-    engine = sa.create_engine(url.set(database=name))
-    yield engine
-    engine.dispose()
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"DROP DATABASE {name} WITH (FORCE)"))
-    admin.dispose()
+    with private_pg_database("fable_ledger") as url:
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_PG_LEDGER",
+            json.dumps(
+                {
+                    "conn_type": "postgres",
+                    "host": url.host,
+                    "port": url.port or 5432,
+                    "login": url.username,
+                    "schema": url.database,
+                }
+            ),
+        )
+        engine = sa.create_engine(url)
+        yield engine
+        engine.dispose()
 
 
 def test_ledger_on_postgresql_through_the_operators(fable_emulator_factory, dbs, pg_ledger_conn):

@@ -39,7 +39,7 @@ import pytest
 import sqlalchemy as sa
 
 from airflow_provider_fable.testing.plugin import TEST_API_KEY
-from tests.conftest import PG_URL
+from tests.conftest import private_pg_database
 
 #: Where the first try dies: a SIGKILL at one of the operator's fault points, or (last case) the
 #: emulator creates shard 1's batch and drops the connection before answering.
@@ -129,24 +129,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def metadata_db() -> Iterator[str]:
     """A throwaway PostgreSQL database for Airflow's metadata, dropped at the end."""
-    admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-    except Exception as exc:  # noqa: BLE001 - any connection failure means "no server here"
-        admin.dispose()
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"PostgreSQL must be reachable in CI at {PG_URL}: {exc}")
-        pytest.skip(f"no PostgreSQL server answers at {PG_URL} ({type(exc).__name__})")
-    name = f"fable_airflow_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"CREATE DATABASE {name}"))
-    try:
-        yield sa.engine.make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        admin.dispose()
+    with private_pg_database("fable_airflow") as url:
+        yield url.render_as_string(hide_password=False)
 
 
 class Deployment:
