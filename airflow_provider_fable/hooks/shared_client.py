@@ -67,9 +67,7 @@ class SharedAsyncClient:
 
             raise FableApiError(f"{action}: unreadable answer ({exc}); connection {self.conn_id!r}") from None
 
-    async def _json(
-        self, action: str, method: str, path: str, params: dict[str, Any] | None = None
-    ) -> Any:
+    async def _json(self, action: str, method: str, path: str, params: dict[str, Any] | None = None) -> Any:
         import httpx
 
         try:
@@ -104,7 +102,9 @@ class SharedAsyncClient:
         if not isinstance(page, dict) or not isinstance(page.get("data"), list):
             from airflow_provider_fable.hooks.fable import FableApiError
 
-            raise FableApiError(f"list batches: unreadable answer (no data list); connection {self.conn_id!r}")
+            raise FableApiError(
+                f"list batches: unreadable answer (no data list); connection {self.conn_id!r}"
+            )
         return page
 
     async def cancel(self, batch_id: str) -> str:
