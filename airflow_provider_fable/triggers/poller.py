@@ -54,7 +54,7 @@ LIST_PAGE_MIN = 100
 #: Pages a round may read beyond what its watched ids could fill before falling back to retrieves.
 EXTRA_PAGES = 2
 #: Waits woken per loop iteration when a round ends.
-DISPATCH_CHUNK = 100
+DISPATCH_CHUNK = 32
 
 
 class ConnectionSetupError(FableError):
