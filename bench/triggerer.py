@@ -153,17 +153,22 @@ def worker(args: argparse.Namespace) -> None:
     import airflow.triggers.base  # noqa: F401
 
     logging.getLogger().setLevel(logging.WARNING)
-    ids = json.loads(os.environ["BENCH_BATCH_IDS"])
+    with open(os.environ["BENCH_BATCH_IDS_FILE"]) as f:
+        ids = json.load(f)
     result = asyncio.run(_run_worker(args.worker, args.base, ids, args.waits_one, args.poll, args.window))
     print(json.dumps(result))
 
 
 # ----------------------------------------------------------------------------- driver
 def _run_contender(kind: str, base: str, ids: list[str], waits: int, poll: float, window: float) -> dict:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(ids, f)  # 10,000 ids are too long for one environment variable
     env = dict(os.environ)
     env.update(
         {
-            "BENCH_BATCH_IDS": json.dumps(ids),
+            "BENCH_BATCH_IDS_FILE": f.name,
             "AIRFLOW_CONN_FABLE_DEFAULT": json.dumps({"conn_type": "fable", "password": KEY, "host": base}),
             "AIRFLOW_CONN_ANTHROPIC_DEFAULT": json.dumps(
                 {"conn_type": "anthropic", "password": KEY, "host": base}
@@ -173,7 +178,10 @@ def _run_contender(kind: str, base: str, ids: list[str], waits: int, poll: float
     )
     cmd = [sys.executable, __file__, "--worker", kind, "--base", base, "--waits-one", str(waits),
            "--poll", str(poll), "--window", str(window)]  # fmt: skip
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    try:
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    finally:
+        os.unlink(f.name)
     if out.returncode != 0:
         raise SystemExit(f"{kind} worker failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

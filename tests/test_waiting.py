@@ -510,6 +510,28 @@ def test_list_paging_across_more_than_one_page(fable_emulator_factory, monkeypat
     assert calls.get("retrieve", 0) == 0
 
 
+def test_a_refused_list_endpoint_falls_back_to_retrieves(fable_emulator_factory):
+    # A final 4xx on list (a key or host that does not serve it) must not fail the waits.
+    server = fable_emulator_factory(
+        processing_retrieves=2,
+        faults={"http_error_first_n": 100, "http_error_codes": "400", "http_error_endpoints": "list"},
+    )
+    point_connection_at(server)
+    ids = create(4, per_batch=1)
+    payloads, poller = run_triggers([FableBatchTrigger(batch_ids=ids, poll_interval=0.05)])
+    assert payloads[0]["status"] == "success", payloads[0]["message"]
+    calls = stats(server)["calls"]
+    assert calls["list"] == 1 and calls["retrieve"] == 4 * 2  # listing tried once, then retrieves
+
+
+def test_console_link_uses_the_documented_batches_page():
+    from airflow_provider_fable.links import console_url
+
+    page = "https://platform.claude.com/settings/workspaces/default/batches"
+    assert console_url(["msgbatch_a", "msgbatch_b"]) == page
+    assert console_url(["msgbatch_a"]) == page + "#msgbatch_a"
+
+
 def test_one_wait_on_one_batch_only_retrieves(fable_emulator_factory):
     server = fable_emulator_factory(processing_retrieves=2)
     point_connection_at(server)

@@ -17,7 +17,9 @@ wait with as few list pages as it takes:
 - a round with fewer than ``LIST_MIN_IDS`` ids (one trigger on one batch) only retrieves: a page
   of other batches would cost more than it saves;
 - a failed list call (429, 5xx, network) fails the round for every wait in it, which each count
-  as one failed poll and retry at their next turn, exactly as a failed retrieve would.
+  as one failed poll and retry at their next turn, exactly as a failed retrieve would; a final
+  4xx from the list endpoint (refused for this key, or a page size it no longer takes) switches
+  the connection to plain retrieves instead of failing waits that retrieves would serve.
 
 Timing. A watch is due ``poll_interval`` (+-``jitter``) after its previous turn, and a round takes
 every watch due within the jitter window after the earliest one, so waits with the same interval
@@ -35,6 +37,7 @@ takes a few milliseconds (bench/triggerer.py measures the worst loop lag with it
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import random
 import weakref
@@ -44,6 +47,8 @@ from typing import Any
 from airflow_provider_fable.core.errors import FableError
 from airflow_provider_fable.core.terminal import epoch, summary_from_json
 from airflow_provider_fable.hooks.shared_client import POOL_SIZE, shared_client
+
+log = logging.getLogger(__name__)
 
 #: Fewest distinct ids in a round that are read by listing; fewer are retrieved one by one.
 LIST_MIN_IDS = 3
@@ -109,6 +114,8 @@ class BatchPoller:
         self._kick = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
         self._created: dict[str, float] = {}  # batch id -> created_at (epoch), learned from reads
+        #: Set when the list endpoint answered with a final 4xx: only retrieves from then on.
+        self.list_refused = False
         #: Counters for tests and the benchmark: rounds, list pages, retrieves, polls served.
         self.stats = {"rounds": 0, "list_calls": 0, "retrieves": 0, "polls": 0}
 
@@ -198,11 +205,16 @@ class BatchPoller:
     async def _read(self, client: Any, ids: list[str]) -> dict[str, Any]:
         """Summary (or the FableError of its read) for every id."""
         out: dict[str, Any] = {}
-        if len(ids) >= LIST_MIN_IDS:
+        if len(ids) >= LIST_MIN_IDS and not self.list_refused:
             try:
                 out.update(await self._list(client, ids))
             except FableError as exc:
-                return dict.fromkeys(ids, exc)
+                if getattr(exc, "status_code", None) not in (400, 403, 404, 405, 422):
+                    return dict.fromkeys(ids, exc)  # 429/5xx/network: a failed poll for each wait
+                # The endpoint (or its page size) is refused for this key/host: the waits must
+                # not fail for a shortcut, so this connection retrieves from now on.
+                self.list_refused = True
+                log.warning("Listing batches refused (%s); polling each batch on its own from now on", exc)
         missing = [b for b in ids if b not in out]
         if missing:
             gate = asyncio.Semaphore(POOL_SIZE)
