@@ -460,20 +460,32 @@ def run_triggers(triggers: list[FableBatchTrigger]) -> tuple[list[dict], dict]:
     return asyncio.run(main())
 
 
-def test_many_triggers_share_one_list_call_per_round(fable_emulator_factory, monkeypatch):
+@pytest.mark.parametrize(
+    ("waits", "page_max", "reads_to_end", "pages_per_round"),
+    [
+        (40, 1000, 3, 1),  # one list call per round serves all 40 waits
+        (25, 10, 2, 3),  # pages of 10: three pages per round (after_id cursor)
+    ],
+)
+def test_many_triggers_share_one_list_round(
+    fable_emulator_factory, monkeypatch, waits, page_max, reads_to_end, pages_per_round
+):
     from airflow_provider_fable.triggers import batch as trigger_module
+    from airflow_provider_fable.triggers import poller as poller_module
 
     monkeypatch.setattr(trigger_module, "START_SPREAD", 0.0)  # all start in the same instant
-    server = fable_emulator_factory(processing_retrieves=3)
+    monkeypatch.setattr(poller_module, "LIST_PAGE_MAX", page_max)
+    server = fable_emulator_factory(processing_retrieves=reads_to_end)
     point_connection_at(server)
-    ids = create(40, per_batch=1)
+    ids = create(waits, per_batch=1)
     payloads, poller = run_triggers([FableBatchTrigger(batch_ids=[b], poll_interval=0.2) for b in ids])
     assert {p["status"] for p in payloads} == {"success"}
     calls = stats(server)["calls"]
-    # Each batch ends on its third status read: three rounds, each ONE list call for all 40 waits.
-    assert calls["list"] == poller["list_calls"] == poller["rounds"] == 3
+    # Each batch ends on its N-th status read: N rounds, each the same list pages for every wait.
+    assert poller["rounds"] == reads_to_end
+    assert calls["list"] == poller["list_calls"] == reads_to_end * pages_per_round
     assert calls.get("retrieve", 0) == 0
-    assert poller["polls"] == 40 * 3 and all(p["polls"] == 3 for p in payloads)
+    assert poller["polls"] == waits * reads_to_end and all(p["polls"] == reads_to_end for p in payloads)
 
 
 def test_batch_missing_from_the_list_falls_back_to_retrieve(fable_emulator_factory, monkeypatch):
@@ -491,23 +503,6 @@ def test_batch_missing_from_the_list_falls_back_to_retrieve(fable_emulator_facto
     calls = stats(server)["calls"]
     assert calls["list"] == poller["rounds"] == 2  # one page per round, then the budget is spent
     assert calls["retrieve"] == 3 * 2  # each watched batch retrieved in each round
-
-
-def test_list_paging_across_more_than_one_page(fable_emulator_factory, monkeypatch):
-    from airflow_provider_fable.triggers import batch as trigger_module
-    from airflow_provider_fable.triggers import poller as poller_module
-
-    monkeypatch.setattr(trigger_module, "START_SPREAD", 0.0)
-    monkeypatch.setattr(poller_module, "LIST_PAGE_MAX", 10)
-    server = fable_emulator_factory(processing_retrieves=2)
-    point_connection_at(server)
-    ids = create(25, per_batch=1)
-    payloads, poller = run_triggers([FableBatchTrigger(batch_ids=[b], poll_interval=0.2) for b in ids])
-    assert {p["status"] for p in payloads} == {"success"}
-    calls = stats(server)["calls"]
-    # 25 watched batches, pages of 10: three pages per round (after_id), two rounds, no retrieve.
-    assert poller["rounds"] == 2 and calls["list"] == poller["list_calls"] == 6
-    assert calls.get("retrieve", 0) == 0
 
 
 def test_a_refused_list_endpoint_falls_back_to_retrieves(fable_emulator_factory):
