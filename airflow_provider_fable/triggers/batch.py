@@ -225,7 +225,8 @@ class FableBatchTrigger(BaseTrigger):
                 else:
                     polls += 1
                     errors = 0
-                    self._latest.update(fresh)
+                    for batch_id in self._pending():
+                        self._latest[batch_id] = fresh[batch_id]
                 summaries = [self._latest.get(b) or _unknown(b) for b in self.batch_ids]
                 if deadline is None:
                     deadline = default_deadline(summaries, self.deadline_margin)
