@@ -12,12 +12,14 @@ of the same task); keep ``retries=0`` here, or use the three-task form, whose wa
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow_provider_fable.core.terminal import DEFAULT_DEADLINE_MARGIN
 from airflow_provider_fable.links import FableBatchLink
 from airflow_provider_fable.operators.submit import FableBatchSubmitOperator
-from airflow_provider_fable.sensors.batch import FableBatchSensor
+
+if TYPE_CHECKING:  # imported where used (parse time stays cheap)
+    from airflow_provider_fable.sensors.batch import FableBatchSensor
 
 
 class FableBatchOperator(FableBatchSubmitOperator):
@@ -57,6 +59,8 @@ class FableBatchOperator(FableBatchSubmitOperator):
 
     def _waiter(self, manifest: dict[str, Any]) -> FableBatchSensor:
         """The sensor logic, not added to any DAG: one code path for every way of waiting."""
+        from airflow_provider_fable.sensors.batch import FableBatchSensor
+
         waiter = FableBatchSensor(
             task_id=f"{self.task_id}__wait",
             batch_ids=manifest,
