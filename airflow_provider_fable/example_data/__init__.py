@@ -140,12 +140,6 @@ def iso(value: datetime) -> str:
 #: The selection modes of the example DAGs' ``params.mode`` (as in ``support_ticket_triage``).
 MODES = ("auto", "interval", "backlog", "failed")
 
-#: What the example DAGs pass to their submit operators' ``rerun=``: in ``mode=failed`` each stage
-#: sends the selected records its job has not accepted (see ``FableBatchSubmitOperator``), so a
-#: rejected record is paid for again and an accepted one is never re-sent.
-RERUN_TEMPLATE = "{{ 'unaccepted' if params.mode == 'failed' else '' }}"
-
-
 def run_mode(context: Mapping[str, Any], mode: str = "auto") -> tuple[str, tuple[str, str] | None]:
     """(effective mode, ``created_at`` window or None) of a run of an example DAG.
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from airflow_provider_fable.core.terminal import DEFAULT_DEADLINE_MARGIN
 from airflow_provider_fable.links import FableBatchLink
 from airflow_provider_fable.operators.submit import FableBatchSubmitOperator
 
@@ -41,7 +40,7 @@ class FableBatchOperator(FableBatchSubmitOperator):
         poll_interval: float = 60.0,
         deferrable: bool = True,
         timeout: float | None = None,
-        deadline_margin: float = DEFAULT_DEADLINE_MARGIN,
+        deadline_margin: float = 30 * 60.0,  # core.terminal.DEFAULT_DEADLINE_MARGIN (tested equal)
         fail_on_partial: bool = False,
         accept_incomplete: bool = False,
         max_consecutive_errors: int = 10,

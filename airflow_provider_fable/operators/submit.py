@@ -28,8 +28,6 @@ from typing import IO, TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 
 from airflow_provider_fable import DEFAULT_CONN_ID
-from airflow_provider_fable.core.errors import FableError
-from airflow_provider_fable.core.sharding import MAX_BATCH_BYTES, MAX_REQUESTS_PER_BATCH
 from airflow_provider_fable.links import FableBatchLink
 from airflow_provider_fable.operators.guarded import SubmitGuardrailsMixin
 
@@ -55,10 +53,6 @@ _LEDGER_CHUNK = 1000
 _SKIPPED_IN_MANIFEST = 100
 
 
-class InjectedFault(FableError):
-    """Raised at a ``raise:`` fault point (tests only)."""
-
-
 def _kill_point(name: str, shard: int, try_number: int = 1) -> None:
     wanted = os.environ.get(KILL_ENV)
     if not wanted:
@@ -68,6 +62,11 @@ def _kill_point(name: str, shard: int, try_number: int = 1) -> None:
     if wanted == f"{name}:{shard}":
         os.kill(os.getpid(), signal.SIGKILL)
     if wanted == f"raise:{name}:{shard}":
+        from airflow_provider_fable.core.errors import FableError
+
+        class InjectedFault(FableError):
+            """Raised at a ``raise:`` fault point (tests only)."""
+
         raise InjectedFault(f"injected fault at {name} of shard {shard} ({KILL_ENV})")
 
 
@@ -192,8 +191,8 @@ class FableBatchSubmitOperator(SubmitGuardrailsMixin, BaseOperator):
         sql_conn_id: str | None = None,
         sql_parameters: dict[str, Any] | None = None,
         fable_conn_id: str = DEFAULT_CONN_ID,
-        max_requests_per_batch: int = MAX_REQUESTS_PER_BATCH,
-        max_bytes_per_batch: int = MAX_BATCH_BYTES,
+        max_requests_per_batch: int | None = None,
+        max_bytes_per_batch: int | None = None,
         ledger_conn_id: str | None = None,
         rerun: str | None = None,
         rerun_job: Any = None,
@@ -240,6 +239,7 @@ class FableBatchSubmitOperator(SubmitGuardrailsMixin, BaseOperator):
         self.sql_conn_id = sql_conn_id
         self.sql_parameters = sql_parameters
         self.fable_conn_id = fable_conn_id
+        # None: the API's limits (core.sharding), resolved when the shards are cut.
         self.max_requests_per_batch = max_requests_per_batch
         self.max_bytes_per_batch = max_bytes_per_batch
         self.ledger_conn_id = ledger_conn_id
@@ -506,13 +506,14 @@ class _Submission:
 
     def _spool(self, requests: Iterator[dict[str, Any]], spool: IO[bytes]) -> list[SpooledShard]:
         """Write the shards to ``spool`` (``core.spool``: one request in memory at a time)."""
+        from airflow_provider_fable.core.sharding import MAX_BATCH_BYTES, MAX_REQUESTS_PER_BATCH
         from airflow_provider_fable.core.spool import spool_requests
 
         return spool_requests(
             requests,
             spool,
-            max_requests=self.op.max_requests_per_batch,
-            max_bytes=self.op.max_bytes_per_batch,
+            max_requests=self.op.max_requests_per_batch or MAX_REQUESTS_PER_BATCH,
+            max_bytes=self.op.max_bytes_per_batch or MAX_BATCH_BYTES,
         )
 
     def _shard_rows(
@@ -542,6 +543,7 @@ class _Submission:
         return rows, digest.hexdigest(), size
 
     def _submit(self, spool: IO[bytes], shards: list[SpooledShard], plan: dict[str, Any]) -> dict[str, Any]:
+        from airflow_provider_fable.core.errors import FableError
         from airflow_provider_fable.core.spool import iter_body
 
         job = self.job

@@ -23,9 +23,6 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
 from airflow_provider_fable import DEFAULT_CONN_ID
-from airflow_provider_fable.core.errors import FableError
-from airflow_provider_fable.core.manifest import normalise_batch_ids
-from airflow_provider_fable.core.terminal import DEFAULT_DEADLINE_MARGIN
 from airflow_provider_fable.links import FableBatchLink
 
 if TYPE_CHECKING:  # imported where used: parsing a DAG file that names the sensor stays cheap
@@ -74,7 +71,7 @@ class FableBatchSensor(BaseSensorOperator):
         poll_interval: float = 60.0,
         deferrable: bool = True,
         timeout: float | None = None,
-        deadline_margin: float = DEFAULT_DEADLINE_MARGIN,
+        deadline_margin: float = 30 * 60.0,  # core.terminal.DEFAULT_DEADLINE_MARGIN (tested equal)
         fail_on_partial: bool = False,
         accept_incomplete: bool = False,
         max_consecutive_errors: int = 10,
@@ -138,6 +135,7 @@ class FableBatchSensor(BaseSensorOperator):
         A 404 right after create (eventual consistency) or a 5xx must not fail a wait that the
         trigger would simply have retried; ``max_consecutive_errors`` in a row do.
         """
+        from airflow_provider_fable.core.errors import FableError
         from airflow_provider_fable.triggers.batch import batch_summary, is_transient
 
         try:
@@ -157,6 +155,8 @@ class FableBatchSensor(BaseSensorOperator):
         return summaries
 
     def _ids(self) -> list[str]:
+        from airflow_provider_fable.core.manifest import normalise_batch_ids
+
         ids = normalise_batch_ids(self.batch_ids)
         self.link_batch_ids = ids
         return ids
@@ -195,6 +195,8 @@ class FableBatchSensor(BaseSensorOperator):
 
     def _finish(self, verdict: Verdict, summaries: list[dict[str, Any]], waited_in: str) -> dict[str, Any]:
         """Log the batches, then return the manifest or raise the verdict's failure."""
+        from airflow_provider_fable.core.errors import FableError
+
         for s in summaries:
             self.log.info("Batch %s %s: %s", s["id"], s["processing_status"], s["request_counts"])
         if not verdict.ok:
@@ -205,6 +207,8 @@ class FableBatchSensor(BaseSensorOperator):
         return manifest
 
     def _cancel(self, hook: FableHook, batch_ids: Sequence[str]) -> None:
+        from airflow_provider_fable.core.errors import FableError
+
         for batch_id in batch_ids:
             try:
                 hook.cancel_batch(batch_id)
@@ -271,6 +275,7 @@ class FableBatchSensor(BaseSensorOperator):
         )
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
+        from airflow_provider_fable.core.errors import FableError
         from airflow_provider_fable.core.terminal import Verdict
 
         status = event.get("status")
@@ -285,6 +290,7 @@ class FableBatchSensor(BaseSensorOperator):
 
     def on_kill(self) -> None:
         """Killed while poking from a worker: cancel the batches (the trigger does it when deferred)."""
+        from airflow_provider_fable.core.manifest import normalise_batch_ids
         from airflow_provider_fable.hooks.fable import FableHook
 
         try:
