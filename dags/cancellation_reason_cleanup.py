@@ -44,6 +44,7 @@ from airflow_provider_fable.sensors.batch import FableBatchSensor
 FABLE_CONN_ID = "fable_default"
 BACKLOG_CONN_ID = os.environ.get("FABLE_BACKLOG_CONN_ID", "fable_backlog_db")
 POLL_SECONDS = float(os.environ.get("FABLE_POLL_SECONDS", "60"))
+RETRY_DELAY = timedelta(seconds=float(os.environ.get("FABLE_RETRY_DELAY_SECONDS", "120")))
 CLEAN_TABLE = "cancellation_reasons_clean"
 REVIEW_TABLE = "cancellation_reason_review"
 CLEAN_ASSET = Asset(name=CLEAN_TABLE, uri=f"x-fable://backlog/{CLEAN_TABLE}")
@@ -174,7 +175,7 @@ with DAG(
         ),
         "mode": Param("auto", enum=["auto", "interval", "backlog", "failed"], description="Which rows"),
     },
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=2)},
+    default_args={"retries": 2, "retry_delay": RETRY_DELAY},
     tags=["fable", "backlog", "example", "cleanup"],
     doc_md=__doc__,
 ) as dag:

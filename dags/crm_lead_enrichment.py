@@ -8,13 +8,13 @@ a second batch of the same run, only the leads whose first answer is not good en
 
 * rejected (bad JSON, schema, invariant, errored/expired) by the cheap stage;
 * ``evidence`` that is not a verbatim quote of the record (an invented specific);
-* ``unknown`` in any field on a high-value account (``pipeline_value_usd >= params.high_value_usd``);
-* ``confidence`` below ``params.min_confidence`` (default 0.5, the prompt's "unsure") on an answer
+* ``unknown`` in any field on a high-value account (``pipeline_value_usd >= HIGH_VALUE_USD``);
+* ``confidence`` below ``MIN_CONFIDENCE`` (0.5, the prompt's "unsure") on an answer
   that inferred something: a guess. An all-``unknown`` answer on a low-value lead stays: the cheap
   model declined to guess, and there is no evidence for the strong one to find either.
 
-``finalize`` writes one row per lead into ``lead_enrichment`` (the Asset downstream DAGs can be
-scheduled on) with the stage and model that produced it; ``report`` returns escalation counts,
+``report`` writes one row per lead into ``lead_enrichment`` (the Asset downstream DAGs can be
+scheduled on) with the stage and model that produced it, and returns escalation counts,
 the cost of each stage against running everything on Fable 5, and per-field accuracy on the
 labelled subset bundled with the data.
 
@@ -50,9 +50,16 @@ from airflow_provider_fable.sensors.batch import FableBatchSensor
 FABLE_CONN_ID = "fable_default"
 BACKLOG_CONN_ID = os.environ.get("FABLE_BACKLOG_CONN_ID", "fable_backlog_db")
 POLL_SECONDS = float(os.environ.get("FABLE_POLL_SECONDS", "60"))
+RETRY_DELAY = timedelta(seconds=float(os.environ.get("FABLE_RETRY_DELAY_SECONDS", "120")))
 LEAD_ENRICHMENT = Asset(name="lead_enrichment", uri="x-fable://backlog/lead_enrichment")
 LEAD_COLUMNS = ("lead_id", "created_at", "company_name", "website_domain", "job_title", "notes")
 MAX_TOKENS = 300
+#: The cascade's knobs (module constants rather than Params: every Param costs each parse of this
+#: file a JSON-schema validation, and these change with the data, not from run to run).
+#: Below this confidence an answer that inferred something is a guess and escalates.
+MIN_CONFIDENCE = 0.5
+#: ``unknown`` in any field on an account worth at least this (``pipeline_value_usd``) escalates.
+HIGH_VALUE_USD = 50_000
 #: The submits' ``rerun=``: with ``mode=failed`` each stage sends the selected leads its job has
 #: not accepted (its rejects, and leads it never saw); an accepted answer is never paid for twice.
 RERUN = "{{ 'unaccepted' if params.mode == 'failed' else '' }}"
@@ -221,13 +228,9 @@ with DAG(
         "budget_usd": Param(
             25.0, type=["number", "null"], minimum=0, description="Refuse runs estimated above this"
         ),
-        "min_confidence": Param(
-            0.5, type="number", minimum=0, maximum=1, description="Escalate guesses below this"
-        ),
-        "high_value_usd": Param(50_000, type="integer", minimum=0, description="unknown on these escalates"),
         "mode": Param("auto", enum=["auto", "interval", "backlog", "failed"], description="Which leads"),
     },
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=2)},
+    default_args={"retries": 2, "retry_delay": RETRY_DELAY},
     tags=["fable", "backlog", "example", "cascade"],
     doc_md=__doc__,
 ) as dag:
@@ -348,11 +351,11 @@ with DAG(
                         candidates.append((0, -value, lead_id, "rejected"))
                     elif not evidence_is_quoted(answer["evidence"], lead):
                         candidates.append((1, -value, lead_id, "evidence_not_in_record"))
-                    elif value >= params["high_value_usd"] and any(
+                    elif value >= HIGH_VALUE_USD and any(
                         answer[f] == "unknown" for f in ENRICHED_FIELDS
                     ):
                         candidates.append((2, -value, lead_id, "unknown_high_value"))
-                    elif answer["confidence"] < params["min_confidence"] and any(
+                    elif answer["confidence"] < MIN_CONFIDENCE and any(
                         answer[f] != "unknown" for f in ENRICHED_FIELDS
                     ):
                         # A low-confidence inference is a guess: worth the strong model. A lead the
@@ -429,11 +432,12 @@ with DAG(
         submit_manifest=submit_escalated.output,
     )
 
-    @task(outlets=[LEAD_ENRICHMENT])
-    def finalize(params: dict[str, Any], run_id: str, ti: Any = None) -> dict[str, int]:
+    def finalize(params: dict[str, Any], run_id: str, ti: Any) -> dict[str, int]:
         """One row per lead: the escalated answer when it is valid, else the cheap one when valid.
 
         A lead with no valid answer from either stage gets no row, so the next run takes it again.
+        Part of ``report`` (one task fewer to parse; it is quick and idempotent, so a retry of
+        ``report`` simply writes the same rows again).
         """
         from datetime import timezone
 
@@ -496,9 +500,10 @@ with DAG(
             engine.dispose()
         return counts
 
-    @task
+    @task(outlets=[LEAD_ENRICHMENT])
     def report(params: dict[str, Any], run_id: str, ti: Any = None) -> dict[str, Any]:
-        """Escalations, the cost of each stage versus all-on-Fable-5, per-field accuracy."""
+        """Write the final rows (``finalize``), then report escalations, the cost of each stage
+        versus all-on-Fable-5 and per-field accuracy."""
         import sqlalchemy as sa
 
         from airflow_provider_fable import example_data as ex
@@ -509,7 +514,7 @@ with DAG(
         stage1 = ti.xcom_pull(task_ids="load_cheap") or {}
         stage2 = ti.xcom_pull(task_ids="load_escalated") or {}
         plan = ti.xcom_pull(task_ids="plan_escalation") or {}
-        final = ti.xcom_pull(task_ids="finalize") or {}
+        final = finalize(params, run_id, ti)
         prices = ex.example_prices()
         cost1 = _stage_cost(stage1, params["cheap_model"])
         cost2 = _stage_cost(stage2, params["escalation_model"])
@@ -563,9 +568,8 @@ with DAG(
 
     selected = select_leads()
     plan = plan_escalation()
-    done = finalize()
     selected >> submit_cheap >> wait_cheap >> load_cheap >> plan >> submit_escalated
-    submit_escalated >> wait_escalated >> load_escalated >> done >> report()
+    submit_escalated >> wait_escalated >> load_escalated >> report()
 
 
 def _tables(engine: Any) -> dict[str, Any]:

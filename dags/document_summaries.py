@@ -44,10 +44,14 @@ from airflow_provider_fable.sensors.batch import FableBatchSensor
 FABLE_CONN_ID = "fable_default"
 BACKLOG_CONN_ID = os.environ.get("FABLE_BACKLOG_CONN_ID", "fable_backlog_db")
 POLL_SECONDS = float(os.environ.get("FABLE_POLL_SECONDS", "60"))
+RETRY_DELAY = timedelta(seconds=float(os.environ.get("FABLE_RETRY_DELAY_SECONDS", "120")))
 DOCUMENT_SUMMARIES = Asset(name="document_summaries", uri="x-fable://backlog/document_summaries")
 SECTION_MAX_TOKENS = 700
 COMBINE_MAX_TOKENS = 1500
 CHARS_PER_TOKEN = 4
+#: Paragraphs repeated at the start of the next section (0-3; a module constant rather than a
+#: Param: every Param costs each parse of this file a JSON-schema validation).
+OVERLAP_PARAGRAPHS = 0
 #: The submits' ``rerun=``: with ``mode=failed`` each stage sends the selected records its job has
 #: not accepted (rejected sections, documents never combined or rejected); nothing is paid twice.
 RERUN = "{{ 'unaccepted' if params.mode == 'failed' else '' }}"
@@ -241,10 +245,9 @@ with DAG(
         "section_tokens": Param(
             1500, type="integer", minimum=200, maximum=50_000, description="Section size bound"
         ),
-        "overlap_paragraphs": Param(0, type="integer", minimum=0, maximum=3),
         "mode": Param("auto", enum=["auto", "interval", "backlog", "failed"], description="Which documents"),
     },
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=2)},
+    default_args={"retries": 2, "retry_delay": RETRY_DELAY},
     tags=["fable", "backlog", "example", "chunk-then-combine"],
     doc_md=__doc__,
 ) as dag:
@@ -306,7 +309,7 @@ with DAG(
                         )
                         continue
                     parts = split_sections(
-                        doc["body"], params["section_tokens"], params["overlap_paragraphs"]
+                        doc["body"], params["section_tokens"], OVERLAP_PARAGRAPHS
                     )
                     work.append(
                         {"run_id": run_id, "doc_id": doc["doc_id"], "path": "chunked", "sections": len(parts)}
