@@ -240,6 +240,36 @@ def test_crm_lead_enrichment_cascade(backlog):
     assert len(second) == 30 and not second & {r["lead_id"] for r in final}
 
 
+def test_crm_failed_mode_resends_only_what_each_stage_rejected(request, sqlite_backlog):
+    """mode=failed: each stage sends only the leads its job has not accepted (the ledger decides)."""
+    airflow_env, engine = sqlite_backlog
+    server = request.node.fable_server
+    dag = airflow_env.load_dag("crm_lead_enrichment")
+    for task_id in ("load_cheap", "load_escalated"):
+        dag.get_task(task_id).retries = 0  # an all-rejected rerun stage fails its guardrail at once
+    first = airflow_env.run_dag(dag, conf={"pilot": 120})
+    assert first.state == "success", first.task_states
+    final = {r["lead_id"] for r in _rows(engine, "SELECT lead_id FROM lead_enrichment")}
+    cheap_rejected = {r["record_id"] for r in _rows(engine, "SELECT record_id FROM lead_enrichment_stage1_rejects")}
+    strong_rejected = {r["record_id"] for r in _rows(engine, "SELECT record_id FROM lead_enrichment_stage2_rejects")}
+    strong_accepted = {r["lead_id"] for r in _rows(engine, "SELECT lead_id FROM lead_enrichment_stage2")}
+    failed = (cheap_rejected | strong_rejected) - final
+    assert failed, "the emulator's faults leave some leads without a row"
+
+    rerun = airflow_env.run_dag(dag, conf={"pilot": 500, "mode": "failed"})
+    assert rerun.xcom("select_leads") == {"selected": len(failed), "mode": "failed", "window": None}
+    cheap = rerun.xcom("submit_cheap")
+    sent_cheap = _received(server, [b for b in cheap["batch_ids"] if b not in first.xcom("submit_cheap")["batch_ids"]])
+    # Stage 1 sends exactly the selected leads the cheap model rejected; accepted answers are reused.
+    assert sorted(sent_cheap) == sorted(failed & cheap_rejected)
+    assert cheap["attached"] == 0 and cheap["skipped"] == len(failed - cheap_rejected)
+    strong = rerun.xcom("submit_escalated")
+    if strong and strong["batch_ids"]:
+        sent_strong = _received(server, strong["batch_ids"])
+        assert len(sent_strong) == len(set(sent_strong)) and not set(sent_strong) & strong_accepted
+        assert set(sent_strong) <= failed
+
+
 def test_crm_evidence_must_quote_the_record():
     module = _load_dag_module("crm_lead_enrichment")
     lead = {
