@@ -404,6 +404,35 @@ def test_document_summaries_chunk_then_combine(backlog):
     assert report["stage_cost_usd"]["sections"] > 0 and report["stage_cost_usd"]["combine"] > 0
 
 
+def test_document_summaries_failed_mode_resends_only_failed_sections(request, sqlite_backlog):
+    airflow_env, engine = sqlite_backlog
+    server = request.node.fable_server
+    dag = airflow_env.load_dag("document_summaries")
+    for task_id in ("load_sections", "load_combine"):
+        dag.get_task(task_id).retries = 0  # an all-rejected rerun stage fails its guardrail at once
+    conf = {"pilot": 14, "section_tokens": 500}
+    first = airflow_env.run_dag(dag, conf=conf)
+    assert first.state == "success", first.task_states
+    summarised = {r["doc_id"] for r in _rows(engine, "SELECT doc_id FROM document_summaries")}
+    incomplete = {r["doc_id"] for r in _rows(engine, "SELECT doc_id FROM document_summary_incomplete")}
+    combine_rejected = {r["record_id"] for r in _rows(engine, "SELECT record_id FROM document_summaries_rejects")}
+    failed = (incomplete | combine_rejected) - summarised
+    bad_sections = {r["record_id"] for r in _rows(engine, "SELECT record_id FROM section_summaries_rejects")}
+    if not failed:
+        pytest.skip("the emulator's faults left no document incomplete in this pilot")
+
+    rerun = airflow_env.run_dag(dag, conf={**conf, "mode": "failed"})
+    assert rerun.xcom("plan_sections")["documents"] == len(failed)
+    sections = rerun.xcom("submit_sections")
+    sent = _received(server, sections["batch_ids"]) if sections["submitted"] else []
+    # Only the failed sections of the failed documents are paid for again; summarised ones are reused.
+    assert sorted(sent) == sorted(s for s in bad_sections if s.rsplit("-s", 1)[0] in failed)
+    assert sections["skipped"] == rerun.xcom("plan_sections")["sections"] - len(sent)
+    combine = rerun.xcom("submit_combine")
+    if combine and combine["submitted"]:
+        assert set(_received(server, combine["batch_ids"])) <= failed
+
+
 # ---------------------------------------------------------------------------------------------------
 # cancellation_reason_cleanup
 # ---------------------------------------------------------------------------------------------------

@@ -51,6 +51,20 @@ def opt_float(value: Any, what: str) -> float | None:
         raise ValueError(f"{what} must be a number, got {value!r}") from None
 
 
+def _not_retried(exc: Exception) -> Exception:
+    """The same error, also an ``AirflowFailException`` so Airflow does not retry it.
+
+    A budget refusal (or an unpriced model under a cap) is decided by the records and the prices:
+    a retry would count the same tokens and refuse again, after ``retry_delay`` each time.
+    Callers catching the original type (``BudgetExceededError``) still catch it.
+    """
+    from airflow.sdk.exceptions import AirflowFailException
+
+    kind = type(exc)
+    refused = type(kind.__name__, (kind, AirflowFailException), {"__module__": kind.__module__})
+    return refused(*exc.args)
+
+
 class SubmitGuardrailsMixin:
     """Pilot sampling, pre-submit estimate and budget cap for ``FableBatchSubmitOperator``."""
 
@@ -216,12 +230,13 @@ class SubmitGuardrailsMixin:
 
         Returns the manifest entries (``estimate``, ``pilot``, ``qa_excerpts``).
         """
-        from airflow_provider_fable.core.cost import require_price
+        from airflow_provider_fable.core.cost import UnknownPriceError, require_price
         from airflow_provider_fable.core.errors import FableError
         from airflow_provider_fable.core.estimate import (
             OUTPUT_FROM_PILOT,
             OUTPUT_GIVEN,
             OUTPUT_UPPER_BOUND,
+            BudgetExceededError,
             check_budget,
             estimate_run,
         )
@@ -246,7 +261,10 @@ class SubmitGuardrailsMixin:
             return extra
         prices = self._price_table(hook)
         if max_cost is not None:
-            require_price(job.model, prices)  # an unpriced model under a cap: refuse before counting
+            try:  # an unpriced model under a cap: refuse before counting
+                require_price(job.model, prices)
+            except UnknownPriceError as exc:
+                raise _not_retried(exc) from None
         sampled = self._sample_spool(spool, self.estimate_sample, self.sample_seed)
         try:
             counts = [hook.count_tokens(r["params"]) for r in sampled]
@@ -284,7 +302,10 @@ class SubmitGuardrailsMixin:
         if estimate.cost_usd is None:
             self.log.warning("Model %s has no known price: the run's cost is unknown, not zero", job.model)
         extra["estimate"] = estimate.as_dict()
-        check_budget(estimate, max_cost)
+        try:
+            check_budget(estimate, max_cost)
+        except (BudgetExceededError, UnknownPriceError) as exc:
+            raise _not_retried(exc) from None
         if max_cost is not None:
             self.log.info("Estimate $%.4f is within max_cost_usd $%.4f", estimate.cost_usd, max_cost)
         return extra
