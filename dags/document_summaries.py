@@ -128,8 +128,9 @@ WHERE run_id = :run_id
 ORDER BY doc_id
 """
 
-_HEADING_RE = re.compile(r"^(#{1,6}\s+\S.*|\d+(\.\d+)*\.?\s+[A-Z].{0,80}|[A-Z][A-Z0-9 ,&/-]{3,80})$")
-_SENTENCE_RE = re.compile(r"(?<=[.!?])\s+")
+# Patterns, compiled (and cached by ``re``) on first use in a task, not at every parse of this file.
+_HEADING = r"^(#{1,6}\s+\S.*|\d+(\.\d+)*\.?\s+[A-Z].{0,80}|[A-Z][A-Z0-9 ,&/-]{3,80})$"
+_SENTENCE_END = r"(?<=[.!?])\s+"
 
 
 def estimate_tokens(text: str) -> int:
@@ -146,17 +147,18 @@ def split_sections(body: str, max_tokens: int, overlap_paragraphs: int = 0) -> l
     so a point spanning a boundary is seen whole at least once (they count against the budget).
     """
     budget = max(1, max_tokens) * CHARS_PER_TOKEN
+    heading_re, sentence_re = re.compile(_HEADING), re.compile(_SENTENCE_END)
     blocks: list[tuple[bool, str]] = []
     for para in re.split(r"\n\s*\n", body.strip()):
         para = para.strip()
         if not para:
             continue
-        is_heading = "\n" not in para and len(para) <= 90 and bool(_HEADING_RE.match(para))
+        is_heading = "\n" not in para and len(para) <= 90 and bool(heading_re.match(para))
         if is_heading or len(para) <= budget:
             blocks.append((is_heading, para))
             continue
         piece = ""
-        for sentence in _SENTENCE_RE.split(para):
+        for sentence in sentence_re.split(para):
             while len(sentence) > budget:  # a "sentence" longer than the budget: hard cut
                 if piece:
                     blocks.append((False, piece))
