@@ -166,6 +166,22 @@ def test_missing_connection_names_it_and_how_to_create_it(fable_airflow, monkeyp
     assert "airflow connections add nope_db" in text and "AIRFLOW_CONN_NOPE_DB" in text
 
 
+def test_share_limits_accept_rendered_templates():
+    """A Param feeding ``max_share`` arrives rendered (a string); the limits become numbers."""
+    from airflow_provider_fable.core.guardrails import check_config, share_limits
+
+    assert share_limits({"label": {"other": "0.15"}}) == {"label": {"other": 0.15}}
+    assert share_limits('{"label": {"other": 0.2}}') == {"label": {"other": 0.2}}
+    assert share_limits({"label": {"other": "None"}}) == {"label": {}}  # a None Param: no limit
+    assert share_limits("") is None and share_limits(None) is None
+    with pytest.raises(ValueError, match="must be a share in 0..1"):  # still refused before loading
+        check_config(
+            max_share=share_limits({"label": {"other": "lots"}}), min_share=None, fields={"label": ["other"]}
+        )
+    with pytest.raises(ValueError, match="must be a mapping"):
+        share_limits("label=other")
+
+
 # ---------------------------------------------------------------------------------------------------
 # crm_lead_enrichment
 # ---------------------------------------------------------------------------------------------------
