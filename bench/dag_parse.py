@@ -9,13 +9,12 @@ heap frozen (``gc.freeze()``). Anything else the file imports at the top - the p
 operators, pydantic models, the SDK if someone is careless - is paid again on every parse. This
 benchmark reproduces that: one parent process holds Airflow, pre-imports each file's ``airflow.*``
 imports, freezes its heap, then forks one child per parse; the child executes the DAG file the
-way the DagBag does and reports the wall time. Baseline and candidates are interleaved in the
-same parent, so machine load affects both alike. The child reports its wall time and its CPU
-time; the ratio judged (``vs_baseline``) is the CPU time's, because on a shared machine the wall
-time of a 30 ms parse also counts the time other processes held the core (both are printed;
-on an idle machine they agree). Byte-code is cached (in a temporary
-``pycache_prefix``) after a warm-up round, as it is on a real deployment, even when the
-environment sets ``PYTHONDONTWRITEBYTECODE``.
+way the DagBag does. Baseline and candidates are interleaved in the same parent, so machine load
+affects both alike. The child reports its wall time and its CPU time; the ratio judged
+(``vs_baseline``) is the CPU time's, because on a shared machine the wall time of a 30 ms parse
+also counts the time other processes held the core (both are printed; on an idle machine they
+agree). Byte-code is cached (in a temporary ``pycache_prefix``) after a warm-up round, as it is
+on a real deployment, even when the environment sets ``PYTHONDONTWRITEBYTECODE``.
 
 The baseline is the smallest useful DAG: ``DAG(...)`` with one ``@task``. The target of the
 examples is ``vs_baseline`` (the slowest example's median CPU time over the baseline's) < 1.5;
