@@ -168,7 +168,7 @@ with DAG(
         "model": Param("claude-fable-5", type="string"),
         "pilot": Param(2000, type="integer", minimum=1, maximum=100_000, description="Rows per run"),
         "budget_usd": Param(
-            10.0, type=["number", "null"], minimum=0, description="Refuse runs estimated above this"
+            25.0, type=["number", "null"], minimum=0, description="Refuse runs estimated above this"
         ),
         "max_other_share": Param(
             0.15, type="number", minimum=0, maximum=1, description="Guardrail on 'other'"

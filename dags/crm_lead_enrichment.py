@@ -261,13 +261,14 @@ with DAG(
                 ).ensure_tables()
             _tables(engine)
             mode, window = ex.run_mode(context, params["mode"])
-            # Not enriched yet, and (failed) rejected by a stage before / (otherwise) never rejected
-            # by the strong model: such a lead waits for mode=failed, the ledger would re-attach it.
-            where = "NOT EXISTS (SELECT 1 FROM lead_enrichment AS e WHERE e.lead_id = l.lead_id) AND " + (
+            # Not enriched yet, and rejected by a stage before (failed) or by neither (otherwise: a
+            # rejected lead waits for mode=failed; the ledger would only re-attach its old batch).
+            rejected = (
                 "(EXISTS (SELECT 1 FROM lead_enrichment_stage1_rejects AS x WHERE x.record_id = l.lead_id) "
                 "OR EXISTS (SELECT 1 FROM lead_enrichment_stage2_rejects AS x WHERE x.record_id = l.lead_id))"
-                if mode == "failed"
-                else "NOT EXISTS (SELECT 1 FROM lead_enrichment_stage2_rejects AS x WHERE x.record_id = l.lead_id)"
+            )
+            where = "NOT EXISTS (SELECT 1 FROM lead_enrichment AS e WHERE e.lead_id = l.lead_id) AND " + (
+                rejected if mode == "failed" else f"NOT {rejected}"
             )
             binds: dict[str, Any] = {"pilot": params["pilot"]}
             if window:
