@@ -18,8 +18,6 @@ from typing import Any
 
 from airflow.sdk import BaseOperatorLink
 
-from airflow_provider_fable.core.manifest import normalise_batch_ids
-
 #: The Console's Message Batches page of the (default) workspace, as Anthropic's docs link it.
 CONSOLE_BATCHES_URL = "https://platform.claude.com/settings/workspaces/default/batches"
 
@@ -36,6 +34,8 @@ class FableBatchLink(BaseOperatorLink):
     name = "Anthropic console"
 
     def get_link(self, operator: Any, *, ti_key: Any) -> str:
+        from airflow_provider_fable.core.manifest import normalise_batch_ids
+
         ids = getattr(operator, "link_batch_ids", None)
         if ids is None:
             try:  # the submit operator's manifest (its return value)
