@@ -997,6 +997,8 @@ def _field_lines(text: str) -> dict[str, str]:
 
 
 _HINT_BLOCK_RE = re.compile(r"\{[^{}]*\}")
+_SEPARATOR_RE = re.compile(r"\s*[,;/]\s*|\s+-\s+")
+_NUMBER_IN_TEXT_RE = re.compile(r"(?<![\w.,])\d[\d,]*(?![\w])")
 _EMAIL_RE = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
 _URL_RE = re.compile(r"https?://[^\s<>\"')]+")
 _DATE_RE = re.compile(r"\b(\d{4})-(\d{2})-(\d{2})\b")
@@ -1047,6 +1049,8 @@ class SchemaAnswer:
     value: Any
     enum_paths: list[tuple[tuple[Any, ...], tuple[Any, ...]]]
     broken_hints: int = 0
+    #: verbatim-quote fields answered with a paraphrase (counted in ``broken_hints`` too)
+    invented_quotes: int = 0
 
 
 class _Answerer:
@@ -1091,8 +1095,13 @@ class _Answerer:
         self.decisions: list[tuple[int, int]] = []
         #: Labels chosen so far, for evidence fields that quote what supports them.
         self.chosen: list[str] = []
-        #: Decisions and labels of the object being filled (set before its late fields).
-        self.scope: tuple[list[tuple[int, int]], list[str]] = ([], [])
+        #: Every enum value picked so far, with or without evidence.
+        self.picked_all: list[str] = []
+        #: Decisions, labels with evidence and all picked labels of the object being filled
+        #: (set before its late fields).
+        self.scope: tuple[list[tuple[int, int]], list[str], list[str]] = ([], [], [])
+        #: Optional fields whose description ties them to enum values ("Required for other").
+        self.conditions: dict[tuple[Any, ...], set[str]] = {}
 
     # -- schema plumbing ---------------------------------------------------------------------
     def resolve(self, schema: Any) -> Any:
@@ -1153,7 +1162,17 @@ class _Answerer:
             return copy.deepcopy(self.choose(enum, path, 1, schema)[0])
         variants = schema.get("anyOf") or schema.get("oneOf")
         if isinstance(variants, list) and variants:
-            return self.gen(self.pick_variant(variants, depth), path, depth)
+            condition = self.conditions.get(path)
+            if condition is not None and not condition & set(self.scope[2]):
+                # "Required for other": left null unless the label it is about was chosen.
+                return None
+            variant = self.pick_variant(variants, depth)
+            outer = schema.get("description")
+            if isinstance(variant, Mapping) and isinstance(outer, str) and _HINT_RE.search(outer):
+                # Hints transform_schema left on the optional field itself hold for its value too.
+                inner = variant.get("description")
+                variant = {**variant, "description": f"{inner}\n\n{outer}" if isinstance(inner, str) else outer}
+            return self.gen(variant, path, depth)
         kind = schema.get("type")
         if isinstance(kind, list):
             non_null = [t for t in kind if t != "null"]
@@ -1202,11 +1221,21 @@ class _Answerer:
         # decisions made for this object; the output keeps the schema's key order.
         first_decision = len(self.decisions)
         first_chosen = len(self.chosen)
+        first_picked = len(self.picked_all)
         late = [n for n in props if set(name_tokens(n)) & (_CONFIDENCE_TOKENS | _EVIDENCE_TOKENS)]
+        siblings = self.sibling_enum_values(props)
+        for name, sub in props.items():
+            condition = self.condition_of(sub, siblings)
+            if condition:
+                self.conditions[(*path, name)] = condition
+                if name not in late:
+                    late.append(name)
         for name, sub in props.items():
             if name not in late and (depth <= _MAX_DEPTH or name in required):
                 out[name] = self.gen(sub, (*path, name), depth + 1)
-        self.scope = (self.decisions[first_decision:], self.chosen[first_chosen:])
+        self.scope = (
+            self.decisions[first_decision:], self.chosen[first_chosen:], self.picked_all[first_picked:]
+        )
         for name in late:
             if depth <= _MAX_DEPTH or name in required:
                 out[name] = self.gen(props[name], (*path, name), depth + 1)
@@ -1218,6 +1247,35 @@ class _Answerer:
         if not props and isinstance(extra, Mapping) and depth <= _MAX_DEPTH:
             out["key"] = self.gen(extra, (*path, "key"), depth + 1)
         return out
+
+    def sibling_enum_values(self, props: Mapping[str, Any]) -> set[str]:
+        """String enum values of an object's own properties (for conditional fields)."""
+        values: set[str] = set()
+        for sub in props.values():
+            sub = self.resolve(sub)
+            if isinstance(sub, Mapping):
+                enum = sub.get("enum")
+                if not isinstance(enum, list) and isinstance(sub.get("items"), Mapping):
+                    enum = self.resolve(sub["items"]).get("enum")
+                if isinstance(enum, list):
+                    values.update(v for v in enum if isinstance(v, str))
+        return values
+
+    def condition_of(self, sub: Any, siblings: set[str]) -> set[str] | None:
+        """The enum values a nullable field's description ties it to ("Required for other: why
+        no canonical label fits"): a model fills it for those labels and leaves it null otherwise."""
+        sub = self.resolve(sub)
+        if not isinstance(sub, Mapping) or not siblings:
+            return None
+        variants = sub.get("anyOf") or sub.get("oneOf")
+        nullable = isinstance(variants, list) and any(
+            isinstance(v, Mapping) and v.get("type") == "null" for v in map(self.resolve, variants)
+        )
+        description = sub.get("description")
+        if not nullable or not isinstance(description, str):
+            return None
+        mentioned = {v for v in siblings if re.search(rf"(?<![\w-]){re.escape(v)}(?![\w-])", description)}
+        return mentioned or None
 
     def array(self, schema: Mapping[str, Any], path: tuple[Any, ...], depth: int) -> list[Any]:
         items = self.resolve(schema.get("items", {}))
@@ -1251,10 +1309,49 @@ class _Answerer:
             if len(set(out)) < len(out):
                 out = [w if i < len(words) else f"{w}-{i}" for i, w in enumerate(out)]
             return out
+        if is_string and not name_toks & _TAG_TOKENS and depth <= _MAX_DEPTH:
+            listed = self.listed_sentences(path, schema, lo, hi)
+            if listed is not None:
+                max_len = _int_constraint(items, "maxLength")
+                min_len = _int_constraint(items, "minLength")
+                return [fit_length(v, min_len, max_len, self.filler) for v in listed]
         values = [self.gen(items, (*path, i), depth + 1) for i in range(n)]
         if schema.get("uniqueItems") and all(isinstance(v, str) for v in values):
             values = [v if v not in values[:i] else f"{v} ({i + 1})" for i, v in enumerate(values)]
         return values
+
+    def listed_sentences(
+        self, path: tuple[Any, ...], schema: Mapping[str, Any], lo: int, hi: int | None
+    ) -> list[str] | None:
+        """A list of free-text items about a topic (``risks``, ``open_questions``): the record's
+        sentences about it, as many as there are (up to 3 and ``maxItems``), none when the
+        record names none and the list may be empty, else "None identified.". None when the
+        field names no topic the lexicon or its description can find (the caller extracts)."""
+        name = self.field_name(path)
+        description = schema.get("description")
+        definition = _HINT_BLOCK_RE.sub(" ", description) if isinstance(description, str) else ""
+        if not _known_topic(name):
+            return None
+        scored = []
+        for i, sentence in enumerate(self.sentences):
+            evidence = Evidence(sentence, [sentence])
+            score = evidence.score(name) + (_definition_score(evidence, definition) if definition else 0)
+            if score >= _LIST_THRESHOLD:
+                scored.append((-score, i, sentence))
+        cap = min(3, hi) if hi is not None else 3
+        if hi is not None and scored and self.breaks(schema, "maxItems", path):
+            cap = hi + 1
+        chosen = [s for _, _, s in sorted(scored)[:cap]]
+        chosen = [s for s in self.sentences if s in chosen]  # record order
+        while len(chosen) < cap and len(chosen) < len(scored):
+            chosen.append(scored[len(chosen)][2])
+        if len(chosen) < lo:
+            chosen += ["None identified."] if not chosen else []
+            extra = [s for s in self.sentences if s not in chosen]
+            chosen += extra[: lo - len(chosen)]
+            while len(chosen) < lo:
+                chosen.append(f"None identified ({len(chosen) + 1}).")
+        return chosen
 
     def integer(self, schema: Mapping[str, Any], path: tuple[Any, ...]) -> int:
         lo_f, hi_f = _constraint(schema, "minimum"), _constraint(schema, "maximum")
@@ -1339,6 +1436,13 @@ class _Answerer:
             value = _format_uri(self, path)
         elif toks & _EVIDENCE_TOKENS:
             value = trim_to(self.best_quote(), 280)
+            if self.invents_quote(path):
+                # A real model asked for a verbatim quote sometimes paraphrases or adds a
+                # specific the record never gave; checks that the quote is in the record must
+                # see that happen (``invented_quote_rate``).
+                value = fit_length(self.invented_quote(value), None, max_len, self.filler)
+                if max_len is not None:
+                    return value
         elif (
             found := self.field_value(
                 name, schema.get("description"), by_overlap=not toks & (_SUMMARY_TOKENS | _TAG_TOKENS)
@@ -1363,6 +1467,33 @@ class _Answerer:
             value = value[: min_len - 1]
         return value
 
+    def invents_quote(self, path: tuple[Any, ...]) -> bool:
+        if not self.quote_break_rate:
+            return False
+        hit = stable_fraction(self.break_key, self.text, self._path_str(path), "invented_quote") < self.quote_break_rate
+        self.invented_quotes += hit
+        return hit
+
+    def invented_quote(self, quote: str) -> str:
+        """A "quote" that is not in the record: a number in it changed (the commonest invented
+        specific), else the wording paraphrased, with a made-up head count added."""
+        record = " ".join(self.text.lower().split())
+        h = stable_hash(self.text, "invented_quote")
+
+        def bump(m: re.Match[str]) -> str:
+            n = _number(m.group(0), None)
+            return f"{max(2, n + 1 + n // 5 + h % 7):,}"
+
+        candidates = [
+            _NUMBER_IN_TEXT_RE.sub(bump, quote, count=1) if _NUMBER_IN_TEXT_RE.search(quote) else "",
+            f"{_SEPARATOR_RE.sub(' and ', quote).strip()} with about {20 + h % 900} employees",
+            f"the record says: {quote}",
+        ]
+        for candidate in candidates:
+            if candidate and " ".join(candidate.lower().split()).strip(" .,;:\"'") not in record:
+                return candidate
+        return f"the record says: {quote}"
+
     def confidence_share(self, path: tuple[Any, ...]) -> float:
         """Where a confidence-like field lands in its range: high when the labels of its object
         had strong, clear evidence, low when they were guesses (fallbacks, close calls)."""
@@ -1370,9 +1501,13 @@ class _Answerer:
         decisions = self.scope[0]
         if not decisions:
             return min(0.99, max(0.01, 0.6 + 0.3 * min(1.0, len(self.sentences) / 4) + jitter))
+        # No evidence at all for any label is a clear case too (the record says nothing: unknown),
+        # a little evidence that did not reach a label is the unsure one.
         strengths = [
-            0.6 * min(1.0, best / 6) + 0.4 * min(1.0, (best - runner_up) / 6) for best, runner_up in decisions
-        ]
+            0.75 if best == 0 else 0.2 if best < _MIN_EVIDENCE
+            else 0.6 * min(1.0, best / 6) + 0.4 * min(1.0, (best - runner_up) / 6)
+            for best, runner_up in decisions
+        ]  # fmt: skip
         return min(0.99, max(0.01, 0.2 + 0.75 * sum(strengths) / len(strengths) + jitter))
 
     def best_quote(self) -> str:
@@ -1510,7 +1645,7 @@ class _Answerer:
         runner_up = ordered[1] if len(ordered) > 1 else 0
         has_unknown = any(isinstance(v, str) and v.lower() in _UNKNOWN_LABELS for v in values)
         weak = best < _MIN_EVIDENCE and has_unknown
-        self.decisions.append((0 if weak else best, 0 if weak else runner_up))
+        self.decisions.append((best, runner_up))
         where = self._path_str(path)
 
         def rank(i: int) -> tuple[int, int, int, int]:
@@ -1523,8 +1658,21 @@ class _Answerer:
 
         order = sorted(range(len(values)), key=rank)
         picked = [values[i] for i in order[:k]]
+        self.picked_all.extend(str(v) for v in picked)
         self.chosen.extend(str(v) for v in picked if isinstance(v, str) and scores[values.index(v)] > 0)
         return picked
+
+
+_LIST_THRESHOLD = 3  # a sentence is "about" a list's topic from this much evidence
+
+
+@lru_cache(maxsize=1024)
+def _known_topic(name: str) -> bool:
+    """Whether the lexicon has a topic for a list field's name (risks, open questions...)."""
+    tokens = name_tokens(name)
+    content = [t for t in tokens if t not in _LABEL_STOPWORDS]
+    keys = {_phrase_key(tokens), _phrase_key(content)} | {_phrase_key([t]) for t in content}
+    return any(key in _LEXICON for key in keys if key)
 
 
 _MIN_EVIDENCE = 2  # below this, an unknown/other-like label beats a guess
@@ -1721,7 +1869,12 @@ def answer_for_schema(
         quote_break_rate=quote_break_rate,
     )
     value = answerer.gen(schema, (), 0)
-    return SchemaAnswer(value=value, enum_paths=answerer.enum_paths, broken_hints=answerer.broken)
+    return SchemaAnswer(
+        value=value,
+        enum_paths=answerer.enum_paths,
+        broken_hints=answerer.broken,
+        invented_quotes=answerer.invented_quotes,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -1968,6 +2121,7 @@ class Answer:
     output_tokens: int
     invalid_kind: str | None = None
     broken_hints: int = 0
+    invented_quotes: int = 0
 
 
 def _broken_text(json_text: str) -> str:
@@ -2056,11 +2210,13 @@ def build_answer(
             "input": value,
         }
         tokens = thinking_tokens + 8 + estimate_tokens(len(_canonical(value)))
-        return Answer([*prefix, block], "tool_use", tokens, applied, generated.broken_hints)
+        return Answer(
+            [*prefix, block], "tool_use", tokens, applied, generated.broken_hints, generated.invented_quotes
+        )
 
     schema = output_schema(params)
     applied = None
-    broken_hints = 0
+    broken_hints = invented = 0
     if schema is not None:
         generated = answer_for_schema(
             schema, text, break_rate=break_rate, break_key=fault_key, params=params,
@@ -2068,6 +2224,7 @@ def build_answer(
         )  # fmt: skip
         value = generated.value
         broken_hints = generated.broken_hints
+        invented = generated.invented_quotes
         if invalid_kind == "non_json":
             reply, applied = _broken_text(json.dumps(value, ensure_ascii=False)), "non_json"
         else:
@@ -2084,7 +2241,7 @@ def build_answer(
         room = max(room, 0)
         reply, output_tokens, stop_reason = reply[: room * 4], room, "max_tokens"
     content = [*prefix, {"type": "text", "text": reply}] if reply else prefix
-    return Answer(content, stop_reason, thinking_tokens + output_tokens, applied, broken_hints)
+    return Answer(content, stop_reason, thinking_tokens + output_tokens, applied, broken_hints, invented)
 
 
 def build_message(
