@@ -88,6 +88,8 @@ def _requests(dag: types.ModuleType, template: str, system: str, few_shot: Any, 
 
 def _answer(model: types.ModuleType, request: dict[str, Any], break_rate: float = 0.0) -> Any:
     kwargs: dict[str, Any] = {"id_seed": request["custom_id"], "description_break_rate": break_rate}
+    if break_rate and "invented_quote_rate" in model.build_answer.__code__.co_varnames:
+        kwargs["invented_quote_rate"] = break_rate  # the previous emulator had no such setting
     answer = model.build_answer(request["params"], **kwargs)
     text = next(b["text"] for b in answer.content if b.get("type") == "text")
     return json.loads(text)
@@ -102,7 +104,7 @@ def _pearson(xs: list[float], ys: list[float]) -> float | None:
     syy = sum((y - my) ** 2 for y in ys)
     if not sxx or not syy:
         return None
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / math.sqrt(sxx * syy)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / math.sqrt(sxx * syy)
 
 
 class Dataset:
@@ -171,12 +173,16 @@ def _crm(limit: int | None) -> tuple[Dataset, Callable[[types.ModuleType], float
     leads = list(ex.iter_dataset("crm_leads"))
     labelled = [r for r in leads if r["lead_id"] in labels][:limit]
     items = _requests(dag, dag.PROMPT_TEMPLATE, dag.SYSTEM_PROMPT, dag.FEW_SHOT, dag.LeadEnrichment, labelled, "lead_id")
-    fields = {f: (lambda f: lambda r, a: a.get(f) == labels[r["lead_id"]][f])(f) for f in dag.ENRICHED_FIELDS}
+    def same(field: str) -> Callable[[dict[str, Any], Any], bool]:
+        return lambda r, a: a.get(field) == labels[r["lead_id"]][field]
+
+    fields = {f: same(f) for f in dag.ENRICHED_FIELDS}
     everyone = _requests(dag, dag.PROMPT_TEMPLATE, dag.SYSTEM_PROMPT, dag.FEW_SHOT, dag.LeadEnrichment,
                          leads[: limit or None], "lead_id")  # fmt: skip
 
     def quoted_share(model: types.ModuleType) -> float:
-        """Share of all leads whose evidence passes the DAG's verbatim-quote invariant, at the default break rate."""
+        """Share of all leads whose evidence passes the DAG's verbatim-quote invariant, at the
+        default rates (2 % description breaks, 2 % invented quotes)."""
         ok = sum(dag.evidence_is_quoted(_answer(model, req, 0.02).get("evidence"), rec) for rec, req in everyone)
         return ok / len(everyone)
 

@@ -267,6 +267,9 @@ class PromptCues:
     template_words: frozenset[str] = frozenset()
     #: normalised record text of each few-shot user turn -> the JSON answer it was given
     examples: Mapping[str, Any] = field(default_factory=dict)
+    #: every user turn quotes its record (``Reason given: "{reason}" (tier {plan})``): the quote
+    #: is the record, the rest is context (a plan called "business" is no business closure)
+    quoted_record: bool = False
 
 
 def _text_of(content: Any) -> str:
@@ -303,6 +306,11 @@ def record_key(text: str, template_words: Iterable[str]) -> str:
     return " ".join(w for w in _tokens(text) if w not in template and not w.isdigit())
 
 
+def quoted_text(text: str) -> str:
+    """The quoted segments of a user turn, joined."""
+    return " ".join(a or b for a, b in _QUOTED_RE.findall(text))
+
+
 def is_placeholder(key: str) -> bool:
     """True when a record key carries no content: empty, "n/a", "-", "none", "no comment"...,
     also in another language ("keine Angabe", "sans raison", "ninguna")."""
@@ -319,7 +327,7 @@ def one_slip(typed: str, word: str) -> bool:
     if typed == word:
         return False
     if len(typed) == len(word):
-        diff = [i for i, (a, b) in enumerate(zip(typed, word)) if a != b]
+        diff = [i for i, (a, b) in enumerate(zip(typed, word, strict=True)) if a != b]
         return len(diff) == 2 and diff[1] == diff[0] + 1 and typed[diff[0]] == word[diff[1]] and typed[diff[1]] == word[diff[0]]
     short, long_ = (typed, word) if len(typed) < len(word) else (word, typed)
     if len(long_) - len(short) != 1:
@@ -363,4 +371,5 @@ def prompt_cues(params: Mapping[str, Any]) -> PromptCues:
             continue
         if isinstance(answer, dict):
             examples[record_key(_text_of(message.get("content")), template)] = answer
-    return PromptCues(_system_text(params.get("system")), template, examples)
+    quoted = len(texts) >= 2 and all(_QUOTED_RE.search(t) for t in texts)
+    return PromptCues(_system_text(params.get("system")), template, examples, quoted)

@@ -24,16 +24,16 @@ from functools import lru_cache
 from typing import Any
 
 from airflow_provider_fable.emulator.cues import (
-    LabelCues,
     PromptCues,
     fold,
     fuzzy_matches,
     glosses,
     is_placeholder,
-    one_slip,
     label_cues,
     matching_example,
+    one_slip,
     prompt_cues,
+    quoted_text,
     record_key,
 )
 
@@ -706,6 +706,9 @@ _LEXICON_GROUPS: tuple[_Group, ...] = (
 )
 
 _LABEL_STOPWORDS = frozenset(
+    # Function words too: "too" in too_expensive or "no" in no_longer_needed is no evidence alone
+    # (the label's whole phrase still counts).
+    "too no not very so just more less much many never all some "
     "issue issues request requests other general misc problem problems type category question "
     "questions inquiry the a an and or of to for in on with is are has have needs need requires "
     "require should contains contain mentions mention flag was be it any related customer user "
@@ -1083,7 +1086,10 @@ class _Answerer:
         #: The answer a few-shot turn gave to this very record, if one did.
         self.example = matching_example(self.record, self.cues.examples) if self.cues.examples else None
         self.vocabulary = _vocabulary(_schema_enums(root), self.cues.system)
-        self.evidence = Evidence(_without_template(text, self.cues.template_words), self.sentences, vocabulary=self.vocabulary)
+        evidence_text = (
+            quoted_text(text) if self.cues.quoted_record else _without_template(text, self.cues.template_words)
+        )
+        self.evidence = Evidence(evidence_text, self.sentences, vocabulary=self.vocabulary)
         self._scoped: dict[str, Evidence] = {}
         self.filler = _words(text) or ["details"]
         self.enum_paths: list[tuple[tuple[Any, ...], tuple[Any, ...]]] = []
@@ -1341,10 +1347,8 @@ class _Answerer:
         cap = min(3, hi) if hi is not None else 3
         if hi is not None and scored and self.breaks(schema, "maxItems", path):
             cap = hi + 1
-        chosen = [s for _, _, s in sorted(scored)[:cap]]
-        chosen = [s for s in self.sentences if s in chosen]  # record order
-        while len(chosen) < cap and len(chosen) < len(scored):
-            chosen.append(scored[len(chosen)][2])
+        top = {s for _, _, s in sorted(scored)[:cap]}
+        chosen = list(dict.fromkeys(s for s in self.sentences if s in top))  # record order, once each
         if len(chosen) < lo:
             chosen += ["None identified."] if not chosen else []
             extra = [s for s in self.sentences if s not in chosen]
@@ -1504,11 +1508,13 @@ class _Answerer:
         # No evidence at all for any label is a clear case too (the record says nothing: unknown),
         # a little evidence that did not reach a label is the unsure one.
         strengths = [
-            0.75 if best == 0 else 0.2 if best < _MIN_EVIDENCE
+            0.7 if best == 0 else 0.2 if best < _MIN_EVIDENCE
             else 0.6 * min(1.0, best / 6) + 0.4 * min(1.0, (best - runner_up) / 6)
             for best, runner_up in decisions
         ]  # fmt: skip
-        return min(0.99, max(0.01, 0.2 + 0.75 * sum(strengths) / len(strengths) + jitter))
+        # "How sure of all fields together": the least sure field weighs as much as the mean.
+        share = 0.5 * sum(strengths) / len(strengths) + 0.5 * min(strengths)
+        return min(0.99, max(0.01, 0.2 + 0.75 * share + jitter))
 
     def best_quote(self) -> str:
         """The record sentence that best supports the labels chosen for this object (verbatim)."""
