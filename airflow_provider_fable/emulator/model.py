@@ -363,7 +363,7 @@ _LEXICON_GROUPS: tuple[_Group, ...] = (
         "blank page, blank screen, white screen, freezes, frozen, error message, "
         "since the update, after the update, after updating, since updating, does not load, "
         "will not load, fails to load, not loading, wrong total, wrong totals, keeps crashing, "
-        "regression, data is wrong",
+        "regression, data is wrong, outage, outages, downtime, keeps going down",
         normal="error, errors, fail, fails, failed, failing, failure, freeze, hangs, spinner, "
         "loading forever, timeout, timed out, times out, slow, sluggish, lag, laggy, sync, syncing, "
         "disappeared, vanished, no results, reinstall, reinstalled, clearing the cache, "
@@ -786,7 +786,8 @@ def _evidence_phrases(name: str, stopwords: frozenset[str]) -> tuple[_Phrase, ..
 
 @lru_cache(maxsize=65536)
 def _corrected_cached(token: str, vocabulary: frozenset[str]) -> str:
-    matches = [w for w in fuzzy_matches(token, vocabulary) if one_slip(token, w)]
+    # Slips rarely hit the first letter; requiring it keeps real words apart ("reach" is no "breach").
+    matches = [w for w in fuzzy_matches(token, vocabulary) if w[0] == token[0] and one_slip(token, w)]
     return matches[0] if len(matches) == 1 else token  # two candidates: no guess
 
 
@@ -1698,7 +1699,11 @@ def _without_template(text: str, template_words: frozenset[str]) -> str:
     Every record's turn has them, so they are evidence for nothing; short and negating words
     stay (they are part of phrases like "not working").
     """
-    drop = {w for w in template_words if len(w) >= 3 and w.isalpha() and w not in _NEGATORS and w not in _STOPWORDS}
+    drop = {
+        w
+        for w in template_words
+        if len(w) >= 3 and w.isalpha() and w not in _NEGATORS | _STOPWORDS | _DEFINITION_STOPWORDS
+    }
     if not drop:
         return text
     return _template_re(frozenset(drop)).sub(" ", text)
