@@ -270,6 +270,8 @@ class PromptCues:
     #: every user turn quotes its record (``Reason given: "{reason}" (tier {plan})``): the quote
     #: is the record, the rest is context (a plan called "business" is no business closure)
     quoted_record: bool = False
+    #: the model asked (samples of different models differ)
+    model: str = ""
 
 
 def _text_of(content: Any) -> str:
@@ -372,4 +374,4 @@ def prompt_cues(params: Mapping[str, Any]) -> PromptCues:
         if isinstance(answer, dict):
             examples[record_key(_text_of(message.get("content")), template)] = answer
     quoted = len(texts) >= 2 and all(_QUOTED_RE.search(t) for t in texts)
-    return PromptCues(_system_text(params.get("system")), template, examples, quoted)
+    return PromptCues(_system_text(params.get("system")), template, examples, quoted, str(params.get("model", "")))

@@ -1475,7 +1475,10 @@ class _Answerer:
     def invents_quote(self, path: tuple[Any, ...]) -> bool:
         if not self.quote_break_rate:
             return False
-        hit = stable_fraction(self.break_key, self.text, self._path_str(path), "invented_quote") < self.quote_break_rate
+        # The model is part of the draw: a retry on another model (a cascade's escalation) is a
+        # new sample, as it would be in production.
+        draw = stable_fraction(self.break_key, self.cues.model, self.text, self._path_str(path), "invented_quote")
+        hit = draw < self.quote_break_rate
         self.invented_quotes += hit
         return hit
 
