@@ -113,7 +113,13 @@ class Dataset:
     def __init__(self, name: str, items: list[tuple[dict[str, Any], dict[str, Any]]],
                  fields: dict[str, Callable[[dict[str, Any], Any], bool]], enum_fields: tuple[str, ...] = (),
                  extra: Callable[[list[tuple[dict[str, Any], Any]]], dict[str, float]] | None = None) -> None:  # fmt: skip
-        self.name, self.items, self.fields, self.enum_fields, self.extra = name, items, fields, enum_fields, extra
+        self.name, self.items, self.fields, self.enum_fields, self.extra = (
+            name,
+            items,
+            fields,
+            enum_fields,
+            extra,
+        )
 
     def score(self, model: types.ModuleType) -> dict[str, Any]:
         right: Counter[str] = Counter()
@@ -153,7 +159,9 @@ def _tickets(limit: int | None) -> Dataset:
 
     dag = _load_dag("support_ticket_triage")
     rows = list(ex.iter_dataset("support_tickets"))[:limit]
-    items = _requests(dag, dag.PROMPT_TEMPLATE, dag.SYSTEM_PROMPT, dag.FEW_SHOT, dag.TicketTriage, rows, "ticket_id")
+    items = _requests(
+        dag, dag.PROMPT_TEMPLATE, dag.SYSTEM_PROMPT, dag.FEW_SHOT, dag.TicketTriage, rows, "ticket_id"
+    )
     return Dataset(
         "tickets",
         items,
@@ -172,7 +180,10 @@ def _crm(limit: int | None) -> tuple[Dataset, Callable[[types.ModuleType], float
     labels = {r["lead_id"]: r for r in ex.iter_dataset("crm_leads_labels")}
     leads = list(ex.iter_dataset("crm_leads"))
     labelled = [r for r in leads if r["lead_id"] in labels][:limit]
-    items = _requests(dag, dag.PROMPT_TEMPLATE, dag.SYSTEM_PROMPT, dag.FEW_SHOT, dag.LeadEnrichment, labelled, "lead_id")
+    items = _requests(
+        dag, dag.PROMPT_TEMPLATE, dag.SYSTEM_PROMPT, dag.FEW_SHOT, dag.LeadEnrichment, labelled, "lead_id"
+    )
+
     def same(field: str) -> Callable[[dict[str, Any], Any], bool]:
         return lambda r, a: a.get(field) == labels[r["lead_id"]][field]
 
@@ -183,7 +194,9 @@ def _crm(limit: int | None) -> tuple[Dataset, Callable[[types.ModuleType], float
     def quoted_share(model: types.ModuleType) -> float:
         """Share of all leads whose evidence passes the DAG's verbatim-quote invariant, at the
         default rates (2 % description breaks, 2 % invented quotes)."""
-        ok = sum(dag.evidence_is_quoted(_answer(model, req, 0.02).get("evidence"), rec) for rec, req in everyone)
+        ok = sum(
+            dag.evidence_is_quoted(_answer(model, req, 0.02).get("evidence"), rec) for rec, req in everyone
+        )
         return ok / len(everyone)
 
     return Dataset("crm", items, fields, enum_fields=tuple(dag.ENRICHED_FIELDS)), quoted_share
@@ -195,7 +208,9 @@ def _cancellations(limit: int | None) -> Dataset:
     dag = _load_dag("cancellation_reason_cleanup")
     rows = list(ex.iter_dataset("cancellation_reasons"))[:limit]
     few = [{"record": f["record"], "answer": f["answer"]} for f in dag.FEW_SHOT]
-    items = _requests(dag, dag.PROMPT_TEMPLATE, dag.SYSTEM_PROMPT, few, dag.CancellationReason, rows, "cancellation_id")
+    items = _requests(
+        dag, dag.PROMPT_TEMPLATE, dag.SYSTEM_PROMPT, few, dag.CancellationReason, rows, "cancellation_id"
+    )
 
     def extra(answered: list[tuple[dict[str, Any], Any]]) -> dict[str, float]:
         labels = Counter(a.get("label") for _, a in answered)
@@ -240,7 +255,9 @@ def _documents(limit: int | None) -> Dataset:
                 "doc_type": doc["doc_type"], "section_no": n, "section_count": len(sections),
                 "_heading": heading or text.split("\n", 1)[0],
             })  # fmt: skip
-    items = _requests(dag, dag.SECTION_TEMPLATE, dag.SECTION_SYSTEM, [], dag.SectionSummary, records, "section_id")
+    items = _requests(
+        dag, dag.SECTION_TEMPLATE, dag.SECTION_SYSTEM, [], dag.SectionSummary, records, "section_id"
+    )
 
     def has(field: str, pattern: re.Pattern[str]) -> Callable[[dict[str, Any], Any], bool]:
         return lambda r, a: bool(a.get(field)) == bool(pattern.search(r["_heading"]))
@@ -288,11 +305,11 @@ def main(argv: list[str] | None = None) -> int:
         got = {"ours": ds.score(ours), "baseline": ds.score(baseline)}
         for who, res in got.items():
             fields = " ".join(f"{k}={v:.3f}" for k, v in res["fields"].items())
-            rest = " ".join(
-                f"{k}={_fmt(v)}" for k, v in res.items() if k not in ("fields", "agreement", "n")
-            )
+            rest = " ".join(f"{k}={_fmt(v)}" for k, v in res.items() if k not in ("fields", "agreement", "n"))
             print(f"{ds.name:13s} {who:8s} n={res['n']} agreement={res['agreement']:.3f} {fields} {rest}")
-        ratio = got["ours"]["agreement"] / got["baseline"]["agreement"] if got["baseline"]["agreement"] else 0.0
+        ratio = (
+            got["ours"]["agreement"] / got["baseline"]["agreement"] if got["baseline"]["agreement"] else 0.0
+        )
         ratios.append(ratio)
         summary[ds.name] = f"{got['ours']['agreement']:.3f}/{got['baseline']['agreement']:.3f}"
         if ds.name in ("crm", "cancellations"):

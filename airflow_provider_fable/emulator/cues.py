@@ -38,7 +38,9 @@ __all__ = [
 # Accents and other languages
 # --------------------------------------------------------------------------------------------
 
-_FOLD_EXTRA = str.maketrans({"ß": "ss", "ł": "l", "Ł": "L", "ø": "o", "Ø": "O", "æ": "ae", "œ": "oe", "đ": "d"})
+_FOLD_EXTRA = str.maketrans(
+    {"ß": "ss", "ł": "l", "Ł": "L", "ø": "o", "Ø": "O", "æ": "ae", "œ": "oe", "đ": "d"}
+)
 
 
 @lru_cache(maxsize=65536)
@@ -202,8 +204,10 @@ def _definition_patterns(value: str) -> list[re.Pattern[str]]:
     spoken = re.escape(value).replace("_", "[ _]").replace(r"\-", "[ -]")
     return [
         # "- too_expensive: price, ..." / "too_expensive = ..." at the start of a line
-        re.compile(rf"^[ \t]*(?:[-*•]|\d+[.)])?[ \t]*[`'\"]?{spoken}[`'\"]?[ \t]*(?::|=|–|—| - )[ \t]*(.+)$",
-                   re.IGNORECASE | re.MULTILINE),  # fmt: skip
+        re.compile(
+            rf"^[ \t]*(?:[-*•]|\d+[.)])?[ \t]*[`'\"]?{spoken}[`'\"]?[ \t]*(?::|=|–|—| - )[ \t]*(.+)$",
+            re.IGNORECASE | re.MULTILINE,
+        ),  # fmt: skip
         # "executive (CEO, founder, managing director)" inside a sentence
         re.compile(rf"(?<![\w-]){spoken}\s*\(([^()]{{3,160}})\)", re.IGNORECASE),
     ]
@@ -231,7 +235,10 @@ def label_cues(values: tuple[str, ...], system: str, description: str) -> LabelC
     for source in (description, system):
         for m in _BAND_DEF_RE.finditer(source):
             if m.group(1):
-                name, band = m.group(1), (_num(m.group(2), m.group(3) or m.group(5)), _num(m.group(4), m.group(5)))
+                name, band = (
+                    m.group(1),
+                    (_num(m.group(2), m.group(3) or m.group(5)), _num(m.group(4), m.group(5))),
+                )
             elif m.group(6):
                 name, band = m.group(6), (_num(m.group(7), m.group(8)) + 1, 10**12)
             else:
@@ -330,7 +337,12 @@ def one_slip(typed: str, word: str) -> bool:
         return False
     if len(typed) == len(word):
         diff = [i for i, (a, b) in enumerate(zip(typed, word, strict=True)) if a != b]
-        return len(diff) == 2 and diff[1] == diff[0] + 1 and typed[diff[0]] == word[diff[1]] and typed[diff[1]] == word[diff[0]]
+        return (
+            len(diff) == 2
+            and diff[1] == diff[0] + 1
+            and typed[diff[0]] == word[diff[1]]
+            and typed[diff[1]] == word[diff[0]]
+        )
     short, long_ = (typed, word) if len(typed) < len(word) else (word, typed)
     if len(long_) - len(short) != 1:
         return False
@@ -374,4 +386,6 @@ def prompt_cues(params: Mapping[str, Any]) -> PromptCues:
         if isinstance(answer, dict):
             examples[record_key(_text_of(message.get("content")), template)] = answer
     quoted = len(texts) >= 2 and all(_QUOTED_RE.search(t) for t in texts)
-    return PromptCues(_system_text(params.get("system")), template, examples, quoted, str(params.get("model", "")))
+    return PromptCues(
+        _system_text(params.get("system")), template, examples, quoted, str(params.get("model", ""))
+    )

@@ -1088,7 +1088,9 @@ class _Answerer:
         self.example = matching_example(self.record, self.cues.examples) if self.cues.examples else None
         self.vocabulary = _vocabulary(_schema_enums(root), self.cues.system)
         evidence_text = (
-            quoted_text(text) if self.cues.quoted_record else _without_template(text, self.cues.template_words)
+            quoted_text(text)
+            if self.cues.quoted_record
+            else _without_template(text, self.cues.template_words)
         )
         self.evidence = Evidence(evidence_text, self.sentences, vocabulary=self.vocabulary)
         self._scoped: dict[str, Evidence] = {}
@@ -1178,7 +1180,10 @@ class _Answerer:
             if isinstance(variant, Mapping) and isinstance(outer, str) and _HINT_RE.search(outer):
                 # Hints transform_schema left on the optional field itself hold for its value too.
                 inner = variant.get("description")
-                variant = {**variant, "description": f"{inner}\n\n{outer}" if isinstance(inner, str) else outer}
+                variant = {
+                    **variant,
+                    "description": f"{inner}\n\n{outer}" if isinstance(inner, str) else outer,
+                }
             return self.gen(variant, path, depth)
         kind = schema.get("type")
         if isinstance(kind, list):
@@ -1241,7 +1246,9 @@ class _Answerer:
             if name not in late and (depth <= _MAX_DEPTH or name in required):
                 out[name] = self.gen(sub, (*path, name), depth + 1)
         self.scope = (
-            self.decisions[first_decision:], self.chosen[first_chosen:], self.picked_all[first_picked:]
+            self.decisions[first_decision:],
+            self.chosen[first_chosen:],
+            self.picked_all[first_picked:],
         )
         for name in late:
             if depth <= _MAX_DEPTH or name in required:
@@ -1477,7 +1484,9 @@ class _Answerer:
             return False
         # The model is part of the draw: a retry on another model (a cascade's escalation) is a
         # new sample, as it would be in production.
-        draw = stable_fraction(self.break_key, self.cues.model, self.text, self._path_str(path), "invented_quote")
+        draw = stable_fraction(
+            self.break_key, self.cues.model, self.text, self._path_str(path), "invented_quote"
+        )
         hit = draw < self.quote_break_rate
         self.invented_quotes += hit
         return hit
@@ -1638,7 +1647,9 @@ class _Answerer:
         band = None
         if len(cues.bands) >= 2 and self.counts:
             for count in self.counts:
-                band = next((labels.index(v) for v, (lo, hi) in cues.bands.items() if lo <= count <= hi), None)
+                band = next(
+                    (labels.index(v) for v, (lo, hi) in cues.bands.items() if lo <= count <= hi), None
+                )
                 if band is not None:
                     band = list(values).index(labels[band])
                     break
@@ -1737,7 +1748,11 @@ def _well_known(label: str) -> bool:
 
 def _names_placeholder(value: str, definition: str | None) -> bool:
     """Whether a label is the one for "no answer given" (``not_stated``, "empty, n/a, '-'")."""
-    words = set(name_tokens(value)) | set(_words(definition or "")) | ({"n/a"} if "n/a" in (definition or "") else set())
+    words = (
+        set(name_tokens(value))
+        | set(_words(definition or ""))
+        | ({"n/a"} if "n/a" in (definition or "") else set())
+    )
     return bool(words & _PLACEHOLDER_SIGNS) and value.lower() not in _UNKNOWN_LABELS
 
 
@@ -1752,7 +1767,9 @@ def _definition_phrases(definition: str) -> tuple[_Phrase, ...]:
     for first in firsts:
         for segment in re.split(r"[,;:()/]|\bor\b|\band\b", first):
             tokens = _evidence_tokens(segment)
-            content = [t for t in tokens if len(t) >= 3 and t not in _DEFINITION_STOPWORDS and t not in _STOPWORDS]
+            content = [
+                t for t in tokens if len(t) >= 3 and t not in _DEFINITION_STOPWORDS and t not in _STOPWORDS
+            ]
             if 2 <= len(tokens) <= 4 and content:
                 stems = tuple(stem(t) for t in tokens)
                 found.setdefault(stems, (stems, 2, False))

@@ -90,7 +90,9 @@ def test_cancellation_reasons_follow_the_taxonomy(client: anthropic.Anthropic) -
     assert labels.count("other") / len(labels) <= 0.10  # was 36 % with the previous emulator
     # Every label of the taxonomy is used, and the placeholders are not_stated, not other.
     assert set(labels) == {e.value for e in dag.ReasonLabel}
-    placeholders = [cid for cid, row in truth.items() if row["reason_for_cancellation"].strip() in ("", "n/a", "-", "?")]
+    placeholders = [
+        cid for cid, row in truth.items() if row["reason_for_cancellation"].strip() in ("", "n/a", "-", "?")
+    ]
     assert placeholders and all(answers[c]["label"] == "not_stated" for c in placeholders)
     # Foreign-language rows (glossary) are mostly right too.
     foreign = [c for c, row in truth.items() if re.search(r"\b(zu teuer|trop cher|demasiado caro|te duur)\b",
@@ -109,7 +111,9 @@ def test_crm_leads_against_the_hand_labels(client: anthropic.Anthropic) -> None:
     dag = _dag("crm_lead_enrichment")
     labels = {r["lead_id"]: r for r in _rows("crm_leads_labels")}
     rows = [r for r in _rows("crm_leads") if r["lead_id"] in labels]
-    requests = _requests(dag.PROMPT_TEMPLATE, dag.SYSTEM_PROMPT, dag.FEW_SHOT, dag.LeadEnrichment, rows, "lead_id")
+    requests = _requests(
+        dag.PROMPT_TEMPLATE, dag.SYSTEM_PROMPT, dag.FEW_SHOT, dag.LeadEnrichment, rows, "lead_id"
+    )
     answers = _answers(client, requests)
     truth = _by_id(requests, rows)
     for field in dag.ENRICHED_FIELDS:
@@ -122,7 +126,9 @@ def test_crm_leads_against_the_hand_labels(client: anthropic.Anthropic) -> None:
         assert abs(unknown - expected) <= 0.1, (field, unknown, expected)
     for c, a in answers.items():
         assert dag.evidence_is_quoted(a["evidence"], truth[c]), a  # invented quotes are off here
-    right = [all(a[f] == labels[truth[c]["lead_id"]][f] for f in dag.ENRICHED_FIELDS) for c, a in answers.items()]
+    right = [
+        all(a[f] == labels[truth[c]["lead_id"]][f] for f in dag.ENRICHED_FIELDS) for c, a in answers.items()
+    ]
     conf = [a["confidence"] for a in answers.values()]
     assert mean(x for x, ok in zip(conf, right, strict=True) if ok) > mean(
         x for x, ok in zip(conf, right, strict=True) if not ok
@@ -132,15 +138,22 @@ def test_crm_leads_against_the_hand_labels(client: anthropic.Anthropic) -> None:
 def test_ticket_triage_keeps_its_agreement(client: anthropic.Anthropic) -> None:
     dag = _dag("support_ticket_triage")
     rows = _rows("support_tickets")[:800]
-    requests = _requests(dag.PROMPT_TEMPLATE, dag.SYSTEM_PROMPT, dag.FEW_SHOT, dag.TicketTriage, rows, "ticket_id")
+    requests = _requests(
+        dag.PROMPT_TEMPLATE, dag.SYSTEM_PROMPT, dag.FEW_SHOT, dag.TicketTriage, rows, "ticket_id"
+    )
     answers = _answers(client, requests)
     truth = _by_id(requests, rows)
     assert mean(a["category"] == truth[c]["expected_category"] for c, a in answers.items()) >= 0.85
     assert mean(a["priority"] == truth[c]["expected_priority"] for c, a in answers.items()) >= 0.8
-    assert mean(str(a["escalate"]).lower() == truth[c]["expected_escalate"].lower() for c, a in answers.items()) >= 0.95
+    assert (
+        mean(str(a["escalate"]).lower() == truth[c]["expected_escalate"].lower() for c, a in answers.items())
+        >= 0.95
+    )
 
 
-def test_document_sections_list_risks_and_open_questions_only_where_named(client: anthropic.Anthropic) -> None:
+def test_document_sections_list_risks_and_open_questions_only_where_named(
+    client: anthropic.Anthropic,
+) -> None:
     """The generator puts risks under risk/liability headings and undecided points under "Open
     ..." headings: a section lists them exactly there (empty lists elsewhere), quoting it."""
     dag = _dag("document_summaries")
@@ -151,11 +164,15 @@ def test_document_sections_list_risks_and_open_questions_only_where_named(client
             records.append({"section_id": f"{doc['doc_id']}-s{n:03d}", "text": text, "title": doc["title"],
                             "doc_type": doc["doc_type"], "section_no": n, "section_count": len(sections),
                             "heading": heading or text.split("\n", 1)[0]})  # fmt: skip
-    requests = _requests(dag.SECTION_TEMPLATE, dag.SECTION_SYSTEM, [], dag.SectionSummary, records, "section_id")
+    requests = _requests(
+        dag.SECTION_TEMPLATE, dag.SECTION_SYSTEM, [], dag.SectionSummary, records, "section_id"
+    )
     answers = _answers(client, requests)
     truth = _by_id(requests, records)
     for field, pattern in (("risks", r"risk|liabilit"), ("open_questions", r"\bopen\b")):
-        agreement = mean(bool(a[field]) == bool(re.search(pattern, truth[c]["heading"], re.I)) for c, a in answers.items())
+        agreement = mean(
+            bool(a[field]) == bool(re.search(pattern, truth[c]["heading"], re.I)) for c, a in answers.items()
+        )
         assert agreement >= 0.65, (field, agreement)
     for c, a in answers.items():
         dag.SectionSummary.model_validate(a)
@@ -175,7 +192,9 @@ class DelayCause(BaseModel):
 
     cause: Literal["weather", "crew_shortage", "mechanical_fault", "air_traffic", "unknown"]
     confidence: float = Field(ge=0, le=1)
-    crew_note: str | None = Field(default=None, max_length=40, description="Only for crew_shortage: which crew was missing.")
+    crew_note: str | None = Field(
+        default=None, max_length=40, description="Only for crew_shortage: which crew was missing."
+    )
     remark: str | None = Field(default=None, max_length=30, description="A short remark about the record.")
 
 
@@ -260,10 +279,17 @@ def test_max_length_on_optional_strings_is_a_description_hint() -> None:
 def test_invented_quotes_come_at_their_rate_and_fail_the_crm_invariant() -> None:
     dag = _dag("crm_lead_enrichment")
     rows = _rows("crm_leads")[:400]
-    requests = _requests(dag.PROMPT_TEMPLATE, dag.SYSTEM_PROMPT, dag.FEW_SHOT, dag.LeadEnrichment, rows, "lead_id")
+    requests = _requests(
+        dag.PROMPT_TEMPLATE, dag.SYSTEM_PROMPT, dag.FEW_SHOT, dag.LeadEnrichment, rows, "lead_id"
+    )
     truth = _by_id(requests, rows)
-    settings = EmulatorSettings(faults=FaultSettings(description_break_rate=0, invented_quote_rate=0.1, seed=3))
-    with EmulatorServer(settings) as server, anthropic.Anthropic(api_key="x", base_url=server.base_url) as client:
+    settings = EmulatorSettings(
+        faults=FaultSettings(description_break_rate=0, invented_quote_rate=0.1, seed=3)
+    )
+    with (
+        EmulatorServer(settings) as server,
+        anthropic.Anthropic(api_key="x", base_url=server.base_url) as client,
+    ):
         answers = _answers(client, requests)
         stats = client.get("/_emulator/stats", cast_to=object)
     failing = [c for c, a in answers.items() if not dag.evidence_is_quoted(a["evidence"], truth[c])]
@@ -276,6 +302,9 @@ def test_invented_quotes_come_at_their_rate_and_fail_the_crm_invariant() -> None
         assert len(answer.evidence) <= 200
     # At rate 0 every quote is verbatim.
     settings = EmulatorSettings(faults=FaultSettings(description_break_rate=0, invented_quote_rate=0))
-    with EmulatorServer(settings) as server, anthropic.Anthropic(api_key="x", base_url=server.base_url) as client:
+    with (
+        EmulatorServer(settings) as server,
+        anthropic.Anthropic(api_key="x", base_url=server.base_url) as client,
+    ):
         answers = _answers(client, requests)
     assert all(dag.evidence_is_quoted(a["evidence"], truth[c]) for c, a in answers.items())

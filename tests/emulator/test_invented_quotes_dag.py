@@ -47,18 +47,26 @@ def test_crm_dag_escalates_and_never_keeps_an_invented_quote(
     engine = sa.create_engine(f"sqlite:///{db}")
     try:
         with engine.connect() as conn:
-            leads = {r["lead_id"]: dict(r) for r in conn.execute(sa.text("SELECT * FROM crm_leads")).mappings()}
-            stage1 = [dict(r) for r in conn.execute(sa.text("SELECT * FROM lead_enrichment_stage1")).mappings()]
+            leads = {
+                r["lead_id"]: dict(r) for r in conn.execute(sa.text("SELECT * FROM crm_leads")).mappings()
+            }
+            stage1 = [
+                dict(r) for r in conn.execute(sa.text("SELECT * FROM lead_enrichment_stage1")).mappings()
+            ]
             final = [dict(r) for r in conn.execute(sa.text("SELECT * FROM lead_enrichment")).mappings()]
             work = {
                 r["lead_id"]: r["reason"]
-                for r in conn.execute(sa.text("SELECT lead_id, reason FROM lead_work WHERE stage = 'escalated'")).mappings()
+                for r in conn.execute(
+                    sa.text("SELECT lead_id, reason FROM lead_work WHERE stage = 'escalated'")
+                ).mappings()
             }
     finally:
         engine.dispose()
 
     # The cheap stage loaded them (schema-valid), about 30 % of 60 with an invented quote ...
-    invented = [r["lead_id"] for r in stage1 if not module.evidence_is_quoted(r["evidence"], leads[r["lead_id"]])]
+    invented = [
+        r["lead_id"] for r in stage1 if not module.evidence_is_quoted(r["evidence"], leads[r["lead_id"]])
+    ]
     assert 8 <= len(invented) <= 30, len(invented)
     # ... each one escalated for exactly that reason, as plan_escalation reports ...
     assert all(work.get(lead_id) == "evidence_not_in_record" for lead_id in invented)
