@@ -1698,7 +1698,9 @@ def _known_topic(name: str) -> bool:
 
 _MIN_EVIDENCE = 2  # below this, an unknown/other-like label beats a guess
 _UNKNOWN_LABELS = frozenset("unknown other none n/a na unclear unsure undetermined misc general".split())
-_PLACEHOLDER_SIGNS = frozenset("empty placeholder placeholders blank stated n/a missing_reason".split())
+_PLACEHOLDER_NAMES = frozenset(
+    ["not stated", "not given", "no answer", "no reason", "no response", "none given", "not provided"]
+)
 _DEFINITION_STOPWORDS = frozenset(
     "about also any are be been but by can could does each etc for from has have how into its "
     "like more most not of off only one other our out own same some such than that the their them "
@@ -1747,13 +1749,16 @@ def _well_known(label: str) -> bool:
 
 
 def _names_placeholder(value: str, definition: str | None) -> bool:
-    """Whether a label is the one for "no answer given" (``not_stated``, "empty, n/a, '-'")."""
-    words = (
-        set(name_tokens(value))
-        | set(_words(definition or ""))
-        | ({"n/a"} if "n/a" in (definition or "") else set())
+    """Whether a label is the one for "no answer given" (``not_stated``, ``no_answer``, or
+    defined as "empty, n/a, '-'")."""
+    if value.lower() in _UNKNOWN_LABELS:
+        return False
+    tokens = name_tokens(value)
+    named = " ".join(tokens) in _PLACEHOLDER_NAMES or bool(set(tokens) & {"empty", "blank", "unstated"})
+    defined = bool(definition) and (
+        "n/a" in definition or bool(set(_words(definition)) & {"empty", "placeholder", "placeholders", "blank"})
     )
-    return bool(words & _PLACEHOLDER_SIGNS) and value.lower() not in _UNKNOWN_LABELS
+    return named or defined
 
 
 @lru_cache(maxsize=4096)
