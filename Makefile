@@ -44,6 +44,7 @@ bench: install
 	$(PY) bench/triggerer.py
 	$(PY) bench/dag_parse.py
 	$(PY) bench/ledger.py
+	$(PY) bench/emulator_answers.py
 
 # A wheel and an sdist in dist/ (what `pip install dist/airflow_provider_fable-*.whl` installs).
 dist:

@@ -145,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of description-only schema constraints (maxLength, maximum...) answers break",
     )
     faults.add_argument(
+        "--invented-quote-rate",
+        type=float,
+        default=fault_defaults.invented_quote_rate,
+        help="share of verbatim-quote fields (evidence, quote...) answered with a paraphrase instead",
+    )
+    faults.add_argument(
         "--transient-404-after-create",
         type=int,
         default=fault_defaults.transient_404_after_create,
@@ -204,6 +210,7 @@ def settings_from_args(args: argparse.Namespace) -> EmulatorSettings:
             retry_after_seconds=args.retry_after_seconds,
             retry_after_ms=args.retry_after_ms,
             description_break_rate=args.description_break_rate,
+            invented_quote_rate=args.invented_quote_rate,
             transient_404_after_create=args.transient_404_after_create,
             cut_results_after=args.cut_results_after,
             cut_results_times=args.cut_results_times,

@@ -23,6 +23,20 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from airflow_provider_fable.emulator.cues import (
+    PromptCues,
+    fold,
+    fuzzy_matches,
+    glosses,
+    is_placeholder,
+    label_cues,
+    matching_example,
+    one_slip,
+    prompt_cues,
+    quoted_text,
+    record_key,
+)
+
 __all__ = [
     "Answer",
     "Evidence",
@@ -245,7 +259,8 @@ def stem(word: str) -> str:
 
 
 def _words(text: str) -> list[str]:
-    return _WORD_RE.findall(text.lower().replace("\u2019", "'").replace("\u2018", "'"))
+    # Accents are folded first: "fonctionnalités" is one word, not "fonctionnalit" + "s".
+    return _WORD_RE.findall(fold(text.lower().replace("\u2019", "'").replace("\u2018", "'")))
 
 
 def name_tokens(name: str) -> list[str]:
@@ -348,7 +363,7 @@ _LEXICON_GROUPS: tuple[_Group, ...] = (
         "blank page, blank screen, white screen, freezes, frozen, error message, "
         "since the update, after the update, after updating, since updating, does not load, "
         "will not load, fails to load, not loading, wrong total, wrong totals, keeps crashing, "
-        "regression, data is wrong",
+        "regression, data is wrong, outage, outages, downtime, keeps going down",
         normal="error, errors, fail, fails, failed, failing, failure, freeze, hangs, spinner, "
         "loading forever, timeout, timed out, times out, slow, sluggish, lag, laggy, sync, syncing, "
         "disappeared, vanished, no results, reinstall, reinstalled, clearing the cache, "
@@ -490,25 +505,29 @@ _LEXICON_GROUPS: tuple[_Group, ...] = (
         ("retail", "ecommerce", "e commerce", "consumer goods"),
         strong="retail, retailer, stores, storefront, ecommerce, e-commerce, online shop, "
         "webshop, shoppers, boutique, boutiques, merchandise, point of sale, shopify",
-        normal="shop, shops, store, brand, brands, products, catalog, consumer, apparel, fashion",
+        normal="shop, shops, store, brand, brands, products, catalog, consumer, apparel, fashion, "
+        "market, outfitters, retail chain, direct to consumers, peak season",
     ),
     _Group(
         ("manufacturing", "industrial"),
         strong="factory, factories, manufacturing, manufacturer, plant, plants, production line, "
         "assembly line, machining, cnc, industrial, fabrication, shop floor",
-        normal="parts, components, machinery, equipment, production, oem, tooling",
+        normal="parts, components, machinery, equipment, production, oem, tooling, industries, "
+        "automotive, makes, three plants, factory floor",
     ),
     _Group(
         ("financial services", "fintech", "banking", "insurance", "finance"),
         strong="bank, banks, banking, credit union, lender, lending, mortgage, mortgages, "
         "insurer, insurance, fintech, wealth management, asset management, brokerage, loans",
-        normal="investment, investments, payments, underwriting, claims, portfolio, advisors",
+        normal="investment, investments, payments, underwriting, claims, portfolio, advisors, "
+        "wealth, finance, capital, broker, trading, asset manager",
     ),
     _Group(
         ("software", "saas", "technology", "tech", "information technology", "it"),
         strong="saas, software, b2b software, cloud platform, developer tools, api platform, "
         "devops, cybersecurity, data platform",
-        normal="platform, app, apps, developers, cloud, engineering team, startup, tech",
+        normal="platform, app, apps, developers, cloud, engineering team, startup, tech, labs, "
+        "systems, analytics, dev team, web dashboard, mobile app, it teams",
     ),
     _Group(
         ("real estate", "property", "proptech"),
@@ -549,14 +568,17 @@ _LEXICON_GROUPS: tuple[_Group, ...] = (
     ),
     _Group(
         ("executive", "economic buyer", "decision maker", "c level", "leadership"),
-        strong="ceo, cfo, coo, cmo, cio, chief, founder, co-founder, owner, president, "
-        "vice president, vp, managing director, general manager, partner, budget holder, signs off",
-        normal="head of, director, board, executive",
+        strong="ceo, chief executive, coo, founder, co-founder, president, managing director, "
+        "general manager, budget holder, signs off, executive director",
+        normal="head of, director, board, executive, vice president, vp, chief",
+        # A CFO or CTO is first of all finance or engineering; "Owner"/"Partner" alone are vague.
+        weak="cfo, cto, cmo, cio, owner, partner",
     ),
     _Group(
         ("technical", "technical buyer", "engineer", "developer", "it"),
-        strong="cto, engineer, engineering, developer, developers, architect, devops, it manager, "
-        "it director, sysadmin, data engineer, security engineer, technical lead, tech lead",
+        strong="cto, cio, engineer, engineering, developer, developers, architect, devops, it manager, "
+        "it director, head of it, it lead, sysadmin, data engineer, security engineer, technical lead, "
+        "tech lead, software engineer, vp engineering",
         normal="technical, integration, api, infrastructure, it",
     ),
     _Group(
@@ -571,6 +593,111 @@ _LEXICON_GROUPS: tuple[_Group, ...] = (
         "proof of concept, poc",
         normal="interested, exploring, researching, recommended",
     ),
+    # -- business functions (personas from a job title) -------------------------------------
+    _Group(
+        ("sales", "revenue", "business development"),
+        strong="sales, account executive, sales director, head of revenue, revenue, bdr, sdr, "
+        "business development, account manager, sales manager, cro, chief revenue officer",
+        normal="account, deals, pipeline, quota, commercial",
+    ),
+    _Group(
+        ("marketing", "growth", "brand"),
+        strong="marketing, cmo, growth, demand gen, demand generation, brand, head of brand, "
+        "content marketing, seo, campaigns",
+        normal="communications, pr, social media, product marketing",
+    ),
+    _Group(
+        ("finance", "accounting"),
+        strong="cfo, finance manager, head of finance, controller, accountant, accounting, "
+        "financial controller, treasurer, fp&a, bookkeeper",
+        normal="finance, financial, payroll, budget",
+    ),
+    _Group(
+        ("hr", "human resources", "people", "talent", "recruiting"),
+        strong="hr, human resources, people partner, chief people officer, people officer, "
+        "talent acquisition, talent, recruiter, recruiting, hiring manager, people operations",
+        normal="people, hiring, onboarding, payroll",
+    ),
+    _Group(
+        ("operations", "ops", "supply chain"),
+        strong="operations, operations manager, head of ops, ops, supply chain, office manager, "
+        "logistics manager, procurement, facilities",
+        normal="office, purchasing, inventory, process",
+    ),
+    # -- more industries -------------------------------------------------------------------
+    _Group(
+        ("logistics", "transport", "freight", "transportation"),
+        strong="logistics, freight, freight forwarder, forwarder, trucking, trucks, fleet, 3pl, "
+        "couriers, haulage, last-mile, transport, transportation, dispatch",
+        normal="route planning, routes, cargo, shipping, warehouse operator, customs paperwork",
+    ),
+    _Group(
+        ("professional services", "consulting", "legal services", "accounting firm"),
+        strong="consulting, consultancy, consultants, law firm, lawyers, attorneys, accounting practice, "
+        "accountants, accounting firm, advisory, billable hours, agency, auditors",
+        normal="law, legal, clients, case management, tax season, timesheets, client portals",
+    ),
+    # -- reasons customers give (cancellation and feedback forms) -----------------------------
+    _Group(
+        ("expensive", "price", "pricing", "cost", "too expensive"),
+        strong="too expensive, expensive, overpriced, pricey, price increase, price hike, "
+        "price went up, can not afford, cannot afford, costs too much, cheaper",
+        normal="price, prices, cost, costs, afford, budget, cheaper options, charge me double",
+        weak="money, paying more",
+    ),
+    _Group(
+        ("missing features", "missing feature", "missing capability", "functionality"),
+        strong="missing features, missing feature, lacks, lacking, does not integrate, not integrate, "
+        "no integration, no api, do not have, does not have, does not support, not supported, "
+        "feature, features, functionality, features missing",
+        normal="missing, integrate, integration, offline mode, dark mode, reporting, support for, "
+        "no option, no way to, would need",
+    ),
+    _Group(
+        ("competitor", "switched", "switch", "alternative"),
+        strong="competitor, competitors, competition, switched, switching, switch to, alternative, "
+        "another tool, another vendor, different vendor, another provider, another product, "
+        "moved to, moving to, went with",
+        normal="vendor, provider, better tool, other tool, another",
+    ),
+    _Group(
+        ("support", "customer service", "service"),
+        strong="customer service, customer support, support team, support never, never answered, "
+        "no reply, no response, never replied, rude, unhelpful, waited, canned reply",
+        normal="support, service, reply, answer, ticket, help, helped, agent",
+    ),
+    _Group(
+        ("no longer needed", "not needed", "no need"),
+        strong="no longer need, no longer needed, not needed anymore, do not need, no need, "
+        "not need it, need it anymore, anymore, any more, project ended, only needed, one event, "
+        "stopped doing",
+        normal="no longer, ended, finished, one-off, one time, completed",
+    ),
+    _Group(
+        ("closed", "business closed", "shut down", "closure"),
+        strong="closing the business, closed the business, shut down, shutting down, out of business, "
+        "closing shop, closed, closing, retiring, retired, bankrupt, went under",
+        normal="business closed, company closed, close the company",
+    ),
+    _Group(
+        ("pause", "temporary", "break", "paused"),
+        strong="pause, pausing, paused, taking a break, temporary, temporarily, be back, come back, "
+        "back next, back in, seasonal, for the summer, for the winter, few months",
+        normal="break, season, later, next year, for now, return",
+    ),
+    # -- document sections: what a summary lists as risks or open questions --------------------
+    _Group(
+        ("risk", "risks", "liability", "liabilities", "exposure", "threat"),
+        strong="risk, risks, main risk, exposure, liability, liable, may lead to, could lead to, "
+        "compromised, fines, penalty, penalties, non-compliance, vulnerable, breach",
+        normal="failure, fail, loss, damages, indemnify, threat, increase the exposure, cap",
+    ),
+    _Group(
+        ("open question", "open questions", "undecided", "open point", "open points", "open issue"),
+        strong="not yet decided, to be confirmed, remains open, is open, open question, undecided, "
+        "not decided, unclear whether, tbd, to be determined, still open, not yet agreed, unknown whether",
+        normal="whether, unclear, pending, not yet, to be agreed, question",
+    ),
     _Group(
         ("pii", "personal data", "personal information"),
         strong="ssn, passport, social security, date of birth, credit card",
@@ -579,6 +706,9 @@ _LEXICON_GROUPS: tuple[_Group, ...] = (
 )
 
 _LABEL_STOPWORDS = frozenset(
+    # Function words too: "too" in too_expensive or "no" in no_longer_needed is no evidence alone
+    # (the label's whole phrase still counts).
+    "too no not very so just more less much many never all some "
     "issue issues request requests other general misc problem problems type category question "
     "questions inquiry the a an and or of to for in on with is are has have needs need requires "
     "require should contains contain mentions mention flag was be it any related customer user "
@@ -654,15 +784,41 @@ def _evidence_phrases(name: str, stopwords: frozenset[str]) -> tuple[_Phrase, ..
     return tuple(found.values())
 
 
-class Evidence:
-    """Word statistics of one request text, built once and queried per label."""
+@lru_cache(maxsize=65536)
+def _corrected_cached(token: str, vocabulary: frozenset[str]) -> str:
+    # Slips rarely hit the first letter; requiring it keeps real words apart ("reach" is no "breach").
+    matches = [w for w in fuzzy_matches(token, vocabulary) if w[0] == token[0] and one_slip(token, w)]
+    return matches[0] if len(matches) == 1 else token  # two candidates: no guess
 
-    def __init__(self, text: str, sentences: Sequence[str] | None = None) -> None:
+
+def _corrected(token: str, vocabulary: frozenset[str]) -> str:
+    """``token``, or the vocabulary word it is a typo of (only when exactly one fits)."""
+    if len(token) < 5 or token in vocabulary:
+        return token
+    return _corrected_cached(token, vocabulary)
+
+
+class Evidence:
+    """Word statistics of one request text, built once and queried per label.
+
+    Besides the words themselves, foreign words add their English gloss ("zu teuer" counts as
+    "too expensive") and a word one keyboard slip away from a word of ``vocabulary`` (the
+    lexicon, the labels and their definitions) counts as that word ("expnsive").
+    """
+
+    def __init__(
+        self, text: str, sentences: Sequence[str] | None = None, *, vocabulary: frozenset[str] | None = None
+    ) -> None:
         tokens = _evidence_tokens(text)
+        if vocabulary:
+            tokens = [_corrected(t, vocabulary) for t in tokens]
         stems = [stem(t) for t in tokens]
+        extra = [[stem(t) for t in _evidence_tokens(g)] for g in glosses(tokens)]
         self.text = text
-        self._joined = " " + " ".join(stems) + " "
+        self._joined = " " + " | ".join([" ".join(stems), *(" ".join(e) for e in extra)]) + " "
         self._stems = Counter(stems)
+        for gloss in extra:
+            self._stems.update(gloss)
         negated = Counter(
             s for i, s in enumerate(stems) if any(t in _NEGATORS for t in tokens[max(0, i - 2) : i])
         )
@@ -845,6 +1001,8 @@ def _field_lines(text: str) -> dict[str, str]:
 
 
 _HINT_BLOCK_RE = re.compile(r"\{[^{}]*\}")
+_SEPARATOR_RE = re.compile(r"\s*[,;/]\s*|\s+-\s+")
+_NUMBER_IN_TEXT_RE = re.compile(r"(?<![\w.,])\d[\d,]*(?![\w])")
 _EMAIL_RE = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
 _URL_RE = re.compile(r"https?://[^\s<>\"')]+")
 _DATE_RE = re.compile(r"\b(\d{4})-(\d{2})-(\d{2})\b")
@@ -895,22 +1053,47 @@ class SchemaAnswer:
     value: Any
     enum_paths: list[tuple[tuple[Any, ...], tuple[Any, ...]]]
     broken_hints: int = 0
+    #: verbatim-quote fields answered with a paraphrase (counted in ``broken_hints`` too)
+    invented_quotes: int = 0
 
 
 class _Answerer:
     """Walks a JSON schema and fills it from the request text."""
 
     def __init__(
-        self, root: Mapping[str, Any], text: str, *, break_rate: float = 0.0, break_key: str = ""
+        self,
+        root: Mapping[str, Any],
+        text: str,
+        *,
+        break_rate: float = 0.0,
+        break_key: str = "",
+        cues: PromptCues | None = None,
+        quote_break_rate: float = 0.0,
     ) -> None:
         self.root = root
         self.text = text
         #: Share of description-only constraints to break, and the key that picks which.
         self.break_rate = break_rate
         self.break_key = break_key
+        self.quote_break_rate = quote_break_rate
         self.broken = 0
+        self.invented_quotes = 0
         self.sentences = content_sentences(text)
-        self.evidence = Evidence(text, self.sentences)
+        #: System prompt, template words and few-shot answers around the record.
+        self.cues = cues or PromptCues()
+        #: The record itself (its quoted value, or its non-template words), normalised.
+        self.record = record_key(text, self.cues.template_words)
+        self.empty_record = is_placeholder(self.record)
+        #: The answer a few-shot turn gave to this very record, if one did.
+        self.example = matching_example(self.record, self.cues.examples) if self.cues.examples else None
+        self.vocabulary = _vocabulary(_schema_enums(root), self.cues.system)
+        evidence_text = (
+            quoted_text(text)
+            if self.cues.quoted_record
+            else _without_template(text, self.cues.template_words)
+        )
+        self.evidence = Evidence(evidence_text, self.sentences, vocabulary=self.vocabulary)
+        self._scoped: dict[str, Evidence] = {}
         self.filler = _words(text) or ["details"]
         self.enum_paths: list[tuple[tuple[Any, ...], tuple[Any, ...]]] = []
         #: Counts the record states ("350 employees", "Employees: 1,200", "a 12-person team").
@@ -921,8 +1104,13 @@ class _Answerer:
         self.decisions: list[tuple[int, int]] = []
         #: Labels chosen so far, for evidence fields that quote what supports them.
         self.chosen: list[str] = []
-        #: Decisions and labels of the object being filled (set before its late fields).
-        self.scope: tuple[list[tuple[int, int]], list[str]] = ([], [])
+        #: Every enum value picked so far, with or without evidence.
+        self.picked_all: list[str] = []
+        #: Decisions, labels with evidence and all picked labels of the object being filled
+        #: (set before its late fields).
+        self.scope: tuple[list[tuple[int, int]], list[str], list[str]] = ([], [], [])
+        #: Optional fields whose description ties them to enum values ("Required for other").
+        self.conditions: dict[tuple[Any, ...], set[str]] = {}
 
     # -- schema plumbing ---------------------------------------------------------------------
     def resolve(self, schema: Any) -> Any:
@@ -980,10 +1168,23 @@ class _Answerer:
         enum = schema.get("enum")
         if isinstance(enum, list) and enum:
             self.enum_paths.append((path, tuple(enum)))
-            return copy.deepcopy(self.choose(enum, path, 1)[0])
+            return copy.deepcopy(self.choose(enum, path, 1, schema)[0])
         variants = schema.get("anyOf") or schema.get("oneOf")
         if isinstance(variants, list) and variants:
-            return self.gen(self.pick_variant(variants, depth), path, depth)
+            condition = self.conditions.get(path)
+            if condition is not None and not condition & set(self.scope[2]):
+                # "Required for other": left null unless the label it is about was chosen.
+                return None
+            variant = self.pick_variant(variants, depth)
+            outer = schema.get("description")
+            if isinstance(variant, Mapping) and isinstance(outer, str) and _HINT_RE.search(outer):
+                # Hints transform_schema left on the optional field itself hold for its value too.
+                inner = variant.get("description")
+                variant = {
+                    **variant,
+                    "description": f"{inner}\n\n{outer}" if isinstance(inner, str) else outer,
+                }
+            return self.gen(variant, path, depth)
         kind = schema.get("type")
         if isinstance(kind, list):
             non_null = [t for t in kind if t != "null"]
@@ -1032,11 +1233,23 @@ class _Answerer:
         # decisions made for this object; the output keeps the schema's key order.
         first_decision = len(self.decisions)
         first_chosen = len(self.chosen)
+        first_picked = len(self.picked_all)
         late = [n for n in props if set(name_tokens(n)) & (_CONFIDENCE_TOKENS | _EVIDENCE_TOKENS)]
+        siblings = self.sibling_enum_values(props)
+        for name, sub in props.items():
+            condition = self.condition_of(sub, siblings)
+            if condition:
+                self.conditions[(*path, name)] = condition
+                if name not in late:
+                    late.append(name)
         for name, sub in props.items():
             if name not in late and (depth <= _MAX_DEPTH or name in required):
                 out[name] = self.gen(sub, (*path, name), depth + 1)
-        self.scope = (self.decisions[first_decision:], self.chosen[first_chosen:])
+        self.scope = (
+            self.decisions[first_decision:],
+            self.chosen[first_chosen:],
+            self.picked_all[first_picked:],
+        )
         for name in late:
             if depth <= _MAX_DEPTH or name in required:
                 out[name] = self.gen(props[name], (*path, name), depth + 1)
@@ -1048,6 +1261,35 @@ class _Answerer:
         if not props and isinstance(extra, Mapping) and depth <= _MAX_DEPTH:
             out["key"] = self.gen(extra, (*path, "key"), depth + 1)
         return out
+
+    def sibling_enum_values(self, props: Mapping[str, Any]) -> set[str]:
+        """String enum values of an object's own properties (for conditional fields)."""
+        values: set[str] = set()
+        for sub in props.values():
+            sub = self.resolve(sub)
+            if isinstance(sub, Mapping):
+                enum = sub.get("enum")
+                if not isinstance(enum, list) and isinstance(sub.get("items"), Mapping):
+                    enum = self.resolve(sub["items"]).get("enum")
+                if isinstance(enum, list):
+                    values.update(v for v in enum if isinstance(v, str))
+        return values
+
+    def condition_of(self, sub: Any, siblings: set[str]) -> set[str] | None:
+        """The enum values a nullable field's description ties it to ("Required for other: why
+        no canonical label fits"): a model fills it for those labels and leaves it null otherwise."""
+        sub = self.resolve(sub)
+        if not isinstance(sub, Mapping) or not siblings:
+            return None
+        variants = sub.get("anyOf") or sub.get("oneOf")
+        nullable = isinstance(variants, list) and any(
+            isinstance(v, Mapping) and v.get("type") == "null" for v in map(self.resolve, variants)
+        )
+        description = sub.get("description")
+        if not nullable or not isinstance(description, str):
+            return None
+        mentioned = {v for v in siblings if re.search(rf"(?<![\w-]){re.escape(v)}(?![\w-])", description)}
+        return mentioned or None
 
     def array(self, schema: Mapping[str, Any], path: tuple[Any, ...], depth: int) -> list[Any]:
         items = self.resolve(schema.get("items", {}))
@@ -1066,7 +1308,7 @@ class _Answerer:
             return []
         enum = items.get("enum") if isinstance(items, Mapping) else None
         if isinstance(enum, list) and enum and "const" not in items:
-            ranked = self.choose(enum, path, len(enum))
+            ranked = self.choose(enum, path, len(enum), schema)
             out = [copy.deepcopy(ranked[i % len(ranked)]) for i in range(n)]
             self.enum_paths.extend(((*path, i), tuple(enum)) for i in range(n))
             return out
@@ -1081,10 +1323,47 @@ class _Answerer:
             if len(set(out)) < len(out):
                 out = [w if i < len(words) else f"{w}-{i}" for i, w in enumerate(out)]
             return out
+        if is_string and not name_toks & _TAG_TOKENS and depth <= _MAX_DEPTH:
+            listed = self.listed_sentences(path, schema, lo, hi)
+            if listed is not None:
+                max_len = _int_constraint(items, "maxLength")
+                min_len = _int_constraint(items, "minLength")
+                return [fit_length(v, min_len, max_len, self.filler) for v in listed]
         values = [self.gen(items, (*path, i), depth + 1) for i in range(n)]
         if schema.get("uniqueItems") and all(isinstance(v, str) for v in values):
             values = [v if v not in values[:i] else f"{v} ({i + 1})" for i, v in enumerate(values)]
         return values
+
+    def listed_sentences(
+        self, path: tuple[Any, ...], schema: Mapping[str, Any], lo: int, hi: int | None
+    ) -> list[str] | None:
+        """A list of free-text items about a topic (``risks``, ``open_questions``): the record's
+        sentences about it, as many as there are (up to 3 and ``maxItems``), none when the
+        record names none and the list may be empty, else "None identified.". None when the
+        field names no topic the lexicon or its description can find (the caller extracts)."""
+        name = self.field_name(path)
+        description = schema.get("description")
+        definition = _HINT_BLOCK_RE.sub(" ", description) if isinstance(description, str) else ""
+        if not _known_topic(name):
+            return None
+        scored = []
+        for i, sentence in enumerate(self.sentences):
+            evidence = Evidence(sentence, [sentence])
+            score = evidence.score(name) + (_definition_score(evidence, definition) if definition else 0)
+            if score >= _LIST_THRESHOLD:
+                scored.append((-score, i, sentence))
+        cap = min(3, hi) if hi is not None else 3
+        if hi is not None and scored and self.breaks(schema, "maxItems", path):
+            cap = hi + 1
+        top = {s for _, _, s in sorted(scored)[:cap]}
+        chosen = list(dict.fromkeys(s for s in self.sentences if s in top))  # record order, once each
+        if len(chosen) < lo:
+            chosen += ["None identified."] if not chosen else []
+            extra = [s for s in self.sentences if s not in chosen]
+            chosen += extra[: lo - len(chosen)]
+            while len(chosen) < lo:
+                chosen.append(f"None identified ({len(chosen) + 1}).")
+        return chosen
 
     def integer(self, schema: Mapping[str, Any], path: tuple[Any, ...]) -> int:
         lo_f, hi_f = _constraint(schema, "minimum"), _constraint(schema, "maximum")
@@ -1169,6 +1448,13 @@ class _Answerer:
             value = _format_uri(self, path)
         elif toks & _EVIDENCE_TOKENS:
             value = trim_to(self.best_quote(), 280)
+            if self.invents_quote(path):
+                # A real model asked for a verbatim quote sometimes paraphrases or adds a
+                # specific the record never gave; checks that the quote is in the record must
+                # see that happen (``invented_quote_rate``).
+                value = fit_length(self.invented_quote(value), None, max_len, self.filler)
+                if max_len is not None:
+                    return value
         elif (
             found := self.field_value(
                 name, schema.get("description"), by_overlap=not toks & (_SUMMARY_TOKENS | _TAG_TOKENS)
@@ -1193,6 +1479,38 @@ class _Answerer:
             value = value[: min_len - 1]
         return value
 
+    def invents_quote(self, path: tuple[Any, ...]) -> bool:
+        if not self.quote_break_rate:
+            return False
+        # The model is part of the draw: a retry on another model (a cascade's escalation) is a
+        # new sample, as it would be in production.
+        draw = stable_fraction(
+            self.break_key, self.cues.model, self.text, self._path_str(path), "invented_quote"
+        )
+        hit = draw < self.quote_break_rate
+        self.invented_quotes += hit
+        return hit
+
+    def invented_quote(self, quote: str) -> str:
+        """A "quote" that is not in the record: a number in it changed (the commonest invented
+        specific), else the wording paraphrased, with a made-up head count added."""
+        record = " ".join(self.text.lower().split())
+        h = stable_hash(self.text, "invented_quote")
+
+        def bump(m: re.Match[str]) -> str:
+            n = _number(m.group(0), None)
+            return f"{max(2, n + 1 + n // 5 + h % 7):,}"
+
+        candidates = [
+            _NUMBER_IN_TEXT_RE.sub(bump, quote, count=1) if _NUMBER_IN_TEXT_RE.search(quote) else "",
+            f"{_SEPARATOR_RE.sub(' and ', quote).strip()} with about {20 + h % 900} employees",
+            f"the record says: {quote}",
+        ]
+        for candidate in candidates:
+            if candidate and " ".join(candidate.lower().split()).strip(" .,;:\"'") not in record:
+                return candidate
+        return f"the record says: {quote}"
+
     def confidence_share(self, path: tuple[Any, ...]) -> float:
         """Where a confidence-like field lands in its range: high when the labels of its object
         had strong, clear evidence, low when they were guesses (fallbacks, close calls)."""
@@ -1200,10 +1518,16 @@ class _Answerer:
         decisions = self.scope[0]
         if not decisions:
             return min(0.99, max(0.01, 0.6 + 0.3 * min(1.0, len(self.sentences) / 4) + jitter))
+        # No evidence at all for any label is a clear case too (the record says nothing: unknown),
+        # a little evidence that did not reach a label is the unsure one.
         strengths = [
-            0.6 * min(1.0, best / 6) + 0.4 * min(1.0, (best - runner_up) / 6) for best, runner_up in decisions
-        ]
-        return min(0.99, max(0.01, 0.2 + 0.75 * sum(strengths) / len(strengths) + jitter))
+            0.7 if best == 0 else 0.2 if best < _MIN_EVIDENCE
+            else 0.6 * min(1.0, best / 6) + 0.4 * min(1.0, (best - runner_up) / 6)
+            for best, runner_up in decisions
+        ]  # fmt: skip
+        # "How sure of all fields together": the least sure field weighs as much as the mean.
+        share = 0.5 * sum(strengths) / len(strengths) + 0.5 * min(strengths)
+        return min(0.99, max(0.01, 0.2 + 0.75 * share + jitter))
 
     def best_quote(self) -> str:
         """The record sentence that best supports the labels chosen for this object (verbatim)."""
@@ -1268,31 +1592,250 @@ class _Answerer:
         return best
 
     # -- enums -------------------------------------------------------------------------------
-    def choose(self, values: Sequence[Any], path: tuple[Any, ...], k: int) -> list[Any]:
+    def scoped_evidence(self, name: str, description: str) -> Evidence:
+        """Evidence for a field the prompt says comes from one part of the record.
+
+        "Persona comes from the job title" makes the ``Job title:`` line the only evidence for
+        ``persona`` (the company name or the notes would otherwise vote too); without such a
+        statement, or when the record has no such line, the whole record is the evidence.
+        """
+        words = [w for w in name_tokens(name) if w]
+        if not words or not self.fields:
+            return self.evidence
+        pattern = _scope_pattern(" ".join(words))
+        for source in (description, self.cues.system):
+            for m in pattern.finditer(source or ""):
+                phrase = " ".join(name_tokens(m.group(1)))
+                for key, value in self.fields.items():
+                    if phrase.startswith(key):
+                        if key not in self._scoped:
+                            value = "" if is_placeholder(" ".join(_words(value))) else value
+                            self._scoped[key] = Evidence(value, [value], vocabulary=self.vocabulary)
+                        return self._scoped[key]
+        return self.evidence
+
+    def choose(
+        self, values: Sequence[Any], path: tuple[Any, ...], k: int, schema: Mapping[str, Any] | None = None
+    ) -> list[Any]:
         """Enum values ranked by evidence; ties (and no evidence) broken by a stable hash.
 
-        Numeric bands ("11-50", "1000+") are matched against a count found in the record
-        (employees, seats...) first: no word of a band label can be evidence for it.
+        A value's evidence: its own words and the lexicon (``Evidence.score``), the definition
+        the system prompt or the field description gives it ("- too_expensive: price, cannot
+        afford"), a head count in the record that falls in the band it is defined by ("micro
+        1-10", "11-50"), a placeholder record ("n/a", "-") for a value defined as one, and the
+        answer a few-shot turn gave to the same record. ``unknown``/``other``-like values win
+        when the best evidence is weak (a single weak word), not only when there is none.
         """
-        scores = [self.evidence.score(v) if isinstance(v, str) else 0 for v in values]
-        band = _band_choice(values, self.counts, self.field_name(path))
+        name = self.field_name(path)
+        description = schema.get("description") if isinstance(schema, Mapping) else None
+        description = description if isinstance(description, str) else ""
+        labels = tuple(v for v in values if isinstance(v, str))
+        cues = label_cues(labels, self.cues.system, description)
+        evidence = self.scoped_evidence(name, description)
+        scores = []
+        for v in values:
+            if not isinstance(v, str):
+                scores.append(0)
+                continue
+            score = evidence.score(v)
+            definition = cues.definitions.get(v)
+            if definition and v.lower() not in _FALLBACK_LABELS and not _well_known(v):
+                score += _definition_score(evidence, definition)
+            if self.empty_record and _names_placeholder(v, definition):
+                score += 8
+            scores.append(score)
+        band = None
+        if len(cues.bands) >= 2 and self.counts:
+            for count in self.counts:
+                band = next(
+                    (labels.index(v) for v, (lo, hi) in cues.bands.items() if lo <= count <= hi), None
+                )
+                if band is not None:
+                    band = list(values).index(labels[band])
+                    break
+        if band is None:
+            band = _band_choice(values, self.counts, name)
         if band is not None:
             scores[band] += 6
+        if isinstance(self.example, Mapping):
+            shown = self.example.get(name)
+            if shown in values:
+                scores[list(values).index(shown)] += 10
         best = max(scores)
         ordered = sorted(scores, reverse=True)
         runner_up = ordered[1] if len(ordered) > 1 else 0
+        has_unknown = any(isinstance(v, str) and v.lower() in _UNKNOWN_LABELS for v in values)
+        weak = best < _MIN_EVIDENCE and has_unknown
         self.decisions.append((best, runner_up))
         where = self._path_str(path)
 
-        def rank(i: int) -> tuple[int, int, int]:
+        def rank(i: int) -> tuple[int, int, int, int]:
             value = values[i]
             fallback = 0 if isinstance(value, str) and value.lower() in _FALLBACK_LABELS else 1
-            return (-scores[i], fallback if best == 0 else 0, stable_hash(self.text, where, repr(value)))
+            if weak:
+                unknown = 0 if isinstance(value, str) and value.lower() in _UNKNOWN_LABELS else 1
+                return (unknown, -scores[i], fallback, stable_hash(self.text, where, repr(value)))
+            return (0, -scores[i], fallback if best == 0 else 0, stable_hash(self.text, where, repr(value)))
 
         order = sorted(range(len(values)), key=rank)
         picked = [values[i] for i in order[:k]]
+        self.picked_all.extend(str(v) for v in picked)
         self.chosen.extend(str(v) for v in picked if isinstance(v, str) and scores[values.index(v)] > 0)
         return picked
+
+
+_LIST_THRESHOLD = 3  # a sentence is "about" a list's topic from this much evidence
+
+
+@lru_cache(maxsize=1024)
+def _known_topic(name: str) -> bool:
+    """Whether the lexicon has a topic for a list field's name (risks, open questions...)."""
+    tokens = name_tokens(name)
+    content = [t for t in tokens if t not in _LABEL_STOPWORDS]
+    keys = {_phrase_key(tokens), _phrase_key(content)} | {_phrase_key([t]) for t in content}
+    return any(key in _LEXICON for key in keys if key)
+
+
+_MIN_EVIDENCE = 2  # below this, an unknown/other-like label beats a guess
+_UNKNOWN_LABELS = frozenset("unknown other none n/a na unclear unsure undetermined misc general".split())
+_PLACEHOLDER_NAMES = frozenset(
+    ["not stated", "not given", "no answer", "no reason", "no response", "none given", "not provided"]
+)
+_DEFINITION_STOPWORDS = frozenset(
+    "about also any are be been but by can could does each etc for from has have how into its "
+    "like more most not of off only one other our out own same some such than that the their them "
+    "then there these they this those too use used very was what when where which while who why "
+    "will with within without would you your real".split()
+)
+
+
+def _without_template(text: str, template_words: frozenset[str]) -> str:
+    """``text`` without the prompt template's own words ("Reason given:", "Subject:").
+
+    Every record's turn has them, so they are evidence for nothing; short and negating words
+    stay (they are part of phrases like "not working").
+    """
+    drop = {
+        w
+        for w in template_words
+        if len(w) >= 3 and w.isalpha() and w not in _NEGATORS | _STOPWORDS | _DEFINITION_STOPWORDS
+    }
+    if not drop:
+        return text
+    return _template_re(frozenset(drop)).sub(" ", text)
+
+
+@lru_cache(maxsize=64)
+def _template_re(words: frozenset[str]) -> re.Pattern[str]:
+    return re.compile(r"\b(?:" + "|".join(sorted(map(re.escape, words))) + r")\b", re.IGNORECASE)
+
+
+@lru_cache(maxsize=4096)
+def _scope_pattern(words: str) -> re.Pattern[str]:
+    return re.compile(
+        rf"\b{re.escape(words)}\b[^.\n]{{0,60}}?\bfrom (?:the |its |their |a )?([A-Za-z][A-Za-z ]{{2,30}})",
+        re.IGNORECASE,
+    )
+
+
+@lru_cache(maxsize=4096)
+def _well_known(label: str) -> bool:
+    """Whether the lexicon has an entry for the label's whole name. A definition in the prompt
+    then adds little but noise (crude word matching misreads prose like "a paying customer is
+    blocked"); definitions teach the labels the lexicon does not know."""
+    tokens = name_tokens(label)
+    content = [t for t in tokens if t not in _LABEL_STOPWORDS]
+    return any(key in _LEXICON for key in {_phrase_key(tokens), _phrase_key(content)} if key)
+
+
+def _names_placeholder(value: str, definition: str | None) -> bool:
+    """Whether a label is the one for "no answer given" (``not_stated``, ``no_answer``, or
+    defined as "empty, n/a, '-'")."""
+    if value.lower() in _UNKNOWN_LABELS:
+        return False
+    tokens = name_tokens(value)
+    named = " ".join(tokens) in _PLACEHOLDER_NAMES or bool(set(tokens) & {"empty", "blank", "unstated"})
+    defined = bool(definition) and (
+        "n/a" in definition or bool(set(_words(definition)) & {"empty", "placeholder", "placeholders", "blank"})
+    )
+    return named or defined
+
+
+@lru_cache(maxsize=4096)
+def _definition_phrases(definition: str) -> tuple[_Phrase, ...]:
+    """Weighted evidence phrases of a label definition: its short comma-separated items count as
+    phrases (3), their content words on their own (2 in a short definition, 1 in a long one).
+    Only the first sentence of each definition counts: later ones tend to discuss other labels."""
+    firsts = [re.split(r"(?<=[a-z)])\.\s+", part.strip(), maxsplit=1)[0] for part in definition.split(" ; ")]
+    found: dict[tuple[str, ...], _Phrase] = {}
+    words: list[str] = []
+    for first in firsts:
+        for segment in re.split(r"[,;:()/]|\bor\b|\band\b", first):
+            tokens = _evidence_tokens(segment)
+            content = [
+                t for t in tokens if len(t) >= 3 and t not in _DEFINITION_STOPWORDS and t not in _STOPWORDS
+            ]
+            if 2 <= len(tokens) <= 4 and content:
+                stems = tuple(stem(t) for t in tokens)
+                found.setdefault(stems, (stems, 2, False))
+            words += content
+    if len(set(words)) > 12:
+        # Prose ("a paying customer is blocked on an important task"): its single words are
+        # too common to point at one label; only its short items count.
+        return tuple(found.values())
+    single = 1
+    for word in words:
+        stems = (stem(word),)
+        if stems not in found:
+            found[stems] = (stems, single, False)
+    return tuple(found.values())
+
+
+def _definition_score(evidence: Evidence, definition: str) -> int:
+    return sum(
+        weight * min(evidence._count_stems(stems, False), _SATURATION)
+        for stems, weight, _ in _definition_phrases(definition)
+    )
+
+
+def _schema_enums(root: Any) -> tuple[str, ...]:
+    """Every string enum value in a schema (for the typo vocabulary)."""
+    found: list[str] = []
+    stack = [root]
+    seen = 0
+    while stack and seen < 5000:
+        node = stack.pop()
+        seen += 1
+        if isinstance(node, Mapping):
+            enum = node.get("enum")
+            if isinstance(enum, list):
+                found += [v for v in enum if isinstance(v, str)]
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return tuple(dict.fromkeys(found))
+
+
+def _lexicon_words() -> frozenset[str]:
+    words: set[str] = set()
+    for group in _LEXICON_GROUPS:
+        for listing in (group.strong, group.normal, group.weak, " ".join(group.names)):
+            words.update(_words(listing))
+    return frozenset(w for w in words if w.isalpha())
+
+
+_LEXICON_WORDS = _lexicon_words()
+
+
+@lru_cache(maxsize=256)
+def _vocabulary(labels: tuple[str, ...], system: str) -> frozenset[str]:
+    """Words a typo in the record is corrected towards: the lexicon, the labels, their definitions."""
+    words = set(_LEXICON_WORDS)
+    for label in labels:
+        words.update(name_tokens(label))
+    for definition in label_cues(labels, system, "").definitions.values():
+        words.update(_words(definition))
+    return frozenset(w for w in words if w.isalpha() and len(w) >= 5)
 
 
 def _date_from_text(answerer: _Answerer, path: tuple[Any, ...]) -> str:
@@ -1337,16 +1880,37 @@ _FORMATS: dict[str, Any] = {
 
 
 def answer_for_schema(
-    schema: Mapping[str, Any], text: str, *, break_rate: float = 0.0, break_key: str = ""
+    schema: Mapping[str, Any],
+    text: str,
+    *,
+    break_rate: float = 0.0,
+    break_key: str = "",
+    params: Mapping[str, Any] | None = None,
+    quote_break_rate: float = 0.0,
 ) -> SchemaAnswer:
     """A value valid against ``schema``, chosen from the evidence in ``text``.
 
+    ``params`` (the whole request, optional) lets the answer use what surrounds the record:
+    label definitions in the system prompt, the template words and answers of few-shot turns.
     With ``break_rate`` > 0 a share of the constraints that only live in descriptions (as
-    ``transform_schema`` leaves them) is violated, as a real model sometimes does.
+    ``transform_schema`` leaves them) is violated, as a real model sometimes does; with
+    ``quote_break_rate`` > 0 that share of verbatim-quote fields paraphrase instead of quoting.
     """
-    answerer = _Answerer(schema, text, break_rate=break_rate, break_key=break_key)
+    answerer = _Answerer(
+        schema,
+        text,
+        break_rate=break_rate,
+        break_key=break_key,
+        cues=prompt_cues(params) if params is not None else None,
+        quote_break_rate=quote_break_rate,
+    )
     value = answerer.gen(schema, (), 0)
-    return SchemaAnswer(value=value, enum_paths=answerer.enum_paths, broken_hints=answerer.broken)
+    return SchemaAnswer(
+        value=value,
+        enum_paths=answerer.enum_paths,
+        broken_hints=answerer.broken,
+        invented_quotes=answerer.invented_quotes,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -1593,6 +2157,7 @@ class Answer:
     output_tokens: int
     invalid_kind: str | None = None
     broken_hints: int = 0
+    invented_quotes: int = 0
 
 
 def _broken_text(json_text: str) -> str:
@@ -1633,6 +2198,7 @@ def build_answer(
     id_seed: str = "",
     fault_key: str | None = None,
     description_break_rate: float = 0.0,
+    invented_quote_rate: float = 0.0,
 ) -> Answer:
     """The reply the emulated model gives to ``params`` (already validated).
 
@@ -1640,7 +2206,8 @@ def build_answer(
     requests have no schema to violate and are answered normally. ``id_seed`` derives the
     tool-use id; ``fault_key`` (default: ``id_seed``) picks which field a fault breaks, and
     is kept free of the batch id so a request breaks the same way in every batch.
-    ``description_break_rate`` is the share of description-only constraints the answer ignores.
+    ``description_break_rate`` is the share of description-only constraints the answer ignores,
+    ``invented_quote_rate`` the share of verbatim-quote fields that paraphrase instead.
     A request with ``thinking`` gets a thinking block first, counted in the output tokens.
     """
     fault_key = id_seed if fault_key is None else fault_key
@@ -1650,12 +2217,16 @@ def build_answer(
     prefix: list[dict[str, Any]] = [thought[0]] if thought else []
     thinking_tokens = thought[1] if thought else 0
     break_rate = description_break_rate if invalid_kind is None else 0.0
+    quote_rate = invented_quote_rate if invalid_kind is None else 0.0
     tool = forced_tool(params)
     if tool is not None:
         schema = (
             tool.get("input_schema") if isinstance(tool.get("input_schema"), Mapping) else {"type": "object"}
         )
-        generated = answer_for_schema(schema, text, break_rate=break_rate, break_key=fault_key)
+        generated = answer_for_schema(
+            schema, text, break_rate=break_rate, break_key=fault_key, params=params,
+            quote_break_rate=quote_rate,
+        )  # fmt: skip
         value: Any = generated.value if isinstance(generated.value, dict) else {}
         applied = None
         if invalid_kind is not None and invalid_kind != "non_json":
@@ -1675,15 +2246,21 @@ def build_answer(
             "input": value,
         }
         tokens = thinking_tokens + 8 + estimate_tokens(len(_canonical(value)))
-        return Answer([*prefix, block], "tool_use", tokens, applied, generated.broken_hints)
+        return Answer(
+            [*prefix, block], "tool_use", tokens, applied, generated.broken_hints, generated.invented_quotes
+        )
 
     schema = output_schema(params)
     applied = None
-    broken_hints = 0
+    broken_hints = invented = 0
     if schema is not None:
-        generated = answer_for_schema(schema, text, break_rate=break_rate, break_key=fault_key)
+        generated = answer_for_schema(
+            schema, text, break_rate=break_rate, break_key=fault_key, params=params,
+            quote_break_rate=quote_rate,
+        )  # fmt: skip
         value = generated.value
         broken_hints = generated.broken_hints
+        invented = generated.invented_quotes
         if invalid_kind == "non_json":
             reply, applied = _broken_text(json.dumps(value, ensure_ascii=False)), "non_json"
         else:
@@ -1700,7 +2277,7 @@ def build_answer(
         room = max(room, 0)
         reply, output_tokens, stop_reason = reply[: room * 4], room, "max_tokens"
     content = [*prefix, {"type": "text", "text": reply}] if reply else prefix
-    return Answer(content, stop_reason, thinking_tokens + output_tokens, applied, broken_hints)
+    return Answer(content, stop_reason, thinking_tokens + output_tokens, applied, broken_hints, invented)
 
 
 def build_message(

@@ -75,6 +75,9 @@ class FaultSettings(BaseModel):
     #: Share of constraints that only reach the model as description hints (``{maxLength: 80}``
     #: after ``transform_schema``) that an answer breaks, as a real model sometimes does.
     description_break_rate: float = Field(0.02, ge=0.0, le=1.0)
+    #: Share of verbatim-quote fields (``evidence``, ``quote``... described as a quote from the
+    #: record) answered with a paraphrase or an invented specific instead, as real models do.
+    invented_quote_rate: float = Field(0.02, ge=0.0, le=1.0)
     transient_404_after_create: int = Field(0, ge=0)
     cut_results_after: int | None = Field(None, ge=0)
     cut_results_times: int = Field(1, ge=0)

@@ -184,6 +184,7 @@ class Stats:
                     "invalid_answer": self.faults["invalid_answer"],
                     "invalid_answer_by_kind": dict(self.invalid_by_kind),
                     "description_constraint_broken": self.faults["description_constraint_broken"],
+                    "invented_quote": self.faults["invented_quote"],
                 },
                 "header_rejects": self.counters["header_rejects"],
             }
@@ -597,11 +598,14 @@ class BatchStore:
             id_seed=id_seed,
             fault_key=f"{self.settings.faults.seed}:{fault_key if fault_key is not None else id_seed}",
             description_break_rate=self.settings.faults.description_break_rate,
+            invented_quote_rate=self.settings.faults.invented_quote_rate,
         )
         if answer.invalid_kind is not None:
             self.stats.fault("invalid_answer", kind=answer.invalid_kind)
         if answer.broken_hints:
             self.stats.fault("description_constraint_broken", answer.broken_hints)
+        if answer.invented_quotes:
+            self.stats.fault("invented_quote", answer.invented_quotes)
         accounting = model.account_prompt(params)
         creation = read = 0
         if (
