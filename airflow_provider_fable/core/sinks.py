@@ -23,7 +23,6 @@ import csv
 import decimal
 import hashlib
 import io
-import json
 import logging
 import re
 import types
@@ -33,12 +32,20 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-import orjson
 import sqlalchemy as sa
 from pydantic import BaseModel
 
 from airflow_provider_fable.core.results import Usage
 from airflow_provider_fable.core.validation import Accepted, Rejected
+from airflow_provider_fable.core.writer_process import (
+    SQLiteStore,
+    StoreJob,
+    error_message,
+    json_text,
+    raw_from_row,
+    safe_text,
+    strip_nul,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,29 +141,10 @@ def output_columns(output_model: type[BaseModel]) -> dict[str, str]:
     }
 
 
-def _strip_nul(value: str) -> str:
-    """PostgreSQL text cannot hold NUL; a model answer can. Drop it rather than fail the load."""
-    return value.replace("\x00", "") if "\x00" in value else value
-
-
-def _json_text(value: Any) -> str:
-    try:
-        out = orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
-    except orjson.JSONEncodeError:  # ints beyond 64 bits, lone surrogates: json copes
-        out = json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-    return _strip_nul(out)
-
-
-def _safe_text(value: str | None, limit: int) -> str | None:
-    """Text for the rejects table: bounded, NUL-free and encodable (lone surrogates replaced)."""
-    if value is None:
-        return None
-    value = _strip_nul(value[:limit])
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        value = value.encode("utf-8", "replace").decode("utf-8")
-    return value
+_strip_nul = strip_nul
+_json_text = json_text
+_safe_text = safe_text
+_error_message = error_message
 
 
 def _row_builder(kinds: dict[str, str]) -> Callable[..., tuple[Any, ...]]:
@@ -463,10 +451,29 @@ WHERE t.{rid} IS NULL OR l.rejected_at > t._loaded_at"""
 
     def _raw_from_row(self, row: tuple[Any, ...]) -> str:
         """The answer's JSON (as ``_json_text`` of the accepted data) from its table row."""
-        data = {}
-        for (name, kind), value in zip(self.kinds.items(), row[1:], strict=False):
-            data[name] = orjson.loads(value) if kind == "json" and value is not None else value
-        return _json_text(data)
+        return raw_from_row(list(self.kinds.items()), row)
+
+    def sqlite_store(self) -> SQLiteStore | None:
+        """This sink's ``store`` for the writer process, or None when it needs more than sqlite3.
+
+        Only for a SQLite database file named by a plain URL (no query options the engine would
+        apply) through Python's own sqlite3.
+        """
+        url = self.engine.url
+        database = url.database or ""
+        if (
+            self._mode != "sqlite"
+            or url.query
+            or database in ("", ":memory:")
+            or database.startswith("file:")
+        ):
+            return None
+        return SQLiteStore(
+            database,
+            _upsert_sql(self._name(self.table.name), (self.id_column,), self._columns, "?"),
+            _upsert_sql(self._name(self.rejects.name), ("record_id", "batch_id"), list(REJECT_COLUMNS), "?"),
+            list(self.kinds.items()),
+        )
 
     # ------------------------------------------------------------------ writer processes
     def __getstate__(self) -> dict[str, Any]:
@@ -525,16 +532,6 @@ WHERE t.{rid} IS NULL OR l.rejected_at > t._loaded_at"""
         return _DBAPITransaction(self)
 
 
-class StoreJob(typing.NamedTuple):
-    """One chunk ready for the database: plain tuples only (cheap to send to another process)."""
-
-    rows: list[tuple[Any, ...]]
-    ids: list[str]  # record id of each row (the row may hold it as an integer)
-    reject_rows: list[tuple[Any, ...]]
-    batch_id: str
-    now: Any
-
-
 def _unstorable(item: Accepted, message: str) -> Rejected:
     return Rejected(
         item.record_id,
@@ -553,10 +550,16 @@ def _unstorable_row(record_id: str, batch_id: str, message: str, raw: str, now: 
     )[0]
 
 
-def _error_message(exc: BaseException) -> str:
-    orig = getattr(exc, "orig", None) or exc
-    text = str(orig).strip().splitlines()
-    return f"{type(orig).__name__}: {text[0] if text else ''}"[:500]
+def _on_conflict(keys: Sequence[str], columns: Sequence[str]) -> str:
+    updates = ", ".join(f"{_quote(c)} = EXCLUDED.{_quote(c)}" for c in columns if c not in keys)
+    return f"ON CONFLICT ({', '.join(_quote(k) for k in keys)}) DO UPDATE SET {updates}"
+
+
+def _upsert_sql(name: str, keys: Sequence[str], columns: Sequence[str], mark: str) -> str:
+    """The prepared upsert of one row (``mark`` is the driver's placeholder)."""
+    cols = ", ".join(_quote(c) for c in columns)
+    marks = ", ".join(mark for _ in columns)
+    return f"INSERT INTO {name} ({cols}) VALUES ({marks}) {_on_conflict(keys, columns)}"
 
 
 class _Transaction:
@@ -630,11 +633,9 @@ class _DBAPITransaction(_Transaction):
     ) -> None:
         name = self.sink._name(table.name)
         cols = ", ".join(_quote(c) for c in columns)
-        updates = ", ".join(f"{_quote(c)} = EXCLUDED.{_quote(c)}" for c in columns if c not in keys)
-        conflict = f"ON CONFLICT ({', '.join(_quote(k) for k in keys)}) DO UPDATE SET {updates}"
+        conflict = _on_conflict(keys, columns)
         if self.sink._mode == "sqlite":
-            marks = ", ".join("?" for _ in columns)
-            self.cursor.executemany(f"INSERT INTO {name} ({cols}) VALUES ({marks}) {conflict}", rows)
+            self.cursor.executemany(_upsert_sql(name, keys, columns, "?"), rows)
             return
         # PostgreSQL: COPY into a session-private staging table shaped like the target, then one
         # set-based upsert. The staging table empties itself at commit; within the transaction
