@@ -12,6 +12,7 @@ next one.
 from __future__ import annotations
 
 import gc
+import os
 import pickle
 import queue
 import subprocess
@@ -182,9 +183,9 @@ class _ProcessWriter:
     For SQLite, whose ``executemany`` holds the GIL for every row, so a thread cannot overlap
     it with validation; on a 2-core worker the two halves then run side by side. This process
     still builds the row tuples (``ResultSink.prepare_chunk``) and keeps the callbacks and the
-    statistics; the writer process (``core.writer_process``) only runs ``ResultSink.store`` on
-    plain tuples. It is started at the first full chunk, so small loads (one chunk) are written
-    inline. Memory stays bounded: one chunk queued, one being written, their items kept here
+    statistics; the writer process (``core.writer_process``) only runs the sink's SQL
+    (``ResultSink.sqlite_store``: sqlite3 alone, so it is up in milliseconds) on plain tuples.
+    It is started at the first full chunk, so small loads (one chunk) are written inline. Memory stays bounded: one chunk queued, one being written, their items kept here
     for reporting.
     """
 
@@ -367,9 +368,9 @@ def load_batch(
         on a writer thread, ``"process"`` in a writer process (SQLite files only; started once
         a first chunk is full), ``False`` inline. Default: a thread when the database works
         outside Python (PostgreSQL: COPY and the upsert run in the server, the client waits
-        without the GIL), else inline. SQLite's executemany needs the GIL for every row, so a
-        thread does not help there; a writer process can, but only with a core to spare (see
-        docs/performance.md: on a saturated machine it was slower), hence opt-in.
+        without the GIL); a writer process for a SQLite file when the machine has more than
+        one core (SQLite's executemany needs the GIL for every row, so a thread does not help
+        there; a process does: see docs/performance.md); else inline.
     """
     fields = distribution_fields(output_model)
     for f in fields:
@@ -379,7 +380,12 @@ def load_batch(
     model_name: str | None = None
     if pipeline is None:
         engine = getattr(sink, "engine", None)  # a ParquetSink alone has no database
-        pipeline = engine is not None and engine.dialect.name == "postgresql"
+        if engine is not None and engine.dialect.name == "postgresql":
+            pipeline = True
+        elif (os.cpu_count() or 1) > 1 and _separate_writer_helps(sink):
+            pipeline = "process"
+        else:
+            pipeline = False
     writer: _Writer | _ProcessWriter
     if pipeline == "process":
         if not _separate_writer_helps(sink):

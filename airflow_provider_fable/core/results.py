@@ -143,7 +143,16 @@ def parse_result_line(line: str | bytes) -> BatchResult:
                 if texts:
                     text = texts[0] if len(texts) == 1 else "".join(texts)
         raw_usage = message.get("usage")
-        usage = _usage(raw_usage) if raw_usage.__class__ is not dict else _usage_fast(raw_usage)
+        if raw_usage.__class__ is dict:  # the common case, inline: a dict of ints
+            get = raw_usage.get
+            a, b = get("input_tokens") or 0, get("output_tokens") or 0
+            c, d = get("cache_creation_input_tokens") or 0, get("cache_read_input_tokens") or 0
+            if c or not (a.__class__ is b.__class__ is d.__class__ is int):
+                usage = _usage_fast(raw_usage)  # 1-hour cache writes to look up, or conversions
+            else:
+                usage = Usage(a, b, 0, d, 0)
+        else:
+            usage = _usage(raw_usage)
         return BatchResult(
             custom_id, kind, text, tool_input, message.get("stop_reason"), message.get("model"), usage
         )
