@@ -346,10 +346,22 @@ WHERE t.{rid} IS NULL OR l.rejected_at > t._loaded_at"""
         self, items: Iterable[Accepted], batch_id: str, model: str | None, now: Any
     ) -> tuple[list[tuple[Any, ...]], list[Accepted], list[tuple[Accepted, str]]]:
         """(rows, their items, refused items with why); one row per record id (last wins)."""
-        by_id: dict[str, tuple[tuple[Any, ...], Accepted]] = {}
-        refused: list[tuple[Accepted, str]] = []
         build = self._build_row
         integer_ids = self.id_type == "integer"
+        if not integer_ids:
+            items = items if isinstance(items, list) else list(items)
+            if len({item.record_id for item in items}) == len(items):
+                # Text ids, each once (the usual chunk): rows straight from the items, one pass.
+                return (
+                    [
+                        build(i.data, i.record_id, batch_id, model, i.usage.input_tokens, i.usage.output_tokens, now)
+                        for i in items
+                    ],
+                    items,
+                    [],
+                )  # fmt: skip
+        by_id: dict[str, tuple[tuple[Any, ...], Accepted]] = {}
+        refused: list[tuple[Accepted, str]] = []
         for item in items:
             key: Any = item.record_id
             if integer_ids:
