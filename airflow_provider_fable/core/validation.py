@@ -190,7 +190,13 @@ def _describe(exc: ValidationError) -> tuple[str, str]:
 
 def validate_result(result: BatchResult, output_model: type[BaseModel]) -> Outcome:
     """Classify one parsed result line against the output model."""
-    return validator_for(output_model)(result)
+    validate = _VALIDATORS.get(output_model)
+    if validate is None:
+        validate = _VALIDATORS[output_model] = validator_for(output_model)
+    return validate(result)
+
+
+_VALIDATORS: dict[type[BaseModel], Callable[[BatchResult], Outcome]] = {}
 
 
 def validator_for(output_model: type[BaseModel]) -> Callable[[BatchResult], Outcome]:
