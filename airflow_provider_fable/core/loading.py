@@ -22,6 +22,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import repeat
 from operator import attrgetter
 from typing import Any, NamedTuple, Protocol
 
@@ -446,8 +447,12 @@ def load_batch(
         stats.accepted += len(accepted)
         stats.rejected += len(rejected)
         reasons.update([r.reason for r in rejected])
-        for f, counter in distribution:
-            counter.update([str(a.data.get(f)) for a in accepted])
+        if distribution and accepted:
+            datas = [a.data for a in accepted]
+            for f, counter in distribution:
+                # Count the raw values (closed sets: few distinct), then key them by their text.
+                for value, n in Counter(map(dict.get, datas, repeat(f))).items():
+                    counter[str(value)] += n
         writer.submit(_Chunk(accepted, rejected, custom_ids), final)
 
     with _fewer_collections():
