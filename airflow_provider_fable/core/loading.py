@@ -186,8 +186,9 @@ class _ProcessWriter:
     still builds the row tuples (``ResultSink.prepare_chunk``) and keeps the callbacks and the
     statistics; the writer process (``core.writer_process``) only runs the sink's SQL
     (``ResultSink.sqlite_store``: sqlite3 alone, so it is up in milliseconds) on plain tuples.
-    It is started at the first full chunk, so small loads (one chunk) are written inline. Memory stays bounded: one chunk queued, one being written, their items kept here
-    for reporting.
+    It is started at the first full chunk, so small loads (one chunk) are written inline.
+    Memory stays bounded: one chunk queued, one being written, their items kept here for
+    reporting.
     """
 
     def __init__(self, sink: ResultSink, batch_id: str, model: Callable[[], str | None]):
