@@ -307,3 +307,27 @@ def test_a_sqlite_file_load_of_several_chunks_matches_the_inline_path(tmp_path):
     assert len(table) == 33 and dict((r[0], r[4]) for r in table)["r3"] == "n99"  # last answer wins
     assert rejects == [("bad", "invalid_json"), ("gone", "expired")]
     assert len(outcomes) == 36 and counts[:3] == (34, 2, {"invalid_json": 1, "expired": 1})
+
+
+class Mixed(BaseModel):
+    label: str | None
+    empty: str
+    score: float
+    flag: bool
+    amount: Decimal
+    tags: list[str]
+
+
+def test_copy_text_format_keeps_nulls_empty_text_numbers_and_nested_backslashes(engine):
+    """PostgreSQL's COPY runs in text format (tab-separated, ``\\N`` for NULL): NULL and empty
+    text stay apart, and backslashes inside JSON columns survive (also on SQLite's path)."""
+    answers = [
+        {"label": None, "empty": "", "score": -1.5e300, "flag": True, "amount": "12.30", "tags": ["a\\b", "\\N"]},
+        {"label": "\\N", "empty": "x\ty", "score": 0.1, "flag": False, "amount": "0.001", "tags": []},
+    ]
+    load(engine, [line(f"m{i}", a) for i, a in enumerate(answers)], model=Mixed)
+    got = rows(engine, "SELECT rid, label, empty, score, flag, amount, tags FROM t ORDER BY rid")
+    assert [(r[0], r[1], r[2], r[3], bool(r[4]), Decimal(str(r[5])), json.loads(r[6])) for r in got] == [
+        ("m0", None, "", -1.5e300, True, Decimal("12.30"), ["a\\b", "\\N"]),
+        ("m1", "\\N", "x\ty", 0.1, False, Decimal("0.001"), []),
+    ]
