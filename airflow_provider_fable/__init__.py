@@ -11,7 +11,12 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "get_provider_info"]
+#: The connection id every operator, the sensor and the hook use when none is given (the hook
+#: repeats it as ``FableHook.default_conn_name``; a test keeps the two equal). Defined here so an
+#: operator module can default to it without importing the hook at DAG parse time.
+DEFAULT_CONN_ID = "fable_default"
+
+__all__ = ["DEFAULT_CONN_ID", "__version__", "get_provider_info"]
 
 
 def get_provider_info() -> dict[str, Any]:

@@ -12,8 +12,6 @@ from typing import Any
 
 from airflow.sdk import BaseOperatorLink
 
-from airflow_provider_fable.core.manifest import normalise_batch_ids
-
 #: The console pages for Message Batches (the batch page is the list page + the batch id).
 CONSOLE_BATCHES_URL = "https://console.anthropic.com/workspaces/default/batches"
 
@@ -30,6 +28,8 @@ class FableBatchLink(BaseOperatorLink):
     name = "Anthropic console"
 
     def get_link(self, operator: Any, *, ti_key: Any) -> str:
+        from airflow_provider_fable.core.manifest import normalise_batch_ids
+
         ids = getattr(operator, "link_batch_ids", None)
         if ids is None:
             try:  # the submit operator's manifest (its return value)

@@ -8,20 +8,25 @@ a second batch of the same run, only the leads whose first answer is not good en
 
 * rejected (bad JSON, schema, invariant, errored/expired) by the cheap stage;
 * ``evidence`` that is not a verbatim quote of the record (an invented specific);
-* ``unknown`` in any field on a high-value account (``pipeline_value_usd >= params.high_value_usd``);
-* ``confidence`` below ``params.min_confidence`` (default 0.5, the prompt's "unsure") on an answer
+* ``unknown`` in any field on a high-value account (``pipeline_value_usd >= HIGH_VALUE_USD``);
+* ``confidence`` below ``MIN_CONFIDENCE`` (0.5, the prompt's "unsure") on an answer
   that inferred something: a guess. An all-``unknown`` answer on a low-value lead stays: the cheap
   model declined to guess, and there is no evidence for the strong one to find either.
 
-``finalize`` writes one row per lead into ``lead_enrichment`` (the Asset downstream DAGs can be
-scheduled on) with the stage and model that produced it; ``report`` returns escalation counts,
+``report`` writes one row per lead into ``lead_enrichment`` (the Asset downstream DAGs can be
+scheduled on) with the stage and model that produced it, and returns escalation counts,
 the cost of each stage against running everything on Fable 5, and per-field accuracy on the
 labelled subset bundled with the data.
 
-Selection: scheduled runs and backfills take leads created in their data interval; manual runs
-and runs without a logical date take the unprocessed backlog (``params.scope`` overrides).
-``params.pilot`` caps the leads per run; ``params.budget_usd`` refuses a run whose estimate is
-over it, and escalations stop (highest priority first) where the budget runs out.
+Selection (``params.mode``): scheduled runs and backfills take leads created in their data
+interval; manual runs and runs without a logical date take the unprocessed backlog; ``failed``
+takes the leads an earlier run rejected and left without a row, and each stage sends again only
+what its job has not accepted (the job ledger decides, see docs/ledger.md): a cheap answer
+already accepted is not paid for twice. ``params.pilot`` caps the leads per run.
+``params.budget_usd`` is the run's budget: the cheap stage's submit refuses (``max_cost_usd``,
+before anything is sent) an estimate above it; escalations are planned, highest priority first,
+within what the cheap stage's actual cost left, and that remainder is the escalation submit's
+``max_cost_usd``.
 
 Connections: ``fable_default`` (API or emulator) and ``fable_backlog_db`` (any SQL connection;
 the bundled export is loaded into ``crm_leads`` when the table is empty). The top of this file
@@ -36,23 +41,28 @@ from enum import Enum
 from typing import Any
 
 from airflow.sdk import DAG, Asset, CronDataIntervalTimetable, Param, task
-from airflow.triggers.base import BaseTrigger  # noqa: F401 - see below
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from airflow_provider_fable.operators.load import FableValidateLoadOperator
 from airflow_provider_fable.operators.submit import FableBatchSubmitOperator
 from airflow_provider_fable.sensors.batch import FableBatchSensor
 
-# The BaseTrigger import is unused here on purpose: the DAG processor pre-imports the ``airflow.*``
-# modules a DAG file names once, in its long-lived parent, instead of in every parse; the
-# sensor's trigger needs this one (bench/dag_parse.py measures the difference).
-
 FABLE_CONN_ID = "fable_default"
 BACKLOG_CONN_ID = os.environ.get("FABLE_BACKLOG_CONN_ID", "fable_backlog_db")
 POLL_SECONDS = float(os.environ.get("FABLE_POLL_SECONDS", "60"))
-LEAD_ENRICHMENT = Asset(name="lead_enrichment", uri="fable://backlog/lead_enrichment")
+RETRY_DELAY = timedelta(seconds=float(os.environ.get("FABLE_RETRY_DELAY_SECONDS", "120")))
+LEAD_ENRICHMENT = Asset(name="lead_enrichment", uri="x-fable://backlog/lead_enrichment")
 LEAD_COLUMNS = ("lead_id", "created_at", "company_name", "website_domain", "job_title", "notes")
 MAX_TOKENS = 300
+#: The cascade's knobs (module constants rather than Params: every Param costs each parse of this
+#: file a JSON-schema validation, and these change with the data, not from run to run).
+#: Below this confidence an answer that inferred something is a guess and escalates.
+MIN_CONFIDENCE = 0.5
+#: ``unknown`` in any field on an account worth at least this (``pipeline_value_usd``) escalates.
+HIGH_VALUE_USD = 50_000
+#: The submits' ``rerun=``: with ``mode=failed`` each stage sends the selected leads its job has
+#: not accepted (its rejects, and leads it never saw); an accepted answer is never paid for twice.
+RERUN = "{{ 'unaccepted' if params.mode == 'failed' else '' }}"
 
 
 class Industry(str, Enum):
@@ -94,7 +104,8 @@ class LeadEnrichment(BaseModel):
     """One lead's inferred firmographics. ``evidence`` must quote the record (checked in the DAG,
     which has the record; the model can only check that an inference comes with a quote)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # defer_build: the validator is built on first use (in a task), not while the file is parsed.
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     industry: Industry = Field(description="The company's industry, or unknown when the record does not say.")
     company_size: CompanySize = Field(
@@ -217,20 +228,16 @@ with DAG(
         "budget_usd": Param(
             25.0, type=["number", "null"], minimum=0, description="Refuse runs estimated above this"
         ),
-        "min_confidence": Param(
-            0.5, type="number", minimum=0, maximum=1, description="Escalate guesses below this"
-        ),
-        "high_value_usd": Param(50_000, type="integer", minimum=0, description="unknown on these escalates"),
-        "scope": Param("auto", enum=["auto", "interval", "backlog"], description="Which leads a run takes"),
+        "mode": Param("auto", enum=["auto", "interval", "backlog", "failed"], description="Which leads"),
     },
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=2)},
+    default_args={"retries": 2, "retry_delay": RETRY_DELAY},
     tags=["fable", "backlog", "example", "cascade"],
     doc_md=__doc__,
 ) as dag:
 
     @task
     def select_leads(params: dict[str, Any], run_id: str, **context: Any) -> dict[str, Any]:
-        """Seed the backlog if empty, pick this run's leads, check the stage-1 budget."""
+        """Seed the backlog if empty, pick this run's leads."""
         import sqlalchemy as sa
 
         from airflow_provider_fable import example_data as ex
@@ -253,39 +260,25 @@ with DAG(
                     engine, table=table, id_column="lead_id", output_model=LeadEnrichment
                 ).ensure_tables()
             _tables(engine)
-            window = ex.run_window(context, params["scope"])
-            # Not enriched yet, and not already failed on the strong model: with the job ledger a
-            # failed lead would only re-attach to its old batch (rerun it with the ledger's rerun=).
-            where = (
-                "NOT EXISTS (SELECT 1 FROM lead_enrichment AS e WHERE e.lead_id = l.lead_id) AND NOT EXISTS "
-                "(SELECT 1 FROM lead_enrichment_stage2_rejects AS x WHERE x.record_id = l.lead_id)"
+            mode, window = ex.run_mode(context, params["mode"])
+            # Not enriched yet, and rejected by a stage before (failed) or by neither (otherwise: a
+            # rejected lead waits for mode=failed; the ledger would only re-attach its old batch).
+            rejected = (
+                "(EXISTS (SELECT 1 FROM lead_enrichment_stage1_rejects AS x WHERE x.record_id = l.lead_id) "
+                "OR EXISTS (SELECT 1 FROM lead_enrichment_stage2_rejects AS x WHERE x.record_id = l.lead_id))"
+            )
+            where = "NOT EXISTS (SELECT 1 FROM lead_enrichment AS e WHERE e.lead_id = l.lead_id) AND " + (
+                rejected if mode == "failed" else f"NOT {rejected}"
             )
             binds: dict[str, Any] = {"pilot": params["pilot"]}
             if window:
                 where += " AND l.created_at >= :start AND l.created_at < :end"
                 binds.update(start=window[0], end=window[1])
             with engine.begin() as conn:
-                rows = (
-                    conn.execute(
-                        sa.text(
-                            "SELECT l.lead_id, l.company_name, l.website_domain, l.job_title, l.notes "
-                            f"FROM crm_leads AS l WHERE {where} ORDER BY l.created_at, l.lead_id LIMIT :pilot"
-                        ),
-                        binds,
-                    )
-                    .mappings()
-                    .all()
-                )
-                n, estimate = ex.estimate_cost_usd(
-                    (
-                        f"{r['company_name']} {r['website_domain']} {r['job_title']} {r['notes']}"
-                        for r in rows
-                    ),
-                    model=params["cheap_model"],
-                    prompt_chars=len(SYSTEM_PROMPT) + 600,
-                    max_output_tokens=MAX_TOKENS,
-                )
-                ex.enforce_budget(estimate, params["budget_usd"], "crm_lead_enrichment stage 1")
+                rows = conn.execute(
+                    sa.text(f"SELECT l.lead_id FROM crm_leads AS l WHERE {where} ORDER BY l.created_at, l.lead_id LIMIT :pilot"),
+                    binds,
+                ).all()
                 # Retry-safe: a retried task replaces this run's selection instead of adding to it.
                 conn.execute(sa.text("DELETE FROM lead_work WHERE run_id = :r"), {"r": run_id})
                 if rows:
@@ -293,12 +286,12 @@ with DAG(
                         sa.text(
                             "INSERT INTO lead_work (run_id, lead_id, stage, reason) VALUES (:r, :l, 'cheap', NULL)"
                         ),
-                        [{"r": run_id, "l": r["lead_id"]} for r in rows],
+                        [{"r": run_id, "l": r[0]} for r in rows],
                     )
         finally:
             engine.dispose()
         window_xcom = {"start": window[0], "end": window[1]} if window else None
-        return {"selected": n, "window": window_xcom, "estimated_stage1_usd": estimate}
+        return {"selected": len(rows), "mode": mode, "window": window_xcom}
 
     submit_cheap = FableBatchSubmitOperator(
         task_id="submit_cheap",
@@ -312,6 +305,8 @@ with DAG(
         output_model=LeadEnrichment,
         model="{{ params.cheap_model }}",
         max_tokens=MAX_TOKENS,
+        max_cost_usd="{{ params.budget_usd }}",  # refuses before the first create when over
+        rerun=RERUN,
     )
     wait_cheap = FableBatchSensor(
         task_id="wait_cheap", batch_ids=submit_cheap.output, poll_interval=POLL_SECONDS
@@ -323,11 +318,17 @@ with DAG(
         destination_conn_id=BACKLOG_CONN_ID,
         table="lead_enrichment_stage1",
         id_column="lead_id",
+        submit_manifest=submit_cheap.output,
     )
 
     @task
     def plan_escalation(params: dict[str, Any], run_id: str, ti: Any = None) -> dict[str, Any]:
-        """Decide which leads go to the strong model, in priority order, within the budget."""
+        """Decide which leads go to the strong model, in priority order, within the budget.
+
+        The budget left is ``params.budget_usd`` minus the cheap stage's actual cost; leads are
+        taken in priority order while their (upper-bound) estimate fits, and what is left becomes
+        the escalation submit's ``max_cost_usd``, which checks the real estimate before paying.
+        """
         import sqlalchemy as sa
 
         from airflow_provider_fable import example_data as ex
@@ -336,6 +337,8 @@ with DAG(
 
         batch_ids = normalise_batch_ids(ti.xcom_pull(task_ids="wait_cheap") or [])
         stage1 = ti.xcom_pull(task_ids="load_cheap") or {}
+        if params["mode"] == "failed":
+            batch_ids = None  # a lead's accepted cheap answer was not sent again: any batch counts
         engine = sqlalchemy_engine(BACKLOG_CONN_ID)
         try:
             with engine.begin() as conn:
@@ -349,11 +352,11 @@ with DAG(
                         candidates.append((0, -value, lead_id, "rejected"))
                     elif not evidence_is_quoted(answer["evidence"], lead):
                         candidates.append((1, -value, lead_id, "evidence_not_in_record"))
-                    elif value >= params["high_value_usd"] and any(
+                    elif value >= HIGH_VALUE_USD and any(
                         answer[f] == "unknown" for f in ENRICHED_FIELDS
                     ):
                         candidates.append((2, -value, lead_id, "unknown_high_value"))
-                    elif answer["confidence"] < params["min_confidence"] and any(
+                    elif answer["confidence"] < MIN_CONFIDENCE and any(
                         answer[f] != "unknown" for f in ENRICHED_FIELDS
                     ):
                         # A low-confidence inference is a guess: worth the strong model. A lead the
@@ -362,6 +365,7 @@ with DAG(
                 candidates.sort()
                 spent = _stage_cost(stage1, params["cheap_model"]) or 0.0
                 budget = params["budget_usd"]
+                left = None if budget is None else round(max(0.0, budget - spent), 6)
                 chosen, over_budget = [], 0
                 for _, _, lead_id, reason in candidates:
                     lead = leads[lead_id]
@@ -393,7 +397,12 @@ with DAG(
         by_reason: dict[str, int] = {}
         for row in chosen:
             by_reason[row["why"]] = by_reason.get(row["why"], 0) + 1
-        return {"escalated": len(chosen), "by_reason": by_reason, "not_escalated_over_budget": over_budget}
+        return {
+            "escalated": len(chosen),
+            "by_reason": by_reason,
+            "not_escalated_over_budget": over_budget,
+            "budget_left_usd": left,
+        }
 
     submit_escalated = FableBatchSubmitOperator(
         task_id="submit_escalated",
@@ -407,6 +416,9 @@ with DAG(
         output_model=LeadEnrichment,
         model="{{ params.escalation_model }}",
         max_tokens=MAX_TOKENS,
+        # What the cheap stage left of params.budget_usd ("None" when there is no budget).
+        max_cost_usd="{{ ti.xcom_pull(task_ids='plan_escalation')['budget_left_usd'] }}",
+        rerun=RERUN,
     )
     wait_escalated = FableBatchSensor(
         task_id="wait_escalated", batch_ids=submit_escalated.output, poll_interval=POLL_SECONDS
@@ -418,13 +430,15 @@ with DAG(
         destination_conn_id=BACKLOG_CONN_ID,
         table="lead_enrichment_stage2",
         id_column="lead_id",
+        submit_manifest=submit_escalated.output,
     )
 
-    @task(outlets=[LEAD_ENRICHMENT])
-    def finalize(run_id: str, ti: Any = None) -> dict[str, int]:
+    def finalize(params: dict[str, Any], run_id: str, ti: Any) -> dict[str, int]:
         """One row per lead: the escalated answer when it is valid, else the cheap one when valid.
 
         A lead with no valid answer from either stage gets no row, so the next run takes it again.
+        Part of ``report`` (one task fewer to parse; it is quick and idempotent, so a retry of
+        ``report`` simply writes the same rows again).
         """
         from datetime import timezone
 
@@ -433,8 +447,10 @@ with DAG(
         from airflow_provider_fable.core.manifest import normalise_batch_ids
         from airflow_provider_fable.hooks.sql import sqlalchemy_engine
 
-        ids1 = normalise_batch_ids(ti.xcom_pull(task_ids="wait_cheap") or [])
-        ids2 = normalise_batch_ids(ti.xcom_pull(task_ids="wait_escalated") or [])
+        ids1: list[str] | None = normalise_batch_ids(ti.xcom_pull(task_ids="wait_cheap") or [])
+        ids2: list[str] | None = normalise_batch_ids(ti.xcom_pull(task_ids="wait_escalated") or [])
+        if params["mode"] == "failed":
+            ids1 = ids2 = None  # answers accepted before were not sent again: any batch counts
         now = datetime.now(timezone.utc).isoformat()
         engine = sqlalchemy_engine(BACKLOG_CONN_ID)
         counts = {"cheap": 0, "escalated": 0, "kept_cheap_after_failed_escalation": 0, "unresolved": 0}
@@ -485,9 +501,10 @@ with DAG(
             engine.dispose()
         return counts
 
-    @task
+    @task(outlets=[LEAD_ENRICHMENT])
     def report(params: dict[str, Any], run_id: str, ti: Any = None) -> dict[str, Any]:
-        """Escalations, the cost of each stage versus all-on-Fable-5, per-field accuracy."""
+        """Write the final rows (``finalize``), then report escalations, the cost of each stage
+        versus all-on-Fable-5 and per-field accuracy."""
         import sqlalchemy as sa
 
         from airflow_provider_fable import example_data as ex
@@ -498,7 +515,7 @@ with DAG(
         stage1 = ti.xcom_pull(task_ids="load_cheap") or {}
         stage2 = ti.xcom_pull(task_ids="load_escalated") or {}
         plan = ti.xcom_pull(task_ids="plan_escalation") or {}
-        final = ti.xcom_pull(task_ids="finalize") or {}
+        final = finalize(params, run_id, ti)
         prices = ex.example_prices()
         cost1 = _stage_cost(stage1, params["cheap_model"])
         cost2 = _stage_cost(stage2, params["escalation_model"])
@@ -552,9 +569,8 @@ with DAG(
 
     selected = select_leads()
     plan = plan_escalation()
-    done = finalize()
     selected >> submit_cheap >> wait_cheap >> load_cheap >> plan >> submit_escalated
-    submit_escalated >> wait_escalated >> load_escalated >> done >> report()
+    submit_escalated >> wait_escalated >> load_escalated >> report()
 
 
 def _tables(engine: Any) -> dict[str, Any]:
@@ -600,20 +616,27 @@ def _run_leads(conn: Any, run_id: str, stage: str) -> dict[str, dict[str, Any]]:
     return {r["lead_id"]: dict(r) for r in rows}
 
 
-def _answers(conn: Any, table: str, lead_ids: list[str], batch_ids: list[str]) -> dict[str, dict[str, Any]]:
-    """Accepted answers of these leads loaded from this run's batches (older answers do not count)."""
+def _answers(
+    conn: Any, table: str, lead_ids: list[str], batch_ids: list[str] | None
+) -> dict[str, dict[str, Any]]:
+    """Accepted answers of these leads loaded from this run's batches (older answers do not
+    count), or from any batch when ``batch_ids`` is None (``mode=failed``: an answer accepted
+    before was deliberately not sent again)."""
     import sqlalchemy as sa
 
-    if not lead_ids or not batch_ids:
+    if not lead_ids or batch_ids == []:
         return {}
-    stmt = sa.text(f"SELECT * FROM {table} WHERE lead_id IN :ids AND _batch_id IN :batches").bindparams(
-        sa.bindparam("ids", expanding=True), sa.bindparam("batches", expanding=True)
-    )
+    sql = f"SELECT * FROM {table} WHERE lead_id IN :ids"
+    binds: dict[str, Any] = {}
+    params = [sa.bindparam("ids", expanding=True)]
+    if batch_ids is not None:
+        sql += " AND _batch_id IN :batches"
+        params.append(sa.bindparam("batches", expanding=True))
+        binds["batches"] = batch_ids
+    stmt = sa.text(sql).bindparams(*params)
     out: dict[str, dict[str, Any]] = {}
     for start in range(0, len(lead_ids), 500):
-        for row in conn.execute(
-            stmt, {"ids": lead_ids[start : start + 500], "batches": batch_ids}
-        ).mappings():
+        for row in conn.execute(stmt, {**binds, "ids": lead_ids[start : start + 500]}).mappings():
             out[row["lead_id"]] = dict(row)
     return out
 

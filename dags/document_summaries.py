@@ -14,10 +14,14 @@ written to ``document_summary_incomplete`` with the missing sections and their r
 keep no summary, and are taken again by the next run. Results are keyed by document id in
 ``document_summaries`` (the Asset downstream DAGs can be scheduled on).
 
-Selection: scheduled runs and backfills take documents created in their data interval (weekly);
-manual runs and runs without a logical date take the unsummarised backlog (``params.scope``
-overrides). ``params.pilot`` caps documents per run; ``params.budget_usd`` refuses a run whose
-estimate (both stages, upper bound) is over it.
+Selection (``params.mode``): scheduled runs and backfills take documents created in their data
+interval (weekly); manual runs and runs without a logical date take the unsummarised backlog;
+``failed`` takes the documents an earlier run left incomplete or whose combine was rejected, and
+each stage sends again only what its job has not accepted (the job ledger decides, see
+docs/ledger.md): a section summarised before is not paid for twice. ``params.pilot`` caps
+documents per run; ``params.budget_usd`` is the run's budget: the sections' submit refuses
+(``max_cost_usd``, before anything is sent) an estimate above it, the combine's submit what is
+left of it after the sections' actual cost.
 
 Connections: ``fable_default`` and ``fable_backlog_db`` (the bundled corpus is loaded into
 ``documents`` when the table is empty). Top-level imports: Airflow, pydantic, the provider.
@@ -31,24 +35,26 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from airflow.sdk import DAG, Asset, CronDataIntervalTimetable, Param, task
-from airflow.triggers.base import BaseTrigger  # noqa: F401 - see below
 from pydantic import BaseModel, ConfigDict, Field
 
 from airflow_provider_fable.operators.load import FableValidateLoadOperator
 from airflow_provider_fable.operators.submit import FableBatchSubmitOperator
 from airflow_provider_fable.sensors.batch import FableBatchSensor
 
-# The BaseTrigger import is unused here on purpose: the DAG processor pre-imports the ``airflow.*``
-# modules a DAG file names once, in its long-lived parent, instead of in every parse; the
-# sensor's trigger needs this one (bench/dag_parse.py measures the difference).
-
 FABLE_CONN_ID = "fable_default"
 BACKLOG_CONN_ID = os.environ.get("FABLE_BACKLOG_CONN_ID", "fable_backlog_db")
 POLL_SECONDS = float(os.environ.get("FABLE_POLL_SECONDS", "60"))
-DOCUMENT_SUMMARIES = Asset(name="document_summaries", uri="fable://backlog/document_summaries")
+RETRY_DELAY = timedelta(seconds=float(os.environ.get("FABLE_RETRY_DELAY_SECONDS", "120")))
+DOCUMENT_SUMMARIES = Asset(name="document_summaries", uri="x-fable://backlog/document_summaries")
 SECTION_MAX_TOKENS = 700
 COMBINE_MAX_TOKENS = 1500
 CHARS_PER_TOKEN = 4
+#: Paragraphs repeated at the start of the next section (0-3; a module constant rather than a
+#: Param: every Param costs each parse of this file a JSON-schema validation).
+OVERLAP_PARAGRAPHS = 0
+#: The submits' ``rerun=``: with ``mode=failed`` each stage sends the selected records its job has
+#: not accepted (rejected sections, documents never combined or rejected); nothing is paid twice.
+RERUN = "{{ 'unaccepted' if params.mode == 'failed' else '' }}"
 
 Item = Field(min_length=3, max_length=300)
 
@@ -56,7 +62,8 @@ Item = Field(min_length=3, max_length=300)
 class SectionSummary(BaseModel):
     """What one section contributes; the combine stage works only from these."""
 
-    model_config = ConfigDict(extra="forbid")
+    # defer_build: validators are built on first use (in a task), not while the file is parsed.
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     summary: str = Field(
         min_length=10, max_length=800, description="What this section says, in 1-3 sentences."
@@ -72,7 +79,7 @@ class DocumentSummary(BaseModel):
     """The fixed structure every document ends up in. All four parts are required; a document
     without risks or open questions says so ("None identified.") rather than leaving a hole."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     executive_summary: str = Field(
         min_length=20, max_length=1200, description="3-5 sentences for an executive."
@@ -121,8 +128,9 @@ WHERE run_id = :run_id
 ORDER BY doc_id
 """
 
-_HEADING_RE = re.compile(r"^(#{1,6}\s+\S.*|\d+(\.\d+)*\.?\s+[A-Z].{0,80}|[A-Z][A-Z0-9 ,&/-]{3,80})$")
-_SENTENCE_RE = re.compile(r"(?<=[.!?])\s+")
+# Patterns, compiled (and cached by ``re``) on first use in a task, not at every parse of this file.
+_HEADING = r"^(#{1,6}\s+\S.*|\d+(\.\d+)*\.?\s+[A-Z].{0,80}|[A-Z][A-Z0-9 ,&/-]{3,80})$"
+_SENTENCE_END = r"(?<=[.!?])\s+"
 
 
 def estimate_tokens(text: str) -> int:
@@ -139,17 +147,18 @@ def split_sections(body: str, max_tokens: int, overlap_paragraphs: int = 0) -> l
     so a point spanning a boundary is seen whole at least once (they count against the budget).
     """
     budget = max(1, max_tokens) * CHARS_PER_TOKEN
+    heading_re, sentence_re = re.compile(_HEADING), re.compile(_SENTENCE_END)
     blocks: list[tuple[bool, str]] = []
     for para in re.split(r"\n\s*\n", body.strip()):
         para = para.strip()
         if not para:
             continue
-        is_heading = "\n" not in para and len(para) <= 90 and bool(_HEADING_RE.match(para))
+        is_heading = "\n" not in para and len(para) <= 90 and bool(heading_re.match(para))
         if is_heading or len(para) <= budget:
             blocks.append((is_heading, para))
             continue
         piece = ""
-        for sentence in _SENTENCE_RE.split(para):
+        for sentence in sentence_re.split(para):
             while len(sentence) > budget:  # a "sentence" longer than the budget: hard cut
                 if piece:
                     blocks.append((False, piece))
@@ -238,19 +247,16 @@ with DAG(
         "section_tokens": Param(
             1500, type="integer", minimum=200, maximum=50_000, description="Section size bound"
         ),
-        "overlap_paragraphs": Param(0, type="integer", minimum=0, maximum=3),
-        "scope": Param(
-            "auto", enum=["auto", "interval", "backlog"], description="Which documents a run takes"
-        ),
+        "mode": Param("auto", enum=["auto", "interval", "backlog", "failed"], description="Which documents"),
     },
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=2)},
+    default_args={"retries": 2, "retry_delay": RETRY_DELAY},
     tags=["fable", "backlog", "example", "chunk-then-combine"],
     doc_md=__doc__,
 ) as dag:
 
     @task
     def plan_sections(params: dict[str, Any], run_id: str, **context: Any) -> dict[str, Any]:
-        """Seed, pick this run's documents, split the long ones, check the budget."""
+        """Seed, pick this run's documents, split the long ones into sections."""
         import sqlalchemy as sa
 
         from airflow_provider_fable import example_data as ex
@@ -271,13 +277,15 @@ with DAG(
                 engine, table="document_summaries", id_column="doc_id", output_model=DocumentSummary
             ).ensure_tables()
             tables = _tables(engine)
-            window = ex.run_window(context, params["scope"])
-            # Not summarised yet and not already failed (incomplete sections or a rejected combine):
-            # with the job ledger those would only re-attach to their old batches.
-            where = (
-                "NOT EXISTS (SELECT 1 FROM document_summaries AS s WHERE s.doc_id = d.doc_id) "
-                "AND NOT EXISTS (SELECT 1 FROM document_summary_incomplete AS i WHERE i.doc_id = d.doc_id) "
-                "AND NOT EXISTS (SELECT 1 FROM document_summaries_rejects AS x WHERE x.record_id = d.doc_id)"
+            mode, window = ex.run_mode(context, params["mode"])
+            failed = (
+                "(EXISTS (SELECT 1 FROM document_summary_incomplete AS i WHERE i.doc_id = d.doc_id) "
+                "OR EXISTS (SELECT 1 FROM document_summaries_rejects AS x WHERE x.record_id = d.doc_id))"
+            )
+            # failed: incomplete or rejected before, no summary since. Otherwise: neither (those
+            # wait for mode=failed: the job ledger would only re-attach them to their old batches).
+            where = "NOT EXISTS (SELECT 1 FROM document_summaries AS s WHERE s.doc_id = d.doc_id) AND " + (
+                failed if mode == "failed" else f"NOT {failed}"
             )
             binds: dict[str, Any] = {"pilot": params["pilot"]}
             if window:
@@ -295,16 +303,15 @@ with DAG(
                     .mappings()
                     .all()
                 )
-                work, sections, direct_texts = [], [], []
+                work, sections = [], []
                 for doc in docs:
                     if estimate_tokens(doc["body"]) <= params["section_tokens"]:
                         work.append(
                             {"run_id": run_id, "doc_id": doc["doc_id"], "path": "direct", "sections": 0}
                         )
-                        direct_texts.append(doc["body"])
                         continue
                     parts = split_sections(
-                        doc["body"], params["section_tokens"], params["overlap_paragraphs"]
+                        doc["body"], params["section_tokens"], OVERLAP_PARAGRAPHS
                     )
                     work.append(
                         {"run_id": run_id, "doc_id": doc["doc_id"], "path": "chunked", "sections": len(parts)}
@@ -321,23 +328,6 @@ with DAG(
                                 "est_tokens": estimate_tokens(text),
                             }
                         )
-                # Upper bound for both stages: every section, then every document's combine input
-                # (the full text for direct documents, at most the section outputs for chunked ones).
-                _, stage1 = ex.estimate_cost_usd(
-                    (s["text"] for s in sections), model=params["model"],
-                    prompt_chars=len(SECTION_SYSTEM) + 200, max_output_tokens=SECTION_MAX_TOKENS,
-                )  # fmt: skip
-                combine_texts = direct_texts + [
-                    "x" * (SECTION_MAX_TOKENS * CHARS_PER_TOKEN * w["sections"])
-                    for w in work
-                    if w["sections"]
-                ]
-                _, stage2 = ex.estimate_cost_usd(
-                    combine_texts, model=params["model"],
-                    prompt_chars=len(COMBINE_SYSTEM) + 200, max_output_tokens=COMBINE_MAX_TOKENS,
-                )  # fmt: skip
-                estimate = None if stage1 is None or stage2 is None else stage1 + stage2
-                ex.enforce_budget(estimate, params["budget_usd"], "document_summaries")
                 doc_ids = [w["doc_id"] for w in work]
                 conn.execute(tables["doc_work"].delete().where(tables["doc_work"].c.run_id == run_id))
                 if doc_ids:
@@ -353,8 +343,8 @@ with DAG(
             "direct": sum(w["path"] == "direct" for w in work),
             "chunked": sum(w["path"] == "chunked" for w in work),
             "sections": len(sections),
+            "mode": mode,
             "window": {"start": window[0], "end": window[1]} if window else None,
-            "estimated_usd": estimate,
         }
 
     submit_sections = FableBatchSubmitOperator(
@@ -368,6 +358,8 @@ with DAG(
         output_model=SectionSummary,
         model="{{ params.model }}",
         max_tokens=SECTION_MAX_TOKENS,
+        max_cost_usd="{{ params.budget_usd }}",  # refuses before the first create when over
+        rerun=RERUN,
     )
     wait_sections = FableBatchSensor(
         task_id="wait_sections", batch_ids=submit_sections.output, poll_interval=POLL_SECONDS
@@ -379,11 +371,16 @@ with DAG(
         destination_conn_id=BACKLOG_CONN_ID,
         table="section_summaries",
         id_column="section_id",
+        submit_manifest=submit_sections.output,
     )
 
     @task
-    def plan_combine(run_id: str, ti: Any = None) -> dict[str, Any]:
-        """Combine inputs for complete documents; report the incomplete ones instead."""
+    def plan_combine(params: dict[str, Any], run_id: str, ti: Any = None) -> dict[str, Any]:
+        """Combine inputs for complete documents; report the incomplete ones instead.
+
+        Also what is left of ``params.budget_usd`` after the sections' actual cost: the combine
+        submit's ``max_cost_usd``.
+        """
         from datetime import timezone
 
         import sqlalchemy as sa
@@ -392,6 +389,10 @@ with DAG(
         from airflow_provider_fable.hooks.sql import sqlalchemy_engine
 
         batch_ids = normalise_batch_ids(ti.xcom_pull(task_ids="wait_sections") or [])
+        sections_cost = (ti.xcom_pull(task_ids="load_sections") or {}).get("cost_usd") or 0.0
+        budget = params["budget_usd"]
+        # mode=failed sends only the sections not accepted before: the others count from any batch.
+        any_batch = params["mode"] == "failed"
         now = datetime.now(timezone.utc).isoformat()
         engine = sqlalchemy_engine(BACKLOG_CONN_ID)
         try:
@@ -410,15 +411,22 @@ with DAG(
                 )
                 summaries: dict[str, list[dict[str, Any]]] = {}
                 reasons: dict[str, str] = {}
-                if batch_ids:
+                if batch_ids or any_batch:
                     stmt = sa.text(
                         "SELECT s.section_id, s.doc_id, s.section_no, s.section_count, r.summary, r.key_points, "
                         "r.risks, r.open_questions FROM document_sections AS s JOIN doc_work AS w "
                         "ON w.doc_id = s.doc_id AND w.run_id = :r JOIN section_summaries AS r "
-                        "ON r.section_id = s.section_id AND r._batch_id IN :b ORDER BY s.section_id"
-                    ).bindparams(sa.bindparam("b", expanding=True))
-                    for row in conn.execute(stmt, {"r": run_id, "b": batch_ids}).mappings():
+                        "ON r.section_id = s.section_id"
+                        + ("" if any_batch else " AND r._batch_id IN :b")
+                        + " ORDER BY s.section_id"
+                    )
+                    binds = {"r": run_id}
+                    if not any_batch:
+                        stmt = stmt.bindparams(sa.bindparam("b", expanding=True))
+                        binds["b"] = batch_ids
+                    for row in conn.execute(stmt, binds).mappings():
                         summaries.setdefault(row["doc_id"], []).append(dict(row))
+                if batch_ids:
                     rej = sa.text(
                         "SELECT record_id, reason FROM section_summaries_rejects WHERE batch_id IN :b"
                     ).bindparams(sa.bindparam("b", expanding=True))
@@ -463,6 +471,7 @@ with DAG(
             "to_combine": len(inputs),
             "incomplete": len(incomplete),
             "incomplete_docs": [r["doc_id"] for r in incomplete][:50],
+            "budget_left_usd": None if budget is None else round(max(0.0, budget - sections_cost), 6),
         }
 
     submit_combine = FableBatchSubmitOperator(
@@ -476,6 +485,9 @@ with DAG(
         output_model=DocumentSummary,
         model="{{ params.model }}",
         max_tokens=COMBINE_MAX_TOKENS,
+        # What the sections left of params.budget_usd ("None" when there is no budget).
+        max_cost_usd="{{ ti.xcom_pull(task_ids='plan_combine')['budget_left_usd'] }}",
+        rerun=RERUN,
     )
     wait_combine = FableBatchSensor(
         task_id="wait_combine", batch_ids=submit_combine.output, poll_interval=POLL_SECONDS
@@ -487,6 +499,7 @@ with DAG(
         destination_conn_id=BACKLOG_CONN_ID,
         table="document_summaries",
         id_column="doc_id",
+        submit_manifest=submit_combine.output,
         outlets=[DOCUMENT_SUMMARIES],
     )
 

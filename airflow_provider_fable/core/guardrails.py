@@ -13,6 +13,7 @@ every result is rejected fails by default.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,48 @@ ShareLimits = Mapping[str, Mapping[str, float]]
 def _value_key(value: Any) -> str:
     """Distribution keys are strings (``str(value)``); booleans appear as 'True'/'False'."""
     return str(value)
+
+
+def share_limits(value: Any, name: str = "max_share") -> dict[str, dict[str, Any]] | None:
+    """``max_share``/``min_share`` as given, or as an Airflow template rendered them.
+
+    The operators template these fields so a DAG Param can feed a limit
+    (``{"label": {"other": "{{ params.max_other_share }}"}}``); a rendered template is a string,
+    so numeric strings become floats here, a whole-dict template (a JSON object) is parsed, and
+    an empty or ``None`` share means "no limit on that value". Anything else is left for
+    :func:`check_config` to refuse with its usual message.
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        if text in ("", "None", "none", "null"):
+            return None
+        try:
+            value = json.loads(text)
+        except ValueError:
+            raise ValueError(f"{name} must be a mapping (or a JSON object), got {value!r}") from None
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{name} must map fields to {{value: share}}, got {value!r}")
+    out: dict[str, dict[str, Any]] = {}
+    for field_name, per_value in value.items():
+        if not isinstance(per_value, Mapping):
+            out[field_name] = per_value
+            continue
+        shares: dict[str, Any] = {}
+        for key, share in per_value.items():
+            if isinstance(share, str):
+                if share.strip() in ("", "None", "none", "null"):
+                    continue
+                try:
+                    share = float(share)
+                except ValueError:
+                    pass  # check_config names it
+            elif share is None:
+                continue
+            shares[key] = share
+        out[field_name] = shares
+    return out
 
 
 def check_config(

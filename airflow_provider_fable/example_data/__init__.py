@@ -7,9 +7,10 @@ regeneration is tested), never edited by hand.
 
 The helpers are what every example needs before it pays for anything: fail early and helpfully
 when a connection is missing, seed a backlog table from a bundled file, choose the records of a
-run (its data interval, or the whole unprocessed backlog when the run has none) and refuse a run
-whose estimated cost is over its budget. Airflow, SQLAlchemy and the provider's core are imported
-inside the functions: importing this module costs a DAG file nothing at parse time.
+run (its data interval, the whole unprocessed backlog when the run has none, or what an earlier
+run rejected) and size a stage's share of a budget (the submit operators' ``max_cost_usd`` is
+the gate). Airflow, SQLAlchemy and the provider's core are imported inside the functions:
+importing this module costs a DAG file nothing at parse time.
 """
 
 from __future__ import annotations
@@ -136,34 +137,43 @@ def iso(value: datetime) -> str:
     return value.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def run_window(context: Mapping[str, Any], scope: str = "auto") -> tuple[str, str] | None:
-    """The ``created_at`` window a run should process, or None for "the whole unprocessed backlog".
+#: The selection modes of the example DAGs' ``params.mode`` (as in ``support_ticket_triage``).
+MODES = ("auto", "interval", "backlog", "failed")
 
-    ``scope`` (a DAG Param): ``interval`` always uses the data interval; ``backlog`` never does;
-    ``auto`` uses it for scheduled runs and backfills (so a CLI backfill processes each interval
-    once) and takes the backlog for manual runs and runs without a logical date, where the data
-    interval is missing or says nothing about which records are wanted.
+def run_mode(context: Mapping[str, Any], mode: str = "auto") -> tuple[str, tuple[str, str] | None]:
+    """(effective mode, ``created_at`` window or None) of a run of an example DAG.
+
+    ``mode`` (a DAG Param): ``interval`` always uses the data interval; ``backlog`` takes the whole
+    unprocessed backlog; ``failed`` takes the records an earlier run rejected (no window);
+    ``auto`` uses the interval for scheduled runs and backfills (so a CLI backfill processes each
+    interval once) and the backlog for manual runs and runs without a logical date, where the
+    data interval is missing or says nothing about which records are wanted.
     """
+    if mode not in MODES:
+        raise ValueError(f"params.mode must be one of {MODES}, got {mode!r}")
     start = context.get("data_interval_start")
     end = context.get("data_interval_end")
     has_interval = start is not None and end is not None and end > start
-    if scope == "backlog":
-        return None
-    if scope == "interval":
+    if mode in ("backlog", "failed"):
+        return mode, None
+    if mode == "interval":
         if not has_interval:
-            raise ValueError("scope='interval' needs a run with a data interval (a logical date)")
-        return iso(start), iso(end)
+            raise ValueError("mode='interval' needs a run with a data interval (a logical date)")
+        return "interval", (iso(start), iso(end))
     run = context.get("dag_run")
     run_type = str(getattr(getattr(run, "run_type", None), "value", getattr(run, "run_type", "")))
     if has_interval and run_type in ("scheduled", "backfill"):
-        return iso(start), iso(end)
-    return None
+        return "interval", (iso(start), iso(end))
+    return "backlog", None
 
 
 def estimate_cost_usd(
     texts: Iterable[str], *, model: str, prompt_chars: int, max_output_tokens: int
 ) -> tuple[int, float | None]:
     """(requests, upper-bound dollar estimate) for one request per text at batch prices.
+
+    Only for planning inside a task (which records fit a budget); the gate itself is the submit
+    operator's ``max_cost_usd``, which counts tokens with the API before anything is paid for.
 
     Input tokens are estimated at 4 characters each (shared prompt counted on every request, i.e.
     as if nothing were cached); output is bounded by ``max_output_tokens``. An upper bound is the
@@ -193,17 +203,3 @@ def example_prices() -> dict[str, Any]:
     if price_for("claude-fable-5") is None:
         prices["claude-fable-5"] = Price(5.0, 25.0)
     return prices
-
-
-def enforce_budget(estimate: float | None, budget_usd: float | None, what: str) -> None:
-    """Refuse (before anything is sent) a run whose estimate is over its budget Param."""
-    from airflow.sdk.exceptions import AirflowFailException
-
-    if budget_usd is None or estimate is None:
-        return
-    if estimate > budget_usd:
-        # Not retried: the same selection would be refused again.
-        raise AirflowFailException(
-            f"{what}: estimated cost ${estimate:.4f} is over params.budget_usd ${budget_usd:.4f}; "
-            "lower params.pilot (or the section size) or raise the budget"
-        )

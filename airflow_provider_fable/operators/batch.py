@@ -12,12 +12,13 @@ of the same task); keep ``retries=0`` here, or use the three-task form, whose wa
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from airflow_provider_fable.core.terminal import DEFAULT_DEADLINE_MARGIN
 from airflow_provider_fable.links import FableBatchLink
 from airflow_provider_fable.operators.submit import FableBatchSubmitOperator
-from airflow_provider_fable.sensors.batch import FableBatchSensor
+
+if TYPE_CHECKING:  # imported where used (parse time stays cheap)
+    from airflow_provider_fable.sensors.batch import FableBatchSensor
 
 
 class FableBatchOperator(FableBatchSubmitOperator):
@@ -39,7 +40,7 @@ class FableBatchOperator(FableBatchSubmitOperator):
         poll_interval: float = 60.0,
         deferrable: bool = True,
         timeout: float | None = None,
-        deadline_margin: float = DEFAULT_DEADLINE_MARGIN,
+        deadline_margin: float = 30 * 60.0,  # core.terminal.DEFAULT_DEADLINE_MARGIN (tested equal)
         fail_on_partial: bool = False,
         accept_incomplete: bool = False,
         max_consecutive_errors: int = 10,
@@ -57,6 +58,8 @@ class FableBatchOperator(FableBatchSubmitOperator):
 
     def _waiter(self, manifest: dict[str, Any]) -> FableBatchSensor:
         """The sensor logic, not added to any DAG: one code path for every way of waiting."""
+        from airflow_provider_fable.sensors.batch import FableBatchSensor
+
         waiter = FableBatchSensor(
             task_id=f"{self.task_id}__wait",
             batch_ids=manifest,

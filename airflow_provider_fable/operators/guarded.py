@@ -18,33 +18,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator, Mapping
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from airflow_provider_fable.core.cost import merge_prices, require_price
-from airflow_provider_fable.core.errors import FableError, RecordError
-from airflow_provider_fable.core.estimate import (
-    OUTPUT_FROM_PILOT,
-    OUTPUT_GIVEN,
-    OUTPUT_UPPER_BOUND,
-    Estimate,
-    check_budget,
-    estimate_run,
-)
-from airflow_provider_fable.core.guardrails import (
-    cache_hit_share,
-    check_config,
-    check_guardrails,
-    format_summary,
-    raise_on_breaches,
-)
-from airflow_provider_fable.core.job import BatchJob
-from airflow_provider_fable.core.loading import distribution_fields
-from airflow_provider_fable.core.qa import excerpt, write_qa_sample
-from airflow_provider_fable.core.requests import render_prompt
-from airflow_provider_fable.core.sampling import BottomK
-from airflow_provider_fable.core.sinks import resolve
+if TYPE_CHECKING:  # the core is imported where it is used: a DAG file that imports an operator
+    # pays for none of it at parse time (bench/dag_parse.py)
+    from airflow_provider_fable.core.estimate import Estimate
+    from airflow_provider_fable.core.job import BatchJob
 
-_CUSTOM_ID = re.compile(rb'"custom_id":"((?:[^"\\]|\\.)*)"')
+_CUSTOM_ID = rb'"custom_id":"((?:[^"\\]|\\.)*)"'  # compiled on first use (parse time)
 PILOT_VARIABLE_PREFIX = "fable_pilot_"
 
 
@@ -70,6 +51,20 @@ def opt_float(value: Any, what: str) -> float | None:
         raise ValueError(f"{what} must be a number, got {value!r}") from None
 
 
+def _not_retried(exc: Exception) -> Exception:
+    """The same error, also an ``AirflowFailException`` so Airflow does not retry it.
+
+    A budget refusal (or an unpriced model under a cap) is decided by the records and the prices:
+    a retry would count the same tokens and refuse again, after ``retry_delay`` each time.
+    Callers catching the original type (``BudgetExceededError``) still catch it.
+    """
+    from airflow.sdk.exceptions import AirflowFailException
+
+    kind = type(exc)
+    refused = type(kind.__name__, (kind, AirflowFailException), {"__module__": kind.__module__})
+    return refused(*exc.args)
+
+
 class SubmitGuardrailsMixin:
     """Pilot sampling, pre-submit estimate and budget cap for ``FableBatchSubmitOperator``."""
 
@@ -90,6 +85,9 @@ class SubmitGuardrailsMixin:
 
     def _sampled(self, records: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         """The seeded pilot sample of the source (streaming, ``sample`` records in memory)."""
+        from airflow_provider_fable.core.errors import RecordError
+        from airflow_provider_fable.core.sampling import BottomK
+
         size = self._pilot_size()
         if size is None:
             yield from records
@@ -108,6 +106,8 @@ class SubmitGuardrailsMixin:
 
     def _excerpt_tap(self, records: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         """Keep the records a QA sample (same seed) can pick, to record their input excerpts."""
+        from airflow_provider_fable.core.sampling import BottomK
+
         self._excerpt_chooser: BottomK[dict[str, Any]] = BottomK(self.qa_excerpts, self.qa_seed)
         for record in records:
             if self.id_field in record:
@@ -115,6 +115,10 @@ class SubmitGuardrailsMixin:
             yield record
 
     def _excerpts(self, job: BatchJob) -> dict[str, str]:
+        from airflow_provider_fable.core.errors import RecordError
+        from airflow_provider_fable.core.qa import excerpt
+        from airflow_provider_fable.core.requests import render_prompt
+
         chooser = getattr(self, "_excerpt_chooser", None)
         if chooser is None:
             return {}
@@ -128,15 +132,20 @@ class SubmitGuardrailsMixin:
 
     # -- estimate ---------------------------------------------------------------------------
     def _price_table(self, hook: Any) -> dict[str, Any]:
+        from airflow_provider_fable.core.cost import merge_prices
+
         return merge_prices(hook.price_overrides, self.prices)
 
     def _sample_spool(self, spool: IO[bytes], k: int, seed: int | str) -> list[dict[str, Any]]:
         """A seeded sample of the spooled requests, read back by offset (k requests in memory)."""
+        from airflow_provider_fable.core.sampling import BottomK
+
+        custom_id = re.compile(_CUSTOM_ID)
         chooser: BottomK[int] = BottomK(k, seed)
         spool.seek(0)
         offset = 0
         for line in spool:
-            match = _CUSTOM_ID.search(line, 0, 400)
+            match = custom_id.search(line, 0, 400)
             chooser.offer(match.group(1).decode() if match else offset, offset)
             offset += len(line)
         picked = []
@@ -221,6 +230,17 @@ class SubmitGuardrailsMixin:
 
         Returns the manifest entries (``estimate``, ``pilot``, ``qa_excerpts``).
         """
+        from airflow_provider_fable.core.cost import UnknownPriceError, require_price
+        from airflow_provider_fable.core.errors import FableError
+        from airflow_provider_fable.core.estimate import (
+            OUTPUT_FROM_PILOT,
+            OUTPUT_GIVEN,
+            OUTPUT_UPPER_BOUND,
+            BudgetExceededError,
+            check_budget,
+            estimate_run,
+        )
+
         total = sum(count for _, count in shards)
         pilot_size = self._pilot_size()
         extra: dict[str, Any] = {
@@ -241,7 +261,10 @@ class SubmitGuardrailsMixin:
             return extra
         prices = self._price_table(hook)
         if max_cost is not None:
-            require_price(job.model, prices)  # an unpriced model under a cap: refuse before counting
+            try:  # an unpriced model under a cap: refuse before counting
+                require_price(job.model, prices)
+            except UnknownPriceError as exc:
+                raise _not_retried(exc) from None
         sampled = self._sample_spool(spool, self.estimate_sample, self.sample_seed)
         try:
             counts = [hook.count_tokens(r["params"]) for r in sampled]
@@ -279,7 +302,10 @@ class SubmitGuardrailsMixin:
         if estimate.cost_usd is None:
             self.log.warning("Model %s has no known price: the run's cost is unknown, not zero", job.model)
         extra["estimate"] = estimate.as_dict()
-        check_budget(estimate, max_cost)
+        try:
+            check_budget(estimate, max_cost)
+        except (BudgetExceededError, UnknownPriceError) as exc:
+            raise _not_retried(exc) from None
         if max_cost is not None:
             self.log.info("Estimate $%.4f is within max_cost_usd $%.4f", estimate.cost_usd, max_cost)
         return extra
@@ -312,6 +338,13 @@ class LoadGuardrailsMixin:
     log: Any
 
     def _check_guardrail_config(self, model_cls: Any) -> None:
+        from airflow_provider_fable.core.guardrails import check_config, share_limits
+        from airflow_provider_fable.core.loading import distribution_fields
+        from airflow_provider_fable.core.sinks import resolve
+
+        # Templated fields arrive rendered (strings): settle them once, before any check reads them.
+        self.max_share = share_limits(self.max_share, "max_share")
+        self.min_share = share_limits(self.min_share, "min_share")
         schema = model_cls.model_json_schema(by_alias=True)
         defs = schema.get("$defs", {})
         fields: dict[str, list[str] | None] = {}
@@ -339,6 +372,14 @@ class LoadGuardrailsMixin:
 
         Runs after every row is written, so a breach fails the task with the rows in place.
         """
+        from airflow_provider_fable.core.guardrails import (
+            cache_hit_share,
+            check_guardrails,
+            format_summary,
+            raise_on_breaches,
+        )
+        from airflow_provider_fable.core.qa import write_qa_sample
+
         submitted = self._submit_manifest()
         estimate = submitted.get("estimate") or {}
         summary["estimated_cost_usd"] = estimate.get("cost_usd")

@@ -15,21 +15,19 @@ record's verdict (accepted / rejected, reason, retryable) is written to the ledg
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 
-from airflow_provider_fable.core.cost import merge_prices
-from airflow_provider_fable.core.job import import_output_model
-from airflow_provider_fable.core.ledger import Ledger
-from airflow_provider_fable.core.loading import LoadStats, RecordOutcome, load_batch
-from airflow_provider_fable.core.manifest import normalise_batch_ids
-from airflow_provider_fable.core.results import BatchResult
-from airflow_provider_fable.core.sinks import ResultSink
-from airflow_provider_fable.hooks.fable import FableHook
-from airflow_provider_fable.hooks.ledger import open_ledger
-from airflow_provider_fable.hooks.sql import sqlalchemy_engine
+from airflow_provider_fable import DEFAULT_CONN_ID
 from airflow_provider_fable.operators.guarded import LoadGuardrailsMixin
+
+if TYPE_CHECKING:  # imported where used, so parsing a DAG file that names this operator stays cheap
+    from airflow_provider_fable.core.ledger import Ledger
+    from airflow_provider_fable.core.loading import LoadStats, RecordOutcome
+    from airflow_provider_fable.core.results import BatchResult
+    from airflow_provider_fable.core.sinks import ResultSink
+    from airflow_provider_fable.hooks.fable import FableHook
 
 
 def _current_results(
@@ -63,7 +61,8 @@ class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
         table, else text.
     :param max_reject_rate: fail the task (after loading) when rejects exceed this share.
     :param max_share: ``{"field": {"value": share}}``: fail (after loading) when more than this
-        share of accepted rows has the value, e.g. ``{"category": {"other": 0.15}}``.
+        share of accepted rows has the value, e.g. ``{"category": {"other": 0.15}}``. Templated
+        (a share may be ``"{{ params.x }}"``; an empty/None share means no limit).
     :param min_share: same shape; fail when fewer than this share of accepted rows have the value.
     :param min_accepted: fail (after loading) when fewer rows were accepted.
     :param fail_when_all_rejected: fail when every result was rejected (default True).
@@ -88,6 +87,8 @@ class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
         "submit_manifest",
         "max_reject_rate",
         "min_accepted",
+        "max_share",
+        "min_share",
         "parquet_path",
         "parquet_rejects_path",
     )
@@ -102,7 +103,7 @@ class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
         table: str | None = None,
         id_column: str = "id",
         rejects_table: str | None = None,
-        fable_conn_id: str = FableHook.default_conn_name,
+        fable_conn_id: str = DEFAULT_CONN_ID,
         chunk_size: int = 10_000,
         id_column_type: str | None = None,
         max_reject_rate: float | None = None,
@@ -150,6 +151,11 @@ class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
         self.prices = prices
 
     def execute(self, context: Any) -> dict[str, Any]:
+        from airflow_provider_fable.core.job import import_output_model
+        from airflow_provider_fable.hooks.fable import FableHook
+        from airflow_provider_fable.hooks.ledger import open_ledger
+        from airflow_provider_fable.hooks.sql import sqlalchemy_engine
+
         model_cls = import_output_model(self.output_model)
         self._check_guardrail_config(model_cls)
         hook = FableHook(self.fable_conn_id)
@@ -181,6 +187,11 @@ class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
     def _load(
         self, hook: FableHook, engine: Any, model_cls: Any, ledger: Ledger | None = None, context: Any = None
     ) -> dict[str, Any]:
+        from airflow_provider_fable.core.cost import merge_prices
+        from airflow_provider_fable.core.loading import LoadStats
+        from airflow_provider_fable.core.manifest import normalise_batch_ids
+        from airflow_provider_fable.core.sinks import ResultSink
+
         sink = None
         if engine is not None:
             sink = ResultSink(
@@ -240,6 +251,9 @@ class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
         stats: LoadStats,
         stale: list[int],
     ) -> None:
+        from airflow_provider_fable.core.loading import load_batch
+        from airflow_provider_fable.core.manifest import normalise_batch_ids
+
         for batch_id in normalise_batch_ids(self.batch_ids):
             results: Iterable[BatchResult] = hook.iter_results(batch_id)
             on_outcomes = None

@@ -23,33 +23,23 @@ import os
 import signal
 import tempfile
 from collections.abc import Iterator, Sequence
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 
-from airflow_provider_fable.core import ids
-from airflow_provider_fable.core.errors import FableError
-from airflow_provider_fable.core.job import DEFAULT_MODEL, BatchJob
-from airflow_provider_fable.core.ledger import (
-    ACCEPTED,
-    CLOCK_SKEW,
-    ORPHAN_POLICIES,
-    PENDING,
-    REJECTED,
-    Ledger,
-    RecordState,
-)
-from airflow_provider_fable.core.requests import SkippedRecord, build_requests
-from airflow_provider_fable.core.sharding import MAX_BATCH_BYTES, MAX_REQUESTS_PER_BATCH
-from airflow_provider_fable.core.sources import iter_records, iter_sql
-from airflow_provider_fable.core.spool import SpooledShard, iter_body, spool_requests
-from airflow_provider_fable.hooks.fable import FableHook
-from airflow_provider_fable.hooks.ledger import batch_candidates, open_ledger
-from airflow_provider_fable.hooks.sql import preflight_destination, sqlalchemy_engine
+from airflow_provider_fable import DEFAULT_CONN_ID
 from airflow_provider_fable.links import FableBatchLink
 from airflow_provider_fable.operators.guarded import SubmitGuardrailsMixin
 
-RERUN_MODES = ("failed", "retryable")
+if TYPE_CHECKING:  # everything else is imported where it is used, so a DAG file that imports
+    # this operator pays only for the lines above at parse time (bench/dag_parse.py)
+    from airflow_provider_fable.core.job import BatchJob
+    from airflow_provider_fable.core.ledger import Ledger, RecordState
+    from airflow_provider_fable.core.requests import SkippedRecord
+    from airflow_provider_fable.core.spool import SpooledShard
+    from airflow_provider_fable.hooks.fable import FableHook
+
+RERUN_MODES = ("failed", "retryable", "unaccepted")
 #: Test-only fault seam: ``after_intent:N``, ``after_create:N``, ``after_state_store:N``,
 #: ``after_ledger:N`` or ``between_shards:N`` SIGKILLs the process at that point of shard N
 #: (1-based), exactly like an OOM kill or a lost worker would; with a ``raise:`` prefix it raises
@@ -63,10 +53,6 @@ _LEDGER_CHUNK = 1000
 _SKIPPED_IN_MANIFEST = 100
 
 
-class InjectedFault(FableError):
-    """Raised at a ``raise:`` fault point (tests only)."""
-
-
 def _kill_point(name: str, shard: int, try_number: int = 1) -> None:
     wanted = os.environ.get(KILL_ENV)
     if not wanted:
@@ -76,6 +62,11 @@ def _kill_point(name: str, shard: int, try_number: int = 1) -> None:
     if wanted == f"{name}:{shard}":
         os.kill(os.getpid(), signal.SIGKILL)
     if wanted == f"raise:{name}:{shard}":
+        from airflow_provider_fable.core.errors import FableError
+
+        class InjectedFault(FableError):
+            """Raised at a ``raise:`` fault point (tests only)."""
+
         raise InjectedFault(f"injected fault at {name} of shard {shard} ({KILL_ENV})")
 
 
@@ -148,7 +139,10 @@ class FableBatchSubmitOperator(SubmitGuardrailsMixin, BaseOperator):
     :param ledger_conn_id: SQL connection of the job ledger; default: the fable connection's
         ``ledger_conn_id`` extra, else an embedded SQLite under AIRFLOW_HOME (one machine only).
     :param rerun: ``"failed"`` or ``"retryable"``: send only the source records that ``rerun_job``
-        rejected (all, or only retryable rejects) in the ledger. Templated.
+        rejected (all, or only retryable rejects) in the ledger. ``"unaccepted"``: send every
+        selected record this job has not accepted (its rejects *and* records it never saw) and
+        leave out the ones it accepted; for a later stage of a multi-stage DAG, where a rerun
+        brings records that earlier runs never got this far. Templated.
     :param rerun_job: fingerprint (or a submit manifest) of the job whose rejects to rerun;
         defaults to this job. Pass the first job's manifest to rerun its failures with another model.
     :param skip_done: leave out records this job has already accepted.
@@ -196,9 +190,9 @@ class FableBatchSubmitOperator(SubmitGuardrailsMixin, BaseOperator):
         sql: str | None = None,
         sql_conn_id: str | None = None,
         sql_parameters: dict[str, Any] | None = None,
-        fable_conn_id: str = FableHook.default_conn_name,
-        max_requests_per_batch: int = MAX_REQUESTS_PER_BATCH,
-        max_bytes_per_batch: int = MAX_BATCH_BYTES,
+        fable_conn_id: str = DEFAULT_CONN_ID,
+        max_requests_per_batch: int | None = None,
+        max_bytes_per_batch: int | None = None,
         ledger_conn_id: str | None = None,
         rerun: str | None = None,
         rerun_job: Any = None,
@@ -226,8 +220,11 @@ class FableBatchSubmitOperator(SubmitGuardrailsMixin, BaseOperator):
             raise ValueError(f"{self.task_id}: pass exactly one of records= or sql=")
         if sql is not None and not sql_conn_id:
             raise ValueError(f"{self.task_id}: sql= needs sql_conn_id=")
-        if orphan_policy not in ORPHAN_POLICIES:
-            raise ValueError(f"{self.task_id}: orphan_policy must be one of {ORPHAN_POLICIES}")
+        if orphan_policy != "fail":
+            from airflow_provider_fable.core.ledger import ORPHAN_POLICIES
+
+            if orphan_policy not in ORPHAN_POLICIES:
+                raise ValueError(f"{self.task_id}: orphan_policy must be one of {ORPHAN_POLICIES}")
         self.prompt_template = prompt_template
         self.output_model = output_model
         self.id_field = id_field
@@ -242,6 +239,7 @@ class FableBatchSubmitOperator(SubmitGuardrailsMixin, BaseOperator):
         self.sql_conn_id = sql_conn_id
         self.sql_parameters = sql_parameters
         self.fable_conn_id = fable_conn_id
+        # None: the API's limits (core.sharding), resolved when the shards are cut.
         self.max_requests_per_batch = max_requests_per_batch
         self.max_bytes_per_batch = max_bytes_per_batch
         self.ledger_conn_id = ledger_conn_id
@@ -272,6 +270,8 @@ class FableBatchSubmitOperator(SubmitGuardrailsMixin, BaseOperator):
         self.qa_seed = qa_seed
 
     def build_job(self, hook: FableHook | None = None) -> BatchJob:
+        from airflow_provider_fable.core.job import DEFAULT_MODEL, BatchJob
+
         model = self.model or (hook.default_model if hook else None) or DEFAULT_MODEL
         return BatchJob(
             prompt_template=self.prompt_template,
@@ -288,6 +288,8 @@ class FableBatchSubmitOperator(SubmitGuardrailsMixin, BaseOperator):
         )
 
     def iter_source(self, engine: Any = None) -> Iterator[dict[str, Any]]:
+        from airflow_provider_fable.core.sources import iter_records, iter_sql
+
         if self.sql is not None:
             records = iter_sql(engine, self.sql, self.sql_parameters)
         else:
@@ -296,6 +298,8 @@ class FableBatchSubmitOperator(SubmitGuardrailsMixin, BaseOperator):
 
     def preflight(self, job: BatchJob) -> None:
         """Destination checks the load task would otherwise hit after paying (see ``core.preflight``)."""
+        from airflow_provider_fable.hooks.sql import preflight_destination
+
         if self.destination_conn_id:
             preflight_destination(
                 self.destination_conn_id,
@@ -307,6 +311,10 @@ class FableBatchSubmitOperator(SubmitGuardrailsMixin, BaseOperator):
 
     # ------------------------------------------------------------------ execute
     def execute(self, context: Any) -> dict[str, Any]:
+        from airflow_provider_fable.hooks.fable import FableHook
+        from airflow_provider_fable.hooks.ledger import open_ledger
+        from airflow_provider_fable.hooks.sql import sqlalchemy_engine
+
         hook = FableHook(self.fable_conn_id)
         job = self.build_job(hook)
         self.preflight(job)
@@ -337,6 +345,8 @@ class _Submission:
     def __init__(
         self, op: FableBatchSubmitOperator, context: Any, hook: FableHook, job: BatchJob, ledger: Ledger
     ):
+        from airflow_provider_fable.core.ledger import ACCEPTED, PENDING, REJECTED
+
         self.op, self.log, self.hook, self.job, self.ledger = op, op.log, hook, job, ledger
         self.context = context
         self.job_id = job.fingerprint()
@@ -352,6 +362,9 @@ class _Submission:
         if self.rerun is not None and self.rerun not in RERUN_MODES:
             raise ValueError(f"{op.task_id}: rerun must be one of {RERUN_MODES} or None, got {op.rerun!r}")
         self.rerun_of = _rerun_job_id(op.rerun_job, self.job_id) if self.rerun else None
+        if self.rerun == "unaccepted" and self.rerun_of != self.job_id:
+            raise ValueError(f"{op.task_id}: rerun='unaccepted' reruns this job only; drop rerun_job")
+        self._statuses = (ACCEPTED, PENDING, REJECTED)  # read once per record by _decide
 
     # -- selection ---------------------------------------------------------------------------
     def _rerun_ids(self) -> set[str]:
@@ -363,7 +376,8 @@ class _Submission:
 
     def _decide(self, state: RecordState | None) -> str:
         """``send``, ``attach`` or ``skip`` for one selected record."""
-        if self.op.skip_done and state is not None and state.status == ACCEPTED:
+        ACCEPTED, PENDING, REJECTED = self._statuses  # noqa: N806 - the ledger's constants
+        if state is not None and state.status == ACCEPTED and (self.op.skip_done or self.rerun == "unaccepted"):
             return "skip"
         if self.op.resubmit:
             return "send"
@@ -375,7 +389,10 @@ class _Submission:
 
     def _selected(self, requests: Iterator[dict[str, Any]], plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
         """Requests that must be sent; attach/skip decisions are counted in ``plan`` on the way."""
-        rerun_ids = self._rerun_ids() if self.rerun_of else None
+        from airflow_provider_fable.core import ids
+
+        # "unaccepted" selects nothing from the ledger: every source record is decided on its state.
+        rerun_ids = self._rerun_ids() if self.rerun_of and self.rerun != "unaccepted" else None
         buf: list[tuple[str, dict[str, Any]]] = []
 
         def flush() -> Iterator[dict[str, Any]]:
@@ -407,6 +424,9 @@ class _Submission:
 
     # -- orphans -----------------------------------------------------------------------------
     def _reconcile(self) -> None:
+        from airflow_provider_fable.core.ledger import CLOCK_SKEW
+        from airflow_provider_fable.hooks.ledger import batch_candidates
+
         intents = self.ledger.open_intents(self.job_id, api=self.api)
         if not intents:
             return
@@ -468,6 +488,8 @@ class _Submission:
 
     def _paired(self, source: Iterator[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
         """(request, record) pairs; every record is checked before the first create."""
+        from airflow_provider_fable.core.requests import build_requests
+
         records: list[dict[str, Any]] = []
 
         def remember() -> Iterator[dict[str, Any]]:
@@ -484,11 +506,14 @@ class _Submission:
 
     def _spool(self, requests: Iterator[dict[str, Any]], spool: IO[bytes]) -> list[SpooledShard]:
         """Write the shards to ``spool`` (``core.spool``: one request in memory at a time)."""
+        from airflow_provider_fable.core.sharding import MAX_BATCH_BYTES, MAX_REQUESTS_PER_BATCH
+        from airflow_provider_fable.core.spool import spool_requests
+
         return spool_requests(
             requests,
             spool,
-            max_requests=self.op.max_requests_per_batch,
-            max_bytes=self.op.max_bytes_per_batch,
+            max_requests=self.op.max_requests_per_batch or MAX_REQUESTS_PER_BATCH,
+            max_bytes=self.op.max_bytes_per_batch or MAX_BATCH_BYTES,
         )
 
     def _shard_rows(
@@ -518,6 +543,9 @@ class _Submission:
         return rows, digest.hexdigest(), size
 
     def _submit(self, spool: IO[bytes], shards: list[SpooledShard], plan: dict[str, Any]) -> dict[str, Any]:
+        from airflow_provider_fable.core.errors import FableError
+        from airflow_provider_fable.core.spool import iter_body
+
         job = self.job
         attached: dict[str, int] = plan["attached"]
         new = sum(shard.count for shard in shards)

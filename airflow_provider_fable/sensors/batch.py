@@ -18,22 +18,16 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 
-from airflow_provider_fable.core.errors import FableError
-from airflow_provider_fable.core.manifest import normalise_batch_ids
-from airflow_provider_fable.core.terminal import (
-    DEFAULT_DEADLINE_MARGIN,
-    Progress,
-    TerminalPolicy,
-    Verdict,
-    default_deadline,
-)
-from airflow_provider_fable.hooks.fable import FableHook
+from airflow_provider_fable import DEFAULT_CONN_ID
 from airflow_provider_fable.links import FableBatchLink
-from airflow_provider_fable.triggers.batch import FableBatchTrigger, batch_summary, is_transient
+
+if TYPE_CHECKING:  # imported where used: parsing a DAG file that names the sensor stays cheap
+    from airflow_provider_fable.core.terminal import TerminalPolicy, Verdict
+    from airflow_provider_fable.hooks.fable import FableHook
 
 #: Extra time the defer timeout gives the trigger past its own deadline, so the trigger's
 #: timeout event (which cancels the batches and says which) wins over Airflow's bare timeout.
@@ -73,11 +67,11 @@ class FableBatchSensor(BaseSensorOperator):
         self,
         *,
         batch_ids: Any,
-        fable_conn_id: str = FableHook.default_conn_name,
+        fable_conn_id: str = DEFAULT_CONN_ID,
         poll_interval: float = 60.0,
         deferrable: bool = True,
         timeout: float | None = None,
-        deadline_margin: float = DEFAULT_DEADLINE_MARGIN,
+        deadline_margin: float = 30 * 60.0,  # core.terminal.DEFAULT_DEADLINE_MARGIN (tested equal)
         fail_on_partial: bool = False,
         accept_incomplete: bool = False,
         max_consecutive_errors: int = 10,
@@ -105,6 +99,8 @@ class FableBatchSensor(BaseSensorOperator):
 
     @property
     def policy(self) -> TerminalPolicy:
+        from airflow_provider_fable.core.terminal import TerminalPolicy
+
         return TerminalPolicy(fail_on_partial=self.fail_on_partial, accept_incomplete=self.accept_incomplete)
 
     # ------------------------------------------------------------ state across pokes
@@ -139,6 +135,9 @@ class FableBatchSensor(BaseSensorOperator):
         A 404 right after create (eventual consistency) or a 5xx must not fail a wait that the
         trigger would simply have retried; ``max_consecutive_errors`` in a row do.
         """
+        from airflow_provider_fable.core.errors import FableError
+        from airflow_provider_fable.triggers.batch import batch_summary, is_transient
+
         try:
             summaries = [batch_summary(hook.retrieve_batch(b)) for b in self._ids()]
         except FableError as exc:
@@ -156,16 +155,23 @@ class FableBatchSensor(BaseSensorOperator):
         return summaries
 
     def _ids(self) -> list[str]:
+        from airflow_provider_fable.core.manifest import normalise_batch_ids
+
         ids = normalise_batch_ids(self.batch_ids)
         self.link_batch_ids = ids
         return ids
 
     def _deadline(self, state: dict[str, Any], summaries: list[dict[str, Any]]) -> float | None:
+        from airflow_provider_fable.core.terminal import default_deadline
+
         if self.wait_timeout is not None:
             return float(state["first_poll"]) + self.wait_timeout
         return default_deadline(summaries, self.deadline_margin)
 
     def poke(self, context: Any) -> PokeReturnValue:
+        from airflow_provider_fable.core.terminal import Progress
+        from airflow_provider_fable.hooks.fable import FableHook
+
         state = self._load_state(context)
         if "first_poll" not in state:
             state["first_poll"] = time.time()
@@ -189,6 +195,8 @@ class FableBatchSensor(BaseSensorOperator):
 
     def _finish(self, verdict: Verdict, summaries: list[dict[str, Any]], waited_in: str) -> dict[str, Any]:
         """Log the batches, then return the manifest or raise the verdict's failure."""
+        from airflow_provider_fable.core.errors import FableError
+
         for s in summaries:
             self.log.info("Batch %s %s: %s", s["id"], s["processing_status"], s["request_counts"])
         if not verdict.ok:
@@ -199,6 +207,8 @@ class FableBatchSensor(BaseSensorOperator):
         return manifest
 
     def _cancel(self, hook: FableHook, batch_ids: Sequence[str]) -> None:
+        from airflow_provider_fable.core.errors import FableError
+
         for batch_id in batch_ids:
             try:
                 hook.cancel_batch(batch_id)
@@ -207,6 +217,8 @@ class FableBatchSensor(BaseSensorOperator):
 
     # ------------------------------------------------------------ deferring
     def execute(self, context: Any) -> Any:
+        from airflow_provider_fable.hooks.fable import FableHook
+
         ids = self._ids()
         self.log.info("Waiting for %d batch(es): %s", len(ids), ", ".join(ids))
         if not ids:
@@ -235,6 +247,8 @@ class FableBatchSensor(BaseSensorOperator):
         self, ids: list[str], deadline: float | None, method_name: str = "execute_complete"
     ) -> None:
         """Hand the wait to the triggerer (shared with :class:`FableBatchOperator`)."""
+        from airflow_provider_fable.triggers.batch import FableBatchTrigger
+
         if deadline is None:
             timeout = timedelta(seconds=FALLBACK_TIMEOUT) + DEFER_GRACE
         else:
@@ -261,6 +275,9 @@ class FableBatchSensor(BaseSensorOperator):
         )
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
+        from airflow_provider_fable.core.errors import FableError
+        from airflow_provider_fable.core.terminal import Verdict
+
         status = event.get("status")
         if status not in ("success", "failed"):
             raise FableError(f"waiting for batches {event.get('batch_ids')} failed: {event.get('message')}")
@@ -273,6 +290,9 @@ class FableBatchSensor(BaseSensorOperator):
 
     def on_kill(self) -> None:
         """Killed while poking from a worker: cancel the batches (the trigger does it when deferred)."""
+        from airflow_provider_fable.core.manifest import normalise_batch_ids
+        from airflow_provider_fable.hooks.fable import FableHook
+
         try:
             ids = self.link_batch_ids or normalise_batch_ids(self.batch_ids)
         except ValueError:
