@@ -5,8 +5,9 @@ answers, ~5 % bad answers, ~3 % errored/expired), same destination kind, same ac
 (checked before any figure is printed):
 
 - ours: ``core.results.parse_result_line`` -> ``core.loading.load_batch`` -> ``core.sinks``
-  (SQLite: one prepared upsert via executemany; PostgreSQL: COPY into a staging table + one
-  INSERT ... ON CONFLICT), chunks of 10,000 rows, writer thread.
+  (SQLite: one prepared upsert via executemany, in the writer process that is the default for
+  a SQLite file on a multi-core machine; PostgreSQL: COPY into a staging table + one
+  INSERT ... ON CONFLICT, on a writer thread), chunks of 10,000 rows.
 - baseline, the path a user of the official SDK writes: ``json.loads`` + the SDK's
   ``construct_type_unchecked(MessageBatchIndividualResponse)`` per line (what
   ``client.messages.batches.results()`` yields), ``model_validate_json`` per answer,
@@ -21,7 +22,7 @@ ours_rss_mb=... baseline_rss_mb=... vs_baseline=... vs_floor=...``.
 
 Run: ``.venv/bin/python bench/load.py`` (default: 100,000 and 1,000,000 lines, sqlite and
 postgres). Options: ``--rows 100000,1000000 --backends sqlite,postgres --pg-url URL
---pipeline process`` (ours on SQLite with the opt-in writer process).
+--pipeline inline`` (ours on SQLite without the writer process, all in one thread).
 PostgreSQL is skipped with a note when no server answers at the URL.
 """
 
@@ -161,7 +162,7 @@ def _engine(url: str, schema: str | None):
 
 
 def child_ours(path: str, rows: int, url: str, schema: str | None) -> dict:
-    """``FABLE_BENCH_PIPELINE=process`` runs ours with the opt-in SQLite writer process."""
+    """``FABLE_BENCH_PIPELINE=inline|process`` forces ours' pipeline (default: load_batch's choice)."""
     from airflow_provider_fable.core.loading import LoadStats, load_batch
     from airflow_provider_fable.core.results import parse_result_line
     from airflow_provider_fable.core.sinks import ResultSink
@@ -320,8 +321,9 @@ def main() -> None:
     parser.add_argument("--backends", default="sqlite,postgres")
     parser.add_argument("--pg-url", default=PG_URL)
     parser.add_argument(
-        "--pipeline", choices=["default", "process"], default="default",
-        help="ours on SQLite: the default (inline) or the opt-in writer process",
+        "--pipeline", choices=["default", "inline", "process"], default="default",
+        help="ours on SQLite: load_batch's default (a writer process on a multi-core machine), "
+        "inline (one thread) or process",
     )  # fmt: skip
     parser.add_argument("--child", choices=sorted(CHILDREN))
     parser.add_argument("--file")

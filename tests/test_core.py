@@ -244,3 +244,55 @@ def test_aliased_fields_validate_and_dump_by_alias():
     outcome = validate_result(parse_result_line(succeeded("x", '{"label": "ok"}')), Aliased)
     assert isinstance(outcome, Accepted)
     assert outcome.data == {"label": "ok"}
+
+
+def test_the_fast_dump_of_flat_models_equals_pydantics_json_mode_dump():
+    """Flat models are dumped by a generated attribute reader (core.validation._attribute_dump);
+    its output must be exactly ``model_dump(mode="json", by_alias=True)``, and models it does not
+    know how to read (a custom serializer) keep the serializer's output."""
+    from enum import Enum, IntEnum
+
+    from pydantic import BaseModel, Field, field_serializer
+
+    from airflow_provider_fable.core.validation import _compiled
+
+    class Tone(str, Enum):
+        calm = "calm"
+        angry = "angry"
+
+    class Level(IntEnum):
+        one = 1
+        two = 2
+
+    class Flat(BaseModel):
+        tone: Tone
+        maybe_tone: Tone | None = None
+        level: Level
+        score: float
+        ok: bool
+        count: int | None = None
+        name: str = Field(alias="title", min_length=1)
+
+    class Custom(BaseModel):
+        tone: Tone
+
+        @field_serializer("tone")
+        def _upper(self, value: Tone) -> str:
+            return value.value.upper()
+
+    answers = [
+        '{"tone": "calm", "level": 2, "score": 0.5, "ok": true, "title": "a"}',
+        '{"tone": "angry", "maybe_tone": "calm", "level": 1, "score": 3, "ok": false, "count": 7, "title": "b"}',
+        '{"tone": "calm", "maybe_tone": null, "level": 1, "score": -1e300, "ok": true, "title": "c"}',
+    ]
+    assert _compiled(Flat).fast is not None  # the reader is used for this model
+    for i, text in enumerate(answers):
+        outcome = validate_result(parse_result_line(succeeded(f"f{i}", text)), Flat)
+        assert isinstance(outcome, Accepted), outcome
+        expected = Flat.model_validate_json(text, strict=True).model_dump(mode="json", by_alias=True)
+        assert outcome.data == expected and list(outcome.data) == list(expected)
+        assert type(outcome.data["tone"]) is str and type(outcome.data["level"]) is int
+    assert _compiled(Flat).dump is _compiled(Flat).fast  # kept after the first-answer check
+    for i in range(2):
+        outcome = validate_result(parse_result_line(succeeded(f"c{i}", '{"tone": "calm"}')), Custom)
+        assert isinstance(outcome, Accepted) and outcome.data == {"tone": "CALM"}

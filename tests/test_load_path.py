@@ -277,3 +277,57 @@ def test_a_writer_process_keeps_and_reports_what_was_committed_on_a_broken_strea
         )  # fmt: skip
     assert rows(sqlite_engine, "SELECT count(*) FROM t")[0][0] == 20
     assert len(seen) == 20
+
+
+def test_a_sqlite_file_load_of_several_chunks_matches_the_inline_path(tmp_path):
+    """The default for a SQLite file (a writer process on a multi-core machine) stores the same
+    rows, rejects and outcomes as the single-threaded path, duplicates and all."""
+    answers = [paint(i) for i in range(33)]
+    lines = [line(f"r{i}", a) for i, a in enumerate(answers)]
+    lines += [line("r3", paint(99)), line("bad", "not json"), line("gone", None, kind="expired")]
+    tables = {}
+    for pipeline in (False, None):
+        engine = sa.create_engine(f"sqlite:///{tmp_path / f'{pipeline}.db'}")
+        sink = ResultSink(engine, table="t", id_column="rid", output_model=Paint)
+        sink.ensure_tables()
+        stats, seen = LoadStats(), []
+        load_batch(
+            (parse_result_line(x) for x in lines), batch_id="b", output_model=Paint, sink=sink,
+            stats=stats, chunk_size=7, on_outcomes=seen.extend, pipeline=pipeline,
+        )  # fmt: skip
+        tables[pipeline] = (
+            rows(engine, "SELECT rid, color, glossy, coats, note, _batch_id FROM t ORDER BY rid"),
+            rows(engine, "SELECT record_id, reason FROM t_rejects ORDER BY record_id"),
+            [(o.record_id, o.status, o.reason) for o in seen],
+            (stats.accepted, stats.rejected, dict(stats.reasons), stats.usage.as_dict()),
+        )
+        engine.dispose()
+    assert tables[None] == tables[False]
+    table, rejects, outcomes, counts = tables[None]
+    assert len(table) == 33 and dict((r[0], r[4]) for r in table)["r3"] == "n99"  # last answer wins
+    assert rejects == [("bad", "invalid_json"), ("gone", "expired")]
+    assert len(outcomes) == 36 and counts[:3] == (34, 2, {"invalid_json": 1, "expired": 1})
+
+
+class Mixed(BaseModel):
+    label: str | None
+    empty: str
+    score: float
+    flag: bool
+    amount: Decimal
+    tags: list[str]
+
+
+def test_copy_text_format_keeps_nulls_empty_text_numbers_and_nested_backslashes(engine):
+    """PostgreSQL's COPY runs in text format (tab-separated, ``\\N`` for NULL): NULL and empty
+    text stay apart, and backslashes inside JSON columns survive (also on SQLite's path)."""
+    answers = [
+        {"label": None, "empty": "", "score": -1.5e300, "flag": True, "amount": "12.30", "tags": ["a\\b", "\\N"]},
+        {"label": "\\N", "empty": "x\ty", "score": 0.1, "flag": False, "amount": "0.001", "tags": []},
+    ]
+    load(engine, [line(f"m{i}", a) for i, a in enumerate(answers)], model=Mixed)
+    got = rows(engine, "SELECT rid, label, empty, score, flag, amount, tags FROM t ORDER BY rid")
+    assert [(r[0], r[1], r[2], r[3], bool(r[4]), Decimal(str(r[5])), json.loads(r[6])) for r in got] == [
+        ("m0", None, "", -1.5e300, True, Decimal("12.30"), ["a\\b", "\\N"]),
+        ("m1", "\\N", "x\ty", 0.1, False, Decimal("0.001"), []),
+    ]

@@ -3,22 +3,199 @@
 Started by ``core.loading`` as ``python -m airflow_provider_fable.core.writer_process`` (a fresh
 interpreter: not a fork of a threaded task process, and unlike multiprocessing's ``spawn`` it
 does not re-run the caller's ``__main__``). Protocol, pickle frames: stdin carries a
-``ResultSink`` then one ``StoreJob`` per chunk and ``None`` to finish; stdout answers each job
+``SQLiteStore`` then one ``StoreJob`` per chunk and ``None`` to finish; stdout answers each job
 with ``("ok", [(row index, message), ...])`` or, once, ``("error", exception)``. When the
 loading process dies its end of stdin closes and this process exits.
+
+Why this module imports nothing but ``sqlite3``, ``pickle`` and ``orjson``: the process must be
+ready within milliseconds. With SQLAlchemy and pydantic (``core.sinks``) it took about half a
+second to start, during which the loading process stalled on the bounded queue. So the pieces
+the writer needs (the job shape, the text helpers of the rejects table, the store itself) live
+here and ``core.sinks`` uses them from here.
 """
 
 from __future__ import annotations
 
+import json
 import pickle
+import sqlite3
 import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, NamedTuple
+
+import orjson
+
+
+class StoreJob(NamedTuple):
+    """One chunk ready for the database: plain tuples only (cheap to send to another process)."""
+
+    rows: list[tuple[Any, ...]]
+    ids: list[str]  # record id of each row (the row may hold it as an integer)
+    reject_rows: list[tuple[Any, ...]]
+    batch_id: str
+    now: Any
+
+
+def strip_nul(value: str) -> str:
+    """PostgreSQL text cannot hold NUL; a model answer can. Drop it rather than fail the load."""
+    return value.replace("\x00", "") if "\x00" in value else value
+
+
+def json_text(value: Any) -> str:
+    """Nested values as JSON text with sorted keys (the form stored in ``json`` columns)."""
+    try:
+        out = orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    except orjson.JSONEncodeError:  # ints beyond 64 bits, lone surrogates: json copes
+        out = json.dumps(value, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return strip_nul(out)
+
+
+def safe_text(value: str | None, limit: int) -> str | None:
+    """Text for the rejects table: bounded, NUL-free and encodable (lone surrogates replaced)."""
+    if value is None:
+        return None
+    value = strip_nul(value[:limit])
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        value = value.encode("utf-8", "replace").decode("utf-8")
+    return value
+
+
+def error_message(exc: BaseException) -> str:
+    """The database's complaint about one row, one line, as stored in the reject's detail."""
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip().splitlines()
+    return f"{type(orig).__name__}: {text[0] if text else ''}"[:500]
+
+
+def unstorable_reject_row(record_id: str, batch_id: str, message: str, raw: str, now: Any) -> tuple[Any, ...]:
+    """The rejects-table row of an answer the database refused (columns as ``REJECT_COLUMNS``)."""
+    return (
+        record_id,
+        batch_id,
+        "unstorable",
+        safe_text(f"the database refused the row: {message}", 2000),
+        safe_text(raw, 4000),
+        False,
+        now,
+    )
+
+
+def raw_from_row(kinds: Sequence[tuple[str, str]], row: tuple[Any, ...]) -> str:
+    """The answer's JSON (as ``json_text`` of the accepted data) from its table row."""
+    data = {}
+    for (name, kind), value in zip(kinds, row[1:], strict=False):
+        data[name] = orjson.loads(value) if kind == "json" and value is not None else value
+    return json_text(data)
+
+
+#: Errors that mean "this row" rather than "this connection" (same set as ``ResultSink``'s).
+_DATA_ERRORS = (ValueError, OverflowError, TypeError, sqlite3.DataError, sqlite3.IntegrityError)
+
+
+class SQLiteStore:
+    """``ResultSink.store`` for a SQLite file with nothing but ``sqlite3``: the writer's half.
+
+    Built by ``ResultSink.sqlite_store`` (same SQL, same isolation of refused rows by bisection
+    under savepoints, same rejects), so a chunk ends up the same in the table either way.
+    """
+
+    def __init__(
+        self, database: str, upsert_sql: str, reject_sql: str, kinds: Sequence[tuple[str, str]]
+    ) -> None:
+        self.database, self.upsert_sql, self.reject_sql = database, upsert_sql, reject_sql
+        self.kinds = list(kinds)
+        self._conn: sqlite3.Connection | None = None
+        self._sp = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_conn": None}
+
+    def connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            # Autocommit mode: the transaction and its savepoints are explicit below.
+            self._conn = sqlite3.connect(self.database, isolation_level=None, timeout=30)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    @contextmanager
+    def _savepoint(self, cursor: sqlite3.Cursor) -> Iterator[None]:
+        self._sp += 1
+        name = f"fable_sp_{self._sp}"
+        cursor.execute(f"SAVEPOINT {name}")
+        try:
+            yield
+        except BaseException:
+            cursor.execute(f"ROLLBACK TO SAVEPOINT {name}")
+            cursor.execute(f"RELEASE SAVEPOINT {name}")
+            raise
+        cursor.execute(f"RELEASE SAVEPOINT {name}")
+
+    def _write_isolating(self, cursor: sqlite3.Cursor, rows: list[tuple[Any, ...]]) -> list[tuple[int, str]]:
+        if not rows:
+            return []
+        try:
+            with self._savepoint(cursor):
+                cursor.executemany(self.upsert_sql, rows)
+            return []
+        except _DATA_ERRORS:
+            pass
+        failed: list[tuple[int, str]] = []
+        pending = [(0, len(rows) // 2), (len(rows) // 2, len(rows))]
+        while pending:
+            lo, hi = pending.pop()
+            if lo >= hi:
+                continue
+            try:
+                with self._savepoint(cursor):
+                    cursor.executemany(self.upsert_sql, rows[lo:hi])
+            except _DATA_ERRORS as exc:
+                if hi - lo == 1:
+                    failed.append((lo, error_message(exc)))
+                else:
+                    mid = (lo + hi) // 2
+                    pending += [(lo, mid), (mid, hi)]
+        return sorted(failed)
+
+    def store(self, job: StoreJob) -> list[tuple[int, str]]:
+        """Write a prepared chunk in one transaction; returns (row index, message) refused."""
+        conn = self.connection()
+        cursor = conn.cursor()
+        cursor.execute("BEGIN")
+        try:
+            failed = self._write_isolating(cursor, job.rows)
+            reject_rows = job.reject_rows
+            if failed:
+                more = [
+                    unstorable_reject_row(
+                        job.ids[i], job.batch_id, message, raw_from_row(self.kinds, job.rows[i]), job.now
+                    )
+                    for i, message in failed
+                ]
+                reject_rows = list({r[0]: r for r in [*reject_rows, *more]}.values())
+            if reject_rows:
+                cursor.executemany(self.reject_sql, reject_rows)
+            cursor.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                cursor.execute("ROLLBACK")
+            raise
+        finally:
+            cursor.close()
+        return failed
 
 
 def main() -> None:
     source, answers = sys.stdin.buffer, sys.stdout.buffer
-    sink = None
+    store = None
     try:
-        sink = pickle.load(source)
+        store = pickle.load(source)
         while True:
             try:
                 job = pickle.load(source)
@@ -26,7 +203,7 @@ def main() -> None:
                 return  # the loading process is gone
             if job is None:
                 return
-            pickle.dump(("ok", sink.store(job)), answers)
+            pickle.dump(("ok", store.store(job)), answers)
             answers.flush()
     except BaseException as exc:  # noqa: BLE001 - handed back to the loading process
         try:
@@ -39,8 +216,8 @@ def main() -> None:
         except OSError:
             pass
     finally:
-        if sink is not None:
-            sink.engine.dispose()
+        if store is not None:
+            store.close()
 
 
 if __name__ == "__main__":
