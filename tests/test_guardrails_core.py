@@ -190,8 +190,11 @@ def test_summary_block_reads_like_a_report():
     block = format_summary({**SUMMARY, "cache_hit_share": 0.9, "qa_table": "paint_qa", "qa_rows": 3})
     assert "accepted 80, rejected 20 (20.0%)" in block
     assert "color: red 60 (75%), blue 20 (25%)" in block
-    assert "actual $1.0000 vs estimate $1.0500 (+5.0%)" in block
+    assert "actual $1.0000 vs estimate $1.0500 (estimate 5.0% above actual)" in block
     assert "cache hit share 90.0%" in block and "3 rows in paint_qa" in block
+    # An estimate below the actual says so in words too (a bare sign read the wrong way round).
+    under = format_summary({**SUMMARY, "cost_usd": 2.0, "estimated_cost_usd": 1.5})
+    assert "actual $2.0000 vs estimate $1.5000 (estimate 25.0% below actual)" in under
 
 
 # -- QA sample --------------------------------------------------------------------------------

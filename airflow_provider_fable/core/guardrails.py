@@ -223,7 +223,10 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     if estimated is not None:
         cost += f" vs estimate ${estimated:,.4f}"
         if actual:
-            cost += f" ({(estimated - actual) / actual:+.1%})"
+            # Said in words: a bare "(+302.6%)" after "actual ... vs estimate ..." read as the
+            # actual being over the estimate when the estimate was the one over.
+            error = (estimated - actual) / actual
+            cost += f" (estimate {abs(error):.1%} {'above' if error >= 0 else 'below'} actual)"
     lines.append("cost: " + cost)
     if summary.get("qa_table"):
         lines.append(f"QA sample: {summary.get('qa_rows', 0)} rows in {summary['qa_table']}")
