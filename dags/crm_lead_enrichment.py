@@ -319,6 +319,10 @@ with DAG(
         table="lead_enrichment_stage1",
         id_column="lead_id",
         submit_manifest=submit_cheap.output,
+        # Rejects are the cascade's input, not a broken run: plan_escalation sends them to the
+        # strong model. A mode=failed rerun is made only of leads rejected before, so "every
+        # answer rejected" is its likely outcome and must not stop the escalation (report counts it).
+        fail_when_all_rejected=False,
     )
 
     @task
@@ -431,6 +435,9 @@ with DAG(
         table="lead_enrichment_stage2",
         id_column="lead_id",
         submit_manifest=submit_escalated.output,
+        # A lead the strong model failed keeps its valid cheap answer or is reported unresolved
+        # by `report`, which must run for that (and to write the rows of every other lead).
+        fail_when_all_rejected=False,
     )
 
     def finalize(params: dict[str, Any], run_id: str, ti: Any) -> dict[str, int]:

@@ -261,8 +261,6 @@ def test_crm_failed_mode_resends_only_what_each_stage_rejected(request, sqlite_b
     airflow_env, engine = sqlite_backlog
     server = request.node.fable_server
     dag = airflow_env.load_dag("crm_lead_enrichment")
-    for task_id in ("load_cheap", "load_escalated"):
-        dag.get_task(task_id).retries = 0  # an all-rejected rerun stage fails its guardrail at once
     first = airflow_env.run_dag(dag, conf={"pilot": 120})
     assert first.state == "success", first.task_states
     final = {r["lead_id"] for r in _rows(engine, "SELECT lead_id FROM lead_enrichment")}
@@ -279,11 +277,17 @@ def test_crm_failed_mode_resends_only_what_each_stage_rejected(request, sqlite_b
     # Stage 1 sends exactly the selected leads the cheap model rejected; accepted answers are reused.
     assert sorted(sent_cheap) == sorted(failed & cheap_rejected)
     assert cheap["attached"] == 0 and cheap["skipped"] == len(failed - cheap_rejected)
+    # The emulator's faults follow the custom_id, so the cheap model rejects every resent lead
+    # again: the cascade must carry on (those leads escalate), not stop on "all rejected".
+    assert rerun.state == "success", rerun.task_states
+    stage1 = rerun.xcom("load_cheap")
+    assert stage1["accepted"] == 0 and stage1["rejected"] == len(sent_cheap)
+    assert rerun.xcom("plan_escalation")["by_reason"].get("rejected") == len(sent_cheap)
     strong = rerun.xcom("submit_escalated")
-    if strong and strong["batch_ids"]:
-        sent_strong = _received(server, strong["batch_ids"])
-        assert len(sent_strong) == len(set(sent_strong)) and not set(sent_strong) & strong_accepted
-        assert set(sent_strong) <= failed
+    sent_strong = _received(server, strong["batch_ids"])
+    assert len(sent_strong) == len(set(sent_strong)) and not set(sent_strong) & strong_accepted
+    assert set(sent_strong) <= failed and set(sent_cheap) - strong_accepted <= set(sent_strong)
+    assert rerun.xcom("report")["leads"] == len(failed)
 
 
 def test_crm_evidence_must_quote_the_record():
