@@ -270,7 +270,7 @@ class _ProcessWriter:
         if self.proc is None:
             self._start()
         job, kept, early = self.sink.prepare_chunk(
-            chunk.accepted, chunk.rejected, batch_id=self.batch_id, model=self.model()
+            chunk.accepted, chunk.rejected, batch_id=self.batch_id, model=self.model(), deferred=True
         )
         self.pending.append((chunk, kept, early))
         frame = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
