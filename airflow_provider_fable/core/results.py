@@ -14,7 +14,6 @@ result are exactly what the general path alone gives.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import msgspec
@@ -26,9 +25,14 @@ CANCELED = "canceled"
 EXPIRED = "expired"
 
 
-@dataclass(slots=True)
-class Usage:
-    """Token usage of one request (zeros for requests that never ran)."""
+class Usage(msgspec.Struct, gc=False):
+    """Token usage of one request (zeros for requests that never ran).
+
+    A ``msgspec.Struct`` (like ``BatchResult`` and ``validation``'s outcomes) rather than a
+    dataclass: same fields, keyword or positional construction, equality and repr, but built in
+    C: one is made per result line, and the dataclass ``__init__`` cost ~0.1 µs more each.
+    ``gc=False``: it holds only integers, so it can never be part of a reference cycle.
+    """
 
     input_tokens: int = 0
     output_tokens: int = 0
@@ -54,8 +58,7 @@ class Usage:
         }
 
 
-@dataclass(slots=True)
-class BatchResult:
+class BatchResult(msgspec.Struct):
     """One result line, flattened."""
 
     custom_id: str
@@ -64,7 +67,7 @@ class BatchResult:
     tool_input: Any = None
     stop_reason: str | None = None
     model: str | None = None
-    usage: Usage = field(default_factory=Usage)
+    usage: Usage = msgspec.field(default_factory=Usage)
     error_type: str | None = None
     error_message: str | None = None
 

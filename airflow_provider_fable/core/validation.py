@@ -18,10 +18,10 @@ import math
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+import msgspec
 import orjson
 from pydantic import BaseModel, ValidationError
 
@@ -44,15 +44,13 @@ RETRYABLE_REASONS = frozenset(
 )
 
 
-@dataclass(slots=True)
-class Accepted:
+class Accepted(msgspec.Struct):
     record_id: str
     data: dict[str, Any]
     usage: Usage
 
 
-@dataclass(slots=True)
-class Rejected:
+class Rejected(msgspec.Struct):
     record_id: str
     reason: str
     detail: str
