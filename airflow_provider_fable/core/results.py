@@ -123,11 +123,11 @@ _OrjsonError = orjson.JSONDecodeError
 _Int = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
 
-class _CacheSplit(msgspec.Struct):
+class _CacheSplit(msgspec.Struct, gc=False):
     ephemeral_1h_input_tokens: _Int = 0
 
 
-class _FastUsage(msgspec.Struct):
+class _FastUsage(msgspec.Struct, gc=False):
     input_tokens: _Int = 0
     output_tokens: _Int = 0
     cache_creation_input_tokens: _Int = 0
@@ -135,24 +135,24 @@ class _FastUsage(msgspec.Struct):
     cache_creation: _CacheSplit | None = None
 
 
-class _FastBlock(msgspec.Struct):
+class _FastBlock(msgspec.Struct, gc=False):
     type: str
     text: str | None = None
 
 
-class _FastMessage(msgspec.Struct):
+class _FastMessage(msgspec.Struct, gc=False):
     content: list[_FastBlock] | None = None
     stop_reason: str | None = None
     model: str | None = None
     usage: _FastUsage | None = None
 
 
-class _FastResult(msgspec.Struct):
+class _FastResult(msgspec.Struct, gc=False):
     type: str
     message: _FastMessage | None = None
 
 
-class _FastLine(msgspec.Struct):
+class _FastLine(msgspec.Struct, gc=False):
     """The fields of a result line ``parse_result_line`` keeps, with their usual JSON types.
 
     A line whose kept fields have other types (a null token count, a non-string model, ...) is
