@@ -1,9 +1,15 @@
-"""Operator extra link: from a submit, sensor or batch task to its batch in the Anthropic console.
+"""Operator extra link: from a submit, sensor or batch task to its batches in the Claude Console.
 
 Airflow 3 resolves extra links in the worker when the task finishes or defers (``finalize``) and
 stores the URL in XCom for the UI, so ``get_link`` sees the executed operator: the batch ids are
-the ones it actually used (rendered templates, ids created by the submit). Several batches link
-to the console's batch list (their ids are in the task log); one batch links to its own page.
+the ones it actually used (rendered templates, ids created by the submit).
+
+The URL is the one Anthropic's batch-processing guide gives for monitoring batches ("visit the
+Console"): ``/settings/workspaces/default/batches`` on the Console, now served from
+platform.claude.com (console.anthropic.com is its former host). The guide documents no page per
+batch, so a guessed per-batch path is not used: the link opens the workspace's batch list, with
+the batch ids in the task log. When the task used exactly one batch, the link says which in its
+fragment (``#msgbatch_...``), which the page ignores if it has no anchor for it.
 """
 
 from __future__ import annotations
@@ -12,13 +18,13 @@ from typing import Any
 
 from airflow.sdk import BaseOperatorLink
 
-#: The console pages for Message Batches (the batch page is the list page + the batch id).
-CONSOLE_BATCHES_URL = "https://console.anthropic.com/workspaces/default/batches"
+#: The Console's Message Batches page of the (default) workspace, as Anthropic's docs link it.
+CONSOLE_BATCHES_URL = "https://platform.claude.com/settings/workspaces/default/batches"
 
 
 def console_url(batch_ids: list[str]) -> str:
     if len(batch_ids) == 1:
-        return f"{CONSOLE_BATCHES_URL}/{batch_ids[0]}"
+        return f"{CONSOLE_BATCHES_URL}#{batch_ids[0]}"
     return CONSOLE_BATCHES_URL
 
 

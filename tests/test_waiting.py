@@ -131,8 +131,11 @@ def test_many_batches_ending_at_different_times(fable_emulator_factory, capfd):
         line for line in (logged.out + logged.err).splitlines() if "] Poll " in line or " Poll " in line
     ]
     assert any("% of 18 requests done" in line and "batches ended" in line for line in progress), progress
-    # Finished batches are not polled again: fewer retrieves than polls x batches.
-    assert stats(server)["calls"]["retrieve"] < payload["polls"] * len(ids)
+    # Six batches are read from list pages (at most one per poll), not retrieved one by one.
+    calls = stats(server)["calls"]
+    assert 1 <= calls["list"] <= payload["polls"]
+    # Finished batches are not read again; the last few pending ones are retrieved, not listed.
+    assert calls.get("retrieve", 0) < payload["polls"] * len(ids)
 
 
 def test_canceled_from_outside_fails_the_wait(fable_emulator_factory):
@@ -182,26 +185,32 @@ def test_all_expired_fails_the_wait_and_an_accepted_load_of_nothing_fails(
         load.execute({})
 
 
-def test_injected_429_500_529_on_retrieve_are_tolerated(fable_emulator_factory):
+@pytest.mark.parametrize(("n_batches", "endpoint"), [(1, "retrieve"), (5, "list")])
+def test_injected_429_500_529_on_retrieve_are_tolerated(fable_emulator_factory, n_batches, endpoint):
+    # One batch is retrieved; five are read from list pages: faults on the endpoint in use.
     server = fable_emulator_factory(
-        processing_retrieves=4,
-        faults={"http_error_rate": 0.2, "http_error_endpoints": "retrieve", "seed": 11},
+        processing_retrieves=6,
+        faults={"http_error_rate": 0.2, "http_error_endpoints": endpoint, "seed": 12},
     )
     point_connection_at(server)
-    ids = create(5)
+    ids = create(n_batches)
     payload = run_trigger(FableBatchTrigger(batch_ids=ids, poll_interval=0.02, max_consecutive_errors=10))
     assert payload["status"] == "success", payload.get("message")
     assert all(b["processing_status"] == "ended" for b in payload["batches"])
     assert stats(server)["faults"]["http_error"] > 0
+    assert stats(server)["calls"].get("list" if n_batches == 1 else "retrieve", 0) == 0
 
 
-def test_transient_404_after_create_is_tolerated(fable_emulator_factory):
+@pytest.mark.parametrize("n_batches", [1, 5])
+def test_transient_404_after_create_is_tolerated(fable_emulator_factory, n_batches):
+    # Not visible yet: a 404 on retrieve, and absent from list pages (the poller then retrieves).
     server = fable_emulator_factory(processing_retrieves=2, faults={"transient_404_after_create": 2})
     point_connection_at(server)
-    ids = create(1)
+    ids = create(n_batches)
     payload = run_trigger(FableBatchTrigger(batch_ids=ids, poll_interval=0.02, max_consecutive_errors=3))
     assert payload["status"] == "success", payload.get("message")
     assert payload["polls"] >= 3  # two 404s, then the batch
+    assert stats(server)["faults"]["transient_404"] == 2 * n_batches
 
 
 def test_deadline_reached_cancels_the_remaining_batches(fable_emulator_factory):
@@ -433,6 +442,98 @@ print(json.dumps({"statuses": sorted(set(statuses)), "slow": slow, "other": othe
     assert result["sdk"] is False
     assert result["slow"] == [], result["slow"]
     assert result["other"] == [], result["other"]
+
+
+# ----------------------------------------------------------------------------- coalesced polling
+def run_triggers(triggers: list[FableBatchTrigger]) -> tuple[list[dict], dict]:
+    """Run triggers together in one loop, as a triggerer does; their payloads and poller stats."""
+    from airflow_provider_fable.triggers.poller import batch_poller
+
+    async def first_event(trigger):
+        async for event in trigger.run():
+            return event.payload
+
+    async def main():
+        payloads = await asyncio.gather(*(first_event(t) for t in triggers))
+        return payloads, dict(batch_poller("fable_default").stats)
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("waits", "page_max", "reads_to_end", "pages_per_round"),
+    [
+        (40, 1000, 3, 1),  # one list call per round serves all 40 waits
+        (25, 10, 2, 3),  # pages of 10: three pages per round (after_id cursor)
+    ],
+)
+def test_many_triggers_share_one_list_round(
+    fable_emulator_factory, monkeypatch, waits, page_max, reads_to_end, pages_per_round
+):
+    from airflow_provider_fable.triggers import batch as trigger_module
+    from airflow_provider_fable.triggers import poller as poller_module
+
+    monkeypatch.setattr(trigger_module, "START_SPREAD", 0.0)  # all start in the same instant
+    monkeypatch.setattr(poller_module, "LIST_PAGE_MAX", page_max)
+    server = fable_emulator_factory(processing_retrieves=reads_to_end)
+    point_connection_at(server)
+    ids = create(waits, per_batch=1)
+    payloads, poller = run_triggers([FableBatchTrigger(batch_ids=[b], poll_interval=0.2) for b in ids])
+    assert {p["status"] for p in payloads} == {"success"}
+    calls = stats(server)["calls"]
+    # Each batch ends on its N-th status read: N rounds, each the same list pages for every wait.
+    assert poller["rounds"] == reads_to_end
+    assert calls["list"] == poller["list_calls"] == reads_to_end * pages_per_round
+    assert calls.get("retrieve", 0) == 0
+    assert poller["polls"] == waits * reads_to_end and all(p["polls"] == reads_to_end for p in payloads)
+
+
+def test_batch_missing_from_the_list_falls_back_to_retrieve(fable_emulator_factory, monkeypatch):
+    from airflow_provider_fable.triggers import poller as poller_module
+
+    # A one-page budget of 6 batches: the 3 watched (older) batches sit behind 10 newer ones.
+    monkeypatch.setattr(poller_module, "LIST_PAGE_MIN", 1)
+    monkeypatch.setattr(poller_module, "EXTRA_PAGES", 0)
+    server = fable_emulator_factory(processing_retrieves=2)
+    point_connection_at(server)
+    watched = create(3, per_batch=1)
+    create(10, per_batch=1)  # other jobs' batches, newer
+    payloads, poller = run_triggers([FableBatchTrigger(batch_ids=watched, poll_interval=0.05)])
+    assert payloads[0]["status"] == "success", payloads[0]["message"]
+    calls = stats(server)["calls"]
+    assert calls["list"] == poller["rounds"] == 2  # one page per round, then the budget is spent
+    assert calls["retrieve"] == 3 * 2  # each watched batch retrieved in each round
+
+
+def test_a_refused_list_endpoint_falls_back_to_retrieves(fable_emulator_factory):
+    # A final 4xx on list (a key or host that does not serve it) must not fail the waits.
+    server = fable_emulator_factory(
+        processing_retrieves=2,
+        faults={"http_error_first_n": 100, "http_error_codes": "400", "http_error_endpoints": "list"},
+    )
+    point_connection_at(server)
+    ids = create(4, per_batch=1)
+    payloads, poller = run_triggers([FableBatchTrigger(batch_ids=ids, poll_interval=0.05)])
+    assert payloads[0]["status"] == "success", payloads[0]["message"]
+    calls = stats(server)["calls"]
+    assert calls["list"] == 1 and calls["retrieve"] == 4 * 2  # listing tried once, then retrieves
+
+
+def test_console_link_uses_the_documented_batches_page():
+    from airflow_provider_fable.links import console_url
+
+    page = "https://platform.claude.com/settings/workspaces/default/batches"
+    assert console_url(["msgbatch_a", "msgbatch_b"]) == page
+    assert console_url(["msgbatch_a"]) == page + "#msgbatch_a"
+
+
+def test_one_wait_on_one_batch_only_retrieves(fable_emulator_factory):
+    server = fable_emulator_factory(processing_retrieves=2)
+    point_connection_at(server)
+    payload = run_trigger(FableBatchTrigger(batch_ids=create(1), poll_interval=0.02))
+    assert payload["status"] == "success"
+    calls = stats(server)["calls"]
+    assert calls.get("list", 0) == 0 and calls["retrieve"] == 2
 
 
 # ----------------------------------------------------------------------------- one-task operator

@@ -372,9 +372,14 @@ class BatchStore:
 
         ``after_id`` pages towards older batches, ``before_id`` towards newer ones and returns
         the ``limit`` batches right next to the cursor. Cursors stay valid after a delete.
+
+        A batch still inside its ``transient_404_after_create`` window is not listed either (it
+        is not visible anywhere yet). Under ``processing_retrieves`` a listed batch counts one
+        status read, as a retrieve does: a wait that polls by listing sees it end the same way.
         """
+        hidden = self.settings.faults.transient_404_after_create
         with self._lock:
-            newest_first = list(reversed(self._batches.values()))
+            newest_first = [b for b in reversed(self._batches.values()) if b.retrieves >= hidden]
             cursor = after_id if after_id is not None else before_id
             cursor_seq = self._seq_by_id.get(cursor) if cursor is not None else None
         if cursor is None:
@@ -392,6 +397,8 @@ class BatchStore:
         data = []
         for batch in page:
             with batch.lock:
+                if self.settings.processing_retrieves is not None and batch.status == "in_progress":
+                    batch.retrieves += 1
                 self._advance(batch)
                 data.append(self._render(batch, base_url))
         return {

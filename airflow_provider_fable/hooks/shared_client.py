@@ -36,7 +36,8 @@ from airflow_provider_fable.core.terminal import summary_from_json
 
 #: The ``anthropic-version`` the installed SDK sends (tests/test_waiting.py keeps them equal).
 ANTHROPIC_VERSION = "2026-10-21"
-_BATCH_PATH = "/v1/messages/batches/{}"
+_LIST_PATH = "/v1/messages/batches"
+_BATCH_PATH = _LIST_PATH + "/{}"
 #: Enough connections for thousands of waits on one loop without opening one per poll.
 POOL_SIZE = 16
 #: A status poll is tiny; a slow answer is better retried at the next poll than waited on.
@@ -58,10 +59,19 @@ class SharedAsyncClient:
         return f"SharedAsyncClient({self.conn_id!r})"
 
     async def _send(self, action: str, method: str, path: str) -> dict[str, Any]:
+        body = await self._json(action, method, path)
+        try:
+            return summary_from_json(body)
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            from airflow_provider_fable.hooks.fable import FableApiError
+
+            raise FableApiError(f"{action}: unreadable answer ({exc}); connection {self.conn_id!r}") from None
+
+    async def _json(self, action: str, method: str, path: str, params: dict[str, Any] | None = None) -> Any:
         import httpx
 
         try:
-            response = await self.http.request(method, path, headers=self._headers)
+            response = await self.http.request(method, path, headers=self._headers, params=params)
         except httpx.HTTPError as exc:
             from airflow_provider_fable.hooks.fable import FableApiError
 
@@ -72,7 +82,7 @@ class SharedAsyncClient:
         if response.status_code >= 400:
             raise _status_error(action, response, self.conn_id)
         try:
-            return summary_from_json(json.loads(response.content))
+            return _loads(response.content)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             from airflow_provider_fable.hooks.fable import FableApiError
 
@@ -82,6 +92,21 @@ class SharedAsyncClient:
         """The wait-relevant summary of one batch."""
         return await self._send(f"retrieve batch {batch_id}", "GET", _BATCH_PATH.format(batch_id))
 
+    async def list_page(self, limit: int, after_id: str | None = None) -> dict[str, Any]:
+        """One page of the workspace's batches, newest first (raw JSON: ``data``, ``has_more``,
+        ``last_id``). The coalesced poller reads many waits' statuses from one such page."""
+        params: dict[str, Any] = {"limit": limit}
+        if after_id:
+            params["after_id"] = after_id
+        page = await self._json("list batches", "GET", _LIST_PATH, params)
+        if not isinstance(page, dict) or not isinstance(page.get("data"), list):
+            from airflow_provider_fable.hooks.fable import FableApiError
+
+            raise FableApiError(
+                f"list batches: unreadable answer (no data list); connection {self.conn_id!r}"
+            )
+        return page
+
     async def cancel(self, batch_id: str) -> str:
         """Ask the API to cancel one batch; returns its new processing status."""
         path = _BATCH_PATH.format(batch_id) + "/cancel"
@@ -89,6 +114,17 @@ class SharedAsyncClient:
 
     async def aclose(self) -> None:
         await self.http.aclose()
+
+
+def _loads(content: bytes) -> Any:
+    """JSON of an answer: orjson (a dependency, ~3x faster on a 1,000-batch list page), or json
+    for the rare text orjson refuses and json accepts."""
+    import orjson
+
+    try:
+        return orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return json.loads(content)
 
 
 def _status_error(action: str, response: Any, conn_id: str) -> Exception:
@@ -124,6 +160,7 @@ def request_headers(kwargs: dict[str, Any]) -> dict[str, str]:
 def _warm_imports() -> None:
     """Import, in a worker thread, what the first wait would otherwise import on the loop."""
     import httpx  # noqa: F401
+    import orjson  # noqa: F401
 
     import airflow_provider_fable.hooks.fable  # noqa: F401
 

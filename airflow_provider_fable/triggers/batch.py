@@ -8,8 +8,11 @@ written to cost as little as possible there:
 
 - all waits on one connection share one client per process (``hooks.shared_client``), built in a
   worker thread; nothing blocking (SDK import, TLS context, connection read) runs on the loop;
-- a poll is one small GET per unfinished batch, read into a five-field summary;
-- poll times carry jitter, so thousands of waits deferred together do not poll in step.
+- the waits do not poll one by one: ``triggers.poller`` reads the statuses of every wait of the
+  connection due in a round from list pages (1,000 batches per call), falling back to a plain
+  retrieve for a batch the pages did not show; a lone wait on one batch just retrieves it;
+- rounds carry jitter (and waits started together share one), progress is logged when the
+  counts move, and a wait's first step only schedules a timer.
 
 What a finished wait means (success, partial, incomplete, timeout) is decided by
 ``core.terminal.TerminalPolicy``, the same rules the sensor applies when it polls from a worker.
@@ -41,9 +44,14 @@ from airflow_provider_fable.core.terminal import (
     totals,
 )
 from airflow_provider_fable.hooks.shared_client import shared_client
+from airflow_provider_fable.triggers.poller import ConnectionSetupError, batch_poller
 
 #: Seconds ``on_kill`` and a deadline give each cancel call before giving up on it.
 CANCEL_TIMEOUT = 20.0
+#: Seconds over which the first steps of waits started together are spread.
+START_SPREAD = 1.0
+#: Seconds between progress lines of a wait whose counts did not move.
+PROGRESS_EVERY = 600.0
 
 
 def batch_summary(batch: Any) -> dict[str, Any]:
@@ -128,6 +136,8 @@ class FableBatchTrigger(BaseTrigger):
         self.accept_incomplete = bool(accept_incomplete)
         self.jitter = min(max(float(jitter), 0.0), 0.9)
         self._latest: dict[str, dict[str, Any]] = {}
+        self._logged_state: tuple[Any, ...] = ()
+        self._logged_at = 0.0
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         # Ids, names and numbers only: the API key is read from the connection where the trigger
@@ -167,73 +177,93 @@ class FableBatchTrigger(BaseTrigger):
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        # The first step does no work: thousands of waits deferred in the same instant (a
+        # triggerer starting, a backfill) each only schedule a timer here, so their starts
+        # spread over up to START_SPREAD seconds instead of running in one loop iteration.
+        await asyncio.sleep(random.uniform(0.0, min(START_SPREAD, self.poll_interval / 2)))
         policy = TerminalPolicy(
             fail_on_partial=self.fail_on_partial, accept_incomplete=self.accept_incomplete
         )
         progress = Progress()
+        watch = batch_poller(self.fable_conn_id).watch(self.poll_interval, self.jitter)
         try:
-            client = await shared_client(self.fable_conn_id)
-        except FableError as exc:
-            yield TriggerEvent(
-                {"status": "error", "reason": "config", "message": str(exc), "batch_ids": self.batch_ids}
-            )
-            return
-        deadline = self.deadline
-        errors = polls = 0
-        # The sensor checked once before deferring, so the first poll can wait; spreading it over
-        # a whole interval keeps thousands of waits deferred together from polling in step.
-        delay = random.uniform(0.0, self.poll_interval)
-        while True:
-            await asyncio.sleep(delay)
-            delay = self._next_delay()
-            polls += 1
-            try:
-                for batch_id in self._pending():
-                    self._latest[batch_id] = await client.poll(batch_id)
-                errors = 0
-            except FableError as exc:
-                errors += 1
-                if not is_transient(exc) or errors >= self.max_consecutive_errors:
+            deadline = self.deadline
+            errors = polls = 0
+            while True:
+                # The sensor checked once before deferring, so the first turn can wait: the
+                # poller puts it in the round already planned, or at a random point of one
+                # interval, and every later turn one interval (+-jitter) after the previous.
+                try:
+                    fresh = await watch.poll(self._pending())
+                except ConnectionSetupError as exc:
                     yield TriggerEvent(
                         {
                             "status": "error",
-                            "reason": "api_error",
-                            "message": f"{exc} ({errors} failed poll(s) in a row)",
+                            "reason": "config",
+                            "message": str(exc),
                             "batch_ids": self.batch_ids,
-                            "polls": polls,
                         }
                     )
                     return
-                self.log.warning("Poll %d failed (%d in a row, will retry): %s", polls, errors, exc)
-                if deadline is None or time.time() < deadline:
+                except FableError as exc:
+                    polls += 1
+                    errors += 1
+                    if not is_transient(exc) or errors >= self.max_consecutive_errors:
+                        yield TriggerEvent(
+                            {
+                                "status": "error",
+                                "reason": "api_error",
+                                "message": f"{exc} ({errors} failed poll(s) in a row)",
+                                "batch_ids": self.batch_ids,
+                                "polls": polls,
+                            }
+                        )
+                        return
+                    self.log.warning("Poll %d failed (%d in a row, will retry): %s", polls, errors, exc)
+                    if deadline is None or time.time() < deadline:
+                        continue
+                else:
+                    polls += 1
+                    errors = 0
+                    for batch_id in self._pending():
+                        self._latest[batch_id] = fresh[batch_id]
+                summaries = [self._latest.get(b) or _unknown(b) for b in self.batch_ids]
+                if deadline is None:
+                    deadline = default_deadline(summaries, self.deadline_margin)
+                verdict = policy.decide(summaries, now=time.time(), deadline=deadline)
+                if verdict is None:
+                    self._log_progress(progress, summaries, polls)
                     continue
-            summaries = [self._latest.get(b) or _unknown(b) for b in self.batch_ids]
-            if deadline is None:
-                deadline = default_deadline(summaries, self.deadline_margin)
-            verdict = policy.decide(summaries, now=time.time(), deadline=deadline)
-            if verdict is None:
-                self._log_progress(progress, summaries, polls, delay)
-                continue
-            canceled = await cancel_batches(client, verdict.to_cancel, self.log) if verdict.to_cancel else []
-            (self.log.info if verdict.ok else self.log.error)(
-                "Wait over after %d polls: %s", polls, verdict.message
-            )
-            yield self._event(verdict, polls, canceled)
-            return
+                canceled = await cancel_batches_of(self.fable_conn_id, verdict.to_cancel, self.log)
+                (self.log.info if verdict.ok else self.log.error)(
+                    "Wait over after %d polls: %s", polls, verdict.message
+                )
+                yield self._event(verdict, polls, canceled)
+                return
+        finally:
+            watch.close()
 
-    def _log_progress(
-        self, progress: Progress, summaries: list[dict[str, Any]], polls: int, delay: float
-    ) -> None:
+    def _log_progress(self, progress: Progress, summaries: list[dict[str, Any]], polls: int) -> None:
+        """Progress lines when the counts moved, or every PROGRESS_EVERY seconds at most.
+
+        A log record costs more than the poll itself once polls are coalesced, and an unchanged
+        line every minute for 24 hours says nothing; the first poll always logs.
+        """
+        now = time.monotonic()
+        state = tuple((s["processing_status"], *s["request_counts"].values()) for s in summaries)
+        if state == self._logged_state and now - self._logged_at < PROGRESS_EVERY:
+            return
+        self._logged_state, self._logged_at = state, now
         if len(summaries) > 1:
             for s in summaries:
                 if s["processing_status"] != "ended":
                     t = totals([s])
                     self.log.info("Batch %s %s: %s", s["id"], s["processing_status"], t.describe())
         self.log.info(
-            "Poll %d: %s; next poll in %.0fs",
+            "Poll %d: %s; next poll in ~%.0fs",
             polls,
             progress.line(summaries, time.time()),
-            delay,
+            self.poll_interval,
         )
 
     async def on_kill(self) -> None:
@@ -252,3 +282,15 @@ class FableBatchTrigger(BaseTrigger):
             self.log.warning("Could not cancel batches %s: %s", pending, exc)
             return
         await cancel_batches(client, pending, self.log)
+
+
+async def cancel_batches_of(conn_id: str, batch_ids: Any, log: Any) -> list[str]:
+    """:func:`cancel_batches` through the connection's shared client (nothing to cancel: no-op)."""
+    if not batch_ids:
+        return []
+    try:
+        client = await shared_client(conn_id)
+    except FableError as exc:
+        log.warning("Could not cancel batches %s (they may still be running and billed): %s", batch_ids, exc)
+        return []
+    return await cancel_batches(client, batch_ids, log)
