@@ -183,9 +183,11 @@ class _ProcessWriter:
 
     For SQLite, whose ``executemany`` holds the GIL for every row, so a thread cannot overlap
     it with validation; on a 2-core worker the two halves then run side by side. This process
-    still builds the row tuples (``ResultSink.prepare_chunk``) and keeps the callbacks and the
-    statistics; the writer process (``core.writer_process``) only runs the sink's SQL
-    (``ResultSink.sqlite_store``: sqlite3 alone, so it is up in milliseconds) on plain tuples.
+    keeps the callbacks and the statistics and hands over each chunk as plain data
+    (``ResultSink.prepare_chunk(deferred=True)``: the answers' data dicts, which the writer turns
+    into rows itself, since validation here is the slower half; finished rows when ids repeat or
+    are integers); the writer process (``core.writer_process``) runs the sink's SQL
+    (``ResultSink.sqlite_store``: sqlite3 alone, so it is up in milliseconds).
     It is started at the first full chunk, so small loads (one chunk) are written inline.
     Memory stays bounded: one chunk queued, one being written, their items kept here for
     reporting.
