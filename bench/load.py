@@ -145,6 +145,10 @@ def make_file(path: Path, n: int) -> None:
     with path.open("wb", buffering=1 << 20) as fh:
         for i in range(n):
             fh.write(_line(i, rng) + b"\n")
+        # On disk before any path runs: otherwise the kernel writes the fresh file (53 MB per
+        # 100k lines) back while the first path (ours) commits, and its fsyncs wait for that.
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _lines(path: str, rows: int):

@@ -331,3 +331,109 @@ def test_copy_text_format_keeps_nulls_empty_text_numbers_and_nested_backslashes(
         ("m0", None, "", -1.5e300, True, Decimal("12.30"), ["a\\b", "\\N"]),
         ("m1", "\\N", "x\ty", 0.1, False, Decimal("0.001"), []),
     ]
+
+
+def _parsed(raw: str | bytes) -> tuple:
+    """What a parser makes of a line: the result, or the error's type and message."""
+    from airflow_provider_fable.core.results import _parse_general
+
+    out = []
+    for parse in (parse_result_line, _parse_general):
+        try:
+            out.append(("ok", parse(raw)))
+        except Exception as exc:  # noqa: BLE001 - compared, not swallowed
+            out.append(("error", type(exc).__name__, str(exc)))
+    return tuple(out)
+
+
+def _message_line(message: str) -> str:
+    return '{"custom_id":"r1","result":{"type":"succeeded","message":' + message + "}}"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        _message_line('{"content":[{"type":"text","text":"{}"}],"stop_reason":"end_turn","model":"m",'
+                      '"usage":{"input_tokens":3,"output_tokens":2,"service_tier":"batch"}}'),
+        _message_line('{"content":[{"type":"text","text":"a"},{"type":"text","text":null},{"type":"text","text":"b"}]}'),
+        _message_line('{"content":[{"type":"text","text":"x"},{"type":"tool_use","input":{"k":[1,2]}}]}'),
+        _message_line('{"content":[{"type":"tool_use","input":{"k":1}}],"content":[{"type":"text","text":"last"}]}'),
+        _message_line('{"content":[{"type":"text"}]}'),
+        _message_line('{"content":[]}'),
+        _message_line("{}"),
+        _message_line("null"),
+        _message_line('"text"'),
+        _message_line('{"content":[{"type":"text","text":"x"}],"usage":null}'),
+        _message_line('{"content":[{"type":"text","text":"x"}],"usage":{"input_tokens":true}}'),
+        _message_line('{"content":[{"type":"text","text":"x"}],"usage":{"input_tokens":5.0}}'),
+        _message_line('{"content":[{"type":"text","text":"x"}],"usage":{"input_tokens":null,"output_tokens":"7"}}'),
+        _message_line('{"content":[{"type":"text","text":"x"}],"usage":{"input_tokens":99999999999999999999999}}'),
+        _message_line('{"content":[{"type":"text","text":"x"}],"usage":{"input_tokens":-9223372036854775809}}'),
+        _message_line('{"content":[{"type":"text","text":"x"}],"usage":{"cache_creation_input_tokens":5,'
+                      '"cache_creation":{"ephemeral_1h_input_tokens":3}}}'),
+        _message_line('{"content":[{"type":"text","text":"x"}],"usage":{"cache_creation_input_tokens":5,"cache_creation":null}}'),
+        _message_line('{"content":[{"type":"text","text":"x"}],"usage":{"cache_creation_input_tokens":0,'
+                      '"cache_creation":{"ephemeral_1h_input_tokens":3}}}'),
+        _message_line('{"content":[{"type":"text","text":"x"}],"stop_reason":7,"model":["m"]}'),
+        _message_line('{"content":[{"type":"text","text":"lone \\ud800 surrogate"}]}'),
+        _message_line('{"content":[{"type":"text","text":"pair \\ud83d\\ude00"}]}'),
+        _message_line('{"content":[{"type":"text","text":"x"}],"usage":{"input_tokens":NaN}}'),
+        '{"custom\\u005fid":"r1","result":{"type":"succeeded","message":{"content":[{"type":"text","text":"x"}]}}}',
+        '{"custom_id":7,"result":{"type":"succeeded","message":{"content":[{"type":"text","text":"x"}]}}}',
+        '{"custom_id":"r1","result":{"type":"succeeded","message":{}},"custom_id":"r2"}',
+        '{"custom_id":"r1","result":{"type":"errored","error":{"type":"error","error":{"type":"overloaded_error","message":"o"}}}}',
+        '{"custom_id":"r1","result":{"type":"expired"}}',
+        '{"custom_id":"r1","result":{"type":"brand_new"}}',
+        '{"custom_id":"r1"}',
+        "[1]",
+        _message_line('{"content":[{"type":"text","text":"x"}]}') + " trailing",
+        (_message_line('{"content":[{"type":"text","text":"x"}]}') + "\n").encode(),
+        b'{"custom_id":"r1","result":{"type":"succeeded","message":{"content":[{"type":"text","text":"\xff"}]}}}',
+    ],
+)  # fmt: skip
+def test_the_fast_line_decoder_gives_what_the_general_parser_gives(raw):
+    """The typed msgspec decoder handles the usual line; whatever it gives (or raises) for any line
+    is what the general orjson/json parser gives: same results, same errors."""
+    fast, general = _parsed(raw)
+    assert fast == general
+
+
+def test_the_writer_process_builds_the_same_rows_as_the_inline_path(tmp_path):
+    """The writer process builds rows itself (BuildJob) for a chunk of distinct ids, and takes
+    finished rows for a chunk that repeats one: every column, reject, outcome and statistic is
+    what the inline path gives, NUL bytes, nested values and token counts included."""
+
+    class Nested(BaseModel):
+        label: str
+        tags: list[str]
+        count: int
+
+    answers = [{"label": f"l{i}\x00" if i % 5 == 0 else f"l{i}", "tags": [f"t{i}"] * (i % 3), "count": i}
+               for i in range(30)]  # fmt: skip
+    lines = [line(f"r{i}", a) for i, a in enumerate(answers)]
+    lines[12] = line("r4", {"label": "again", "tags": [], "count": 99})  # a repeat in the second chunk
+    lines += [line("bad", "[1"), line("gone", None, kind="expired"), line("r20", {"label": "x", "count": 1})]
+    got = {}
+    for pipeline in (False, "process"):
+        engine = sa.create_engine(f"sqlite:///{tmp_path / f'{pipeline}.db'}")
+        sink = ResultSink(engine, table="t", id_column="rid", output_model=Nested)
+        sink.ensure_tables()
+        stats, seen = LoadStats(), []
+        load_batch(
+            (parse_result_line(x) for x in lines), batch_id="b", output_model=Nested, sink=sink,
+            stats=stats, chunk_size=10, on_outcomes=seen.extend, pipeline=pipeline,
+        )  # fmt: skip
+        got[pipeline] = (
+            rows(engine, "SELECT rid, label, tags, count, _batch_id, _model, _input_tokens, _output_tokens "
+                         "FROM t ORDER BY rid"),
+            rows(engine, "SELECT record_id, batch_id, reason, detail, raw_answer, retryable FROM t_rejects "
+                         "ORDER BY record_id"),
+            seen,
+            stats.summary(),
+        )  # fmt: skip
+        engine.dispose()
+    assert got["process"] == got[False]
+    table, rejects, outcomes, summary = got["process"]
+    assert dict((r[0], r[1]) for r in table)["r4"] == "again" and dict((r[0], r[1]) for r in table)["r5"] == "l5"
+    assert [r[2] for r in rejects] == ["invalid_json", "expired", "schema"]
+    assert len(outcomes) == 33 and summary["accepted"] == 30 and summary["usage"]["input_tokens"] == 320

@@ -568,3 +568,43 @@ def test_batch_operator_submits_defers_and_returns_the_manifest(fable_emulator_f
     )
     assert result["waited_in"] == "trigger" and result["outcome"] == "ended"
     assert sum(b["request_counts"]["succeeded"] for b in result["batches"]) == 5
+
+
+def test_batch_operator_retry_reattaches_instead_of_paying_again(fable_emulator_factory):
+    """A retry of the one-task form after its batches exist waits on them again, creating none.
+
+    The submit half goes through the job ledger like the three-task form, so a second try with
+    the same job and records adopts the first try's batches (the wait is simply deferred again).
+    """
+    import json
+    import urllib.request
+
+    from airflow.sdk.exceptions import TaskDeferred
+
+    from airflow_provider_fable.operators.batch import FableBatchOperator
+    from tests.conftest import Paint
+
+    server = fable_emulator_factory(processing_retrieves=3)
+    point_connection_at(server)
+
+    def make_op() -> FableBatchOperator:
+        return FableBatchOperator(
+            task_id="batch_retry",
+            prompt_template="Paint for {id}: {text}",
+            output_model=Paint,
+            records=[{"id": f"r{i}", "text": "blue shed"} for i in range(5)],
+            max_requests_per_batch=2,
+            poll_interval=0.1,
+        )
+
+    def created() -> int:
+        with urllib.request.urlopen(f"{server.base_url}/_emulator/stats") as resp:
+            return json.load(resp)["batches_created"]
+
+    with pytest.raises(TaskDeferred) as first:
+        make_op().execute({})
+    assert created() == 3
+    with pytest.raises(TaskDeferred) as second:  # try 2: a fresh operator object, as on a worker
+        make_op().execute({})
+    assert created() == 3
+    assert second.value.kwargs["manifest"]["batch_ids"] == first.value.kwargs["manifest"]["batch_ids"]

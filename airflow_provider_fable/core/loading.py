@@ -183,9 +183,11 @@ class _ProcessWriter:
 
     For SQLite, whose ``executemany`` holds the GIL for every row, so a thread cannot overlap
     it with validation; on a 2-core worker the two halves then run side by side. This process
-    still builds the row tuples (``ResultSink.prepare_chunk``) and keeps the callbacks and the
-    statistics; the writer process (``core.writer_process``) only runs the sink's SQL
-    (``ResultSink.sqlite_store``: sqlite3 alone, so it is up in milliseconds) on plain tuples.
+    keeps the callbacks and the statistics and hands over each chunk as plain data
+    (``ResultSink.prepare_chunk(deferred=True)``: the answers' data dicts, which the writer turns
+    into rows itself, since validation here is the slower half; finished rows when ids repeat or
+    are integers); the writer process (``core.writer_process``) runs the sink's SQL
+    (``ResultSink.sqlite_store``: sqlite3 alone, so it is up in milliseconds).
     It is started at the first full chunk, so small loads (one chunk) are written inline.
     Memory stays bounded: one chunk queued, one being written, their items kept here for
     reporting.
@@ -270,7 +272,7 @@ class _ProcessWriter:
         if self.proc is None:
             self._start()
         job, kept, early = self.sink.prepare_chunk(
-            chunk.accepted, chunk.rejected, batch_id=self.batch_id, model=self.model()
+            chunk.accepted, chunk.rejected, batch_id=self.batch_id, model=self.model(), deferred=True
         )
         self.pending.append((chunk, kept, early))
         frame = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
@@ -293,13 +295,16 @@ class _ProcessWriter:
         self._drain(block=True)
         if self.error is not None and self.proc.poll() is None:
             self.proc.kill()  # it stopped at its error; do not wait for the rest of the queue
+        # The receiver ends when the process closes its stdout, i.e. exits: joining it first
+        # makes the wait below immediate (``Popen.wait(timeout)`` polls with sleeps of up to
+        # 50 ms, which showed as idle time at the end of every load).
+        for thread in self.threads:
+            thread.join(timeout=30)
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        for thread in self.threads:
-            thread.join(timeout=5)
         for pipe in (self.proc.stdin, self.proc.stdout):
             if pipe is not None:
                 pipe.close()

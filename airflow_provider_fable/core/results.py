@@ -2,17 +2,21 @@
 
 Result files can be millions of lines, so parsing works on raw lines and keeps only what
 validation and cost accounting need, instead of building the SDK's pydantic objects per line.
-Lines are decoded with ``orjson`` (several times faster than ``json`` on these ~1 KB objects);
-the rare line orjson refuses but ``json`` accepts (a lone UTF-16 surrogate escape, ``NaN``) goes
-through ``json`` so the accepted input is exactly what it was before orjson.
+The usual line (a succeeded answer of text blocks, token counts as integers) is decoded by a
+typed ``msgspec`` decoder that reads only the fields kept here and skips the rest of the message
+without building it (~30 % less CPU per line than building the whole object). Any other line,
+and any line that decoder refuses, goes through the general path: ``orjson`` (several times
+faster than ``json`` on these ~1 KB objects), and ``json`` for the rare line orjson refuses but
+``json`` accepts (a lone UTF-16 surrogate escape, ``NaN``), so the accepted input and the
+result are exactly what the general path alone gives.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 import orjson
 
 SUCCEEDED = "succeeded"
@@ -21,9 +25,14 @@ CANCELED = "canceled"
 EXPIRED = "expired"
 
 
-@dataclass(slots=True)
-class Usage:
-    """Token usage of one request (zeros for requests that never ran)."""
+class Usage(msgspec.Struct, gc=False):
+    """Token usage of one request (zeros for requests that never ran).
+
+    A ``msgspec.Struct`` (like ``BatchResult`` and ``validation``'s outcomes) rather than a
+    dataclass: same fields, keyword or positional construction, equality and repr, but built in
+    C: one is made per result line, and the dataclass ``__init__`` cost ~0.1 µs more each.
+    ``gc=False``: it holds only integers, so it can never be part of a reference cycle.
+    """
 
     input_tokens: int = 0
     output_tokens: int = 0
@@ -49,8 +58,7 @@ class Usage:
         }
 
 
-@dataclass(slots=True)
-class BatchResult:
+class BatchResult(msgspec.Struct):
     """One result line, flattened."""
 
     custom_id: str
@@ -59,7 +67,7 @@ class BatchResult:
     tool_input: Any = None
     stop_reason: str | None = None
     model: str | None = None
-    usage: Usage = field(default_factory=Usage)
+    usage: Usage = msgspec.field(default_factory=Usage)
     error_type: str | None = None
     error_message: str | None = None
 
@@ -110,8 +118,93 @@ _orjson_loads = orjson.loads
 _OrjsonError = orjson.JSONDecodeError
 
 
+#: 64-bit integers only on the fast path: orjson reads larger ones as floats, and the general
+#: path keeps that behaviour.
+_Int = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+
+
+class _CacheSplit(msgspec.Struct, gc=False):
+    ephemeral_1h_input_tokens: _Int = 0
+
+
+class _FastUsage(msgspec.Struct, gc=False):
+    input_tokens: _Int = 0
+    output_tokens: _Int = 0
+    cache_creation_input_tokens: _Int = 0
+    cache_read_input_tokens: _Int = 0
+    cache_creation: _CacheSplit | None = None
+
+
+class _FastBlock(msgspec.Struct, gc=False):
+    type: str
+    text: str | None = None
+
+
+class _FastMessage(msgspec.Struct, gc=False):
+    content: list[_FastBlock] | None = None
+    stop_reason: str | None = None
+    model: str | None = None
+    usage: _FastUsage | None = None
+
+
+class _FastResult(msgspec.Struct, gc=False):
+    type: str
+    message: _FastMessage | None = None
+
+
+class _FastLine(msgspec.Struct, gc=False):
+    """The fields of a result line ``parse_result_line`` keeps, with their usual JSON types.
+
+    A line whose kept fields have other types (a null token count, a non-string model, ...) is
+    refused by the decoder and parsed by the general path, which knows every variant.
+    """
+
+    custom_id: str
+    result: _FastResult
+
+
+_fast_decode = msgspec.json.Decoder(_FastLine).decode
+_FastError = (msgspec.MsgspecError, ValueError)  # incl. invalid UTF-8 (UnicodeDecodeError)
+
+
 def parse_result_line(line: str | bytes) -> BatchResult:
     """Parse one JSONL line. Raises ResultLineError when the line is not a result object."""
+    try:
+        obj = _fast_decode(line)
+    except _FastError:
+        return _parse_general(line)
+    result = obj.result
+    message = result.message
+    if result.type != SUCCEEDED or message is None:
+        return _parse_general(line)
+    content = message.content
+    text = None
+    if content:
+        for block in content:
+            if block.type != "text":  # tool use and other blocks: the general path
+                return _parse_general(line)
+        if len(content) == 1:
+            text = content[0].text or ""
+        else:
+            text = "".join([block.text or "" for block in content])
+    raw_usage = message.usage
+    if raw_usage is None:
+        usage = Usage()
+    else:
+        c = raw_usage.cache_creation_input_tokens
+        split = raw_usage.cache_creation
+        usage = Usage(
+            raw_usage.input_tokens,
+            raw_usage.output_tokens,
+            c,
+            raw_usage.cache_read_input_tokens,
+            split.ephemeral_1h_input_tokens if c and split is not None else 0,
+        )
+    return BatchResult(obj.custom_id, SUCCEEDED, text, None, message.stop_reason, message.model, usage)
+
+
+def _parse_general(line: str | bytes) -> BatchResult:
+    """``parse_result_line`` for every line: all result types and every variant of the fields."""
     try:
         try:
             obj = _orjson_loads(line)

@@ -37,11 +37,13 @@ from pydantic import BaseModel
 from airflow_provider_fable.core.results import Usage
 from airflow_provider_fable.core.validation import Accepted, Rejected
 from airflow_provider_fable.core.writer_process import (
+    BuildJob,
     SQLiteStore,
     StoreJob,
     error_message,
     json_text,
     raw_from_row,
+    row_builder,
     safe_text,
     strip_nul,
 )
@@ -146,24 +148,7 @@ _safe_text = safe_text
 _error_message = error_message
 
 
-def _row_builder(kinds: dict[str, str]) -> Callable[..., tuple[Any, ...]]:
-    """A function turning (data, id, batch, model, tokens in/out, now) into the table's row tuple.
-
-    Generated once per output model (the names are checked identifiers) so the per-row work is
-    one call with inline conversions: NUL stripped from text, nested values as JSON text.
-    """
-    parts = []
-    for name, kind in kinds.items():
-        get = f"(v := d.get({name!r}))"
-        if kind == "string":
-            parts.append(f"(_strip(v) if {get}.__class__ is str and '\\x00' in v else v)")
-        elif kind == "json":
-            parts.append(f"(None if {get} is None else _json(v))")
-        else:
-            parts.append(f"d.get({name!r})")
-    fields = "".join(f"{p}, " for p in parts)
-    source = f"lambda d, rid, batch, model, tin, tout, now: (rid, {fields}batch, model, tin, tout, now)"
-    return eval(source, {"_strip": _strip_nul, "_json": _json_text})  # noqa: S307 - built from checked names
+_row_builder = row_builder
 
 
 def _quote(name: str) -> str:
@@ -433,17 +418,42 @@ WHERE t.{rid} IS NULL OR l.rejected_at > t._loaded_at"""
         if not accepted and not rejected:
             return []
         job, kept, refused = self.prepare_chunk(accepted, rejected, batch_id=batch_id, model=model)
+        assert isinstance(job, StoreJob)
         return self.unstorable_items(kept, refused, self.store(job))
 
     def prepare_chunk(
-        self, accepted: Sequence[Accepted], rejected: Sequence[Rejected], *, batch_id: str, model: str | None
-    ) -> tuple[StoreJob, list[Accepted], list[Rejected]]:
+        self,
+        accepted: Sequence[Accepted],
+        rejected: Sequence[Rejected],
+        *,
+        batch_id: str,
+        model: str | None,
+        deferred: bool = False,
+    ) -> tuple[StoreJob | BuildJob, list[Accepted], list[Rejected]]:
         """The chunk as plain tuples (``StoreJob``), for ``store`` here or in a writer process.
 
         Returns the job, the accepted items its rows came from (same order) and the items
         refused before reaching the database (as ``unstorable`` rejects, already in the job).
+        With ``deferred`` (the writer process), a chunk of text record ids, each once, becomes a
+        ``BuildJob`` instead: the same rows, built by ``SQLiteStore.built`` in the writer.
         """
         now = self._now()
+        if deferred and self.id_type != "integer":
+            items = accepted if isinstance(accepted, list) else list(accepted)
+            ids = [item.record_id for item in items]
+            if len(set(ids)) == len(ids):
+                usages = [item.usage for item in items]
+                job = BuildJob(
+                    [item.data for item in items],
+                    ids,
+                    [u.input_tokens for u in usages],
+                    [u.output_tokens for u in usages],
+                    self._reject_rows(rejected, batch_id, now),
+                    batch_id,
+                    model,
+                    now,
+                )
+                return job, items, []
         rows, kept, refused = self._accepted_rows(accepted, batch_id, model, now)
         early = [_unstorable(item, message) for item, message in refused]
         job = StoreJob(

@@ -18,10 +18,10 @@ import math
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+import msgspec
 import orjson
 from pydantic import BaseModel, ValidationError
 
@@ -44,15 +44,13 @@ RETRYABLE_REASONS = frozenset(
 )
 
 
-@dataclass(slots=True)
-class Accepted:
+class Accepted(msgspec.Struct):
     record_id: str
     data: dict[str, Any]
     usage: Usage
 
 
-@dataclass(slots=True)
-class Rejected:
+class Rejected(msgspec.Struct):
     record_id: str
     reason: str
     detail: str
@@ -174,11 +172,11 @@ def _compiled(output_model: type[BaseModel]) -> _Compiled:
     return compiled
 
 
-def _describe(exc: ValidationError) -> tuple[str, str]:
+def _describe(exc: ValidationError, errors: list[Any] | None = None) -> tuple[str, str]:
     """Turn a pydantic ValidationError into (reason, detail) naming field and rule."""
     parts = []
     reason = "schema"
-    for err in exc.errors(include_url=False):
+    for err in exc.errors(include_url=False) if errors is None else errors:
         loc = ".".join(str(p) for p in err.get("loc", ())) or "<model>"
         if not err.get("loc"):
             reason = "invariant"
@@ -253,5 +251,5 @@ def _invalid(exc: ValidationError, record_id: str, raw: str, usage: Usage) -> Re
     errors = exc.errors(include_url=False)
     if errors and errors[0]["type"] == "json_invalid":
         return Rejected(record_id, "invalid_json", f"answer is not JSON: {errors[0]['msg']}", raw, usage)
-    reason, detail = _describe(exc)
+    reason, detail = _describe(exc, errors)  # ``errors()`` builds new dicts each call: once
     return Rejected(record_id, reason, detail, raw, usage)

@@ -6,8 +6,10 @@ triggerer exactly as :class:`FableBatchSensor` does (same trigger, same terminal
 deadline and cancel-on-kill), and returns the submit manifest with the batches' final summaries.
 Loading stays a separate :class:`FableValidateLoadOperator` task, which takes this manifest.
 
-Retry note: a retry of this task after its batches were created submits again (the wait is part
-of the same task); keep ``retries=0`` here, or use the three-task form, whose wait retries alone.
+Retries: the submit half goes through the job ledger like the three-task form, so a retry after
+the batches were created re-attaches to them and waits again; it creates no new batch and pays
+nothing twice (tests/test_waiting.py). Batches that ended canceled or expired stay attached: send
+their records again with ``rerun="failed"`` after the load, or ``resubmit=True``.
 """
 
 from __future__ import annotations
