@@ -377,3 +377,43 @@ def test_ledger_on_postgresql_through_the_operators(fable_emulator_factory, dbs,
     ledger = Ledger(pg_ledger_conn)
     assert ledger.summary(manifest["job_fingerprint"]).get("accepted", 0) >= 7
     assert ledger.submissions_of()[0].state == "adopted"
+
+
+def test_a_canceled_wait_does_not_strand_its_records(fable_emulator_factory, dbs):
+    """A wait marked failed cancels its batches; the next run must not fail on them for ever.
+
+    Found in a real deployment: the next run re-attached its records to the canceled batch (they
+    were never loaded, so neither accepted nor rejects) and its wait failed again on every run.
+    Now the submit lists the re-attached batch as ``ended_incomplete``, the wait lets it through
+    as partial, the load turns the canceled requests into retryable rejects, and a
+    ``rerun="failed"`` sends exactly those, creating no batch for answers already paid for.
+    """
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from airflow_provider_fable.core.errors import FableError
+    from airflow_provider_fable.hooks.fable import FableHook
+    from airflow_provider_fable.sensors.batch import FableBatchSensor
+
+    server = fable_emulator_factory(processing_retrieves=1000, cancel_seconds=0)
+    point_connection_at(server)
+    first = submit_op().execute(context())
+    hook = FableHook()
+    for batch_id in first["batch_ids"]:  # what on_kill does when the user marks the wait failed
+        hook.cancel_batch(batch_id)
+    assert {hook.retrieve_batch(b).processing_status for b in first["batch_ids"]} == {"ended"}
+    # The earlier try's own wait fails, and is not retried: the batches cannot change any more.
+    with pytest.raises(FableError, match="canceled") as failed:
+        FableBatchSensor(task_id="wait", batch_ids=first, deferrable=False).poke({})
+    assert isinstance(failed.value, AirflowFailException)
+
+    again = submit_op().execute(context(run_id="manual__2"))
+    assert again["submitted"] == 0 and stats(server)["batches_created"] == len(first["batch_ids"])
+    assert again["ended_incomplete"] == first["batch_ids"]
+    waited = FableBatchSensor(task_id="wait", batch_ids=again, deferrable=False).poke({})
+    assert waited.is_done and waited.xcom_value["outcome"] == "partial"
+    summary = load_op(waited.xcom_value, max_reject_rate=1.0, fail_when_all_rejected=False).execute({})
+    assert summary["reject_reasons"] == {"canceled": len(RECORDS)}
+
+    rerun = submit_op(rerun="failed").execute(context(run_id="rerun"))
+    assert rerun["submitted"] == len(RECORDS) and "ended_incomplete" not in rerun
+    assert stats(server)["batches_created"] == len(first["batch_ids"]) + len(rerun["batch_ids"])

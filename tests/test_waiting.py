@@ -584,7 +584,7 @@ def test_batch_operator_retry_reattaches_instead_of_paying_again(fable_emulator_
     from airflow_provider_fable.operators.batch import FableBatchOperator
     from tests.conftest import Paint
 
-    server = fable_emulator_factory(processing_retrieves=3)
+    server = fable_emulator_factory(processing_retrieves=50)  # still running at the retry
     point_connection_at(server)
 
     def make_op() -> FableBatchOperator:

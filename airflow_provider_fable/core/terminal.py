@@ -128,10 +128,17 @@ class TerminalPolicy:
     :param accept_incomplete: succeed even when a batch was canceled or no request of a batch
         succeeded (default: fail, because that usually means someone or something stopped the
         job and a "successful" load of nothing would hide it).
+    :param known_incomplete: batches that had already ended canceled or expired when a later try
+        re-attached to them (the submit lists them in its manifest as ``ended_incomplete``).
+        That failure was reported by the earlier try; failing again would leave their records
+        stuck for good, because they were never loaded and so never became rejects a
+        ``rerun="failed"`` could pick up. They count as partial instead: the load takes what came
+        back and rejects the rest as ``canceled``/``expired`` (retryable).
     """
 
     fail_on_partial: bool = False
     accept_incomplete: bool = False
+    known_incomplete: tuple[str, ...] = ()
 
     def decide(
         self, summaries: list[Mapping[str, Any]], *, now: float, deadline: float | None
@@ -155,8 +162,9 @@ class TerminalPolicy:
 
     def _ended(self, summaries: list[Mapping[str, Any]]) -> Verdict:
         t = totals(summaries)
-        canceled = [s["id"] for s in summaries if s["request_counts"].get("canceled")]
-        empty = [s["id"] for s in summaries if not s["request_counts"].get("succeeded")]
+        known = set(self.known_incomplete)
+        canceled = [s["id"] for s in summaries if s["request_counts"].get("canceled") and s["id"] not in known]
+        empty = [s["id"] for s in summaries if not s["request_counts"].get("succeeded") and s["id"] not in known]
         if (canceled or empty) and not self.accept_incomplete:
             parts = []
             if canceled:

@@ -542,6 +542,32 @@ class _Submission:
             )
         return rows, digest.hexdigest(), size
 
+    def _ended_incomplete(self, attached: dict[str, int]) -> list[str]:
+        """Re-attached batches that already ended with canceled or expired requests.
+
+        Typically an earlier try's wait was marked failed (its batches canceled) or timed out.
+        Their records were never loaded, so they are neither accepted nor rejects that a
+        ``rerun="failed"`` would pick up; the wait would fail on them again and again. Listed in
+        the manifest, the wait lets them through as partial, the load stores what came back and
+        rejects the rest as ``canceled``/``expired`` (retryable), and a ``rerun="failed"`` run
+        sends exactly those, without paying twice for the answers that did come back.
+        """
+        ended: list[str] = []
+        for batch_id in attached:
+            batch = self.hook.retrieve_batch(batch_id)
+            counts = batch.request_counts
+            lost = (counts.canceled or 0) + (counts.expired or 0)
+            if batch.processing_status == "ended" and lost:
+                ended.append(batch_id)
+                self.log.warning(
+                    "Re-attached batch %s had already ended with %d canceled and %d expired "
+                    "request(s) (an earlier try was canceled or ran out of time): its answers are "
+                    "loaded, the rest become retryable rejects; send those again with a "
+                    "rerun='failed' run (the example DAGs: params mode=failed)",
+                    batch_id, counts.canceled or 0, counts.expired or 0,
+                )  # fmt: skip
+        return ended
+
     def _submit(self, spool: IO[bytes], shards: list[SpooledShard], plan: dict[str, Any]) -> dict[str, Any]:
         from airflow_provider_fable.core.errors import FableError
         from airflow_provider_fable.core.spool import iter_body
@@ -577,6 +603,9 @@ class _Submission:
                 "Re-attached %d record(s) to %d batch(es) already created for job %s: %s",
                 manifest["attached"], len(attached), self.job_id, ", ".join(attached),
             )  # fmt: skip
+            ended = self._ended_incomplete(attached)
+            if ended:
+                manifest["ended_incomplete"] = ended
         if not new:
             if not attached:
                 self.log.warning("No records to submit (source empty or all skipped)")

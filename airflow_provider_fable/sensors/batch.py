@@ -101,7 +101,17 @@ class FableBatchSensor(BaseSensorOperator):
     def policy(self) -> TerminalPolicy:
         from airflow_provider_fable.core.terminal import TerminalPolicy
 
-        return TerminalPolicy(fail_on_partial=self.fail_on_partial, accept_incomplete=self.accept_incomplete)
+        return TerminalPolicy(
+            fail_on_partial=self.fail_on_partial,
+            accept_incomplete=self.accept_incomplete,
+            known_incomplete=tuple(self._known_incomplete()),
+        )
+
+    def _known_incomplete(self) -> list[str]:
+        """Batches the submit re-attached after they had ended canceled/expired (its manifest)."""
+        value = self.batch_ids
+        known = value.get("ended_incomplete") if isinstance(value, dict) else None
+        return [b for b in known or () if isinstance(b, str)]
 
     # ------------------------------------------------------------ state across pokes
     def _load_state(self, context: Any) -> dict[str, Any]:
@@ -196,11 +206,14 @@ class FableBatchSensor(BaseSensorOperator):
     def _finish(self, verdict: Verdict, summaries: list[dict[str, Any]], waited_in: str) -> dict[str, Any]:
         """Log the batches, then return the manifest or raise the verdict's failure."""
         from airflow_provider_fable.core.errors import FableError
+        from airflow_provider_fable.operators.guarded import _not_retried
 
         for s in summaries:
             self.log.info("Batch %s %s: %s", s["id"], s["processing_status"], s["request_counts"])
         if not verdict.ok:
-            raise FableError(f"waiting for batches failed: {verdict.message}")
+            # The batches have ended (or were canceled at the deadline): a retry of this wait
+            # would find them the same and fail the same, after retry_delay each time.
+            raise _not_retried(FableError(f"waiting for batches failed: {verdict.message}"))
         (self.log.warning if verdict.reason == "partial" else self.log.info)(verdict.message)
         manifest = self._manifest(summaries, waited_in)
         manifest["outcome"] = verdict.reason
@@ -268,6 +281,7 @@ class FableBatchSensor(BaseSensorOperator):
                 deadline_margin=self.deadline_margin,
                 fail_on_partial=self.fail_on_partial,
                 accept_incomplete=self.accept_incomplete,
+                known_incomplete=self._known_incomplete() or None,
             ),
             method_name=method_name,
             kwargs=self.defer_kwargs,

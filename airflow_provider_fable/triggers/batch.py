@@ -109,7 +109,8 @@ class FableBatchTrigger(BaseTrigger):
     :param max_consecutive_errors: transient failures in a row tolerated before giving up.
     :param deadline: wall-clock epoch seconds after which the wait fails and the batches still
         running are canceled; None = the batches' latest ``expires_at`` + ``deadline_margin``.
-    :param fail_on_partial: / :param accept_incomplete: see ``core.terminal.TerminalPolicy``.
+    :param fail_on_partial: / :param accept_incomplete: / :param known_incomplete: see
+        ``core.terminal.TerminalPolicy``.
     :param jitter: relative spread of poll times (0.1 = +-10 %).
     """
 
@@ -124,6 +125,7 @@ class FableBatchTrigger(BaseTrigger):
         fail_on_partial: bool = False,
         accept_incomplete: bool = False,
         jitter: float = 0.1,
+        known_incomplete: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.batch_ids = list(batch_ids)
@@ -134,6 +136,7 @@ class FableBatchTrigger(BaseTrigger):
         self.deadline_margin = float(deadline_margin)
         self.fail_on_partial = bool(fail_on_partial)
         self.accept_incomplete = bool(accept_incomplete)
+        self.known_incomplete = list(known_incomplete or ())
         self.jitter = min(max(float(jitter), 0.0), 0.9)
         self._latest: dict[str, dict[str, Any]] = {}
         self._logged_state: tuple[Any, ...] = ()
@@ -154,6 +157,7 @@ class FableBatchTrigger(BaseTrigger):
                 "fail_on_partial": self.fail_on_partial,
                 "accept_incomplete": self.accept_incomplete,
                 "jitter": self.jitter,
+                "known_incomplete": self.known_incomplete,
             },
         )
 
@@ -182,7 +186,9 @@ class FableBatchTrigger(BaseTrigger):
         # spread over up to START_SPREAD seconds instead of running in one loop iteration.
         await asyncio.sleep(random.uniform(0.0, min(START_SPREAD, self.poll_interval / 2)))
         policy = TerminalPolicy(
-            fail_on_partial=self.fail_on_partial, accept_incomplete=self.accept_incomplete
+            fail_on_partial=self.fail_on_partial,
+            accept_incomplete=self.accept_incomplete,
+            known_incomplete=tuple(self.known_incomplete),
         )
         progress = Progress()
         watch = batch_poller(self.fable_conn_id).watch(self.poll_interval, self.jitter)
