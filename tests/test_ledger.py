@@ -417,3 +417,21 @@ def test_a_canceled_wait_does_not_strand_its_records(fable_emulator_factory, dbs
     rerun = submit_op(rerun="failed").execute(context(run_id="rerun"))
     assert rerun["submitted"] == len(RECORDS) and "ended_incomplete" not in rerun
     assert stats(server)["batches_created"] == len(first["batch_ids"]) + len(rerun["batch_ids"])
+
+
+def test_a_rerun_on_the_same_emulator_is_a_fresh_draw(fable_emulator_factory, dbs):
+    """Faults are drawn per attempt: a record that errored is not doomed to error on every rerun.
+
+    Found in a real deployment: with faults keyed on the custom_id alone, ``mode=failed`` reran
+    exactly the rejected records and every one of them failed again, on every rerun.
+    """
+    server = fable_emulator_factory(faults={"errored_rate": 0.4, "seed": 3})
+    point_connection_at(server)
+    first = submit_op().execute(context())
+    errored = load_op(first).execute({})["reject_reasons"]["errored"]
+    assert errored >= 2
+    rerun = submit_op(rerun="retryable").execute(context(run_id="rerun"))
+    assert rerun["submitted"] == errored
+    again = load_op(rerun, fail_when_all_rejected=False, max_reject_rate=1.0).execute({})
+    assert again["reject_reasons"].get("errored", 0) < errored
+    assert again["accepted"] >= 1

@@ -2,7 +2,10 @@
 
 Each decision hashes ``(seed, custom_id or call index, fault name)``: a test that saw request
 ``r7`` expire sees it expire on every run, and changing ``seed`` reshuffles which requests
-are hit without changing how many.
+are hit without changing how many. A request sent again in a later batch (a rerun of what
+failed, an escalation) hashes ``r7~2``, ``r7~3``...: like the real service, a rerun is a fresh
+draw, so reruns of failed records mostly succeed instead of failing the same way for ever, and
+the first run stays exactly reproducible.
 """
 
 from __future__ import annotations
@@ -13,7 +16,25 @@ from collections import defaultdict
 from airflow_provider_fable.emulator.model import stable_fraction, stable_hash
 from airflow_provider_fable.emulator.settings import FaultSettings
 
-__all__ = ["HttpFaults", "errored_type", "is_invalid_answer", "request_outcome", "result_order_key"]
+__all__ = [
+    "HttpFaults",
+    "attempt_key",
+    "custom_id_of",
+    "errored_type",
+    "is_invalid_answer",
+    "request_outcome",
+    "result_order_key",
+]
+
+
+def attempt_key(custom_id: str, attempt: int) -> str:
+    """The fault key of the ``attempt``-th batch request carrying ``custom_id`` (1-based)."""
+    return custom_id if attempt <= 1 else f"{custom_id}~{attempt}"
+
+
+def custom_id_of(key: str) -> str:
+    """Back from a fault key to its custom_id (custom_ids never contain ``~``: API pattern)."""
+    return key.split("~", 1)[0]
 
 
 def request_outcome(faults: FaultSettings, custom_id: str) -> str | None:

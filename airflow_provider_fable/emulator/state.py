@@ -234,6 +234,9 @@ class Batch:
     betas: tuple[str, ...] = ()
     #: Whether some requests are never processed (``expired_rate``): the batch then runs to expiry.
     has_stuck: bool = False
+    #: Per request, the key its fault decisions hash (``faults.attempt_key``): the custom_id on
+    #: its first appearance in this emulator, ``<custom_id>~N`` when it is sent the Nth time.
+    fault_keys: list[str] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
@@ -274,13 +277,15 @@ class BatchStore:
         self._batches: dict[str, Batch] = {}
         self._seq_by_id: dict[str, int] = {}
         self._next_seq = 0
+        #: How many created batches carried each custom_id (reruns draw their faults afresh).
+        self._sent: dict[str, int] = {}
         if self.state_file is not None:
             self._load()
 
     # -- persistence -------------------------------------------------------------------------
     _META_FIELDS = (
         "created_at", "processing_seconds", "size", "status", "cancel_initiated_at", "ended_at",
-        "counts", "retrieves", "downloads", "api_version", "betas", "has_stuck",
+        "counts", "retrieves", "downloads", "api_version", "betas", "has_stuck", "fault_keys",
     )  # fmt: skip
 
     def _save(self, batch: Batch) -> None:
@@ -301,6 +306,9 @@ class BatchStore:
             meta["betas"] = tuple(meta.get("betas") or ())
             batch = Batch(id=batch_id, seq=seq, requests=requests or [], lines=lines, **meta)
             self._batches[batch_id] = batch
+            for key in batch.fault_keys or ():
+                custom_id = fault_rules.custom_id_of(key)
+                self._sent[custom_id] = self._sent.get(custom_id, 0) + 1
 
     def close(self) -> None:
         """Release the state file (the in-memory state stays usable for inspection)."""
@@ -318,10 +326,15 @@ class BatchStore:
     ) -> dict[str, Any]:
         """Store a validated batch; the response always says ``in_progress``, like the API's."""
         faults = self.settings.faults
-        has_stuck = bool(faults.expired_rate) and any(
-            fault_rules.request_outcome(faults, custom_id) == "expired" for custom_id, _ in requests
-        )
         with self._lock:
+            keys = []
+            for custom_id, _ in requests:
+                attempt = self._sent.get(custom_id, 0) + 1
+                self._sent[custom_id] = attempt
+                keys.append(fault_rules.attempt_key(custom_id, attempt))
+            has_stuck = bool(faults.expired_rate) and any(
+                fault_rules.request_outcome(faults, key) == "expired" for key in keys
+            )
             batch_id = random_id("msgbatch_")
             while batch_id in self._seq_by_id:
                 batch_id = random_id("msgbatch_")
@@ -335,6 +348,7 @@ class BatchStore:
                 api_version=api_version,
                 betas=betas,
                 has_stuck=has_stuck,
+                fault_keys=keys,
             )
             self._next_seq += 1
             self._batches[batch_id] = batch
@@ -539,8 +553,10 @@ class BatchStore:
         keyed: list[tuple[int, bytes]] = []
         invalid_seen = 0
         canceled_at = batch.cancel_initiated_at
+        fault_keys = batch.fault_keys or [custom_id for custom_id, _ in batch.requests]
         for index, (custom_id, params) in enumerate(batch.requests):
-            outcome = fault_rules.request_outcome(faults, custom_id)
+            fault_key = fault_keys[index]
+            outcome = fault_rules.request_outcome(faults, fault_key)
             unprocessed = outcome == "expired"  # the backend never gets to it
             if canceled_at is not None and (unprocessed or not self._done_by(batch, index, canceled_at)):
                 result: dict[str, Any] = {"type": "canceled"}
@@ -552,20 +568,20 @@ class BatchStore:
                 if problem:
                     result = _errored(problem.error_type, problem.message)
                 elif outcome == "errored":
-                    error_type = fault_rules.errored_type(faults, custom_id)
+                    error_type = fault_rules.errored_type(faults, fault_key)
                     message = "Internal server error" if error_type == "api_error" else "Overloaded"
                     result = _errored(error_type, message)
                     self.stats.fault("errored")
                 else:
                     kind = None
-                    if fault_rules.is_invalid_answer(faults, custom_id) and (
+                    if fault_rules.is_invalid_answer(faults, fault_key) and (
                         model.output_schema(params) is not None or model.forced_tool(params) is not None
                     ):
                         kind = faults.invalid_kinds[invalid_seen % len(faults.invalid_kinds)]
                         invalid_seen += 1
                     message_id = "msg_01" + model.stable_token(22, batch.id, custom_id)
                     msg = self._message(
-                        params, f"{batch.id}:{custom_id}", kind, message_id, "batch", fault_key=custom_id
+                        params, f"{batch.id}:{custom_id}", kind, message_id, "batch", fault_key=fault_key
                     )
                     result = {"type": "succeeded", "message": msg}
             counts[result["type"]] += 1
