@@ -127,12 +127,12 @@ def test_triage_dag_end_to_end(triage_env):
     assert len(second_ids) == 300 and not (second_ids & first_rejects)
 
     # mode=failed sends again exactly the tickets the ledger holds as rejected, in a new batch.
-    # The emulator's faults are keyed on the record id, so every rerun ticket fails the same way
-    # again: the load then fails by the all-rejected guardrail (docs/guardrails.md), rows loaded.
+    # The emulator draws faults afresh for a request it sees again (as the real service would
+    # not fail a rerun the same way), so most rerun tickets now land.
     dag.get_task("load").retries = 0  # a guardrail failure is not transient: no retry_delay wait
     failed = airflow_env.run_dag(dag, conf={"limit": 2000, "mode": "failed"})
-    assert failed.task_states["submit"] == failed.task_states["wait"] == "success", failed.task_states
-    assert failed.task_states["load"] == "failed", failed.task_states
+    assert failed.state == "success", failed.task_states
+    assert failed.xcom("load")["accepted"] > failed.xcom("load")["rejected"]
     rerun = failed.xcom("submit")
     assert rerun["submitted"] == loaded["rejected"] + again.xcom("load")["rejected"]
     assert not set(rerun["batch_ids"]) & {submitted["batch_ids"][0], second["batch_ids"][0]}

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ValidationError
 
 from airflow_provider_fable.emulator import EmulatorServer, EmulatorSettings, FaultSettings
 
-from .helpers import advance_clock, stats
+from .helpers import API_KEY, advance_clock, stats
 
 EMULATOR_SETTINGS = EmulatorSettings(
     faults=FaultSettings(
@@ -108,15 +108,30 @@ def test_invalid_answers_cover_every_kind(
     assert set(by_kind) == {"non_json", "wrong_type", "bad_enum", "missing_field"}
 
 
-def test_faults_are_deterministic_per_custom_id(
-    client: anthropic.Anthropic, emulator: EmulatorServer, first_run: tuple[Any, dict[str, Any]]
-) -> None:
+def test_faults_are_deterministic_per_custom_id(first_run: tuple[Any, dict[str, Any]]) -> None:
+    """Another emulator with the same settings gives every request the same fate and answer."""
     _, first = first_run
-    _, second = _run(client, emulator)
-    assert {k: r.type for k, r in first.items()} == {k: r.type for k, r in second.items()}
+    with EmulatorServer(EMULATOR_SETTINGS) as other:
+        with anthropic.Anthropic(api_key=other.settings.api_key or API_KEY, base_url=other.base_url) as sdk:
+            _, again = _run(sdk, other)
+    assert {k: r.type for k, r in first.items()} == {k: r.type for k, r in again.items()}
     for custom_id, result in first.items():
         if result.type == "succeeded":
-            assert second[custom_id].message.content == result.message.content
+            assert again[custom_id].message.content == result.message.content
+
+
+def test_a_request_sent_again_is_a_fresh_draw(
+    client: anthropic.Anthropic, emulator: EmulatorServer, first_run: tuple[Any, dict[str, Any]]
+) -> None:
+    """Like the real service, a rerun is not doomed to fail the way the first attempt did."""
+    _, first = first_run
+    batch, second = _run(client, emulator)
+    failed_first = {k for k, r in first.items() if r.type != "succeeded"}
+    failed_again = {k for k, r in second.items() if r.type != "succeeded"}
+    assert failed_first and failed_again != failed_first
+    assert failed_first - failed_again  # some of what failed succeeds on the rerun
+    counts = batch.request_counts
+    assert 0.1 * N <= counts.errored <= 0.3 * N  # the rates hold for every attempt
 
 
 def test_stats_count_request_faults(emulator: EmulatorServer, first_run: tuple[Any, dict[str, Any]]) -> None:
