@@ -181,7 +181,9 @@ class TerminalPolicy:
             )
         if t.counts["errored"] or t.counts["expired"] or t.counts["canceled"]:
             message = f"batches ended with some requests not answered. {t.describe()}"
-            if self.fail_on_partial:
+            # Known-incomplete batches were reported by an earlier try: only the others decide.
+            fresh = totals(s for s in summaries if s["id"] not in known).counts if known else t.counts
+            if self.fail_on_partial and (fresh["errored"] or fresh["expired"] or fresh["canceled"]):
                 return Verdict(ok=False, reason="partial", message=message + " (fail_on_partial=True)")
             return Verdict(ok=True, reason="partial", message=message)
         return Verdict(ok=True, reason="ended", message=f"all batches ended. {t.describe()}")

@@ -552,9 +552,18 @@ class _Submission:
         rejects the rest as ``canceled``/``expired`` (retryable), and a ``rerun="failed"`` run
         sends exactly those, without paying twice for the answers that did come back.
         """
+        from airflow_provider_fable.core.errors import FableError
+
         ended: list[str] = []
         for batch_id in attached:
-            batch = self.hook.retrieve_batch(batch_id)
+            try:
+                batch = self.hook.retrieve_batch(batch_id)
+            except FableError as exc:  # a check, not a step: the wait will read the batch again
+                self.log.warning(
+                    "Could not check re-attached batch %s (%s); if it already ended canceled or "
+                    "expired, the wait fails on it and the next run checks again", batch_id, exc,
+                )  # fmt: skip
+                continue
             counts = batch.request_counts
             lost = (counts.canceled or 0) + (counts.expired or 0)
             if batch.processing_status == "ended" and lost:
