@@ -35,11 +35,10 @@ from airflow_provider_fable.core.sinks import (
     REJECT_COLUMNS,
     ResultSink,
     _check_ident,
-    _json_text,
-    _row_builder,
     output_columns,
 )
 from airflow_provider_fable.core.validation import Accepted, Rejected
+from airflow_provider_fable.core.writer_process import json_text, row_builder
 
 
 def _pyarrow() -> tuple[Any, Any]:
@@ -153,7 +152,7 @@ class ParquetSink:
         assert [f.name for f in self.schema][-len(META_COLUMNS) :] == list(META_COLUMNS)
         types_ = [pa.string()] * 5 + [pa.bool_(), when]
         self.rejects_schema = pa.schema(list(zip(REJECT_COLUMNS, types_, strict=True)))
-        self._build_row = _row_builder(self.kinds)
+        self._build_row = row_builder(self.kinds)
         self.accepted_file = _ParquetFile(path, self.schema)
         self.rejects_file = None if rejects_path is None else _ParquetFile(rejects_path, self.rejects_schema)
 
@@ -217,7 +216,7 @@ class ParquetSink:
                 item.record_id,
                 "unstorable",
                 f"Parquet cannot hold the row: {message}",
-                _json_text(item.data),
+                json_text(item.data),
                 item.usage,
             )
             for item, message in refused

@@ -222,30 +222,17 @@ def _parse_general(line: str | bytes) -> BatchResult:
         tool_input = None
         content = message.get("content")
         if content:
-            first = content[0] if len(content) == 1 else None
-            if first.__class__ is dict and first.get("type") == "text":  # the usual answer
-                text = first.get("text") or ""
-            else:
-                texts = []
-                for block in content:
-                    block_type = block.get("type")
-                    if block_type == "text":
-                        texts.append(block.get("text") or "")
-                    elif block_type == "tool_use" and tool_input is None:
-                        tool_input = block.get("input")
-                if texts:
-                    text = texts[0] if len(texts) == 1 else "".join(texts)
+            texts = []
+            for block in content:
+                block_type = block.get("type")
+                if block_type == "text":
+                    texts.append(block.get("text") or "")
+                elif block_type == "tool_use" and tool_input is None:
+                    tool_input = block.get("input")
+            if texts:
+                text = texts[0] if len(texts) == 1 else "".join(texts)
         raw_usage = message.get("usage")
-        if raw_usage.__class__ is dict:  # the common case, inline: a dict of ints
-            get = raw_usage.get
-            a, b = get("input_tokens") or 0, get("output_tokens") or 0
-            c, d = get("cache_creation_input_tokens") or 0, get("cache_read_input_tokens") or 0
-            if c or not (a.__class__ is b.__class__ is d.__class__ is int):
-                usage = _usage_fast(raw_usage)  # 1-hour cache writes to look up, or conversions
-            else:
-                usage = Usage(a, b, 0, d, 0)
-        else:
-            usage = _usage(raw_usage)
+        usage = _usage_fast(raw_usage) if raw_usage.__class__ is dict else _usage(raw_usage)
         return BatchResult(
             custom_id, kind, text, tool_input, message.get("stop_reason"), message.get("model"), usage
         )

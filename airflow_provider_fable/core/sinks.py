@@ -40,12 +40,11 @@ from airflow_provider_fable.core.writer_process import (
     BuildJob,
     SQLiteStore,
     StoreJob,
-    error_message,
     json_text,
     raw_from_row,
     row_builder,
     safe_text,
-    strip_nul,
+    write_isolating,
 )
 
 log = logging.getLogger(__name__)
@@ -140,15 +139,6 @@ def output_columns(output_model: type[BaseModel]) -> dict[str, str]:
         _check_ident(name, "output field"): "decimal" if name in decimals else _json_type(prop, defs)
         for name, prop in properties.items()
     }
-
-
-_strip_nul = strip_nul
-_json_text = json_text
-_safe_text = safe_text
-_error_message = error_message
-
-
-_row_builder = row_builder
 
 
 def _quote(name: str) -> str:
@@ -263,7 +253,7 @@ class ResultSink:
         self.outcomes_view: str | None = view if _IDENT.match(view) else None
         self.metadata = meta
         self._columns = [c.name for c in self.table.columns]
-        self._build_row = _row_builder(self.kinds)
+        self._build_row = row_builder(self.kinds)
         driver = engine.dialect.driver
         if engine.dialect.name == "sqlite" and driver == "pysqlite":
             self._mode = "sqlite"
@@ -392,8 +382,8 @@ WHERE t.{rid} IS NULL OR l.rejected_at > t._loaded_at"""
                 item.record_id,
                 batch_id,
                 item.reason,
-                _safe_text(item.detail, 2000),
-                _safe_text(item.raw, 4000),
+                safe_text(item.detail, 2000),
+                safe_text(item.raw, 4000),
                 item.retryable,
                 now,
             )
@@ -495,7 +485,7 @@ WHERE t.{rid} IS NULL OR l.rejected_at > t._loaded_at"""
         return failed
 
     def _raw_from_row(self, row: tuple[Any, ...]) -> str:
-        """The answer's JSON (as ``_json_text`` of the accepted data) from its table row."""
+        """The answer's JSON (as ``json_text`` of the accepted data) from its table row."""
         return raw_from_row(list(self.kinds.items()), row)
 
     def sqlite_store(self) -> SQLiteStore | None:
@@ -531,7 +521,7 @@ WHERE t.{rid} IS NULL OR l.rejected_at > t._loaded_at"""
         url = state.pop("_url")
         self.__dict__.update(state)
         self.engine = sa.create_engine(url)
-        self._build_row = _row_builder(self.kinds)
+        self._build_row = row_builder(self.kinds)
 
     def write_accepted(self, items: Iterable[Accepted], *, batch_id: str, model: str | None) -> int:
         """Upsert accepted rows; returns how many were stored (the rest became ``unstorable``)."""
@@ -545,31 +535,13 @@ WHERE t.{rid} IS NULL OR l.rejected_at > t._loaded_at"""
 
     def _write_isolating(self, tx: _Transaction, rows: list[tuple[Any, ...]]) -> list[tuple[int, str]]:
         """Upsert rows; on a data error, bisect under savepoints. Returns (index, message) refused."""
-        if not rows:
-            return []
         key = (self.id_column,)
-        try:
-            with tx.savepoint():
-                tx.upsert(self.table, key, self._columns, rows)
-            return []
-        except self._data_errors:
-            pass
-        failed: list[tuple[int, str]] = []
-        pending = [(0, len(rows) // 2), (len(rows) // 2, len(rows))]
-        while pending:
-            lo, hi = pending.pop()
-            if lo >= hi:
-                continue
-            try:
-                with tx.savepoint():
-                    tx.upsert(self.table, key, self._columns, rows[lo:hi])
-            except self._data_errors as exc:
-                if hi - lo == 1:
-                    failed.append((lo, _error_message(exc)))
-                else:
-                    mid = (lo + hi) // 2
-                    pending += [(lo, mid), (mid, hi)]
-        return sorted(failed)
+        return write_isolating(
+            rows,
+            lambda part: tx.upsert(self.table, key, self._columns, part),
+            tx.savepoint,
+            self._data_errors,
+        )
 
     def _transaction(self) -> _Transaction:
         if self._mode == "sqlalchemy":
@@ -582,7 +554,7 @@ def _unstorable(item: Accepted, message: str) -> Rejected:
         item.record_id,
         "unstorable",
         f"the database refused the row: {message}",
-        _json_text(item.data),
+        json_text(item.data),
         item.usage,
     )
 

@@ -21,7 +21,7 @@ import pickle
 import sqlite3
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, NamedTuple
 
 import orjson
@@ -131,6 +131,44 @@ def raw_from_row(kinds: Sequence[tuple[str, str]], row: tuple[Any, ...]) -> str:
     return json_text(data)
 
 
+def write_isolating(
+    rows: list[tuple[Any, ...]],
+    write: Callable[[list[tuple[Any, ...]]], Any],
+    savepoint: Callable[[], AbstractContextManager[Any]],
+    data_errors: tuple[type[BaseException], ...],
+) -> list[tuple[int, str]]:
+    """Write ``rows``; on a data error, bisect under savepoints. Returns (index, message) refused.
+
+    One bad answer (a value the column cannot hold) must not refuse its whole chunk: the rows
+    the database takes are kept, each refused row is named. Shared by ``ResultSink`` (through
+    SQLAlchemy or a DB-API connection) and ``SQLiteStore`` (sqlite3 alone, in the writer process).
+    """
+    if not rows:
+        return []
+    try:
+        with savepoint():
+            write(rows)
+        return []
+    except data_errors:
+        pass
+    failed: list[tuple[int, str]] = []
+    pending = [(0, len(rows) // 2), (len(rows) // 2, len(rows))]
+    while pending:
+        lo, hi = pending.pop()
+        if lo >= hi:
+            continue
+        try:
+            with savepoint():
+                write(rows[lo:hi])
+        except data_errors as exc:
+            if hi - lo == 1:
+                failed.append((lo, error_message(exc)))
+            else:
+                mid = (lo + hi) // 2
+                pending += [(lo, mid), (mid, hi)]
+    return sorted(failed)
+
+
 #: Errors that mean "this row" rather than "this connection" (same set as ``ResultSink``'s).
 _DATA_ERRORS = (ValueError, OverflowError, TypeError, sqlite3.DataError, sqlite3.IntegrityError)
 
@@ -190,30 +228,12 @@ class SQLiteStore:
         cursor.execute(f"RELEASE SAVEPOINT {name}")
 
     def _write_isolating(self, cursor: sqlite3.Cursor, rows: list[tuple[Any, ...]]) -> list[tuple[int, str]]:
-        if not rows:
-            return []
-        try:
-            with self._savepoint(cursor):
-                cursor.executemany(self.upsert_sql, rows)
-            return []
-        except _DATA_ERRORS:
-            pass
-        failed: list[tuple[int, str]] = []
-        pending = [(0, len(rows) // 2), (len(rows) // 2, len(rows))]
-        while pending:
-            lo, hi = pending.pop()
-            if lo >= hi:
-                continue
-            try:
-                with self._savepoint(cursor):
-                    cursor.executemany(self.upsert_sql, rows[lo:hi])
-            except _DATA_ERRORS as exc:
-                if hi - lo == 1:
-                    failed.append((lo, error_message(exc)))
-                else:
-                    mid = (lo + hi) // 2
-                    pending += [(lo, mid), (mid, hi)]
-        return sorted(failed)
+        return write_isolating(
+            rows,
+            lambda part: cursor.executemany(self.upsert_sql, part),
+            lambda: self._savepoint(cursor),
+            _DATA_ERRORS,
+        )
 
     def store(self, job: StoreJob) -> list[tuple[int, str]]:
         """Write a prepared chunk in one transaction; returns (row index, message) refused."""
