@@ -20,6 +20,8 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import IO, TYPE_CHECKING, Any
 
+from airflow_provider_fable.retries import not_retried
+
 if TYPE_CHECKING:  # the core is imported where it is used: a DAG file that imports an operator
     # pays for none of it at parse time (bench/dag_parse.py)
     from airflow_provider_fable.core.estimate import Estimate
@@ -49,20 +51,6 @@ def opt_float(value: Any, what: str) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{what} must be a number, got {value!r}") from None
-
-
-def _not_retried(exc: Exception) -> Exception:
-    """The same error, also an ``AirflowFailException`` so Airflow does not retry it.
-
-    A budget refusal (or an unpriced model under a cap) is decided by the records and the prices:
-    a retry would count the same tokens and refuse again, after ``retry_delay`` each time.
-    Callers catching the original type (``BudgetExceededError``) still catch it.
-    """
-    from airflow.sdk.exceptions import AirflowFailException
-
-    kind = type(exc)
-    refused = type(kind.__name__, (kind, AirflowFailException), {"__module__": kind.__module__})
-    return refused(*exc.args)
 
 
 class SubmitGuardrailsMixin:
@@ -264,7 +252,7 @@ class SubmitGuardrailsMixin:
             try:  # an unpriced model under a cap: refuse before counting
                 require_price(job.model, prices)
             except UnknownPriceError as exc:
-                raise _not_retried(exc) from None
+                raise not_retried(exc) from None
         sampled = self._sample_spool(spool, self.estimate_sample, self.sample_seed)
         try:
             counts = [hook.count_tokens(r["params"]) for r in sampled]
@@ -305,7 +293,7 @@ class SubmitGuardrailsMixin:
         try:
             check_budget(estimate, max_cost)
         except (BudgetExceededError, UnknownPriceError) as exc:
-            raise _not_retried(exc) from None
+            raise not_retried(exc) from None
         if max_cost is not None:
             self.log.info("Estimate $%.4f is within max_cost_usd $%.4f", estimate.cost_usd, max_cost)
         return extra
@@ -416,6 +404,8 @@ class LoadGuardrailsMixin:
             # A failing task pushes no return value: keep the summary readable next to the failure.
             ti.xcom_push(key="summary", value=summary)
         raise_on_breaches(
-            breaches, table=self.table or str(self.parquet_path), rejects_table=summary.get("rejects_table") or ""
+            breaches,
+            table=self.table or str(self.parquet_path),
+            rejects_table=summary.get("rejects_table") or "",
         )
         return summary

@@ -206,14 +206,14 @@ class FableBatchSensor(BaseSensorOperator):
     def _finish(self, verdict: Verdict, summaries: list[dict[str, Any]], waited_in: str) -> dict[str, Any]:
         """Log the batches, then return the manifest or raise the verdict's failure."""
         from airflow_provider_fable.core.errors import FableError
-        from airflow_provider_fable.operators.guarded import _not_retried
+        from airflow_provider_fable.retries import not_retried
 
         for s in summaries:
             self.log.info("Batch %s %s: %s", s["id"], s["processing_status"], s["request_counts"])
         if not verdict.ok:
             # The batches have ended (or were canceled at the deadline): a retry of this wait
             # would find them the same and fail the same, after retry_delay each time.
-            raise _not_retried(FableError(f"waiting for batches failed: {verdict.message}"))
+            raise not_retried(FableError(f"waiting for batches failed: {verdict.message}"))
         (self.log.warning if verdict.reason == "partial" else self.log.info)(verdict.message)
         manifest = self._manifest(summaries, waited_in)
         manifest["outcome"] = verdict.reason
