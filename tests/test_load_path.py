@@ -333,6 +333,41 @@ def test_copy_text_format_keeps_nulls_empty_text_numbers_and_nested_backslashes(
     ]
 
 
+def test_copy_lines_from_answers_equal_rows_then_copy_lines():
+    """PostgreSQL chunks are rendered straight from the answers (``copy_line_from_data``); the
+    text must be what building the row and then its COPY line gives, value for value."""
+    import datetime as dt
+
+    from airflow_provider_fable.core.sinks import _copy_cell, _copy_line_builder, copy_line_from_data
+    from airflow_provider_fable.core.writer_process import row_builder
+
+    kinds = {"s": "string", "j": "json", "b": "boolean", "i": "integer", "n": "number", "d": "decimal"}
+    texts = ["", "plain", "tab\there", "nl\nx\r", "back\\slash", "\\N", "nul\x00in", "\x00", "é🎨", "\x7f\u2028"]
+    others = [None, True, False, 0, -(2**63), 2**70, 1.5, -0.0, float("nan"), float("inf"), Decimal("1.10"), [1, "a\tb"], {"k": None}]
+    values = texts + others
+    composed = row_builder(kinds)
+    seen = set()
+    for batch, model, now in [("b1", "claude-x", "2026-11-24T05:00:00+00:00"), ("b\t2", None, dt.datetime(2026, 1, 2))]:
+        shared, at = f"{_copy_cell(batch)}\t{_copy_cell(model)}", _copy_cell(now)
+        fused = copy_line_from_data(kinds)
+        for k in range(len(values)):
+            data = {name: values[(k + j) % len(values)] for j, name in enumerate(kinds)}
+            for rid, tin, tout in [(f"id{k}", k, 2 * k), (texts[k % len(texts)] or "e", 0, None)]:
+                got = _outcome(fused, data, rid, tin, tout, shared, at)
+                row = _outcome(composed, data, rid, batch, model, tin, tout, now)
+                want = row if row[0] == "error" else _outcome(_copy_line_builder(len(row[1])), row[1])
+                assert got == want, (data, rid)
+                seen.add(got[0])
+    assert seen == {"ok", "error"}  # a Decimal inside a JSON column fails both ways, alike
+
+
+def _outcome(render, *args):
+    try:
+        return ("ok", render(*args))
+    except Exception as exc:  # noqa: BLE001 - compared, not swallowed
+        return ("error", type(exc).__name__)
+
+
 def _parsed(raw: str | bytes) -> tuple:
     """What a parser makes of a line: the result, or the error's type and message."""
     from airflow_provider_fable.core.results import _parse_general

@@ -32,6 +32,7 @@ from airflow_provider_fable.core.cost import usage_cost_usd
 from airflow_provider_fable.core.results import BatchResult, Usage
 from airflow_provider_fable.core.sinks import ResultSink, model_properties, resolve
 from airflow_provider_fable.core.validation import Accepted, Rejected, validator_for
+from airflow_provider_fable.core.writer_process import BuildJob, StoreJob
 
 
 class ChunkSink(Protocol):
@@ -112,11 +113,24 @@ class _Chunk(NamedTuple):
     custom_ids: dict[str, str]  # record id -> custom_id, only where they differ
 
 
+class _Prepared(NamedTuple):
+    """A chunk and, for a ``ResultSink``, its job as ``prepare_chunk`` made it (else None)."""
+
+    chunk: _Chunk
+    job: StoreJob | BuildJob | None
+    kept: list[Accepted]
+    early: list[Rejected]
+
+
 class _Writer:
     """Writes chunks in order, in a thread (pipeline) or inline; reports committed outcomes.
 
     Callbacks and statistics stay on the caller's thread: the writer only hands back, per
-    committed chunk, the rows that turned out unstorable.
+    committed chunk, the rows that turned out unstorable. For a ``ResultSink`` the chunk is
+    prepared (rows, or PostgreSQL's COPY text) on the caller's thread and the writer thread only
+    runs the statements: Python work on the writer thread would wait for the GIL behind the
+    validating thread (each wait up to the 5 ms switch interval), which made the PostgreSQL
+    server idle between statements (see docs/performance.md).
     """
 
     def __init__(
@@ -124,38 +138,53 @@ class _Writer:
     ):
         self.sink, self.batch_id, self.model = sink, batch_id, model
         self.done: queue.Queue[tuple[_Chunk, list[Rejected]] | BaseException] = queue.Queue()
-        self.todo: queue.Queue[_Chunk | None] | None = None
+        self.todo: queue.Queue[_Prepared | None] | None = None
         self.thread: threading.Thread | None = None
         if threaded:
             self.todo = queue.Queue(maxsize=1)  # one chunk queued + one being written: bounded
             self.thread = threading.Thread(target=self._run, name="fable-load-writer", daemon=True)
             self.thread.start()
 
-    def _write(self, chunk: _Chunk) -> None:
-        unstorable = self.sink.write_chunk(
-            chunk.accepted, chunk.rejected, batch_id=self.batch_id, model=self.model()
+    def _prepare(self, chunk: _Chunk) -> _Prepared:
+        sink = self.sink
+        if not isinstance(sink, ResultSink):
+            return _Prepared(chunk, None, [], [])
+        job, kept, early = sink.prepare_chunk(
+            chunk.accepted, chunk.rejected, batch_id=self.batch_id, model=self.model(), deferred=True
         )
+        return _Prepared(chunk, job, kept, early)
+
+    def _write(self, work: _Prepared) -> None:
+        chunk, job, kept, early = work
+        if job is None:
+            unstorable = self.sink.write_chunk(
+                chunk.accepted, chunk.rejected, batch_id=self.batch_id, model=self.model()
+            )
+        else:
+            assert isinstance(self.sink, ResultSink)
+            unstorable = self.sink.unstorable_items(kept, early, self.sink.store(job))
         self.done.put((chunk, unstorable))
 
     def _run(self) -> None:
         assert self.todo is not None
-        while (chunk := self.todo.get()) is not None:
+        while (work := self.todo.get()) is not None:
             try:
-                self._write(chunk)
+                self._write(work)
             except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
                 self.done.put(exc)
                 return
 
     def submit(self, chunk: _Chunk, final: bool = False) -> None:
         if self.todo is None:
-            self._write(chunk)
+            self._write(self._prepare(chunk))
             return
+        work = self._prepare(chunk)
         while True:
             assert self.thread is not None
             if not self.thread.is_alive():
                 return  # it failed; the error is waiting in ``done``
             try:
-                self.todo.put(chunk, timeout=0.5)
+                self.todo.put(work, timeout=0.5)
                 return
             except queue.Full:
                 continue

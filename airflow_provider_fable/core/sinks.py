@@ -40,10 +40,12 @@ from airflow_provider_fable.core.writer_process import (
     BuildJob,
     SQLiteStore,
     StoreJob,
+    built_rows,
     json_text,
     raw_from_row,
     row_builder,
     safe_text,
+    strip_nul,
     write_isolating,
 )
 
@@ -53,6 +55,7 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 META_COLUMNS = ("_batch_id", "_model", "_input_tokens", "_output_tokens", "_loaded_at")
 REJECT_COLUMNS = ("record_id", "batch_id", "reason", "detail", "raw_answer", "retryable", "rejected_at")
 ID_TYPES = ("text", "integer")
+_COPY_MODES = ("psycopg2", "psycopg")  # drivers whose chunks go through COPY
 _NO_USAGE = Usage()
 
 
@@ -180,6 +183,49 @@ def _copy_line_builder(width: int) -> Callable[[tuple[Any, ...]], str]:
     return eval(source, {"_ESC": _COPY_ESCAPES, "_value": _copy_value})  # noqa: S307 - no data in the code
 
 
+def _copy_cell(value: Any) -> str:
+    """One value as ``_copy_line_builder`` writes it (text on its fast path, else ``_copy_value``)."""
+    if value.__class__ is str:
+        return value if value.isprintable() and "\\" not in value else value.translate(_COPY_ESCAPES)
+    return _copy_value(value)
+
+
+def _text_cell(value: Any) -> str:
+    """A value of a ``string`` column off the fast path: NUL dropped (as ``row_builder`` does)."""
+    return _copy_cell(strip_nul(value)) if value.__class__ is str else _copy_value(value)
+
+
+def copy_line_from_data(kinds: dict[str, str]) -> Callable[..., str]:
+    """A generated ``(data, id, tokens in, tokens out, shared, loaded at) -> COPY line``.
+
+    The same line as ``row_builder`` followed by ``_copy_line_builder``, without the row tuple
+    in between, and with what every row of a chunk shares (batch id and model: ``shared``; the
+    load time) rendered once per chunk by the caller with ``_copy_cell``: about a third of the
+    cost of the two steps. It runs on the loading thread, where the PostgreSQL load spends its
+    Python time; ``tests/test_load_path.py`` checks it against the two steps on awkward values.
+    """
+    fast = r"(v if (v := {get}).__class__ is str and v.isprintable() and '\\' not in v else {slow}(v))"
+    parts = [fast.format(get="rid", slow="_cell")]
+    for name, kind in kinds.items():
+        get = f"d.get({name!r})"
+        if kind == "string":
+            parts.append(fast.format(get=get, slow="_text"))
+        elif kind == "json":
+            parts.append(rf"('\\N' if (v := {get}) is None else _cell(_json(v)))")
+        elif kind == "boolean":
+            parts.append(f"(('t' if v else 'f') if (v := {get}).__class__ is bool else _cell(v))")
+        elif kind == "integer":
+            parts.append(f"(str(v) if (v := {get}).__class__ is int else _cell(v))")
+        else:
+            parts.append(f"_cell({get})")
+    for name in ("tin", "tout"):
+        parts.append(f"(str({name}) if {name}.__class__ is int else _cell({name}))")
+    parts.insert(len(kinds) + 1, "shared")
+    source = f"lambda d, rid, tin, tout, shared, now: '\\t'.join(({', '.join(parts)}, now))"
+    namespace = {"_cell": _copy_cell, "_text": _text_cell, "_json": json_text}
+    return eval(source, namespace)  # noqa: S307 - built from checked identifiers
+
+
 def _copy_text(rows: Sequence[tuple[Any, ...]]) -> str:
     """Rows as ``COPY ... FROM STDIN`` text format (tab-separated, ``\\N`` for NULL)."""
     if not rows:
@@ -254,6 +300,7 @@ class ResultSink:
         self.metadata = meta
         self._columns = [c.name for c in self.table.columns]
         self._build_row = row_builder(self.kinds)
+        self._copy_line: Callable[..., str] | None = None
         driver = engine.dialect.driver
         if engine.dialect.name == "sqlite" and driver == "pysqlite":
             self._mode = "sqlite"
@@ -407,8 +454,9 @@ WHERE t.{rid} IS NULL OR l.rejected_at > t._loaded_at"""
         """
         if not accepted and not rejected:
             return []
-        job, kept, refused = self.prepare_chunk(accepted, rejected, batch_id=batch_id, model=model)
-        assert isinstance(job, StoreJob)
+        job, kept, refused = self.prepare_chunk(
+            accepted, rejected, batch_id=batch_id, model=model, deferred=self._mode in _COPY_MODES
+        )
         return self.unstorable_items(kept, refused, self.store(job))
 
     def prepare_chunk(
@@ -424,8 +472,9 @@ WHERE t.{rid} IS NULL OR l.rejected_at > t._loaded_at"""
 
         Returns the job, the accepted items its rows came from (same order) and the items
         refused before reaching the database (as ``unstorable`` rejects, already in the job).
-        With ``deferred`` (the writer process), a chunk of text record ids, each once, becomes a
-        ``BuildJob`` instead: the same rows, built by ``SQLiteStore.built`` in the writer.
+        With ``deferred``, a chunk of text record ids, each once, becomes a ``BuildJob`` instead:
+        the same rows, built where the job is stored (``SQLiteStore.built`` in the SQLite writer
+        process, ``store`` here); on PostgreSQL it carries the rows as COPY text, rendered now.
         """
         now = self._now()
         if deferred and self.id_type != "integer":
@@ -433,15 +482,22 @@ WHERE t.{rid} IS NULL OR l.rejected_at > t._loaded_at"""
             ids = [item.record_id for item in items]
             if len(set(ids)) == len(ids):
                 usages = [item.usage for item in items]
+                datas = [item.data for item in items]
+                tokens_in = [u.input_tokens for u in usages]
+                tokens_out = [u.output_tokens for u in usages]
+                text = None
+                if self._mode in _COPY_MODES and items:
+                    text = self._render_copy(datas, ids, tokens_in, tokens_out, batch_id, model, now)
                 job = BuildJob(
-                    [item.data for item in items],
+                    datas,
                     ids,
-                    [u.input_tokens for u in usages],
-                    [u.output_tokens for u in usages],
+                    tokens_in,
+                    tokens_out,
                     self._reject_rows(rejected, batch_id, now),
                     batch_id,
                     model,
                     now,
+                    text,
                 )
                 return job, items, []
         rows, kept, refused = self._accepted_rows(accepted, batch_id, model, now)
@@ -455,6 +511,28 @@ WHERE t.{rid} IS NULL OR l.rejected_at > t._loaded_at"""
         )
         return job, kept, early
 
+    def _render_copy(
+        self,
+        datas: list[dict[str, Any]],
+        ids: list[str],
+        tokens_in: list[int],
+        tokens_out: list[int],
+        batch_id: str,
+        model: str | None,
+        now: Any,
+    ) -> str:
+        """Accepted rows as COPY text straight from the answers' data (``copy_line_from_data``)."""
+        if self._copy_line is None:
+            self._copy_line = copy_line_from_data(self.kinds)
+        line = self._copy_line
+        shared, at = f"{_copy_cell(batch_id)}\t{_copy_cell(model)}", _copy_cell(now)
+        lines = [
+            line(d, rid, tin, tout, shared, at)
+            for d, rid, tin, tout in zip(datas, ids, tokens_in, tokens_out, strict=True)
+        ]
+        lines.append("")  # the final newline
+        return "\n".join(lines)
+
     @staticmethod
     def unstorable_items(
         kept: list[Accepted], early: list[Rejected], failed: list[tuple[int, str]]
@@ -462,15 +540,30 @@ WHERE t.{rid} IS NULL OR l.rejected_at > t._loaded_at"""
         """The ``unstorable`` rejects of a stored chunk, from ``store``'s (index, message) list."""
         return early + [_unstorable(kept[i], message) for i, message in failed]
 
-    def store(self, job: StoreJob) -> list[tuple[int, str]]:
+    def store(self, job: StoreJob | BuildJob) -> list[tuple[int, str]]:
         """Write a prepared chunk in one transaction; returns (row index, message) refused.
 
-        Needs only plain tuples and this sink's SQL, so it runs the same in a writer process.
-        A refused row's reject is written in the same transaction, its raw answer rebuilt from
-        the row (the row holds every field of the answer).
+        Needs only plain data and this sink's SQL, so it runs the same on a writer thread (and,
+        for SQLite, in a writer process). A refused row's reject is written in the same
+        transaction, its raw answer rebuilt from the row (the row holds every field of the
+        answer). A ``BuildJob``'s rows are built here, except that its COPY text, when it has
+        one, is tried first: only a chunk the database refuses needs the rows (to bisect).
         """
         with self._transaction() as tx:
-            failed = self._write_isolating(tx, job.rows)
+            refused = False
+            if isinstance(job, BuildJob):
+                if job.copy_text is not None:
+                    try:
+                        with tx.savepoint():
+                            tx.upsert_text(self.table, (self.id_column,), self._columns, job.copy_text)
+                        refused = None
+                    except self._data_errors:
+                        refused = True
+                job = built_rows(self._build_row, job) if refused is not None else job
+            if refused is None:
+                failed = []
+            else:
+                failed = self._write_isolating(tx, job.rows, whole_refused=refused)
             reject_rows = job.reject_rows
             if failed:
                 more = [
@@ -513,7 +606,7 @@ WHERE t.{rid} IS NULL OR l.rejected_at > t._loaded_at"""
     # ------------------------------------------------------------------ writer processes
     def __getstate__(self) -> dict[str, Any]:
         """For a writer process: everything but the engine (re-created from its URL there)."""
-        state = {k: v for k, v in self.__dict__.items() if k not in ("engine", "_build_row")}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("engine", "_build_row", "_copy_line")}
         state["_url"] = self.engine.url.render_as_string(hide_password=False)
         return state
 
@@ -522,6 +615,7 @@ WHERE t.{rid} IS NULL OR l.rejected_at > t._loaded_at"""
         self.__dict__.update(state)
         self.engine = sa.create_engine(url)
         self._build_row = row_builder(self.kinds)
+        self._copy_line = None
 
     def write_accepted(self, items: Iterable[Accepted], *, batch_id: str, model: str | None) -> int:
         """Upsert accepted rows; returns how many were stored (the rest became ``unstorable``)."""
@@ -533,7 +627,9 @@ WHERE t.{rid} IS NULL OR l.rejected_at > t._loaded_at"""
         self.write_chunk([], items, batch_id=batch_id, model=None)
         return len(items)
 
-    def _write_isolating(self, tx: _Transaction, rows: list[tuple[Any, ...]]) -> list[tuple[int, str]]:
+    def _write_isolating(
+        self, tx: _Transaction, rows: list[tuple[Any, ...]], *, whole_refused: bool = False
+    ) -> list[tuple[int, str]]:
         """Upsert rows; on a data error, bisect under savepoints. Returns (index, message) refused."""
         key = (self.id_column,)
         return write_isolating(
@@ -541,6 +637,7 @@ WHERE t.{rid} IS NULL OR l.rejected_at > t._loaded_at"""
             lambda part: tx.upsert(self.table, key, self._columns, part),
             tx.savepoint,
             self._data_errors,
+            whole_refused=whole_refused,
         )
 
     def _transaction(self) -> _Transaction:
@@ -648,24 +745,28 @@ class _DBAPITransaction(_Transaction):
     def upsert(
         self, table: sa.Table, keys: Sequence[str], columns: list[str], rows: list[tuple[Any, ...]]
     ) -> None:
+        if self.sink._mode == "sqlite":
+            name = self.sink._name(table.name)
+            self.cursor.executemany(_upsert_sql(name, keys, columns, "?"), rows)
+            return
+        self.upsert_text(table, keys, columns, _copy_text(rows))
+
+    def upsert_text(self, table: sa.Table, keys: Sequence[str], columns: list[str], data: str) -> None:
+        """PostgreSQL: ``data`` (COPY text of rows in ``columns`` order) upserted into ``table``."""
         name = self.sink._name(table.name)
         cols = ", ".join(_quote(c) for c in columns)
         conflict = _on_conflict(keys, columns)
-        if self.sink._mode == "sqlite":
-            self.cursor.executemany(_upsert_sql(name, keys, columns, "?"), rows)
-            return
-        # PostgreSQL: COPY into a session-private staging table shaped like the target, then one
-        # set-based upsert. The staging table empties itself at commit; within the transaction
-        # it is truncated after each use (a rolled-back savepoint restores it empty as well).
+        # COPY into a session-private staging table shaped like the target, then one set-based
+        # upsert. The staging table empties itself at commit; within the transaction it is
+        # truncated after each use (a rolled-back savepoint restores it empty as well).
         digest = hashlib.sha1(name.encode()).hexdigest()[:10]
         stage = _quote(f"fable_stage_{table.name[:40]}_{digest}")
         self.cursor.execute(
             f"CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {name} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
         )
         copy_sql = f"COPY {stage} ({cols}) FROM STDIN"  # text format: tab-separated, \N is NULL
-        data = _copy_text(rows)
         if self.sink._mode == "psycopg2":
-            self.cursor.copy_expert(copy_sql, io.StringIO(data))
+            self.cursor.copy_expert(copy_sql, io.StringIO(data), size=len(data) + 1)
         else:
             with self.cursor.copy(copy_sql) as copy:
                 copy.write(data)

@@ -54,6 +54,19 @@ class BuildJob(NamedTuple):
     batch_id: str
     model: str | None
     now: Any
+    #: PostgreSQL: the accepted rows already as COPY text (rendered on the loading thread, so
+    #: the writer thread only waits on the server); None elsewhere.
+    copy_text: str | None = None
+
+
+def built_rows(build: Callable[..., tuple[Any, ...]], job: BuildJob) -> StoreJob:
+    """The ``StoreJob`` of a ``BuildJob``: its rows built with ``build`` (a ``row_builder``)."""
+    batch_id, model, now = job.batch_id, job.model, job.now
+    rows = [
+        build(data, rid, batch_id, model, tin, tout, now)
+        for data, rid, tin, tout in zip(job.datas, job.ids, job.tokens_in, job.tokens_out, strict=True)
+    ]
+    return StoreJob(rows, job.ids, job.reject_rows, batch_id, now)
 
 
 def row_builder(kinds: dict[str, str]) -> Callable[..., tuple[Any, ...]]:
@@ -136,21 +149,25 @@ def write_isolating(
     write: Callable[[list[tuple[Any, ...]]], Any],
     savepoint: Callable[[], AbstractContextManager[Any]],
     data_errors: tuple[type[BaseException], ...],
+    *,
+    whole_refused: bool = False,
 ) -> list[tuple[int, str]]:
     """Write ``rows``; on a data error, bisect under savepoints. Returns (index, message) refused.
 
     One bad answer (a value the column cannot hold) must not refuse its whole chunk: the rows
     the database takes are kept, each refused row is named. Shared by ``ResultSink`` (through
     SQLAlchemy or a DB-API connection) and ``SQLiteStore`` (sqlite3 alone, in the writer process).
+    ``whole_refused``: the caller already saw the whole chunk refused; go straight to bisecting.
     """
     if not rows:
         return []
-    try:
-        with savepoint():
-            write(rows)
-        return []
-    except data_errors:
-        pass
+    if not whole_refused:
+        try:
+            with savepoint():
+                write(rows)
+            return []
+        except data_errors:
+            pass
     failed: list[tuple[int, str]] = []
     pending = [(0, len(rows) // 2), (len(rows) // 2, len(rows))]
     while pending:
@@ -196,12 +213,7 @@ class SQLiteStore:
         """The rows of a ``BuildJob``, as ``ResultSink.prepare_chunk`` would have built them."""
         if self._build is None:
             self._build = row_builder(dict(self.kinds))
-        build, batch_id, model, now = self._build, job.batch_id, job.model, job.now
-        rows = [
-            build(data, rid, batch_id, model, tin, tout, now)
-            for data, rid, tin, tout in zip(job.datas, job.ids, job.tokens_in, job.tokens_out, strict=True)
-        ]
-        return StoreJob(rows, job.ids, job.reject_rows, batch_id, now)
+        return built_rows(self._build, job)
 
     def connection(self) -> sqlite3.Connection:
         if self._conn is None:
