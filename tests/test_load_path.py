@@ -433,6 +433,33 @@ def test_the_fast_line_decoder_gives_what_the_general_parser_gives(raw):
     assert fast == general
 
 
+@pytest.mark.parametrize("n", [8, 16, 18, 20, 21, 23])
+def test_a_writer_process_streaming_pieces_ends_every_way_like_the_inline_path(tmp_path, n):
+    """After its first chunk the writer process gets each chunk in pieces (a quarter chunk,
+    committed with the chunk's last piece): a stream ending on a chunk, on a piece inside a chunk
+    or inside a piece stores and reports what the inline path does."""
+    lines = [line(f"r{i}", paint(i)) if i % 7 else line(f"r{i}", "not json") for i in range(n)]
+    got = {}
+    for pipeline in (False, "process"):
+        engine = sa.create_engine(f"sqlite:///{tmp_path / f'{pipeline}.db'}")
+        sink = ResultSink(engine, table="t", id_column="rid", output_model=Paint)
+        sink.ensure_tables()
+        stats, seen = LoadStats(), []
+        load_batch(
+            (parse_result_line(x) for x in lines), batch_id="b", output_model=Paint, sink=sink,
+            stats=stats, chunk_size=8, on_outcomes=seen.extend, pipeline=pipeline,
+        )  # fmt: skip
+        got[pipeline] = (
+            rows(engine, "SELECT rid, note FROM t ORDER BY rid"),
+            rows(engine, "SELECT record_id, reason FROM t_rejects ORDER BY record_id"),
+            sorted(seen),
+            stats.summary(),
+        )
+        engine.dispose()
+    assert got["process"] == got[False]
+    assert len(got[False][2]) == n and len(got[False][0]) == n - len(range(0, n, 7))
+
+
 def test_the_writer_process_builds_the_same_rows_as_the_inline_path(tmp_path):
     """The writer process builds rows itself (BuildJob) for a chunk of distinct ids, and takes
     finished rows for a chunk that repeats one: every column, reject, outcome and statistic is

@@ -134,9 +134,15 @@ class _Writer:
     """
 
     def __init__(
-        self, sink: ResultSink | ChunkSink, batch_id: str, model: Callable[[], str | None], threaded: bool
+        self,
+        sink: ResultSink | ChunkSink,
+        batch_id: str,
+        model: Callable[[], str | None],
+        threaded: bool,
+        chunk_size: int,
     ):
         self.sink, self.batch_id, self.model = sink, batch_id, model
+        self.flush_size = chunk_size
         self.done: queue.Queue[tuple[_Chunk, list[Rejected]] | BaseException] = queue.Queue()
         self.todo: queue.Queue[_Prepared | None] | None = None
         self.thread: threading.Thread | None = None
@@ -189,7 +195,7 @@ class _Writer:
             except queue.Full:
                 continue
 
-    def close(self) -> None:
+    def close(self, commit: bool = True) -> None:
         if self.todo is not None and self.thread is not None:
             if self.thread.is_alive():
                 self.todo.put(None)
@@ -218,14 +224,23 @@ class _ProcessWriter:
     are integers); the writer process (``core.writer_process``) runs the sink's SQL
     (``ResultSink.sqlite_store``: sqlite3 alone, so it is up in milliseconds).
     It is started at the first full chunk, so small loads (one chunk) are written inline.
-    Memory stays bounded: one chunk queued, one being written, their items kept here for
-    reporting.
+    After that, chunks are sent in pieces (``piece_size`` rows) as they fill, the last piece of
+    each chunk committing its transaction: the writer works on a chunk while its end is still
+    being validated, so the load ends one piece, not one chunk, after its last line.
+    Memory stays bounded: one piece queued, one being written, and the items of the pieces not
+    yet committed kept here for reporting.
     """
 
-    def __init__(self, sink: ResultSink, batch_id: str, model: Callable[[], str | None]):
+    def __init__(
+        self, sink: ResultSink, batch_id: str, model: Callable[[], str | None], chunk_size: int
+    ):
         self.sink, self.batch_id, self.model = sink, batch_id, model
+        self.chunk_size = chunk_size
+        self.piece_size = max(1, chunk_size // 4)
+        self.open_rows = 0  # rows sent in the transaction not yet committed
         self.proc: subprocess.Popen[bytes] | None = None
         self.todo: queue.Queue[bytes | None] = queue.Queue(maxsize=1)
+        self.flush_size = chunk_size  # rows per submit: a chunk until started, then a piece
         self.answers: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.threads: list[threading.Thread] = []
         self.pending: deque[tuple[_Chunk, list[Accepted], list[Rejected]]] = deque()
@@ -280,14 +295,15 @@ class _ProcessWriter:
                 code = self.proc.wait() if self.proc is not None else None
                 self.error = RuntimeError(
                     f"the load's writer process exited (code {code}) with {len(self.pending)} "
-                    "chunk(s) unwritten"
+                    "piece(s) of chunks uncommitted"
                 )
                 return
             if status == "error":
                 self.error = value
                 return
-            chunk, kept, early = self.pending.popleft()
-            self.ready.append((chunk, self.sink.unstorable_items(kept, early, value)))
+            for failed in value:  # one list per piece of the committed chunk
+                chunk, kept, early = self.pending.popleft()
+                self.ready.append((chunk, self.sink.unstorable_items(kept, early, failed)))
 
     def submit(self, chunk: _Chunk, final: bool = False) -> None:
         if self.proc is None and final:
@@ -300,11 +316,18 @@ class _ProcessWriter:
             return  # raised by ``committed``
         if self.proc is None:
             self._start()
+            self.flush_size = self.piece_size
         job, kept, early = self.sink.prepare_chunk(
             chunk.accepted, chunk.rejected, batch_id=self.batch_id, model=self.model(), deferred=True
         )
         self.pending.append((chunk, kept, early))
-        frame = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
+        self.open_rows += len(chunk.accepted) + len(chunk.rejected)
+        commit = final or self.open_rows >= self.chunk_size
+        if commit:
+            self.open_rows = 0
+        self._put(pickle.dumps((job, commit), protocol=pickle.HIGHEST_PROTOCOL))
+
+    def _put(self, frame: bytes | None) -> None:
         while self.error is None:
             try:
                 self.todo.put(frame, timeout=0.5)
@@ -312,15 +335,15 @@ class _ProcessWriter:
             except queue.Full:
                 self._drain(block=False)
 
-    def close(self) -> None:
+    def close(self, commit: bool = True) -> None:
+        """Finish; ``commit`` the pieces of an unfinished chunk, else they are rolled back (the
+        load failed: as on the other paths, only whole chunks are kept)."""
         if self.proc is None:
             return
-        while self.error is None:
-            try:
-                self.todo.put(None, timeout=0.5)
-                break
-            except queue.Full:
-                self._drain(block=False)
+        if self.open_rows and commit:  # the stream ended on a piece that did not commit
+            self._put(pickle.dumps((None, True), protocol=pickle.HIGHEST_PROTOCOL))
+        self.open_rows = 0
+        self._put(None)
         self._drain(block=True)
         if self.error is not None and self.proc.poll() is None:
             self.proc.kill()  # it stopped at its error; do not wait for the rest of the queue
@@ -426,9 +449,9 @@ def load_batch(
     if pipeline == "process":
         if not _separate_writer_helps(sink):
             raise ValueError("pipeline='process' needs a ResultSink on a SQLite database file")
-        writer = _ProcessWriter(sink, batch_id, lambda: model_name)
+        writer = _ProcessWriter(sink, batch_id, lambda: model_name, chunk_size)
     else:
-        writer = _Writer(sink, batch_id, lambda: model_name, bool(pipeline))
+        writer = _Writer(sink, batch_id, lambda: model_name, bool(pipeline), chunk_size)
 
     def report(done: list[tuple[_Chunk, list[Rejected]]]) -> None:
         for chunk, unstorable in done:
@@ -490,6 +513,7 @@ def load_batch(
                     counter[str(value)] += n
         writer.submit(_Chunk(accepted, rejected, custom_ids), final)
 
+    flush_size = writer.flush_size  # rows per submit: a chunk, or a piece of one (writer process)
     with _fewer_collections():
         try:
             for result in results:
@@ -506,16 +530,17 @@ def load_batch(
                     accepted.append(outcome)
                 else:
                     rejected.append(outcome)
-                if len(accepted) + len(rejected) >= chunk_size:
+                if len(accepted) + len(rejected) >= flush_size:
                     flush()
                     accepted, rejected, custom_ids = [], [], {}
+                    flush_size = writer.flush_size
                     report(writer.committed())
             if accepted or rejected:
                 flush(final=True)
             count_usage()  # of skipped answers after the last chunk
         except BaseException:
             # What was committed stays committed, and is still reported, before the error surfaces.
-            writer.close()
+            writer.close(commit=False)
             try:
                 report(writer.committed())
             except Exception:  # noqa: BLE001 - the original error is the one to raise

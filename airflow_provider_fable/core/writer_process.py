@@ -3,9 +3,11 @@
 Started by ``core.loading`` as ``python -m airflow_provider_fable.core.writer_process`` (a fresh
 interpreter: not a fork of a threaded task process, and unlike multiprocessing's ``spawn`` it
 does not re-run the caller's ``__main__``). Protocol, pickle frames: stdin carries a
-``SQLiteStore`` then one ``StoreJob`` per chunk and ``None`` to finish; stdout answers each job
-with ``("ok", [(row index, message), ...])`` or, once, ``("error", exception)``. When the
-loading process dies its end of stdin closes and this process exits.
+``SQLiteStore``, then ``(job, commit)`` per piece of a chunk (a ``StoreJob`` or ``BuildJob``,
+or None; ``commit`` ends the chunk's transaction) and ``None`` to finish; stdout answers each
+committed chunk with ``("ok", [[(row index, message), ...] per piece])`` or, once,
+``("error", exception)``. When the loading process dies its end of stdin closes and this
+process exits (an open transaction is rolled back).
 
 Why this module imports nothing but ``sqlite3``, ``pickle`` and ``orjson``: the process must be
 ready within milliseconds. With SQLAlchemy and pydantic (``core.sinks``) it took about half a
@@ -247,12 +249,22 @@ class SQLiteStore:
             _DATA_ERRORS,
         )
 
-    def store(self, job: StoreJob) -> list[tuple[int, str]]:
-        """Write a prepared chunk in one transaction; returns (row index, message) refused."""
+    def store(self, job: StoreJob | None, commit: bool = True) -> list[tuple[int, str]]:
+        """Write a prepared piece of a chunk; returns (row index, message) refused.
+
+        The first piece opens the chunk's transaction, the one with ``commit`` ends it (``job``
+        None: nothing more to write). Streaming a chunk in pieces lets this process start on it
+        while the loading process still validates its end.
+        """
         conn = self.connection()
         cursor = conn.cursor()
-        cursor.execute("BEGIN")
+        if not conn.in_transaction:
+            cursor.execute("BEGIN")
         try:
+            if job is None:
+                if commit:
+                    cursor.execute("COMMIT")
+                return []
             failed = self._write_isolating(cursor, job.rows)
             reject_rows = job.reject_rows
             if failed:
@@ -265,7 +277,8 @@ class SQLiteStore:
                 reject_rows = list({r[0]: r for r in [*reject_rows, *more]}.values())
             if reject_rows:
                 cursor.executemany(self.reject_sql, reject_rows)
-            cursor.execute("COMMIT")
+            if commit:
+                cursor.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 cursor.execute("ROLLBACK")
@@ -280,17 +293,25 @@ def main() -> None:
     store = None
     try:
         store = pickle.load(source)
+        refused: list[list[tuple[int, str]]] = []  # per piece of the open transaction
         while True:
             try:
-                job = pickle.load(source)
+                frame = pickle.load(source)
             except EOFError:
-                return  # the loading process is gone
-            if job is None:
+                return  # the loading process is gone; an open transaction is rolled back
+            if frame is None:
                 return
+            job, commit = frame
             if type(job).__name__ == "BuildJob":  # this module's class, unpickled by its import name
                 job = store.built(job)
-            pickle.dump(("ok", store.store(job)), answers)
-            answers.flush()
+            if job is not None:
+                refused.append(store.store(job, commit))
+            else:
+                store.store(None, commit)
+            if commit:
+                pickle.dump(("ok", refused), answers)
+                answers.flush()
+                refused = []
     except BaseException as exc:  # noqa: BLE001 - handed back to the loading process
         try:
             payload = pickle.dumps(("error", exc))
