@@ -433,11 +433,11 @@ def test_the_fast_line_decoder_gives_what_the_general_parser_gives(raw):
     assert fast == general
 
 
-@pytest.mark.parametrize("n", [8, 16, 18, 20, 21, 23])
+@pytest.mark.parametrize("n", [1, 3, 8, 16, 18, 20, 21, 23])
 def test_a_writer_process_streaming_pieces_ends_every_way_like_the_inline_path(tmp_path, n):
-    """After its first chunk the writer process gets each chunk in pieces (a quarter chunk,
-    committed with the chunk's last piece): a stream ending on a chunk, on a piece inside a chunk
-    or inside a piece stores and reports what the inline path does."""
+    """The writer process gets each chunk in pieces (a quarter chunk, committed with the chunk's
+    last piece; a load smaller than a piece is written inline): a stream ending on a chunk, on a
+    piece inside a chunk or inside a piece stores and reports what the inline path does."""
     lines = [line(f"r{i}", paint(i)) if i % 7 else line(f"r{i}", "not json") for i in range(n)]
     got = {}
     for pipeline in (False, "process"):

@@ -223,12 +223,13 @@ class _ProcessWriter:
     into rows itself, since validation here is the slower half; finished rows when ids repeat or
     are integers); the writer process (``core.writer_process``) runs the sink's SQL
     (``ResultSink.sqlite_store``: sqlite3 alone, so it is up in milliseconds).
-    It is started at the first full chunk, so small loads (one chunk) are written inline.
-    After that, chunks are sent in pieces (``piece_size`` rows) as they fill, the last piece of
-    each chunk committing its transaction: the writer works on a chunk while its end is still
-    being validated, so the load ends one piece, not one chunk, after its last line.
-    Memory stays bounded: one piece queued, one being written, and the items of the pieces not
-    yet committed kept here for reporting.
+    Chunks are sent in pieces (``piece_size`` rows, a quarter chunk) as they fill, the last
+    piece of each chunk committing its transaction: the writer works on a chunk while its end is
+    still being validated, so the load ends one piece, not one chunk, after its last line. The
+    process is started at the first full piece (its start-up, ~30 ms, then overlaps the rest of
+    the first chunk); a load smaller than a piece is written inline.
+    Memory stays bounded: a chunk's worth of pieces queued, one being written, and the items of
+    the pieces not yet committed kept here for reporting.
     """
 
     def __init__(
@@ -240,10 +241,9 @@ class _ProcessWriter:
         self.open_rows = 0  # rows sent in the transaction not yet committed
         self.proc: subprocess.Popen[bytes] | None = None
         # Up to a chunk's worth of pieces queued (the bound of one chunk queued, as before the
-        # pieces): the writer's first chunk comes with its start-up (~30 ms), and with a queue of
-        # one piece the loading thread waited that long for it.
+        # pieces): with a queue of one piece the loading thread waited for the writer's start-up.
         self.todo: queue.Queue[bytes | None] = queue.Queue(maxsize=-(-chunk_size // self.piece_size))
-        self.flush_size = chunk_size  # rows per submit: a chunk until started, then a piece
+        self.flush_size = self.piece_size  # rows per submit
         self.answers: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.threads: list[threading.Thread] = []
         self.pending: deque[tuple[_Chunk, list[Accepted], list[Rejected]]] = deque()
@@ -319,7 +319,6 @@ class _ProcessWriter:
             return  # raised by ``committed``
         if self.proc is None:
             self._start()
-            self.flush_size = self.piece_size
         job, kept, early = self.sink.prepare_chunk(
             chunk.accepted, chunk.rejected, batch_id=self.batch_id, model=self.model(), deferred=True
         )
@@ -544,7 +543,6 @@ def load_batch(
                 if len(accepted) + len(rejected) >= flush_size:
                     flush()
                     accepted, rejected, custom_ids = [], [], {}
-                    flush_size = writer.flush_size
                     report(writer.committed())
             if accepted or rejected:
                 flush(final=True)
