@@ -6,8 +6,9 @@ answers, ~5 % bad answers, ~3 % errored/expired), same destination kind, same ac
 
 - ours: ``core.results.parse_result_line`` -> ``core.loading.load_batch`` -> ``core.sinks``
   (SQLite: one prepared upsert via executemany, in the writer process that is the default for
-  a SQLite file on a multi-core machine; PostgreSQL: COPY into a staging table + one
-  INSERT ... ON CONFLICT, on a writer thread), chunks of 10,000 rows.
+  a SQLite file on a multi-core machine, each chunk streamed to it in quarter-chunk pieces;
+  PostgreSQL: the chunk rendered as COPY text on the loading thread, COPY into a staging table
+  + one INSERT ... ON CONFLICT run by a writer thread), chunks of 10,000 rows per transaction.
 - baseline, the path a user of the official SDK writes: ``json.loads`` + the SDK's
   ``construct_type_unchecked(MessageBatchIndividualResponse)`` per line (what
   ``client.messages.batches.results()`` yields), ``model_validate_json`` per answer,
