@@ -235,6 +235,50 @@ def test_a_broken_stream_keeps_and_reports_what_was_committed(sqlite_engine, pip
     assert len(seen) == 20
 
 
+def test_a_failed_load_does_not_wait_for_a_writer_thread_blocked_on_a_lock(pg_engine, monkeypatch):
+    """An error on the loading thread (execution_timeout's SIGALRM, a SIGTERM) while the PostgreSQL
+    writer thread waits on a table lock used to wait for that lock (forever, when never released):
+    the task overran its execution_timeout. The queued chunk is dropped, the one being written is
+    waited for a bounded time, then the error surfaces."""
+    import signal
+    import threading
+    import time
+
+    import airflow_provider_fable.core.loading as loading
+
+    monkeypatch.setattr(loading, "_FAILED_LOAD_WAIT", 0.5)
+
+    class TimedOut(BaseException):
+        pass
+
+    def timed_out(*_):
+        raise TimedOut
+
+    sink = ResultSink(pg_engine, table="t", id_column="rid", output_model=Paint)
+    sink.ensure_tables()
+    locker = pg_engine.connect()
+    locker.begin()
+    locker.execute(sa.text("LOCK TABLE t IN ACCESS EXCLUSIVE MODE"))
+    release = threading.Timer(15, locker.close)  # without the fix: the load ends only then
+    release.start()
+    previous = signal.signal(signal.SIGALRM, timed_out)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 1.0)
+        start = time.monotonic()
+        with pytest.raises(TimedOut):
+            load_batch(
+                (parse_result_line(line(f"r{i}", paint(i))) for i in range(100)),
+                batch_id="b", output_model=Paint, sink=sink, stats=LoadStats(),
+                chunk_size=10, pipeline=True,
+            )  # fmt: skip
+        assert time.monotonic() - start < 5
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        release.cancel()
+        locker.close()
+
+
 def test_a_writer_process_stores_the_same_rows_and_reports_unstorable(sqlite_engine):
     """pipeline="process" (SQLite): chunks go to a second process; same rows, same outcomes."""
     answers = [{"label": f"l{i}", "count": i} for i in range(45)]

@@ -19,6 +19,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -123,6 +124,10 @@ class _Prepared(NamedTuple):
     early: list[Rejected]
 
 
+#: Seconds a failed load waits for the chunk its writer thread is storing (see ``_Writer.close``).
+_FAILED_LOAD_WAIT = 10.0
+
+
 class _Writer:
     """Writes chunks in order, in a thread (pipeline) or inline; reports committed outcomes.
 
@@ -197,10 +202,23 @@ class _Writer:
                 continue
 
     def close(self, commit: bool = True) -> None:
+        """Finish: the chunks handed over are written. Without ``commit`` (the load failed) they
+        are waited for at most ``_FAILED_LOAD_WAIT`` seconds in all: a writer blocked on a lock
+        must not hold the error (e.g. execution_timeout's) back until the lock goes. Either way
+        only whole chunks are kept (each is one transaction)."""
         if self.todo is not None and self.thread is not None:
+            if commit:
+                if self.thread.is_alive():
+                    self.todo.put(None)
+                self.thread.join()
+                return
+            deadline = time.monotonic() + _FAILED_LOAD_WAIT
             if self.thread.is_alive():
-                self.todo.put(None)
-            self.thread.join()
+                try:
+                    self.todo.put(None, timeout=_FAILED_LOAD_WAIT)
+                except queue.Full:
+                    return  # the writer is stuck; it is a daemon thread
+            self.thread.join(max(0.0, deadline - time.monotonic()))
 
     def committed(self) -> list[tuple[_Chunk, list[Rejected]]]:
         out = []
