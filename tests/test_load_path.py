@@ -9,6 +9,7 @@ callback the ledger relies on, COPY escaping, and self-referencing output models
 from __future__ import annotations
 
 import json
+import sys
 from decimal import Decimal
 
 import pytest
@@ -277,6 +278,28 @@ def test_a_failed_load_does_not_wait_for_a_writer_thread_blocked_on_a_lock(pg_en
         signal.signal(signal.SIGALRM, previous)
         release.cancel()
         locker.close()
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes need Python 3.11")
+def test_an_error_of_the_writer_process_names_the_process_and_the_database_file(tmp_path):
+    """The error comes back pickled, its traceback lost: the task log showed a bare "database is
+    locked" raised in ``committed``, not where it happened nor which file."""
+    import sqlite3
+
+    path = tmp_path / "dest.db"
+    engine = sa.create_engine(f"sqlite:///{path}")
+    sink = ResultSink(engine, table="t", id_column="rid", output_model=Paint)
+    sink.ensure_tables()
+    with engine.begin() as conn:  # an error at run time, not a refused row: json() of bad text
+        conn.execute(sa.text("CREATE TRIGGER boom BEFORE INSERT ON t WHEN NEW.rid = 'r30' BEGIN SELECT json('{'); END"))
+    with pytest.raises(sqlite3.OperationalError) as info:
+        load_batch(
+            (parse_result_line(line(f"r{i}", paint(i))) for i in range(40)),
+            batch_id="b", output_model=Paint, sink=sink, stats=LoadStats(), chunk_size=8, pipeline="process",
+        )  # fmt: skip
+    notes = " ".join(getattr(info.value, "__notes__", []))
+    assert "writer process" in notes and str(path) in notes
+    engine.dispose()
 
 
 def test_a_writer_process_stores_the_same_rows_and_reports_unstorable(sqlite_engine):

@@ -277,6 +277,7 @@ class _ProcessWriter:
         )
         store = self.sink.sqlite_store()
         assert store is not None  # checked by ``_separate_writer_helps``
+        self.database = store.database
         self.todo.put(pickle.dumps(store))
         for target, name in ((self._send, "fable-load-send"), (self._receive, "fable-load-receive")):
             thread = threading.Thread(target=target, args=(self.proc,), name=name, daemon=True)
@@ -321,6 +322,10 @@ class _ProcessWriter:
                 )
                 return
             if status == "error":
+                # It comes back pickled, without its traceback: say where it happened.
+                add_note = getattr(value, "add_note", None)  # Python 3.11+
+                if add_note is not None:
+                    add_note(f"raised in the load's writer process storing into the SQLite file {self.database}")
                 self.error = value
                 return
             for failed in value:  # one list per piece of the committed chunk
