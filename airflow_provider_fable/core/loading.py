@@ -197,6 +197,8 @@ class _Writer:
                 continue
 
     def close(self, commit: bool = True) -> None:
+        """Finish the queued chunks (``commit`` is for ``_ProcessWriter``'s pieces: every chunk
+        here is its own transaction, so nothing is left open)."""
         if self.todo is not None and self.thread is not None:
             if self.thread.is_alive():
                 self.todo.put(None)
