@@ -285,28 +285,35 @@ def test_a_sqlite_file_load_of_several_chunks_matches_the_inline_path(tmp_path):
     answers = [paint(i) for i in range(33)]
     lines = [line(f"r{i}", a) for i, a in enumerate(answers)]
     lines += [line("r3", paint(99)), line("bad", "not json"), line("gone", None, kind="expired")]
-    tables = {}
-    for pipeline in (False, None):
-        engine = sa.create_engine(f"sqlite:///{tmp_path / f'{pipeline}.db'}")
-        sink = ResultSink(engine, table="t", id_column="rid", output_model=Paint)
+    inline, default = _inline_and(
+        None, tmp_path, lines, Paint, 7,
+        "SELECT rid, color, glossy, coats, note, _batch_id FROM t", "SELECT record_id, reason FROM t_rejects",
+    )  # fmt: skip
+    assert default == inline
+    table, rejects, outcomes, summary = default
+    assert len(table) == 33 and dict((r[0], r[4]) for r in table)["r3"] == "n99"  # last answer wins
+    assert rejects == [("bad", "invalid_json"), ("gone", "expired")]
+    assert len(outcomes) == 36 and (summary["accepted"], summary["rejected"]) == (34, 2)
+    assert summary["reject_reasons"] == {"invalid_json": 1, "expired": 1}
+
+
+def _inline_and(pipeline, tmp_path, lines, model, chunk_size, *queries):
+    """The same lines loaded inline and with ``pipeline``: per path, the rows of each query
+    (ordered by their first column), the outcomes (sorted: a writer process reports them per
+    piece, the inline path per chunk, accepted before rejected in each) and the summary."""
+    got = {}
+    for p in (False, pipeline):
+        engine = sa.create_engine(f"sqlite:///{tmp_path / f'{p}.db'}")
+        sink = ResultSink(engine, table="t", id_column="rid", output_model=model)
         sink.ensure_tables()
         stats, seen = LoadStats(), []
         load_batch(
-            (parse_result_line(x) for x in lines), batch_id="b", output_model=Paint, sink=sink,
-            stats=stats, chunk_size=7, on_outcomes=seen.extend, pipeline=pipeline,
+            (parse_result_line(x) for x in lines), batch_id="b", output_model=model, sink=sink,
+            stats=stats, chunk_size=chunk_size, on_outcomes=seen.extend, pipeline=p,
         )  # fmt: skip
-        tables[pipeline] = (
-            rows(engine, "SELECT rid, color, glossy, coats, note, _batch_id FROM t ORDER BY rid"),
-            rows(engine, "SELECT record_id, reason FROM t_rejects ORDER BY record_id"),
-            [(o.record_id, o.status, o.reason) for o in seen],
-            (stats.accepted, stats.rejected, dict(stats.reasons), stats.usage.as_dict()),
-        )
+        got[p] = (*(rows(engine, f"{q} ORDER BY 1") for q in queries), sorted(seen), stats.summary())
         engine.dispose()
-    assert tables[None] == tables[False]
-    table, rejects, outcomes, counts = tables[None]
-    assert len(table) == 33 and dict((r[0], r[4]) for r in table)["r3"] == "n99"  # last answer wins
-    assert rejects == [("bad", "invalid_json"), ("gone", "expired")]
-    assert len(outcomes) == 36 and counts[:3] == (34, 2, {"invalid_json": 1, "expired": 1})
+    return got[False], got[pipeline]
 
 
 class Mixed(BaseModel):
@@ -439,25 +446,11 @@ def test_a_writer_process_streaming_pieces_ends_every_way_like_the_inline_path(t
     last piece; a load smaller than a piece is written inline): a stream ending on a chunk, on a
     piece inside a chunk or inside a piece stores and reports what the inline path does."""
     lines = [line(f"r{i}", paint(i)) if i % 7 else line(f"r{i}", "not json") for i in range(n)]
-    got = {}
-    for pipeline in (False, "process"):
-        engine = sa.create_engine(f"sqlite:///{tmp_path / f'{pipeline}.db'}")
-        sink = ResultSink(engine, table="t", id_column="rid", output_model=Paint)
-        sink.ensure_tables()
-        stats, seen = LoadStats(), []
-        load_batch(
-            (parse_result_line(x) for x in lines), batch_id="b", output_model=Paint, sink=sink,
-            stats=stats, chunk_size=8, on_outcomes=seen.extend, pipeline=pipeline,
-        )  # fmt: skip
-        got[pipeline] = (
-            rows(engine, "SELECT rid, note FROM t ORDER BY rid"),
-            rows(engine, "SELECT record_id, reason FROM t_rejects ORDER BY record_id"),
-            sorted(seen),
-            stats.summary(),
-        )
-        engine.dispose()
-    assert got["process"] == got[False]
-    assert len(got[False][2]) == n and len(got[False][0]) == n - len(range(0, n, 7))
+    inline, process = _inline_and(
+        "process", tmp_path, lines, Paint, 8, "SELECT rid, note FROM t", "SELECT record_id, reason FROM t_rejects"
+    )
+    assert process == inline
+    assert len(inline[2]) == n and len(inline[0]) == n - len(range(0, n, 7))
 
 
 def test_the_writer_process_builds_the_same_rows_as_the_inline_path(tmp_path):
@@ -475,27 +468,13 @@ def test_the_writer_process_builds_the_same_rows_as_the_inline_path(tmp_path):
     lines = [line(f"r{i}", a) for i, a in enumerate(answers)]
     lines[12] = line("r4", {"label": "again", "tags": [], "count": 99})  # a repeat in the second chunk
     lines += [line("bad", "[1"), line("gone", None, kind="expired"), line("r20", {"label": "x", "count": 1})]
-    got = {}
-    for pipeline in (False, "process"):
-        engine = sa.create_engine(f"sqlite:///{tmp_path / f'{pipeline}.db'}")
-        sink = ResultSink(engine, table="t", id_column="rid", output_model=Nested)
-        sink.ensure_tables()
-        stats, seen = LoadStats(), []
-        load_batch(
-            (parse_result_line(x) for x in lines), batch_id="b", output_model=Nested, sink=sink,
-            stats=stats, chunk_size=10, on_outcomes=seen.extend, pipeline=pipeline,
-        )  # fmt: skip
-        got[pipeline] = (
-            rows(engine, "SELECT rid, label, tags, count, _batch_id, _model, _input_tokens, _output_tokens "
-                         "FROM t ORDER BY rid"),
-            rows(engine, "SELECT record_id, batch_id, reason, detail, raw_answer, retryable FROM t_rejects "
-                         "ORDER BY record_id"),
-            seen,
-            stats.summary(),
-        )  # fmt: skip
-        engine.dispose()
-    assert got["process"] == got[False]
-    table, rejects, outcomes, summary = got["process"]
+    inline, process = _inline_and(
+        "process", tmp_path, lines, Nested, 10,
+        "SELECT rid, label, tags, count, _batch_id, _model, _input_tokens, _output_tokens FROM t",
+        "SELECT record_id, batch_id, reason, detail, raw_answer, retryable FROM t_rejects",
+    )  # fmt: skip
+    assert process == inline
+    table, rejects, outcomes, summary = process
     assert dict((r[0], r[1]) for r in table)["r4"] == "again" and dict((r[0], r[1]) for r in table)["r5"] == "l5"
     assert [r[2] for r in rejects] == ["invalid_json", "expired", "schema"]
     assert len(outcomes) == 33 and summary["accepted"] == 30 and summary["usage"]["input_tokens"] == 320
