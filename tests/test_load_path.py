@@ -453,6 +453,20 @@ def test_a_writer_process_streaming_pieces_ends_every_way_like_the_inline_path(t
     assert len(inline[2]) == n and len(inline[0]) == n - len(range(0, n, 7))
 
 
+def test_a_writer_process_reports_outcomes_per_chunk_not_per_piece(sqlite_engine):
+    """The ledger writes each ``on_outcomes`` call in its own transaction: pieces do not
+    multiply the calls (at most one per committed chunk, every record once)."""
+    sink = ResultSink(sqlite_engine, table="t", id_column="rid", output_model=Paint)
+    sink.ensure_tables()
+    calls: list[list[RecordOutcome]] = []
+    load_batch(
+        (parse_result_line(line(f"r{i}", paint(i))) for i in range(40)), batch_id="b", output_model=Paint,
+        sink=sink, stats=LoadStats(), chunk_size=8, on_outcomes=calls.append, pipeline="process",
+    )  # fmt: skip
+    assert 1 <= len(calls) <= 5
+    assert sorted(o.record_id for call in calls for o in call) == sorted(f"r{i}" for i in range(40))
+
+
 def test_the_writer_process_builds_the_same_rows_as_the_inline_path(tmp_path):
     """The writer process builds rows itself (BuildJob) for a chunk of distinct ids, and takes
     finished rows for a chunk that repeats one: every column, reject, outcome and statistic is

@@ -467,6 +467,9 @@ def load_batch(
         writer = _Writer(sink, batch_id, lambda: model_name, bool(pipeline), chunk_size)
 
     def report(done: list[tuple[_Chunk, list[Rejected]]]) -> None:
+        # One ``on_outcomes`` call for all that was committed since the last report (a writer
+        # process hands back a chunk as its pieces): the ledger's write has a per-call cost.
+        outcomes: list[RecordOutcome] = []
         for chunk, unstorable in done:
             if unstorable:
                 # Counted as accepted while validating; the database had the last word.
@@ -484,7 +487,7 @@ def load_batch(
                 continue
             bad = {r.record_id for r in unstorable}
             cid = chunk.custom_ids.get
-            outcomes = [
+            outcomes += [
                 RecordOutcome(a.record_id, cid(a.record_id, a.record_id), "accepted", None, False, batch_id)
                 for a in chunk.accepted
                 if a.record_id not in bad
@@ -493,6 +496,7 @@ def load_batch(
                 RecordOutcome(r.record_id, cid(r.record_id, r.record_id), "rejected", r.reason, r.retryable, batch_id)
                 for r in (*chunk.rejected, *unstorable)
             ]  # fmt: skip
+        if outcomes and on_outcomes is not None:
             on_outcomes(outcomes)
 
     accepted: list[Accepted] = []
