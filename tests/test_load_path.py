@@ -286,8 +286,8 @@ def test_a_sqlite_file_load_of_several_chunks_matches_the_inline_path(tmp_path):
     lines = [line(f"r{i}", a) for i, a in enumerate(answers)]
     lines += [line("r3", paint(99)), line("bad", "not json"), line("gone", None, kind="expired")]
     inline, default = _inline_and(
-        None, tmp_path, lines, Paint, 7,
-        "SELECT rid, color, glossy, coats, note, _batch_id FROM t", "SELECT record_id, reason FROM t_rejects",
+        None, _files(tmp_path), lines, Paint, 7,
+        "SELECT rid, color, glossy, coats, note, _batch_id FROM {t}", "SELECT record_id, reason FROM {t}_rejects",
     )  # fmt: skip
     assert default == inline
     table, rejects, outcomes, summary = default
@@ -297,23 +297,35 @@ def test_a_sqlite_file_load_of_several_chunks_matches_the_inline_path(tmp_path):
     assert summary["reject_reasons"] == {"invalid_json": 1, "expired": 1}
 
 
-def _inline_and(pipeline, tmp_path, lines, model, chunk_size, *queries):
-    """The same lines loaded inline and with ``pipeline``: per path, the rows of each query
-    (ordered by their first column), the outcomes (sorted: a writer process reports them per
-    piece, the inline path per chunk, accepted before rejected in each) and the summary."""
+def _inline_and(pipeline, engine_for, lines, model, chunk_size, *queries):
+    """The same lines loaded inline and with ``pipeline`` (``engine_for(path)`` gives each its
+    database; the table is ``t_<path>``, ``{t}`` in the queries): per path, the rows of each query
+    (ordered by their first column), the outcomes (sorted: pieces report per piece, the inline
+    path per chunk, accepted before rejected in each) and the summary."""
     got = {}
     for p in (False, pipeline):
-        engine = sa.create_engine(f"sqlite:///{tmp_path / f'{p}.db'}")
-        sink = ResultSink(engine, table="t", id_column="rid", output_model=model)
+        engine, table = engine_for(p), f"t_{p}".lower()
+        sink = ResultSink(engine, table=table, id_column="rid", output_model=model)
         sink.ensure_tables()
         stats, seen = LoadStats(), []
         load_batch(
             (parse_result_line(x) for x in lines), batch_id="b", output_model=model, sink=sink,
             stats=stats, chunk_size=chunk_size, on_outcomes=seen.extend, pipeline=p,
         )  # fmt: skip
-        got[p] = (*(rows(engine, f"{q} ORDER BY 1") for q in queries), sorted(seen), stats.summary())
-        engine.dispose()
+        found = (rows(engine, f"{q.format(t=table)} ORDER BY 1") for q in queries)
+        got[p] = (*found, sorted(seen), stats.summary())
     return got[False], got[pipeline]
+
+
+def _files(tmp_path):
+    """``engine_for`` of ``_inline_and``: a SQLite file per path."""
+    engines = []
+
+    def engine_for(p):
+        engines.append(sa.create_engine(f"sqlite:///{tmp_path / f'{p}.db'}"))
+        return engines[-1]
+
+    return engine_for
 
 
 class Mixed(BaseModel):
@@ -447,10 +459,44 @@ def test_a_writer_process_streaming_pieces_ends_every_way_like_the_inline_path(t
     piece inside a chunk or inside a piece stores and reports what the inline path does."""
     lines = [line(f"r{i}", paint(i)) if i % 7 else line(f"r{i}", "not json") for i in range(n)]
     inline, process = _inline_and(
-        "process", tmp_path, lines, Paint, 8, "SELECT rid, note FROM t", "SELECT record_id, reason FROM t_rejects"
+        "process", _files(tmp_path), lines, Paint, 8, "SELECT rid, note FROM {t}", "SELECT record_id, reason FROM {t}_rejects"
     )
     assert process == inline
     assert len(inline[2]) == n and len(inline[0]) == n - len(range(0, n, 7))
+
+
+@pytest.mark.parametrize("n", [1, 3, 8, 18, 21])
+def test_a_writer_thread_streaming_pieces_to_postgres_ends_every_way_like_the_inline_path(pg_engine, n):
+    """PostgreSQL's writer thread also gets each chunk in pieces, one transaction per chunk."""
+    lines = [line(f"r{i}", paint(i)) if i % 7 else line(f"r{i}", "not json") for i in range(n)]
+    lines += [line("r2", paint(99))]  # a repeat, in a later piece of the same chunk or the next
+    inline, thread = _inline_and(
+        True, lambda p: pg_engine, lines, Paint, 8,
+        "SELECT rid, note FROM {t}", "SELECT record_id, reason FROM {t}_rejects",
+    )  # fmt: skip
+    assert thread == inline
+    assert ("r2", "n99") in inline[0]
+
+
+def test_a_broken_stream_keeps_only_whole_chunks_on_every_path(engine):
+    """A load that fails mid-chunk keeps (and reports) the chunks committed before, nothing of
+    the unfinished one: pieces already sent are rolled back (SQLite: writer process; PostgreSQL:
+    writer thread)."""
+    from airflow_provider_fable.core.results import ResultLineError
+
+    def stream():
+        for i in range(25):
+            yield parse_result_line(line(f"r{i}", paint(i)))
+        yield parse_result_line(b'{"custom_id": "torn", "resu')
+
+    sink = ResultSink(engine, table="t", id_column="rid", output_model=Paint)
+    sink.ensure_tables()
+    seen: list[RecordOutcome] = []
+    with pytest.raises(ResultLineError):
+        load_batch(stream(), batch_id="b", output_model=Paint, sink=sink, stats=LoadStats(),
+                   chunk_size=10, on_outcomes=seen.extend)  # fmt: skip
+    assert rows(engine, "SELECT count(*) FROM t")[0][0] == 20
+    assert sorted(o.record_id for o in seen) == sorted(f"r{i}" for i in range(20))
 
 
 def test_a_writer_process_reports_outcomes_per_chunk_not_per_piece(sqlite_engine):
@@ -483,9 +529,9 @@ def test_the_writer_process_builds_the_same_rows_as_the_inline_path(tmp_path):
     lines[12] = line("r4", {"label": "again", "tags": [], "count": 99})  # a repeat in the second chunk
     lines += [line("bad", "[1"), line("gone", None, kind="expired"), line("r20", {"label": "x", "count": 1})]
     inline, process = _inline_and(
-        "process", tmp_path, lines, Nested, 10,
-        "SELECT rid, label, tags, count, _batch_id, _model, _input_tokens, _output_tokens FROM t",
-        "SELECT record_id, batch_id, reason, detail, raw_answer, retryable FROM t_rejects",
+        "process", _files(tmp_path), lines, Nested, 10,
+        "SELECT rid, label, tags, count, _batch_id, _model, _input_tokens, _output_tokens FROM {t}",
+        "SELECT record_id, batch_id, reason, detail, raw_answer, retryable FROM {t}_rejects",
     )  # fmt: skip
     assert process == inline
     table, rejects, outcomes, summary = process

@@ -115,12 +115,17 @@ class _Chunk(NamedTuple):
 
 
 class _Prepared(NamedTuple):
-    """A chunk and, for a ``ResultSink``, its job as ``prepare_chunk`` made it (else None)."""
+    """A chunk and, for a ``ResultSink``, its job as ``prepare_chunk`` made it (else None).
 
-    chunk: _Chunk
+    ``commit``: the last piece of its chunk (always, unless the chunk is written in pieces). A
+    ``chunk`` of None only ends the open transaction.
+    """
+
+    chunk: _Chunk | None
     job: StoreJob | BuildJob | None
     kept: list[Accepted]
     early: list[Rejected]
+    commit: bool = True
 
 
 class _Writer:
@@ -131,7 +136,9 @@ class _Writer:
     prepared (rows, or PostgreSQL's COPY text) on the caller's thread and the writer thread only
     runs the statements: Python work on the writer thread would wait for the GIL behind the
     validating thread (each wait up to the 5 ms switch interval), which made the PostgreSQL
-    server idle between statements (see docs/performance.md).
+    server idle between statements (see docs/performance.md). On the thread, a ``ResultSink``'s
+    chunk goes in quarter-chunk pieces, one transaction per chunk (as ``_ProcessWriter``), so
+    the load ends a piece, not a chunk, after its last line.
     """
 
     def __init__(
@@ -143,12 +150,16 @@ class _Writer:
         chunk_size: int,
     ):
         self.sink, self.batch_id, self.model = sink, batch_id, model
-        self.flush_size = chunk_size
+        self.chunk_size = chunk_size
+        pieces = threaded and isinstance(sink, ResultSink)
+        self.flush_size = max(1, chunk_size // 4) if pieces else chunk_size  # rows per submit
+        self.open_rows = 0  # rows of pieces sent in the transaction not yet committed
         self.done: queue.Queue[tuple[_Chunk, list[Rejected]] | BaseException] = queue.Queue()
         self.todo: queue.Queue[_Prepared | None] | None = None
         self.thread: threading.Thread | None = None
         if threaded:
-            self.todo = queue.Queue(maxsize=1)  # one chunk queued + one being written: bounded
+            # Bounded: a chunk's worth queued, one chunk being written.
+            self.todo = queue.Queue(maxsize=-(-chunk_size // self.flush_size))
             self.thread = threading.Thread(target=self._run, name="fable-load-writer", daemon=True)
             self.thread.start()
 
@@ -162,7 +173,8 @@ class _Writer:
         return _Prepared(chunk, job, kept, early)
 
     def _write(self, work: _Prepared) -> None:
-        chunk, job, kept, early = work
+        chunk, job, kept, early, _ = work
+        assert chunk is not None
         if job is None:
             unstorable = self.sink.write_chunk(
                 chunk.accepted, chunk.rejected, batch_id=self.batch_id, model=self.model()
@@ -174,22 +186,53 @@ class _Writer:
 
     def _run(self) -> None:
         assert self.todo is not None
-        while (work := self.todo.get()) is not None:
-            try:
-                self._write(work)
-            except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
-                self.done.put(exc)
-                return
+        if not isinstance(self.sink, ResultSink):
+            while (work := self.todo.get()) is not None:
+                try:
+                    self._write(work)
+                except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+                    self.done.put(exc)
+                    return
+            return
+        sink = self.sink
+        tx = None
+        held: list[tuple[_Chunk, list[Rejected]]] = []  # pieces of the open transaction
+        try:
+            while (work := self.todo.get()) is not None:
+                chunk, job, kept, early, commit = work
+                if tx is None:
+                    tx = sink.begin()
+                if chunk is not None:
+                    assert job is not None
+                    held.append((chunk, sink.unstorable_items(kept, early, sink.store(job, tx))))
+                if commit:
+                    tx, open_tx = None, tx
+                    open_tx.end(commit=True)
+                    for item in held:
+                        self.done.put(item)
+                    held = []
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+            self.done.put(exc)
+        finally:
+            if tx is not None:  # a failure, or a load that ended without committing its pieces
+                tx.end(commit=False)
 
     def submit(self, chunk: _Chunk, final: bool = False) -> None:
         if self.todo is None:
             self._write(self._prepare(chunk))
             return
         work = self._prepare(chunk)
-        while True:
-            assert self.thread is not None
-            if not self.thread.is_alive():
-                return  # it failed; the error is waiting in ``done``
+        if isinstance(self.sink, ResultSink):
+            self.open_rows += len(chunk.accepted) + len(chunk.rejected)
+            if final or self.open_rows >= self.chunk_size:
+                self.open_rows = 0
+            else:
+                work = work._replace(commit=False)
+        self._put(work)
+
+    def _put(self, work: _Prepared | None) -> None:
+        assert self.todo is not None and self.thread is not None
+        while self.thread.is_alive():  # once it failed, its error is waiting in ``done``
             try:
                 self.todo.put(work, timeout=0.5)
                 return
@@ -197,12 +240,14 @@ class _Writer:
                 continue
 
     def close(self, commit: bool = True) -> None:
-        """Finish the queued chunks (``commit`` is for ``_ProcessWriter``'s pieces: every chunk
-        here is its own transaction, so nothing is left open)."""
+        """Finish the queued chunks; ``commit`` the pieces of an unfinished chunk, else they are
+        rolled back (the load failed: only whole chunks are kept)."""
         if self.todo is not None and self.thread is not None:
-            if self.thread.is_alive():
-                self.todo.put(None)
+            if self.open_rows and commit:  # the stream ended on a piece that did not commit
+                self._put(_Prepared(None, None, [], []))
+            self._put(None)
             self.thread.join()
+        self.open_rows = 0
 
     def committed(self) -> list[tuple[_Chunk, list[Rejected]]]:
         out = []
