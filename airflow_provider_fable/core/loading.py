@@ -4,10 +4,10 @@ Kept out of the operator so the whole validate-and-load path can be tested and b
 without Airflow: the operator only wires a hook's result stream and a database engine to it.
 
 Memory stays flat in the size of the result file: at most one chunk of outcomes is held while it
-is being validated, plus (with the writer thread, on PostgreSQL by default) one chunk queued and
-one being written, or (with the SQLite writer process) a chunk's worth of pieces queued and the
-items of the pieces not yet committed. PostgreSQL's server process, or the SQLite writer
-process, stores one chunk while Python validates the next.
+is being validated, plus, with a writer thread (PostgreSQL's default) or the SQLite writer
+process, a chunk's worth of pieces queued and the pieces of the chunk being written.
+PostgreSQL's server process, or the SQLite writer process, stores one chunk while Python
+validates the next.
 """
 
 from __future__ import annotations
