@@ -259,8 +259,11 @@ def test_a_writer_process_stores_the_same_rows_and_reports_unstorable(sqlite_eng
     assert json.loads(bad["r7"]) == {"label": "l7", "count": 2**70}
 
 
-def test_a_writer_process_keeps_and_reports_what_was_committed_on_a_broken_stream(sqlite_engine):
+def test_a_writer_process_keeps_and_reports_what_was_committed_on_a_broken_stream(sqlite_engine, monkeypatch):
+    from airflow_provider_fable.core import loading
     from airflow_provider_fable.core.results import ResultLineError
+
+    monkeypatch.setattr(loading, "IDLE_COMMIT_S", 60.0)  # no early commit of the open pieces
 
     def stream():
         for i in range(25):
@@ -478,11 +481,14 @@ def test_a_writer_thread_streaming_pieces_to_postgres_ends_every_way_like_the_in
     assert ("r2", "n99") in inline[0]
 
 
-def test_a_broken_stream_keeps_only_whole_chunks_on_every_path(engine):
+def test_a_broken_stream_keeps_only_whole_chunks_on_every_path(engine, monkeypatch):
     """A load that fails mid-chunk keeps (and reports) the chunks committed before, nothing of
     the unfinished one: pieces already sent are rolled back (SQLite: writer process; PostgreSQL:
-    writer thread)."""
+    writer thread). (No early commit of an idle transaction here: its timer is lengthened.)"""
+    from airflow_provider_fable.core import loading
     from airflow_provider_fable.core.results import ResultLineError
+
+    monkeypatch.setattr(loading, "IDLE_COMMIT_S", 60.0)
 
     def stream():
         for i in range(25):
@@ -497,6 +503,66 @@ def test_a_broken_stream_keeps_only_whole_chunks_on_every_path(engine):
                    chunk_size=10, on_outcomes=seen.extend)  # fmt: skip
     assert rows(engine, "SELECT count(*) FROM t")[0][0] == 20
     assert sorted(o.record_id for o in seen) == sorted(f"r{i}" for i in range(20))
+
+
+def test_a_ledger_in_the_destination_sqlite_file_does_not_wait_for_the_writer(tmp_path):
+    """``on_outcomes`` writing to the same SQLite file as the load (a ledger kept there) while
+    the writer holds the next chunk's transaction open: the writer commits when no piece comes,
+    so that write waits ~``IDLE_COMMIT_S``, not until its busy timeout ("database is locked")."""
+    import sqlite3
+    import time
+
+    db = tmp_path / "one.db"
+    sink = ResultSink(sa.create_engine(f"sqlite:///{db}"), table="t", id_column="rid", output_model=Paint)
+    sink.ensure_tables()
+    side = sqlite3.connect(db, timeout=3, isolation_level=None)
+    side.execute("CREATE TABLE verdicts (record_id TEXT, status TEXT)")
+
+    def record(outcomes):
+        side.executemany("INSERT INTO verdicts VALUES (?, ?)", [(o.record_id, o.status) for o in outcomes])
+
+    def download():  # slower than the writer, as a download can be: it waits for pieces
+        for i in range(40):
+            time.sleep(0.005)
+            yield parse_result_line(line(f"r{i}", paint(i)))
+
+    stats = LoadStats()
+    load_batch(download(), batch_id="b", output_model=Paint, sink=sink, stats=stats, chunk_size=8,
+               on_outcomes=record, pipeline="process")  # fmt: skip
+    assert stats.accepted == 40
+    assert side.execute("SELECT count(*), count(DISTINCT record_id) FROM verdicts").fetchone() == (40, 40)
+    assert rows(sink.engine, "SELECT count(*) FROM t")[0][0] == 40
+    side.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_slow_stream_commits_idle_pieces_and_reports_exactly_what_is_committed(
+    backend, request, monkeypatch
+):
+    """When the next piece is slow to come (a slow download), the open transaction is committed
+    early: everything still loads once, and what is reported is what is committed."""
+    import time
+
+    from airflow_provider_fable.core import loading
+
+    monkeypatch.setattr(loading, "IDLE_COMMIT_S", 0.01)
+    engine = request.getfixturevalue("sqlite_engine" if backend == "sqlite" else "pg_engine")
+    sink = ResultSink(engine, table="t", id_column="rid", output_model=Paint)
+    sink.ensure_tables()
+
+    def slow():
+        for i in range(30):
+            if i % 5 == 4:
+                time.sleep(0.05)
+            yield parse_result_line(line(f"r{i}", paint(i) if i % 9 else "nope"))
+
+    seen: list[RecordOutcome] = []
+    load_batch(slow(), batch_id="b", output_model=Paint, sink=sink, stats=LoadStats(), chunk_size=16,
+               on_outcomes=seen.extend)  # fmt: skip
+    assert sorted(o.record_id for o in seen) == sorted(f"r{i}" for i in range(30))
+    assert sorted(r[0] for r in rows(engine, "SELECT rid FROM t")) == sorted(
+        o.record_id for o in seen if o.status == "accepted"
+    )
 
 
 def test_a_writer_process_reports_outcomes_per_chunk_not_per_piece(sqlite_engine):

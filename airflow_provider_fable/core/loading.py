@@ -33,7 +33,7 @@ from airflow_provider_fable.core.cost import usage_cost_usd
 from airflow_provider_fable.core.results import BatchResult, Usage
 from airflow_provider_fable.core.sinks import ResultSink, model_properties, resolve
 from airflow_provider_fable.core.validation import Accepted, Rejected, validator_for
-from airflow_provider_fable.core.writer_process import BuildJob, StoreJob
+from airflow_provider_fable.core.writer_process import IDLE_COMMIT_S, BuildJob, StoreJob, write_frame
 
 
 class ChunkSink(Protocol):
@@ -138,7 +138,9 @@ class _Writer:
     validating thread (each wait up to the 5 ms switch interval), which made the PostgreSQL
     server idle between statements (see docs/performance.md). On the thread, a ``ResultSink``'s
     chunk goes in quarter-chunk pieces, one transaction per chunk (as ``_ProcessWriter``), so
-    the load ends a piece, not a chunk, after its last line.
+    the load ends a piece, not a chunk, after its last line; a transaction whose next piece
+    does not come within ``IDLE_COMMIT_S`` is committed early, so no lock is held while the
+    loading thread waits for something else.
     """
 
     def __init__(
@@ -198,7 +200,13 @@ class _Writer:
         tx = None
         held: list[tuple[_Chunk, list[Rejected]]] = []  # pieces of the open transaction
         try:
-            while (work := self.todo.get()) is not None:
+            while True:
+                try:  # an open transaction is committed when no piece comes for a while
+                    work = self.todo.get(timeout=IDLE_COMMIT_S) if tx is not None else self.todo.get()
+                except queue.Empty:
+                    work = _Prepared(None, None, [], [])
+                if work is None:
+                    break
                 chunk, job, kept, early, commit = work
                 if tx is None:
                     tx = sink.begin()
@@ -272,8 +280,9 @@ class _ProcessWriter:
     are integers); the writer process (``core.writer_process``) runs the sink's SQL
     (``ResultSink.sqlite_store``: sqlite3 alone, so it is up in milliseconds).
     Chunks are sent in pieces (``piece_size`` rows, a quarter chunk) as they fill, the last
-    piece of each chunk committing its transaction: the writer works on a chunk while its end is
-    still being validated, so the load ends one piece, not one chunk, after its last line. The
+    piece of each chunk committing its transaction (or, earlier, ``IDLE_COMMIT_S`` without a
+    piece): the writer works on a chunk while its end is still being validated, so the load ends
+    one piece, not one chunk, after its last line. The
     process is started at the first full piece (its start-up, ~30 ms, then overlaps the rest of
     the first chunk); a load smaller than a piece is written inline.
     Memory stays bounded: a chunk's worth of pieces queued, one being written, and the items of
@@ -306,6 +315,7 @@ class _ProcessWriter:
         )
         store = self.sink.sqlite_store()
         assert store is not None  # checked by ``_separate_writer_helps``
+        store.idle_commit_s = IDLE_COMMIT_S
         self.todo.put(pickle.dumps(store))
         for target, name in ((self._send, "fable-load-send"), (self._receive, "fable-load-receive")):
             thread = threading.Thread(target=target, args=(self.proc,), name=name, daemon=True)
@@ -316,9 +326,8 @@ class _ProcessWriter:
         assert proc.stdin is not None
         try:
             while (frame := self.todo.get()) is not None:
-                proc.stdin.write(frame)
-                proc.stdin.flush()
-            proc.stdin.write(pickle.dumps(None))
+                write_frame(proc.stdin, frame)
+            write_frame(proc.stdin, pickle.dumps(None))
             proc.stdin.close()
         except OSError:  # the writer process died; the receiver reports it
             pass
