@@ -469,8 +469,9 @@ def test_a_writer_process_streaming_pieces_ends_every_way_like_the_inline_path(t
 
 
 @pytest.mark.parametrize("n", [1, 3, 8, 18, 21])
-def test_a_writer_thread_streaming_pieces_to_postgres_ends_every_way_like_the_inline_path(pg_engine, n):
-    """PostgreSQL's writer thread also gets each chunk in pieces, one transaction per chunk."""
+def test_the_postgres_writer_thread_stores_and_reports_what_the_inline_path_does(pg_engine, n):
+    """PostgreSQL's writer thread (chunks prepared as COPY text on the loading thread) against
+    the inline path, for loads ending inside a chunk and on one, with a repeated id."""
     lines = [line(f"r{i}", paint(i)) if i % 7 else line(f"r{i}", "not json") for i in range(n)]
     lines += [line("r2", paint(99))]  # a repeat, in a later piece of the same chunk or the next
     inline, thread = _inline_and(
@@ -483,8 +484,8 @@ def test_a_writer_thread_streaming_pieces_to_postgres_ends_every_way_like_the_in
 
 def test_a_broken_stream_keeps_only_whole_chunks_on_every_path(engine, monkeypatch):
     """A load that fails mid-chunk keeps (and reports) the chunks committed before, nothing of
-    the unfinished one: pieces already sent are rolled back (SQLite: writer process; PostgreSQL:
-    writer thread). (No early commit of an idle transaction here: its timer is lengthened.)"""
+    the unfinished one (SQLite: the writer process rolls back the pieces it has; PostgreSQL: the
+    writer thread). The writer process's early commit of an idle transaction is held off here."""
     from airflow_provider_fable.core import loading
     from airflow_provider_fable.core.results import ResultLineError
 
@@ -539,8 +540,8 @@ def test_a_ledger_in_the_destination_sqlite_file_does_not_wait_for_the_writer(tm
 def test_a_slow_stream_commits_idle_pieces_and_reports_exactly_what_is_committed(
     backend, request, monkeypatch
 ):
-    """When the next piece is slow to come (a slow download), the open transaction is committed
-    early: everything still loads once, and what is reported is what is committed."""
+    """A slow stream (a slow download): everything loads once and what is reported is what is
+    committed; on SQLite the writer process commits its open pieces early when the next is slow."""
     import time
 
     from airflow_provider_fable.core import loading

@@ -4,10 +4,10 @@ Kept out of the operator so the whole validate-and-load path can be tested and b
 without Airflow: the operator only wires a hook's result stream and a database engine to it.
 
 Memory stays flat in the size of the result file: at most one chunk of outcomes is held while it
-is being validated, plus, with a writer thread (PostgreSQL's default) or the SQLite writer
-process, a chunk's worth of pieces queued and the pieces of the chunk being written.
-PostgreSQL's server process, or the SQLite writer process, stores one chunk while Python
-validates the next.
+is being validated, plus (with the writer thread, on PostgreSQL by default) one chunk queued and
+one being written, or (with the SQLite writer process) a chunk's worth of pieces queued and the
+items of the pieces not yet committed. PostgreSQL's server process, or the SQLite writer
+process, stores one chunk while Python validates the next.
 """
 
 from __future__ import annotations
@@ -115,17 +115,12 @@ class _Chunk(NamedTuple):
 
 
 class _Prepared(NamedTuple):
-    """A chunk and, for a ``ResultSink``, its job as ``prepare_chunk`` made it (else None).
+    """A chunk and, for a ``ResultSink``, its job as ``prepare_chunk`` made it (else None)."""
 
-    ``commit``: the last piece of its chunk (always, unless the chunk is written in pieces). A
-    ``chunk`` of None only ends the open transaction.
-    """
-
-    chunk: _Chunk | None
+    chunk: _Chunk
     job: StoreJob | BuildJob | None
     kept: list[Accepted]
     early: list[Rejected]
-    commit: bool = True
 
 
 class _Writer:
@@ -136,11 +131,7 @@ class _Writer:
     prepared (rows, or PostgreSQL's COPY text) on the caller's thread and the writer thread only
     runs the statements: Python work on the writer thread would wait for the GIL behind the
     validating thread (each wait up to the 5 ms switch interval), which made the PostgreSQL
-    server idle between statements (see docs/performance.md). On the thread, a ``ResultSink``'s
-    chunk goes in quarter-chunk pieces, one transaction per chunk (as ``_ProcessWriter``), so
-    the load ends a piece, not a chunk, after its last line; a transaction whose next piece
-    does not come within ``IDLE_COMMIT_S`` is committed early, so no lock is held while the
-    loading thread waits for something else.
+    server idle between statements (see docs/performance.md).
     """
 
     def __init__(
@@ -152,16 +143,12 @@ class _Writer:
         chunk_size: int,
     ):
         self.sink, self.batch_id, self.model = sink, batch_id, model
-        self.chunk_size = chunk_size
-        pieces = threaded and isinstance(sink, ResultSink)
-        self.flush_size = max(1, chunk_size // 4) if pieces else chunk_size  # rows per submit
-        self.open_rows = 0  # rows of pieces sent in the transaction not yet committed
+        self.flush_size = chunk_size
         self.done: queue.Queue[tuple[_Chunk, list[Rejected]] | BaseException] = queue.Queue()
         self.todo: queue.Queue[_Prepared | None] | None = None
         self.thread: threading.Thread | None = None
         if threaded:
-            # Bounded: a chunk's worth queued, one chunk being written.
-            self.todo = queue.Queue(maxsize=-(-chunk_size // self.flush_size))
+            self.todo = queue.Queue(maxsize=1)  # one chunk queued + one being written: bounded
             self.thread = threading.Thread(target=self._run, name="fable-load-writer", daemon=True)
             self.thread.start()
 
@@ -175,8 +162,7 @@ class _Writer:
         return _Prepared(chunk, job, kept, early)
 
     def _write(self, work: _Prepared) -> None:
-        chunk, job, kept, early, _ = work
-        assert chunk is not None
+        chunk, job, kept, early = work
         if job is None:
             unstorable = self.sink.write_chunk(
                 chunk.accepted, chunk.rejected, batch_id=self.batch_id, model=self.model()
@@ -188,59 +174,22 @@ class _Writer:
 
     def _run(self) -> None:
         assert self.todo is not None
-        if not isinstance(self.sink, ResultSink):
-            while (work := self.todo.get()) is not None:
-                try:
-                    self._write(work)
-                except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
-                    self.done.put(exc)
-                    return
-            return
-        sink = self.sink
-        tx = None
-        held: list[tuple[_Chunk, list[Rejected]]] = []  # pieces of the open transaction
-        try:
-            while True:
-                try:  # an open transaction is committed when no piece comes for a while
-                    work = self.todo.get(timeout=IDLE_COMMIT_S) if tx is not None else self.todo.get()
-                except queue.Empty:
-                    work = _Prepared(None, None, [], [])
-                if work is None:
-                    break
-                chunk, job, kept, early, commit = work
-                if tx is None:
-                    tx = sink.begin()
-                if chunk is not None:
-                    assert job is not None
-                    held.append((chunk, sink.unstorable_items(kept, early, sink.store(job, tx))))
-                if commit:
-                    tx, open_tx = None, tx
-                    open_tx.end(commit=True)
-                    for item in held:
-                        self.done.put(item)
-                    held = []
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
-            self.done.put(exc)
-        finally:
-            if tx is not None:  # a failure, or a load that ended without committing its pieces
-                tx.end(commit=False)
+        while (work := self.todo.get()) is not None:
+            try:
+                self._write(work)
+            except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+                self.done.put(exc)
+                return
 
     def submit(self, chunk: _Chunk, final: bool = False) -> None:
         if self.todo is None:
             self._write(self._prepare(chunk))
             return
         work = self._prepare(chunk)
-        if isinstance(self.sink, ResultSink):
-            self.open_rows += len(chunk.accepted) + len(chunk.rejected)
-            if final or self.open_rows >= self.chunk_size:
-                self.open_rows = 0
-            else:
-                work = work._replace(commit=False)
-        self._put(work)
-
-    def _put(self, work: _Prepared | None) -> None:
-        assert self.todo is not None and self.thread is not None
-        while self.thread.is_alive():  # once it failed, its error is waiting in ``done``
+        while True:
+            assert self.thread is not None
+            if not self.thread.is_alive():
+                return  # it failed; the error is waiting in ``done``
             try:
                 self.todo.put(work, timeout=0.5)
                 return
@@ -248,14 +197,12 @@ class _Writer:
                 continue
 
     def close(self, commit: bool = True) -> None:
-        """Finish the queued chunks; ``commit`` the pieces of an unfinished chunk, else they are
-        rolled back (the load failed: only whole chunks are kept)."""
+        """Finish the queued chunks (``commit`` is for ``_ProcessWriter``'s pieces: every chunk
+        here is its own transaction, so nothing is left open)."""
         if self.todo is not None and self.thread is not None:
-            if self.open_rows and commit:  # the stream ended on a piece that did not commit
-                self._put(_Prepared(None, None, [], []))
-            self._put(None)
+            if self.thread.is_alive():
+                self.todo.put(None)
             self.thread.join()
-        self.open_rows = 0
 
     def committed(self) -> list[tuple[_Chunk, list[Rejected]]]:
         out = []
@@ -280,11 +227,13 @@ class _ProcessWriter:
     are integers); the writer process (``core.writer_process``) runs the sink's SQL
     (``ResultSink.sqlite_store``: sqlite3 alone, so it is up in milliseconds).
     Chunks are sent in pieces (``piece_size`` rows, a quarter chunk) as they fill, the last
-    piece of each chunk committing its transaction (or, earlier, ``IDLE_COMMIT_S`` without a
-    piece): the writer works on a chunk while its end is still being validated, so the load ends
-    one piece, not one chunk, after its last line. The
-    process is started at the first full piece (its start-up, ~30 ms, then overlaps the rest of
-    the first chunk); a load smaller than a piece is written inline.
+    piece of each chunk committing its transaction: the writer works on a chunk while its end is
+    still being validated, so the load ends one piece, not one chunk, after its last line. When
+    no piece comes for ``IDLE_COMMIT_S`` the writer commits what it has, so its lock on the file
+    is not held while this process waits on something else (a slow download; a ledger kept in
+    the same SQLite file, whose write would otherwise wait for that lock: a deadlock until the
+    busy timeout). The process is started at the first full piece (its start-up, ~30 ms, then
+    overlaps the rest of the first chunk); a load smaller than a piece is written inline.
     Memory stays bounded: a chunk's worth of pieces queued, one being written, and the items of
     the pieces not yet committed kept here for reporting.
     """

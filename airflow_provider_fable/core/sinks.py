@@ -540,45 +540,34 @@ WHERE t.{rid} IS NULL OR l.rejected_at > t._loaded_at"""
         """The ``unstorable`` rejects of a stored chunk, from ``store``'s (index, message) list."""
         return early + [_unstorable(kept[i], message) for i, message in failed]
 
-    def store(self, job: StoreJob | BuildJob, tx: _Transaction | None = None) -> list[tuple[int, str]]:
-        """Write a prepared chunk; returns (row index, message) refused.
+    def store(self, job: StoreJob | BuildJob) -> list[tuple[int, str]]:
+        """Write a prepared chunk in one transaction; returns (row index, message) refused.
 
-        In a transaction of its own, or in ``tx`` (``begin``: a chunk written in pieces, whose
-        transaction the caller ends). Needs only plain data and this sink's SQL, so it runs the
-        same on a writer thread (and, for SQLite, in a writer process). A refused row's reject
-        is written in the same transaction, its raw answer rebuilt from the row (the row holds
-        every field of the answer). A ``BuildJob``'s rows are built here, except that its COPY
-        text, when it has one, is tried first: only a chunk the database refuses needs the rows
-        (to bisect).
+        Needs only plain data and this sink's SQL, so it runs the same on a writer thread (and,
+        for SQLite, in a writer process). A refused row's reject is written in the same
+        transaction, its raw answer rebuilt from the row (the row holds every field of the
+        answer). A ``BuildJob``'s rows are built here, except that its COPY text, when it has
+        one, is tried first: only a chunk the database refuses needs the rows (to bisect).
         """
-        if tx is None:
-            with self._transaction() as own:
-                return self._store(own, job)
-        return self._store(tx, job)
-
-    def begin(self) -> _Transaction:
-        """A transaction for several ``store`` calls (the pieces of one chunk); ``tx.end`` it."""
-        tx = self._transaction()
-        tx.__enter__()
-        return tx
-
-    def _store(self, tx: _Transaction, job: StoreJob | BuildJob) -> list[tuple[int, str]]:
-        text = job.copy_text if isinstance(job, BuildJob) else None
-        if text is not None and self._copy_whole(tx, text):
-            failed: list[tuple[int, str]] = []
-        else:
-            if isinstance(job, BuildJob):
-                job = built_rows(self._build_row, job)
-            failed = self._write_isolating(tx, job.rows, whole_refused=text is not None)
-        reject_rows = job.reject_rows
-        if failed:
-            more = [
-                _unstorable_row(job.ids[i], job.batch_id, message, self._raw_from_row(job.rows[i]), job.now)
-                for i, message in failed
-            ]
-            reject_rows = list({r[0]: r for r in [*reject_rows, *more]}.values())
-        if reject_rows:
-            tx.upsert(self.rejects, ("record_id", "batch_id"), list(REJECT_COLUMNS), reject_rows)
+        with self._transaction() as tx:
+            text = job.copy_text if isinstance(job, BuildJob) else None
+            if text is not None and self._copy_whole(tx, text):
+                failed: list[tuple[int, str]] = []
+            else:
+                if isinstance(job, BuildJob):
+                    job = built_rows(self._build_row, job)
+                failed = self._write_isolating(tx, job.rows, whole_refused=text is not None)
+            reject_rows = job.reject_rows
+            if failed:
+                more = [
+                    _unstorable_row(
+                        job.ids[i], job.batch_id, message, self._raw_from_row(job.rows[i]), job.now
+                    )
+                    for i, message in failed
+                ]
+                reject_rows = list({r[0]: r for r in [*reject_rows, *more]}.values())
+            if reject_rows:
+                tx.upsert(self.rejects, ("record_id", "batch_id"), list(REJECT_COLUMNS), reject_rows)
         return failed
 
     def _raw_from_row(self, row: tuple[Any, ...]) -> str:
@@ -699,11 +688,7 @@ class _Transaction:
     def __enter__(self) -> _Transaction:
         raise NotImplementedError
 
-    def __exit__(self, exc_type: Any, *_: Any) -> None:
-        self.end(commit=exc_type is None)
-
-    def end(self, commit: bool) -> None:
-        """Commit (or roll back) and give the connection back."""
+    def __exit__(self, *exc: Any) -> None:
         raise NotImplementedError
 
     def savepoint(self) -> Any:
@@ -748,9 +733,9 @@ class _DBAPITransaction(_Transaction):
             self.cursor.execute("BEGIN")
         return self
 
-    def end(self, commit: bool) -> None:
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
         try:
-            if commit:
+            if exc_type is None:
                 self.conn.commit()
             else:
                 self.conn.rollback()
@@ -802,9 +787,9 @@ class _SATransaction(_Transaction):
         self.tx = self.conn.begin()
         return self
 
-    def end(self, commit: bool) -> None:
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
         try:
-            if commit:
+            if exc_type is None:
                 self.tx.commit()
             else:
                 self.tx.rollback()
