@@ -326,8 +326,11 @@ def test_a_writer_process_stores_the_same_rows_and_reports_unstorable(sqlite_eng
     assert json.loads(bad["r7"]) == {"label": "l7", "count": 2**70}
 
 
-def test_a_writer_process_keeps_and_reports_what_was_committed_on_a_broken_stream(sqlite_engine):
+def test_a_writer_process_keeps_and_reports_what_was_committed_on_a_broken_stream(sqlite_engine, monkeypatch):
+    from airflow_provider_fable.core import loading
     from airflow_provider_fable.core.results import ResultLineError
+
+    monkeypatch.setattr(loading, "IDLE_COMMIT_S", 60.0)  # no early commit of the open pieces
 
     def stream():
         for i in range(25):
@@ -352,28 +355,47 @@ def test_a_sqlite_file_load_of_several_chunks_matches_the_inline_path(tmp_path):
     answers = [paint(i) for i in range(33)]
     lines = [line(f"r{i}", a) for i, a in enumerate(answers)]
     lines += [line("r3", paint(99)), line("bad", "not json"), line("gone", None, kind="expired")]
-    tables = {}
-    for pipeline in (False, None):
-        engine = sa.create_engine(f"sqlite:///{tmp_path / f'{pipeline}.db'}")
-        sink = ResultSink(engine, table="t", id_column="rid", output_model=Paint)
+    inline, default = _inline_and(
+        None, _files(tmp_path), lines, Paint, 7,
+        "SELECT rid, color, glossy, coats, note, _batch_id FROM {t}", "SELECT record_id, reason FROM {t}_rejects",
+    )  # fmt: skip
+    assert default == inline
+    table, rejects, outcomes, summary = default
+    assert len(table) == 33 and dict((r[0], r[4]) for r in table)["r3"] == "n99"  # last answer wins
+    assert rejects == [("bad", "invalid_json"), ("gone", "expired")]
+    assert len(outcomes) == 36 and (summary["accepted"], summary["rejected"]) == (34, 2)
+    assert summary["reject_reasons"] == {"invalid_json": 1, "expired": 1}
+
+
+def _inline_and(pipeline, engine_for, lines, model, chunk_size, *queries):
+    """The same lines loaded inline and with ``pipeline`` (``engine_for(path)`` gives each its
+    database; the table is ``t_<path>``, ``{t}`` in the queries): per path, the rows of each query
+    (ordered by their first column), the outcomes (sorted: pieces report per piece, the inline
+    path per chunk, accepted before rejected in each) and the summary."""
+    got = {}
+    for p in (False, pipeline):
+        engine, table = engine_for(p), f"t_{p}".lower()
+        sink = ResultSink(engine, table=table, id_column="rid", output_model=model)
         sink.ensure_tables()
         stats, seen = LoadStats(), []
         load_batch(
-            (parse_result_line(x) for x in lines), batch_id="b", output_model=Paint, sink=sink,
-            stats=stats, chunk_size=7, on_outcomes=seen.extend, pipeline=pipeline,
+            (parse_result_line(x) for x in lines), batch_id="b", output_model=model, sink=sink,
+            stats=stats, chunk_size=chunk_size, on_outcomes=seen.extend, pipeline=p,
         )  # fmt: skip
-        tables[pipeline] = (
-            rows(engine, "SELECT rid, color, glossy, coats, note, _batch_id FROM t ORDER BY rid"),
-            rows(engine, "SELECT record_id, reason FROM t_rejects ORDER BY record_id"),
-            [(o.record_id, o.status, o.reason) for o in seen],
-            (stats.accepted, stats.rejected, dict(stats.reasons), stats.usage.as_dict()),
-        )
-        engine.dispose()
-    assert tables[None] == tables[False]
-    table, rejects, outcomes, counts = tables[None]
-    assert len(table) == 33 and dict((r[0], r[4]) for r in table)["r3"] == "n99"  # last answer wins
-    assert rejects == [("bad", "invalid_json"), ("gone", "expired")]
-    assert len(outcomes) == 36 and counts[:3] == (34, 2, {"invalid_json": 1, "expired": 1})
+        found = (rows(engine, f"{q.format(t=table)} ORDER BY 1") for q in queries)
+        got[p] = (*found, sorted(seen), stats.summary())
+    return got[False], got[pipeline]
+
+
+def _files(tmp_path):
+    """``engine_for`` of ``_inline_and``: a SQLite file per path."""
+    engines = []
+
+    def engine_for(p):
+        engines.append(sa.create_engine(f"sqlite:///{tmp_path / f'{p}.db'}"))
+        return engines[-1]
+
+    return engine_for
 
 
 class Mixed(BaseModel):
@@ -506,25 +528,123 @@ def test_a_writer_process_streaming_pieces_ends_every_way_like_the_inline_path(t
     last piece; a load smaller than a piece is written inline): a stream ending on a chunk, on a
     piece inside a chunk or inside a piece stores and reports what the inline path does."""
     lines = [line(f"r{i}", paint(i)) if i % 7 else line(f"r{i}", "not json") for i in range(n)]
-    got = {}
-    for pipeline in (False, "process"):
-        engine = sa.create_engine(f"sqlite:///{tmp_path / f'{pipeline}.db'}")
-        sink = ResultSink(engine, table="t", id_column="rid", output_model=Paint)
-        sink.ensure_tables()
-        stats, seen = LoadStats(), []
-        load_batch(
-            (parse_result_line(x) for x in lines), batch_id="b", output_model=Paint, sink=sink,
-            stats=stats, chunk_size=8, on_outcomes=seen.extend, pipeline=pipeline,
-        )  # fmt: skip
-        got[pipeline] = (
-            rows(engine, "SELECT rid, note FROM t ORDER BY rid"),
-            rows(engine, "SELECT record_id, reason FROM t_rejects ORDER BY record_id"),
-            sorted(seen),
-            stats.summary(),
-        )
-        engine.dispose()
-    assert got["process"] == got[False]
-    assert len(got[False][2]) == n and len(got[False][0]) == n - len(range(0, n, 7))
+    inline, process = _inline_and(
+        "process", _files(tmp_path), lines, Paint, 8, "SELECT rid, note FROM {t}", "SELECT record_id, reason FROM {t}_rejects"
+    )
+    assert process == inline
+    assert len(inline[2]) == n and len(inline[0]) == n - len(range(0, n, 7))
+
+
+@pytest.mark.parametrize("n", [1, 3, 8, 18, 21])
+def test_the_postgres_writer_thread_stores_and_reports_what_the_inline_path_does(pg_engine, n):
+    """PostgreSQL's writer thread (chunks prepared as COPY text on the loading thread) against
+    the inline path, for loads ending inside a chunk and on one, with a repeated id."""
+    lines = [line(f"r{i}", paint(i)) if i % 7 else line(f"r{i}", "not json") for i in range(n)]
+    lines += [line("r2", paint(99))]  # a repeat, in a later piece of the same chunk or the next
+    inline, thread = _inline_and(
+        True, lambda p: pg_engine, lines, Paint, 8,
+        "SELECT rid, note FROM {t}", "SELECT record_id, reason FROM {t}_rejects",
+    )  # fmt: skip
+    assert thread == inline
+    assert ("r2", "n99") in inline[0]
+
+
+def test_a_broken_stream_keeps_only_whole_chunks_on_every_path(engine, monkeypatch):
+    """A load that fails mid-chunk keeps (and reports) the chunks committed before, nothing of
+    the unfinished one (SQLite: the writer process rolls back the pieces it has; PostgreSQL: the
+    writer thread). The writer process's early commit of an idle transaction is held off here."""
+    from airflow_provider_fable.core import loading
+    from airflow_provider_fable.core.results import ResultLineError
+
+    monkeypatch.setattr(loading, "IDLE_COMMIT_S", 60.0)
+
+    def stream():
+        for i in range(25):
+            yield parse_result_line(line(f"r{i}", paint(i)))
+        yield parse_result_line(b'{"custom_id": "torn", "resu')
+
+    sink = ResultSink(engine, table="t", id_column="rid", output_model=Paint)
+    sink.ensure_tables()
+    seen: list[RecordOutcome] = []
+    with pytest.raises(ResultLineError):
+        load_batch(stream(), batch_id="b", output_model=Paint, sink=sink, stats=LoadStats(),
+                   chunk_size=10, on_outcomes=seen.extend)  # fmt: skip
+    assert rows(engine, "SELECT count(*) FROM t")[0][0] == 20
+    assert sorted(o.record_id for o in seen) == sorted(f"r{i}" for i in range(20))
+
+
+def test_a_ledger_in_the_destination_sqlite_file_does_not_wait_for_the_writer(tmp_path):
+    """``on_outcomes`` writing to the same SQLite file as the load (a ledger kept there) while
+    the writer holds the next chunk's transaction open: the writer commits when no piece comes,
+    so that write waits ~``IDLE_COMMIT_S``, not until its busy timeout ("database is locked")."""
+    import sqlite3
+    import time
+
+    db = tmp_path / "one.db"
+    sink = ResultSink(sa.create_engine(f"sqlite:///{db}"), table="t", id_column="rid", output_model=Paint)
+    sink.ensure_tables()
+    side = sqlite3.connect(db, timeout=3, isolation_level=None)
+    side.execute("CREATE TABLE verdicts (record_id TEXT, status TEXT)")
+
+    def record(outcomes):
+        side.executemany("INSERT INTO verdicts VALUES (?, ?)", [(o.record_id, o.status) for o in outcomes])
+
+    def download():  # slower than the writer, as a download can be: it waits for pieces
+        for i in range(40):
+            time.sleep(0.005)
+            yield parse_result_line(line(f"r{i}", paint(i)))
+
+    stats = LoadStats()
+    load_batch(download(), batch_id="b", output_model=Paint, sink=sink, stats=stats, chunk_size=8,
+               on_outcomes=record, pipeline="process")  # fmt: skip
+    assert stats.accepted == 40
+    assert side.execute("SELECT count(*), count(DISTINCT record_id) FROM verdicts").fetchone() == (40, 40)
+    assert rows(sink.engine, "SELECT count(*) FROM t")[0][0] == 40
+    side.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_slow_stream_commits_idle_pieces_and_reports_exactly_what_is_committed(
+    backend, request, monkeypatch
+):
+    """A slow stream (a slow download): everything loads once and what is reported is what is
+    committed; on SQLite the writer process commits its open pieces early when the next is slow."""
+    import time
+
+    from airflow_provider_fable.core import loading
+
+    monkeypatch.setattr(loading, "IDLE_COMMIT_S", 0.01)
+    engine = request.getfixturevalue("sqlite_engine" if backend == "sqlite" else "pg_engine")
+    sink = ResultSink(engine, table="t", id_column="rid", output_model=Paint)
+    sink.ensure_tables()
+
+    def slow():
+        for i in range(30):
+            if i % 5 == 4:
+                time.sleep(0.05)
+            yield parse_result_line(line(f"r{i}", paint(i) if i % 9 else "nope"))
+
+    seen: list[RecordOutcome] = []
+    load_batch(slow(), batch_id="b", output_model=Paint, sink=sink, stats=LoadStats(), chunk_size=16,
+               on_outcomes=seen.extend)  # fmt: skip
+    assert sorted(o.record_id for o in seen) == sorted(f"r{i}" for i in range(30))
+    assert sorted(r[0] for r in rows(engine, "SELECT rid FROM t")) == sorted(
+        o.record_id for o in seen if o.status == "accepted"
+    )
+
+
+def test_a_writer_process_reports_outcomes_per_chunk_not_per_piece(sqlite_engine):
+    """The ledger writes each ``on_outcomes`` call in its own transaction: pieces do not
+    multiply the calls (at most one per committed chunk, every record once)."""
+    sink = ResultSink(sqlite_engine, table="t", id_column="rid", output_model=Paint)
+    sink.ensure_tables()
+    calls: list[list[RecordOutcome]] = []
+    load_batch(
+        (parse_result_line(line(f"r{i}", paint(i))) for i in range(40)), batch_id="b", output_model=Paint,
+        sink=sink, stats=LoadStats(), chunk_size=8, on_outcomes=calls.append, pipeline="process",
+    )  # fmt: skip
+    assert 1 <= len(calls) <= 5
+    assert sorted(o.record_id for call in calls for o in call) == sorted(f"r{i}" for i in range(40))
 
 
 def test_the_writer_process_builds_the_same_rows_as_the_inline_path(tmp_path):
@@ -542,27 +662,13 @@ def test_the_writer_process_builds_the_same_rows_as_the_inline_path(tmp_path):
     lines = [line(f"r{i}", a) for i, a in enumerate(answers)]
     lines[12] = line("r4", {"label": "again", "tags": [], "count": 99})  # a repeat in the second chunk
     lines += [line("bad", "[1"), line("gone", None, kind="expired"), line("r20", {"label": "x", "count": 1})]
-    got = {}
-    for pipeline in (False, "process"):
-        engine = sa.create_engine(f"sqlite:///{tmp_path / f'{pipeline}.db'}")
-        sink = ResultSink(engine, table="t", id_column="rid", output_model=Nested)
-        sink.ensure_tables()
-        stats, seen = LoadStats(), []
-        load_batch(
-            (parse_result_line(x) for x in lines), batch_id="b", output_model=Nested, sink=sink,
-            stats=stats, chunk_size=10, on_outcomes=seen.extend, pipeline=pipeline,
-        )  # fmt: skip
-        got[pipeline] = (
-            rows(engine, "SELECT rid, label, tags, count, _batch_id, _model, _input_tokens, _output_tokens "
-                         "FROM t ORDER BY rid"),
-            rows(engine, "SELECT record_id, batch_id, reason, detail, raw_answer, retryable FROM t_rejects "
-                         "ORDER BY record_id"),
-            seen,
-            stats.summary(),
-        )  # fmt: skip
-        engine.dispose()
-    assert got["process"] == got[False]
-    table, rejects, outcomes, summary = got["process"]
+    inline, process = _inline_and(
+        "process", _files(tmp_path), lines, Nested, 10,
+        "SELECT rid, label, tags, count, _batch_id, _model, _input_tokens, _output_tokens FROM {t}",
+        "SELECT record_id, batch_id, reason, detail, raw_answer, retryable FROM {t}_rejects",
+    )  # fmt: skip
+    assert process == inline
+    table, rejects, outcomes, summary = process
     assert dict((r[0], r[1]) for r in table)["r4"] == "again" and dict((r[0], r[1]) for r in table)["r5"] == "l5"
     assert [r[2] for r in rejects] == ["invalid_json", "expired", "schema"]
     assert len(outcomes) == 33 and summary["accepted"] == 30 and summary["usage"]["input_tokens"] == 320

@@ -34,7 +34,7 @@ from airflow_provider_fable.core.cost import usage_cost_usd
 from airflow_provider_fable.core.results import BatchResult, Usage
 from airflow_provider_fable.core.sinks import ResultSink, model_properties, resolve
 from airflow_provider_fable.core.validation import Accepted, Rejected, validator_for
-from airflow_provider_fable.core.writer_process import BuildJob, StoreJob
+from airflow_provider_fable.core.writer_process import IDLE_COMMIT_S, BuildJob, StoreJob, write_frame
 
 
 class ChunkSink(Protocol):
@@ -244,9 +244,12 @@ class _ProcessWriter:
     (``ResultSink.sqlite_store``: sqlite3 alone, so it is up in milliseconds).
     Chunks are sent in pieces (``piece_size`` rows, a quarter chunk) as they fill, the last
     piece of each chunk committing its transaction: the writer works on a chunk while its end is
-    still being validated, so the load ends one piece, not one chunk, after its last line. The
-    process is started at the first full piece (its start-up, ~30 ms, then overlaps the rest of
-    the first chunk); a load smaller than a piece is written inline.
+    still being validated, so the load ends one piece, not one chunk, after its last line. When
+    no piece comes for ``IDLE_COMMIT_S`` the writer commits what it has, so its lock on the file
+    is not held while this process waits on something else (a slow download; a ledger kept in
+    the same SQLite file, whose write would otherwise wait for that lock: a deadlock until the
+    busy timeout). The process is started at the first full piece (its start-up, ~30 ms, then
+    overlaps the rest of the first chunk); a load smaller than a piece is written inline.
     Memory stays bounded: a chunk's worth of pieces queued, one being written, and the items of
     the pieces not yet committed kept here for reporting.
     """
@@ -278,6 +281,7 @@ class _ProcessWriter:
         store = self.sink.sqlite_store()
         assert store is not None  # checked by ``_separate_writer_helps``
         self.database = store.database
+        store.idle_commit_s = IDLE_COMMIT_S
         self.todo.put(pickle.dumps(store))
         for target, name in ((self._send, "fable-load-send"), (self._receive, "fable-load-receive")):
             thread = threading.Thread(target=target, args=(self.proc,), name=name, daemon=True)
@@ -288,9 +292,8 @@ class _ProcessWriter:
         assert proc.stdin is not None
         try:
             while (frame := self.todo.get()) is not None:
-                proc.stdin.write(frame)
-                proc.stdin.flush()
-            proc.stdin.write(pickle.dumps(None))
+                write_frame(proc.stdin, frame)
+            write_frame(proc.stdin, pickle.dumps(None))
             proc.stdin.close()
         except OSError:  # the writer process died; the receiver reports it
             pass
@@ -488,6 +491,9 @@ def load_batch(
         writer = _Writer(sink, batch_id, lambda: model_name, bool(pipeline), chunk_size)
 
     def report(done: list[tuple[_Chunk, list[Rejected]]]) -> None:
+        # One ``on_outcomes`` call for all that was committed since the last report (a writer
+        # process hands back a chunk as its pieces): the ledger's write has a per-call cost.
+        outcomes: list[RecordOutcome] = []
         for chunk, unstorable in done:
             if unstorable:
                 # Counted as accepted while validating; the database had the last word.
@@ -505,7 +511,7 @@ def load_batch(
                 continue
             bad = {r.record_id for r in unstorable}
             cid = chunk.custom_ids.get
-            outcomes = [
+            outcomes += [
                 RecordOutcome(a.record_id, cid(a.record_id, a.record_id), "accepted", None, False, batch_id)
                 for a in chunk.accepted
                 if a.record_id not in bad
@@ -514,6 +520,7 @@ def load_batch(
                 RecordOutcome(r.record_id, cid(r.record_id, r.record_id), "rejected", r.reason, r.retryable, batch_id)
                 for r in (*chunk.rejected, *unstorable)
             ]  # fmt: skip
+        if outcomes and on_outcomes is not None:
             on_outcomes(outcomes)
 
     accepted: list[Accepted] = []

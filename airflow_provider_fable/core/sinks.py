@@ -550,20 +550,13 @@ WHERE t.{rid} IS NULL OR l.rejected_at > t._loaded_at"""
         one, is tried first: only a chunk the database refuses needs the rows (to bisect).
         """
         with self._transaction() as tx:
-            refused = False
-            if isinstance(job, BuildJob):
-                if job.copy_text is not None:
-                    try:
-                        with tx.savepoint():
-                            tx.upsert_text(self.table, (self.id_column,), self._columns, job.copy_text)
-                        refused = None
-                    except self._data_errors:
-                        refused = True
-                job = built_rows(self._build_row, job) if refused is not None else job
-            if refused is None:
-                failed = []
+            text = job.copy_text if isinstance(job, BuildJob) else None
+            if text is not None and self._copy_whole(tx, text):
+                failed: list[tuple[int, str]] = []
             else:
-                failed = self._write_isolating(tx, job.rows, whole_refused=refused)
+                if isinstance(job, BuildJob):
+                    job = built_rows(self._build_row, job)
+                failed = self._write_isolating(tx, job.rows, whole_refused=text is not None)
             reject_rows = job.reject_rows
             if failed:
                 more = [
@@ -626,6 +619,15 @@ WHERE t.{rid} IS NULL OR l.rejected_at > t._loaded_at"""
         items = list(items)
         self.write_chunk([], items, batch_id=batch_id, model=None)
         return len(items)
+
+    def _copy_whole(self, tx: _Transaction, text: str) -> bool:
+        """A chunk's COPY text upserted under a savepoint; False when the database refused it."""
+        try:
+            with tx.savepoint():
+                tx.upsert_text(self.table, (self.id_column,), self._columns, text)
+        except self._data_errors:
+            return False
+        return True
 
     def _write_isolating(
         self, tx: _Transaction, rows: list[tuple[Any, ...]], *, whole_refused: bool = False
@@ -696,6 +698,9 @@ class _Transaction:
         self, table: sa.Table, keys: Sequence[str], columns: list[str], rows: list[tuple[Any, ...]]
     ) -> None:
         raise NotImplementedError
+
+    def upsert_text(self, table: sa.Table, keys: Sequence[str], columns: list[str], data: str) -> None:
+        raise NotImplementedError  # COPY text: PostgreSQL through a DB-API driver only
 
 
 class _DBAPISavepoint:

@@ -2,12 +2,14 @@
 
 Started by ``core.loading`` as ``python -m airflow_provider_fable.core.writer_process`` (a fresh
 interpreter: not a fork of a threaded task process, and unlike multiprocessing's ``spawn`` it
-does not re-run the caller's ``__main__``). Protocol, pickle frames: stdin carries a
-``SQLiteStore``, then ``(job, commit)`` per piece of a chunk (a ``StoreJob`` or ``BuildJob``,
-or None; ``commit`` ends the chunk's transaction) and ``None`` to finish; stdout answers each
-committed chunk with ``("ok", [[(row index, message), ...] per piece])`` or, once,
-``("error", exception)``. When the loading process dies its end of stdin closes and this
-process exits (an open transaction is rolled back).
+does not re-run the caller's ``__main__``). Protocol: stdin carries length-prefixed pickle
+frames (``write_frame``): a ``SQLiteStore``, then ``(job, commit)`` per piece of a chunk (a
+``StoreJob`` or ``BuildJob``, or None; ``commit`` ends the chunk's transaction) and ``None`` to
+finish; stdout answers each commit with ``("ok", [[(row index, message), ...] per piece
+committed])`` or, once, ``("error", exception)``. A transaction is also committed when no
+piece comes for ``IDLE_COMMIT_S`` (so its pieces may span fewer rows than a chunk). When the
+loading process dies its end of stdin closes and this process exits (an open transaction is
+rolled back).
 
 Why this module imports nothing but ``sqlite3``, ``pickle`` and ``orjson``: the process must be
 ready within milliseconds. With SQLAlchemy and pydantic (``core.sinks``) it took about half a
@@ -19,7 +21,9 @@ here and ``core.sinks`` uses them from here.
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import select
 import sqlite3
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +31,12 @@ from contextlib import AbstractContextManager, contextmanager
 from typing import Any, NamedTuple
 
 import orjson
+
+#: A chunk's transaction is committed early when no piece came for this long: the loading
+#: process may be waiting on something else (a slow download, or a write of its own to the same
+#: SQLite file, such as a ledger kept there, which would otherwise wait for this lock while this
+#: process waits for its next piece). In a steady load pieces come every ~10 ms.
+IDLE_COMMIT_S = 0.05
 
 
 class StoreJob(NamedTuple):
@@ -204,6 +214,7 @@ class SQLiteStore:
     ) -> None:
         self.database, self.upsert_sql, self.reject_sql = database, upsert_sql, reject_sql
         self.kinds = list(kinds)
+        self.idle_commit_s = IDLE_COMMIT_S  # set by the loading process (tests lengthen it)
         self._conn: sqlite3.Connection | None = None
         self._sp = 0
         self._build: Callable[..., tuple[Any, ...]] | None = None
@@ -288,20 +299,60 @@ class SQLiteStore:
         return failed
 
 
+
+_HEADER = 8  # frame length prefix, big-endian
+
+
+def write_frame(stream: Any, data: bytes) -> None:
+    """One frame from the loading process: length prefix + ``data`` (a pickle)."""
+    stream.write(len(data).to_bytes(_HEADER, "big"))
+    stream.write(data)
+    stream.flush()
+
+
+def _read_exact(fd: int, size: int) -> bytes | None:
+    """``size`` bytes from ``fd`` (None at end of input)."""
+    parts, got = [], 0
+    while got < size:
+        part = os.read(fd, size - got)
+        if not part:
+            return None
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
+_IDLE = object()
+_GONE = object()
+
+
+def read_frame(fd: int, timeout: float | None) -> Any:
+    """The next frame, ``_IDLE`` when none starts within ``timeout``, ``_GONE`` at end of input.
+
+    Read from the descriptor itself (no buffered reader in between), so that ``select`` knows
+    whether a frame is waiting.
+    """
+    if timeout is not None and not select.select([fd], [], [], timeout)[0]:
+        return _IDLE
+    header = _read_exact(fd, _HEADER)
+    body = None if header is None else _read_exact(fd, int.from_bytes(header, "big"))
+    return _GONE if body is None else pickle.loads(body)
+
+
 def main() -> None:
-    source, answers = sys.stdin.buffer, sys.stdout.buffer
+    fd, answers = sys.stdin.fileno(), sys.stdout.buffer
     store = None
     try:
-        store = pickle.load(source)
+        store = read_frame(fd, None)
         refused: list[list[tuple[int, str]]] = []  # per piece of the open transaction
         while True:
-            try:
-                frame = pickle.load(source)
-            except EOFError:
-                return  # the loading process is gone; an open transaction is rolled back
-            if frame is None:
-                return
-            job, commit = frame
+            frame = read_frame(fd, store.idle_commit_s if refused else None)
+            if frame is _GONE or frame is None:
+                return  # finished, or the loading process is gone; an open transaction rolls back
+            if frame is _IDLE:
+                job, commit = None, True
+            else:
+                job, commit = frame
             if type(job).__name__ == "BuildJob":  # this module's class, unpickled by its import name
                 job = store.built(job)
             if job is not None:
