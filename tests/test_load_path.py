@@ -633,6 +633,22 @@ def test_a_slow_stream_commits_idle_pieces_and_reports_exactly_what_is_committed
     )
 
 
+def test_a_running_load_logs_its_progress(sqlite_engine, caplog):
+    """A long load says how far it is (here a line per chunk: ``progress_every=0``)."""
+    import logging
+
+    sink = ResultSink(sqlite_engine, table="t", id_column="rid", output_model=Paint)
+    sink.ensure_tables()
+    lines = [line(f"r{i}", paint(i) if i % 10 else "nope") for i in range(30)]
+    with caplog.at_level(logging.INFO, logger="airflow_provider_fable.core.loading"):
+        load_batch((parse_result_line(x) for x in lines), batch_id="b7", output_model=Paint, sink=sink,
+                   stats=LoadStats(), chunk_size=10, pipeline=False, progress_every=0)  # fmt: skip
+    progress = [r.getMessage() for r in caplog.records if "validated so far" in r.getMessage()]
+    assert len(progress) == 3
+    assert progress[0].startswith("batch b7: 10 results validated so far (9 accepted, 1 rejected)")
+    assert progress[1].startswith("batch b7: 20 results validated so far (18 accepted, 2 rejected)")
+
+
 def test_a_writer_process_reports_outcomes_per_chunk_not_per_piece(sqlite_engine):
     """The ledger writes each ``on_outcomes`` call in its own transaction: pieces do not
     multiply the calls (at most one per committed chunk, every record once)."""

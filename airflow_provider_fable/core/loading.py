@@ -13,6 +13,7 @@ process, stores one chunk while Python validates the next.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import pickle
 import queue
@@ -35,6 +36,8 @@ from airflow_provider_fable.core.results import BatchResult, Usage
 from airflow_provider_fable.core.sinks import ResultSink, model_properties, resolve
 from airflow_provider_fable.core.validation import Accepted, Rejected, validator_for
 from airflow_provider_fable.core.writer_process import IDLE_COMMIT_S, BuildJob, StoreJob, write_frame
+
+log = logging.getLogger(__name__)
 
 
 class ChunkSink(Protocol):
@@ -451,6 +454,7 @@ def load_batch(
     on_outcomes: Callable[[list[RecordOutcome]], None] | None = None,
     should_write: Callable[[str, str], bool] | None = None,
     pipeline: bool | str | None = None,
+    progress_every: float = 30.0,
 ) -> None:
     """Validate every result of one batch and write it, ``chunk_size`` rows per transaction.
 
@@ -467,6 +471,8 @@ def load_batch(
         without the GIL); a writer process for a SQLite file when the machine has more than
         one core (SQLite's executemany needs the GIL for every row, so a thread does not help
         there; a process does: see docs/performance.md); else inline.
+    :param progress_every: seconds between progress lines in the log while a load runs (a
+        load slowed by a slow download or many refused rows would otherwise be silent).
     """
     fields = distribution_fields(output_model)
     for f in fields:
@@ -541,6 +547,7 @@ def load_batch(
         usages.clear()
 
     def flush(final: bool = False) -> None:
+        nonlocal next_progress
         # Counting per chunk (in C: Counter.update, len, sum over map) rather than per row.
         count_usage()
         stats.accepted += len(accepted)
@@ -553,7 +560,19 @@ def load_batch(
                 for value, n in Counter(map(dict.get, datas, repeat(f))).items():
                     counter[str(value)] += n
         writer.submit(_Chunk(accepted, rejected, custom_ids), final)
+        if (now := time.monotonic()) >= next_progress and not final:
+            next_progress = now + progress_every
+            done = stats.accepted + stats.rejected - counted_before
+            log.info(
+                "batch %s: %d results validated so far (%d accepted, %d rejected), %.0f results/s",
+                batch_id, done, stats.accepted - accepted_before, stats.rejected - rejected_before,
+                done / max(now - started, 1e-9),
+            )  # fmt: skip
 
+    started = time.monotonic()
+    next_progress = started + progress_every
+    accepted_before, rejected_before = stats.accepted, stats.rejected
+    counted_before = accepted_before + rejected_before
     flush_size = writer.flush_size  # rows per submit: a chunk, or a piece of one (writer process)
     with _fewer_collections():
         try:
