@@ -649,6 +649,34 @@ def test_a_running_load_logs_its_progress(sqlite_engine, caplog):
     assert progress[1].startswith("batch b7: 20 results validated so far (18 accepted, 2 rejected)")
 
 
+def test_a_writer_thread_failing_while_the_last_chunk_waits_does_not_hang_the_load():
+    """The writer thread fails on a chunk while the final chunk waits in its queue: the load
+    raises that error instead of waiting forever to hand the thread its end marker."""
+    import threading
+    import time
+
+    class Failing:
+        def write_chunk(self, accepted, rejected, *, batch_id, model):
+            time.sleep(0.3)  # the final chunk is queued meanwhile
+            raise RuntimeError("the destination went away")
+
+    outcome: list[BaseException | None] = []
+
+    def run():
+        try:
+            load_batch((parse_result_line(line(f"r{i}", paint(i))) for i in range(20)), batch_id="b",
+                       output_model=Paint, sink=Failing(), stats=LoadStats(), chunk_size=10, pipeline=True)  # fmt: skip
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - inspected below
+            outcome.append(exc)
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    runner.join(20)
+    assert not runner.is_alive(), "load_batch hung after its writer thread failed"
+    assert isinstance(outcome[0], RuntimeError) and "went away" in str(outcome[0])
+
+
 def test_a_writer_process_reports_outcomes_per_chunk_not_per_piece(sqlite_engine):
     """The ledger writes each ``on_outcomes`` call in its own transaction: pieces do not
     multiply the calls (at most one per committed chunk, every record once)."""

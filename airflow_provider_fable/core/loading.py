@@ -211,8 +211,14 @@ class _Writer:
         only whole chunks are kept (each is one transaction)."""
         if self.todo is not None and self.thread is not None:
             if commit:
-                if self.thread.is_alive():
-                    self.todo.put(None)
+                # Not a plain ``put``: a thread that fails while the queue is full never takes
+                # the end marker, and the load would wait for it forever.
+                while self.thread.is_alive():
+                    try:
+                        self.todo.put(None, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
                 self.thread.join()
                 return
             deadline = time.monotonic() + _FAILED_LOAD_WAIT
