@@ -716,3 +716,29 @@ def test_the_writer_process_builds_the_same_rows_as_the_inline_path(tmp_path):
     assert dict((r[0], r[1]) for r in table)["r4"] == "again" and dict((r[0], r[1]) for r in table)["r5"] == "l5"
     assert [r[2] for r in rejects] == ["invalid_json", "expired", "schema"]
     assert len(outcomes) == 33 and summary["accepted"] == 30 and summary["usage"]["input_tokens"] == 320
+
+
+def test_a_writer_thread_failing_reports_the_chunks_it_committed_before():
+    """The writer thread commits a chunk, then fails on the next before the loading thread looks:
+    the committed chunk is still reported (every committed record once), then the error raised.
+    ``committed`` used to raise as soon as it met the error, dropping the results before it."""
+    import time
+
+    class FailsOnTheLast:
+        calls = 0
+
+        def write_chunk(self, accepted, rejected, *, batch_id, model):
+            self.calls += 1
+            if self.calls == 1:
+                return []
+            time.sleep(0.2)  # the final chunk is handed over meanwhile
+            if self.calls == 2:
+                return []
+            raise RuntimeError("the destination went away")
+
+    seen: list[RecordOutcome] = []
+    with pytest.raises(RuntimeError, match="went away"):
+        load_batch((parse_result_line(line(f"r{i}", paint(i))) for i in range(30)), batch_id="b",
+                   output_model=Paint, sink=FailsOnTheLast(), stats=LoadStats(), chunk_size=10,
+                   on_outcomes=seen.extend, pipeline=True)  # fmt: skip
+    assert sorted(o.record_id for o in seen) == sorted(f"r{i}" for i in range(20))
