@@ -153,6 +153,7 @@ class _Writer:
         self.sink, self.batch_id, self.model = sink, batch_id, model
         self.flush_size = chunk_size
         self.done: queue.Queue[tuple[_Chunk, list[Rejected]] | BaseException] = queue.Queue()
+        self.error: BaseException | None = None  # taken from ``done``, raised by ``committed``
         self.todo: queue.Queue[_Prepared | None] | None = None
         self.thread: threading.Thread | None = None
         if threaded:
@@ -230,15 +231,22 @@ class _Writer:
             self.thread.join(max(0.0, deadline - time.monotonic()))
 
     def committed(self) -> list[tuple[_Chunk, list[Rejected]]]:
+        """Chunks committed so far; the writer's error once every committed one was returned
+        (the chunks it committed before failing are reported too)."""
         out = []
-        while True:
+        while self.error is None:
             try:
                 item = self.done.get_nowait()
             except queue.Empty:
-                return out
+                break
             if isinstance(item, BaseException):
-                raise item
-            out.append(item)
+                self.error = item
+            else:
+                out.append(item)
+        if not out and self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        return out
 
 
 class _ProcessWriter:
