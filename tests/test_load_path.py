@@ -742,3 +742,43 @@ def test_a_writer_thread_failing_reports_the_chunks_it_committed_before():
                    output_model=Paint, sink=FailsOnTheLast(), stats=LoadStats(), chunk_size=10,
                    on_outcomes=seen.extend, pipeline=True)  # fmt: skip
     assert sorted(o.record_id for o in seen) == sorted(f"r{i}" for i in range(20))
+
+
+def test_an_error_while_the_last_chunk_is_written_still_reports_the_chunks_committed_before(monkeypatch):
+    """execution_timeout (SIGALRM) fires while the load waits at its end for the writer thread,
+    which has committed a chunk and is stuck on the last one (a lock): the committed chunk is
+    reported before the error surfaces, as for an error earlier in the load. The end-of-load
+    wait used to sit outside the error handling, so its error skipped the report."""
+    import signal
+    import time
+
+    import airflow_provider_fable.core.loading as loading
+
+    monkeypatch.setattr(loading, "_FAILED_LOAD_WAIT", 0.1)
+
+    class TimedOut(BaseException):
+        pass
+
+    def timed_out(*_):
+        raise TimedOut
+
+    class SlowSink:
+        calls = 0
+
+        def write_chunk(self, accepted, rejected, *, batch_id, model):
+            self.calls += 1
+            time.sleep(0.2 if self.calls == 1 else 2)  # the second chunk: blocked on a lock
+            return []
+
+    seen: list[RecordOutcome] = []
+    previous = signal.signal(signal.SIGALRM, timed_out)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.6)
+        with pytest.raises(TimedOut):
+            load_batch((parse_result_line(line(f"r{i}", paint(i))) for i in range(20)), batch_id="b",
+                       output_model=Paint, sink=SlowSink(), stats=LoadStats(), chunk_size=10,
+                       on_outcomes=seen.extend, pipeline=True)  # fmt: skip
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert sorted(o.record_id for o in seen) == sorted(f"r{i}" for i in range(10))
