@@ -611,6 +611,7 @@ def load_batch(
             if accepted or rejected:
                 flush(final=True)
             count_usage()  # of skipped answers after the last chunk
+            writer.close()  # waits for the last chunk: an error here (a timeout) is handled below
         except BaseException:
             # What was committed stays committed, and is still reported, before the error surfaces.
             writer.close(commit=False)
@@ -619,7 +620,6 @@ def load_batch(
             except Exception:  # noqa: BLE001 - the original error is the one to raise
                 pass
             raise
-        writer.close()
         while done := writer.committed():
             report(done)
     batch_usage = Usage(tokens_in, tokens_out, cache_write, cache_read, cache_write_1h)
