@@ -782,3 +782,34 @@ def test_an_error_while_the_last_chunk_is_written_still_reports_the_chunks_commi
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert sorted(o.record_id for o in seen) == sorted(f"r{i}" for i in range(10))
+
+
+def test_closing_a_writer_process_that_failed_does_not_wait_for_its_idle_sender(tmp_path):
+    """The writer process failed after every piece was sent (its sender thread idles on the
+    empty queue) and ``committed`` handed back the chunks committed before, keeping the error:
+    ``close`` then put no end marker (the error was set), so reaping waited 30 s for the sender
+    thread, which stayed blocked for good."""
+    import time
+
+    from airflow_provider_fable.core.loading import _Chunk, _ProcessWriter
+    from airflow_provider_fable.core.validation import validator_for
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'dest.db'}")
+    sink = ResultSink(engine, table="t", id_column="rid", output_model=Paint)
+    sink.ensure_tables()
+    with engine.begin() as conn:  # an error at run time, not a refused row
+        conn.execute(sa.text("CREATE TRIGGER boom BEFORE INSERT ON t WHEN NEW.rid = 'r10' BEGIN SELECT json('{'); END"))
+    validate = validator_for(Paint)
+    items = [validate(parse_result_line(line(f"r{i}", paint(i)))) for i in range(12)]
+    writer = _ProcessWriter(sink, "b", lambda: "m", 8)
+    for k in range(0, 12, 2):  # pieces of 2: the first chunk commits, the piece of r10 fails
+        writer.submit(_Chunk(items[k : k + 2], [], {}))
+    deadline = time.monotonic() + 10
+    while writer.threads[1].is_alive() and time.monotonic() < deadline:  # the writer is gone
+        time.sleep(0.02)
+    assert len(writer.committed()) == 4 and writer.error is not None
+    start = time.monotonic()
+    writer.close()
+    assert time.monotonic() - start < 5
+    assert not writer.threads[0].is_alive()
+    engine.dispose()
