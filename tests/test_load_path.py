@@ -813,3 +813,24 @@ def test_closing_a_writer_process_that_failed_does_not_wait_for_its_idle_sender(
     assert time.monotonic() - start < 5
     assert not writer.threads[0].is_alive()
     engine.dispose()
+
+
+def test_an_error_of_the_writer_process_with_pieces_still_to_send_surfaces_as_itself(tmp_path):
+    """The writer process stops at a run-time error while the sender thread is still writing
+    pieces to it: the load raises that error (sqlite3's), not the broken pipe of the stdin bytes
+    the stopped process never read (closing that pipe flushed them again, in the error path)."""
+    import sqlite3
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'dest.db'}")
+    sink = ResultSink(engine, table="t", id_column="rid", output_model=Paint)
+    sink.ensure_tables()
+    with engine.begin() as conn:  # an error at run time, not a refused row
+        conn.execute(sa.text("CREATE TRIGGER boom BEFORE INSERT ON t WHEN NEW.rid = 'r100' BEGIN SELECT json('{'); END"))
+    seen: list[RecordOutcome] = []
+    with pytest.raises(sqlite3.OperationalError):
+        load_batch((parse_result_line(line(f"r{i}", paint(i))) for i in range(20000)), batch_id="b",
+                   output_model=Paint, sink=sink, stats=LoadStats(), chunk_size=40, on_outcomes=seen.extend,
+                   pipeline="process")  # fmt: skip
+    assert sorted(o.record_id for o in seen) == sorted(f"r{i}" for i in range(80))
+    assert rows(engine, "SELECT count(*) FROM t")[0][0] == 80
+    engine.dispose()
