@@ -414,7 +414,10 @@ class _ProcessWriter:
             proc.wait()
         for pipe in (proc.stdin, proc.stdout):
             if pipe is not None:
-                pipe.close()
+                try:
+                    pipe.close()
+                except OSError:  # stdin: bytes the stopped process never read (a broken pipe)
+                    pass
 
     def committed(self) -> list[tuple[_Chunk, list[Rejected]]]:
         """Chunks committed so far; the writer's error once every committed one was returned."""
