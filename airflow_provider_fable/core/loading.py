@@ -393,6 +393,10 @@ class _ProcessWriter:
         self._drain(block=True)
         proc, self.proc = self.proc, None
         if self.error is not None:
+            try:  # ``_put`` gives up once the error is set: the sender may idle on an empty queue
+                self.todo.put_nowait(None)
+            except queue.Full:
+                pass  # it is busy, and ends at the first write to the stopped process
             if proc.poll() is None:
                 proc.kill()  # it stopped at its error; do not wait for the rest of the queue
             self._reap(proc)
