@@ -239,8 +239,9 @@ def test_a_broken_stream_keeps_and_reports_what_was_committed(sqlite_engine, pip
 def test_a_failed_load_does_not_wait_for_a_writer_thread_blocked_on_a_lock(pg_engine, monkeypatch):
     """An error on the loading thread (execution_timeout's SIGALRM, a SIGTERM) while the PostgreSQL
     writer thread waits on a table lock used to wait for that lock (forever, when never released):
-    the task overran its execution_timeout. The queued chunk is dropped, the one being written is
-    waited for a bounded time, then the error surfaces."""
+    the task overran its execution_timeout. The chunks handed over are waited for a bounded time
+    (the queued one is not dropped: the daemon thread may still write it later, unreported),
+    then the error surfaces."""
     import signal
     import threading
     import time

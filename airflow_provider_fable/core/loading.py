@@ -383,7 +383,8 @@ class _ProcessWriter:
 
     def close(self, commit: bool = True) -> None:
         """Finish; ``commit`` the pieces of an unfinished chunk, else they are rolled back (the
-        load failed: as on the other paths, only whole chunks are kept)."""
+        load failed: as on the other paths, only whole chunks are kept, except pieces the writer
+        already committed because none came for ``IDLE_COMMIT_S``; those are reported)."""
         if self.proc is None:
             return
         if self.open_rows and commit:  # the stream ended on a piece that did not commit
