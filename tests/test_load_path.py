@@ -215,21 +215,23 @@ def test_should_write_skips_answers_of_superseded_batches(sqlite_engine):
     assert [r[0] for r in rows(sqlite_engine, "SELECT rid FROM t ORDER BY rid")] == ["r0", "r1", "r3"]
 
 
+def _torn_after(n: int):
+    """``n`` good results, then a line cut off mid-way (a broken download)."""
+    for i in range(n):
+        yield parse_result_line(line(f"r{i}", paint(i)))
+    yield parse_result_line(b'{"custom_id": "torn", "resu')
+
+
 @pytest.mark.parametrize("pipeline", [True, False])
 def test_a_broken_stream_keeps_and_reports_what_was_committed(sqlite_engine, pipeline):
     from airflow_provider_fable.core.results import ResultLineError
-
-    def stream():
-        for i in range(25):
-            yield parse_result_line(line(f"r{i}", paint(i)))
-        yield parse_result_line(b'{"custom_id": "torn", "resu')
 
     sink = ResultSink(sqlite_engine, table="t", id_column="rid", output_model=Paint)
     sink.ensure_tables()
     seen: list[RecordOutcome] = []
     with pytest.raises(ResultLineError):
         load_batch(
-            stream(), batch_id="b", output_model=Paint, sink=sink, stats=LoadStats(),
+            _torn_after(25), batch_id="b", output_model=Paint, sink=sink, stats=LoadStats(),
             chunk_size=10, on_outcomes=seen.extend, pipeline=pipeline,
         )  # fmt: skip
     assert rows(sqlite_engine, "SELECT count(*) FROM t")[0][0] == 20  # two whole chunks
@@ -325,29 +327,6 @@ def test_a_writer_process_stores_the_same_rows_and_reports_unstorable(sqlite_eng
     assert rows(sqlite_engine, "SELECT count(*) FROM t")[0][0] == 44
     bad = dict(rows(sqlite_engine, "SELECT record_id, raw_answer FROM t_rejects WHERE reason = 'unstorable'"))
     assert json.loads(bad["r7"]) == {"label": "l7", "count": 2**70}
-
-
-def test_a_writer_process_keeps_and_reports_what_was_committed_on_a_broken_stream(sqlite_engine, monkeypatch):
-    from airflow_provider_fable.core import loading
-    from airflow_provider_fable.core.results import ResultLineError
-
-    monkeypatch.setattr(loading, "IDLE_COMMIT_S", 60.0)  # no early commit of the open pieces
-
-    def stream():
-        for i in range(25):
-            yield parse_result_line(line(f"r{i}", paint(i)))
-        yield parse_result_line(b'{"custom_id": "torn", "resu')
-
-    sink = ResultSink(sqlite_engine, table="t", id_column="rid", output_model=Paint)
-    sink.ensure_tables()
-    seen: list[RecordOutcome] = []
-    with pytest.raises(ResultLineError):
-        load_batch(
-            stream(), batch_id="b", output_model=Paint, sink=sink, stats=LoadStats(),
-            chunk_size=10, on_outcomes=seen.extend, pipeline="process",
-        )  # fmt: skip
-    assert rows(sqlite_engine, "SELECT count(*) FROM t")[0][0] == 20
-    assert len(seen) == 20
 
 
 def test_a_sqlite_file_load_of_several_chunks_matches_the_inline_path(tmp_path):
@@ -558,17 +537,11 @@ def test_a_broken_stream_keeps_only_whole_chunks_on_every_path(engine, monkeypat
     from airflow_provider_fable.core.results import ResultLineError
 
     monkeypatch.setattr(loading, "IDLE_COMMIT_S", 60.0)
-
-    def stream():
-        for i in range(25):
-            yield parse_result_line(line(f"r{i}", paint(i)))
-        yield parse_result_line(b'{"custom_id": "torn", "resu')
-
     sink = ResultSink(engine, table="t", id_column="rid", output_model=Paint)
     sink.ensure_tables()
     seen: list[RecordOutcome] = []
     with pytest.raises(ResultLineError):
-        load_batch(stream(), batch_id="b", output_model=Paint, sink=sink, stats=LoadStats(),
+        load_batch(_torn_after(25), batch_id="b", output_model=Paint, sink=sink, stats=LoadStats(),
                    chunk_size=10, on_outcomes=seen.extend)  # fmt: skip
     assert rows(engine, "SELECT count(*) FROM t")[0][0] == 20
     assert sorted(o.record_id for o in seen) == sorted(f"r{i}" for i in range(20))
