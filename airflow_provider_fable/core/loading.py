@@ -194,11 +194,13 @@ class _Writer:
         if self.todo is None:
             self._write(self._prepare(chunk))
             return
-        work = self._prepare(chunk)
-        while True:
-            assert self.thread is not None
-            if not self.thread.is_alive():
-                return  # it failed; the error is waiting in ``done``
+        self._put(self._prepare(chunk))
+
+    def _put(self, work: _Prepared | None) -> None:
+        """Queue ``work`` for the thread, unless the thread is gone: a plain ``put`` would wait
+        forever on the full queue of a thread that failed (its error is waiting in ``done``)."""
+        assert self.todo is not None and self.thread is not None
+        while self.thread.is_alive():
             try:
                 self.todo.put(work, timeout=0.5)
                 return
@@ -212,14 +214,7 @@ class _Writer:
         only whole chunks are kept (each is one transaction)."""
         if self.todo is not None and self.thread is not None:
             if commit:
-                # Not a plain ``put``: a thread that fails while the queue is full never takes
-                # the end marker, and the load would wait for it forever.
-                while self.thread.is_alive():
-                    try:
-                        self.todo.put(None, timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
+                self._put(None)
                 self.thread.join()
                 return
             deadline = time.monotonic() + _FAILED_LOAD_WAIT
