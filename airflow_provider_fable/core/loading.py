@@ -579,17 +579,15 @@ def load_batch(
         writer.submit(_Chunk(accepted, rejected, custom_ids), final)
         if (now := time.monotonic()) >= next_progress and not final:
             next_progress = now + progress_every
-            done = stats.accepted + stats.rejected - counted_before
+            good, bad = stats.accepted - accepted_before, stats.rejected - rejected_before
             log.info(
                 "batch %s: %d results validated so far (%d accepted, %d rejected), %.0f results/s",
-                batch_id, done, stats.accepted - accepted_before, stats.rejected - rejected_before,
-                done / max(now - started, 1e-9),
+                batch_id, good + bad, good, bad, (good + bad) / max(now - started, 1e-9),
             )  # fmt: skip
 
     started = time.monotonic()
     next_progress = started + progress_every
     accepted_before, rejected_before = stats.accepted, stats.rejected
-    counted_before = accepted_before + rejected_before
     flush_size = writer.flush_size  # rows per submit: a chunk, or a piece of one (writer process)
     with _fewer_collections():
         try:
