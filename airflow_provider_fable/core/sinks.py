@@ -164,6 +164,11 @@ def _copy_value(value: Any) -> str:
     return text.translate(_COPY_ESCAPES)
 
 
+#: The generated code's text cell: written as it is when printable and backslash-free (only
+#: backslash, tab, newline and carriage return are special in COPY text format), else ``slow``.
+_FAST_TEXT = r"(v if (v := {get}).__class__ is str and v.isprintable() and '\\' not in v else {slow}(v))"
+
+
 @functools.lru_cache(maxsize=64)
 def _copy_line_builder(width: int) -> Callable[[tuple[Any, ...]], str]:
     """A generated ``row -> COPY text line`` for rows of ``width`` values.
@@ -174,13 +179,9 @@ def _copy_line_builder(width: int) -> Callable[[tuple[Any, ...]], str]:
     only backslash, tab, newline and carriage return are special in text format); everything
     else goes through ``_copy_value``.
     """
-    parts = [
-        f"((v if v.isprintable() and '\\\\' not in v else v.translate(_ESC)) "
-        f"if (v := r[{i}]).__class__ is str else _value(v))"
-        for i in range(width)
-    ]
+    parts = [_FAST_TEXT.format(get=f"r[{i}]", slow="_cell") for i in range(width)]
     source = f"lambda r: '\\t'.join(({', '.join(parts)},))"
-    return eval(source, {"_ESC": _COPY_ESCAPES, "_value": _copy_value})  # noqa: S307 - no data in the code
+    return eval(source, {"_cell": _copy_cell})  # noqa: S307 - no data in the code
 
 
 def _copy_cell(value: Any) -> str:
@@ -204,12 +205,11 @@ def copy_line_from_data(kinds: dict[str, str]) -> Callable[..., str]:
     cost of the two steps. It runs on the loading thread, where the PostgreSQL load spends its
     Python time; ``tests/test_load_path.py`` checks it against the two steps on awkward values.
     """
-    fast = r"(v if (v := {get}).__class__ is str and v.isprintable() and '\\' not in v else {slow}(v))"
-    parts = [fast.format(get="rid", slow="_cell")]
+    parts = [_FAST_TEXT.format(get="rid", slow="_cell")]
     for name, kind in kinds.items():
         get = f"d.get({name!r})"
         if kind == "string":
-            parts.append(fast.format(get=get, slow="_text"))
+            parts.append(_FAST_TEXT.format(get=get, slow="_text"))
         elif kind == "json":
             parts.append(rf"('\\N' if (v := {get}) is None else _cell(_json(v)))")
         elif kind == "boolean":
