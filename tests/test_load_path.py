@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from airflow_provider_fable.core.loading import LoadStats, RecordOutcome, load_batch
 from airflow_provider_fable.core.results import parse_result_line
 from airflow_provider_fable.core.sinks import ResultSink, output_columns
-from tests.conftest import Paint
+from tests.conftest import Color, Paint
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -777,7 +777,7 @@ def test_closing_a_writer_process_that_failed_does_not_wait_for_its_idle_sender(
     items = [validate(parse_result_line(line(f"r{i}", paint(i)))) for i in range(12)]
     writer = _ProcessWriter(sink, "b", lambda: "m", 8)
     for k in range(0, 12, 2):  # pieces of 2: the first chunk commits, the piece of r10 fails
-        writer.submit(_Chunk(items[k : k + 2], [], {}))
+        writer.submit(_Chunk(items[k : k + 2], []))
     deadline = time.monotonic() + 10
     while writer.threads[1].is_alive() and time.monotonic() < deadline:  # the writer is gone
         time.sleep(0.02)
@@ -807,4 +807,55 @@ def test_an_error_of_the_writer_process_with_pieces_still_to_send_surfaces_as_it
                    pipeline="process")  # fmt: skip
     assert sorted(o.record_id for o in seen) == sorted(f"r{i}" for i in range(80))
     assert rows(engine, "SELECT count(*) FROM t")[0][0] == 80
+    engine.dispose()
+
+
+class Tallied(BaseModel):
+    color: Color
+    glossy: bool
+    count: int  # unbounded: 2**70 is valid here and refused by the database
+
+
+@pytest.mark.parametrize("pipeline", ["process", True])
+def test_the_distribution_counted_by_the_writer_matches_the_inline_path(tmp_path, pipeline):
+    """With a writer process the distribution fields are counted there, per piece; an answer the
+    database then refuses (unstorable) is taken out of the counts again, as inline."""
+    colors = list(Color)
+    answers = [{"color": colors[i % 3].value, "glossy": i % 4 == 0, "count": i} for i in range(50)]
+    for i in (5, 17, 40):
+        answers[i]["count"] = 2**70
+    lines = [line(f"r{i}", a) for i, a in enumerate(answers)] + [line("x", "not json")]
+    inline, other = _inline_and(
+        pipeline, _files(tmp_path), lines, Tallied, 12, "SELECT rid, color, glossy FROM {t}"
+    )
+    assert other == inline
+    kept = [a for i, a in enumerate(answers) if i not in (5, 17, 40)]
+    summary = inline[-1]
+    assert summary["distribution"] == {
+        "color": {c.value: sum(a["color"] == c.value for a in kept) for c in colors},
+        "glossy": {"True": sum(a["glossy"] for a in kept), "False": sum(not a["glossy"] for a in kept)},
+    }
+    assert summary["reject_reasons"] == {"unstorable": 3, "invalid_json": 1}
+
+
+@pytest.mark.parametrize("pipeline", ["process", False])
+def test_should_write_keeps_chunks_full_and_the_model_from_the_first_answer(tmp_path, pipeline):
+    """Skipped (superseded) answers do not count towards a chunk; the model name of the load is
+    the first one a result carries (errored results carry none)."""
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    sink = ResultSink(engine, table="t", id_column="rid", output_model=Paint)
+    sink.ensure_tables()
+    lines = [line("gone", None, kind="errored")] + [line(f"r{i}", paint(i)) for i in range(60)]
+    stats, chunks = LoadStats(), []
+    load_batch(
+        (parse_result_line(x) for x in lines), batch_id="b", output_model=Paint, sink=sink, stats=stats,
+        chunk_size=8, on_outcomes=chunks.append, pipeline=pipeline,
+        should_write=lambda record_id, batch_id: int(record_id[1:] or 0) % 3 != 0 if record_id != "gone" else True,
+    )  # fmt: skip
+    written = [f"r{i}" for i in range(60) if i % 3]
+    assert (stats.accepted, stats.rejected, stats.skipped_stale) == (40, 1, 20)
+    assert sorted(r[0] for r in rows(engine, "SELECT rid FROM t")) == sorted(written)
+    assert [r[0] for r in rows(engine, "SELECT DISTINCT _model FROM t")] == ["claude-haiku-4-5"]
+    reported = [o.record_id for batch in chunks for o in batch]
+    assert sorted(reported) == sorted([*written, "gone"])
     engine.dispose()

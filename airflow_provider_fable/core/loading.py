@@ -25,7 +25,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import islice
 from operator import attrgetter
 from typing import Any, NamedTuple, Protocol
 
@@ -35,7 +35,13 @@ from airflow_provider_fable.core.cost import usage_cost_usd
 from airflow_provider_fable.core.results import BatchResult, Usage
 from airflow_provider_fable.core.sinks import ResultSink, model_properties, resolve
 from airflow_provider_fable.core.validation import Accepted, Rejected, validator_for
-from airflow_provider_fable.core.writer_process import IDLE_COMMIT_S, BuildJob, StoreJob, write_frame
+from airflow_provider_fable.core.writer_process import (
+    IDLE_COMMIT_S,
+    BuildJob,
+    StoreJob,
+    count_field,
+    write_frame,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +54,7 @@ class ChunkSink(Protocol):
     ) -> list[Rejected]: ...
 
 
+_USAGE = attrgetter("usage")
 _INPUT = attrgetter("input_tokens")
 _OUTPUT = attrgetter("output_tokens")
 _CACHE_WRITE = attrgetter("cache_creation_input_tokens")
@@ -115,7 +122,19 @@ class LoadStats:
 class _Chunk(NamedTuple):
     accepted: list[Accepted]
     rejected: list[Rejected]
-    custom_ids: dict[str, str]  # record id -> custom_id, only where they differ
+
+
+#: Per distribution field, how often each raw value occurs among a chunk's accepted answers.
+Counts = dict[str, dict[Any, int]]
+
+
+class _Done(NamedTuple):
+    """A committed chunk, its rows the database refused, and its distribution counts when the
+    writer process counted them (None: ``load_batch`` counts them itself)."""
+
+    chunk: _Chunk
+    unstorable: list[Rejected]
+    counts: Counts | None = None
 
 
 class _Prepared(NamedTuple):
@@ -152,7 +171,7 @@ class _Writer:
     ):
         self.sink, self.batch_id, self.model = sink, batch_id, model
         self.flush_size = chunk_size
-        self.done: queue.Queue[tuple[_Chunk, list[Rejected]] | BaseException] = queue.Queue()
+        self.done: queue.Queue[_Done | BaseException] = queue.Queue()
         self.error: BaseException | None = None  # taken from ``done``, raised by ``committed``
         self.todo: queue.Queue[_Prepared | None] | None = None
         self.thread: threading.Thread | None = None
@@ -179,7 +198,7 @@ class _Writer:
         else:
             assert isinstance(self.sink, ResultSink)
             unstorable = self.sink.unstorable_items(kept, early, self.sink.store(job))
-        self.done.put((chunk, unstorable))
+        self.done.put(_Done(chunk, unstorable))
 
     def _run(self) -> None:
         assert self.todo is not None
@@ -225,7 +244,7 @@ class _Writer:
                     return  # the writer is stuck; it is a daemon thread
             self.thread.join(max(0.0, deadline - time.monotonic()))
 
-    def committed(self) -> list[tuple[_Chunk, list[Rejected]]]:
+    def committed(self) -> list[_Done]:
         """Chunks committed so far; the writer's error once every committed one was returned
         (the chunks it committed before failing are reported too)."""
         out = []
@@ -253,7 +272,8 @@ class _ProcessWriter:
     (``ResultSink.prepare_chunk(deferred=True)``: the answers' data dicts, which the writer turns
     into rows itself, since validation here is the slower half; finished rows when ids repeat or
     are integers); the writer process (``core.writer_process``) runs the sink's SQL
-    (``ResultSink.sqlite_store``: sqlite3 alone, so it is up in milliseconds).
+    (``ResultSink.sqlite_store``: sqlite3 alone, so it is up in milliseconds) and, for the same
+    reason, counts the distribution fields' values of the dicts it gets (``count_fields``).
     Chunks are sent in pieces (``piece_size`` rows, a quarter chunk) as they fill, the last
     piece of each chunk committing its transaction: the writer works on a chunk while its end is
     still being validated, so the load ends one piece, not one chunk, after its last line. When
@@ -267,9 +287,15 @@ class _ProcessWriter:
     """
 
     def __init__(
-        self, sink: ResultSink, batch_id: str, model: Callable[[], str | None], chunk_size: int
+        self,
+        sink: ResultSink,
+        batch_id: str,
+        model: Callable[[], str | None],
+        chunk_size: int,
+        count_fields: Iterable[str] = (),
     ):
         self.sink, self.batch_id, self.model = sink, batch_id, model
+        self.count_fields = tuple(count_fields)
         self.chunk_size = chunk_size
         self.piece_size = max(1, chunk_size // 4)
         self.open_rows = 0  # rows sent in the transaction not yet committed
@@ -281,7 +307,7 @@ class _ProcessWriter:
         self.answers: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.threads: list[threading.Thread] = []
         self.pending: deque[tuple[_Chunk, list[Accepted], list[Rejected]]] = deque()
-        self.ready: list[tuple[_Chunk, list[Rejected]]] = []
+        self.ready: list[_Done] = []
         self.error: BaseException | None = None
 
     def _start(self) -> None:
@@ -294,6 +320,7 @@ class _ProcessWriter:
         assert store is not None  # checked by ``_separate_writer_helps``
         self.database = store.database
         store.idle_commit_s = IDLE_COMMIT_S
+        store.count_fields = self.count_fields
         self.todo.put(pickle.dumps(store))
         for target, name in ((self._send, "fable-load-send"), (self._receive, "fable-load-receive")):
             thread = threading.Thread(target=target, args=(self.proc,), name=name, daemon=True)
@@ -343,16 +370,16 @@ class _ProcessWriter:
                     add_note(f"raised in the load's writer process storing into the SQLite file {self.database}")
                 self.error = value
                 return
-            for failed in value:  # one list per piece of the committed chunk
+            for failed, counts in value:  # per piece of the committed chunk
                 chunk, kept, early = self.pending.popleft()
-                self.ready.append((chunk, self.sink.unstorable_items(kept, early, failed)))
+                self.ready.append(_Done(chunk, self.sink.unstorable_items(kept, early, failed), counts))
 
     def submit(self, chunk: _Chunk, final: bool = False) -> None:
         if self.proc is None and final:
             unstorable = self.sink.write_chunk(
                 chunk.accepted, chunk.rejected, batch_id=self.batch_id, model=self.model()
             )
-            self.ready.append((chunk, unstorable))
+            self.ready.append(_Done(chunk, unstorable))
             return
         if self.error is not None:
             return  # raised by ``committed``
@@ -419,7 +446,7 @@ class _ProcessWriter:
                 except OSError:  # stdin: bytes the stopped process never read (a broken pipe)
                     pass
 
-    def committed(self) -> list[tuple[_Chunk, list[Rejected]]]:
+    def committed(self) -> list[_Done]:
         """Chunks committed so far; the writer's error once every committed one was returned."""
         if self.proc is not None:
             self._drain(block=False)
@@ -509,15 +536,22 @@ def load_batch(
     if pipeline == "process":
         if not _separate_writer_helps(sink):
             raise ValueError("pipeline='process' needs a ResultSink on a SQLite database file")
-        writer = _ProcessWriter(sink, batch_id, lambda: model_name, chunk_size)
+        writer = _ProcessWriter(sink, batch_id, lambda: model_name, chunk_size, fields)
     else:
         writer = _Writer(sink, batch_id, lambda: model_name, bool(pipeline), chunk_size)
 
-    def report(done: list[tuple[_Chunk, list[Rejected]]]) -> None:
+    def report(done: list[_Done]) -> None:
         # One ``on_outcomes`` call for all that was committed since the last report (a writer
         # process hands back a chunk as its pieces): the ledger's write has a per-call cost.
         outcomes: list[RecordOutcome] = []
-        for chunk, unstorable in done:
+        for chunk, unstorable, counts in done:
+            if distribution and chunk.accepted:
+                if counts is None:
+                    counts = count_values(chunk.accepted)
+                for f, counter in distribution:
+                    # Raw values counted (closed sets: few distinct), keyed here by their text.
+                    for value, n in counts[f].items():
+                        counter[str(value)] += n
             if unstorable:
                 # Counted as accepted while validating; the database had the last word.
                 stats.accepted -= len(unstorable)
@@ -532,24 +566,28 @@ def load_batch(
                             del counter[key]
             if on_outcomes is None:
                 continue
+            # custom_id: the record id; the load operator maps encoded custom_ids to record ids
+            # before results get here (``ids.decode`` is the identity otherwise).
             bad = {r.record_id for r in unstorable}
-            cid = chunk.custom_ids.get
             outcomes += [
-                RecordOutcome(a.record_id, cid(a.record_id, a.record_id), "accepted", None, False, batch_id)
+                RecordOutcome(a.record_id, a.record_id, "accepted", None, False, batch_id)
                 for a in chunk.accepted
                 if a.record_id not in bad
             ]
             outcomes += [
-                RecordOutcome(r.record_id, cid(r.record_id, r.record_id), "rejected", r.reason, r.retryable, batch_id)
+                RecordOutcome(r.record_id, r.record_id, "rejected", r.reason, r.retryable, batch_id)
                 for r in (*chunk.rejected, *unstorable)
-            ]  # fmt: skip
+            ]
         if outcomes and on_outcomes is not None:
             on_outcomes(outcomes)
 
     accepted: list[Accepted] = []
     rejected: list[Rejected] = []
-    custom_ids: dict[str, str] = {}
     tokens_in = tokens_out = cache_write = cache_read = cache_write_1h = 0
+
+    def count_values(items: list[Accepted]) -> Counts:
+        datas = [a.data for a in items]
+        return {f: count_field(datas, f) for f in fields}
 
     usages: list[Usage] = []  # of every result of the chunk, skipped ones included
     validate = validator_for(output_model)
@@ -565,18 +603,14 @@ def load_batch(
 
     def flush(final: bool = False) -> None:
         nonlocal next_progress
-        # Counting per chunk (in C: Counter.update, len, sum over map) rather than per row.
+        # Counting per chunk (in C: Counter.update, len, sum over map) rather than per row; the
+        # distribution is counted as chunks are committed (``report``), by the writer process
+        # when there is one.
         count_usage()
         stats.accepted += len(accepted)
         stats.rejected += len(rejected)
         reasons.update([r.reason for r in rejected])
-        if distribution and accepted:
-            datas = [a.data for a in accepted]
-            for f, counter in distribution:
-                # Count the raw values (closed sets: few distinct), then key them by their text.
-                for value, n in Counter(map(dict.get, datas, repeat(f))).items():
-                    counter[str(value)] += n
-        writer.submit(_Chunk(accepted, rejected, custom_ids), final)
+        writer.submit(_Chunk(accepted, rejected), final)
         if (now := time.monotonic()) >= next_progress and not final:
             next_progress = now + progress_every
             good, bad = stats.accepted - accepted_before, stats.rejected - rejected_before
@@ -589,25 +623,28 @@ def load_batch(
     next_progress = started + progress_every
     accepted_before, rejected_before = stats.accepted, stats.rejected
     flush_size = writer.flush_size  # rows per submit: a chunk, or a piece of one (writer process)
+    pending = iter(results)
     with _fewer_collections():
         try:
-            for result in results:
+            # A block of results at a time, each block exactly what the chunk (or piece) still
+            # lacks: the per-result steps run as C loops (map, islice, list comprehensions)
+            # instead of a Python loop body per line; the chunks come out the same.
+            while block := list(islice(pending, flush_size - len(accepted) - len(rejected))):
                 if model_name is None:
-                    model_name = result.model
-                outcome = validate(result)
-                usages.append(outcome.usage)
-                if result.custom_id != outcome.record_id:
-                    custom_ids[outcome.record_id] = result.custom_id
-                if type(outcome) is Accepted:
-                    if should_write is not None and not should_write(outcome.record_id, batch_id):
-                        stats.skipped_stale += 1
-                        continue
-                    accepted.append(outcome)
-                else:
-                    rejected.append(outcome)
+                    model_name = next((r.model for r in block if r.model is not None), None)
+                outcomes = list(map(validate, block))
+                usages += map(_USAGE, outcomes)
+                good = [o for o in outcomes if o.__class__ is Accepted]
+                if len(good) < len(outcomes):
+                    rejected += [o for o in outcomes if o.__class__ is not Accepted]
+                if should_write is not None:
+                    fresh = [o for o in good if should_write(o.record_id, batch_id)]
+                    stats.skipped_stale += len(good) - len(fresh)
+                    good = fresh
+                accepted += good
                 if len(accepted) + len(rejected) >= flush_size:
                     flush()
-                    accepted, rejected, custom_ids = [], [], {}
+                    accepted, rejected = [], []
                     report(writer.committed())
             if accepted or rejected:
                 flush(final=True)

@@ -5,8 +5,9 @@ interpreter: not a fork of a threaded task process, and unlike multiprocessing's
 does not re-run the caller's ``__main__``). Protocol: stdin carries length-prefixed pickle
 frames (``write_frame``): a ``SQLiteStore``, then ``(job, commit)`` per piece of a chunk (a
 ``StoreJob`` or ``BuildJob``, or None; ``commit`` ends the chunk's transaction) and ``None`` to
-finish; stdout answers each commit with ``("ok", [[(row index, message), ...] per piece
-committed])`` or, once, ``("error", exception)``. A transaction is also committed when no
+finish; stdout answers each commit with ``("ok", [(refused, counts) per piece committed])``
+(``refused``: ``[(row index, message), ...]``; ``counts``: the distribution counts of a
+``BuildJob``, see ``SQLiteStore.count_fields``, else None) or, once, ``("error", exception)``. A transaction is also committed when no
 piece comes for ``IDLE_COMMIT_S`` (so its pieces may span fewer rows than a chunk). When the
 loading process dies its end of stdin closes and this process exits (an open transaction is
 rolled back).
@@ -26,8 +27,10 @@ import pickle
 import select
 import sqlite3
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from itertools import repeat
 from typing import Any, NamedTuple
 
 import orjson
@@ -79,6 +82,11 @@ def built_rows(build: Callable[..., tuple[Any, ...]], job: BuildJob) -> StoreJob
         for data, rid, tin, tout in zip(job.datas, job.ids, job.tokens_in, job.tokens_out, strict=True)
     ]
     return StoreJob(rows, job.ids, job.reject_rows, batch_id, now)
+
+
+def count_field(datas: list[dict[str, Any]], name: str) -> Counter[Any]:
+    """How often each value of field ``name`` occurs among answers' data dicts (in C)."""
+    return Counter(map(dict.get, datas, repeat(name)))
 
 
 def row_builder(kinds: dict[str, str]) -> Callable[..., tuple[Any, ...]]:
@@ -215,6 +223,9 @@ class SQLiteStore:
         self.database, self.upsert_sql, self.reject_sql = database, upsert_sql, reject_sql
         self.kinds = list(kinds)
         self.idle_commit_s = IDLE_COMMIT_S  # set by the loading process (tests lengthen it)
+        #: Fields whose values ``counts`` tallies per ``BuildJob`` (set by the loading process:
+        #: its distribution fields; counting here takes that work off the busier process).
+        self.count_fields: tuple[str, ...] = ()
         self._conn: sqlite3.Connection | None = None
         self._sp = 0
         self._build: Callable[..., tuple[Any, ...]] | None = None
@@ -227,6 +238,12 @@ class SQLiteStore:
         if self._build is None:
             self._build = row_builder(dict(self.kinds))
         return built_rows(self._build, job)
+
+    def counts(self, job: BuildJob) -> dict[str, Counter[Any]] | None:
+        """The ``count_fields`` values of the job's answers (None: no fields to count)."""
+        if not self.count_fields:
+            return None
+        return {name: count_field(job.datas, name) for name in self.count_fields}
 
     def connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -344,7 +361,8 @@ def main() -> None:
     store = None
     try:
         store = read_frame(fd, None)
-        refused: list[list[tuple[int, str]]] = []  # per piece of the open transaction
+        #: per piece of the open transaction: rows refused, and the distribution counts
+        refused: list[tuple[list[tuple[int, str]], dict[str, Counter[Any]] | None]] = []
         while True:
             frame = read_frame(fd, store.idle_commit_s if refused else None)
             if frame is _GONE or frame is None:
@@ -353,10 +371,12 @@ def main() -> None:
                 job, commit = None, True
             else:
                 job, commit = frame
+            counts = None
             if type(job).__name__ == "BuildJob":  # this module's class, unpickled by its import name
+                counts = store.counts(job)
                 job = store.built(job)
             if job is not None:
-                refused.append(store.store(job, commit))
+                refused.append((store.store(job, commit), counts))
             else:
                 store.store(None, commit)
             if commit:
