@@ -1,5 +1,7 @@
 # One-command entry points. `make test` is what CI runs (.ci/run); `make demo` is the quick start.
 # Everything is installed by these rules from the committed lock (requirements.lock) with uv.
+# --compile-bytecode: uv does not write .pyc files by default (pip does), so every process
+# (tests, Airflow's CLI, the SQLite load's writer process) would compile its imports from source.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -17,7 +19,7 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv \
 		|| $(PYTHON) -m pip install --quiet --user --break-system-packages uv
 	@test -x $(PY) || $(UV) venv --quiet --python $(PYTHON) $(VENV)
-	$(UV) pip sync --quiet --python $(PY) requirements.lock
+	$(UV) pip sync --quiet --compile-bytecode --python $(PY) requirements.lock
 	$(UV) pip install --quiet --python $(PY) --no-deps -e .
 	@touch $@
 

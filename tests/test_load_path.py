@@ -9,6 +9,7 @@ callback the ledger relies on, COPY escaping, and self-referencing output models
 from __future__ import annotations
 
 import json
+import math
 import sys
 from decimal import Decimal
 
@@ -859,3 +860,61 @@ def test_should_write_keeps_chunks_full_and_the_model_from_the_first_answer(tmp_
     reported = [o.record_id for batch in chunks for o in batch]
     assert sorted(reported) == sorted([*written, "gone"])
     engine.dispose()
+
+
+def test_piece_frames_carry_every_value_as_it_was(tmp_path):
+    """Pieces of answer dicts travel as MessagePack, everything else (and a piece holding what
+    MessagePack cannot carry: ints beyond 64 bits, lone surrogates) as a pickle; either way the
+    writer process reads back exactly what was sent, floats (NaN, infinities, -0.0) included."""
+    import os
+
+    from airflow_provider_fable.core.writer_process import (
+        BuildJob,
+        StoreJob,
+        piece_frame,
+        read_frame,
+        write_frame,
+    )
+
+    def job(**extra: object) -> BuildJob:
+        datas = [{"x": 1.5, "inf": math.inf, "neg": -0.0, "flag": True, "none": None,
+                  "nested": {"a": [1, {"b": "c"}], "n": -math.inf}, **extra}]  # fmt: skip
+        return BuildJob(datas, ["r1"], [3], [4], [("r9", "b", "schema", "d", "raw", True, "now")], "b", None, "now")
+
+    sent = [
+        (job(), False),
+        (job(big=2**70), True),
+        (job(text="\ud800"), False),
+        (job(nan=math.nan), True),
+        (StoreJob([("r1", 1)], ["r1"], [], "b", "now"), True),
+        (None, True),
+    ]
+    frames = [piece_frame(*piece) for piece in sent]
+    assert [f[0] for f in frames] == [0x92, 0x80, 0x80, 0x92, 0x80, 0x80]  # MessagePack, else pickle
+    read, write = os.pipe()
+    with os.fdopen(write, "wb") as out:
+        for frame in frames:
+            write_frame(out, frame)
+    got = [read_frame(read, None) for _ in sent]
+    os.close(read)
+    for (job_sent, commit_sent), (job_got, commit_got) in zip(sent, got, strict=True):
+        assert type(job_got) is type(job_sent) and commit_got is commit_sent
+        assert repr(job_got) == repr(job_sent)  # repr: NaN != NaN, and 1 == True
+
+
+def test_float_extremes_reach_the_table_alike_through_the_writer_process(tmp_path):
+    """An answer with Infinity, -Infinity and NaN (valid JSON numbers for pydantic) stores the
+    same row through the writer process as inline."""
+
+    class Scored(BaseModel):
+        score: float
+        spread: list[float]
+
+    lines = [line(f"r{i}", f'{{"score": {v}, "spread": [{v}, 1.5]}}') for i, v in
+             enumerate(["Infinity", "-Infinity", "NaN", "-0.0", "2.5"] * 2)]  # fmt: skip
+    inline, process = _inline_and(
+        "process", _files(tmp_path), lines, Scored, 4, "SELECT rid, score, spread FROM {t}"
+    )
+    assert repr(process) == repr(inline)
+    scores = {r[0]: r[1] for r in inline[0]}
+    assert scores["r0"] == math.inf and scores["r1"] == -math.inf and scores["r4"] == 2.5

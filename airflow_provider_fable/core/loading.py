@@ -40,6 +40,7 @@ from airflow_provider_fable.core.writer_process import (
     BuildJob,
     StoreJob,
     count_field,
+    piece_frame,
     write_frame,
 )
 
@@ -393,7 +394,7 @@ class _ProcessWriter:
         commit = final or self.open_rows >= self.chunk_size
         if commit:
             self.open_rows = 0
-        self._put(pickle.dumps((job, commit), protocol=pickle.HIGHEST_PROTOCOL))
+        self._put(piece_frame(job, commit))
 
     def _put(self, frame: bytes | None) -> None:
         while self.error is None:
@@ -410,7 +411,7 @@ class _ProcessWriter:
         if self.proc is None:
             return
         if self.open_rows and commit:  # the stream ended on a piece that did not commit
-            self._put(pickle.dumps((None, True), protocol=pickle.HIGHEST_PROTOCOL))
+            self._put(piece_frame(None, True))
         self.open_rows = 0
         self._put(None)
         self._drain(block=True)

@@ -2,18 +2,18 @@
 
 Started by ``core.loading`` as ``python -m airflow_provider_fable.core.writer_process`` (a fresh
 interpreter: not a fork of a threaded task process, and unlike multiprocessing's ``spawn`` it
-does not re-run the caller's ``__main__``). Protocol: stdin carries length-prefixed pickle
-frames (``write_frame``): a ``SQLiteStore``, then ``(job, commit)`` per piece of a chunk (a
+does not re-run the caller's ``__main__``). Protocol: stdin carries length-prefixed frames
+(``write_frame``): a ``SQLiteStore``, then ``(job, commit)`` per piece of a chunk (a
 ``StoreJob`` or ``BuildJob``, or None; ``commit`` ends the chunk's transaction) and ``None`` to
-finish; stdout answers each commit with ``("ok", [(refused, counts) per piece committed])``
+finish, each a pickle except the pieces of ``BuildJob``, which are MessagePack (``piece_frame``); stdout answers each commit with ``("ok", [(refused, counts) per piece committed])``
 (``refused``: ``[(row index, message), ...]``; ``counts``: the distribution counts of a
 ``BuildJob``, see ``SQLiteStore.count_fields``, else None) or, once, ``("error", exception)``. A transaction is also committed when no
 piece comes for ``IDLE_COMMIT_S`` (so its pieces may span fewer rows than a chunk). When the
 loading process dies its end of stdin closes and this process exits (an open transaction is
 rolled back).
 
-Why this module imports nothing but ``sqlite3``, ``pickle`` and ``orjson``: the process must be
-ready within milliseconds. With SQLAlchemy and pydantic (``core.sinks``) it took about half a
+Why this module imports nothing but ``sqlite3``, ``pickle``, ``orjson`` and ``msgspec``: the
+process must be ready within milliseconds. With SQLAlchemy and pydantic (``core.sinks``) it took about half a
 second to start, during which the loading process stalled on the bounded queue. So the pieces
 the writer needs (the job shape, the text helpers of the rejects table, the store itself) live
 here and ``core.sinks`` uses them from here.
@@ -33,6 +33,7 @@ from contextlib import AbstractContextManager, contextmanager
 from itertools import repeat
 from typing import Any, NamedTuple
 
+import msgspec
 import orjson
 
 #: A chunk's transaction is committed early when no piece came for this long: the loading
@@ -319,9 +320,32 @@ class SQLiteStore:
 
 _HEADER = 8  # frame length prefix, big-endian
 
+_encode_piece = msgspec.msgpack.Encoder().encode
+_decode_piece = msgspec.msgpack.Decoder(tuple[BuildJob, bool]).decode
+_PIECE = 0x92  # a MessagePack frame starts with the header of its 2-array (a pickle with 0x80)
+#: What MessagePack cannot carry: ints beyond 64 bits, lone surrogates, other Python objects.
+_NOT_MSGPACK = (OverflowError, UnicodeEncodeError, TypeError, msgspec.EncodeError)
+
+
+def piece_frame(job: StoreJob | BuildJob | None, commit: bool) -> bytes:
+    """The frame of one piece: MessagePack for a ``BuildJob``, else (or when it holds what
+    MessagePack cannot carry) a pickle.
+
+    MessagePack because the loading process is the busier half of the load: encoding a piece
+    of answer dicts costs it about a third of pickling them (~0.1 vs ~0.26 µs a row) and keeps
+    every value as it was (floats incl. NaN and infinities, bools, nested lists and dicts), which
+    JSON would not. Decoded straight into a ``BuildJob`` (reject rows as tuples) by ``read_frame``.
+    """
+    if type(job) is BuildJob:
+        try:
+            return _encode_piece((job, commit))
+        except _NOT_MSGPACK:
+            pass
+    return pickle.dumps((job, commit), protocol=pickle.HIGHEST_PROTOCOL)
+
 
 def write_frame(stream: Any, data: bytes) -> None:
-    """One frame from the loading process: length prefix + ``data`` (a pickle)."""
+    """One frame from the loading process: length prefix + ``data`` (a pickle or ``piece_frame``)."""
     stream.write(len(data).to_bytes(_HEADER, "big"))
     stream.write(data)
     stream.flush()
@@ -353,7 +377,9 @@ def read_frame(fd: int, timeout: float | None) -> Any:
         return _IDLE
     header = _read_exact(fd, _HEADER)
     body = None if header is None else _read_exact(fd, int.from_bytes(header, "big"))
-    return _GONE if body is None else pickle.loads(body)
+    if body is None:
+        return _GONE
+    return _decode_piece(body) if body[0] == _PIECE else pickle.loads(body)
 
 
 def main() -> None:
