@@ -918,3 +918,14 @@ def test_float_extremes_reach_the_table_alike_through_the_writer_process(tmp_pat
     assert repr(process) == repr(inline)
     scores = {r[0]: r[1] for r in inline[0]}
     assert scores["r0"] == math.inf and scores["r1"] == -math.inf and scores["r4"] == 2.5
+
+
+def test_a_writer_process_whose_loader_ends_before_sending_anything_exits_quietly():
+    """The loading process may die between starting the writer and sending it the store."""
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-m", "airflow_provider_fable.core.writer_process"],
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert (done.returncode, done.stderr, done.stdout) == (0, b"", b"")

@@ -387,6 +387,9 @@ def main() -> None:
     store = None
     try:
         store = read_frame(fd, None)
+        if store is _GONE:  # the loading process ended before it sent anything
+            store = None
+            return
         #: per piece of the open transaction: rows refused, and the distribution counts
         refused: list[tuple[list[tuple[int, str]], dict[str, Counter[Any]] | None]] = []
         while True:
