@@ -431,6 +431,23 @@ def test_copy_lines_from_answers_equal_rows_then_copy_lines():
     assert seen == {"ok", "error"}  # a Decimal inside a JSON column fails both ways, alike
 
 
+def test_a_chunk_of_rows_built_at_once_equals_rows_built_one_by_one():
+    """``rows_builder`` (one comprehension per chunk, in the writer process) gives what
+    ``row_builder`` gives row by row, awkward values included."""
+    from airflow_provider_fable.core.writer_process import row_builder, rows_builder
+
+    kinds = {"s": "string", "j": "json", "b": "boolean", "n": "number"}
+    values = ["", "nul\x00in", "\x00", "é", None, True, 0, 2**70, 1.5, float("inf"), [1, "a\x00"], {"k": None}]
+    datas = [{name: values[(k + j) % len(values)] for j, name in enumerate(kinds)} for k in range(len(values))]
+    datas.append({"s": "only s"})  # missing keys read as None
+    ids = [f"id{k}" for k in range(len(datas))]
+    tins, touts = list(range(len(datas))), [None] * len(datas)
+    one = row_builder(kinds)
+    want = [one(d, rid, "b", "m", tin, tout, "now") for d, rid, tin, tout in zip(datas, ids, tins, touts, strict=True)]
+    assert rows_builder(kinds)(datas, ids, tins, touts, "b", "m", "now") == want
+    assert (want[1][1], want[2][1], want[-1][1:3]) == ("nulin", "", ("only s", None))
+
+
 def _outcome(render, *args):
     try:
         return ("ok", render(*args))

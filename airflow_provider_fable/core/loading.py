@@ -210,6 +210,9 @@ class _Writer:
                 self.done.put(exc)
                 return
 
+    def expect_full(self) -> None:
+        """A full chunk is on its way (nothing to prepare: the thread, if any, is running)."""
+
     def submit(self, chunk: _Chunk, final: bool = False) -> None:
         if self.todo is None:
             self._write(self._prepare(chunk))
@@ -374,6 +377,12 @@ class _ProcessWriter:
             for failed, counts in value:  # per piece of the committed chunk
                 chunk, kept, early = self.pending.popleft()
                 self.ready.append(_Done(chunk, self.sink.unstorable_items(kept, early, failed), counts))
+
+    def expect_full(self) -> None:
+        """A full piece is on its way: start the process now, so that its start-up (~40 ms)
+        overlaps the validation of that piece too."""
+        if self.proc is None and self.error is None:
+            self._start()
 
     def submit(self, chunk: _Chunk, final: bool = False) -> None:
         if self.proc is None and final:
@@ -631,6 +640,8 @@ def load_batch(
             # lacks: the per-result steps run as C loops (map, islice, list comprehensions)
             # instead of a Python loop body per line; the chunks come out the same.
             while block := list(islice(pending, flush_size - len(accepted) - len(rejected))):
+                if len(block) == flush_size:
+                    writer.expect_full()
                 if model_name is None:
                     model_name = next((r.model for r in block if r.model is not None), None)
                 outcomes = list(map(validate, block))

@@ -44,6 +44,7 @@ from airflow_provider_fable.core.writer_process import (
     json_text,
     raw_from_row,
     row_builder,
+    rows_builder,
     safe_text,
     strip_nul,
     write_isolating,
@@ -300,6 +301,7 @@ class ResultSink:
         self.metadata = meta
         self._columns = [c.name for c in self.table.columns]
         self._build_row = row_builder(self.kinds)
+        self._build_rows = rows_builder(self.kinds)
         self._copy_line: Callable[..., str] | None = None
         driver = engine.dialect.driver
         if engine.dialect.name == "sqlite" and driver == "pysqlite":
@@ -555,7 +557,7 @@ WHERE t.{rid} IS NULL OR l.rejected_at > t._loaded_at"""
                 failed: list[tuple[int, str]] = []
             else:
                 if isinstance(job, BuildJob):
-                    job = built_rows(self._build_row, job)
+                    job = built_rows(self._build_rows, job)
                 failed = self._write_isolating(tx, job.rows, whole_refused=text is not None)
             reject_rows = job.reject_rows
             if failed:
@@ -599,7 +601,7 @@ WHERE t.{rid} IS NULL OR l.rejected_at > t._loaded_at"""
     # ------------------------------------------------------------------ writer processes
     def __getstate__(self) -> dict[str, Any]:
         """For a writer process: everything but the engine (re-created from its URL there)."""
-        state = {k: v for k, v in self.__dict__.items() if k not in ("engine", "_build_row", "_copy_line")}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("engine", "_build_row", "_build_rows", "_copy_line")}
         state["_url"] = self.engine.url.render_as_string(hide_password=False)
         return state
 
@@ -608,6 +610,7 @@ WHERE t.{rid} IS NULL OR l.rejected_at > t._loaded_at"""
         self.__dict__.update(state)
         self.engine = sa.create_engine(url)
         self._build_row = row_builder(self.kinds)
+        self._build_rows = rows_builder(self.kinds)
         self._copy_line = None
 
     def write_accepted(self, items: Iterable[Accepted], *, batch_id: str, model: str | None) -> int:

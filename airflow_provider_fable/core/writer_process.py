@@ -75,14 +75,10 @@ class BuildJob(NamedTuple):
     copy_text: str | None = None
 
 
-def built_rows(build: Callable[..., tuple[Any, ...]], job: BuildJob) -> StoreJob:
-    """The ``StoreJob`` of a ``BuildJob``: its rows built with ``build`` (a ``row_builder``)."""
-    batch_id, model, now = job.batch_id, job.model, job.now
-    rows = [
-        build(data, rid, batch_id, model, tin, tout, now)
-        for data, rid, tin, tout in zip(job.datas, job.ids, job.tokens_in, job.tokens_out, strict=True)
-    ]
-    return StoreJob(rows, job.ids, job.reject_rows, batch_id, now)
+def built_rows(build_rows: Callable[..., list[tuple[Any, ...]]], job: BuildJob) -> StoreJob:
+    """The ``StoreJob`` of a ``BuildJob``: its rows built with ``build_rows`` (a ``rows_builder``)."""
+    rows = build_rows(job.datas, job.ids, job.tokens_in, job.tokens_out, job.batch_id, job.model, job.now)
+    return StoreJob(rows, job.ids, job.reject_rows, job.batch_id, job.now)
 
 
 def count_field(datas: list[dict[str, Any]], name: str) -> Counter[Any]:
@@ -90,13 +86,9 @@ def count_field(datas: list[dict[str, Any]], name: str) -> Counter[Any]:
     return Counter(map(dict.get, datas, repeat(name)))
 
 
-def row_builder(kinds: dict[str, str]) -> Callable[..., tuple[Any, ...]]:
-    """A function turning (data, id, batch, model, tokens in/out, now) into the table's row tuple.
-
-    Generated once per output model (the names are checked identifiers) so the per-row work is
-    one call with inline conversions: NUL stripped from text, nested values as JSON text.
-    Lives here so the writer process can build rows without importing ``core.sinks``.
-    """
+def _row_expression(kinds: dict[str, str]) -> str:
+    """The row tuple as an expression of ``d`` (the data), ``rid``, ``batch``, ``model``,
+    ``tin``, ``tout`` and ``now``: NUL stripped from text, nested values as JSON text."""
     parts = []
     for name, kind in kinds.items():
         get = f"(v := d.get({name!r}))"
@@ -107,7 +99,27 @@ def row_builder(kinds: dict[str, str]) -> Callable[..., tuple[Any, ...]]:
         else:
             parts.append(f"d.get({name!r})")
     fields = "".join(f"{p}, " for p in parts)
-    source = f"lambda d, rid, batch, model, tin, tout, now: (rid, {fields}batch, model, tin, tout, now)"
+    return f"(rid, {fields}batch, model, tin, tout, now)"
+
+
+def row_builder(kinds: dict[str, str]) -> Callable[..., tuple[Any, ...]]:
+    """A function turning (data, id, batch, model, tokens in/out, now) into the table's row tuple.
+
+    Generated once per output model (the names are checked identifiers) so the per-row work is
+    one call with inline conversions. Lives here so the writer process can build rows without
+    importing ``core.sinks``.
+    """
+    source = f"lambda d, rid, batch, model, tin, tout, now: {_row_expression(kinds)}"
+    return eval(source, {"_strip": strip_nul, "_json": json_text})  # noqa: S307 - built from checked names
+
+
+def rows_builder(kinds: dict[str, str]) -> Callable[..., list[tuple[Any, ...]]]:
+    """``row_builder`` for a whole chunk in one generated list comprehension: (datas, ids,
+    tokens in, tokens out, batch, model, now) -> rows; a third cheaper than a call per row."""
+    source = (
+        f"lambda datas, ids, tins, touts, batch, model, now: [{_row_expression(kinds)} "
+        "for d, rid, tin, tout in zip(datas, ids, tins, touts, strict=True)]"
+    )
     return eval(source, {"_strip": strip_nul, "_json": json_text})  # noqa: S307 - built from checked names
 
 
@@ -229,7 +241,7 @@ class SQLiteStore:
         self.count_fields: tuple[str, ...] = ()
         self._conn: sqlite3.Connection | None = None
         self._sp = 0
-        self._build: Callable[..., tuple[Any, ...]] | None = None
+        self._build: Callable[..., list[tuple[Any, ...]]] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_conn": None, "_build": None}
@@ -237,7 +249,7 @@ class SQLiteStore:
     def built(self, job: BuildJob) -> StoreJob:
         """The rows of a ``BuildJob``, as ``ResultSink.prepare_chunk`` would have built them."""
         if self._build is None:
-            self._build = row_builder(dict(self.kinds))
+            self._build = rows_builder(dict(self.kinds))
         return built_rows(self._build, job)
 
     def counts(self, job: BuildJob) -> dict[str, Counter[Any]] | None:
