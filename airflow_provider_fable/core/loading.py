@@ -315,21 +315,29 @@ class _ProcessWriter:
         self.error: BaseException | None = None
 
     def _start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "airflow_provider_fable.core.writer_process"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
+        # The two threads start first, then wait for the process: started after it, while its
+        # start-up had both cores busy, each thread's first run waited 1-4 ms for a core, and
+        # ``Thread.start`` waits for that first run.
+        box: queue.Queue[subprocess.Popen[bytes] | None] = queue.Queue()
+        for target, name in ((self._send, "fable-load-send"), (self._receive, "fable-load-receive")):
+            thread = threading.Thread(target=_once_started, args=(box, target), name=name, daemon=True)
+            thread.start()
+            self.threads.append(thread)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "airflow_provider_fable.core.writer_process"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+            )
+        finally:
+            for _ in self.threads:
+                box.put(self.proc)  # None if it did not start: the threads end
         store = self.sink.sqlite_store()
         assert store is not None  # checked by ``_separate_writer_helps``
         self.database = store.database
         store.idle_commit_s = IDLE_COMMIT_S
         store.count_fields = self.count_fields
         self.todo.put(pickle.dumps(store))
-        for target, name in ((self._send, "fable-load-send"), (self._receive, "fable-load-receive")):
-            thread = threading.Thread(target=target, args=(self.proc,), name=name, daemon=True)
-            thread.start()
-            self.threads.append(thread)
 
     def _send(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdin is not None
@@ -465,6 +473,15 @@ class _ProcessWriter:
             error, self.error = self.error, None
             raise error
         return out
+
+
+def _once_started(
+    box: queue.Queue[subprocess.Popen[bytes] | None], target: Callable[[subprocess.Popen[bytes]], None]
+) -> None:
+    """Run ``target`` on the writer process once it is started (nothing if it did not start)."""
+    proc = box.get()
+    if proc is not None:
+        target(proc)
 
 
 @contextmanager
