@@ -946,3 +946,27 @@ def test_a_writer_process_whose_loader_ends_before_sending_anything_exits_quietl
         stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
     )  # fmt: skip
     assert (done.returncode, done.stderr, done.stdout) == (0, b"", b"")
+
+
+def test_a_writer_process_that_cannot_start_fails_the_load_and_leaves_no_threads(tmp_path, monkeypatch):
+    import threading
+
+    from airflow_provider_fable.core import loading
+
+    def no_process(*args: object, **kwargs: object) -> None:
+        raise FileNotFoundError("no interpreter here")
+
+    monkeypatch.setattr(loading.subprocess, "Popen", no_process)
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    sink = ResultSink(engine, table="t", id_column="rid", output_model=Paint)
+    sink.ensure_tables()
+    with pytest.raises(FileNotFoundError, match="no interpreter here"):
+        load_batch(
+            (parse_result_line(line(f"r{i}", paint(i))) for i in range(40)),
+            batch_id="b", output_model=Paint, sink=sink, stats=LoadStats(), chunk_size=8, pipeline="process",
+        )  # fmt: skip
+    for thread in threading.enumerate():
+        if thread.name in ("fable-load-send", "fable-load-receive"):
+            thread.join(timeout=10)
+            assert not thread.is_alive()
+    engine.dispose()
