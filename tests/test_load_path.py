@@ -970,3 +970,63 @@ def test_a_writer_process_that_cannot_start_fails_the_load_and_leaves_no_threads
             thread.join(timeout=10)
             assert not thread.is_alive()
     engine.dispose()
+
+
+def test_the_writer_process_imports_the_provider_from_the_loading_process_sys_path(tmp_path):
+    """Airflow adds its dags, plugins and config folders to a task's ``sys.path`` at run time, and
+    its docs ("Modules Management") keep code that is not pip-installed in the dags folder: a
+    provider kept there is importable by the task but not by a fresh interpreter. The writer
+    process was started with ``python -m`` and this interpreter's default path, so every SQLite
+    load of a piece or more failed on every try ("the load's writer process exited (code 1)",
+    ModuleNotFoundError on its stderr), and with the provider also installed it ran another copy
+    of it. Here the loading process imports a copy of the provider from a folder on its
+    ``sys.path`` only; the copy's writer leaves a mark, so the writer must run that same copy."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    import airflow_provider_fable
+
+    vendored = tmp_path / "dags"
+    package = vendored / "airflow_provider_fable"
+    shutil.copytree(Path(airflow_provider_fable.__file__).parent, package,
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    writer = package / "core" / "writer_process.py"
+    source = writer.read_text()
+    marked = source.replace(
+        "def main() -> None:\n", "def main() -> None:\n    open(os.environ['FABLE_TEST_MARK'], 'w').close()\n"
+    )
+    assert marked != source
+    writer.write_text(marked)
+    driver = f"""
+import sys
+sys.path.insert(0, {str(vendored)!r})  # as Airflow does for its folders (PYTHONPATH is not touched)
+import sqlalchemy as sa
+from pydantic import BaseModel
+import airflow_provider_fable
+from airflow_provider_fable.core.loading import LoadStats, load_batch
+from airflow_provider_fable.core.results import parse_result_line
+from airflow_provider_fable.core.sinks import ResultSink
+assert airflow_provider_fable.__file__.startswith({str(vendored)!r}), airflow_provider_fable.__file__
+
+class Paint(BaseModel):
+    color: str
+
+engine = sa.create_engine("sqlite:///" + {str(tmp_path / "dest.db")!r})
+sink = ResultSink(engine, table="t", id_column="rid", output_model=Paint)
+sink.ensure_tables()
+lines = [{line("r0", {"color": "red"})!r}.replace(b'"r0"', f'"r{{i}}"'.encode()) for i in range(40)]
+stats = LoadStats()
+load_batch((parse_result_line(x) for x in lines), batch_id="b", output_model=Paint, sink=sink,
+           stats=stats, chunk_size=8, pipeline="process")
+with engine.connect() as conn:
+    print(stats.accepted, conn.execute(sa.text("SELECT count(*) FROM t")).scalar_one())
+"""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    env["FABLE_TEST_MARK"] = str(tmp_path / "mark")
+    done = subprocess.run(
+        [sys.executable, "-c", driver], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["40", "40"]
+    assert (tmp_path / "mark").exists(), "the writer process ran another copy of the provider"
