@@ -13,6 +13,7 @@ process, stores one chunk while Python validates the next.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import pickle
@@ -324,11 +325,8 @@ class _ProcessWriter:
             thread.start()
             self.threads.append(thread)
         try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "airflow_provider_fable.core.writer_process"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-            )
+            command, env = _writer_command()
+            self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         finally:
             for _ in self.threads:
                 box.put(self.proc)  # None if it did not start: the threads end
@@ -473,6 +471,30 @@ class _ProcessWriter:
             error, self.error = self.error, None
             raise error
         return out
+
+
+#: The writer process's program: this process's ``sys.path`` (from ``_SYS_PATH_ENV``), then
+#: ``core.writer_process.main``.
+_WRITER_BOOT = (
+    "import json, os, sys; sys.path[:] = json.loads(os.environ.pop({env!r})); "
+    "from airflow_provider_fable.core.writer_process import main; main()"
+)
+_SYS_PATH_ENV = "FABLE_WRITER_SYS_PATH"
+
+
+def _writer_command() -> tuple[list[str], dict[str, str]]:
+    """Command line and environment of the writer process: this interpreter, with this process's
+    ``sys.path``.
+
+    Not ``python -m``, which searches a fresh interpreter's default path: Airflow adds its dags,
+    plugins and config folders to a task's ``sys.path`` at run time (not to ``PYTHONPATH``), and
+    code kept there (its docs' way for modules that are not installed) was then not found, or
+    another installed copy of the provider ran. ``sys.path`` goes through the environment rather
+    than ``PYTHONPATH``, whose entries would come before the standard library.
+    """
+    path = [os.fspath(p) for p in sys.path if isinstance(p, (str, os.PathLike))]
+    env = {**os.environ, _SYS_PATH_ENV: json.dumps(path)}
+    return [sys.executable, "-c", _WRITER_BOOT.format(env=_SYS_PATH_ENV)], env
 
 
 def _once_started(

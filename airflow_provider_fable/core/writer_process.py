@@ -1,8 +1,9 @@
 """The writer process of the SQLite load path: stores prepared chunks sent over a pipe.
 
-Started by ``core.loading`` as ``python -m airflow_provider_fable.core.writer_process`` (a fresh
-interpreter: not a fork of a threaded task process, and unlike multiprocessing's ``spawn`` it
-does not re-run the caller's ``__main__``). Protocol: stdin carries length-prefixed frames
+Started by ``core.loading`` as a fresh interpreter (the loading process's own, with its
+``sys.path``: ``loading._writer_command``) that runs ``main``: not a fork of a threaded task
+process, and unlike multiprocessing's ``spawn`` it does not re-run the caller's ``__main__``.
+``python -m airflow_provider_fable.core.writer_process`` runs it too. Protocol: stdin carries length-prefixed frames
 (``write_frame``): a ``SQLiteStore``, then ``(job, commit)`` per piece of a chunk (a
 ``StoreJob`` or ``BuildJob``, or None; ``commit`` ends the chunk's transaction) and ``None`` to
 finish, each a pickle except the pieces of ``BuildJob``, which are MessagePack (``piece_frame``); stdout answers each commit with ``("ok", [(refused, counts) per piece committed])``
