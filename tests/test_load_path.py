@@ -970,3 +970,38 @@ def test_a_writer_process_that_cannot_start_fails_the_load_and_leaves_no_threads
             thread.join(timeout=10)
             assert not thread.is_alive()
     engine.dispose()
+
+
+def test_a_load_holds_about_one_chunk_of_answers_at_a_time():
+    """The module's memory bound: one chunk of outcomes held while it is validated, not the
+    chunk before it too, nor every raw result of the chunk next to its outcomes. Reading results
+    a block at a time kept the previous block, its outcomes (the previous chunk) and a whole
+    chunk of raw results alive while the next block was read: about three chunks at the peak."""
+    import tracemalloc
+
+    from airflow_provider_fable.core.validation import validator_for
+
+    class Doc(BaseModel):
+        summary: str
+
+    class Dropping:  # a destination that keeps nothing
+        def write_chunk(self, accepted, rejected, *, batch_id, model):
+            return []
+
+    chunk = 1000
+    lines = [line(f"r{i}", {"summary": f"{i} " + "w" * 4000}) for i in range(3 * chunk)]
+    validate = validator_for(Doc)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        one_chunk = [validate(parse_result_line(x)) for x in lines[:chunk]]
+        chunk_bytes = tracemalloc.get_traced_memory()[0] - base
+        del one_chunk
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        load_batch((parse_result_line(x) for x in lines), batch_id="b", output_model=Doc, sink=Dropping(),
+                   stats=LoadStats(), chunk_size=chunk, pipeline=False)  # fmt: skip
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.6 * chunk_bytes, f"peak {peak / chunk_bytes:.2f} chunks of outcomes"
