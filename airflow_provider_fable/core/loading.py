@@ -4,7 +4,8 @@ Kept out of the operator so the whole validate-and-load path can be tested and b
 without Airflow: the operator only wires a hook's result stream and a database engine to it.
 
 Memory stays flat in the size of the result file: at most one chunk of outcomes is held while it
-is being validated, plus (with the writer thread, on PostgreSQL by default) one chunk queued and
+is being validated (and the raw results of the block being validated, at most a quarter chunk),
+plus (with the writer thread, on PostgreSQL by default) one chunk queued and
 one being written, or (with the SQLite writer process) a chunk's worth of pieces queued and the
 items of the pieces not yet committed. PostgreSQL's server process, or the SQLite writer
 process, stores one chunk while Python validates the next.
@@ -651,26 +652,40 @@ def load_batch(
     accepted_before, rejected_before = stats.accepted, stats.rejected
     flush_size = writer.flush_size  # rows per submit: a chunk, or a piece of one (writer process)
     pending = iter(results)
+    # Results are read and validated a block at a time: what the chunk (or piece) still lacks, at
+    # most a quarter chunk (a writer process's piece), so the per-result steps run as C loops
+    # (map, islice, list comprehensions) instead of a Python loop body per line and the chunks
+    # come out the same, while the raw results held at once stay a fraction of a chunk.
+    block_size = max(1, chunk_size // 4)
+
+    def take(block: list[BatchResult]) -> bool:
+        """Validate ``block`` into the chunk being filled; False when the results are exhausted.
+
+        A function so that the block and its outcomes are freed when it returns: kept in the
+        loop's variables they stayed alive while the next block was read (the previous chunk's
+        outcomes and raw results next to the new ones: three chunks at the peak, not one)."""
+        nonlocal model_name
+        if not block:
+            return False
+        if len(block) == flush_size:
+            writer.expect_full()
+        if model_name is None:
+            model_name = next((r.model for r in block if r.model is not None), None)
+        outcomes = list(map(validate, block))
+        usages.extend(map(_USAGE, outcomes))
+        good = [o for o in outcomes if o.__class__ is Accepted]
+        if len(good) < len(outcomes):
+            rejected.extend([o for o in outcomes if o.__class__ is not Accepted])
+        if should_write is not None:
+            fresh = [o for o in good if should_write(o.record_id, batch_id)]
+            stats.skipped_stale += len(good) - len(fresh)
+            good = fresh
+        accepted.extend(good)
+        return True
+
     with _fewer_collections():
         try:
-            # A block of results at a time, each block exactly what the chunk (or piece) still
-            # lacks: the per-result steps run as C loops (map, islice, list comprehensions)
-            # instead of a Python loop body per line; the chunks come out the same.
-            while block := list(islice(pending, flush_size - len(accepted) - len(rejected))):
-                if len(block) == flush_size:
-                    writer.expect_full()
-                if model_name is None:
-                    model_name = next((r.model for r in block if r.model is not None), None)
-                outcomes = list(map(validate, block))
-                usages += map(_USAGE, outcomes)
-                good = [o for o in outcomes if o.__class__ is Accepted]
-                if len(good) < len(outcomes):
-                    rejected += [o for o in outcomes if o.__class__ is not Accepted]
-                if should_write is not None:
-                    fresh = [o for o in good if should_write(o.record_id, batch_id)]
-                    stats.skipped_stale += len(good) - len(fresh)
-                    good = fresh
-                accepted += good
+            while take(list(islice(pending, min(block_size, flush_size - len(accepted) - len(rejected))))):
                 if len(accepted) + len(rejected) >= flush_size:
                     flush()
                     accepted, rejected = [], []
