@@ -1005,3 +1005,19 @@ def test_a_load_holds_about_one_chunk_of_answers_at_a_time():
     finally:
         tracemalloc.stop()
     assert peak < 1.6 * chunk_bytes, f"peak {peak / chunk_bytes:.2f} chunks of outcomes"
+
+
+def test_what_a_pickle_carried_to_the_writer_process_a_message_pack_piece_carries_too(tmp_path):
+    """A piece of answer dicts is decoded in the writer process as it was sent, whatever the
+    types of its fields: custom_ids that are JSON numbers (the general result parser passes them
+    through; the inline path stores them) failed the whole load there, refused by a decoder
+    typed after ``BuildJob``'s annotations (``ids: list[str]``)."""
+    from airflow_provider_fable.core.writer_process import BuildJob, _decode_piece, piece_frame
+
+    lines = [line(i, paint(i)) for i in range(20)]  # type: ignore[arg-type]
+    inline, process = _inline_and("process", _files(tmp_path), lines, Paint, 8, "SELECT rid, note FROM {t}")
+    assert process == inline
+    assert len(inline[0]) == 20 and inline[-1]["accepted"] == 20
+
+    job = BuildJob([{"a": 1}], [7], [1.5], [None], [("r", "b", "x", "d", None, False, 3)], 5, 6.5, None)
+    assert repr(_decode_piece(piece_frame(job, True))) == repr((job, True))
