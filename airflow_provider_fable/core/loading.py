@@ -285,8 +285,9 @@ class _ProcessWriter:
     no piece comes for ``IDLE_COMMIT_S`` the writer commits what it has, so its lock on the file
     is not held while this process waits on something else (a slow download; a ledger kept in
     the same SQLite file, whose write would otherwise wait for that lock: a deadlock until the
-    busy timeout). The process is started at the first full piece (its start-up, ~30 ms, then
-    overlaps the rest of the first chunk); a load smaller than a piece is written inline.
+    busy timeout). The process is started once a first full piece of results has been read
+    (``expect_full``, before that piece is validated: its start-up, ~30-40 ms, overlaps the
+    validation); a load smaller than a piece is written inline.
     Memory stays bounded: a chunk's worth of pieces queued, one being written, and the items of
     the pieces not yet committed kept here for reporting.
     """
@@ -538,7 +539,7 @@ def load_batch(
         Skipped answers are counted in ``stats.skipped_stale`` and are not reported as outcomes.
     :param pipeline: write chunks while the next chunk is validated: ``True`` (or ``"thread"``)
         on a writer thread, ``"process"`` in a writer process (SQLite files only; started once
-        a first chunk is full), ``False`` inline. Default: a thread when the database works
+        a first piece, a quarter chunk, of results has been read), ``False`` inline. Default: a thread when the database works
         outside Python (PostgreSQL: COPY and the upsert run in the server, the client waits
         without the GIL); a writer process for a SQLite file when the machine has more than
         one core (SQLite's executemany needs the GIL for every row, so a thread does not help
