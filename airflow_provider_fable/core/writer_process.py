@@ -5,16 +5,18 @@ interpreter: not a fork of a threaded task process, and unlike multiprocessing's
 does not re-run the caller's ``__main__``). Protocol: stdin carries length-prefixed frames
 (``write_frame``): a ``SQLiteStore``, then ``(job, commit)`` per piece of a chunk (a
 ``StoreJob`` or ``BuildJob``, or None; ``commit`` ends the chunk's transaction) and ``None`` to
-finish, each a pickle except the pieces of ``BuildJob``, which are MessagePack (``piece_frame``); stdout answers each commit with ``("ok", [(refused, counts) per piece committed])``
-(``refused``: ``[(row index, message), ...]``; ``counts``: the distribution counts of a
-``BuildJob``, see ``SQLiteStore.count_fields``, else None) or, once, ``("error", exception)``. A transaction is also committed when no
+finish, each a pickle except the pieces of ``BuildJob``, which are MessagePack unless they hold
+what MessagePack cannot carry (``piece_frame``); stdout answers each commit with
+``("ok", [(refused, counts) per piece committed])`` (``refused``: ``[(row index, message), ...]``;
+``counts``: the distribution counts of a ``BuildJob``, see ``SQLiteStore.count_fields``, else
+None) or, once, ``("error", exception)``. A transaction is also committed when no
 piece comes for ``IDLE_COMMIT_S`` (so its pieces may span fewer rows than a chunk). When the
 loading process dies its end of stdin closes and this process exits (an open transaction is
 rolled back).
 
 Why this module imports nothing but ``sqlite3``, ``pickle``, ``orjson`` and ``msgspec``: the
-process must be ready within milliseconds. With SQLAlchemy and pydantic (``core.sinks``) it took about half a
-second to start, during which the loading process stalled on the bounded queue. So the pieces
+process must be ready within milliseconds. With SQLAlchemy and pydantic (``core.sinks``) it took
+about half a second to start, during which the loading process stalled on the bounded queue. So the pieces
 the writer needs (the job shape, the text helpers of the rejects table, the store itself) live
 here and ``core.sinks`` uses them from here.
 """
@@ -352,7 +354,9 @@ def piece_frame(job: StoreJob | BuildJob | None, commit: bool) -> bytes:
     MessagePack because the loading process is the busier half of the load: encoding a piece
     of answer dicts costs it about a third of pickling them (~0.1 vs ~0.26 µs a row) and keeps
     every value as it was (floats incl. NaN and infinities, bools, nested lists and dicts), which
-    JSON would not. Read back into a ``BuildJob`` (reject rows as tuples) by ``read_frame``.
+    JSON would not. (Tuples, sets, Decimals, enums or dates would arrive as lists or strings, as
+    MessagePack has no type for them: the answers' data is the JSON-mode dump, which holds none.)
+    Read back into a ``BuildJob`` (reject rows as tuples) by ``read_frame``.
     """
     if type(job) is BuildJob:
         try:
