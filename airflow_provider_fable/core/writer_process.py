@@ -16,9 +16,9 @@ rolled back).
 
 Why this module imports nothing but ``sqlite3``, ``pickle``, ``orjson`` and ``msgspec``: the
 process must be ready within milliseconds. With SQLAlchemy and pydantic (``core.sinks``) it took
-about half a second to start, during which the loading process stalled on the bounded queue. So the pieces
-the writer needs (the job shape, the text helpers of the rejects table, the store itself) live
-here and ``core.sinks`` uses them from here.
+about half a second to start, during which the loading process stalled on the bounded queue. So
+the pieces the writer needs (the job shape, the text helpers of the rejects table, the store
+itself) live here and ``core.sinks`` uses them from here.
 """
 
 from __future__ import annotations
