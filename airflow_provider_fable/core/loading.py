@@ -321,11 +321,11 @@ class _ProcessWriter:
         # start-up had both cores busy, each thread's first run waited 1-4 ms for a core, and
         # ``Thread.start`` waits for that first run.
         box: queue.Queue[subprocess.Popen[bytes] | None] = queue.Queue()
-        for target, name in ((self._send, "fable-load-send"), (self._receive, "fable-load-receive")):
-            thread = threading.Thread(target=_once_started, args=(box, target), name=name, daemon=True)
-            thread.start()
-            self.threads.append(thread)
         try:
+            for target, name in ((self._send, "fable-load-send"), (self._receive, "fable-load-receive")):
+                thread = threading.Thread(target=_once_started, args=(box, target), name=name, daemon=True)
+                thread.start()
+                self.threads.append(thread)
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "airflow_provider_fable.core.writer_process"],
                 stdin=subprocess.PIPE,
@@ -333,7 +333,7 @@ class _ProcessWriter:
             )
         finally:
             for _ in self.threads:
-                box.put(self.proc)  # None if it did not start: the threads end
+                box.put(self.proc)  # None if it did not start (nor a thread did): the threads end
         store = self.sink.sqlite_store()
         assert store is not None  # checked by ``_separate_writer_helps``
         self.database = store.database
