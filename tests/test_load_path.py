@@ -972,6 +972,87 @@ def test_a_writer_process_that_cannot_start_fails_the_load_and_leaves_no_threads
     engine.dispose()
 
 
+def test_a_load_holds_about_one_chunk_of_answers_at_a_time():
+    """The module's memory bound: one chunk of outcomes held while it is validated, not the
+    chunk before it too, nor every raw result of the chunk next to its outcomes. Reading results
+    a block at a time kept the previous block, its outcomes (the previous chunk) and a whole
+    chunk of raw results alive while the next block was read: about three chunks at the peak."""
+    import tracemalloc
+
+    from airflow_provider_fable.core.validation import validator_for
+
+    class Doc(BaseModel):
+        summary: str
+
+    class Dropping:  # a destination that keeps nothing
+        def write_chunk(self, accepted, rejected, *, batch_id, model):
+            return []
+
+    chunk = 1000
+    lines = [line(f"r{i}", {"summary": f"{i} " + "w" * 4000}) for i in range(3 * chunk)]
+    validate = validator_for(Doc)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        one_chunk = [validate(parse_result_line(x)) for x in lines[:chunk]]
+        chunk_bytes = tracemalloc.get_traced_memory()[0] - base
+        del one_chunk
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        load_batch((parse_result_line(x) for x in lines), batch_id="b", output_model=Doc, sink=Dropping(),
+                   stats=LoadStats(), chunk_size=chunk, pipeline=False)  # fmt: skip
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.6 * chunk_bytes, f"peak {peak / chunk_bytes:.2f} chunks of outcomes"
+
+
+def test_what_a_pickle_carried_to_the_writer_process_a_message_pack_piece_carries_too(tmp_path):
+    """A piece of answer dicts is decoded in the writer process as it was sent, whatever the
+    types of its fields: custom_ids that are JSON numbers (the general result parser passes them
+    through; the inline path stores them) failed the whole load there, refused by a decoder
+    typed after ``BuildJob``'s annotations (``ids: list[str]``)."""
+    from airflow_provider_fable.core.writer_process import BuildJob, _decode_piece, piece_frame
+
+    lines = [line(i, paint(i)) for i in range(20)]  # type: ignore[arg-type]
+    inline, process = _inline_and("process", _files(tmp_path), lines, Paint, 8, "SELECT rid, note FROM {t}")
+    assert process == inline
+    assert len(inline[0]) == 20 and inline[-1]["accepted"] == 20
+
+    job = BuildJob([{"a": 1}], [7], [1.5], [None], [("r", "b", "x", "d", None, False, 3)], 5, 6.5, None)
+    assert repr(_decode_piece(piece_frame(job, True))) == repr((job, True))
+
+
+def test_a_writer_thread_that_cannot_start_leaves_no_thread_waiting_for_the_process(tmp_path, monkeypatch):
+    """The writer process's two threads start before it and wait for it: when the second cannot
+    start (no threads left), the first must not wait forever for a process never started."""
+    import threading
+    import types
+
+    from airflow_provider_fable.core import loading
+
+    class SecondFails(threading.Thread):
+        def start(self) -> None:
+            if self.name == "fable-load-receive":
+                raise RuntimeError("can't start new thread")
+            super().start()
+
+    monkeypatch.setattr(loading, "threading", types.SimpleNamespace(Thread=SecondFails))
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    sink = ResultSink(engine, table="t", id_column="rid", output_model=Paint)
+    sink.ensure_tables()
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        load_batch(
+            (parse_result_line(line(f"r{i}", paint(i))) for i in range(40)),
+            batch_id="b", output_model=Paint, sink=sink, stats=LoadStats(), chunk_size=8, pipeline="process",
+        )  # fmt: skip
+    for thread in threading.enumerate():
+        if thread.name == "fable-load-send":
+            thread.join(timeout=10)
+            assert not thread.is_alive(), "the sender waits for a process that was never started"
+    engine.dispose()
+
+
 def test_the_writer_process_imports_the_provider_from_the_loading_process_sys_path(tmp_path):
     """Airflow adds its dags, plugins and config folders to a task's ``sys.path`` at run time, and
     its docs ("Modules Management") keep code that is not pip-installed in the dags folder: a

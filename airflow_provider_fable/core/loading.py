@@ -4,7 +4,8 @@ Kept out of the operator so the whole validate-and-load path can be tested and b
 without Airflow: the operator only wires a hook's result stream and a database engine to it.
 
 Memory stays flat in the size of the result file: at most one chunk of outcomes is held while it
-is being validated, plus (with the writer thread, on PostgreSQL by default) one chunk queued and
+is being validated (and the raw results of the block being validated, at most a quarter chunk),
+plus (with the writer thread, on PostgreSQL by default) one chunk queued and
 one being written, or (with the SQLite writer process) a chunk's worth of pieces queued and the
 items of the pieces not yet committed. PostgreSQL's server process, or the SQLite writer
 process, stores one chunk while Python validates the next.
@@ -285,8 +286,9 @@ class _ProcessWriter:
     no piece comes for ``IDLE_COMMIT_S`` the writer commits what it has, so its lock on the file
     is not held while this process waits on something else (a slow download; a ledger kept in
     the same SQLite file, whose write would otherwise wait for that lock: a deadlock until the
-    busy timeout). The process is started at the first full piece (its start-up, ~30 ms, then
-    overlaps the rest of the first chunk); a load smaller than a piece is written inline.
+    busy timeout). The process is started once a first full piece of results has been read
+    (``expect_full``, before that piece is validated: its start-up, ~30-40 ms, overlaps the
+    validation); a load smaller than a piece is written inline.
     Memory stays bounded: a chunk's worth of pieces queued, one being written, and the items of
     the pieces not yet committed kept here for reporting.
     """
@@ -320,16 +322,16 @@ class _ProcessWriter:
         # start-up had both cores busy, each thread's first run waited 1-4 ms for a core, and
         # ``Thread.start`` waits for that first run.
         box: queue.Queue[subprocess.Popen[bytes] | None] = queue.Queue()
-        for target, name in ((self._send, "fable-load-send"), (self._receive, "fable-load-receive")):
-            thread = threading.Thread(target=_once_started, args=(box, target), name=name, daemon=True)
-            thread.start()
-            self.threads.append(thread)
         try:
+            for target, name in ((self._send, "fable-load-send"), (self._receive, "fable-load-receive")):
+                thread = threading.Thread(target=_once_started, args=(box, target), name=name, daemon=True)
+                thread.start()
+                self.threads.append(thread)
             command, env = _writer_command()
             self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         finally:
             for _ in self.threads:
-                box.put(self.proc)  # None if it did not start: the threads end
+                box.put(self.proc)  # None if it did not start (nor a thread did): the threads end
         store = self.sink.sqlite_store()
         assert store is not None  # checked by ``_separate_writer_helps``
         self.database = store.database
@@ -559,7 +561,7 @@ def load_batch(
         Skipped answers are counted in ``stats.skipped_stale`` and are not reported as outcomes.
     :param pipeline: write chunks while the next chunk is validated: ``True`` (or ``"thread"``)
         on a writer thread, ``"process"`` in a writer process (SQLite files only; started once
-        a first chunk is full), ``False`` inline. Default: a thread when the database works
+        a first piece, a quarter chunk, of results has been read), ``False`` inline. Default: a thread when the database works
         outside Python (PostgreSQL: COPY and the upsert run in the server, the client waits
         without the GIL); a writer process for a SQLite file when the machine has more than
         one core (SQLite's executemany needs the GIL for every row, so a thread does not help
@@ -673,26 +675,40 @@ def load_batch(
     accepted_before, rejected_before = stats.accepted, stats.rejected
     flush_size = writer.flush_size  # rows per submit: a chunk, or a piece of one (writer process)
     pending = iter(results)
+    # Results are read and validated a block at a time: what the chunk (or piece) still lacks, at
+    # most a quarter chunk (a writer process's piece), so the per-result steps run as C loops
+    # (map, islice, list comprehensions) instead of a Python loop body per line and the chunks
+    # come out the same, while the raw results held at once stay a fraction of a chunk.
+    block_size = max(1, chunk_size // 4)
+
+    def take(block: list[BatchResult]) -> bool:
+        """Validate ``block`` into the chunk being filled; False when the results are exhausted.
+
+        A function so that the block and its outcomes are freed when it returns: kept in the
+        loop's variables they stayed alive while the next block was read (the previous chunk's
+        outcomes and raw results next to the new ones: three chunks at the peak, not one)."""
+        nonlocal model_name
+        if not block:
+            return False
+        if len(block) == flush_size:
+            writer.expect_full()
+        if model_name is None:
+            model_name = next((r.model for r in block if r.model is not None), None)
+        outcomes = list(map(validate, block))
+        usages.extend(map(_USAGE, outcomes))
+        good = [o for o in outcomes if o.__class__ is Accepted]
+        if len(good) < len(outcomes):
+            rejected.extend([o for o in outcomes if o.__class__ is not Accepted])
+        if should_write is not None:
+            fresh = [o for o in good if should_write(o.record_id, batch_id)]
+            stats.skipped_stale += len(good) - len(fresh)
+            good = fresh
+        accepted.extend(good)
+        return True
+
     with _fewer_collections():
         try:
-            # A block of results at a time, each block exactly what the chunk (or piece) still
-            # lacks: the per-result steps run as C loops (map, islice, list comprehensions)
-            # instead of a Python loop body per line; the chunks come out the same.
-            while block := list(islice(pending, flush_size - len(accepted) - len(rejected))):
-                if len(block) == flush_size:
-                    writer.expect_full()
-                if model_name is None:
-                    model_name = next((r.model for r in block if r.model is not None), None)
-                outcomes = list(map(validate, block))
-                usages += map(_USAGE, outcomes)
-                good = [o for o in outcomes if o.__class__ is Accepted]
-                if len(good) < len(outcomes):
-                    rejected += [o for o in outcomes if o.__class__ is not Accepted]
-                if should_write is not None:
-                    fresh = [o for o in good if should_write(o.record_id, batch_id)]
-                    stats.skipped_stale += len(good) - len(fresh)
-                    good = fresh
-                accepted += good
+            while take(list(islice(pending, min(block_size, flush_size - len(accepted) - len(rejected))))):
                 if len(accepted) + len(rejected) >= flush_size:
                     flush()
                     accepted, rejected = [], []

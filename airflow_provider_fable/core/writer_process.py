@@ -6,18 +6,20 @@ process, and unlike multiprocessing's ``spawn`` it does not re-run the caller's 
 ``python -m airflow_provider_fable.core.writer_process`` runs it too. Protocol: stdin carries length-prefixed frames
 (``write_frame``): a ``SQLiteStore``, then ``(job, commit)`` per piece of a chunk (a
 ``StoreJob`` or ``BuildJob``, or None; ``commit`` ends the chunk's transaction) and ``None`` to
-finish, each a pickle except the pieces of ``BuildJob``, which are MessagePack (``piece_frame``); stdout answers each commit with ``("ok", [(refused, counts) per piece committed])``
-(``refused``: ``[(row index, message), ...]``; ``counts``: the distribution counts of a
-``BuildJob``, see ``SQLiteStore.count_fields``, else None) or, once, ``("error", exception)``. A transaction is also committed when no
+finish, each a pickle except the pieces of ``BuildJob``, which are MessagePack unless they hold
+what MessagePack cannot carry (``piece_frame``); stdout answers each commit with
+``("ok", [(refused, counts) per piece committed])`` (``refused``: ``[(row index, message), ...]``;
+``counts``: the distribution counts of a ``BuildJob``, see ``SQLiteStore.count_fields``, else
+None) or, once, ``("error", exception)``. A transaction is also committed when no
 piece comes for ``IDLE_COMMIT_S`` (so its pieces may span fewer rows than a chunk). When the
 loading process dies its end of stdin closes and this process exits (an open transaction is
 rolled back).
 
 Why this module imports nothing but ``sqlite3``, ``pickle``, ``orjson`` and ``msgspec``: the
-process must be ready within milliseconds. With SQLAlchemy and pydantic (``core.sinks``) it took about half a
-second to start, during which the loading process stalled on the bounded queue. So the pieces
-the writer needs (the job shape, the text helpers of the rejects table, the store itself) live
-here and ``core.sinks`` uses them from here.
+process must be ready within milliseconds. With SQLAlchemy and pydantic (``core.sinks``) it took
+about half a second to start, during which the loading process stalled on the bounded queue. So
+the pieces the writer needs (the job shape, the text helpers of the rejects table, the store
+itself) live here and ``core.sinks`` uses them from here.
 """
 
 from __future__ import annotations
@@ -334,7 +336,13 @@ class SQLiteStore:
 _HEADER = 8  # frame length prefix, big-endian
 
 _encode_piece = msgspec.msgpack.Encoder().encode
-_decode_piece = msgspec.msgpack.Decoder(tuple[BuildJob, bool]).decode
+#: A ``BuildJob`` as sent: its fields' shapes only, the values as they came. Decoding into
+#: ``BuildJob`` itself would check its annotations and refuse in the writer process what the
+#: loading process sent and a pickle carried (a record id that is a JSON number, say), failing
+#: the load on this path only; and it is no faster.
+_decode_fields = msgspec.msgpack.Decoder(
+    tuple[tuple[list[Any], list[Any], list[Any], list[Any], list[tuple[Any, ...]], Any, Any, Any, Any], bool]
+).decode
 _PIECE = 0x92  # a MessagePack frame starts with the header of its 2-array (a pickle with 0x80)
 #: What MessagePack cannot carry: ints beyond 64 bits, lone surrogates, other Python objects.
 _NOT_MSGPACK = (OverflowError, UnicodeEncodeError, TypeError, msgspec.EncodeError)
@@ -347,7 +355,9 @@ def piece_frame(job: StoreJob | BuildJob | None, commit: bool) -> bytes:
     MessagePack because the loading process is the busier half of the load: encoding a piece
     of answer dicts costs it about a third of pickling them (~0.1 vs ~0.26 µs a row) and keeps
     every value as it was (floats incl. NaN and infinities, bools, nested lists and dicts), which
-    JSON would not. Decoded straight into a ``BuildJob`` (reject rows as tuples) by ``read_frame``.
+    JSON would not. (Tuples, sets, Decimals, enums or dates would arrive as lists or strings, as
+    MessagePack has no type for them: the answers' data is the JSON-mode dump, which holds none.)
+    Read back into a ``BuildJob`` (reject rows as tuples) by ``read_frame``.
     """
     if type(job) is BuildJob:
         try:
@@ -355,6 +365,12 @@ def piece_frame(job: StoreJob | BuildJob | None, commit: bool) -> bytes:
         except _NOT_MSGPACK:
             pass
     return pickle.dumps((job, commit), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _decode_piece(body: bytes) -> tuple[BuildJob, bool]:
+    """A ``piece_frame`` of a ``BuildJob`` read back (reject rows as tuples)."""
+    fields, commit = _decode_fields(body)
+    return BuildJob(*fields), commit
 
 
 def write_frame(stream: Any, data: bytes) -> None:
