@@ -3,8 +3,8 @@
 Started by ``core.loading`` as a fresh interpreter (the loading process's own, with its
 ``sys.path``: ``loading._writer_command``) that runs ``main``: not a fork of a threaded task
 process, and unlike multiprocessing's ``spawn`` it does not re-run the caller's ``__main__``.
-``python -m airflow_provider_fable.core.writer_process`` runs it too. Protocol: stdin carries length-prefixed frames
-(``write_frame``): a ``SQLiteStore``, then ``(job, commit)`` per piece of a chunk (a
+``python -m airflow_provider_fable.core.writer_process`` runs it too. Protocol: stdin carries
+length-prefixed frames (``write_frame``): a ``SQLiteStore``, then ``(job, commit)`` per piece of a chunk (a
 ``StoreJob`` or ``BuildJob``, or None; ``commit`` ends the chunk's transaction) and ``None`` to
 finish, each a pickle except the pieces of ``BuildJob``, which are MessagePack unless they hold
 what MessagePack cannot carry (``piece_frame``); stdout answers each commit with
