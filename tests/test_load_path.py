@@ -948,19 +948,43 @@ def test_a_writer_process_whose_loader_ends_before_sending_anything_exits_quietl
     assert (done.returncode, done.stderr, done.stdout) == (0, b"", b"")
 
 
-def test_a_writer_process_that_cannot_start_fails_the_load_and_leaves_no_threads(tmp_path, monkeypatch):
+def _cannot_start(kind: str, monkeypatch) -> str:
+    """Make the writer process's start fail (``kind``): its error message."""
     import threading
+    import types
 
     from airflow_provider_fable.core import loading
 
-    def no_process(*args: object, **kwargs: object) -> None:
-        raise FileNotFoundError("no interpreter here")
+    if kind == "process":
 
-    monkeypatch.setattr(loading.subprocess, "Popen", no_process)
+        def no_process(*args: object, **kwargs: object) -> None:
+            raise FileNotFoundError("no interpreter here")
+
+        monkeypatch.setattr(loading.subprocess, "Popen", no_process)
+        return "no interpreter here"
+
+    class SecondFails(threading.Thread):
+        def start(self) -> None:
+            if self.name == "fable-load-receive":
+                raise RuntimeError("can't start new thread")
+            super().start()
+
+    monkeypatch.setattr(loading, "threading", types.SimpleNamespace(Thread=SecondFails))
+    return "can't start new thread"
+
+
+@pytest.mark.parametrize("kind", ["process", "thread"])
+def test_a_writer_process_that_cannot_start_fails_the_load_and_leaves_no_thread_waiting(tmp_path, monkeypatch, kind):
+    """The writer process's two threads start before it and wait for it: when the process (or
+    the second thread: no threads left) cannot start, the load fails with that error and no
+    thread waits forever for a process never started."""
+    import threading
+
+    message = _cannot_start(kind, monkeypatch)
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
     sink = ResultSink(engine, table="t", id_column="rid", output_model=Paint)
     sink.ensure_tables()
-    with pytest.raises(FileNotFoundError, match="no interpreter here"):
+    with pytest.raises((FileNotFoundError, RuntimeError), match=message):
         load_batch(
             (parse_result_line(line(f"r{i}", paint(i))) for i in range(40)),
             batch_id="b", output_model=Paint, sink=sink, stats=LoadStats(), chunk_size=8, pipeline="process",
@@ -968,7 +992,7 @@ def test_a_writer_process_that_cannot_start_fails_the_load_and_leaves_no_threads
     for thread in threading.enumerate():
         if thread.name in ("fable-load-send", "fable-load-receive"):
             thread.join(timeout=10)
-            assert not thread.is_alive()
+            assert not thread.is_alive(), f"{thread.name} waits for a process that was never started"
     engine.dispose()
 
 
@@ -1021,36 +1045,6 @@ def test_what_a_pickle_carried_to_the_writer_process_a_message_pack_piece_carrie
 
     job = BuildJob([{"a": 1}], [7], [1.5], [None], [("r", "b", "x", "d", None, False, 3)], 5, 6.5, None)
     assert repr(_decode_piece(piece_frame(job, True))) == repr((job, True))
-
-
-def test_a_writer_thread_that_cannot_start_leaves_no_thread_waiting_for_the_process(tmp_path, monkeypatch):
-    """The writer process's two threads start before it and wait for it: when the second cannot
-    start (no threads left), the first must not wait forever for a process never started."""
-    import threading
-    import types
-
-    from airflow_provider_fable.core import loading
-
-    class SecondFails(threading.Thread):
-        def start(self) -> None:
-            if self.name == "fable-load-receive":
-                raise RuntimeError("can't start new thread")
-            super().start()
-
-    monkeypatch.setattr(loading, "threading", types.SimpleNamespace(Thread=SecondFails))
-    engine = sa.create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    sink = ResultSink(engine, table="t", id_column="rid", output_model=Paint)
-    sink.ensure_tables()
-    with pytest.raises(RuntimeError, match="can't start new thread"):
-        load_batch(
-            (parse_result_line(line(f"r{i}", paint(i))) for i in range(40)),
-            batch_id="b", output_model=Paint, sink=sink, stats=LoadStats(), chunk_size=8, pipeline="process",
-        )  # fmt: skip
-    for thread in threading.enumerate():
-        if thread.name == "fable-load-send":
-            thread.join(timeout=10)
-            assert not thread.is_alive(), "the sender waits for a process that was never started"
-    engine.dispose()
 
 
 def test_the_writer_process_imports_the_provider_from_the_loading_process_sys_path(tmp_path):
