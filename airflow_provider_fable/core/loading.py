@@ -41,8 +41,8 @@ from airflow_provider_fable.core.writer_process import (
     IDLE_COMMIT_S,
     BuildJob,
     StoreJob,
-    count_field,
     piece_frame,
+    value_counts,
     write_frame,
 )
 
@@ -598,7 +598,7 @@ def load_batch(
         for chunk, unstorable, counts in done:
             if distribution and chunk.accepted:
                 if counts is None:
-                    counts = count_values(chunk.accepted)
+                    counts = value_counts([a.data for a in chunk.accepted], fields)
                 for f, counter in distribution:
                     # Raw values counted (closed sets: few distinct), keyed here by their text.
                     for value, n in counts[f].items():
@@ -635,10 +635,6 @@ def load_batch(
     accepted: list[Accepted] = []
     rejected: list[Rejected] = []
     tokens_in = tokens_out = cache_write = cache_read = cache_write_1h = 0
-
-    def count_values(items: list[Accepted]) -> Counts:
-        datas = [a.data for a in items]
-        return {f: count_field(datas, f) for f in fields}
 
     usages: list[Usage] = []  # of every result of the chunk, skipped ones included
     validate = validator_for(output_model)

@@ -84,9 +84,9 @@ def built_rows(build_rows: Callable[..., list[tuple[Any, ...]]], job: BuildJob) 
     return StoreJob(rows, job.ids, job.reject_rows, job.batch_id, job.now)
 
 
-def count_field(datas: list[dict[str, Any]], name: str) -> Counter[Any]:
-    """How often each value of field ``name`` occurs among answers' data dicts (in C)."""
-    return Counter(map(dict.get, datas, repeat(name)))
+def value_counts(datas: list[dict[str, Any]], names: Sequence[str]) -> dict[str, Counter[Any]]:
+    """Per field in ``names``, how often each value occurs among answers' data dicts (in C)."""
+    return {name: Counter(map(dict.get, datas, repeat(name))) for name in names}
 
 
 def _row_expression(kinds: dict[str, str]) -> str:
@@ -259,7 +259,7 @@ class SQLiteStore:
         """The ``count_fields`` values of the job's answers (None: no fields to count)."""
         if not self.count_fields:
             return None
-        return {name: count_field(job.datas, name) for name in self.count_fields}
+        return value_counts(job.datas, self.count_fields)
 
     def connection(self) -> sqlite3.Connection:
         if self._conn is None:
