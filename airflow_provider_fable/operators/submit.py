@@ -349,7 +349,10 @@ class _Submission:
 
         self.op, self.log, self.hook, self.job, self.ledger = op, op.log, hook, job, ledger
         self.context = context
-        self.job_id = job.fingerprint()
+        # The new (path-independent) fingerprint, or the id an older provider registered the job
+        # under, so its in-flight batches re-attach (docs/ledger.md, "Fingerprint change").
+        self.job_id = ledger.resolve_job(job.fingerprint(), job.legacy_fingerprint())
+        self.claim: Any = None  # the job's submit claim while run() holds it
         self.run_key = run_key_of(context)
         ti = context.get("ti") if hasattr(context, "get") else None
         self.try_number = int(getattr(ti, "try_number", 1) or 1)
@@ -473,18 +476,30 @@ class _Submission:
             },
             parent_job=self.rerun_of if self.rerun_of and self.rerun_of != self.job_id else None,
         )
-        self._reconcile()
         plan: dict[str, Any] = {"ids": {}, "attached": {}, "skipped": 0, "not_selected": 0}
-        with tempfile.TemporaryFile(prefix="fable-requests-") as spool:
-            shards = self._spool(self._selected(self._paired(source), plan), spool)
-            # Guardrails (operators/guarded.py): estimate, log it, refuse over max_cost_usd, all
-            # before the first intent or create; then pilot / estimate / QA excerpts into the manifest.
-            guarded = self.op._estimate_before_submit(
-                self.hook, job, spool, [(shard.offset, shard.count) for shard in shards]
-            )
-            manifest = self._submit(spool, shards, plan)
-            self.op._after_submit(job, manifest, guarded, self.context)
-            return manifest
+        # One submitter of a job at a time, across runs and DAGs (docs/ledger.md): another run of
+        # the same job waits here, then finds this one's batches and attaches to them.
+        with ledger.claim(self.job_id, run_key=self.run_key, on_wait=self._waiting) as claim:
+            self.claim = claim
+            self._reconcile()
+            with tempfile.TemporaryFile(prefix="fable-requests-") as spool:
+                shards = self._spool(self._selected(self._paired(source), plan), spool)
+                # Guardrails (operators/guarded.py): estimate, log it, refuse over max_cost_usd, all
+                # before the first intent or create; then pilot / estimate / QA excerpts into the manifest.
+                guarded = self.op._estimate_before_submit(
+                    self.hook, job, spool, [(shard.offset, shard.count) for shard in shards]
+                )
+                manifest = self._submit(spool, shards, plan)
+        self.op._after_submit(job, manifest, guarded, self.context)
+        return manifest
+
+    def _waiting(self, holder: str) -> None:
+        self.log.info(
+            "Job %s is being submitted by %s; waiting for it to finish, then its batches are "
+            "attached instead of paid again. (A holder on another host that is gone for good can "
+            "be released with DELETE FROM fable_job_claims WHERE job_id = '%s'.)",
+            self.job_id, holder, self.job_id,
+        )  # fmt: skip
 
     def _paired(self, source: Iterator[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
         """(request, record) pairs; every record is checked before the first create."""
@@ -636,6 +651,7 @@ class _Submission:
             )  # fmt: skip
             del rows
             _kill_point("after_intent", n, self.try_number)
+            self.claim.verify()  # a lost claim (ledger session ended) pays nothing more
             try:
                 batch = self.hook.create_batch_from_body(
                     lambda shard=shard: iter_body(spool, shard), count=count, size=shard.body_bytes
