@@ -308,7 +308,6 @@ def test_two_runs_of_one_job_at_once_pay_once(fable_emulator_factory, dbs, reque
 
 
 # ---------------------------------------------------------------------------- 12: all expired, then rerun
-@pytest.mark.skip(reason="item 12: fixed in the next commit")
 @pytest.mark.parametrize("mode", ["failed", "retryable"])
 def test_a_rerun_after_an_all_expired_wait_sends_the_expired_records(fable_emulator_factory, dbs, mode):
     from airflow_provider_fable.core.errors import FableError

@@ -578,6 +578,26 @@ class Ledger:
         with self.engine.connect() as conn:
             return list(conn.execute(q).scalars())
 
+    def unloaded_batches(self, job_id: str, *, api: str | None = None) -> list[str]:
+        """Batches holding records of the job that no load has given a verdict (``submitted``).
+
+        A rerun asks: a batch whose wait failed (every request expired, errored or was canceled)
+        is never loaded, so its records would stay ``submitted``, never rejects a rerun picks.
+        """
+        self.ensure_schema()
+        c, s = self.records.c, self.submissions.c
+        q = (
+            sa.select(c.batch_id)
+            .select_from(self.records.join(self.submissions, s.id == c.submission_id))
+            .where(c.job_id == job_id, c.status == SUBMITTED, c.batch_id.is_not(None))
+            .distinct()
+            .order_by(c.batch_id)
+        )
+        if api is not None:
+            q = q.where(s.api == api)
+        with self.engine.connect() as conn:
+            return list(conn.execute(q).scalars())
+
     def failed(self, job_id: str, *, retryable_only: bool = False) -> list[str]:
         """Ids the job has rejected (only retryable ones on request), not accepted by a later rerun."""
         return self.record_ids(job_id, statuses=[REJECTED], retryable=True if retryable_only else None)

@@ -459,6 +459,50 @@ class _Submission:
                     "will be sent again", intent.shard, intent.run_key,
                 )  # fmt: skip
 
+    def _settle_unloaded(self, job_id: str) -> None:
+        """Give a verdict to the requests of ended, never-loaded batches that got no answer.
+
+        A wait fails when every request of its batches expired (or errored, or was canceled), so
+        no load runs and the records stay ``submitted``: neither accepted nor rejects, and a
+        ``rerun="failed"``/``"retryable"`` found nothing to send and succeeded silently. Here
+        each such request becomes the reject the load would have written (``expired``,
+        ``canceled``, ``errored``; same classification as the load's), so the rerun sends it.
+        Answers that did come back are left for the batch's load: they are never paid twice.
+        """
+        from airflow_provider_fable.core.errors import FableError
+        from airflow_provider_fable.core.ledger import REJECTED, Outcome
+        from airflow_provider_fable.core.results import SUCCEEDED
+        from airflow_provider_fable.core.validation import _not_succeeded
+
+        for batch_id in self.ledger.unloaded_batches(job_id, api=self.api):
+            try:
+                batch = self.hook.retrieve_batch(batch_id)
+            except FableError as exc:
+                self.log.warning(
+                    "Could not check unloaded batch %s (%s); its records stay as they are", batch_id, exc
+                )
+                continue
+            counts = batch.request_counts
+            lost = (counts.errored or 0) + (counts.expired or 0) + (counts.canceled or 0)
+            if batch.processing_status != "ended" or not lost:
+                continue
+            ids = self.ledger.custom_id_map(batch_id)
+            outcomes = []
+            for result in self.hook.iter_results(batch_id):
+                record_id = ids.get(result.custom_id)
+                if record_id is None or result.type == SUCCEEDED:
+                    continue
+                reject = _not_succeeded(result, record_id)
+                outcomes.append(
+                    Outcome(record_id, result.custom_id, REJECTED, reject.reason, reject.retryable, batch_id)
+                )
+            self.ledger.record_outcomes(job_id, batch_id, outcomes)
+            self.log.warning(
+                "Batch %s ended with %d request(s) expired, errored or canceled and was never loaded "
+                "(its wait failed): recorded %d of them as rejects, so this rerun can send them",
+                batch_id, lost, len(outcomes),
+            )  # fmt: skip
+
     # -- run ---------------------------------------------------------------------------------
     def run(self, source: Iterator[dict[str, Any]]) -> dict[str, Any]:
         job, ledger = self.job, self.ledger
@@ -482,6 +526,8 @@ class _Submission:
         with ledger.claim(self.job_id, run_key=self.run_key, on_wait=self._waiting) as claim:
             self.claim = claim
             self._reconcile()
+            if self.rerun_of:
+                self._settle_unloaded(self.rerun_of)
             with tempfile.TemporaryFile(prefix="fable-requests-") as spool:
                 shards = self._spool(self._selected(self._paired(source), plan), spool)
                 # Guardrails (operators/guarded.py): estimate, log it, refuse over max_cost_usd, all
