@@ -340,3 +340,36 @@ def test_a_rerun_after_an_all_expired_wait_sends_the_expired_records(fable_emula
     # A retry of the rerun re-attaches; nothing is paid twice.
     again = submit_op(rerun=mode, max_requests_per_batch=4).execute(context(run_id="rerun"))
     assert again["submitted"] == 0 and sorted(again["batch_ids"]) == sorted(rerun["batch_ids"])
+
+
+def test_a_submit_that_lost_its_claim_pays_nothing_more(
+    fable_emulator_factory, dbs, pg_ledger_conn, monkeypatch
+):
+    """The PostgreSQL claim lives with its session: when the session ends (a ledger failover, an
+    idle-session killer), another submitter may take the claim, so this one must not create."""
+    from airflow_provider_fable.core.errors import FableError
+
+    server = fable_emulator_factory()
+    point_connection_at(server)
+    original = Ledger.write_intent
+
+    def intent_then_session_ends(self, *args, **kwargs):
+        written = original(self, *args, **kwargs)
+        with pg_ledger_conn.connect() as conn:  # end the claim's session, as a failover would
+            ended = conn.execute(
+                sa.text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory' "
+                    "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                )
+            ).scalar_one()
+        assert ended == 1
+        return written
+
+    monkeypatch.setattr(Ledger, "write_intent", intent_then_session_ends)
+    with pytest.raises(FableError, match="lost the submit claim"):
+        submit_op(ledger_conn_id="pg_ledger").execute(context())
+    assert stats(server)["batches_created"] == 0
+    monkeypatch.setattr(Ledger, "write_intent", original)
+    manifest = submit_op(ledger_conn_id="pg_ledger").execute(context())  # the retry
+    assert manifest["submitted"] == len(RECORDS) and stats(server)["batches_created"] == 1
+    assert [s.state for s in Ledger(pg_ledger_conn).submissions_of()] == ["abandoned", "created"]

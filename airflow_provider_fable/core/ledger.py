@@ -510,16 +510,23 @@ class Ledger:
                 conn.close()
             return
         while True:
-            with self.engine.begin() as conn:
-                got = conn.execute(
-                    self._insert(self.claims).values(**row, claimed_at=_ts(utcnow())).on_conflict_do_nothing()
-                ).rowcount
-                if got == 1:
-                    break
-                holder = conn.execute(sa.select(c.owner).where(c.job_id == job_id)).scalar()
-                if holder is not None and _owner_is_dead(holder):
-                    conn.execute(sa.delete(self.claims).where(c.job_id == job_id, c.owner == holder))
-                    continue
+            try:
+                with self.engine.begin() as conn:
+                    got = conn.execute(
+                        self._insert(self.claims)
+                        .values(**row, claimed_at=_ts(utcnow()))
+                        .on_conflict_do_nothing()
+                    ).rowcount
+                    if got == 1:
+                        break
+                    holder = conn.execute(sa.select(c.owner).where(c.job_id == job_id)).scalar()
+                    if holder is not None and _owner_is_dead(holder):
+                        conn.execute(sa.delete(self.claims).where(c.job_id == job_id, c.owner == holder))
+                        continue
+            except sa.exc.OperationalError as exc:
+                if "locked" not in str(exc.orig):
+                    raise
+                # Another writer holds the file (a big intent, a load's verdicts): try again.
             waiting()
             time.sleep(poll)
         try:

@@ -542,8 +542,8 @@ class _Submission:
     def _waiting(self, holder: str) -> None:
         self.log.info(
             "Job %s is being submitted by %s; waiting for it to finish, then its batches are "
-            "attached instead of paid again. (A holder on another host that is gone for good can "
-            "be released with DELETE FROM fable_job_claims WHERE job_id = '%s'.)",
+            "attached instead of paid again. (SQLite ledger only: a holder on another host that is "
+            "gone for good is released with DELETE FROM fable_job_claims WHERE job_id = '%s'.)",
             self.job_id, holder, self.job_id,
         )  # fmt: skip
 
