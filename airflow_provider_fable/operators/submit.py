@@ -350,7 +350,7 @@ class _Submission:
         self.op, self.log, self.hook, self.job, self.ledger = op, op.log, hook, job, ledger
         self.context = context
         # The new (path-independent) fingerprint, or the id an older provider registered the job
-        # under, so its in-flight batches re-attach (docs/ledger.md, "Fingerprint change").
+        # under, so its in-flight batches re-attach (docs/ledger.md, "The job fingerprint").
         self.job_id = ledger.resolve_job(job.fingerprint(), job.legacy_fingerprint())
         self.claim: Any = None  # the job's submit claim while run() holds it
         self.run_key = run_key_of(context)
@@ -496,6 +496,8 @@ class _Submission:
                 outcomes.append(
                     Outcome(record_id, result.custom_id, REJECTED, reject.reason, reject.retryable, batch_id)
                 )
+            if not outcomes:
+                continue  # settled by an earlier rerun; what is left are answers for the load
             self.ledger.record_outcomes(job_id, batch_id, outcomes)
             self.log.warning(
                 "Batch %s ended with %d request(s) expired, errored or canceled and was never loaded "
