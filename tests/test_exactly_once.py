@@ -140,6 +140,7 @@ def test_jobs_under_a_legacy_fingerprint_are_reattached(tmp_path, fable_emulator
     # ... and once aliased, a worker whose DAG folder lies elsewhere finds it too.
     moved = submit_op(output_model=load_as_airflow_would(tmp_path / "b")).execute(context(run_id="m3"))
     assert moved["job_fingerprint"] == legacy and moved["batch_ids"] == first["batch_ids"]
+    assert ledger.resolve_job(op.build_job().fingerprint()) == legacy  # e.g. a rerun_job= by hand
     assert stats(server)["batches_created"] == 1
 
 

@@ -365,6 +365,8 @@ class _Submission:
         if self.rerun is not None and self.rerun not in RERUN_MODES:
             raise ValueError(f"{op.task_id}: rerun must be one of {RERUN_MODES} or None, got {op.rerun!r}")
         self.rerun_of = _rerun_job_id(op.rerun_job, self.job_id) if self.rerun else None
+        if self.rerun_of and self.rerun_of != self.job_id:
+            self.rerun_of = ledger.resolve_job(self.rerun_of)  # a fingerprint aliased to a legacy id
         if self.rerun == "unaccepted" and self.rerun_of != self.job_id:
             raise ValueError(f"{op.task_id}: rerun='unaccepted' reruns this job only; drop rerun_job")
         self._statuses = (ACCEPTED, PENDING, REJECTED)  # read once per record by _decide
