@@ -14,7 +14,7 @@ Two DAG runs go at once, both on worker A alone:
 a) ``celery_lost_worker``: one submit of 7 records in 3 shards (3 + 3 + 1). Its first try is
    SIGKILLed right after shard 1's batch is created, before the ledger records it (the operator's
    ``FABLE_FAULT_KILL_AT=after_create:1`` seam, armed by ``pre_execute``; it fires on try 1 only).
-b) ``celery_mapped_fanout``: dynamic task mapping, one job fanned out over 3 record slices (5
+b) ``celery_mapped_fanout``: dynamic task mapping, one job fanned out over 5 record slices (5
    records each, 2 shards of 3 + 2); member 0's first try is killed the same way.
 
 Once both killed tries have been reported and the other members have succeeded, worker A is
@@ -57,7 +57,10 @@ PRECREATE_LEDGER = True
 LOST = "celery_lost_worker"
 FANOUT = "celery_mapped_fanout"
 LOST_IDS = [f"a{i}" for i in range(7)]  # 3 shards of at most 3 requests: 3 + 3 + 1
-SLICES = [[f"b{m}_{i}" for i in range(5)] for m in range(3)]  # 3 members of 2 shards: 3 + 2
+#: 5 members of 2 shards (3 + 2). With the lost-worker submit that is 6 first tries for worker A's
+#: 4 slots: two members start while others are mid-way (open intents, a killed member's orphan),
+#: which is when a member that settled its siblings' intents went wrong (#18 item 2).
+SLICES = [[f"b{m}_{i}" for i in range(5)] for m in range(5)]
 FANOUT_IDS = [rid for part in SLICES for rid in part]
 
 DAG_FILE = '''
@@ -100,7 +103,7 @@ COMMON = dict(
     max_requests_per_batch=3,
     ledger_conn_id="ledger",
     retries=2,
-    retry_delay=timedelta(seconds=10),
+    retry_delay=timedelta(seconds=30),  # longer than every first try: all run on worker A
     pre_execute=kill_after_first_create,
 )
 
