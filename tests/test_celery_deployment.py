@@ -166,8 +166,10 @@ def _redis_db() -> Iterator[int]:
     for step in range(15):
         db = 1 + (os.getpid() + step) % 15  # db 0 is everyone's default: never ours
         client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db)
-        if client.dbsize() == 0:
+        # Claimed with a key, so a concurrent session sees it non-empty and takes another one.
+        if client.dbsize() == 0 and client.set("fable_test_broker_owner", os.getpid(), nx=True):
             break
+        client.close()
     else:
         pytest.fail("no empty Redis db among 1..15 for the test's broker")
     try:
