@@ -205,7 +205,24 @@ class BatchJob(BaseModel):
         return self.output_model.model_json_schema()
 
     def fingerprint(self) -> str:
-        """Stable hash of everything that shapes a request: same fingerprint, same requests."""
+        """Stable hash of everything that shapes a request: same fingerprint, same requests.
+
+        The output model counts by its JSON schema (what the request sends), never by its
+        ``__module__``: Airflow names a DAG file's module after the file's absolute path
+        (``unusual_prefix_<sha1(path)>_<stem>``), so the same DAG mounted elsewhere on another
+        worker, or a new versioned-bundle path, would otherwise become a new job and pay again.
+        """
+        payload = self.model_dump(exclude={"output_model"}, mode="json")
+        payload["output_schema"] = self.output_schema()
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def legacy_fingerprint(self) -> str:
+        """The fingerprint of provider versions before issue #18 (it hashed the model's module path).
+
+        Only used to find jobs an older provider registered, so their in-flight batches are
+        re-attached instead of paid again (``Ledger.resolve_job``).
+        """
         payload = self.model_dump(exclude={"output_model"}, mode="json")
         payload["output_model"] = f"{self.output_model.__module__}.{self.output_model.__qualname__}"
         payload["output_schema"] = self.output_schema()

@@ -16,8 +16,14 @@ Tables are created on first use; ``SCHEMA_VERSION`` is stored in ``fable_ledger_
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterable, Iterator, Sequence
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -40,6 +46,10 @@ ORPHAN_POLICIES = ("fail", "resubmit")
 #: between the worker and the API).
 CLOCK_SKEW = timedelta(minutes=2)
 _CHUNK = 500  # ids per IN (...) query: under SQLite's bound-parameter limit with room to spare
+#: PostgreSQL advisory lock key serialising the ledger's ``create_all`` (any constant bigint; it
+#: only has to differ from the per-job claim keys, which are hashed under another prefix).
+_SCHEMA_LOCK_KEY = int.from_bytes(hashlib.sha256(b"fable-ledger:schema").digest()[:8], "big", signed=True)
+_SQLITE_SCHEMA_TRIES = 20
 
 
 #: The PostgreSQL verdict path's staging table (temporary: per session, emptied at commit).
@@ -142,6 +152,106 @@ def _tables(meta: sa.MetaData) -> dict[str, sa.Table]:
     }
 
 
+def _exactly_once_tables(meta: sa.MetaData) -> dict[str, sa.Table]:
+    """Tables added for issue #18 (new tables only: existing ones keep their columns)."""
+    return {
+        # A job registered under the pre-#18 path-dependent fingerprint keeps its id: the new
+        # fingerprint points at it, so in-flight jobs re-attach instead of paying again.
+        "aliases": sa.Table(
+            "fable_job_aliases",
+            meta,
+            sa.Column("alias", sa.String(64), primary_key=True),  # the new fingerprint
+            sa.Column("job_id", sa.String(64), nullable=False),  # the job's id in the ledger
+            sa.Column("created_at", sa.Text, nullable=False),
+        ),
+        # Who holds a job's submit claim. On SQLite the row *is* the claim; on PostgreSQL the
+        # claim is a session advisory lock and the row only says who holds it (for the log).
+        "claims": sa.Table(
+            "fable_job_claims",
+            meta,
+            sa.Column("job_id", sa.String(64), primary_key=True),
+            sa.Column("owner", sa.Text, nullable=False),  # host:pid:start:token
+            sa.Column("run_key", sa.Text),
+            sa.Column("claimed_at", sa.Text, nullable=False),
+        ),
+    }
+
+
+def _process_start(pid: int) -> str:
+    """Start time (clock ticks since boot) of a process, '' when unknown: tells a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    fields = stat.rsplit(")", 1)[-1].split()
+    return fields[19] if len(fields) > 19 else ""
+
+
+def _owner_token() -> str:
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_process_start(pid)}:{uuid.uuid4().hex[:12]}"
+
+
+def _owner_is_dead(owner: str) -> bool:
+    """Whether the process behind a claim is provably gone: only decidable on the same host.
+
+    A claim of another host is never judged dead here (the embedded SQLite ledger is one machine
+    only); the wait log says how to remove it by hand.
+    """
+    host, _, rest = owner.partition(":")
+    pid_text, _, rest = rest.partition(":")
+    start, _, _ = rest.partition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, owned by another user
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().decode(errors="replace").rsplit(")", 1)[-1].split()[0]
+        if state in ("Z", "X"):  # killed, not yet reaped by its parent
+            return True
+    except (OSError, IndexError):
+        return False
+    return bool(start) and _process_start(pid) not in ("", start)  # the pid was reused
+
+
+class JobClaim:
+    """A held submit claim of one job (``Ledger.claim``). ``verify`` before each paid create."""
+
+    def __init__(self, ledger: Ledger, job_id: str, owner: str, conn: Any = None) -> None:
+        self.ledger, self.job_id, self.owner, self._conn = ledger, job_id, owner, conn
+
+    def verify(self) -> None:
+        """Raise ``LedgerError`` when the claim was lost (its database session ended): pay nothing.
+
+        On PostgreSQL the advisory lock lives as long as the session that took it; a ledger
+        outage ends the session, and another submitter may now hold the claim.
+        """
+        try:
+            if self._conn is not None:
+                self._conn.execute(sa.select(sa.literal(1))).scalar_one()
+                return
+            c = self.ledger.claims.c
+            with self.ledger.engine.connect() as conn:
+                holder = conn.execute(sa.select(c.owner).where(c.job_id == self.job_id)).scalar()
+        except sa.exc.SQLAlchemyError as exc:
+            raise LedgerError(
+                f"lost the submit claim of job {self.job_id} ({type(exc).__name__}); nothing more is "
+                "created by this try, a retry re-attaches to what exists"
+            ) from exc
+        if holder != self.owner:
+            raise LedgerError(
+                f"lost the submit claim of job {self.job_id} (now held by {holder!r}); nothing more is "
+                "created by this try, a retry re-attaches to what exists"
+            )
+
+
 @dataclass(frozen=True)
 class Submission:
     id: int
@@ -202,6 +312,8 @@ class Ledger:
         t = _tables(self.metadata)
         self.meta, self.jobs, self.submissions = t["meta"], t["jobs"], t["submissions"]
         self.records, self.outcomes = t["records"], t["outcomes"]
+        x = _exactly_once_tables(self.metadata)
+        self.aliases, self.claims = x["aliases"], x["claims"]
         self._ready = False
 
     @classmethod
@@ -213,7 +325,7 @@ class Ledger:
         """Create the tables when missing; refuse a ledger written by a newer schema version."""
         if self._ready:
             return self
-        self.metadata.create_all(self.engine, checkfirst=True)
+        self._create_tables()
         with self.engine.begin() as conn:
             row = conn.execute(
                 sa.select(self.meta.c.value).where(self.meta.c.key == "schema_version")
@@ -231,6 +343,30 @@ class Ledger:
                 )
         self._ready = True
         return self
+
+    def _create_tables(self) -> None:
+        """``create_all``, safe when several tasks open a fresh ledger at the same moment.
+
+        Two concurrent ``CREATE TABLE`` of one name fail on PostgreSQL with ``UniqueViolation ...
+        pg_type_typname_nsp_index`` (``checkfirst`` looks before either has committed), and on
+        SQLite with "table ... already exists" or "database is locked". PostgreSQL: one
+        transaction holding a transaction-level advisory lock, so the others wait and then find
+        the tables. SQLite (no advisory locks): the loser tries again and then finds them.
+        """
+        if self.engine.dialect.name == "postgresql":
+            with self.engine.begin() as conn:
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
+                self.metadata.create_all(conn, checkfirst=True)
+            return
+        for attempt in range(_SQLITE_SCHEMA_TRIES):
+            try:
+                self.metadata.create_all(self.engine, checkfirst=True)
+                return
+            except sa.exc.OperationalError as exc:
+                text = str(exc.orig)
+                if attempt + 1 == _SQLITE_SCHEMA_TRIES or not ("already exists" in text or "locked" in text):
+                    raise
+                time.sleep(0.05 * (attempt + 1))
 
     def schema_version(self) -> int:
         self.ensure_schema()
@@ -275,6 +411,129 @@ class Ledger:
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(self.jobs).where(self.jobs.c.job_id == job_id)).mappings().first()
         return dict(row) if row else None
+
+    def resolve_job(self, job_id: str, legacy_id: str | None = None) -> str:
+        """The ledger's id for a job whose fingerprint is ``job_id``.
+
+        Normally ``job_id`` itself. A job that an older provider registered under its
+        path-dependent fingerprint (``BatchJob.legacy_fingerprint``) and that has no rows under
+        the new one keeps its old id: the new fingerprint becomes an alias of it (in
+        ``fable_job_aliases``), so its batches are re-attached, also by workers whose DAG folder
+        lies elsewhere (their legacy fingerprint differs, the new one does not).
+        """
+        self.ensure_schema()
+        a, j = self.aliases.c, self.jobs.c
+        with self.engine.begin() as conn:
+            target = conn.execute(sa.select(a.job_id).where(a.alias == job_id)).scalar()
+            if target:
+                return str(target)
+            if not legacy_id or legacy_id == job_id:
+                return job_id
+            known = set(conn.execute(sa.select(j.job_id).where(j.job_id.in_([job_id, legacy_id]))).scalars())
+            if job_id in known or legacy_id not in known:
+                return job_id
+            conn.execute(
+                self._insert(self.aliases)
+                .values(alias=job_id, job_id=legacy_id, created_at=_ts(utcnow()))
+                .on_conflict_do_nothing()
+            )
+            return str(conn.execute(sa.select(a.job_id).where(a.alias == job_id)).scalar_one())
+
+    @contextmanager
+    def claim(
+        self,
+        job_id: str,
+        *,
+        run_key: str | None = None,
+        on_wait: Callable[[str], None] | None = None,
+        poll: float = 0.5,
+    ) -> Iterator[JobClaim]:
+        """Hold the job's submit claim: one submitter of a job at a time decides, intends and creates.
+
+        Without it, two runs of the same job at once (two DAG runs, two DAGs with the same
+        submit, mapped tasks of one job) each saw the records as unsent and each paid, and a
+        sibling's live intent looked orphaned. Holding the claim across "reconcile, decide what
+        to send, write intents, create, record batch ids", the second submitter waits, then finds
+        the first's batches and attaches. And every open intent a holder sees belongs to a
+        submitter that no longer holds the claim (finished or dead), so settling it is safe.
+
+        PostgreSQL: a session-level advisory lock keyed on the job, on a connection of its own
+        (released when the process dies: the session ends with it). SQLite: a row in
+        ``fable_job_claims`` written in one statement; a row whose process is provably gone (same
+        host, pid dead or reused) is taken over. ``on_wait`` is told once who holds it.
+        """
+        self.ensure_schema()
+        owner = _owner_token()
+        c = self.claims.c
+        told = False
+
+        def waiting() -> None:
+            nonlocal told
+            if told or on_wait is None:
+                return
+            told = True
+            with self.engine.connect() as conn:
+                row = conn.execute(sa.select(self.claims).where(c.job_id == job_id)).first()
+            who = (
+                f"run {row.run_key} (process {row.owner}, since {row.claimed_at})"
+                if row
+                else "another submit"
+            )
+            on_wait(who)
+
+        row = {"job_id": job_id, "owner": owner, "run_key": run_key}
+        if self.engine.dialect.name == "postgresql":
+            key = int.from_bytes(
+                hashlib.sha256(b"fable-ledger:job:" + job_id.encode()).digest()[:8], "big", signed=True
+            )
+            conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            try:
+                while not conn.execute(sa.select(sa.func.pg_try_advisory_lock(key))).scalar_one():
+                    waiting()
+                    time.sleep(poll)
+                stmt = self._insert(self.claims).values(**row, claimed_at=_ts(utcnow()))
+                conn.execute(
+                    stmt.on_conflict_do_update(
+                        index_elements=["job_id"],
+                        set_={k: stmt.excluded[k] for k in ("owner", "run_key", "claimed_at")},
+                    )
+                )
+                try:
+                    yield JobClaim(self, job_id, owner, conn)
+                finally:
+                    try:
+                        conn.execute(sa.delete(self.claims).where(c.job_id == job_id, c.owner == owner))
+                        conn.execute(sa.select(sa.func.pg_advisory_unlock(key)))
+                    except sa.exc.SQLAlchemyError:
+                        pass  # the session is gone, and the lock with it
+            finally:
+                conn.close()
+            return
+        while True:
+            try:
+                with self.engine.begin() as conn:
+                    got = conn.execute(
+                        self._insert(self.claims)
+                        .values(**row, claimed_at=_ts(utcnow()))
+                        .on_conflict_do_nothing()
+                    ).rowcount
+                    if got == 1:
+                        break
+                    holder = conn.execute(sa.select(c.owner).where(c.job_id == job_id)).scalar()
+                    if holder is not None and _owner_is_dead(holder):
+                        conn.execute(sa.delete(self.claims).where(c.job_id == job_id, c.owner == holder))
+                        continue
+            except sa.exc.OperationalError as exc:
+                if "locked" not in str(exc.orig):
+                    raise
+                # Another writer holds the file (a big intent, a load's verdicts): try again.
+            waiting()
+            time.sleep(poll)
+        try:
+            yield JobClaim(self, job_id, owner)
+        finally:
+            with self.engine.begin() as conn:
+                conn.execute(sa.delete(self.claims).where(c.job_id == job_id, c.owner == owner))
 
     # ------------------------------------------------------------------ records
     def record_states(self, job_id: str, record_ids: Iterable[str]) -> dict[str, RecordState]:
@@ -323,6 +582,26 @@ class Ledger:
             .select_from(self.records.join(self.submissions, s.id == c.submission_id))
             .where(c.job_id == job_id, s.run_key == run_key)
         )
+        with self.engine.connect() as conn:
+            return list(conn.execute(q).scalars())
+
+    def unloaded_batches(self, job_id: str, *, api: str | None = None) -> list[str]:
+        """Batches holding records of the job that no load has given a verdict (``submitted``).
+
+        A rerun asks: a batch whose wait failed (every request expired, errored or was canceled)
+        is never loaded, so its records would stay ``submitted``, never rejects a rerun picks.
+        """
+        self.ensure_schema()
+        c, s = self.records.c, self.submissions.c
+        q = (
+            sa.select(c.batch_id)
+            .select_from(self.records.join(self.submissions, s.id == c.submission_id))
+            .where(c.job_id == job_id, c.status == SUBMITTED, c.batch_id.is_not(None))
+            .distinct()
+            .order_by(c.batch_id)
+        )
+        if api is not None:
+            q = q.where(s.api == api)
         with self.engine.connect() as conn:
             return list(conn.execute(q).scalars())
 
@@ -420,16 +699,26 @@ class Ledger:
 
     def write_batch(
         self, submission_id: int, batch_id: str, *, state: str = CREATED, note: str | None = None
-    ) -> None:
-        """The batch exists: the submission gets its id and its records become ``submitted``."""
+    ) -> bool:
+        """The batch exists: the submission gets its id and its records become ``submitted``.
+
+        Guarded, so no settled submission is overwritten: an adoption (``state=adopted``) only
+        settles a submission still in ``intent``; the submitter's own ``created`` also records a
+        batch over an ``abandoned`` intent (the batch exists and was paid for: it must be known,
+        and its records that were not re-sent meanwhile are in it). Returns whether it wrote.
+        """
         self.ensure_schema()
         now = _ts(utcnow())
+        s = self.submissions.c
+        from_states = [INTENT] if state != CREATED else [INTENT, ABANDONED]
         with self.engine.begin() as conn:
-            conn.execute(
+            changed = conn.execute(
                 sa.update(self.submissions)
-                .where(self.submissions.c.id == submission_id)
+                .where(s.id == submission_id, s.state.in_(from_states))
                 .values(batch_id=batch_id, state=state, batch_at=now, note=note)
-            )
+            ).rowcount
+            if not changed:
+                return False
             c = self.records.c
             conn.execute(
                 sa.update(self.records)
@@ -441,15 +730,23 @@ class Ledger:
                     retryable=None, superseded_by=None, updated_at=now,
                 )
             )  # fmt: skip
+        return True
 
-    def abandon(self, submission_id: int, note: str) -> None:
-        """An intent that made no batch (or is given up on): its records are free to send again."""
+    def abandon(self, submission_id: int, note: str) -> bool:
+        """An intent that made no batch (or is given up on): its records are free to send again.
+
+        Only an ``intent`` can be abandoned: a submission that got its batch (created or
+        adopted) meanwhile stays settled. Returns whether it was abandoned.
+        """
         self.ensure_schema()
+        s = self.submissions.c
         with self.engine.begin() as conn:
-            conn.execute(
-                sa.update(self.submissions)
-                .where(self.submissions.c.id == submission_id)
-                .values(state=ABANDONED, note=note)
+            return bool(
+                conn.execute(
+                    sa.update(self.submissions)
+                    .where(s.id == submission_id, s.state == INTENT)
+                    .values(state=ABANDONED, note=note)
+                ).rowcount
             )
 
     def open_intents(self, job_id: str, *, api: str | None = None) -> list[Submission]:
@@ -522,21 +819,35 @@ class Ledger:
         claimed = self.claimed_batch_ids(c.id for c in fitting)
         free = [c for c in fitting if c.id not in claimed]
         if len(free) == 1:
-            self.write_batch(intent.id, free[0].id, state=ADOPTED, note="adopted by orphan reconciliation")
-            return free[0].id
+            if self.write_batch(
+                intent.id, free[0].id, state=ADOPTED, note="adopted by orphan reconciliation"
+            ):
+                return free[0].id
+            return self._settled_batch(intent.id)
         if not free:
-            self.abandon(intent.id, "no batch was created for this intent (none listed since it)")
-            return None
+            if self.abandon(intent.id, "no batch was created for this intent (none listed since it)"):
+                return None
+            return self._settled_batch(intent.id)
         names = ", ".join(f"{c.id} (created {c.created_at.isoformat()})" for c in free)
         if policy == "resubmit":
-            self.abandon(intent.id, f"ambiguous orphan, resubmitted under orphan_policy='resubmit': {names}")
-            return None
+            if self.abandon(
+                intent.id, f"ambiguous orphan, resubmitted under orphan_policy='resubmit': {names}"
+            ):
+                return None
+            return self._settled_batch(intent.id)
         raise LedgerError(
             f"shard {intent.shard} of job {intent.job_id} (run {intent.run_key}) wrote its intent at "
             f"{intent.intent_at.isoformat()} for {intent.request_count} requests but never recorded a "
             f"batch id, and {len(free)} unclaimed batches could be it: {names}. Cancel the ones that "
             "are not yours, or set orphan_policy='resubmit' to submit these records again (paying again)."
         )
+
+    def _settled_batch(self, submission_id: int) -> str | None:
+        """The batch id of a submission someone else settled meanwhile (None when abandoned)."""
+        with self.engine.connect() as conn:
+            return conn.execute(
+                sa.select(self.submissions.c.batch_id).where(self.submissions.c.id == submission_id)
+            ).scalar()
 
     # ------------------------------------------------------------------ load side
     def custom_id_map(self, batch_id: str) -> dict[str, str]:

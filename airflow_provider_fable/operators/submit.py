@@ -349,7 +349,10 @@ class _Submission:
 
         self.op, self.log, self.hook, self.job, self.ledger = op, op.log, hook, job, ledger
         self.context = context
-        self.job_id = job.fingerprint()
+        # The new (path-independent) fingerprint, or the id an older provider registered the job
+        # under, so its in-flight batches re-attach (docs/ledger.md, "Fingerprint change").
+        self.job_id = ledger.resolve_job(job.fingerprint(), job.legacy_fingerprint())
+        self.claim: Any = None  # the job's submit claim while run() holds it
         self.run_key = run_key_of(context)
         ti = context.get("ti") if hasattr(context, "get") else None
         self.try_number = int(getattr(ti, "try_number", 1) or 1)
@@ -456,6 +459,50 @@ class _Submission:
                     "will be sent again", intent.shard, intent.run_key,
                 )  # fmt: skip
 
+    def _settle_unloaded(self, job_id: str) -> None:
+        """Give a verdict to the requests of ended, never-loaded batches that got no answer.
+
+        A wait fails when every request of its batches expired (or errored, or was canceled), so
+        no load runs and the records stay ``submitted``: neither accepted nor rejects, and a
+        ``rerun="failed"``/``"retryable"`` found nothing to send and succeeded silently. Here
+        each such request becomes the reject the load would have written (``expired``,
+        ``canceled``, ``errored``; same classification as the load's), so the rerun sends it.
+        Answers that did come back are left for the batch's load: they are never paid twice.
+        """
+        from airflow_provider_fable.core.errors import FableError
+        from airflow_provider_fable.core.ledger import REJECTED, Outcome
+        from airflow_provider_fable.core.results import SUCCEEDED
+        from airflow_provider_fable.core.validation import _not_succeeded
+
+        for batch_id in self.ledger.unloaded_batches(job_id, api=self.api):
+            try:
+                batch = self.hook.retrieve_batch(batch_id)
+            except FableError as exc:
+                self.log.warning(
+                    "Could not check unloaded batch %s (%s); its records stay as they are", batch_id, exc
+                )
+                continue
+            counts = batch.request_counts
+            lost = (counts.errored or 0) + (counts.expired or 0) + (counts.canceled or 0)
+            if batch.processing_status != "ended" or not lost:
+                continue
+            ids = self.ledger.custom_id_map(batch_id)
+            outcomes = []
+            for result in self.hook.iter_results(batch_id):
+                record_id = ids.get(result.custom_id)
+                if record_id is None or result.type == SUCCEEDED:
+                    continue
+                reject = _not_succeeded(result, record_id)
+                outcomes.append(
+                    Outcome(record_id, result.custom_id, REJECTED, reject.reason, reject.retryable, batch_id)
+                )
+            self.ledger.record_outcomes(job_id, batch_id, outcomes)
+            self.log.warning(
+                "Batch %s ended with %d request(s) expired, errored or canceled and was never loaded "
+                "(its wait failed): recorded %d of them as rejects, so this rerun can send them",
+                batch_id, lost, len(outcomes),
+            )  # fmt: skip
+
     # -- run ---------------------------------------------------------------------------------
     def run(self, source: Iterator[dict[str, Any]]) -> dict[str, Any]:
         job, ledger = self.job, self.ledger
@@ -473,18 +520,32 @@ class _Submission:
             },
             parent_job=self.rerun_of if self.rerun_of and self.rerun_of != self.job_id else None,
         )
-        self._reconcile()
         plan: dict[str, Any] = {"ids": {}, "attached": {}, "skipped": 0, "not_selected": 0}
-        with tempfile.TemporaryFile(prefix="fable-requests-") as spool:
-            shards = self._spool(self._selected(self._paired(source), plan), spool)
-            # Guardrails (operators/guarded.py): estimate, log it, refuse over max_cost_usd, all
-            # before the first intent or create; then pilot / estimate / QA excerpts into the manifest.
-            guarded = self.op._estimate_before_submit(
-                self.hook, job, spool, [(shard.offset, shard.count) for shard in shards]
-            )
-            manifest = self._submit(spool, shards, plan)
-            self.op._after_submit(job, manifest, guarded, self.context)
-            return manifest
+        # One submitter of a job at a time, across runs and DAGs (docs/ledger.md): another run of
+        # the same job waits here, then finds this one's batches and attaches to them.
+        with ledger.claim(self.job_id, run_key=self.run_key, on_wait=self._waiting) as claim:
+            self.claim = claim
+            self._reconcile()
+            if self.rerun_of:
+                self._settle_unloaded(self.rerun_of)
+            with tempfile.TemporaryFile(prefix="fable-requests-") as spool:
+                shards = self._spool(self._selected(self._paired(source), plan), spool)
+                # Guardrails (operators/guarded.py): estimate, log it, refuse over max_cost_usd, all
+                # before the first intent or create; then pilot / estimate / QA excerpts into the manifest.
+                guarded = self.op._estimate_before_submit(
+                    self.hook, job, spool, [(shard.offset, shard.count) for shard in shards]
+                )
+                manifest = self._submit(spool, shards, plan)
+        self.op._after_submit(job, manifest, guarded, self.context)
+        return manifest
+
+    def _waiting(self, holder: str) -> None:
+        self.log.info(
+            "Job %s is being submitted by %s; waiting for it to finish, then its batches are "
+            "attached instead of paid again. (SQLite ledger only: a holder on another host that is "
+            "gone for good is released with DELETE FROM fable_job_claims WHERE job_id = '%s'.)",
+            self.job_id, holder, self.job_id,
+        )  # fmt: skip
 
     def _paired(self, source: Iterator[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
         """(request, record) pairs; every record is checked before the first create."""
@@ -636,6 +697,7 @@ class _Submission:
             )  # fmt: skip
             del rows
             _kill_point("after_intent", n, self.try_number)
+            self.claim.verify()  # a lost claim (ledger session ended) pays nothing more
             try:
                 batch = self.hook.create_batch_from_body(
                     lambda shard=shard: iter_body(spool, shard), count=count, size=shard.body_bytes
