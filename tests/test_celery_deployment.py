@@ -22,6 +22,9 @@ SIGKILLed as a whole (the machine is gone) and worker B starts: every retry runs
 other DAGs path. While the killed tries are being reported the default pool is closed, so no
 retry can be queued to worker A before it is gone (the gate is the scheduler's, not a sleep).
 
+The ledger is new: its tables are created by the first submits, six at once on two DAGs (the
+first-use race of #18 item 4).
+
 Checked per scenario: the killed member really ran twice (try 1's log on worker A says SIGKILL,
 try 2's log is on worker B), the emulator's own list and counters hold exactly one batch per
 shard and every request was sent once, and every record is in the destination once.
@@ -50,10 +53,6 @@ from tests.realdeploy import Deployment, emulator_batches, emulator_stats, poll
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 TIMEOUT = 300.0  # seconds for any one phase; generous for a shared 2-core machine
-#: Create the ledger's tables before the first run. Four submits starting together on a new
-#: PostgreSQL ledger race in ``create_all`` (#18 item 4, fixed separately); with the tables there
-#: this test exercises items 1 and 2 only.
-PRECREATE_LEDGER = True
 LOST = "celery_lost_worker"
 FANOUT = "celery_mapped_fanout"
 LOST_IDS = [f"a{i}" for i in range(7)]  # 3 shards of at most 3 requests: 3 + 3 + 1
@@ -236,12 +235,6 @@ def celery_deployment(tmp_path_factory) -> Iterator[SimpleNamespace]:
                 },
             )
         try:
-            if PRECREATE_LEDGER:
-                from airflow_provider_fable.core.ledger import Ledger
-
-                ledger = Ledger.from_url(ledger_url.render_as_string(hide_password=False))
-                ledger.ensure_schema()
-                ledger.engine.dispose()
             dep.cli("db", "migrate")
             dep.start("api-server", "api-server", "--workers", "1")
             dep.start("scheduler", "scheduler")
