@@ -17,7 +17,7 @@ a) ``celery_lost_worker``: one submit of 7 records in 3 shards (3 + 3 + 1). Its 
 b) ``celery_mapped_fanout``: dynamic task mapping, one job fanned out over 5 record slices (5
    records each, 2 shards of 3 + 2); member 0's first try is killed the same way.
 
-Once both killed tries have been reported and the other members have succeeded, worker A is
+Once every first try has ended (the killed ones reported, the others succeeded), worker A is
 SIGKILLed as a whole (the machine is gone) and worker B starts: every retry runs on B, under the
 other DAGs path. While the killed tries are being reported the default pool is closed, so no
 retry can be queued to worker A before it is gone (the gate is the scheduler's, not a sleep).
