@@ -85,6 +85,27 @@ def test_fingerprint_does_not_depend_on_where_the_dag_file_lies(tmp_path):
     assert job(here).fingerprint() != BatchJob(prompt_template="Other {id}", output_model=here).fingerprint()
 
 
+def test_the_same_dag_parsed_by_dagbag_from_two_folders_is_one_job(tmp_path, fable_airflow):
+    """Airflow's own DagBag names the module after the path; the job must not notice."""
+    dag_file = (
+        "from airflow.sdk import DAG\n"
+        "from airflow_provider_fable.operators.submit import FableBatchSubmitOperator\n"
+        + DAG_SOURCE
+        + "\nwith DAG('fp_moved', schedule=None):\n"
+        "    FableBatchSubmitOperator(task_id='submit', prompt_template='Ticket {id}: {text}',\n"
+        "                             output_model=Triage, records=[{'id': 't1', 'text': 'x'}])\n"
+    )
+    jobs = []
+    for folder in (tmp_path / "worker1" / "dags", tmp_path / "bundles" / "v7" / "dags"):
+        folder.mkdir(parents=True)
+        (folder / "fp_moved.py").write_text(dag_file)
+        jobs.append(fable_airflow.load_dag("fp_moved", folder).get_task("submit").build_job())
+    one, two = jobs
+    assert one.output_model.__module__ != two.output_model.__module__  # Airflow's path-derived names
+    assert one.fingerprint() == two.fingerprint()
+    assert one.legacy_fingerprint() != two.legacy_fingerprint()  # what paid twice before
+
+
 def test_a_retry_on_a_worker_that_mounts_dags_elsewhere_attaches(tmp_path, fable_emulator_factory, dbs):
     server = fable_emulator_factory()
     point_connection_at(server)

@@ -50,6 +50,13 @@ _CHUNK = 500  # ids per IN (...) query: under SQLite's bound-parameter limit wit
 #: only has to differ from the per-job claim keys, which are hashed under another prefix).
 _SCHEMA_LOCK_KEY = int.from_bytes(hashlib.sha256(b"fable-ledger:schema").digest()[:8], "big", signed=True)
 _SQLITE_SCHEMA_TRIES = 20
+#: Server-side keepalive of the PostgreSQL claim session (seconds): a dead host's claim is freed
+#: after about idle + interval x count.
+_CLAIM_KEEPALIVE = (
+    "SET tcp_keepalives_idle = 60",
+    "SET tcp_keepalives_interval = 10",
+    "SET tcp_keepalives_count = 6",
+)
 
 
 #: The PostgreSQL verdict path's staging table (temporary: per session, emptied at commit).
@@ -488,6 +495,13 @@ class Ledger:
             )
             conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
             try:
+                # A worker host that vanishes sends no FIN: the server would keep its session
+                # (and the claim) until TCP keepalive gives up, 2 h by default. Ask for ~2 min.
+                for setting in _CLAIM_KEEPALIVE:
+                    try:
+                        conn.exec_driver_sql(setting)
+                    except sa.exc.SQLAlchemyError:  # a pooler may refuse SET: keep the server's
+                        break
                 while not conn.execute(sa.select(sa.func.pg_try_advisory_lock(key))).scalar_one():
                     waiting()
                     time.sleep(poll)
