@@ -55,7 +55,7 @@ dist:
 
 # Re-resolve the lock after changing dependencies in pyproject.toml.
 lock:
-	$(UV) pip compile pyproject.toml --extra postgres --extra parquet --extra emulator --extra testing --extra dev --extra bench --universal --python-version 3.10 -o requirements.lock
+	$(UV) pip compile pyproject.toml --extra postgres --extra parquet --extra emulator --extra testing --extra dev --extra bench --extra celery --universal --python-version 3.10 -o requirements.lock
 
 clean:
 	rm -rf $(VENV) .demo .pytest_cache dist build *.egg-info

@@ -20,19 +20,11 @@ the destination once.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import textwrap
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -40,6 +32,7 @@ import sqlalchemy as sa
 
 from airflow_provider_fable.testing.plugin import TEST_API_KEY
 from tests.conftest import private_pg_database
+from tests.realdeploy import Deployment, emulator_batches, emulator_stats, poll
 
 #: Where the first try dies: a SIGKILL at one of the operator's fault points, or (last case) the
 #: emulator creates shard 1's batch and drops the connection before answering.
@@ -120,131 +113,11 @@ def dag_id(point: str) -> str:
     return "retry_" + point.replace(":", "_")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def metadata_db() -> Iterator[str]:
     """A throwaway PostgreSQL database for Airflow's metadata, dropped at the end."""
     with private_pg_database("fable_airflow") as url:
         yield url.render_as_string(hide_password=False)
-
-
-class Deployment:
-    """Airflow services as subprocesses in their own process groups, stopped by PID."""
-
-    def __init__(self, root: Path, db_url: str) -> None:
-        self.root, self.db_url = root, db_url
-        self.home = root / "home"
-        self.dags = root / "dags"
-        self.logs = root / "service-logs"
-        for d in (self.home, self.dags, self.logs):
-            d.mkdir(parents=True)
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "FABLE_"))}
-        port = _free_port()
-        from cryptography.fernet import Fernet
-
-        self.env.update(
-            {
-                "AIRFLOW_HOME": str(self.home),
-                "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags),
-                "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-                "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-                "AIRFLOW__CORE__PARALLELISM": "8",
-                "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-                "AIRFLOW__CORE__FERNET_KEY": Fernet.generate_key().decode(),
-                "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": db_url,
-                "AIRFLOW__API__HOST": "127.0.0.1",
-                "AIRFLOW__API__PORT": str(port),
-                "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
-                "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-                "AIRFLOW__API_AUTH__JWT_SECRET": uuid.uuid4().hex,
-                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
-                "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-                "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
-                "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": "False",
-            }
-        )
-        self.port = port
-        self.airflow = str(Path(sys.executable).with_name("airflow"))
-
-    def connection(self, conn_id: str, **fields: object) -> None:
-        self.env[f"AIRFLOW_CONN_{conn_id.upper()}"] = json.dumps(fields)
-
-    def cli(self, *args: str, timeout: float = 300) -> str:
-        done = subprocess.run(
-            [self.airflow, *args], env=self.env, capture_output=True, text=True, timeout=timeout
-        )
-        if done.returncode != 0:
-            raise AssertionError(
-                f"airflow {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-            )
-        return done.stdout
-
-    def token(self) -> str | None:
-        """A JWT from the simple auth manager (all users are admins here); None until it answers."""
-        try:
-            return self.api("GET", "/auth/token", None)["access_token"]
-        except OSError:
-            return None
-
-    def api(self, method: str, path: str, token: str | None, body: object = None) -> dict:
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}{path}",
-            method=method,
-            data=None if body is None else json.dumps(body).encode(),
-            headers={
-                "Content-Type": "application/json",
-                **({"Authorization": f"Bearer {token}"} if token else {}),
-            },
-        )
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return json.load(resp)
-
-    def start(self, name: str, *args: str) -> None:
-        out = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-        self.procs[name] = subprocess.Popen(
-            [self.airflow, *args],
-            env=self.env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: the finalizer kills the whole tree
-        )
-        out.close()
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
-        deadline = time.monotonic() + 20
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # stragglers: task supervisors, gunicorn workers
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=10)
-
-    def diagnostics(self) -> str:
-        parts = []
-        for name, proc in self.procs.items():
-            text = (self.logs / f"{name}.log").read_text(errors="replace")
-            parts.append(f"==== {name} (exit {proc.poll()}) ====\n{text[-4000:]}")
-        for log in sorted((self.home / "logs").rglob("*.log")):
-            if "dag_id=" in str(log):
-                parts.append(
-                    f"==== {log.relative_to(self.home)} ====\n{log.read_text(errors='replace')[-3000:]}"
-                )
-        return "\n".join(parts)
 
 
 @pytest.fixture(scope="module")
@@ -289,21 +162,6 @@ def deployment(metadata_db, tmp_path_factory) -> Iterator[SimpleNamespace]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _poll(what: str, dep: Deployment, check, timeout: float):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for name, proc in dep.procs.items():
-            if proc.poll() is not None:
-                pytest.fail(
-                    f"{name} exited ({proc.returncode}) while waiting for {what}\n{dep.diagnostics()}"
-                )
-        value = check()
-        if value:
-            return value
-        time.sleep(1)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}\n{dep.diagnostics()}")
-
-
 def _trigger_and_wait(dep: Deployment, engine: sa.Engine) -> tuple[dict[str, str], str]:
     started = time.monotonic()
     wanted = {dag_id(p) for p in CASES}
@@ -313,8 +171,8 @@ def _trigger_and_wait(dep: Deployment, engine: sa.Engine) -> tuple[dict[str, str
             rows = conn.execute(sa.text("SELECT dag_id FROM serialized_dag")).scalars()
             return wanted <= set(rows)
 
-    _poll("the dag-processor to serialize the DAGs", dep, parsed, TIMEOUT)
-    token = _poll("the api-server to answer", dep, dep.token, TIMEOUT)
+    poll("the dag-processor to serialize the DAGs", dep, parsed, TIMEOUT)
+    token = poll("the api-server to answer", dep, dep.token, TIMEOUT)
     runs = {point: f"retry__{uuid.uuid4().hex[:8]}" for point in CASES}
     for point, run_id in runs.items():  # what the UI's trigger button does; no logical date
         dep.api(
@@ -331,24 +189,8 @@ def _trigger_and_wait(dep: Deployment, engine: sa.Engine) -> tuple[dict[str, str
             ).all()
         return len(states) == len(CASES) and all(s in ("success", "failed") for _, s in states)
 
-    _poll("the DAG runs to finish", dep, finished, max(60.0, TIMEOUT - (time.monotonic() - started)))
+    poll("the DAG runs to finish", dep, finished, max(60.0, TIMEOUT - (time.monotonic() - started)))
     return runs, token
-
-
-def _emulator_batches(server) -> list[dict]:
-    """Every batch on the emulator's own list (the API's list endpoint, all pages)."""
-    batches, after = [], None
-    while True:
-        url = f"{server.base_url}/v1/messages/batches?limit=100" + (f"&after_id={after}" if after else "")
-        req = urllib.request.Request(
-            url, headers={"x-api-key": TEST_API_KEY, "anthropic-version": "2023-06-01"}
-        )
-        with urllib.request.urlopen(req) as resp:
-            page = json.load(resp)
-        batches += page["data"]
-        if not page.get("has_more"):
-            return batches
-        after = page["last_id"]
 
 
 @pytest.mark.parametrize("point", CASES)
@@ -396,11 +238,10 @@ def test_airflow_retries_a_failed_submit_and_pays_once(deployment, point):
 def _assert_paid_once_and_loaded_once(deployment: SimpleNamespace, n: int) -> None:
     # Exactly one batch per shard on the emulator's own list; every request sent once.
     server = deployment.emulators[n]
-    batches = _emulator_batches(server)
+    batches = emulator_batches(server)
     sizes = sorted(sum(b["request_counts"].values()) for b in batches)
     assert sizes == [1, 3, 3], batches
-    with urllib.request.urlopen(f"{server.base_url}/_emulator/stats") as resp:
-        stats = json.load(resp)
+    stats = emulator_stats(server)
     assert stats["batches_created"] == 3 and stats["requests_seen"] == len(RECORD_IDS), stats
 
     # Every record loaded once (accepted into the table or, with a reason, into the rejects).
@@ -443,7 +284,7 @@ def test_clearing_the_submit_of_a_finished_run_creates_nothing(deployment):
         done = tis["submit"][1] > 2 and all(state in ("success", "failed") for state, _ in tis.values())
         return tis if done else None
 
-    tis = _poll("the cleared tasks to run again", dep, rerun_done, TIMEOUT)
+    tis = poll("the cleared tasks to run again", dep, rerun_done, TIMEOUT)
     assert tis["submit"][0] == tis["load"][0] == "success", f"{tis}\n{dep.diagnostics()}"
     assert tis["submit"][1] == 3 and tis["load"][1] == 2, tis  # both really ran again
     _assert_paid_once_and_loaded_once(deployment, POINTS.index(point))
