@@ -159,6 +159,14 @@ def test_id_column_named_like_a_metadata_column_is_refused(engine, id_column):
     assert "name the id column otherwise" in text
 
 
+def test_output_field_named_like_a_qa_column_is_refused():
+    # The load's QA table holds the id, qa_rank, source_excerpt, every answer column, _batch_id
+    # and _sampled_at: a field called source_excerpt would make its CREATE fail after paying.
+    clash = create_model("Clash", source_excerpt=(str, ...), label=(str, ...))
+    with pytest.raises(PreflightError, match="field 'source_excerpt' clashes with a column of the QA table"):
+        check_destination(table="answers", id_column="id", output_model=clash)
+
+
 def test_rejects_table_of_another_shape_is_refused(engine):
     run(engine, "CREATE TABLE answers_rejects (record_id TEXT PRIMARY KEY, message TEXT)")
     text = problems(engine)
