@@ -31,6 +31,8 @@ from airflow_provider_fable.core.sinks import REJECT_COLUMNS, model_properties, 
 SQL_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 #: Dialects the sink can upsert into.
 SUPPORTED_DIALECTS = ("sqlite", "postgresql")
+#: Columns of the QA review table (``core.qa``) besides the id and the answer columns.
+QA_COLUMNS = ("qa_rank", "source_excerpt", "_sampled_at")
 
 
 class PreflightError(FableError):
@@ -146,8 +148,6 @@ def check_destination(
 # ---------------------------------------------------------------------------- the real tables
 #: PostgreSQL refuses a table of more than 1,600 columns; SQLite's default build 2,000.
 MAX_COLUMNS = {"postgresql": 1600, "sqlite": 2000}
-#: Columns of the QA review table (``core.qa``) besides the id and the answer columns.
-QA_COLUMNS = ("qa_rank", "source_excerpt", "_sampled_at")
 #: Rejects columns the load may leave NULL (the others it always fills).
 _REJECT_NULLABLE = ("detail", "raw_answer", "retryable")
 #: Shortest bounded text a rejects column may have: the load writes up to 2,000 characters of
@@ -163,18 +163,20 @@ class _Field:
     """What the load writes into one column of the answers table, read from the model's schema."""
 
     def __init__(self, name: str, kind: str, prop: dict[str, Any], defs: dict[str, Any], info: Any) -> None:
-        self.name, self.kind = name, kind
+        self.name: str = name
+        self.kind: str = kind
         real = resolve(prop, defs)
         options = [*prop.get("anyOf", ()), *prop.get("oneOf", ())]
-        types_ = prop.get("type") if isinstance(prop.get("type"), list) else []
+        declared = prop.get("type")
+        types_: list[Any] = declared if isinstance(declared, list) else []
         self.nullable = (
             any(o.get("type") == "null" for o in options)
             or "null" in types_
             or ("default" in prop and prop["default"] is None)
         )
-        self.format = real.get("format")
-        self.enum = real.get("enum")
-        self.max_length = real.get("maxLength")
+        self.format: str | None = real.get("format")
+        self.enum: list[Any] | None = real.get("enum")
+        self.max_length: int | None = real.get("maxLength")
         if self.enum and all(isinstance(v, str) for v in self.enum):
             self.max_length = max(len(v) for v in self.enum)
         elif self.max_length is None and self.format in _FORMAT_LENGTH:
@@ -183,9 +185,10 @@ class _Field:
         high = [real[k] for k in ("maximum", "exclusiveMaximum") if isinstance(real.get(k), (int, float))]
         if self.enum and all(isinstance(v, int) for v in self.enum):
             low, high = [min(self.enum)], [max(self.enum)]
-        self.low = min(low) if low else None
-        self.high = max(high) if high else None
-        self.max_digits = self.decimal_places = None
+        self.low: float | None = min(low) if low else None
+        self.high: float | None = max(high) if high else None
+        self.max_digits: int | None = None
+        self.decimal_places: int | None = None
         for meta in getattr(info, "metadata", ()) or ():
             self.max_digits = getattr(meta, "max_digits", None) or self.max_digits
             places = getattr(meta, "decimal_places", None)
