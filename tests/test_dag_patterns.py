@@ -20,6 +20,7 @@ import pytest
 import sqlalchemy as sa
 
 from airflow_provider_fable.testing.plugin import TEST_API_KEY, point_connection_at
+from tests.conftest import PG_URL
 
 ROOT = Path(__file__).resolve().parents[1]
 PATTERN_DAGS = ("crm_lead_enrichment", "document_summaries", "cancellation_reason_cleanup")
@@ -59,13 +60,17 @@ def _backlog(request, kind, fable_airflow, fable_emulator_factory, tmp_path, mon
         engine = request.getfixturevalue("pg_engine")
         with engine.connect() as conn:
             schema = conn.execute(sa.text("SELECT current_schema()")).scalar_one()
+        # The server, user and database of FABLE_TEST_PG_URL (tests/conftest.py), never a
+        # hard-coded database: the private schema lives in whichever database that URL names.
+        url = sa.engine.make_url(PG_URL)
         fable_airflow.set_connection(
             "fable_backlog_db",
             conn_type="postgres",
-            host="127.0.0.1",
-            port=5432,
-            login="postgres",
-            schema="test",
+            host=url.host or "127.0.0.1",
+            port=url.port or 5432,
+            login=url.username or "postgres",
+            password=url.password,
+            schema=url.database,
             extra={"sqlalchemy_query": {"options": f"-csearch_path={schema}"}},
         )
     yield fable_airflow, engine

@@ -28,12 +28,14 @@ def preflight_destination(
     output_model: Any,
     id_column: str = "id",
     rejects_table: str | None = None,
+    qa_table: str | None = None,
 ) -> None:
     """Check, before any batch is created, that the load task will be able to write its answers.
 
     The connection must exist and be a SQL connection the sink supports, the names must be
-    plain identifiers and the output model storable (``core.preflight``). Every problem found is
-    reported at once in one :class:`PreflightError`.
+    plain identifiers, the output model storable, and the tables that already exist (answers,
+    rejects, QA: one reflection each) tables the load can write (``core.preflight``). Every
+    problem found is reported at once in one :class:`PreflightError`.
     """
     model = import_output_model(output_model)
     try:
@@ -50,7 +52,12 @@ def preflight_destination(
         raise PreflightError([str(exc)]) from None
     try:
         check_destination(
-            table=table, id_column=id_column, output_model=model, rejects_table=rejects_table, engine=engine
+            table=table,
+            id_column=id_column,
+            output_model=model,
+            rejects_table=rejects_table,
+            qa_table=qa_table,
+            engine=engine,
         )
     finally:
         engine.dispose()
