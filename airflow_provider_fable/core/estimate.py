@@ -31,6 +31,8 @@ OUTPUT_UPPER_BOUND = "max_tokens"
 class BudgetExceededError(FableError):
     """The estimate of a run is above ``max_cost_usd``; nothing was created."""
 
+    retryable = False  # the same input meets the same rule: Airflow must not retry it
+
 
 @dataclass
 class Estimate:

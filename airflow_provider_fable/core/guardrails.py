@@ -24,6 +24,8 @@ from airflow_provider_fable.core.errors import FableError
 class GuardrailError(FableError):
     """A loaded result set broke one or more guardrails (the rows are loaded)."""
 
+    retryable = False  # the same input meets the same rule: Airflow must not retry it
+
 
 @dataclass(frozen=True)
 class Breach:

@@ -55,6 +55,8 @@ _OUTCOME_STAGE = sa.table(
 class LedgerError(FableError):
     """The ledger cannot decide safely (e.g. an orphaned intent with ambiguous candidates)."""
 
+    retryable = False  # the same input meets the same rule: Airflow must not retry it
+
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)

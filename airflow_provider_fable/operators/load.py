@@ -21,6 +21,7 @@ from airflow.sdk import BaseOperator
 
 from airflow_provider_fable import DEFAULT_CONN_ID
 from airflow_provider_fable.operators.guarded import LoadGuardrailsMixin
+from airflow_provider_fable.retries import fail_fast
 
 if TYPE_CHECKING:  # imported where used, so parsing a DAG file that names this operator stays cheap
     from airflow_provider_fable.core.ledger import Ledger
@@ -156,13 +157,15 @@ class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
         from airflow_provider_fable.hooks.ledger import open_ledger
         from airflow_provider_fable.hooks.sql import sqlalchemy_engine
 
-        model_cls = import_output_model(self.output_model)
-        self._check_guardrail_config(model_cls)
+        with fail_fast():
+            model_cls = import_output_model(self.output_model)
+            self._check_guardrail_config(model_cls)
         hook = FableHook(self.fable_conn_id)
         engine = sqlalchemy_engine(self.destination_conn_id) if self.destination_conn_id else None
         ledger = open_ledger(self.ledger_conn_id, self.fable_conn_id, self.log)
         try:
-            return self._load(hook, engine, model_cls, ledger, context)
+            with fail_fast():  # a guardrail breach or a bad spec fails now, not after the retries
+                return self._load(hook, engine, model_cls, ledger, context)
         finally:
             hook.close()
             if engine is not None:

@@ -30,6 +30,7 @@ from airflow.sdk import BaseOperator
 from airflow_provider_fable import DEFAULT_CONN_ID
 from airflow_provider_fable.links import FableBatchLink
 from airflow_provider_fable.operators.guarded import SubmitGuardrailsMixin
+from airflow_provider_fable.retries import fail_fast
 
 if TYPE_CHECKING:  # everything else is imported where it is used, so a DAG file that imports
     # this operator pays only for the lines above at parse time (bench/dag_parse.py)
@@ -316,12 +317,14 @@ class FableBatchSubmitOperator(SubmitGuardrailsMixin, BaseOperator):
         from airflow_provider_fable.hooks.sql import sqlalchemy_engine
 
         hook = FableHook(self.fable_conn_id)
-        job = self.build_job(hook)
+        with fail_fast():
+            job = self.build_job(hook)
         self.preflight(job)
         engine = sqlalchemy_engine(self.sql_conn_id) if self.sql is not None else None
         ledger = open_ledger(self.ledger_conn_id, self.fable_conn_id, self.log)
         try:
-            return _Submission(self, context, hook, job, ledger).run(self.iter_source(engine))
+            with fail_fast():  # a bad record, spec or budget fails now, not after the retries
+                return _Submission(self, context, hook, job, ledger).run(self.iter_source(engine))
         finally:
             hook.close()
             ledger.engine.dispose()
