@@ -286,7 +286,7 @@ def test_a_record_failing_the_same_way_three_times_needs_review(fable_emulator_f
     load_op(manifest, fail_when_all_rejected=False).execute({})
     review = dbs.ledger.needs_review(job)
     assert sorted(r["record_id"] for r in review) == [r["id"] for r in RECORDS[:6]]
-    assert {r["reason"] for r in review} == {"max_tokens"} and {r["rejects"] for r in review} == {3}
+    assert {r["reason"] for r in review} == {"truncated"} and {r["rejects"] for r in review} == {3}
     assert dbs.ledger.failed(job) == []
     created = stats(server)["batches_created"]
     for mode in ("failed", "retryable", "unaccepted"):
@@ -312,8 +312,8 @@ def test_estimate_only_pays_nothing_and_load_and_sensor_pass(fable_emulator_fact
     # Over a cap, an estimate-only run still reports instead of failing (it pays nothing).
     over = submit_op(estimate_only=True, max_cost_usd=0.000001).execute(context("over"))
     assert over["estimate_only"] is True and over["over_budget"] is True
-    waited = FableBatchSensor(task_id="wait", batch_ids=manifest, deferrable=False).poke({})
-    assert waited.is_done
+    waited = FableBatchSensor(task_id="wait", batch_ids=manifest, deferrable=False).execute({})
+    assert waited["batch_ids"] == []
     summary = load_op(manifest).execute({})
     assert summary["estimate_only"] is True and summary["records"] == 0
     assert "estimate_only" in FableBatchSubmitOperator.template_fields
