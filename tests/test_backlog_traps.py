@@ -317,3 +317,74 @@ def test_estimate_only_pays_nothing_and_load_and_sensor_pass(fable_emulator_fact
     summary = load_op(manifest).execute({})
     assert summary["estimate_only"] is True and summary["records"] == 0
     assert "estimate_only" in FableBatchSubmitOperator.template_fields
+
+
+# -- the ledger's new queries on both dialects ------------------------------------------------
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_ledger(request) -> Ledger:
+    engine = request.getfixturevalue("sqlite_engine" if request.param == "sqlite" else "pg_engine")
+    return Ledger(engine).ensure_schema()
+
+
+def test_ledger_review_usage_and_selection_on_both_dialects(any_ledger):
+    from airflow_provider_fable.core.ledger import Outcome
+
+    ledger = any_ledger
+    ledger.register_job("cheap", model="m1")
+    ledger.register_job("strong", model="m2", parent_job="cheap")
+    rows = [(r, r, "d") for r in ("a", "b", "c")]
+
+    def attempt(job: str, batch: str, reasons: dict[str, str | None]) -> None:
+        sub = ledger.write_intent(job, run_key=f"run-{batch}", shard=1, records=rows, byte_size=1, model="m")
+        ledger.write_batch(sub.id, batch)
+        ledger.record_outcomes(
+            job,
+            batch,
+            [
+                Outcome(r, r, "accepted" if why is None else "rejected", why, why == "canceled", batch)
+                for r, why in reasons.items()
+            ],
+        )
+
+    # a: the same reject on both stages three times -> needs_review in both jobs.
+    # b: canceled does not count. c: a different reason breaks the run.
+    attempt("cheap", "B1", {"a": "schema", "b": "canceled", "c": "schema"})
+    attempt("strong", "B2", {"a": "schema", "b": "schema", "c": "truncated"})
+    assert ledger.needs_review("strong") == []
+    attempt("strong", "B3", {"a": "schema", "b": "schema", "c": "schema"})
+    review = ledger.needs_review("strong")
+    assert [(r["record_id"], r["reason"], r["rejects"]) for r in review] == [("a", "schema", 3)]
+    assert ledger.failed("cheap") == ["b", "c"] and ledger.failed("strong") == ["b", "c"]
+    assert [r["record_id"] for r in ledger.needs_review("cheap")] == ["a"]
+    # Usage: counted once per (job, batch); the mean over every counted batch of the job.
+    assert ledger.measured_output("strong") is None
+    assert ledger.count_batch_usage("strong", "B2", succeeded=3, output_tokens=30, cost_usd=0.1, pilot=True)
+    assert not ledger.count_batch_usage("strong", "B2", succeeded=3, output_tokens=99, cost_usd=0.1)
+    assert ledger.measured_output("strong")["pilot_only"] is True
+    assert ledger.count_batch_usage("strong", "B3", succeeded=1, output_tokens=50, cost_usd=0.1, run_key="r3")
+    measured = ledger.measured_output("strong")
+    assert measured["mean"] == 20.0 and measured["requests"] == 4 and measured["pilot_only"] is False
+    assert measured["runs"] == ["r3"] and ledger.counted_batches("strong", ["B2", "B9"]) == {"B2"}
+    # Selection of a run that shares a batch.
+    ledger.record_selection("strong", "pilot-run", "B3", ["a", "c"])
+    ledger.record_selection("strong", "pilot-run", "B3", ["a"])  # a retry: no duplicate
+    assert ledger.selected_records("strong", "pilot-run", "B3") == {"a", "c"}
+    assert ledger.selected_records("strong", "other-run", "B3") == set()
+
+
+# -- deliverable 7: the emulator draws again on every attempt ----------------------------------
+def test_emulator_answers_differ_between_attempts_so_reruns_converge(fable_emulator_factory, dbs):
+    """The attempt is part of the emulator's draw: a record broken on its first attempt is
+    usually answered on its rerun (as on the real API), instead of failing the same way for ever."""
+    server = fable_emulator_factory(faults={"invalid_answer_rate": 0.3, "seed": 11})
+    point_connection_at(server)
+    first = submit_op().execute(context("first"))
+    one = load_op(first, fail_when_all_rejected=False).execute({})
+    rejected = set(dbs.ledger.failed(first["job_fingerprint"]))
+    assert one["rejected"] == len(rejected) > 0
+    rerun = submit_op(rerun="failed").execute(context("rerun"))
+    assert rerun["submitted"] == len(rejected)
+    two = load_op(rerun, fail_when_all_rejected=False).execute({})
+    assert two["accepted"] > 0  # the same requests, drawn again: some are answered now
+    again = set(dbs.ledger.failed(first["job_fingerprint"]))
+    assert again < rejected
