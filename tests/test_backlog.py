@@ -257,3 +257,213 @@ def test_backlog_pilot_approval_full_failed_rerun_and_backfill(reviews, tmp_path
     everything = sent_first + sent_rerun + sent_backfill
     repeats = {p for p in everything if everything.count(p) > 1}
     assert repeats <= set(sent_rerun)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parse time: configuration errors, files, imports
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_config_errors_name_the_rule_and_the_allowed_values():
+    from airflow_provider_fable.backlog import (
+        BacklogConfigError,
+        Destination,
+        Escalate,
+        Guardrails,
+        Source,
+        Stage,
+    )
+
+    with pytest.raises(
+        BacklogConfigError, match="exactly one of sql=, records=, callable= \\(got sql, records\\)"
+    ):
+        Source(sql="SELECT 1", conn_id="db", records=[{"id": 1}])
+    with pytest.raises(BacklogConfigError, match="sql= needs conn_id="):
+        Source(sql="SELECT 1")
+    with pytest.raises(
+        BacklogConfigError, match="kind must be one of rejected, below, equals, not_quoted, when"
+    ):
+        Escalate("sometimes")
+    with pytest.raises(BacklogConfigError, match="escalate takes Escalate rules"):
+        Stage("claude-haiku-4-5", escalate=["rejected"])
+    with pytest.raises(BacklogConfigError, match="max_tokens must be an int in 1..128000"):
+        Stage("claude-haiku-4-5", max_tokens=0)
+    with pytest.raises(BacklogConfigError, match="max_reject_rate must be a share in 0..1"):
+        Guardrails(max_reject_rate=5)
+    with pytest.raises(BacklogConfigError, match="table must be a plain table name"):
+        Destination(conn_id="db", table="final; DROP TABLE x")
+    with pytest.raises(
+        BacklogConfigError, match="when_record must be \\(record_field, op, value\\) with op one of"
+    ):
+        Escalate.equals("industry", "unknown", when_record=("value", "~", 1))
+
+
+def test_backlog_built_in_a_dag_validates_and_finds_prompt_files(tmp_path):
+    """Files are found like Airflow templates (DAG folder, then template_searchpath) and read at
+    parse time; a missing one names the folders searched; the run-mode Param lists its values."""
+    from airflow.sdk import DAG
+
+    from airflow_provider_fable.backlog import Backlog, BacklogConfigError, Destination, Prompt, Source, Stage
+
+    (tmp_path / "p.md").write_text("Review: {body}\n")
+    (tmp_path / "shots.yaml").write_text(
+        "- record: {body: great}\n  answer: {sentiment: positive, aspect: quality, confidence: 0.9, evidence: great}\n"
+    )
+    kwargs = dict(
+        source=Source(sql="SELECT * FROM r", conn_id="db", id_field="review_id"),
+        output_model="tests.backlog_dags.product_reviews:ReviewSentiment",
+        stages=[Stage("claude-haiku-4-5")],
+        destination=Destination(conn_id="db", table="out"),
+    )
+    with DAG("cfg_ok", schedule=None, template_searchpath=[str(tmp_path)]) as dag:
+        unit = Backlog("b", prompt=Prompt(template="p.md", few_shot="shots.yaml"), **kwargs)
+    assert (
+        unit.prompt.template == "Review: {body}"
+        and unit.prompt.few_shot[0]["answer"]["sentiment"] == "positive"
+    )
+    assert dag.params.get_param("mode").schema["enum"] == ["auto", "interval", "backlog", "failed", "all"]
+    assert {"b.select", "b.s1_submit", "b.s1_wait", "b.s1_load", "b.finalize"} <= set(dag.task_dict)
+    with pytest.raises(
+        BacklogConfigError, match="'missing.md' not found in the DAG folder or template_searchpath"
+    ):
+        with DAG("cfg_missing", schedule=None):
+            Backlog("b", prompt=Prompt(template="missing.md"), **kwargs)
+    with pytest.raises(BacklogConfigError, match="stages takes Stage"):
+        with DAG("cfg_stage", schedule=None):
+            Backlog("b", prompt=Prompt(template="{body}"), **{**kwargs, "stages": ["claude-haiku-4-5"]})
+
+
+def test_backlog_dag_file_imports_nothing_heavy_at_parse_time():
+    code = (
+        "import sys, importlib.util; import airflow.sdk;"
+        "before = set(sys.modules);"
+        f"spec = importlib.util.spec_from_file_location('d', {str(DAGS / 'product_reviews.py')!r});"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m);"
+        "bad = ('anthropic', 'pandas', 'airflow_provider_fable.core', 'airflow_provider_fable.hooks',"
+        " 'airflow_provider_fable.triggers', 'airflow_provider_fable.backlog.selection');"
+        "print(sorted(k for k in set(sys.modules) - before if k.startswith(bad)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# Run modes and selection
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_auto_mode_is_the_interval_for_scheduled_and_backfill_runs_with_a_date_field():
+    from types import SimpleNamespace
+
+    from airflow_provider_fable.backlog import Source
+    from airflow_provider_fable.backlog.runtime import effective_mode
+
+    dated = {"source": Source(records=[], id_field="id", date_field="created_at")}
+    undated = {"source": Source(records=[], id_field="id")}
+    start, end = datetime(2026, 3, 1, tzinfo=timezone.utc), datetime(2026, 3, 2, tzinfo=timezone.utc)
+
+    def ctx(run_type, with_interval=True):
+        return {"data_interval_start": start if with_interval else None, "data_interval_end": end if with_interval else None,
+                "dag_run": SimpleNamespace(run_type=run_type)}  # fmt: skip
+
+    assert effective_mode(dated, ctx("scheduled"), "auto") == ("interval", (start, end))
+    assert effective_mode(dated, ctx("backfill"), "auto") == ("interval", (start, end))
+    assert effective_mode(dated, ctx("manual"), "auto") == ("backlog", None)
+    assert effective_mode(dated, ctx("manual", with_interval=False), "auto") == ("backlog", None)
+    assert effective_mode(undated, ctx("scheduled"), "auto") == ("backlog", None)  # nothing dates a record
+    assert effective_mode(dated, ctx("manual"), "failed") == ("failed", None)
+    with pytest.raises(ValueError, match="needs Source\\(date_field=...\\)"):
+        effective_mode(undated, ctx("manual"), "interval")
+    with pytest.raises(ValueError, match="needs a run with a data interval"):
+        effective_mode(dated, ctx("manual", with_interval=False), "interval")
+    with pytest.raises(ValueError, match="must be one of auto, interval, backlog, failed, all"):
+        effective_mode(dated, ctx("manual"), "everything")
+
+
+def test_generated_selection_and_the_streamed_filter_agree(sqlite_engine):
+    """The in-database path (source and destination on one connection) and the streamed path (any
+    other source) take the same records in every mode."""
+    from airflow_provider_fable.backlog import selection as sel
+
+    t = sel.UnitTables(
+        final="out", rejects="out_rejects", review="out_review", work="out__work", id_column="rid"
+    )
+    sel.ensure_state_tables(sqlite_engine, t)
+    records = [{"rid": i, "created_at": f"2026-03-0{1 + i % 3}T10:00:00Z"} for i in range(60)]
+    with sqlite_engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE src (rid INTEGER PRIMARY KEY, created_at TEXT)"))
+        conn.execute(sa.text("INSERT INTO src VALUES (:rid, :created_at)"), records)
+        conn.execute(sa.text("CREATE TABLE out (rid TEXT PRIMARY KEY)"))
+        conn.execute(sa.text("INSERT INTO out VALUES (:r)"), [{"r": str(i)} for i in range(0, 60, 4)])
+        conn.execute(sa.text("INSERT INTO out_rejects (rid, reason, retryable) VALUES (:r, 'schema', :rt)"),
+                     [{"r": str(i), "rt": i % 2 == 1} for i in range(1, 60, 5)])  # fmt: skip
+        conn.execute(sa.text("INSERT INTO out_review (rid, reason) VALUES ('7', 'schema'), ('8', 'schema')"))
+    window = (datetime(2026, 3, 2, tzinfo=timezone.utc), datetime(2026, 3, 3, tzinfo=timezone.utc))
+    state = sel.State.read(sqlite_engine, t)
+    for mode in sel.MODES:
+        win = window if mode == "interval" else None
+        sql = sel.selection_sql(
+            "SELECT * FROM src", mode, t, id_field="rid", date_field="created_at", windowed=bool(win)
+        )
+        binds = sel.window_binds(sqlite_engine, win) if win else {}
+        in_db = set(sel.select_ids(sqlite_engine, sql, binds))
+        streamed = set(
+            sel.filter_records(records, state, mode, id_field="rid", date_field="created_at", window=win)
+        )
+        assert in_db == streamed, mode
+        assert not in_db & {"7", "8"}  # under review: never selected automatically
+        if mode == "failed":
+            assert in_db == {str(i) for i in range(1, 60, 5) if i % 2 == 1 and i % 4}
+        if mode == "backlog":
+            assert not in_db & {str(i) for i in range(0, 60, 4)} and not in_db & {
+                str(i) for i in range(1, 60, 5)
+            }
+        n = sel.insert_selection(sqlite_engine, sql, binds, t, run_id=f"r-{mode}", pass_name="full")
+        assert (
+            n
+            == len(in_db)
+            == len(sel.work_rows(sqlite_engine, t, run_id=f"r-{mode}", pass_name="full", stage=0))
+        )
+
+
+def test_a_record_rejected_the_same_way_n_times_on_the_last_stage_needs_review(sqlite_engine):
+    from airflow_provider_fable.backlog.runtime import review_candidates
+    from airflow_provider_fable.core.ledger import Ledger, Outcome
+
+    ledger = Ledger(sqlite_engine).ensure_schema()
+    ledger.register_job("job", model="claude-fable-5")
+    for n, batch in enumerate(("b1", "b2", "b3")):
+        outcomes = [Outcome("a", "a", "rejected", "refusal", False, batch)]
+        if n < 2:
+            outcomes.append(Outcome("b", "b", "rejected", "schema", True, batch))
+        else:
+            outcomes.append(Outcome("b", "b", "rejected", "truncated", True, batch))  # another way
+        ledger.record_outcomes("job", batch, outcomes)
+    rejects = [{"rid": "a", "reason": "refusal"}, {"rid": "b", "reason": "truncated"}]
+    flagged = review_candidates(ledger, "job", rejects, id_column="rid", limit=3)
+    assert (
+        [r["rid"] for r in flagged] == ["a"] and rejects[0]["attempts"] == 3 and rejects[1]["attempts"] == 1
+    )
+    assert (
+        review_candidates(ledger, "job", [{"rid": "a", "reason": "refusal"}], id_column="rid", limit=4) == []
+    )
+
+
+def test_estimate_only_run_projects_every_stage_and_pays_nothing(reviews):
+    airflow_env, engine, server = reviews
+    seed_reviews(engine, 40, start=datetime(2026, 3, 1, tzinfo=timezone.utc), days=2)
+    created = int(server.store.stats.snapshot().get("calls", {}).get("create", 0))
+    result = airflow_env.run_dag(load_backlog_dag(), conf={"estimate_only": True})
+    assert result.state == "success", result.task_states
+    assert int(server.store.stats.snapshot().get("calls", {}).get("create", 0)) == created  # nothing paid
+    assert (
+        result.task_states["reviews.approve"] == "skipped"
+        and result.task_states["reviews.s1_submit"] == "skipped"
+    )
+    projection = result.xcom("reviews.project")
+    assert projection["records"] == 40 and [s["model"] for s in projection["stages"]] == [
+        "claude-haiku-4-5",
+        "claude-fable-5",
+    ]
+    assert all(s["projected_cost_usd"] for s in projection["stages"])  # an upper bound without history
+    assert _rows(engine, "SELECT count(*) AS n FROM review_sentiment")[0]["n"] == 0

@@ -592,48 +592,52 @@ def _distribution(spec: Mapping[str, Any], rows: list[dict[str, Any]]) -> dict[s
     return {f: _count(str(r.get(f)) for r in rows) for f in fields}
 
 
-def _needs_review(
-    spec: Mapping[str, Any], last_job: str | None, rejects: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
+def _needs_review(spec: Mapping[str, Any], last_job: str | None, rejects: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rejects of the last stage that failed the same way ``review_after`` times (ledger outcomes)."""
     if not last_job or not rejects:
         return []
-    import sqlalchemy as sa
-
     from airflow_provider_fable.hooks.ledger import open_ledger
 
-    limit = spec["guardrails"].review_after
     ledger = open_ledger(spec["ledger_conn_id"], spec["fable_conn_id"], log)
-    counts: dict[tuple[str, str], int] = {}
     try:
-        ledger.ensure_schema()
-        o = ledger.outcomes.c
-        ids = [r[spec["id_column"]] for r in rejects]
-        with ledger.engine.connect() as conn:
-            for start in range(0, len(ids), _CHUNK):
-                q = (
-                    sa.select(o.record_id, o.reason, sa.func.count())
-                    .where(
-                        o.job_id == last_job,
-                        o.status == "rejected",
-                        o.record_id.in_(ids[start : start + _CHUNK]),
-                    )
-                    .group_by(o.record_id, o.reason)
-                )
-                for rid, reason, n in conn.execute(q):
-                    counts[(rid, reason or "")] = int(n)
-        out = []
-        for r in rejects:
-            n = counts.get((r[spec["id_column"]], r["reason"]), 0)
-            r["attempts"] = n
-            if n >= limit:
-                out.append(r)
-        marker = getattr(ledger, "mark_needs_review", None)
-        if out and callable(marker):  # the ledger's own status, where the ledger has it
-            marker(last_job, [r[spec["id_column"]] for r in out])
-        return out
+        return review_candidates(ledger, last_job, rejects, id_column=spec["id_column"],
+                                 limit=spec["guardrails"].review_after)  # fmt: skip
     finally:
         ledger.engine.dispose()
+
+
+def review_candidates(ledger: Any, job_id: str, rejects: list[dict[str, Any]], *, id_column: str, limit: int) -> list[dict[str, Any]]:
+    """The rejects whose record the job rejected ``limit`` or more times for the same reason.
+
+    Counted on the ledger's outcome rows (one per record and batch, so one per attempt), which
+    outlive the destination's tables. Each reject gets its count as ``attempts``. When the ledger
+    has a ``needs_review`` status (``Ledger.mark_needs_review``), the records are marked there too,
+    so no submit sends them again automatically.
+    """
+    import sqlalchemy as sa
+
+    ledger.ensure_schema()
+    o = ledger.outcomes.c
+    ids = [r[id_column] for r in rejects]
+    counts: dict[tuple[str, str], int] = {}
+    with ledger.engine.connect() as conn:
+        for start in range(0, len(ids), _CHUNK):
+            q = (
+                sa.select(o.record_id, o.reason, sa.func.count())
+                .where(o.job_id == job_id, o.status == "rejected", o.record_id.in_(ids[start : start + _CHUNK]))
+                .group_by(o.record_id, o.reason)
+            )
+            for rid, reason, n in conn.execute(q):
+                counts[(rid, reason or "")] = int(n)
+    out = []
+    for r in rejects:
+        r["attempts"] = counts.get((r[id_column], r["reason"]), 0)
+        if r["attempts"] >= limit:
+            out.append(r)
+    marker = getattr(ledger, "mark_needs_review", None)
+    if out and callable(marker):
+        marker(job_id, [r[id_column] for r in out])
+    return out
 
 
 def _write_final(engine: Any, spec: Mapping[str, Any], final: Any, rows: list[dict[str, Any]],
