@@ -592,7 +592,9 @@ def _distribution(spec: Mapping[str, Any], rows: list[dict[str, Any]]) -> dict[s
     return {f: _count(str(r.get(f)) for r in rows) for f in fields}
 
 
-def _needs_review(spec: Mapping[str, Any], last_job: str | None, rejects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _needs_review(
+    spec: Mapping[str, Any], last_job: str | None, rejects: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
     """Rejects of the last stage that failed the same way ``review_after`` times (ledger outcomes)."""
     if not last_job or not rejects:
         return []
@@ -606,7 +608,9 @@ def _needs_review(spec: Mapping[str, Any], last_job: str | None, rejects: list[d
         ledger.engine.dispose()
 
 
-def review_candidates(ledger: Any, job_id: str, rejects: list[dict[str, Any]], *, id_column: str, limit: int) -> list[dict[str, Any]]:
+def review_candidates(
+    ledger: Any, job_id: str, rejects: list[dict[str, Any]], *, id_column: str, limit: int
+) -> list[dict[str, Any]]:
     """The rejects whose record the job rejected ``limit`` or more times for the same reason.
 
     Counted on the ledger's outcome rows (one per record and batch, so one per attempt), which
@@ -624,7 +628,9 @@ def review_candidates(ledger: Any, job_id: str, rejects: list[dict[str, Any]], *
         for start in range(0, len(ids), _CHUNK):
             q = (
                 sa.select(o.record_id, o.reason, sa.func.count())
-                .where(o.job_id == job_id, o.status == "rejected", o.record_id.in_(ids[start : start + _CHUNK]))
+                .where(
+                    o.job_id == job_id, o.status == "rejected", o.record_id.in_(ids[start : start + _CHUNK])
+                )
                 .group_by(o.record_id, o.reason)
             )
             for rid, reason, n in conn.execute(q):
