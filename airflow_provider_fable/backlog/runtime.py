@@ -367,9 +367,18 @@ def plan_escalation(
         states = _verdicts(spec, _job_of(context, spec, pass_name, i), ids)
         accepted = [r for r in ids if getattr(states.get(r), "status", None) == "accepted"]
         answers = _answers(engine, spec["stage_tables"][i], spec["id_column"], accepted)
+        # The source records only when a rule, the priority or the upper-bound cost of the next
+        # request reads them (rejected/below/equals without when_record decide on the answer alone).
+        prices = _prices(spec)
+        unit, basis = measured_request_cost(engine, spec, i + 1, prices)
+        needs_record = (
+            unit is None
+            or stage.priority_field
+            or any(r.kind in ("not_quoted", "when") or r.when_record is not None for r in stage.escalate)
+        )
         records = (
             {str(r[spec["source"].id_field]): r for r in stage_records(spec, run_id, pass_name, i)}
-            if ids
+            if ids and needs_record
             else {}
         )
         candidates: list[tuple[int, float, str, str]] = []
@@ -390,8 +399,6 @@ def plan_escalation(
         prev = _budget_before(spec, context, pass_name, i)
         spent = _stage_cost(context, spec, pass_name, i)
         left = None if prev is None else round(max(0.0, prev - spent), 6)
-        prices = _prices(spec)
-        unit, basis = measured_request_cost(engine, spec, i + 1, prices)
         chosen: list[tuple[str, str]] = []
         over = 0
         planned = 0.0
