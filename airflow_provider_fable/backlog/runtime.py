@@ -395,22 +395,16 @@ def plan_escalation(
                 except (TypeError, ValueError):
                     prio = 0.0
             candidates.append((hit[0], prio, rid, hit[1].reason))
-        candidates.sort()
         prev = _budget_before(spec, context, pass_name, i)
         spent = _stage_cost(context, spec, pass_name, i)
         left = None if prev is None else round(max(0.0, prev - spent), 6)
-        chosen: list[tuple[str, str]] = []
-        over = 0
-        planned = 0.0
-        for _, _, rid, reason in candidates:
-            cost = (
+        chosen, over, planned = fit_escalations(
+            candidates,
+            lambda rid: (
                 unit if unit is not None else upper_bound_request_cost(spec, i + 1, records.get(rid), prices)
-            )
-            if left is not None and cost is not None and planned + cost > left:
-                over += 1
-                continue
-            planned += cost or 0.0
-            chosen.append((rid, reason))
+            ),
+            left,
+        )
         sel.write_work(engine, t, run_id=run_id, pass_name=pass_name, stage=i + 1, rows=chosen)
     finally:
         engine.dispose()
@@ -430,6 +424,27 @@ def plan_escalation(
     }
     log.info("Escalation after %s (%s): %s", spec["stage_names"][i], pass_name, out)
     return out
+
+
+def fit_escalations(
+    candidates: list[tuple[int, float, str, str]], cost_of: Any, left: float | None
+) -> tuple[list[tuple[str, str]], int, float]:
+    """Candidates ``(rule index, -priority, id, reason)`` in priority order, taken while ``left``
+    covers their cost: (chosen (id, reason), how many did not fit, planned cost).
+
+    Earlier rules first, then higher ``priority_field``, then id; a candidate that does not fit is
+    skipped and cheaper later ones may still fit. ``left=None``: no budget, all are taken.
+    """
+    chosen: list[tuple[str, str]] = []
+    over, planned = 0, 0.0
+    for _, _, rid, reason in sorted(candidates):
+        cost = cost_of(rid)
+        if left is not None and cost is not None and planned + cost > left:
+            over += 1
+            continue
+        planned += cost or 0.0
+        chosen.append((rid, reason))
+    return chosen, over, planned
 
 
 def _budget_before(spec: Mapping[str, Any], context: Any, pass_name: str, i: int) -> float | None:
