@@ -505,3 +505,18 @@ def test_escalations_go_in_rule_then_priority_order_within_the_budget():
     assert chosen == [("c", "rejected"), ("d", "evidence_not_in_record"), ("b", "confidence_below_0.5")]
     assert over == 1 and planned == 3.0  # "a" (lowest priority) did not fit the budget
     assert len(fit_escalations(candidates, lambda rid: 1.0, left=None)[0]) == 4
+
+
+def test_rejecting_the_approval_stops_before_the_full_run(reviews, tmp_path):
+    airflow_env, engine, server = reviews
+    seed_reviews(engine, 60, start=datetime(2026, 3, 1, tzinfo=timezone.utc), days=2)
+    with Approver("product_reviews", tmp_path, option="Reject") as approver:
+        result = airflow_env.run_dag(load_backlog_dag(), conf={"pilot": 20})
+    assert len(approver.bodies) == 1 and "projected" in approver.bodies[0]
+    states = result.task_states
+    assert states["reviews.approve"] == "success"  # a human answered: the task did its job
+    assert states["reviews.s1_submit"] == "skipped" and states["reviews.finalize"] == "skipped"
+    assert result.xcom("reviews.s1_submit") is None  # nothing of the full run was paid for
+    final = _rows(engine, "SELECT _run_id FROM review_sentiment")
+    rejects = _rows(engine, "SELECT review_id FROM review_sentiment_rejects")
+    assert len(final) + len(rejects) == 20  # the pilot's records are done and stay
