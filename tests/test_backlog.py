@@ -66,7 +66,8 @@ def reviews(fable_airflow, fable_emulator_factory, tmp_path, monkeypatch):
     server = fable_emulator_factory(
         processing_retrieves=1, faults={"invalid_answer_rate": 0.05, "errored_rate": 0.01, "seed": 11}
     )
-    point_connection_at(server)
+    # The ledger in the test's own database: record ids repeat across tests (docs/ledger.md).
+    point_connection_at(server, ledger_conn_id="reviews_db")
     monkeypatch.setenv("FABLE_POLL_SECONDS", "0.2")
     monkeypatch.setenv("FABLE_RETRY_DELAY_SECONDS", "0")
     db = tmp_path / "reviews.db"
@@ -538,7 +539,7 @@ def test_backlog_on_postgres_backlog_then_interval_run(
 ):
     """The same unit on PostgreSQL (selection in the database, timestamptz dates, COPY loads)."""
     server = fable_emulator_factory(processing_retrieves=1, faults={"invalid_answer_rate": 0.05, "seed": 3})
-    point_connection_at(server)
+    point_connection_at(server, ledger_conn_id="reviews_db")
     monkeypatch.setenv("FABLE_POLL_SECONDS", "0.2")
     monkeypatch.setenv("FABLE_RETRY_DELAY_SECONDS", "0")
     with pg_engine.connect() as conn:

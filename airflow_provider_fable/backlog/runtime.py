@@ -542,10 +542,19 @@ def finalize(spec: dict[str, Any], context: Any, *, pass_name: str) -> dict[str,
             else:
                 i, state = last_reject if last_reject else (0, None)
                 reason, detail = why[i].get(rid, ("no_answer", None))
+                retryable = bool(getattr(state, "retryable", True) if state is not None else True)
+                if getattr(state, "status", None) == "accepted":
+                    # The ledger holds an accepted answer the stage table does not have: the
+                    # table was dropped, or the ledger is shared with another destination. The
+                    # stage will not pay for it again by itself, so a failed rerun cannot help.
+                    reason, retryable = "answer_missing", False
+                    detail = (
+                        f"the ledger holds an accepted answer of job {jobs[i]} but {spec['stage_tables'][i]} "
+                        "has no row for it (table dropped, or a ledger shared with another destination)"
+                    )
                 rejects.append({
                     spec["id_column"]: rid, "_stage": names[i], "_model": stages[i].model,
-                    "reason": reason, "detail": detail,
-                    "retryable": bool(getattr(state, "retryable", True) if state is not None else True),
+                    "reason": reason, "detail": detail, "retryable": retryable,
                     "_batch_id": getattr(state, "batch_id", None), "_run_id": run_id, "_rejected_at": now,
                     "last_stage": i == n_stages - 1,
                 })  # fmt: skip
