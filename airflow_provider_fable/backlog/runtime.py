@@ -672,8 +672,8 @@ def review_candidates(
         if r["attempts"] >= limit:
             out.append(r)
     marker = getattr(ledger, "mark_needs_review", None)
-    if out and callable(marker):
-        marker(job_id, [r[id_column] for r in out])
+    if out and callable(marker):  # the ledger's own status (the core marks it on load as well)
+        marker(job_id, [r[id_column] for r in out], review_after=limit)
     return out
 
 
