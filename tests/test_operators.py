@@ -128,7 +128,12 @@ def test_load_is_idempotent_and_enforces_max_reject_rate(fable_emulator_factory,
     first = load.execute({})
     second = load.execute({})
     assert first["accepted"] + first["rejected"] == 7
-    assert first == second
+    # Issue #17 (trap 3): the second load of the same batch does not count its cost again.
+    spend = ("actual_cost_usd", "reattached_cost_usd", "reattached_batches")
+    assert {k: v for k, v in first.items() if k not in spend} == {
+        k: v for k, v in second.items() if k not in spend
+    }
+    assert second["actual_cost_usd"] == 0 and second["reattached_cost_usd"] == first["actual_cost_usd"]
     with dest.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM paint")).scalar_one() == first["accepted"]
         assert conn.execute(sa.text("SELECT count(*) FROM paint_rejects")).scalar_one() == first["rejected"]

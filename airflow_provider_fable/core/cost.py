@@ -34,6 +34,8 @@ CACHE_WRITE_MULTIPLIER = CACHE_WRITE_5M_MULTIPLIER
 class UnknownPriceError(FableError):
     """The model has no known price; a budget cap can not be checked against an unknown cost."""
 
+    retryable = False  # the same input meets the same rule: Airflow must not retry it
+
 
 @dataclass(frozen=True, slots=True)
 class Price:

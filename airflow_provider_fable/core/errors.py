@@ -8,11 +8,22 @@ from __future__ import annotations
 
 
 class FableError(Exception):
-    """Base class for every error raised by airflow_provider_fable."""
+    """Base class for every error raised by airflow_provider_fable.
+
+    ``retryable`` says whether running the same task again could succeed. API and network
+    failures can (the default); a bad record, a bad spec, a budget refusal or a guardrail breach
+    cannot: the same input meets the same rule. The operator shells fail a task whose error has
+    ``retryable = False`` without Airflow's retries (``retries.fail_fast``), so nobody waits
+    ``retries x retry_delay`` for a failure that was certain on the first try.
+    """
+
+    retryable: bool = True
 
 
 class RecordError(FableError, ValueError):
     """A source record cannot become a request (missing id, bad template field, bad id)."""
+
+    retryable = False
 
     def __init__(self, record_id: object, rule: str, message: str, position: int | None = None) -> None:
         self.record_id = record_id
@@ -35,3 +46,5 @@ class JobSpecError(FableError):
     Deliberately not a ValueError: pydantic would fold it into a generic ValidationError and
     the actionable message would be buried.
     """
+
+    retryable = False

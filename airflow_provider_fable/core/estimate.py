@@ -8,8 +8,11 @@ How the numbers are made (docs/cost.md has the long form):
   difference between a sampled request and the same request without the prefix. When it is at
   least the model's minimum cacheable size, each batch is assumed to write it once and every
   other request to read it; otherwise it is plain input.
-- **Output**: the mean output tokens measured on the most recent pilot of the same job when
-  there is one, else ``max_tokens`` per request as an upper bound (and the estimate says so).
+- **Output**: the mean output tokens the ledger measured on earlier loads of the same job (any
+  run: a pilot, a full run, an earlier stage's rerun), else ``max_tokens`` per request as an
+  upper bound (and the estimate says so).
+- **Later stages** of a multi-stage backlog: :func:`project_stages` scales each later stage's
+  estimate by the share of answers expected to escalate to it (measured on the pilot).
 
 The estimate is a plain dict in the submit manifest so the load can report estimate vs actual.
 """
@@ -17,6 +20,7 @@ The estimate is a plain dict in the submit manifest so the load can report estim
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -25,11 +29,14 @@ from airflow_provider_fable.core.errors import FableError
 
 OUTPUT_FROM_PILOT = "pilot"
 OUTPUT_GIVEN = "given"
+OUTPUT_MEASURED = "measured"
 OUTPUT_UPPER_BOUND = "max_tokens"
 
 
 class BudgetExceededError(FableError):
     """The estimate of a run is above ``max_cost_usd``; nothing was created."""
+
+    retryable = False  # the same input meets the same rule: Airflow must not retry it
 
 
 @dataclass
@@ -129,6 +136,7 @@ def estimate_run(
     detail = output_basis_detail or {
         OUTPUT_UPPER_BOUND: f"upper bound: max_tokens={max_tokens} per request, no pilot measured yet",
         OUTPUT_FROM_PILOT: "mean measured on the pilot",
+        OUTPUT_MEASURED: "mean measured on earlier loads of this job",
         OUTPUT_GIVEN: "given by output_tokens_per_request",
     }.get(output_basis, output_basis)
     output_tokens = math.ceil(output_per_request * requests)
@@ -181,11 +189,60 @@ def check_budget(estimate: Estimate, max_cost_usd: float | None) -> None:
             f"{estimate.model} is over max_cost_usd=${max_cost_usd:,.4f}; nothing was submitted. "
             f"Basis: input {estimate.input_tokens:,} + cache write {estimate.cache_write_tokens:,} + "
             f"cache read {estimate.cache_read_tokens:,} + output {estimate.output_tokens:,} tokens "
-            f"(output {estimate.output_basis_detail}). Run a pilot (sample=N) to measure output, "
-            f"reduce the records, or raise the cap"
+            f"(output {estimate.output_basis_detail}). "
+            + (
+                "Run a pilot (sample=N) to measure output instead of assuming max_tokens, reduce "
+                "the records, or raise the cap"
+                if estimate.output_basis == OUTPUT_UPPER_BOUND
+                else "Reduce the records (a smaller sample=N) or raise the cap"
+            )
         )
 
 
 def mean_output_tokens(outputs: list[int]) -> float | None:
     """Mean output tokens over succeeded requests of a pilot (None when there were none)."""
     return sum(outputs) / len(outputs) if outputs else None
+
+
+def project_stages(
+    stages: Sequence[Mapping[str, Any]], escalation_rate: float | Sequence[float]
+) -> list[dict[str, Any]]:
+    """Project each stage of a multi-stage backlog from the share of answers that escalate.
+
+    ``stages`` are per-stage estimates *as if every record reached that stage* (``Estimate.as_dict()``
+    or any mapping with ``requests`` and ``cost_usd``; other keys are kept), in stage order.
+    ``escalation_rate`` is the share of a stage's answers that go on to the next stage (measured on
+    the pilot: escalated / answered), one number for every step or one per step. Stage 1 is
+    kept; stage k's requests and dollars (and token counts) are scaled by the product of the rates
+    before it, so a stage with a 20 % escalation rate costs a fifth of its all-records estimate.
+
+    Why a separate, simple function: the estimate of one submit knows only its own stage; the
+    backlog unit asks each stage for its all-records estimate and projects the total with this,
+    before the full run is approved. Returns new dicts with ``share`` (records reaching the
+    stage) added; ``cost_usd`` stays None for a stage without a price.
+    """
+    steps = len(stages) - 1
+    rates = (
+        [float(escalation_rate)] * steps
+        if isinstance(escalation_rate, (int, float))
+        else list(escalation_rate)
+    )
+    if len(rates) < steps:
+        rates += rates[-1:] * (steps - len(rates)) if rates else [0.0] * steps
+    for rate in rates:
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"an escalation rate is a share in 0..1, got {rate!r}")
+    out: list[dict[str, Any]] = []
+    share = 1.0
+    for index, stage in enumerate(stages):
+        if index:
+            share *= rates[index - 1]
+        row = dict(stage)
+        row["share"] = round(share, 6)
+        for key in ("requests", "input_tokens", "cache_write_tokens", "cache_read_tokens", "output_tokens"):
+            if isinstance(row.get(key), (int, float)):
+                row[key] = math.ceil(row[key] * share)
+        if row.get("cost_usd") is not None:
+            row["cost_usd"] = round(float(row["cost_usd"]) * share, 6)
+        out.append(row)
+    return out

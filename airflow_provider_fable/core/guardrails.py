@@ -24,6 +24,8 @@ from airflow_provider_fable.core.errors import FableError
 class GuardrailError(FableError):
     """A loaded result set broke one or more guardrails (the rows are loaded)."""
 
+    retryable = False  # the same input meets the same rule: Airflow must not retry it
+
 
 @dataclass(frozen=True)
 class Breach:
@@ -129,8 +131,14 @@ def check_guardrails(
     max_reject_rate: float | None = None,
     min_accepted: int | None = None,
     fail_when_all_rejected: bool = True,
+    reject_rule: str = "max_reject_rate",
 ) -> list[Breach]:
-    """Every guardrail the load summary breaks, with the observed numbers and the limit."""
+    """Every guardrail the load summary breaks, with the observed numbers and the limit.
+
+    ``reject_rule`` names the limit ``max_reject_rate`` stands for in the breach: a rerun of
+    failed records is checked against its own rule (``max_reject_rate_rerun``), not the full
+    run's, because it sends exactly the records that failed and expects many to fail again.
+    """
     breaches: list[Breach] = []
     total = int(summary.get("records", 0))
     accepted = int(summary.get("accepted", 0))
@@ -143,8 +151,8 @@ def check_guardrails(
     if max_reject_rate is not None and total and rejected / total > max_reject_rate:
         breaches.append(
             Breach(
-                "max_reject_rate",
-                f"reject rate {rejected / total:.1%} ({rejected}/{total}) > max_reject_rate {max_reject_rate:.1%}",
+                reject_rule,
+                f"reject rate {rejected / total:.1%} ({rejected}/{total}) > {reject_rule} {max_reject_rate:.1%}",
             )
         )
     if min_accepted is not None and accepted < min_accepted:

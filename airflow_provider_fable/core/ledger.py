@@ -31,6 +31,12 @@ SCHEMA_VERSION = 1
 #: Record statuses. ``pending``: an intent names it, no batch yet. ``submitted``: in a created
 #: batch, not loaded. ``accepted``/``rejected``: the load's verdict for its current batch.
 PENDING, SUBMITTED, ACCEPTED, REJECTED = "pending", "submitted", "accepted", "rejected"
+#: A rejected record that failed the same way on its last ``review_after`` outcomes (this job and
+#: the jobs it reruns): no rerun selects it again until a person looks (``Ledger.needs_review``).
+NEEDS_REVIEW = "needs_review"
+#: Rejects that say nothing about the record (the batch was canceled or expired): never counted
+#: toward ``needs_review``.
+_NOT_THE_RECORDS_FAULT = ("canceled", "expired")
 #: Submission states. ``intent`` has no batch id yet; ``created`` got one from the create call;
 #: ``adopted`` got one from orphan reconciliation; ``abandoned`` is an intent known to have made
 #: no batch (or given up under ``orphan_policy="resubmit"``).
@@ -54,6 +60,8 @@ _OUTCOME_STAGE = sa.table(
 
 class LedgerError(FableError):
     """The ledger cannot decide safely (e.g. an orphaned intent with ambiguous candidates)."""
+
+    retryable = False  # the same input meets the same rule: Airflow must not retry it
 
 
 def utcnow() -> datetime:
@@ -139,6 +147,32 @@ def _tables(meta: sa.MetaData) -> dict[str, sa.Table]:
             sa.Column("superseded", sa.Boolean, nullable=False, default=False),
             sa.Column("at", text, nullable=False),
         ),
+        # Issue #17 additions (new tables only: existing ledgers gain them on first use, the schema
+        # version stays). What a load measured and counted per (job, batch): the measured output
+        # tokens every later estimate of the job uses, and which batch's cost was already counted.
+        "usage": sa.Table(
+            "fable_batch_usage",
+            meta,
+            sa.Column("job_id", sa.String(64), primary_key=True),
+            sa.Column("batch_id", sa.String(128), primary_key=True),
+            sa.Column("model", text),
+            sa.Column("run_key", text),  # the load's submit run (when the load was given it)
+            sa.Column("pilot", sa.Boolean, nullable=False, default=False),
+            sa.Column("succeeded", integer, nullable=False),  # results with usage (the mean's count)
+            sa.Column("output_tokens", integer, nullable=False),  # their output tokens, summed
+            sa.Column("cost_usd", sa.Float),
+            sa.Column("at", text, nullable=False),
+        ),
+        # Records a run re-attached to a batch it shares with other records (a pilot whose sample
+        # sits in an older full batch): the load of that run loads only these.
+        "selection": sa.Table(
+            "fable_run_selection",
+            meta,
+            sa.Column("job_id", sa.String(64), primary_key=True),
+            sa.Column("run_key", sa.String(512), primary_key=True),
+            sa.Column("batch_id", sa.String(128), primary_key=True),
+            sa.Column("record_id", text, primary_key=True),
+        ),
     }
 
 
@@ -202,6 +236,7 @@ class Ledger:
         t = _tables(self.metadata)
         self.meta, self.jobs, self.submissions = t["meta"], t["jobs"], t["submissions"]
         self.records, self.outcomes = t["records"], t["outcomes"]
+        self.usage, self.selection = t["usage"], t["selection"]
         self._ready = False
 
     @classmethod
@@ -551,13 +586,17 @@ class Ledger:
             rows = conn.execute(sa.select(c.custom_id, c.record_id).where(c.batch_id == batch_id))
             return {cid: rid for cid, rid in rows}
 
-    def record_outcomes(self, job_id: str, batch_id: str, outcomes: Sequence[Any]) -> None:
+    def record_outcomes(
+        self, job_id: str, batch_id: str, outcomes: Sequence[Any], *, review_after: int | None = 3
+    ) -> None:
         """Store the load's verdicts for one batch (objects with ``Outcome``'s fields).
 
         The record's current row changes only when this batch is still its current batch (and no
         resubmission of it is in flight). An
         acceptance marks earlier rejects of the record (in this job and in the job it reruns)
-        as superseded, so a fixed record is no longer reported as failed.
+        as superseded, so a fixed record is no longer reported as failed. A reject that makes the
+        record's last ``review_after`` outcomes the same reject becomes ``needs_review``
+        (``mark_needs_review``; None or 0: never).
         """
         if not outcomes:
             return
@@ -567,6 +606,9 @@ class Ledger:
         parent = (self.job(job_id) or {}).get("parent_job")
         if self.engine.dialect.name == "postgresql":
             self._record_outcomes_staged(job_id, batch_id, outcomes, parent, now)
+            self.mark_needs_review(
+                job_id, [x.record_id for x in outcomes if x.status == REJECTED], review_after
+            )
             return
         events = [
             {
@@ -614,6 +656,7 @@ class Ledger:
                         .where(c.job_id == parent, c.record_id.in_(part), c.status == REJECTED)
                         .values(superseded_by=job_id, updated_at=now)
                     )
+        self.mark_needs_review(job_id, [x.record_id for x in outcomes if x.status == REJECTED], review_after)
 
     def _record_outcomes_staged(
         self, job_id: str, batch_id: str, outcomes: Sequence[Any], parent: str | None, now: str
@@ -680,3 +723,181 @@ class Ledger:
                     )
                     .values(superseded_by=job_id, updated_at=now)
                 )  # fmt: skip
+
+    # ------------------------------------------------------------------ issue #17: review, usage, selection
+    def job_chain(self, job_id: str, *, depth: int = 16) -> list[str]:
+        """``job_id`` and the jobs it reruns, nearest first (a rerun with another model, its parent...)."""
+        chain = [job_id]
+        while len(chain) < depth:
+            parent = (self.job(chain[-1]) or {}).get("parent_job")
+            if not parent or parent in chain:
+                break
+            chain.append(parent)
+        return chain
+
+    def mark_needs_review(
+        self, job_id: str, record_ids: Sequence[str], review_after: int | None = 3
+    ) -> list[str]:
+        """Mark the given just-rejected records ``needs_review`` when their last ``review_after``
+        outcomes, over this job and the jobs it reruns, are rejects with one and the same reason.
+
+        Why: a record that fails identically on every model and every rerun (a text the model
+        cannot answer within the schema, an input too long for ``max_tokens``) would otherwise be
+        paid for again by every failed-records run, for ever. ``canceled``/``expired`` rejects say
+        nothing about the record and never count. Returns the ids marked.
+        """
+        if not review_after or review_after < 1 or not record_ids:
+            return []
+        self.ensure_schema()
+        jobs = self.job_chain(job_id)
+        o, c = self.outcomes.c, self.records.c
+        marked: list[str] = []
+        with self.engine.begin() as conn:
+            for part in _chunks(list(dict.fromkeys(record_ids))):
+                rows = conn.execute(
+                    sa.select(o.record_id, o.status, o.reason)
+                    .where(o.job_id.in_(jobs), o.record_id.in_(part))
+                    .order_by(o.record_id, o.at.desc(), o.batch_id.desc())
+                )
+                last: dict[str, list[tuple[str, str | None]]] = {}
+                for rid, status, reason in rows:
+                    seen = last.setdefault(rid, [])
+                    if len(seen) < review_after:
+                        seen.append((status, reason))
+                hits = [
+                    rid
+                    for rid, seen in last.items()
+                    if len(seen) == review_after
+                    and len(set(seen)) == 1
+                    and seen[0][0] == REJECTED
+                    and seen[0][1] not in _NOT_THE_RECORDS_FAULT
+                ]
+                if hits:
+                    conn.execute(
+                        sa.update(self.records)
+                        .where(c.job_id.in_(jobs), c.record_id.in_(hits), c.status == REJECTED)
+                        .where(c.superseded_by.is_(None))
+                        .values(status=NEEDS_REVIEW, updated_at=_ts(utcnow()))
+                    )
+                    marked.extend(hits)
+        return marked
+
+    def needs_review(self, job_id: str) -> list[dict[str, Any]]:
+        """Records of ``job_id`` no rerun sends again until a person looks, in id order.
+
+        Each: ``record_id``, ``reason`` (the repeated reject), ``rejects`` (how many times it was
+        rejected so, over the job and the jobs it reruns), ``batch_id`` (the last), ``model``,
+        ``attempts`` (batches this job sent it in). For the backlog's review table and a CLI.
+        """
+        self.ensure_schema()
+        c, o = self.records.c, self.outcomes.c
+        jobs = self.job_chain(job_id)
+        rejects = (
+            sa.select(sa.func.count())
+            .where(o.job_id.in_(jobs), o.record_id == c.record_id, o.status == REJECTED, o.reason == c.reason)
+            .scalar_subquery()
+        )
+        q = (
+            sa.select(c.record_id, c.reason, rejects.label("rejects"), c.batch_id, c.model, c.attempts)
+            .where(c.job_id == job_id, c.status == NEEDS_REVIEW)
+            .order_by(c.record_id)
+        )
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(q).mappings()]
+
+    def count_batch_usage(
+        self,
+        job_id: str,
+        batch_id: str,
+        *,
+        succeeded: int,
+        output_tokens: int,
+        cost_usd: float | None,
+        model: str | None = None,
+        run_key: str | None = None,
+        pilot: bool = False,
+    ) -> bool:
+        """Count one loaded batch's usage and cost for the job, once: True when this call counted it.
+
+        False means an earlier load already counted this batch for this job (a re-attached batch,
+        a re-run load): its cost is not new spend, and the first measurement is kept.
+        """
+        self.ensure_schema()
+        row = {
+            "job_id": job_id, "batch_id": batch_id, "model": model, "run_key": run_key, "pilot": bool(pilot),
+            "succeeded": int(succeeded), "output_tokens": int(output_tokens), "cost_usd": cost_usd,
+            "at": _ts(utcnow()),
+        }  # fmt: skip
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                self._insert(self.usage)
+                .values(**row)
+                .on_conflict_do_nothing(index_elements=["job_id", "batch_id"])
+            )
+            return bool(done.rowcount)
+
+    def counted_batches(self, job_id: str, batch_ids: Iterable[str]) -> set[str]:
+        """Which of ``batch_ids`` a load already counted for ``job_id``."""
+        self.ensure_schema()
+        u = self.usage.c
+        out: set[str] = set()
+        with self.engine.connect() as conn:
+            for part in _chunks(list(batch_ids)):
+                out.update(
+                    conn.execute(
+                        sa.select(u.batch_id).where(u.job_id == job_id, u.batch_id.in_(part))
+                    ).scalars()
+                )
+        return out
+
+    def measured_output(self, job_id: str) -> dict[str, Any] | None:
+        """Mean output tokens per succeeded request over every load of the job (None: none yet).
+
+        ``{"mean", "requests", "batches", "pilot_only", "runs"}``: ``pilot_only`` when every
+        measured batch was loaded from a pilot. Kept in the ledger, not in an Airflow Variable, so
+        it survives the metadata database and serves every run of the job, pilot or not.
+        """
+        self.ensure_schema()
+        u = self.usage.c
+        q = sa.select(
+            sa.func.sum(u.succeeded), sa.func.sum(u.output_tokens), sa.func.count(),
+            sa.func.min(sa.case((u.pilot.is_(True), 1), else_=0)),
+        ).where(u.job_id == job_id, u.succeeded > 0)  # fmt: skip
+        with self.engine.connect() as conn:
+            n, out, batches, all_pilot = conn.execute(q).one()
+            runs = list(
+                conn.execute(
+                    sa.select(u.run_key)
+                    .where(u.job_id == job_id, u.succeeded > 0, u.run_key.is_not(None))
+                    .distinct()
+                ).scalars()
+            )
+        if not n:
+            return None
+        return {
+            "mean": int(out) / int(n), "requests": int(n), "batches": int(batches),
+            "pilot_only": bool(all_pilot), "runs": sorted(runs),
+        }  # fmt: skip
+
+    def record_selection(self, job_id: str, run_key: str, batch_id: str, record_ids: Sequence[str]) -> None:
+        """Remember which records of ``batch_id`` the run ``run_key`` selected (it shares the batch)."""
+        self.ensure_schema()
+        rows = [
+            {"job_id": job_id, "run_key": run_key, "batch_id": batch_id, "record_id": r} for r in record_ids
+        ]
+        with self.engine.begin() as conn:
+            for part in _chunks(rows):
+                conn.execute(self._insert(self.selection).on_conflict_do_nothing(), list(part))
+
+    def selected_records(self, job_id: str, run_key: str, batch_id: str) -> set[str]:
+        """The records ``record_selection`` stored for this run and batch."""
+        self.ensure_schema()
+        x = self.selection.c
+        with self.engine.connect() as conn:
+            return set(
+                conn.execute(
+                    sa.select(x.record_id).where(
+                        x.job_id == job_id, x.run_key == run_key, x.batch_id == batch_id
+                    )
+                ).scalars()
+            )

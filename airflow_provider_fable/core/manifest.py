@@ -18,3 +18,17 @@ def normalise_batch_ids(value: Any) -> list[str]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
         raise ValueError(f"batch_ids must be a list of batch id strings (or a manifest), got {value!r}")
     return list(dict.fromkeys(value))
+
+
+def flag(value: Any, what: str = "flag") -> bool:
+    """A templated boolean: a rendered template is a string ("True", "false", "1", "")."""
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    if isinstance(value, (int, float)):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off", "", "none", "null"):
+        return False
+    raise ValueError(f"{what} must be true or false, got {value!r}")

@@ -5,12 +5,11 @@ calls a few methods of its mixin at fixed points (before the first create; after
 loaded) and the work is done by the pure core modules (``core.sampling``, ``core.estimate``,
 ``core.cost``, ``core.qa``, ``core.guardrails``).
 
-Where the pilot is remembered: the submit of a pilot records ``{batch ids, job fingerprint,
-sample}`` so that a later full run of the *same job* (same fingerprint: same prompt, model and
-schema) can measure the pilot's real output tokens per request from its results. Until the job
-ledger exists the record is an Airflow Variable ``fable_pilot_<fingerprint>`` (shared by every
-worker through the metadata database); ``_find_pilot``/``_remember_pilot`` are the seam where
-the ledger takes over.
+Where measured output lives: every load counts, per (job, batch), the succeeded results and
+their output tokens in the job ledger (``Ledger.count_batch_usage``); every later estimate of the
+*same job* (same fingerprint: same prompt, model and schema), pilot or full run, first stage or
+an escalation, uses their mean (``Ledger.measured_output``). The ledger, not an Airflow Variable:
+it survives the metadata database and every run feeds it, not only ``sample=`` submits.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ if TYPE_CHECKING:  # the core is imported where it is used: a DAG file that impo
     from airflow_provider_fable.core.job import BatchJob
 
 _CUSTOM_ID = rb'"custom_id":"((?:[^"\\]|\\.)*)"'  # compiled on first use (parse time)
-PILOT_VARIABLE_PREFIX = "fable_pilot_"
 
 
 def opt_int(value: Any, what: str) -> int | None:
@@ -150,79 +148,47 @@ class SubmitGuardrailsMixin:
         bare["messages"] = params["messages"][-1:]
         return max(0, full - hook.count_tokens(bare))
 
-    def _find_pilot(self, job: BatchJob) -> dict[str, Any] | None:
-        """The most recent pilot of this job (seam: the ledger replaces the Variable)."""
+    def _measured_output(self, ledger: Any, job: BatchJob) -> tuple[float, str, bool] | None:
+        """Mean output tokens per succeeded request the ledger measured on this job's loads."""
+        if ledger is None:
+            return None
         try:
-            from airflow.sdk import Variable
-
-            raw = Variable.get(PILOT_VARIABLE_PREFIX + job.fingerprint(), default=None)
-        except Exception as exc:  # noqa: BLE001 - outside a task (plain Python) there is no store
-            self.log.debug("No pilot store available: %s", exc)
+            measured = ledger.measured_output(job.fingerprint())
+        except Exception as exc:  # noqa: BLE001 - a missing measurement only weakens the estimate
+            self.log.warning("Could not read the measured output tokens from the ledger (%s)", exc)
             return None
-        if not raw:
+        if not measured:
             return None
-        return json.loads(raw) if isinstance(raw, str) else raw
-
-    def _remember_pilot(self, job: BatchJob, manifest: Mapping[str, Any], context: Any) -> None:
-        record = {
-            "batch_ids": list(manifest.get("batch_ids") or []),
-            "job_fingerprint": job.fingerprint(),
-            "model": job.model,
-            "requests": manifest.get("request_count"),
-            "run_id": (context or {}).get("run_id") if isinstance(context, Mapping) else None,
-        }
-        try:
-            from airflow.sdk import Variable
-
-            Variable.set(PILOT_VARIABLE_PREFIX + job.fingerprint(), json.dumps(record))
-        except Exception as exc:  # noqa: BLE001 - a pilot still ran; only later estimates lose it
-            self.log.warning(
-                "Pilot batches %s ran but could not be recorded for later estimates (%s); pass "
-                "output_tokens_per_request= to the full run instead",
-                record["batch_ids"], exc,
-            )  # fmt: skip
-            return
-        self.log.info("Pilot recorded for job %s: batches %s", record["job_fingerprint"], record["batch_ids"])
-
-    def _pilot_output(self, hook: Any, job: BatchJob) -> tuple[float, str] | None:
-        """Mean output tokens per succeeded request of the job's latest ended pilot."""
-        pilot = self._find_pilot(job)
-        if not pilot or not pilot.get("batch_ids"):
-            return None
-        outputs: list[int] = []
-        for batch_id in pilot["batch_ids"]:
-            try:
-                if hook.retrieve_batch(batch_id).processing_status != "ended":
-                    self.log.info("Pilot batch %s has not ended; output estimated from max_tokens", batch_id)
-                    return None
-                outputs.extend(
-                    r.usage.output_tokens for r in hook.iter_results(batch_id) if r.type == "succeeded"
-                )
-            except Exception as exc:  # noqa: BLE001 - a lost pilot only weakens the estimate
-                self.log.warning("Pilot batch %s could not be read (%s); ignoring the pilot", batch_id, exc)
-                return None
-        if not outputs:
-            return None
-        mean = sum(outputs) / len(outputs)
+        source = "the pilot" if measured["pilot_only"] else "earlier loads of this job"
         detail = (
-            f"mean of {len(outputs)} succeeded results of the pilot"
-            + (f" in run {pilot['run_id']}" if pilot.get("run_id") else "")
-            + f" (batches {', '.join(pilot['batch_ids'])})"
+            f"measured: mean of {measured['requests']} succeeded results in {measured['batches']} "
+            f"batch(es) loaded by {source}"
+            + (f" (runs {', '.join(measured['runs'][:3])})" if measured["runs"] else "")
         )
-        return mean, detail
+        return measured["mean"], detail, measured["pilot_only"]
 
     def _estimate_before_submit(
-        self, hook: Any, job: BatchJob, spool: IO[bytes], shards: list[tuple[int, int]]
+        self,
+        hook: Any,
+        job: BatchJob,
+        spool: IO[bytes],
+        shards: list[tuple[int, int]],
+        *,
+        ledger: Any = None,
+        enforce_budget: bool = True,
     ) -> dict[str, Any]:
         """Count, extrapolate, log and check the budget. Raises before any create when over it.
 
-        Returns the manifest entries (``estimate``, ``pilot``, ``qa_excerpts``).
+        Returns the manifest entries (``estimate``, ``pilot``, ``qa_excerpts``). With
+        ``enforce_budget=False`` (an estimate-only run) an estimate over the cap is reported as
+        ``over_budget`` instead of raised: nothing will be paid either way.
         """
         from airflow_provider_fable.core.cost import UnknownPriceError, require_price
         from airflow_provider_fable.core.errors import FableError
         from airflow_provider_fable.core.estimate import (
             OUTPUT_FROM_PILOT,
             OUTPUT_GIVEN,
+            OUTPUT_MEASURED,
             OUTPUT_UPPER_BOUND,
             BudgetExceededError,
             check_budget,
@@ -248,7 +214,7 @@ class SubmitGuardrailsMixin:
                 raise ValueError("max_cost_usd needs the estimate: estimate_sample must be > 0")
             return extra
         prices = self._price_table(hook)
-        if max_cost is not None:
+        if max_cost is not None and enforce_budget:
             try:  # an unpriced model under a cap: refuse before counting
                 require_price(job.model, prices)
             except UnknownPriceError as exc:
@@ -269,8 +235,9 @@ class SubmitGuardrailsMixin:
         given = opt_float(self.output_tokens_per_request, "output_tokens_per_request")
         if given is not None:
             output, basis, detail = given, OUTPUT_GIVEN, f"given: output_tokens_per_request={given}"
-        elif pilot_size is None and (measured := self._pilot_output(hook, job)) is not None:
-            output, basis, detail = measured[0], OUTPUT_FROM_PILOT, measured[1]
+        elif (measured := self._measured_output(ledger, job)) is not None:
+            output, detail = measured[0], measured[1]
+            basis = OUTPUT_FROM_PILOT if measured[2] else OUTPUT_MEASURED
         else:
             output, basis, detail = None, OUTPUT_UPPER_BOUND, None
         estimate: Estimate = estimate_run(
@@ -293,9 +260,15 @@ class SubmitGuardrailsMixin:
         try:
             check_budget(estimate, max_cost)
         except (BudgetExceededError, UnknownPriceError) as exc:
+            if not enforce_budget:
+                self.log.warning("Estimate only: %s", exc)
+                extra["over_budget"] = True
+                return extra
             raise not_retried(exc) from None
         if max_cost is not None:
             self.log.info("Estimate $%.4f is within max_cost_usd $%.4f", estimate.cost_usd, max_cost)
+            if not enforce_budget:
+                extra["over_budget"] = False
         return extra
 
     def _after_submit(
@@ -304,8 +277,6 @@ class SubmitGuardrailsMixin:
         manifest.update(extra)
         if self.qa_excerpts:
             manifest["qa_excerpts"] = {"seed": self.qa_seed, "records": self._excerpts(job)}
-        if extra.get("pilot") and manifest.get("batch_ids"):
-            self._remember_pilot(job, manifest, context)
 
 
 class LoadGuardrailsMixin:
@@ -346,6 +317,9 @@ class LoadGuardrailsMixin:
             max_reject_rate=opt_float(self.max_reject_rate, "max_reject_rate"),
             min_accepted=opt_int(self.min_accepted, "min_accepted"),
         )
+        rerun_rate = opt_float(getattr(self, "max_reject_rate_rerun", None), "max_reject_rate_rerun")
+        if rerun_rate is not None and not 0 <= rerun_rate <= 1:
+            raise ValueError(f"max_reject_rate_rerun must be a share in 0..1, got {rerun_rate!r}")
 
     def _submit_manifest(self) -> dict[str, Any]:
         value = self.submit_manifest
@@ -389,13 +363,17 @@ class LoadGuardrailsMixin:
                 qa_table=self.qa_table,
             )
             summary["qa_table"], summary["qa_rows"] = name, rows
+        # A rerun of failed records has its own reject-rate rule (default: none).
+        rule = "max_reject_rate_rerun" if submitted.get("rerun") else "max_reject_rate"
+        summary["reject_rule"] = rule
         breaches = check_guardrails(
             summary,
             max_share=self.max_share,
             min_share=self.min_share,
-            max_reject_rate=opt_float(self.max_reject_rate, "max_reject_rate"),
+            max_reject_rate=opt_float(getattr(self, rule, None), rule),
             min_accepted=opt_int(self.min_accepted, "min_accepted"),
             fail_when_all_rejected=self.fail_when_all_rejected,
+            reject_rule=rule,
         )
         summary["guardrails"] = [b.message for b in breaches]
         self.log.info("\n%s", format_summary(summary))

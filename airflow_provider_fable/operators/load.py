@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 
 from airflow_provider_fable import DEFAULT_CONN_ID
-from airflow_provider_fable.operators.guarded import LoadGuardrailsMixin
+from airflow_provider_fable.operators.guarded import LoadGuardrailsMixin, opt_int
+from airflow_provider_fable.retries import fail_fast
 
 if TYPE_CHECKING:  # imported where used, so parsing a DAG file that names this operator stays cheap
     from airflow_provider_fable.core.ledger import Ledger
@@ -47,6 +48,37 @@ def _current_results(
         yield result
 
 
+def _selected_results(
+    results: Iterable[BatchResult], mapping: dict[str, str], selected: set[str], counter: list[int]
+) -> Iterator[BatchResult]:
+    """Results of records the submit run selected (a batch it shares with other records).
+
+    A pilot whose sample sits in an older full batch re-attaches to it; its load must load the
+    sample, not the whole batch. Results of other records are counted, not loaded: they belong
+    to the run that created the batch, whose own load loads them.
+    """
+    for result in results:
+        if mapping.get(result.custom_id, result.custom_id) not in selected:
+            counter[0] += 1
+            continue
+        yield result
+
+
+class _Measured:
+    """Succeeded results and their output tokens, counted as the results stream by."""
+
+    def __init__(self) -> None:
+        self.succeeded = 0
+        self.output_tokens = 0
+
+    def tap(self, results: Iterable[BatchResult]) -> Iterator[BatchResult]:
+        for result in results:
+            if result.type == "succeeded":
+                self.succeeded += 1
+                self.output_tokens += result.usage.output_tokens
+            yield result
+
+
 class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
     """Validate every result of the given batches and load them into a SQL database.
 
@@ -59,7 +91,15 @@ class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
     :param id_column_type: ``"text"`` or ``"integer"`` for a new table's id column (match the
         source id so incremental queries compare like with like); default: follow an existing
         table, else text.
-    :param max_reject_rate: fail the task (after loading) when rejects exceed this share.
+    :param max_reject_rate: fail the task (after loading) when rejects exceed this share. Not
+        applied to a rerun of failed records (the submit manifest says ``rerun``): see
+        ``max_reject_rate_rerun``.
+    :param max_reject_rate_rerun: the reject-rate limit of a rerun (``rerun=`` in the submit
+        manifest); default None: not checked, since a rerun sends exactly the records that failed
+        and a high reject share is expected. Templated.
+    :param needs_review_after: a record whose last N outcomes (this job and the jobs it reruns)
+        are the same reject becomes ``needs_review`` in the ledger and no rerun sends it again
+        (default 3; 0/None: never).
     :param max_share: ``{"field": {"value": share}}``: fail (after loading) when more than this
         share of accepted rows has the value, e.g. ``{"category": {"other": 0.15}}``. Templated
         (a share may be ``"{{ params.x }}"``; an empty/None share means no limit).
@@ -70,7 +110,10 @@ class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
     :param qa_seed: seed of the QA sample (default: the submit's, else 0).
     :param qa_table: QA table name (default ``<table>_qa``).
     :param submit_manifest: the submit task's manifest (``submit.output``; templated): gives the
-        estimate for "estimate vs actual" and the input excerpts for the QA table.
+        estimate for "estimate vs actual" and the input excerpts for the QA table, and limits
+        the load to that submit's records (a batch it shares with other records loads only its
+        own; the rest are counted as ``not_selected``). An ``estimate_only`` manifest: nothing
+        is loaded.
     :param prices: price overrides over the connection's ``prices`` extra and the default table.
     :param parquet_path: also (or, without ``destination_conn_id``, only) write the accepted rows
         to this Parquet file, streamed one row group per chunk: a local path, an fsspec URL
@@ -86,6 +129,7 @@ class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
         "rejects_table",
         "submit_manifest",
         "max_reject_rate",
+        "max_reject_rate_rerun",
         "min_accepted",
         "max_share",
         "min_share",
@@ -119,6 +163,8 @@ class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
         prices: dict[str, Any] | None = None,
         parquet_path: Any = None,
         parquet_rejects_path: Any = None,
+        max_reject_rate_rerun: float | str | None = None,
+        needs_review_after: int | None = 3,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -149,6 +195,8 @@ class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
         self.qa_table = qa_table
         self.submit_manifest = submit_manifest
         self.prices = prices
+        self.max_reject_rate_rerun = max_reject_rate_rerun
+        self.needs_review_after = needs_review_after
 
     def execute(self, context: Any) -> dict[str, Any]:
         from airflow_provider_fable.core.job import import_output_model
@@ -156,13 +204,15 @@ class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
         from airflow_provider_fable.hooks.ledger import open_ledger
         from airflow_provider_fable.hooks.sql import sqlalchemy_engine
 
-        model_cls = import_output_model(self.output_model)
-        self._check_guardrail_config(model_cls)
+        with fail_fast():
+            model_cls = import_output_model(self.output_model)
+            self._check_guardrail_config(model_cls)
         hook = FableHook(self.fable_conn_id)
         engine = sqlalchemy_engine(self.destination_conn_id) if self.destination_conn_id else None
         ledger = open_ledger(self.ledger_conn_id, self.fable_conn_id, self.log)
         try:
-            return self._load(hook, engine, model_cls, ledger, context)
+            with fail_fast():  # a guardrail breach or a bad spec fails now, not after the retries
+                return self._load(hook, engine, model_cls, ledger, context)
         finally:
             hook.close()
             if engine is not None:
@@ -192,6 +242,9 @@ class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
         from airflow_provider_fable.core.manifest import normalise_batch_ids
         from airflow_provider_fable.core.sinks import ResultSink
 
+        if self._is_estimate_only():
+            self.log.info("The submit was estimate-only: no batch was created, nothing to load")
+            return {"estimate_only": True, "records": 0, "accepted": 0, "rejected": 0, "cost_usd": 0.0}
         sink = None
         if engine is not None:
             sink = ResultSink(
@@ -208,6 +261,7 @@ class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
         stats = LoadStats(prices=merge_prices(hook.price_overrides, self.prices))
         batch_ids = normalise_batch_ids(self.batch_ids)
         stale = [0]
+        self._spend: dict[str, Any] = {"not_selected": [0], "actual": 0.0, "reattached": 0.0, "batches": []}
         try:
             self._load_batches(hook, model_cls, ledger, target, stats, stale)
         except BaseException:
@@ -227,6 +281,7 @@ class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
             "table": self.table if sink is not None else None,
             "rejects_table": sink.rejects.name if sink is not None else None,
             "stale_dropped": stale[0],
+            **self._spend_summary(stats),
         }
         if self.parquet_path is not None:
             summary["parquet_path"] = str(self.parquet_path)
@@ -254,22 +309,30 @@ class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
         from airflow_provider_fable.core.loading import load_batch
         from airflow_provider_fable.core.manifest import normalise_batch_ids
 
+        review_after = opt_int(self.needs_review_after, "needs_review_after")
         for batch_id in normalise_batch_ids(self.batch_ids):
             results: Iterable[BatchResult] = hook.iter_results(batch_id)
             on_outcomes = None
             submission = ledger.submission_for_batch(batch_id) if ledger is not None else None
+            selected = None
             if submission is not None and ledger is not None:
                 job_id = submission.job_id
-                results = _current_results(results, ledger.custom_id_map(batch_id), stale)
+                mapping = ledger.custom_id_map(batch_id)
+                selected = self._selection(ledger, batch_id)
+                if selected is not None:  # a batch the submit shares with other runs' records
+                    results = _selected_results(results, mapping, selected, self._spend["not_selected"])
+                results = _current_results(results, mapping, stale)
 
                 def on_outcomes(
                     outcomes: list[RecordOutcome], job_id: str = job_id, batch_id: str = batch_id
                 ) -> None:
-                    ledger.record_outcomes(job_id, batch_id, outcomes)
+                    ledger.record_outcomes(job_id, batch_id, outcomes, review_after=review_after)
             else:
                 self.log.info(
                     "Batch %s is not in the job ledger (submitted elsewhere): loaded as is", batch_id
                 )
+            measured, cost_before = _Measured(), stats.cost_usd
+            results = measured.tap(results)
             load_batch(
                 results,
                 batch_id=batch_id,
@@ -279,9 +342,82 @@ class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
                 chunk_size=self.chunk_size,
                 on_outcomes=on_outcomes,
             )
+            self._count_spend(
+                ledger, submission, batch_id, stats, cost_before, measured, selected is not None
+            )
             self.log.info(
                 "Batch %s loaded; running totals: %d accepted, %d rejected",
                 batch_id,
                 stats.accepted,
                 stats.rejected,
             )
+
+    # -- issue #17: this submit's records only; each batch's cost counted once per job ----------
+    def _load_manifest(self) -> dict[str, Any]:
+        """The submit manifest this load serves: ``submit_manifest``, else ``batch_ids`` when it is one."""
+        manifest = self._submit_manifest()
+        if not manifest and isinstance(self.batch_ids, dict) and "job_fingerprint" in self.batch_ids:
+            manifest = self.batch_ids
+        return manifest
+
+    def _is_estimate_only(self) -> bool:
+        from airflow_provider_fable.core.manifest import flag
+
+        return flag(self._load_manifest().get("estimate_only"), "estimate_only") or bool(
+            isinstance(self.batch_ids, dict) and flag(self.batch_ids.get("estimate_only"), "estimate_only")
+        )
+
+    def _selection(self, ledger: Ledger, batch_id: str) -> set[str] | None:
+        """The records the submit re-attached to ``batch_id`` when it shares it (None: load it whole)."""
+        manifest = self._load_manifest()
+        for shard in manifest.get("shards") or ():
+            if shard.get("batch_id") == batch_id and shard.get("partial"):
+                return ledger.selected_records(manifest["job_fingerprint"], manifest["run_key"], batch_id)
+        return None
+
+    def _count_spend(
+        self,
+        ledger: Ledger | None,
+        submission: Any,
+        batch_id: str,
+        stats: LoadStats,
+        cost_before: float | None,
+        measured: _Measured,
+        partial: bool,
+    ) -> None:
+        """New spend or already counted: the ledger counts each batch's cost once per job.
+
+        The first load of a batch in its job counts it (and records the measured output tokens
+        every later estimate of the job uses); any later load of it, typically a run that
+        re-attached to it, reports its cost as ``reattached_cost_usd``, not new spend. A load of
+        part of a shared batch (a pilot's sample) does not count it: the batch's own run does.
+        """
+        spend = self._spend
+        cost = None if stats.cost_usd is None or cost_before is None else stats.cost_usd - cost_before
+        new = True
+        if submission is not None and ledger is not None:
+            if partial:
+                new = False
+            else:
+                manifest = self._load_manifest()
+                new = ledger.count_batch_usage(
+                    submission.job_id, batch_id, succeeded=measured.succeeded,
+                    output_tokens=measured.output_tokens, cost_usd=cost, model=manifest.get("model"),
+                    run_key=manifest.get("run_key") or submission.run_key, pilot=bool(manifest.get("pilot")),
+                )  # fmt: skip
+        key = "actual" if new else "reattached"
+        spend[key] = None if cost is None or spend[key] is None else spend[key] + cost
+        if not new:
+            spend["batches"].append(batch_id)
+            self.log.info(
+                "Batch %s was already counted for its job (re-attached): its cost is not new spend", batch_id
+            )
+
+    def _spend_summary(self, stats: LoadStats) -> dict[str, Any]:
+        spend = self._spend
+        return {
+            "not_selected": spend["not_selected"][0],
+            "actual_cost_usd": None if spend["actual"] is None else round(spend["actual"], 6),
+            "reattached_cost_usd": None if spend["reattached"] is None else round(spend["reattached"], 6),
+            "reattached_batches": spend["batches"],
+        }

@@ -30,6 +30,7 @@ from airflow.sdk import BaseOperator
 from airflow_provider_fable import DEFAULT_CONN_ID
 from airflow_provider_fable.links import FableBatchLink
 from airflow_provider_fable.operators.guarded import SubmitGuardrailsMixin
+from airflow_provider_fable.retries import fail_fast
 
 if TYPE_CHECKING:  # everything else is imported where it is used, so a DAG file that imports
     # this operator pays only for the lines above at parse time (bench/dag_parse.py)
@@ -133,7 +134,12 @@ class FableBatchSubmitOperator(SubmitGuardrailsMixin, BaseOperator):
     :param prices: price overrides ``{model: {"input": .., "output": .., ...}}`` (USD/MTok) over
         the connection's ``prices`` extra and the default table (``core.cost``).
     :param estimate_sample: requests counted with ``count_tokens`` for the estimate (0 = no estimate).
-    :param output_tokens_per_request: output estimate to use instead of the latest pilot's mean.
+    :param output_tokens_per_request: output tokens per request for the estimate, instead of the
+        mean the ledger measured on this job's earlier loads (templated).
+    :param estimate_only: count, estimate and log the run's cost, then stop: no intent, no batch,
+        nothing paid (templated, so a Param can drive it). The manifest says ``estimate_only`` and
+        lists no batch; the sensor and the load pass it through doing nothing. Over
+        ``max_cost_usd`` it reports ``over_budget`` instead of failing.
     :param qa_excerpts: how many input excerpts to record for the load's QA sample (0 = none).
     :param qa_seed: seed of the QA sample (must match the load's ``qa_seed``; both default to 0).
     :param ledger_conn_id: SQL connection of the job ledger; default: the fable connection's
@@ -157,8 +163,10 @@ class FableBatchSubmitOperator(SubmitGuardrailsMixin, BaseOperator):
         SQL connection the load task will write to exists and is supported, ``destination_table``
         and ``destination_id_column`` are valid names and the output model is storable there.
     :return: manifest ``{"batch_ids", "request_count", "model", "job_fingerprint", "shards",
-        "submitted", "attached", "skipped", "run_key", "pilot", "estimate", "qa_excerpts"}``
-        (+ ``missing_field_skipped``).
+        "submitted", "attached", "skipped", "run_key", "rerun", "pilot", "estimate",
+        "qa_excerpts"}`` (+ ``missing_field_skipped``, ``needs_review_skipped``, ``estimate_only``).
+        A shard re-attached to a batch that holds other records too says ``"partial": true``: the
+        run's records in it are in the ledger, and a load given this manifest loads only those.
     """
 
     template_fields: Sequence[str] = (
@@ -169,6 +177,8 @@ class FableBatchSubmitOperator(SubmitGuardrailsMixin, BaseOperator):
         "model",
         "sample",
         "max_cost_usd",
+        "output_tokens_per_request",
+        "estimate_only",
     )
     template_ext: Sequence[str] = (".sql",)
     ui_color = "#e8b594"
@@ -213,6 +223,7 @@ class FableBatchSubmitOperator(SubmitGuardrailsMixin, BaseOperator):
         output_tokens_per_request: float | None = None,
         qa_excerpts: int = 100,
         qa_seed: int = 0,
+        estimate_only: bool | str = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -268,6 +279,7 @@ class FableBatchSubmitOperator(SubmitGuardrailsMixin, BaseOperator):
         self.output_tokens_per_request = output_tokens_per_request
         self.qa_excerpts = qa_excerpts
         self.qa_seed = qa_seed
+        self.estimate_only = estimate_only
 
     def build_job(self, hook: FableHook | None = None) -> BatchJob:
         from airflow_provider_fable.core.job import DEFAULT_MODEL, BatchJob
@@ -316,12 +328,14 @@ class FableBatchSubmitOperator(SubmitGuardrailsMixin, BaseOperator):
         from airflow_provider_fable.hooks.sql import sqlalchemy_engine
 
         hook = FableHook(self.fable_conn_id)
-        job = self.build_job(hook)
+        with fail_fast():
+            job = self.build_job(hook)
         self.preflight(job)
         engine = sqlalchemy_engine(self.sql_conn_id) if self.sql is not None else None
         ledger = open_ledger(self.ledger_conn_id, self.fable_conn_id, self.log)
         try:
-            return _Submission(self, context, hook, job, ledger).run(self.iter_source(engine))
+            with fail_fast():  # a bad record, spec or budget fails now, not after the retries
+                return _Submission(self, context, hook, job, ledger).run(self.iter_source(engine))
         finally:
             hook.close()
             ledger.engine.dispose()
@@ -345,7 +359,7 @@ class _Submission:
     def __init__(
         self, op: FableBatchSubmitOperator, context: Any, hook: FableHook, job: BatchJob, ledger: Ledger
     ):
-        from airflow_provider_fable.core.ledger import ACCEPTED, PENDING, REJECTED
+        from airflow_provider_fable.core.ledger import ACCEPTED, NEEDS_REVIEW, PENDING, REJECTED
 
         self.op, self.log, self.hook, self.job, self.ledger = op, op.log, hook, job, ledger
         self.context = context
@@ -365,6 +379,7 @@ class _Submission:
         if self.rerun == "unaccepted" and self.rerun_of != self.job_id:
             raise ValueError(f"{op.task_id}: rerun='unaccepted' reruns this job only; drop rerun_job")
         self._statuses = (ACCEPTED, PENDING, REJECTED)  # read once per record by _decide
+        self._needs_review = NEEDS_REVIEW
 
     # -- selection ---------------------------------------------------------------------------
     def _rerun_ids(self) -> set[str]:
@@ -377,8 +392,14 @@ class _Submission:
     def _decide(self, state: RecordState | None) -> str:
         """``send``, ``attach`` or ``skip`` for one selected record."""
         ACCEPTED, PENDING, REJECTED = self._statuses  # noqa: N806 - the ledger's constants
-        if state is not None and state.status == ACCEPTED and (self.op.skip_done or self.rerun == "unaccepted"):
+        if (
+            state is not None
+            and state.status == ACCEPTED
+            and (self.op.skip_done or self.rerun == "unaccepted")
+        ):
             return "skip"
+        if state is not None and state.status == self._needs_review and self.rerun:
+            return "review"  # failed the same way too often: a person decides, not a rerun
         if self.op.resubmit:
             return "send"
         if state is None or state.status == PENDING or not state.batch_id or state.api != self.api:
@@ -407,6 +428,9 @@ class _Submission:
                 elif verdict == "attach":
                     assert state is not None and state.batch_id
                     plan["attached"][state.batch_id] = plan["attached"].get(state.batch_id, 0) + 1
+                    self._remember_attached(plan, state.batch_id, rid)
+                elif verdict == "review":
+                    plan["needs_review"] += 1
                 else:
                     plan["skipped"] += 1
             buf.clear()
@@ -421,6 +445,26 @@ class _Submission:
                 yield from flush()
         if buf:
             yield from flush()
+
+    def _remember_attached(self, plan: dict[str, Any], batch_id: str, record_id: str) -> None:
+        """Keep the ids re-attached to ``batch_id`` until they are all of it (then one flag).
+
+        A batch this run re-attaches to in full is loaded whole; one it shares with records the
+        run did not select (a pilot whose sample sits in an older full batch) gets its selection
+        written to the ledger, so the run's load loads only these. Ids are dropped as soon as a
+        batch is known to be attached in full: a retry re-attaching a million records holds none.
+        """
+        sizes: dict[str, int] = plan["batch_sizes"]
+        if batch_id not in sizes:
+            sub = self.ledger.submission_for_batch(batch_id)
+            sizes[batch_id] = sub.request_count if sub is not None else -1
+        ids: dict[str, list[str] | None] = plan["attached_ids"]
+        held = ids.setdefault(batch_id, [])
+        if held is None:
+            return
+        held.append(record_id)
+        if len(held) == sizes[batch_id]:
+            ids[batch_id] = None  # every request of the batch is this run's
 
     # -- orphans -----------------------------------------------------------------------------
     def _reconcile(self) -> None:
@@ -458,6 +502,10 @@ class _Submission:
 
     # -- run ---------------------------------------------------------------------------------
     def run(self, source: Iterator[dict[str, Any]]) -> dict[str, Any]:
+        from airflow_provider_fable.core.manifest import flag
+
+        if flag(self.op.estimate_only, "estimate_only"):
+            return self._estimate_only(source)
         job, ledger = self.job, self.ledger
         ledger.register_job(
             self.job_id,
@@ -474,17 +522,67 @@ class _Submission:
             parent_job=self.rerun_of if self.rerun_of and self.rerun_of != self.job_id else None,
         )
         self._reconcile()
-        plan: dict[str, Any] = {"ids": {}, "attached": {}, "skipped": 0, "not_selected": 0}
+        plan = self._plan()
         with tempfile.TemporaryFile(prefix="fable-requests-") as spool:
             shards = self._spool(self._selected(self._paired(source), plan), spool)
             # Guardrails (operators/guarded.py): estimate, log it, refuse over max_cost_usd, all
             # before the first intent or create; then pilot / estimate / QA excerpts into the manifest.
             guarded = self.op._estimate_before_submit(
-                self.hook, job, spool, [(shard.offset, shard.count) for shard in shards]
+                self.hook, job, spool, [(shard.offset, shard.count) for shard in shards], ledger=ledger
             )
             manifest = self._submit(spool, shards, plan)
             self.op._after_submit(job, manifest, guarded, self.context)
             return manifest
+
+    @staticmethod
+    def _plan() -> dict[str, Any]:
+        return {
+            "ids": {}, "attached": {}, "skipped": 0, "not_selected": 0, "needs_review": 0,
+            "attached_ids": {}, "batch_sizes": {},
+        }  # fmt: skip
+
+    def _estimate_only(self, source: Iterator[dict[str, Any]]) -> dict[str, Any]:
+        """Select, build and estimate as a real run would, then stop before any intent or create.
+
+        Nothing is written to the ledger and nothing is paid (``count_tokens`` is free): the
+        manifest carries the estimate and no batch, so the wait and the load do nothing.
+        """
+        plan = self._plan()
+        with tempfile.TemporaryFile(prefix="fable-requests-") as spool:
+            shards = self._spool(self._selected(self._paired(source), plan), spool)
+            guarded = self.op._estimate_before_submit(
+                self.hook, self.job, spool, [(shard.offset, shard.count) for shard in shards],
+                ledger=self.ledger, enforce_budget=False,
+            )  # fmt: skip
+        new = sum(shard.count for shard in shards)
+        manifest: dict[str, Any] = {
+            "estimate_only": True,
+            "batch_ids": [],
+            "request_count": 0,
+            "would_submit": new,
+            "would_attach": sum(plan["attached"].values()),
+            "model": self.job.model,
+            "job_fingerprint": self.job_id,
+            "shards": [],
+            "submitted": 0,
+            "attached": 0,
+            "skipped": plan["skipped"],
+            "run_key": self.run_key,
+            "rerun": self.rerun,
+            **guarded,
+        }
+        if plan["needs_review"]:
+            manifest["needs_review_skipped"] = plan["needs_review"]
+        est = guarded.get("estimate") or {}
+        cost = est.get("cost_usd")
+        self.log.warning(
+            "Estimate only: nothing was submitted or paid. %d request(s) would be sent on %s "
+            "(%d re-attached), projected cost %s%s",
+            new, self.job.model, manifest["would_attach"],
+            "unknown" if cost is None else f"${cost:,.4f}",
+            " - OVER max_cost_usd" if guarded.get("over_budget") else "",
+        )  # fmt: skip
+        return manifest
 
     def _paired(self, source: Iterator[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
         """(request, record) pairs; every record is checked before the first create."""
@@ -594,7 +692,19 @@ class _Submission:
             "attached": sum(attached.values()),
             "skipped": plan["skipped"],
             "run_key": self.run_key,
+            "rerun": self.rerun,
         }
+        if plan["needs_review"]:
+            manifest["needs_review_skipped"] = plan["needs_review"]
+            self.log.warning(
+                "Left out %d record(s) marked needs_review in the ledger (the same reject on their "
+                "last outcomes); Ledger.needs_review(job) lists them", plan["needs_review"],
+            )  # fmt: skip
+        for shard in manifest["shards"]:
+            held = plan["attached_ids"].get(shard["batch_id"])
+            if held:  # shared with records this run did not select: the load loads only these
+                self.ledger.record_selection(self.job_id, self.run_key, shard["batch_id"], held)
+                shard["partial"] = True
         missing = self.op.skipped
         if missing:
             manifest["missing_field_skipped"] = {
