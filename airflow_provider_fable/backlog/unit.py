@@ -225,6 +225,7 @@ class Backlog:
             "seed": self.seed,
             "qa_size": self.qa_size,
             "group": self.backlog_id,
+            "with_pilot": self.with_pilot,
         }
 
     def task_id(self, name: str) -> str:
