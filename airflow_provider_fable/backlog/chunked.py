@@ -122,8 +122,13 @@ def section_tasks(unit: Any, pass_name: str) -> tuple[Any, Any]:
 class SectionsSubmit(BacklogStageSubmit):
     """A stage submit whose records are the sections of the pass's records."""
 
+    def execute(self, context: Any) -> dict[str, Any]:
+        self._params = dict(context.get("params") or {})
+        return super().execute(context)
+
     def iter_source(self, engine: Any = None) -> Any:
-        records = section_records(self.spec, self._run_id or "", self.pass_name)
+        params = getattr(self, "_params", {})
+        records = section_records(self.spec, self._run_id or "", self.pass_name, params)
         return self._excerpt_tap(self._sampled(records))
 
 
@@ -136,12 +141,18 @@ class CombineStageSubmit(BacklogStageSubmit):
 
 
 # ------------------------------------------------------------------ run time
-def _split(spec: Mapping[str, Any], records: Any) -> Any:
+def section_tokens(spec: Mapping[str, Any], params: Mapping[str, Any]) -> int:
+    """The section bound of this run: a ``section_tokens`` Param of the DAG, else the config's."""
+    value = params.get("section_tokens")
+    return int(value) if value not in (None, "", "None") else int(spec["chunking"].section_tokens)
+
+
+def _split(spec: Mapping[str, Any], records: Any, params: Mapping[str, Any]) -> Any:
     from airflow_provider_fable.core.chunking import chunk_records
 
     c = spec["chunking"]
     return chunk_records(
-        records, id_field=spec["source"].id_field, text_field=c.field, max_tokens=c.section_tokens,
+        records, id_field=spec["source"].id_field, text_field=c.field, max_tokens=section_tokens(spec, params),
         chars_per_token=float(c.chars_per_token), overlap_paragraphs=c.overlap_paragraphs,
         always_split=c.always_split, on_empty=c.on_empty,
     )  # fmt: skip
@@ -153,9 +164,11 @@ def _pass_records(spec: Mapping[str, Any], run_id: str, pass_name: str) -> list[
     return list(runtime.stage_records(dict(spec), run_id, pass_name, 0))
 
 
-def section_records(spec: Mapping[str, Any], run_id: str, pass_name: str) -> Iterator[dict[str, Any]]:
+def section_records(
+    spec: Mapping[str, Any], run_id: str, pass_name: str, params: Mapping[str, Any]
+) -> Iterator[dict[str, Any]]:
     """The sections of the pass's records (direct records have none), in a deterministic order."""
-    plan = _split(spec, _pass_records(spec, run_id, pass_name))
+    plan = _split(spec, _pass_records(spec, run_id, pass_name), params)
     log.info("Chunking: %s", plan.summary())
     yield from plan.sections
 
@@ -255,7 +268,7 @@ def plan_combine(spec: dict[str, Any], context: Any, *, pass_name: str) -> dict[
 
     run_id = str(context["run_id"])
     records = _pass_records(spec, run_id, pass_name)
-    plan = _split(spec, records)
+    plan = _split(spec, records, context["params"])
     id_field, text_field = spec["source"].id_field, spec["chunking"].field
     answers, rejects = _section_verdicts(spec, context, pass_name, [s["section_id"] for s in plan.sections])
     direct = set(plan.direct)

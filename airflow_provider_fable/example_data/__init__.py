@@ -132,6 +132,42 @@ def seed_table(
         return len(rows)
 
 
+#: The backlog table each bundled dataset is seeded into: (table, key, columns, integer columns).
+#: The ``expected_*`` columns of a dataset are its QA labels and stay out of the backlog.
+BACKLOG_TABLES: dict[str, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
+    "support_tickets": (
+        "support_tickets", "ticket_id",
+        ("ticket_id", "created_at", "channel", "customer_tier", "subject", "body"), (),
+    ),
+    "crm_leads": (
+        "crm_leads", "lead_id",
+        ("lead_id", "created_at", "company_name", "website_domain", "job_title", "notes", "pipeline_value_usd"),
+        ("pipeline_value_usd",),
+    ),
+    "documents": ("documents", "doc_id", ("doc_id", "created_at", "doc_type", "title", "body"), ()),
+    "cancellation_reasons": (
+        "cancellations", "cancellation_id",
+        ("cancellation_id", "created_at", "plan", "tenure_months", "reason_for_cancellation"),
+        ("tenure_months",),
+    ),
+}  # fmt: skip
+
+
+def seed_backlog(dataset: str, *, sql_conn_id: str, fable_conn_id: str = "fable_default") -> int:
+    """What an example DAG runs before its backlog: check both connections (failing with how to
+    create a missing one), then load the bundled ``dataset`` into its backlog table when that
+    table is empty (``BACKLOG_TABLES``); return the table's row count."""
+    from airflow_provider_fable.hooks.sql import sqlalchemy_engine
+
+    require_connections(fable=fable_conn_id, sql=sql_conn_id)
+    table, key, columns, ints = BACKLOG_TABLES[dataset]
+    engine = sqlalchemy_engine(sql_conn_id)
+    try:
+        return seed_table(engine, table, dataset, key=key, columns=columns, int_columns=ints)
+    finally:
+        engine.dispose()
+
+
 def iso(value: datetime) -> str:
     """The datasets' timestamp format (UTC, ``Z``); string comparison orders it correctly."""
     return value.strftime("%Y-%m-%dT%H:%M:%SZ")
