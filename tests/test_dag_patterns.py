@@ -47,7 +47,10 @@ def _backlog(request, kind, fable_airflow, fable_emulator_factory, tmp_path, mon
     server = fable_emulator_factory(
         processing_retrieves=2, faults={"invalid_answer_rate": 0.05, "errored_rate": 0.01, "seed": 5}
     )
-    point_connection_at(server)
+    # The job ledger in the test's own backlog database (as a deployment shares one database):
+    # the backlog unit skips what its jobs accepted, and an embedded ledger shared by every test
+    # of the session would remember the answers another test's database holds.
+    point_connection_at(server, ledger_conn_id="fable_backlog_db")
     request.node.fable_server = server  # for tests that look at what the emulator received
     monkeypatch.setenv("FABLE_POLL_SECONDS", "0.2")
     monkeypatch.setenv("FABLE_RETRY_DELAY_SECONDS", "0")
@@ -368,94 +371,88 @@ def _load_dag_module(dag_id: str):
 # ---------------------------------------------------------------------------------------------------
 
 
-def test_split_sections_keeps_boundaries_and_bounds():
-    module = _load_dag_module("document_summaries")
-    from airflow_provider_fable import example_data as ex
-
-    docs = [d for d in ex.iter_dataset("documents") if len(d["body"]) > 20_000][:5]
-    for doc in docs:
-        sections = module.split_sections(doc["body"], 800)
-        assert len(sections) > 3
-        assert all(module.estimate_tokens(text) <= 800 for _, text in sections)
-        paragraphs = [p.strip() for p in doc["body"].strip().split("\n\n") if p.strip()]
-        assert [p for _, text in sections for p in text.split("\n\n")] == paragraphs  # nothing lost
-        assert sum(bool(heading) for heading, _ in sections) >= len(sections) - 1
-        overlapped = module.split_sections(doc["body"], 800, overlap_paragraphs=1)
-        assert all(module.estimate_tokens(text) <= 800 for _, text in overlapped)
-        assert len(overlapped) >= len(sections)
-    assert module.split_sections("One short paragraph.", 800) == [("", "One short paragraph.")]
+# The splitting itself is core.chunking's, tested in tests/test_chunking.py (the DAG's own
+# split_sections/estimate_tokens were replaced by it when the DAG moved onto the backlog unit).
 
 
-def test_document_summaries_chunk_then_combine(backlog):
+def _parent(section_id: str) -> str:
+    from airflow_provider_fable.core.chunking import parse_section_id
+
+    parsed = parse_section_id(section_id)
+    assert parsed is not None, section_id
+    return parsed[0]
+
+
+def test_document_summaries_chunk_then_combine(request, backlog):
     airflow_env, engine = backlog
+    server = request.node.fable_server
     dag = airflow_env.load_dag("document_summaries")
-    result = airflow_env.run_dag(dag, conf={"pilot": 14, "section_tokens": 500})
+    result = airflow_env.run_dag(dag, conf={"limit": 14, "section_tokens": 500})
     assert result.state == "success", result.task_states
 
-    plan = result.xcom("plan_sections")
-    assert plan["documents"] == 14 and plan["direct"] > 0 and plan["chunked"] > 0
-    submitted = result.xcom("submit_sections")
-    assert submitted["request_count"] == plan["sections"]
-    sections = _rows(engine, "SELECT section_id, doc_id, section_no, section_count FROM document_sections")
-    assert len(sections) == plan["sections"]
-    for s in sections:  # custom_id keeps doc id + section number
-        assert s["section_id"] == f"{s['doc_id']}-s{s['section_no']:03d}"
-        assert 1 <= s["section_no"] <= s["section_count"]
+    plan = result.xcom("documents.combine_plan")
+    assert plan["records"] == 14 and plan["direct"] > 0 and plan["chunked"] > 0
+    submitted = result.xcom("documents.sections_submit")
+    assert submitted["request_count"] == plan["sections"] == submitted["submitted"]
+    sent = _received(server, submitted["batch_ids"])
+    assert len(sent) == plan["sections"]
+    from airflow_provider_fable.core.chunking import parse_section_id
 
-    combine = result.xcom("plan_combine")
-    assert combine["to_combine"] + combine["incomplete"] == 14
-    loaded = result.xcom("load_combine")
+    for sid in sent:  # custom_id keeps the document id, the section's place and the count
+        _doc, k, n = parse_section_id(sid)
+        assert 1 <= k <= n
+    assert len({_parent(s) for s in sent}) == plan["chunked"]
+
+    assert plan["to_combine"] + plan["incomplete"] == 14
+    assert result.xcom("documents.s1_submit")["request_count"] == plan["to_combine"]
+    finalized = result.xcom("documents.finalize")
     summaries = _rows(engine, "SELECT * FROM document_summaries")
-    assert len(summaries) == loaded["accepted"] > 0
+    assert len(summaries) == finalized["accepted"] > 0
     assert len({s["doc_id"] for s in summaries}) == len(summaries)  # one per document
     for s in summaries:
-        assert len(s["executive_summary"]) >= 20
+        assert len(s["executive_summary"]) >= 20 and s["_stage"] == "s1" and s["_model"] == "claude-fable-5"
         for part in ("key_points", "risks", "open_questions"):
             items = json.loads(s[part])
             assert isinstance(items, list) and items and all(isinstance(i, str) and i for i in items), part
 
-    # Incomplete documents (a section rejected) are reported and get no summary.
-    incomplete = _rows(engine, "SELECT * FROM document_summary_incomplete")
-    assert len(incomplete) == combine["incomplete"]
+    # Incomplete documents (a section rejected) are reported, get no summary, and are rejects
+    # with the reason and the sections.
+    incomplete = _rows(engine, "SELECT * FROM document_summaries_incomplete")
+    assert len(incomplete) == plan["incomplete"]
     assert not {r["doc_id"] for r in incomplete} & {s["doc_id"] for s in summaries}
-    bad_sections = _rows(engine, "SELECT DISTINCT record_id FROM section_summaries_rejects")
-    bad_docs = {r["record_id"].rsplit("-s", 1)[0] for r in bad_sections}
+    bad_sections = _rows(engine, "SELECT DISTINCT record_id FROM document_summaries__sections_rejects")
+    bad_docs = {_parent(r["record_id"]) for r in bad_sections}
     assert {r["doc_id"] for r in incomplete} == bad_docs
     for r in incomplete:
-        assert r["missing_sections"] and r["reasons"]
-    combined_ids = {r["doc_id"] for r in _rows(engine, "SELECT doc_id FROM document_combine_inputs")}
-    assert combined_ids.isdisjoint(bad_docs)
-
-    report = result.xcom("report")
-    assert report["summaries_loaded"] == len(summaries)
-    assert report["stage_cost_usd"]["sections"] > 0 and report["stage_cost_usd"]["combine"] > 0
+        assert r["rejected_sections"] or r["missing_sections"]
+    rejects = {r["doc_id"]: r for r in _rows(engine, "SELECT * FROM document_summaries_rejects")}
+    for doc in bad_docs:
+        assert rejects[doc]["reason"] == "sections_incomplete", rejects[doc]
+    assert finalized["cost_usd_by_stage"]["sections"] > 0 and finalized["cost_usd_by_stage"]["s1"] > 0
 
 
 def test_document_summaries_failed_mode_resends_only_failed_sections(request, sqlite_backlog):
     airflow_env, engine = sqlite_backlog
     server = request.node.fable_server
     dag = airflow_env.load_dag("document_summaries")
-    for task_id in ("load_sections", "load_combine"):
-        dag.get_task(task_id).retries = 0  # an all-rejected rerun stage fails its guardrail at once
-    conf = {"pilot": 14, "section_tokens": 500}
+    conf = {"limit": 14, "section_tokens": 500}
     first = airflow_env.run_dag(dag, conf=conf)
     assert first.state == "success", first.task_states
     summarised = {r["doc_id"] for r in _rows(engine, "SELECT doc_id FROM document_summaries")}
-    incomplete = {r["doc_id"] for r in _rows(engine, "SELECT doc_id FROM document_summary_incomplete")}
-    combine_rejected = {r["record_id"] for r in _rows(engine, "SELECT record_id FROM document_summaries_rejects")}
-    failed = (incomplete | combine_rejected) - summarised
-    bad_sections = {r["record_id"] for r in _rows(engine, "SELECT record_id FROM section_summaries_rejects")}
+    failed = {r["doc_id"] for r in _rows(engine, "SELECT doc_id FROM document_summaries_rejects")} - summarised
+    bad_sections = {r["record_id"] for r in _rows(engine, "SELECT record_id FROM document_summaries__sections_rejects")}
     if not failed:
-        pytest.skip("the emulator's faults left no document incomplete in this pilot")
+        pytest.skip("the emulator's faults left no document without a summary in this pilot")
 
     rerun = airflow_env.run_dag(dag, conf={**conf, "mode": "failed"})
-    assert rerun.xcom("plan_sections")["documents"] == len(failed)
-    sections = rerun.xcom("submit_sections")
+    assert rerun.state == "success", rerun.task_states
+    assert rerun.xcom("documents.select")["full"] == len(failed)
+    sections = rerun.xcom("documents.sections_submit")
     sent = _received(server, sections["batch_ids"]) if sections["submitted"] else []
-    # Only the failed sections of the failed documents are paid for again; summarised ones are reused.
-    assert sorted(sent) == sorted(s for s in bad_sections if s.rsplit("-s", 1)[0] in failed)
-    assert sections["skipped"] == rerun.xcom("plan_sections")["sections"] - len(sent)
-    combine = rerun.xcom("submit_combine")
+    # Only the failed sections of the failed documents are paid for again; accepted ones are reused.
+    assert sorted(sent) == sorted(s for s in bad_sections if _parent(s) in failed)
+    assert sections["skipped"] == rerun.xcom("documents.combine_plan")["sections"] - len(sent)
+    combine = rerun.xcom("documents.s1_submit")
     if combine and combine["submitted"]:
         assert set(_received(server, combine["batch_ids"])) <= failed
 

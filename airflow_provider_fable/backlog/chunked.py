@@ -384,3 +384,39 @@ def combine_records(
     for rid, record in rows:
         if rid in wanted:
             yield json.loads(record)
+
+
+def sections_cost(context: Any, spec: Mapping[str, Any], pass_name: str) -> float:
+    """What the pass's section requests cost (the sections load's summary)."""
+    prefix = "" if pass_name == "full" else f"{pass_name}_"
+    load = context["ti"].xcom_pull(task_ids=f"{spec['group']}.{prefix}sections_load") or {}
+    return round(float(load.get("cost_usd") or 0.0), 6)
+
+
+def incomplete_reasons(
+    engine: Any, spec: Mapping[str, Any], run_id: str, pass_name: str
+) -> dict[str, tuple[str, str]]:
+    """record id -> (reason, detail) of the records ``combine_plan`` left out in this pass.
+
+    ``finalize`` uses them as the reject reason of a record no stage answered because it was
+    never combined: ``sections_incomplete`` with the missing/rejected sections, or the empty-text
+    rule, instead of a bare ``no_answer``.
+    """
+    import sqlalchemy as sa
+
+    _, inc = _tables(spec)
+    if not sa.inspect(engine).has_table(spec["incomplete_table"]):
+        return {}
+    idc = spec["id_column"]
+    out: dict[str, tuple[str, str]] = {}
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(inc).where(inc.c.run_id == run_id, inc.c.pass_name == pass_name)
+        ).mappings()
+        for r in rows:
+            if r["sections"]:
+                detail = f"{r['sections']} sections; missing: {r['missing_sections'] or '-'}; rejected: {r['rejected_sections'] or '-'} ({r['reasons']})"
+                out[str(r[idc])] = ("sections_incomplete", detail)
+            else:
+                out[str(r[idc])] = (str(r["reasons"]), str(r["note"]))
+    return out

@@ -426,6 +426,10 @@ def finalize(spec: dict[str, Any], context: Any, *, pass_name: str) -> dict[str,
                             {r: getattr(st, "batch_id", None) for r, st in states[i].items() if st.status == "rejected"})
             for i in range(n_stages)
         ]  # fmt: skip
+        if spec.get("chunking") is not None:  # chunking (backlog/chunked.py): why it was never combined
+            from airflow_provider_fable.backlog import chunked
+
+            why[0] = {**chunked.incomplete_reasons(engine, spec, run_id, pass_name), **why[0]}
         now = datetime.now(timezone.utc).isoformat()
         rows, rejects = [], []
         by_stage: dict[str, int] = {}
@@ -480,6 +484,9 @@ def finalize(spec: dict[str, Any], context: Any, *, pass_name: str) -> dict[str,
             cost_usd_by_stage={names[i]: _stage_cost(context, spec, pass_name, i) for i in range(n_stages)},
             reject_reasons=_count(r["reason"] for r in rejects),
         )  # fmt: skip
+        if spec.get("chunking") is not None:  # chunking: the section requests are part of the cost
+            summary["cost_usd_by_stage"] = {"sections": chunked.sections_cost(context, spec, pass_name),
+                                             **summary["cost_usd_by_stage"]}  # fmt: skip
         summary["cost_usd"] = round(sum(summary["cost_usd_by_stage"].values()), 6)
         summary["distribution"] = _distribution(spec, rows)
         batch_ids = sorted({r["_batch_id"] for r in rows if r.get("_batch_id")})
