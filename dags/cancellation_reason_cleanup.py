@@ -202,8 +202,12 @@ with DAG(
             ).ensure_tables()
             tables = _tables(engine)
             mode, window = ex.run_mode(context, params["mode"])
-            labelled = f"EXISTS (SELECT 1 FROM {CLEAN_TABLE} AS r WHERE r.cancellation_id = c.cancellation_id)"
-            rejected = f"EXISTS (SELECT 1 FROM {CLEAN_TABLE}_rejects AS x WHERE x.record_id = c.cancellation_id)"
+            labelled = (
+                f"EXISTS (SELECT 1 FROM {CLEAN_TABLE} AS r WHERE r.cancellation_id = c.cancellation_id)"
+            )
+            rejected = (
+                f"EXISTS (SELECT 1 FROM {CLEAN_TABLE}_rejects AS x WHERE x.record_id = c.cancellation_id)"
+            )
             # failed: rejected and never labelled since. Otherwise: neither labelled nor rejected
             # (a rejected row waits for mode=failed: the job ledger would only re-attach it).
             where = f"NOT {labelled} AND " + (rejected if mode == "failed" else f"NOT {rejected}")
@@ -226,7 +230,11 @@ with DAG(
                     conn.execute(work.insert(), [{"run_id": run_id, "cancellation_id": r[0]} for r in rows])
         finally:
             engine.dispose()
-        return {"selected": n, "mode": mode, "window": {"start": window[0], "end": window[1]} if window else None}
+        return {
+            "selected": n,
+            "mode": mode,
+            "window": {"start": window[0], "end": window[1]} if window else None,
+        }
 
     submit = FableBatchSubmitOperator(
         task_id="submit",

@@ -276,7 +276,9 @@ with DAG(
                 binds.update(start=window[0], end=window[1])
             with engine.begin() as conn:
                 rows = conn.execute(
-                    sa.text(f"SELECT l.lead_id FROM crm_leads AS l WHERE {where} ORDER BY l.created_at, l.lead_id LIMIT :pilot"),
+                    sa.text(
+                        f"SELECT l.lead_id FROM crm_leads AS l WHERE {where} ORDER BY l.created_at, l.lead_id LIMIT :pilot"
+                    ),
                     binds,
                 ).all()
                 # Retry-safe: a retried task replaces this run's selection instead of adding to it.
@@ -356,9 +358,7 @@ with DAG(
                         candidates.append((0, -value, lead_id, "rejected"))
                     elif not evidence_is_quoted(answer["evidence"], lead):
                         candidates.append((1, -value, lead_id, "evidence_not_in_record"))
-                    elif value >= HIGH_VALUE_USD and any(
-                        answer[f] == "unknown" for f in ENRICHED_FIELDS
-                    ):
+                    elif value >= HIGH_VALUE_USD and any(answer[f] == "unknown" for f in ENRICHED_FIELDS):
                         candidates.append((2, -value, lead_id, "unknown_high_value"))
                     elif answer["confidence"] < MIN_CONFIDENCE and any(
                         answer[f] != "unknown" for f in ENRICHED_FIELDS
