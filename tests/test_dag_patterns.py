@@ -140,7 +140,9 @@ def test_parse_time_constants_match_their_sources():
 
     assert FableHook.default_conn_name == DEFAULT_CONN_ID
     for cls in (FableBatchSensor, FableBatchOperator):
-        assert inspect.signature(cls.__init__).parameters["deadline_margin"].default == DEFAULT_DEADLINE_MARGIN
+        assert (
+            inspect.signature(cls.__init__).parameters["deadline_margin"].default == DEFAULT_DEADLINE_MARGIN
+        )
 
 
 def test_dags_are_scheduled_with_params_retries_and_assets(fable_airflow):
@@ -208,7 +210,12 @@ def test_crm_lead_enrichment_cascade(backlog):
     plan = result.xcom("plan_escalation")
     assert 0 < plan["escalated"] < 120
     assert strong["request_count"] == plan["escalated"] and strong["model"] == "claude-fable-5"
-    assert set(plan["by_reason"]) <= {"rejected", "evidence_not_in_record", "unknown_high_value", "low_confidence"}
+    assert set(plan["by_reason"]) <= {
+        "rejected",
+        "evidence_not_in_record",
+        "unknown_high_value",
+        "low_confidence",
+    }
     # The escalation's cap is what the cheap stage left of the budget, and its estimate fits it.
     assert 0 < plan["budget_left_usd"] < dag.params["budget_usd"]
     assert strong["estimate"]["cost_usd"] <= plan["budget_left_usd"]
@@ -267,8 +274,12 @@ def test_crm_failed_mode_resends_only_what_each_stage_rejected(request, sqlite_b
     first = airflow_env.run_dag(dag, conf={"pilot": 120})
     assert first.state == "success", first.task_states
     final = {r["lead_id"] for r in _rows(engine, "SELECT lead_id FROM lead_enrichment")}
-    cheap_rejected = {r["record_id"] for r in _rows(engine, "SELECT record_id FROM lead_enrichment_stage1_rejects")}
-    strong_rejected = {r["record_id"] for r in _rows(engine, "SELECT record_id FROM lead_enrichment_stage2_rejects")}
+    cheap_rejected = {
+        r["record_id"] for r in _rows(engine, "SELECT record_id FROM lead_enrichment_stage1_rejects")
+    }
+    strong_rejected = {
+        r["record_id"] for r in _rows(engine, "SELECT record_id FROM lead_enrichment_stage2_rejects")
+    }
     strong_accepted = {r["lead_id"] for r in _rows(engine, "SELECT lead_id FROM lead_enrichment_stage2")}
     failed = (cheap_rejected | strong_rejected) - final
     assert failed, "the emulator's faults leave some leads without a row"
@@ -276,7 +287,9 @@ def test_crm_failed_mode_resends_only_what_each_stage_rejected(request, sqlite_b
     rerun = airflow_env.run_dag(dag, conf={"pilot": 500, "mode": "failed"})
     assert rerun.xcom("select_leads") == {"selected": len(failed), "mode": "failed", "window": None}
     cheap = rerun.xcom("submit_cheap")
-    sent_cheap = _received(server, [b for b in cheap["batch_ids"] if b not in first.xcom("submit_cheap")["batch_ids"]])
+    sent_cheap = _received(
+        server, [b for b in cheap["batch_ids"] if b not in first.xcom("submit_cheap")["batch_ids"]]
+    )
     # Stage 1 sends exactly the selected leads the cheap model rejected; accepted answers are reused.
     assert sorted(sent_cheap) == sorted(failed & cheap_rejected)
     assert cheap["attached"] == 0 and cheap["skipped"] == len(failed - cheap_rejected)
@@ -439,8 +452,12 @@ def test_document_summaries_failed_mode_resends_only_failed_sections(request, sq
     first = airflow_env.run_dag(dag, conf=conf)
     assert first.state == "success", first.task_states
     summarised = {r["doc_id"] for r in _rows(engine, "SELECT doc_id FROM document_summaries")}
-    failed = {r["doc_id"] for r in _rows(engine, "SELECT doc_id FROM document_summaries_rejects")} - summarised
-    bad_sections = {r["record_id"] for r in _rows(engine, "SELECT record_id FROM document_summaries__sections_rejects")}
+    failed = {
+        r["doc_id"] for r in _rows(engine, "SELECT doc_id FROM document_summaries_rejects")
+    } - summarised
+    bad_sections = {
+        r["record_id"] for r in _rows(engine, "SELECT record_id FROM document_summaries__sections_rejects")
+    }
     if not failed:
         pytest.skip("the emulator's faults left no document without a summary in this pilot")
 
@@ -474,12 +491,12 @@ def test_cancellation_reason_cleanup(backlog):
     airflow_env, engine = backlog
     module = _load_dag_module("cancellation_reason_cleanup")
     dag = airflow_env.load_dag("cancellation_reason_cleanup")
-    result = airflow_env.run_dag(dag, conf={"pilot": 600, "max_other_share": 1.0})
+    result = airflow_env.run_dag(dag, conf={"limit": 600, "max_other_share": 1.0})
     assert result.state == "success", result.task_states
 
-    loaded = result.xcom("load")
+    final = result.xcom("reasons.finalize")
     rows = _rows(engine, "SELECT * FROM cancellation_reasons_clean")
-    assert len(rows) == loaded["accepted"] and loaded["accepted"] + loaded["rejected"] == 600
+    assert len(rows) == final["accepted"] and final["accepted"] + final["rejected"] == 600
     labels = {e.value for e in module.ReasonLabel}
     for r in rows:
         assert r["label"] in labels
@@ -509,22 +526,17 @@ def test_cancellation_reason_cleanup(backlog):
 
 
 def test_cancellation_other_guardrail_fails_after_loading(sqlite_backlog):
-    """params.max_other_share feeds the load operator's own max_share guardrail (templated)."""
-    from airflow.models.xcom import XComModel
-    from airflow.utils.session import create_session
-
+    """params.max_other_share is checked on the run's final rows, after they are written."""
     airflow_env, engine = sqlite_backlog
     dag = airflow_env.load_dag("cancellation_reason_cleanup")
-    dag.get_task("load").retries = 0  # a guardrail breach is not transient
-    result = airflow_env.run_dag(dag, conf={"pilot": 150, "max_other_share": 0.0})
-    assert result.state == "failed" and result.task_states["load"] == "failed", result.task_states
-    with create_session() as session:
-        row = session.query(XComModel).filter_by(run_id=result.run_id, task_id="load", key="summary").one()
-        summary = XComModel.deserialize_value(row)
-    assert summary["distribution"]["label"].get("other", 0) > 0
-    assert any("other" in g and "max_share" in g for g in summary["guardrails"]), summary["guardrails"]
+    result = airflow_env.run_dag(dag, conf={"limit": 150, "max_other_share": 0.0})
+    assert result.state == "failed" and result.task_states["other_share"] == "failed", result.task_states
+    final = result.xcom("reasons.finalize")
+    assert final["distribution"]["label"].get("other", 0) > 0
     # Nothing is lost: the rows stay loaded, and the review table is still rebuilt from them.
-    assert _rows(engine, "SELECT count(*) AS n FROM cancellation_reasons_clean")[0]["n"] == summary["accepted"] > 0
+    assert (
+        _rows(engine, "SELECT count(*) AS n FROM cancellation_reasons_clean")[0]["n"] == final["accepted"] > 0
+    )
     assert result.task_states["flag_inconsistent"] == "success"
     assert result.task_states["report"] == "upstream_failed"  # the run stays failed
 
@@ -534,24 +546,26 @@ def test_cancellation_failed_mode_resends_only_the_rejected_rows(request, sqlite
     airflow_env, engine = sqlite_backlog
     server = request.node.fable_server
     dag = airflow_env.load_dag("cancellation_reason_cleanup")
-    dag.get_task("load").retries = 0
-    first = airflow_env.run_dag(dag, conf={"pilot": 300, "max_other_share": 1.0})
+    first = airflow_env.run_dag(dag, conf={"limit": 300, "max_other_share": 1.0})
     assert first.state == "success", first.task_states
-    rejected = {r["record_id"] for r in _rows(engine, "SELECT DISTINCT record_id FROM cancellation_reasons_clean_rejects")}
-    accepted = {r["cancellation_id"] for r in _rows(engine, "SELECT cancellation_id FROM cancellation_reasons_clean")}
+    rejected = {
+        r["cancellation_id"]
+        for r in _rows(engine, "SELECT cancellation_id FROM cancellation_reasons_clean_rejects")
+    }
+    accepted = {
+        r["cancellation_id"] for r in _rows(engine, "SELECT cancellation_id FROM cancellation_reasons_clean")
+    }
     assert rejected and len(rejected | accepted) == 300 and not rejected & accepted
 
-    rerun = airflow_env.run_dag(dag, conf={"pilot": 300, "max_other_share": 1.0, "mode": "failed"})
-    manifest = rerun.xcom("submit")
-    assert rerun.xcom("select_rows")["mode"] == "failed"
+    rerun = airflow_env.run_dag(dag, conf={"limit": 300, "max_other_share": 1.0, "mode": "failed"})
+    manifest = rerun.xcom("reasons.s1_submit")
+    assert rerun.xcom("reasons.select")["mode"] == "failed"
     assert manifest["submitted"] == len(rejected) and manifest["attached"] == 0
-    assert not set(manifest["batch_ids"]) & set(first.xcom("submit")["batch_ids"])
+    assert not set(manifest["batch_ids"]) & set(first.xcom("reasons.s1_submit")["batch_ids"])
     # What the emulator received in the rerun: the rejected rows, each once, nothing accepted before.
     sent = _received(server, manifest["batch_ids"])
     assert sorted(sent) == sorted(rejected)
-    # The rerun's answers are loaded (the emulator's faults are keyed on the record, so most fail
-    # again; a run where every answer is rejected fails by the all-rejected guardrail).
-    assert rerun.task_states["submit"] == rerun.task_states["wait"] == "success", rerun.task_states
+    assert rerun.task_states["reasons.s1_submit"] == rerun.task_states["reasons.s1_wait"] == "success"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -176,6 +176,7 @@ def iso(value: datetime) -> str:
 #: The selection modes of the example DAGs' ``params.mode`` (as in ``support_ticket_triage``).
 MODES = ("auto", "interval", "backlog", "failed")
 
+
 def run_mode(context: Mapping[str, Any], mode: str = "auto") -> tuple[str, tuple[str, str] | None]:
     """(effective mode, ``created_at`` window or None) of a run of an example DAG.
 
@@ -239,3 +240,134 @@ def example_prices() -> dict[str, Any]:
     if price_for("claude-fable-5") is None:
         prices["claude-fable-5"] = Price(5.0, 25.0)
     return prices
+
+
+# ------------------------------------------------------------------ checks across rows (examples)
+def rebuild_review_table(
+    conn_id: str,
+    *,
+    final_table: str,
+    id_column: str,
+    label_column: str,
+    source_table: str,
+    text_column: str,
+    review_table: str,
+    normalise: Any,
+    run_id: str,
+) -> dict[str, Any]:
+    """Rebuild ``review_table``: every normalised text of the source that got more than one label.
+
+    What no per-row validation can see: rows whose text is "the same answer" (``normalise``, the
+    DAG's own rule) but were labelled differently, across *all* labelled rows (today's answer
+    against last week's), with the labels, counts, an example id per label and the majority label,
+    for a human to settle. Rows are streamed; memory holds one entry per distinct normalised text.
+    """
+    import json
+    from datetime import timezone
+
+    import sqlalchemy as sa
+
+    from airflow_provider_fable.hooks.sql import sqlalchemy_engine
+
+    meta = sa.MetaData()
+    review = sa.Table(
+        review_table, meta,
+        sa.Column("normalized_text", sa.Text, primary_key=True),
+        sa.Column("labels", sa.Text, nullable=False),
+        sa.Column("label_counts", sa.Text, nullable=False),
+        sa.Column("row_count", sa.Integer, nullable=False),
+        sa.Column("example_ids", sa.Text),
+        sa.Column("majority_label", sa.Text),
+        sa.Column("flagged_by_run", sa.Text),
+        sa.Column("flagged_at", sa.Text),
+    )  # fmt: skip
+    groups: dict[str, dict[str, Any]] = {}
+    engine = sqlalchemy_engine(conn_id)
+    try:
+        meta.create_all(engine)
+        if sa.inspect(engine).has_table(final_table):
+            with engine.connect() as conn:
+                result = conn.execution_options(stream_results=True, yield_per=5000).execute(
+                    sa.text(
+                        f'SELECT c."{id_column}", c."{text_column}", r."{label_column}" FROM "{final_table}" AS r '
+                        f'JOIN "{source_table}" AS c ON c."{id_column}" = r."{id_column}" ORDER BY c."{id_column}"'
+                    )
+                )
+                for rid, text, label in result:
+                    g = groups.setdefault(normalise(text), {"labels": {}, "examples": {}})
+                    g["labels"][label] = g["labels"].get(label, 0) + 1
+                    g["examples"].setdefault(label, rid)
+        now = datetime.now(timezone.utc).isoformat()
+        flagged = [
+            {
+                "normalized_text": key, "labels": ",".join(sorted(g["labels"])),
+                "label_counts": json.dumps(dict(sorted(g["labels"].items()))), "row_count": sum(g["labels"].values()),
+                "example_ids": json.dumps(dict(sorted(g["examples"].items()))),
+                "majority_label": max(sorted(g["labels"]), key=lambda k: g["labels"][k]),
+                "flagged_by_run": run_id, "flagged_at": now,
+            }
+            for key, g in sorted(groups.items())
+            if len(g["labels"]) > 1
+        ]  # fmt: skip
+        with engine.begin() as conn:
+            conn.execute(review.delete())
+            if flagged:
+                conn.execute(review.insert(), flagged)
+    finally:
+        engine.dispose()
+    return {
+        "distinct_texts": len(groups),
+        "inconsistent_texts": len(flagged),
+        "rows_in_inconsistent_texts": sum(r["row_count"] for r in flagged),
+    }
+
+
+def agreement_with_labels(
+    conn_id: str, *, table: str, id_column: str, dataset: str, fields: Mapping[str, str], run_id: str
+) -> dict[str, Any]:
+    """Per answer field, the share of this run's final rows equal to the dataset's hidden label.
+
+    ``fields`` maps an answer column to the dataset's label column (e.g. ``{"label":
+    "expected_reason"}``); only rows of ``run_id`` whose id the dataset labels count.
+    """
+    import sqlalchemy as sa
+
+    from airflow_provider_fable.hooks.sql import sqlalchemy_engine
+
+    truth = {r[id_column]: r for r in iter_dataset(dataset)}
+    engine = sqlalchemy_engine(conn_id)
+    try:
+        with engine.connect() as conn:
+            cols = ", ".join(f'"{c}"' for c in (id_column, *fields))
+            rows = conn.execute(
+                sa.text(f'SELECT {cols} FROM "{table}" WHERE "_run_id" = :r'), {"r": run_id}
+            ).all()
+    finally:
+        engine.dispose()
+    labelled = [r for r in rows if r[0] in truth]
+    out: dict[str, Any] = {"rows": len(rows), "labelled_rows": len(labelled)}
+    for n, (answer_field, truth_field) in enumerate(fields.items(), 1):
+        hits = sum(str(r[n]) == str(truth[r[0]][truth_field]) for r in labelled)
+        out[answer_field] = round(hits / len(labelled), 4) if labelled else None
+    return out
+
+
+def check_share(summary: Mapping[str, Any] | None, field: str, value: str, limit: Any) -> dict[str, Any]:
+    """A distribution guardrail on a pass's final rows, with a per-run limit (a Param).
+
+    Fails the task, without retries (a retry cannot change the answers), when ``value`` takes
+    more than ``limit`` of the ``field`` values in ``summary`` (the backlog's ``finalize`` XCom);
+    the rows are loaded either way.
+    """
+    from airflow.sdk.exceptions import AirflowFailException
+
+    counts = ((summary or {}).get("distribution") or {}).get(field) or {}
+    total = sum(counts.values())
+    share = counts.get(value, 0) / total if total else 0.0
+    out = {"field": field, "value": value, "share": round(share, 4), "limit": float(limit), "rows": total}
+    if total and share > float(limit):
+        raise AirflowFailException(
+            f"guardrail: {field}={value!r} is {share:.1%} of the run's {total} final rows, over the "
+            f"limit {float(limit):.1%}; the rows are loaded: look at the taxonomy or the prompt"
+        )
+    return out
