@@ -1,26 +1,13 @@
 """Free-text cleanup with confidence: map a messy ``reason_for_cancellation`` column to a taxonomy.
 
-The column is what customers typed into a cancel form: typos, five languages, sarcasm ("oh great,
-another price hike"), "n/a", and the same complaint in twenty spellings. Analysts need a closed
-set of labels they can count. Every row is mapped to the taxonomy (``ReasonLabel``, described to
-the model in ``cancellation_reason_cleanup_system.md`` beside this file) with a confidence;
-``other`` is allowed only with a justification (an invariant checked on every answer, so a lazy
-``other`` is a reject with a reason, not a silent row).
-
-After the backlog unit has written the run's rows (``cancellation_reasons_clean``), two checks
-look at the answers *together*, which no per-row validation can do:
-
-* **distribution guardrail**: when ``other`` takes more than ``params.max_other_share`` of the
-  run's rows the taxonomy (or the prompt) no longer fits the data: the run fails after loading
-  (nothing is lost) so that someone looks before the next interval piles on;
-* **consistency**: rows whose normalised text is the same ("Too expensive!!", "too expensive")
-  but got different labels go to ``cancellation_reason_review`` (rebuilt even when the guardrail
-  failed), for a human to settle and to feed back into the few-shot examples.
-
-Selection (scheduled runs: their day; manual runs: the unlabelled backlog, ``params.limit`` per
-run; ``mode=failed``: the rejected rows), pilot, approval, budget and reruns are the unit's
-(docs/backlog.md). Connections: ``fable_default`` and ``fable_backlog_db`` (the bundled 6,000
-rows are loaded into ``cancellations`` when the table is empty).
+What customers typed into a cancel form (typos, five languages, sarcasm, "n/a", one complaint in
+twenty spellings) becomes a label of ``ReasonLabel`` (described to the model in the system prompt
+file beside this one) with a confidence; ``other`` needs a justification (an invariant, so a lazy
+``other`` is a reject with a reason). The backlog unit (docs/backlog.md) selects, sends, validates
+and writes ``cancellation_reasons_clean``; then two checks look at the answers *together*:
+``other`` over ``params.max_other_share`` of the run's rows fails the run after loading (the
+taxonomy no longer fits the data), and texts that normalise alike but got different labels go to
+``cancellation_reason_review`` (rebuilt even then) for a human to settle.
 """
 
 from __future__ import annotations
@@ -45,27 +32,19 @@ CLEAN_ASSET = Asset(name=CLEAN_TABLE, uri=f"x-fable://backlog/{CLEAN_TABLE}")
 REVIEW_ASSET = Asset(name=REVIEW_TABLE, uri=f"x-fable://backlog/{REVIEW_TABLE}")
 
 
-class ReasonLabel(str, Enum):
-    """The canonical taxonomy (its meanings are in the system prompt file: change both together)."""
-
-    too_expensive = "too_expensive"
-    missing_features = "missing_features"
-    switched_to_competitor = "switched_to_competitor"
-    poor_support = "poor_support"
-    technical_issues = "technical_issues"
-    no_longer_needed = "no_longer_needed"
-    business_closed = "business_closed"
-    temporary_pause = "temporary_pause"
-    billing_problems = "billing_problems"
-    not_stated = "not_stated"
-    other = "other"
+#: The canonical taxonomy (its meanings are in the system prompt file: change both together).
+ReasonLabel = Enum(
+    "ReasonLabel",
+    [(v, v) for v in "too_expensive missing_features switched_to_competitor poor_support technical_issues "
+     "no_longer_needed business_closed temporary_pause billing_problems not_stated other".split()],
+    type=str,
+)  # fmt: skip
 
 
 class CancellationReason(BaseModel):
     """One row's label. ``other`` must say why nothing else fits (checked on every answer)."""
 
-    # defer_build: the validator is built on first use (in the task), not while the file is parsed.
-    model_config = ConfigDict(extra="forbid", defer_build=True)
+    model_config = ConfigDict(extra="forbid", defer_build=True)  # validators built in the task
 
     label: ReasonLabel
     confidence: float = Field(ge=0, le=1, description="How sure you are of the label.")
@@ -96,9 +75,7 @@ with DAG(
     catchup=False,
     max_active_runs=1,
     params={
-        "max_other_share": Param(
-            0.15, type="number", minimum=0, maximum=1, description="Guardrail on 'other'"
-        )
+        "max_other_share": Param(0.15, type="number", minimum=0, maximum=1, description="Cap on 'other'")
     },
     default_args={"retries": 2, "retry_delay": RETRY_DELAY},
     tags=["fable", "backlog", "example", "cleanup"],
@@ -142,8 +119,7 @@ with DAG(
         summary = ti.xcom_pull(task_ids=clean.task_id("finalize"))
         return ex.check_share(summary, "label", "other", params["max_other_share"])
 
-    # all_done: rebuilt even when the guardrail failed the run (an 'other' flood is exactly when
-    # a reviewer wants it); ``report`` needs the guardrail, so the run stays failed.
+    # all_done: rebuilt even when the guardrail failed (an 'other' flood is when a reviewer wants it).
     @task(outlets=[REVIEW_ASSET], trigger_rule="all_done")
     def flag_inconsistent(run_id: str) -> dict[str, Any]:
         """Rebuild the review table: every normalised text (of all labelled rows) with >1 label."""
@@ -156,27 +132,15 @@ with DAG(
         )  # fmt: skip
 
     @task
-    def report(run_id: str, ti: Any = None) -> dict[str, Any]:
+    def report(ti: Any = None) -> dict[str, Any]:
         """Label distribution, agreement with the dataset's hidden labels, inconsistencies, cost."""
         from airflow_provider_fable import example_data as ex
 
-        final = ti.xcom_pull(task_ids=clean.task_id("finalize")) or {}
-        agree = ex.agreement_with_labels(
-            BACKLOG_CONN_ID, table=CLEAN_TABLE, id_column="cancellation_id", dataset="cancellation_reasons",
-            fields={"label": "expected_reason"}, run_id=run_id,
+        out = ex.backlog_report(
+            ti, clean, conn_id=BACKLOG_CONN_ID, dataset="cancellation_reasons", fields={"label": "expected_reason"}
         )  # fmt: skip
-        counts = (final.get("distribution") or {}).get("label", {})
-        return {
-            "rows": final.get("accepted", 0),
-            "rejected": final.get("rejected", 0),
-            "distribution": dict(sorted(counts.items(), key=lambda kv: -kv[1])),
-            "other_share": (ti.xcom_pull(task_ids="other_share") or {}).get("share"),
-            "agreement_with_dataset_labels": agree["label"],
-            "inconsistent_texts": (ti.xcom_pull(task_ids="flag_inconsistent") or {}).get(
-                "inconsistent_texts", 0
-            ),
-            "cost_usd": final.get("cost_usd"),
-        }
+        review = ti.xcom_pull(task_ids="flag_inconsistent") or {}
+        return {**out, "inconsistent_texts": review.get("inconsistent_texts", 0)}
 
     guardrail, flagged, summary = other_share(), flag_inconsistent(), report()
     seed() >> clean.group >> guardrail >> flagged >> summary

@@ -1,24 +1,11 @@
 """CRM lead enrichment with a model cascade: a cheap model first, Fable 5 only where it matters.
 
-A CRM export is missing industry, company size band and persona for thousands of leads, and most
-leads carry little evidence. Running every lead on the strongest model pays top price for "called,
-no answer". Every selected lead goes to ``claude-haiku-4-5`` first; a lead escalates to
-``claude-fable-5`` (in priority order, higher ``pipeline_value_usd`` first within a rule, while
-the budget covers it) when its cheap answer was:
-
-* rejected (bad JSON, schema, invariant, errored/expired);
-* backed by ``evidence`` that is not a verbatim quote of the record (an invented specific);
-* ``unknown`` in any field on a high-value account (``pipeline_value_usd >= HIGH_VALUE_USD``);
-* a guess: ``confidence`` below ``MIN_CONFIDENCE`` on an answer that inferred something. An
-  all-``unknown`` answer on a low-value lead stays: there is no evidence for Fable 5 either.
-
-The backlog unit (docs/backlog.md) writes one row per lead into ``lead_enrichment`` with the
-stage and model that answered and the escalation reason (a valid cheap answer is kept when
-Fable 5 fails on it), and does selection, pilot, approval, budget and reruns (``mode=failed``:
-each stage resends only what its job has not accepted). ``report`` adds the cascade's cost
-against all-on-Fable-5 and per-field accuracy on the labelled leads. Prompts: the files beside
-this one. Connections: ``fable_default`` and ``fable_backlog_db`` (the bundled export is loaded
-into ``crm_leads`` when the table is empty).
+Every selected lead goes to ``claude-haiku-4-5``; it escalates to ``claude-fable-5`` (rules in
+priority order, higher ``pipeline_value_usd`` first, within the budget) when the cheap answer was
+rejected, quotes ``evidence`` the record lacks, says ``unknown`` on a high-value account, or
+guesses. The backlog unit (docs/backlog.md) writes one row per lead into ``lead_enrichment`` with
+stage, model and escalation reason; ``report`` compares the cost with all-on-Fable-5 and checks
+accuracy on labelled leads. Prompts: the files beside this one.
 """
 
 from __future__ import annotations
@@ -40,30 +27,20 @@ RETRY_DELAY = timedelta(seconds=float(os.environ.get("FABLE_RETRY_DELAY_SECONDS"
 LEAD_ENRICHMENT = Asset(name="lead_enrichment", uri="x-fable://backlog/lead_enrichment")
 RECORD_FIELDS = ("company_name", "website_domain", "job_title", "notes")
 ENRICHED_FIELDS = ("industry", "company_size", "persona")
-MIN_CONFIDENCE = 0.5  # below this, an answer that inferred something is a guess
-HIGH_VALUE_USD = 50_000  # `unknown` on an account worth at least this escalates
+MIN_CONFIDENCE, HIGH_VALUE_USD = 0.5, 50_000  # a guess below this confidence; a high-value account
 
 
-class Industry(str, Enum):
-    software = "software"
-    financial_services = "financial_services"
-    healthcare = "healthcare"
-    manufacturing = "manufacturing"
-    retail = "retail"
-    education = "education"
-    logistics = "logistics"
-    professional_services = "professional_services"
-    unknown = "unknown"
+def _labels(name: str, values: str) -> Any:
+    return Enum(name, [(v, v) for v in values.split()], type=str)  # a str Enum, values = names
 
 
-class CompanySize(str, Enum):
-    micro, small, medium, large = "micro", "small", "medium", "large"  # 1-10, 11-50, 51-250, 251-1000
-    enterprise, unknown = "enterprise", "unknown"  # over 1000
-
-
-class Persona(str, Enum):
-    executive, engineering, finance, marketing = "executive", "engineering", "finance", "marketing"
-    sales, operations, hr, unknown = "sales", "operations", "hr", "unknown"
+Industry = _labels(
+    "Industry",
+    "software financial_services healthcare manufacturing retail education logistics professional_services unknown",
+)
+# micro 1-10 employees, small 11-50, medium 51-250, large 251-1000, enterprise over 1000
+CompanySize = _labels("CompanySize", "micro small medium large enterprise unknown")
+Persona = _labels("Persona", "executive engineering finance marketing sales operations hr unknown")
 
 
 class LeadEnrichment(BaseModel):
@@ -92,8 +69,7 @@ class LeadEnrichment(BaseModel):
         return self
 
 
-def evidence_is_quoted(evidence: str | None, record: dict[str, Any]) -> bool:
-    """True when ``evidence`` is empty or a (case/whitespace-insensitive) substring of the record."""
+def evidence_is_quoted(evidence: str | None, record: dict[str, Any]) -> bool:  # an invented quote?
     return is_quoted(evidence, record, RECORD_FIELDS)
 
 
@@ -162,36 +138,13 @@ with DAG(
     dag.get_task(leads.task_id("finalize")).outlets = [LEAD_ENRICHMENT]
 
     @task
-    def report(run_id: str, ti: Any = None) -> dict[str, Any]:
-        """The cascade's cost against all leads on Fable 5, and per-field accuracy on labelled leads."""
+    def report(ti: Any = None) -> dict[str, Any]:
+        """Escalations, cost per stage against all leads on Fable 5, accuracy on labelled leads."""
         from airflow_provider_fable import example_data as ex
-        from airflow_provider_fable.core.cost import usage_cost_usd
-        from airflow_provider_fable.core.results import Usage
 
-        final = ti.xcom_pull(task_ids=leads.task_id("finalize")) or {}
-        stage1 = ti.xcom_pull(task_ids=leads.task_id("s1_load")) or {}
-        plan = ti.xcom_pull(task_ids=leads.task_id("s1_plan")) or {}
-        costs = final.get("cost_usd_by_stage") or {}
-        all_strong = usage_cost_usd(Usage(**stage1.get("usage", {})), "claude-fable-5")
-        accuracy = ex.agreement_with_labels(
-            BACKLOG_CONN_ID, table="lead_enrichment", id_column="lead_id", dataset="crm_leads_labels",
-            fields={f: f for f in ENRICHED_FIELDS}, run_id=run_id,
+        return ex.backlog_report(
+            ti, leads, conn_id=BACKLOG_CONN_ID, dataset="crm_leads_labels",
+            fields={f: f for f in ENRICHED_FIELDS}, compare_model="claude-fable-5",
         )  # fmt: skip
-        return {
-            "leads": final.get("records", 0),
-            "final": final.get("by_stage", {}),
-            "unresolved": final.get("rejected", 0),
-            "escalated": plan.get("escalated", 0),
-            "escalated_by_reason": plan.get("by_reason", {}),
-            "not_escalated_over_budget": plan.get("not_escalated_over_budget", 0),
-            "stage_cost_usd": costs,
-            "cascade_cost_usd": final.get("cost_usd"),
-            "all_on_escalation_model_usd": all_strong,
-            "cascade_vs_all_strong": round((final.get("cost_usd") or 0) / all_strong, 3)
-            if all_strong
-            else None,
-            "labelled_leads": accuracy.pop("labelled_rows"),
-            "accuracy": {f: accuracy[f] for f in ENRICHED_FIELDS},
-        }
 
     seed() >> leads.group >> report()

@@ -371,3 +371,54 @@ def check_share(summary: Mapping[str, Any] | None, field: str, value: str, limit
             f"limit {float(limit):.1%}; the rows are loaded: look at the taxonomy or the prompt"
         )
     return out
+
+
+def backlog_report(
+    ti: Any,
+    backlog: Any,
+    *,
+    conn_id: str,
+    dataset: str | None = None,
+    fields: Mapping[str, str] | None = None,
+    compare_model: str | None = None,
+) -> dict[str, Any]:
+    """What an example reports after its backlog: the final rows by stage, escalations, the cost
+    per stage and, optionally, the first stage's usage priced on ``compare_model`` (what running
+    everything there would have cost) and the agreement with a labelled ``dataset``.
+
+    ``backlog`` is the DAG's ``Backlog``; only its XComs (``finalize``, ``s1_load``, ``s1_plan``)
+    and final table are read.
+    """
+    from airflow_provider_fable.core.cost import usage_cost_usd
+    from airflow_provider_fable.core.results import Usage
+
+    final = ti.xcom_pull(task_ids=backlog.task_id("finalize")) or {}
+    names = backlog.stage_names
+    first_load = ti.xcom_pull(task_ids=backlog.task_id(f"{names[0]}_load")) or {}
+    plan = (ti.xcom_pull(task_ids=backlog.task_id(f"{names[0]}_plan")) or {}) if len(names) > 1 else {}
+    out: dict[str, Any] = {
+        "records": final.get("records", 0),
+        "final": final.get("by_stage", {}),
+        "unresolved": final.get("rejected", 0),
+        "reject_reasons": final.get("reject_reasons", {}),
+        "distribution": final.get("distribution", {}),
+        "escalated": plan.get("escalated", 0),
+        "escalated_by_reason": plan.get("by_reason", {}),
+        "not_escalated_over_budget": plan.get("not_escalated_over_budget", 0),
+        "stage_cost_usd": final.get("cost_usd_by_stage", {}),
+        "cost_usd": final.get("cost_usd"),
+    }
+    if compare_model:
+        alone = usage_cost_usd(Usage(**first_load.get("usage", {})), compare_model)
+        out["all_on_" + compare_model.replace("-", "_") + "_usd"] = alone
+        out["cost_vs_all_on_compare_model"] = (
+            round((final.get("cost_usd") or 0) / alone, 3) if alone else None
+        )
+    if dataset and fields:
+        agree = agreement_with_labels(
+            conn_id, table=backlog.destination.table, id_column=backlog.spec["id_column"], dataset=dataset,
+            fields=fields, run_id=str(ti.run_id),
+        )  # fmt: skip
+        out["labelled_rows"] = agree.pop("labelled_rows")
+        out["agreement"] = {f: agree[f] for f in fields}
+    return out
