@@ -586,9 +586,9 @@ def test_support_ticket_triage_on_postgres(pg_backlog):
     airflow_env, engine = pg_backlog
     result = airflow_env.run_dag(airflow_env.load_dag("support_ticket_triage"), conf={"limit": 150})
     assert result.state == "success", result.task_states
-    loaded = result.xcom("load")
+    loaded = result.xcom("tickets.s1_load")
     rows = _rows(engine, "SELECT * FROM ticket_triage")
-    rejects = _rows(engine, "SELECT DISTINCT record_id FROM ticket_triage_rejects")
+    rejects = _rows(engine, "SELECT DISTINCT ticket_id FROM ticket_triage_rejects")
     assert len(rows) == loaded["accepted"] > 100 and len(rows) + len(rejects) == 150
     for r in rows:
         assert r["category"] in {"billing", "account_access", "bug", "feature_request", "shipping"}
