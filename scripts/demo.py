@@ -115,8 +115,11 @@ def print_summary(result: Any, elapsed: float) -> None:
     print(f"  submitted : {manifest.get('request_count', 0)} requests in {len(manifest.get('batch_ids', []))} "
           f"batch(es) for model {manifest.get('model')}")  # fmt: skip
     print(f"  waited    : in the {wait.get('waited_in', '?')} ({wait.get('polls') or 0} polls)")
-    print(f"  accepted  : {load.get('accepted', 0)}  -> table {load.get('table')}")
-    print(f"  rejected  : {load.get('rejected', 0)}  -> table {load.get('rejects_table')}")
+    final = result.xcom("tickets.finalize") or {}
+    print(
+        f"  accepted  : {load.get('accepted', 0)}  -> final table ticket_triage ({final.get('accepted', 0)} rows)"
+    )
+    print(f"  rejected  : {load.get('rejected', 0)}  -> table ticket_triage_rejects (last reason per ticket)")
     for reason, n in list(load.get("reject_reasons", {}).items())[:5]:
         print(f"      {n:5d}  {reason}")
     for field, counts in load.get("distribution", {}).items():
@@ -130,7 +133,7 @@ def print_summary(result: Any, elapsed: float) -> None:
     estimate = (manifest.get("estimate") or {}).get("cost_usd")
     print(f"  cost      : ${load.get('cost_usd')} at batch prices (emulated usage); estimated before "
           f"submit: ${estimate} (output basis: {(manifest.get('estimate') or {}).get('output_basis')})")  # fmt: skip
-    print(f"  QA sample : {load.get('qa_rows')} rows in {load.get('qa_table')}")
+    print(f"  QA sample : {final.get('qa_rows')} rows in {final.get('qa_table')}")
     print("=" * 72)
 
 
