@@ -112,6 +112,7 @@ with DAG(
         # Half the answers rejected: the prompt or schema is wrong, stop. Half urgent: suspicious.
         guardrails=Guardrails(max_reject_rate=0.5, max_share={"priority": {"urgent": 0.5}}),
         limit=2000,
+        pilot=100,  # manual backlog runs: 100 sampled tickets first; their cost projects the rest
         poll_interval=POLL_SECONDS,
     )
     dag.get_task(triage.task_id("finalize")).outlets = [TICKET_TRIAGE]

@@ -114,6 +114,10 @@ def print_summary(result: Any, elapsed: float) -> None:
     print(f"support_ticket_triage: run {result.state} in {elapsed:.1f}s  tasks: {result.task_states}")
     print(f"  submitted : {manifest.get('request_count', 0)} requests in {len(manifest.get('batch_ids', []))} "
           f"batch(es) for model {manifest.get('model')}")  # fmt: skip
+    project = result.xcom("tickets.project") or {}
+    if project.get("pilot"):
+        print(f"  pilot     : {project['pilot']['records'][0]} sampled tickets first, cost ${project.get('pilot_cost_usd')}; "
+              f"the rest projected at ${project.get('projected_cost_usd')}")  # fmt: skip
     print(f"  waited    : in the {wait.get('waited_in', '?')} ({wait.get('polls') or 0} polls)")
     final = result.xcom("tickets.finalize") or {}
     print(

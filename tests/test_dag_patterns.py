@@ -576,7 +576,7 @@ def test_each_example_dag_works_copied_alone(sqlite_backlog, tmp_path):
     dag = airflow_env.load_dag(
         "support_ticket_triage", dags_folder=str(tmp_path / "dags_support_ticket_triage")
     )
-    result = airflow_env.run_dag(dag, conf={"limit": 20})
+    result = airflow_env.run_dag(dag, conf={"limit": 20, "pilot": 0})
     assert result.state == "success", result.task_states
     assert _rows(engine, "SELECT count(*) AS n FROM support_tickets")[0]["n"] >= 2000
     assert result.xcom("tickets.s1_submit")["request_count"] == 20
@@ -584,7 +584,9 @@ def test_each_example_dag_works_copied_alone(sqlite_backlog, tmp_path):
 
 def test_support_ticket_triage_on_postgres(pg_backlog):
     airflow_env, engine = pg_backlog
-    result = airflow_env.run_dag(airflow_env.load_dag("support_ticket_triage"), conf={"limit": 150})
+    result = airflow_env.run_dag(
+        airflow_env.load_dag("support_ticket_triage"), conf={"limit": 150, "pilot": 0}
+    )
     assert result.state == "success", result.task_states
     loaded = result.xcom("tickets.s1_load")
     rows = _rows(engine, "SELECT * FROM ticket_triage")
