@@ -60,7 +60,9 @@ def _float(value: Any) -> float | None:
     return float(value)
 
 
-def effective_mode(spec: Mapping[str, Any], context: Mapping[str, Any], mode: str) -> tuple[str, tuple[datetime, datetime] | None]:
+def effective_mode(
+    spec: Mapping[str, Any], context: Mapping[str, Any], mode: str
+) -> tuple[str, tuple[datetime, datetime] | None]:
     """(mode, window). ``auto`` is ``interval`` for scheduled and backfill runs when the source has
     a date field, else ``backlog``; a run triggered without a logical date has no data interval."""
     from airflow_provider_fable.backlog.config import RUN_MODES
@@ -72,7 +74,9 @@ def effective_mode(spec: Mapping[str, Any], context: Mapping[str, Any], mode: st
     has_interval = start is not None and end is not None and end > start
     if mode == "interval":
         if not date_field:
-            raise ValueError("mode='interval' needs Source(date_field=...): the backlog has no field dating a record")
+            raise ValueError(
+                "mode='interval' needs Source(date_field=...): the backlog has no field dating a record"
+            )
         if not has_interval:
             raise ValueError(
                 "mode='interval' needs a run with a data interval (trigger with --logical-date, or a "
@@ -129,7 +133,11 @@ def select(spec: dict[str, Any], context: Any) -> dict[str, Any]:
     src, t = spec["source"], _tables(spec)
     limit = params.get("limit")
     estimate_only = bool(params.get("estimate_only"))
-    pilot = int(params.get("pilot") or 0) if spec["with_pilot"] and mode in PILOT_MODES and not estimate_only else 0
+    pilot = (
+        int(params.get("pilot") or 0)
+        if spec["with_pilot"] and mode in PILOT_MODES and not estimate_only
+        else 0
+    )
     engine = _engine(spec["destination"].conn_id)
     try:
         sel.ensure_state_tables(engine, t)
@@ -141,10 +149,20 @@ def select(spec: dict[str, Any], context: Any) -> dict[str, Any]:
                 src.sql, mode, t, id_field=src.id_field, date_field=src.date_field, windowed=window is not None,
                 limit=limit,
             )  # fmt: skip
-            pilot_ids = sel.sample_ids(sel.select_ids(engine, sql, binds), pilot, spec["seed"]) if pilot else []
-            sel.write_work(engine, t, run_id=run_id, pass_name="pilot", stage=0, rows=((r, None) for r in pilot_ids))
+            pilot_ids = (
+                sel.sample_ids(sel.select_ids(engine, sql, binds), pilot, spec["seed"]) if pilot else []
+            )
+            sel.write_work(
+                engine, t, run_id=run_id, pass_name="pilot", stage=0, rows=((r, None) for r in pilot_ids)
+            )
             full = sel.insert_selection(
-                engine, sql, binds, t, run_id=run_id, pass_name="full", exclude_pass="pilot" if pilot_ids else None
+                engine,
+                sql,
+                binds,
+                t,
+                run_id=run_id,
+                pass_name="full",
+                exclude_pass="pilot" if pilot_ids else None,
             )
         else:
             state = sel.State.read(engine, t)
@@ -156,7 +174,9 @@ def select(spec: dict[str, Any], context: Any) -> dict[str, Any]:
                     else iter_records(src.records if src.kind == "records" else src.callable)
                 )
                 ids = list(
-                    sel.filter_records(records, state, mode, id_field=src.id_field, date_field=src.date_field, window=window)
+                    sel.filter_records(
+                        records, state, mode, id_field=src.id_field, date_field=src.date_field, window=window
+                    )
                 )
             finally:
                 if src_engine is not None:
@@ -165,9 +185,16 @@ def select(spec: dict[str, Any], context: Any) -> dict[str, Any]:
                 ids = ids[: int(limit)]
             pilot_ids = sel.sample_ids(ids, pilot, spec["seed"]) if pilot else []
             chosen = set(pilot_ids)
-            sel.write_work(engine, t, run_id=run_id, pass_name="pilot", stage=0, rows=((r, None) for r in pilot_ids))
+            sel.write_work(
+                engine, t, run_id=run_id, pass_name="pilot", stage=0, rows=((r, None) for r in pilot_ids)
+            )
             full = sel.write_work(
-                engine, t, run_id=run_id, pass_name="full", stage=0, rows=((r, None) for r in ids if r not in chosen)
+                engine,
+                t,
+                run_id=run_id,
+                pass_name="full",
+                stage=0,
+                rows=((r, None) for r in ids if r not in chosen),
             )
     finally:
         engine.dispose()
@@ -189,7 +216,9 @@ def select(spec: dict[str, Any], context: Any) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ stage records
-def stage_records(spec: dict[str, Any], run_id: str, pass_name: str, stage_index: int) -> Iterator[dict[str, Any]]:
+def stage_records(
+    spec: dict[str, Any], run_id: str, pass_name: str, stage_index: int
+) -> Iterator[dict[str, Any]]:
     """Source records of this run's pass and stage (work table rows joined to the source)."""
     from airflow_provider_fable.backlog import selection as sel
     from airflow_provider_fable.core.sources import iter_records, iter_sql
@@ -272,7 +301,9 @@ def _prices(spec: Mapping[str, Any]) -> dict[str, Any]:
     return merge_prices(overrides, spec["prices"])
 
 
-def measured_request_cost(engine: Any, spec: Mapping[str, Any], i: int, prices: Mapping[str, Any]) -> tuple[float | None, str]:
+def measured_request_cost(
+    engine: Any, spec: Mapping[str, Any], i: int, prices: Mapping[str, Any]
+) -> tuple[float | None, str]:
     """Mean cost of one request of stage ``i`` measured on the rows its loads wrote (any run)."""
     import sqlalchemy as sa
 
@@ -285,16 +316,22 @@ def measured_request_cost(engine: Any, spec: Mapping[str, Any], i: int, prices: 
         return None, "no measurement"
     with engine.connect() as conn:
         n, tin, tout = conn.execute(
-            sa.text(f'SELECT count(*), avg("_input_tokens"), avg("_output_tokens") FROM "{table}" WHERE "_model" = :m'),
+            sa.text(
+                f'SELECT count(*), avg("_input_tokens"), avg("_output_tokens") FROM "{table}" WHERE "_model" = :m'
+            ),
             {"m": model},
         ).one()
     if not n:
         return None, "no measurement"
-    cost = usage_cost_usd(Usage(input_tokens=int(round(tin or 0)), output_tokens=int(round(tout or 0))), model, prices=prices)
+    cost = usage_cost_usd(
+        Usage(input_tokens=int(round(tin or 0)), output_tokens=int(round(tout or 0))), model, prices=prices
+    )
     return cost, f"mean of {n} earlier answer(s) of {model}"
 
 
-def upper_bound_request_cost(spec: Mapping[str, Any], i: int, record: Mapping[str, Any] | None, prices: Mapping[str, Any]) -> float | None:
+def upper_bound_request_cost(
+    spec: Mapping[str, Any], i: int, record: Mapping[str, Any] | None, prices: Mapping[str, Any]
+) -> float | None:
     """An upper bound for one request: 4 characters a token, nothing cached, max_tokens out."""
     from airflow_provider_fable.core.cost import usage_cost_usd
     from airflow_provider_fable.core.results import Usage
@@ -303,11 +340,15 @@ def upper_bound_request_cost(spec: Mapping[str, Any], i: int, record: Mapping[st
     chars = len(prompt.system or "") + sum(len(str(x)) for x in prompt.few_shot) + len(prompt.template)
     chars += sum(len(str(v)) for v in (record or {}).values())
     stage = spec["stages"][i]
-    return usage_cost_usd(Usage(input_tokens=chars // 4 + 10, output_tokens=stage.max_tokens), stage.model, prices=prices)
+    return usage_cost_usd(
+        Usage(input_tokens=chars // 4 + 10, output_tokens=stage.max_tokens), stage.model, prices=prices
+    )
 
 
 # ------------------------------------------------------------------ plan
-def plan_escalation(spec: dict[str, Any], context: Any, *, pass_name: str, stage_index: int) -> dict[str, Any]:
+def plan_escalation(
+    spec: dict[str, Any], context: Any, *, pass_name: str, stage_index: int
+) -> dict[str, Any]:
     """Which answers of stage ``stage_index`` go to the next stage, in priority order within the budget.
 
     Rules are the stage's ``escalate`` list; the first that fires is the reason. Candidates are
@@ -326,7 +367,11 @@ def plan_escalation(spec: dict[str, Any], context: Any, *, pass_name: str, stage
         states = _verdicts(spec, _job_of(context, spec, pass_name, i), ids)
         accepted = [r for r in ids if getattr(states.get(r), "status", None) == "accepted"]
         answers = _answers(engine, spec["stage_tables"][i], spec["id_column"], accepted)
-        records = {str(r[spec["source"].id_field]): r for r in stage_records(spec, run_id, pass_name, i)} if ids else {}
+        records = (
+            {str(r[spec["source"].id_field]): r for r in stage_records(spec, run_id, pass_name, i)}
+            if ids
+            else {}
+        )
         candidates: list[tuple[int, float, str, str]] = []
         for rid in ids:
             answer = answers.get(rid) if rid in accepted else None
@@ -351,7 +396,9 @@ def plan_escalation(spec: dict[str, Any], context: Any, *, pass_name: str, stage
         over = 0
         planned = 0.0
         for _, _, rid, reason in candidates:
-            cost = unit if unit is not None else upper_bound_request_cost(spec, i + 1, records.get(rid), prices)
+            cost = (
+                unit if unit is not None else upper_bound_request_cost(spec, i + 1, records.get(rid), prices)
+            )
             if left is not None and cost is not None and planned + cost > left:
                 over += 1
                 continue
@@ -381,7 +428,9 @@ def plan_escalation(spec: dict[str, Any], context: Any, *, pass_name: str, stage
 def _budget_before(spec: Mapping[str, Any], context: Any, pass_name: str, i: int) -> float | None:
     """What the budget left when stage ``i`` of the pass was submitted (as its submit was told)."""
     if i > 0:
-        return _float((_xcom(context, _stage_task(spec, pass_name, i - 1, "plan")) or {}).get("budget_left_usd"))
+        return _float(
+            (_xcom(context, _stage_task(spec, pass_name, i - 1, "plan")) or {}).get("budget_left_usd")
+        )
     if pass_name == "pilot":
         return _float(context["params"].get("budget_usd"))
     source = "project" if spec["with_pilot"] else "select"
@@ -409,7 +458,9 @@ def finalize(spec: dict[str, Any], context: Any, *, pass_name: str) -> dict[str,
     summary: dict[str, Any] = {"pass": pass_name, "records": 0, "accepted": 0, "rejected": 0}
     try:
         final = ensure_final_table(engine, spec)
-        work = [sel.work_rows(engine, t, run_id=run_id, pass_name=pass_name, stage=i) for i in range(n_stages)]
+        work = [
+            sel.work_rows(engine, t, run_id=run_id, pass_name=pass_name, stage=i) for i in range(n_stages)
+        ]
         ids = sorted(work[0])
         if not ids:
             return summary
@@ -458,7 +509,11 @@ def finalize(spec: dict[str, Any], context: Any, *, pass_name: str) -> dict[str,
             if chosen is not None:
                 i, answer, reason = chosen
                 by_stage[names[i]] = by_stage.get(names[i], 0) + 1
-                row = {c.name: answer.get(c.name) for c in final.columns if c.name in answer and not c.name.startswith("_")}
+                row = {
+                    c.name: answer.get(c.name)
+                    for c in final.columns
+                    if c.name in answer and not c.name.startswith("_")
+                }
                 row.update({
                     spec["id_column"]: rid, "_stage": names[i], "_model": answer.get("_model") or stages[i].model,
                     "_escalation_reason": reason, "_batch_id": answer.get("_batch_id"), "_run_id": run_id,
@@ -508,16 +563,18 @@ def finalize(spec: dict[str, Any], context: Any, *, pass_name: str) -> dict[str,
     return summary
 
 
-def _reject_details(engine: Any, table: str, current: Mapping[str, str | None]) -> dict[str, tuple[str, str | None]]:
+def _reject_details(
+    engine: Any, table: str, current: Mapping[str, str | None]
+) -> dict[str, tuple[str, str | None]]:
     """(reason, detail) of each record's reject in its current batch, from a stage's rejects table."""
     import sqlalchemy as sa
 
     if not current or not sa.inspect(engine).has_table(table):
         return {}
     ids = sorted(current)
-    stmt = sa.text(f'SELECT record_id, batch_id, reason, detail FROM "{table}" WHERE record_id IN :ids').bindparams(
-        sa.bindparam("ids", expanding=True)
-    )
+    stmt = sa.text(
+        f'SELECT record_id, batch_id, reason, detail FROM "{table}" WHERE record_id IN :ids'
+    ).bindparams(sa.bindparam("ids", expanding=True))
     out: dict[str, tuple[str, str | None]] = {}
     with engine.connect() as conn:
         for start in range(0, len(ids), _CHUNK):
@@ -546,38 +603,48 @@ def _needs_review(spec: Mapping[str, Any], last_job: str | None, rejects: list[d
     """Rejects of the last stage that failed the same way ``review_after`` times (ledger outcomes)."""
     if not last_job or not rejects:
         return []
-    import sqlalchemy as sa
-
     from airflow_provider_fable.hooks.ledger import open_ledger
 
-    limit = spec["guardrails"].review_after
     ledger = open_ledger(spec["ledger_conn_id"], spec["fable_conn_id"], log)
-    counts: dict[tuple[str, str], int] = {}
     try:
-        ledger.ensure_schema()
-        o = ledger.outcomes.c
-        ids = [r[spec["id_column"]] for r in rejects]
-        with ledger.engine.connect() as conn:
-            for start in range(0, len(ids), _CHUNK):
-                q = (
-                    sa.select(o.record_id, o.reason, sa.func.count())
-                    .where(o.job_id == last_job, o.status == "rejected", o.record_id.in_(ids[start : start + _CHUNK]))
-                    .group_by(o.record_id, o.reason)
-                )
-                for rid, reason, n in conn.execute(q):
-                    counts[(rid, reason or "")] = int(n)
-        out = []
-        for r in rejects:
-            n = counts.get((r[spec["id_column"]], r["reason"]), 0)
-            r["attempts"] = n
-            if n >= limit:
-                out.append(r)
-        marker = getattr(ledger, "mark_needs_review", None)
-        if out and callable(marker):  # the ledger's own status, where the ledger has it
-            marker(last_job, [r[spec["id_column"]] for r in out])
-        return out
+        return review_candidates(ledger, last_job, rejects, id_column=spec["id_column"],
+                                 limit=spec["guardrails"].review_after)  # fmt: skip
     finally:
         ledger.engine.dispose()
+
+
+def review_candidates(ledger: Any, job_id: str, rejects: list[dict[str, Any]], *, id_column: str, limit: int) -> list[dict[str, Any]]:
+    """The rejects whose record the job rejected ``limit`` or more times for the same reason.
+
+    Counted on the ledger's outcome rows (one per record and batch, so one per attempt), which
+    outlive the destination's tables. Each reject gets its count as ``attempts``. When the ledger
+    has a ``needs_review`` status (``Ledger.mark_needs_review``), the records are marked there too,
+    so no submit sends them again automatically.
+    """
+    import sqlalchemy as sa
+
+    ledger.ensure_schema()
+    o = ledger.outcomes.c
+    ids = [r[id_column] for r in rejects]
+    counts: dict[tuple[str, str], int] = {}
+    with ledger.engine.connect() as conn:
+        for start in range(0, len(ids), _CHUNK):
+            q = (
+                sa.select(o.record_id, o.reason, sa.func.count())
+                .where(o.job_id == job_id, o.status == "rejected", o.record_id.in_(ids[start : start + _CHUNK]))
+                .group_by(o.record_id, o.reason)
+            )
+            for rid, reason, n in conn.execute(q):
+                counts[(rid, reason or "")] = int(n)
+    out = []
+    for r in rejects:
+        r["attempts"] = counts.get((r[id_column], r["reason"]), 0)
+        if r["attempts"] >= limit:
+            out.append(r)
+    marker = getattr(ledger, "mark_needs_review", None)
+    if out and callable(marker):
+        marker(job_id, [r[id_column] for r in out])
+    return out
 
 
 def _write_final(engine: Any, spec: Mapping[str, Any], final: Any, rows: list[dict[str, Any]],
@@ -616,12 +683,16 @@ def _write_final(engine: Any, spec: Mapping[str, Any], final: Any, rows: list[di
             ])  # fmt: skip
 
 
-def _write_parquet(spec: Mapping[str, Any], final: Any, rows: list[dict[str, Any]], pass_name: str, run_id: str) -> None:
+def _write_parquet(
+    spec: Mapping[str, Any], final: Any, rows: list[dict[str, Any]], pass_name: str, run_id: str
+) -> None:
     """The pass's final rows as one Parquet file (``Destination.parquet``; ``{run_id}``/``{pass}`` expand)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = str(spec["destination"].parquet).format(run_id=run_id.replace(":", "_").replace("+", "_"), pass_name=pass_name)
+    path = str(spec["destination"].parquet).format(
+        run_id=run_id.replace(":", "_").replace("+", "_"), pass_name=pass_name
+    )
     pq.write_table(pa.Table.from_pylist(rows), path)
 
 
@@ -642,14 +713,17 @@ def _check(spec: Mapping[str, Any], context: Any, summary: dict[str, Any], sa: A
         context["ti"].xcom_push(key="summary", value=summary)
         raise not_retried(
             GuardrailError(
-                f"{len(breaches)} guardrail(s) breached: " + "; ".join(b.message for b in breaches)
+                f"{len(breaches)} guardrail(s) breached: "
+                + "; ".join(b.message for b in breaches)
                 + f". The rows are written ({spec['table']}, rejects in {spec['rejects_table']})"
             )
         )
 
 
 # ------------------------------------------------------------------ projection / approval
-def projection(spec: Mapping[str, Any], context: Any, *, full_records: int, pilot: Mapping[str, Any] | None) -> dict[str, Any]:
+def projection(
+    spec: Mapping[str, Any], context: Any, *, full_records: int, pilot: Mapping[str, Any] | None
+) -> dict[str, Any]:
     """The full pass's cost per stage: requests x cost per request.
 
     Requests: the full pass's records for the first stage; later stages by the escalation rate
@@ -665,8 +739,11 @@ def projection(spec: Mapping[str, Any], context: Any, *, full_records: int, pilo
             basis_rate = "all records"
             if i > 0:
                 if pilot and pilot["records"][i - 1]:
-                    rate = pilot["records"][i] / pilot["records"][i - 1]
-                    basis_rate = f"pilot escalation rate {rate:.3f}"
+                    m = pilot["records"][i - 1]
+                    rate = pilot["records"][i] / m
+                    # The pilot is a sample: say how far its rate may be off (95 %, normal approx.).
+                    margin = 1.96 * (rate * (1 - rate) / m) ** 0.5
+                    basis_rate = f"pilot escalation rate {rate:.3f} ± {margin:.3f}"
                 else:
                     rate = 1.0
                     basis_rate = "no pilot: every record (upper bound)"
@@ -692,7 +769,12 @@ def projection(spec: Mapping[str, Any], context: Any, *, full_records: int, pilo
         cost = "?" if s["projected_cost_usd"] is None else f"{s['projected_cost_usd']:.4f}"
         lines.append(f"| {s['stage']} | {s['model']} | {s['requests']:g} | {per} | {cost} | {s['basis']} |")
     lines.append(f"\n**Full run: {full_records} record(s), projected ${total:.4f}**")
-    return {"stages": stages_out, "projected_cost_usd": round(total, 6), "records": full_records, "markdown": "\n".join(lines)}
+    return {
+        "stages": stages_out,
+        "projected_cost_usd": round(total, 6),
+        "records": full_records,
+        "markdown": "\n".join(lines),
+    }
 
 
 def project(spec: dict[str, Any], context: Any) -> dict[str, Any]:
@@ -706,7 +788,9 @@ def project(spec: dict[str, Any], context: Any) -> dict[str, Any]:
     n = len(spec["stages"])
     engine = _engine(spec["destination"].conn_id)
     try:
-        counts = [sel.count_work(engine, _tables(spec), run_id=run_id, pass_name="pilot", stage=i) for i in range(n)]
+        counts = [
+            sel.count_work(engine, _tables(spec), run_id=run_id, pass_name="pilot", stage=i) for i in range(n)
+        ]
         sample_rows: list[dict[str, Any]] = []
         if counts[0]:
             with engine.connect() as conn:
@@ -735,7 +819,11 @@ def project(spec: dict[str, Any], context: Any) -> dict[str, Any]:
         md += ["", f"### QA sample ({len(sample_rows)} of the pilot's answers, table {spec['qa_table']})",
                "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]  # fmt: skip
         for r in sample_rows:
-            md.append("| " + " | ".join(str(r.get(c, ""))[:80].replace("|", "/").replace("\n", " ") for c in cols) + " |")
+            md.append(
+                "| "
+                + " | ".join(str(r.get(c, ""))[:80].replace("|", "/").replace("\n", " ") for c in cols)
+                + " |"
+            )
     out["markdown"] = "\n".join(md)
     log.info("%s", out["markdown"])
     return out

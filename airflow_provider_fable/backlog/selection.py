@@ -121,7 +121,9 @@ def _q(name: str) -> str:
     return f'"{name}"'
 
 
-def selection_where(mode: str, t: UnitTables, *, id_field: str, date_field: str | None, windowed: bool) -> str:
+def selection_where(
+    mode: str, t: UnitTables, *, id_field: str, date_field: str | None, windowed: bool
+) -> str:
     """The WHERE clause of a mode over the source aliased ``s`` (identifiers are checked names)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -166,7 +168,9 @@ def _strip(sql: str) -> str:
 def select_ids(engine: sa.engine.Engine, sql: str, binds: Mapping[str, Any]) -> Iterator[str]:
     """Stream the ids a selection query returns (server-side cursor on PostgreSQL)."""
     with engine.connect() as conn:
-        result = conn.execution_options(stream_results=True, yield_per=_CHUNK).execute(sa.text(sql), dict(binds))
+        result = conn.execution_options(stream_results=True, yield_per=_CHUNK).execute(
+            sa.text(sql), dict(binds)
+        )
         for row in result:
             yield row[0]
 
@@ -211,7 +215,9 @@ def write_work(
     buf: list[dict[str, Any]] = []
     with engine.begin() as conn:
         for rid, reason in rows:
-            buf.append({"run_id": run_id, "pass_name": pass_name, "stage": stage, "record_id": rid, "reason": reason})
+            buf.append(
+                {"run_id": run_id, "pass_name": pass_name, "stage": stage, "record_id": rid, "reason": reason}
+            )
             if len(buf) >= _CHUNK:
                 conn.execute(work.insert(), buf)
                 n += len(buf)
@@ -222,21 +228,29 @@ def write_work(
     return n
 
 
-def work_rows(engine: sa.engine.Engine, t: UnitTables, *, run_id: str, pass_name: str, stage: int) -> dict[str, str | None]:
+def work_rows(
+    engine: sa.engine.Engine, t: UnitTables, *, run_id: str, pass_name: str, stage: int
+) -> dict[str, str | None]:
     """record id -> escalation reason of one pass and stage of a run."""
     with engine.connect() as conn:
         rows = conn.execute(
-            sa.text(f"SELECT record_id, reason FROM {_q(t.work)} WHERE run_id = :r AND pass_name = :p AND stage = :s"),
+            sa.text(
+                f"SELECT record_id, reason FROM {_q(t.work)} WHERE run_id = :r AND pass_name = :p AND stage = :s"
+            ),
             {"r": run_id, "p": pass_name, "s": stage},
         )
         return {r[0]: r[1] for r in rows}
 
 
-def count_work(engine: sa.engine.Engine, t: UnitTables, *, run_id: str, pass_name: str, stage: int = 0) -> int:
+def count_work(
+    engine: sa.engine.Engine, t: UnitTables, *, run_id: str, pass_name: str, stage: int = 0
+) -> int:
     with engine.connect() as conn:
         return int(
             conn.execute(
-                sa.text(f"SELECT count(*) FROM {_q(t.work)} WHERE run_id = :r AND pass_name = :p AND stage = :s"),
+                sa.text(
+                    f"SELECT count(*) FROM {_q(t.work)} WHERE run_id = :r AND pass_name = :p AND stage = :s"
+                ),
                 {"r": run_id, "p": pass_name, "s": stage},
             ).scalar_one()
         )

@@ -26,7 +26,9 @@ class ReviewSentiment(BaseModel):
     sentiment: Sentiment = Field(description="Overall sentiment of the review.")
     aspect: str = Field(max_length=40, description="The product aspect the review is mostly about.")
     confidence: float = Field(ge=0, le=1, description="How sure you are of the sentiment.")
-    evidence: str = Field(max_length=200, description="A verbatim quote from the review supporting the sentiment.")
+    evidence: str = Field(
+        max_length=200, description="A verbatim quote from the review supporting the sentiment."
+    )
 
 
 # --- end of schema ---
@@ -65,7 +67,7 @@ with DAG(
         ],
         destination=Destination(conn_id=DB, table="review_sentiment"),
         guardrails=Guardrails(max_reject_rate=0.2, review_after=3),
-        pilot=30,
+        pilot=150,
         approval=True,
         budget_usd=5.0,
         poll_interval=float(os.environ.get("FABLE_POLL_SECONDS", "60")),
