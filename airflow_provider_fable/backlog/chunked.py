@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
 from typing import Any
@@ -420,3 +421,50 @@ def incomplete_reasons(
             else:
                 out[str(r[idc])] = (str(r["reasons"]), str(r["note"]))
     return out
+
+
+def project_sections(spec: Mapping[str, Any], context: Any, out: dict[str, Any]) -> float:
+    """Add the full pass's section requests to ``project``'s projection; return the pilot's cost.
+
+    Sections per record and cost per section are what the pilot measured (its ``combine_plan``
+    and ``sections_load``): the full pass's records times the pilot's sections per record, times
+    the pilot's cost per section sent. The row goes first in ``out["stages"]`` and the markdown
+    table, and into ``projected_cost_usd``.
+    """
+    ti = context["ti"]
+    plan = ti.xcom_pull(task_ids=f"{spec['group']}.pilot_combine_plan") or {}
+    cost = sections_cost(context, spec, "pilot")
+    records, sections, sent = (
+        plan.get("records") or 0,
+        plan.get("sections") or 0,
+        plan.get("sections_sent") or 0,
+    )
+    full = float(out.get("records") or 0)
+    requests = full * sections / records if records else None
+    unit = cost / sent if sent else None
+    projected = round(requests * unit, 6) if requests is not None and unit is not None else None
+    basis = (
+        f"pilot: {sections} section(s) of {records} record(s), ${cost:.6f} for {sent} sent"
+        if records
+        else "no pilot measurement"
+    )
+    row = {
+        "stage": "sections", "model": spec["chunking"].model,
+        "requests": None if requests is None else round(requests, 1), "cost_per_request_usd": unit,
+        "projected_cost_usd": projected, "basis": basis,
+    }  # fmt: skip
+    out["stages"] = [row, *out.get("stages", [])]
+    if projected is not None:
+        out["projected_cost_usd"] = round(float(out.get("projected_cost_usd") or 0.0) + projected, 6)
+    per = "?" if unit is None else f"{unit:.6f}"
+    line = (
+        f"| sections | {row['model']} | {'?' if requests is None else f'{requests:.1f}'} | {per} | "
+        f"{'?' if projected is None else f'{projected:.4f}'} | {basis} |"
+    )
+    md = out.get("markdown", "").split("\n")
+    at = next((n + 1 for n, x in enumerate(md) if x.startswith("|---")), len(md))
+    md.insert(at, line)
+    total = f"projected ${float(out.get('projected_cost_usd') or 0.0):.4f} (sections included)**"
+    md = [re.sub(r"projected \$[0-9.]+\*\*", total, x) if x.startswith("**Full run") else x for x in md]
+    out["markdown"] = "\n".join(md)
+    return cost

@@ -374,6 +374,8 @@ def plan_escalation(
         )
         candidates: list[tuple[int, float, str, str]] = []
         for rid in ids:
+            if spec.get("chunking") is not None and rid not in states:
+                continue  # chunking: never combined (sections incomplete), nothing to escalate
             answer = answers.get(rid) if rid in accepted else None
             record = records.get(rid, {})
             hit = stage.first_reason(answer, record)
@@ -480,7 +482,8 @@ def finalize(spec: dict[str, Any], context: Any, *, pass_name: str) -> dict[str,
         if spec.get("chunking") is not None:  # chunking (backlog/chunked.py): why it was never combined
             from airflow_provider_fable.backlog import chunked
 
-            why[0] = {**chunked.incomplete_reasons(engine, spec, run_id, pass_name), **why[0]}
+            never_combined = chunked.incomplete_reasons(engine, spec, run_id, pass_name)
+            why = [{**never_combined, **w} for w in why]  # whichever stage it was last planned for
         now = datetime.now(timezone.utc).isoformat()
         rows, rejects = [], []
         by_stage: dict[str, int] = {}
@@ -803,6 +806,10 @@ def project(spec: dict[str, Any], context: Any) -> dict[str, Any]:
     pilot = {"records": counts, "costs": costs} if counts[0] else None
     out = projection(spec, context, full_records=int(selected.get("full") or 0), pilot=pilot)
     spent = round(sum(costs), 6)
+    if spec.get("chunking") is not None:  # chunking (backlog/chunked.py): the section requests too
+        from airflow_provider_fable.backlog import chunked
+
+        spent = round(spent + chunked.project_sections(spec, context, out), 6)
     budget = _float(context["params"].get("budget_usd"))
     out["pilot_cost_usd"] = spent
     out["pilot"] = pilot
