@@ -125,3 +125,14 @@ def test_pilot_projects_the_sections_and_a_failed_rerun_resends_only_failed_sect
     assert set(resent) == {
         s for s in bad_sections - accepted_sections if parse_section_id(s)[0] in incomplete
     }
+
+
+def test_an_empty_text_fails_the_sections_submit_before_anything_is_sent(chunked):
+    """``on_empty="error"`` (the default): the sections submit fails naming the record and the
+    rule, and no batch is created (an empty section would be a paid request about nothing)."""
+    airflow_env, engine, server = chunked
+    result = airflow_env.run_dag(_load_dag("chunked_empty_text"))
+    assert result.state == "failed"
+    assert result.task_states["notes.select"] == "success"
+    assert result.task_states["notes.sections_submit"] == "failed", result.task_states
+    assert int(server.store.stats.snapshot().get("calls", {}).get("create", 0)) == 0
