@@ -22,11 +22,13 @@ Splitting (:func:`split_text`)
 Token estimate (:func:`estimate_tokens`)
     Deterministic and offline, because splitting happens while the run is planned and must give
     the same sections on every retry: ASCII characters count ``1 / chars_per_token`` each
-    (default 4: English prose and markdown measure about 4 characters per token on Claude's
-    tokenizers), every non-ASCII character counts one token (CJK is about one token per
-    character; accented Latin, Cyrillic or Greek use less, so their estimate is high, which keeps
-    sections under the bound rather than over it). It is an estimate for sizing sections, not the
-    bill: the submit operator counts the real requests with the API before anything is paid.
+    (default 4; English prose and markdown usually measure 3.5-4 characters per token on
+    Claude's tokenizers, so a section can run ~15 % over the bound in real tokens: lower
+    ``chars_per_token`` for a strict bound), every non-ASCII character counts one token (CJK is
+    about one token per character, where ``bytes / 4`` would say 0.75; accented Latin,
+    Cyrillic or Greek use less, so their estimate is high and their sections smaller). It
+    sizes sections; the bill is estimated by the submit operator with the API's token counting
+    before anything is paid.
 
 Section ids (:func:`section_id`)
     ``<record id>__s<k>of<n>-<digest>``, e.g. ``DOC-0021__s03of07-5f0c2a9e``: the parent, the
