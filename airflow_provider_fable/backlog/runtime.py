@@ -367,9 +367,18 @@ def plan_escalation(
         states = _verdicts(spec, _job_of(context, spec, pass_name, i), ids)
         accepted = [r for r in ids if getattr(states.get(r), "status", None) == "accepted"]
         answers = _answers(engine, spec["stage_tables"][i], spec["id_column"], accepted)
+        # The source records only when a rule, the priority or the upper-bound cost of the next
+        # request reads them (rejected/below/equals without when_record decide on the answer alone).
+        prices = _prices(spec)
+        unit, basis = measured_request_cost(engine, spec, i + 1, prices)
+        needs_record = (
+            unit is None
+            or stage.priority_field
+            or any(r.kind in ("not_quoted", "when") or r.when_record is not None for r in stage.escalate)
+        )
         records = (
             {str(r[spec["source"].id_field]): r for r in stage_records(spec, run_id, pass_name, i)}
-            if ids
+            if ids and needs_record
             else {}
         )
         candidates: list[tuple[int, float, str, str]] = []
@@ -388,24 +397,16 @@ def plan_escalation(
                 except (TypeError, ValueError):
                     prio = 0.0
             candidates.append((hit[0], prio, rid, hit[1].reason))
-        candidates.sort()
         prev = _budget_before(spec, context, pass_name, i)
         spent = _stage_cost(context, spec, pass_name, i)
         left = None if prev is None else round(max(0.0, prev - spent), 6)
-        prices = _prices(spec)
-        unit, basis = measured_request_cost(engine, spec, i + 1, prices)
-        chosen: list[tuple[str, str]] = []
-        over = 0
-        planned = 0.0
-        for _, _, rid, reason in candidates:
-            cost = (
+        chosen, over, planned = fit_escalations(
+            candidates,
+            lambda rid: (
                 unit if unit is not None else upper_bound_request_cost(spec, i + 1, records.get(rid), prices)
-            )
-            if left is not None and cost is not None and planned + cost > left:
-                over += 1
-                continue
-            planned += cost or 0.0
-            chosen.append((rid, reason))
+            ),
+            left,
+        )
         sel.write_work(engine, t, run_id=run_id, pass_name=pass_name, stage=i + 1, rows=chosen)
     finally:
         engine.dispose()
@@ -425,6 +426,27 @@ def plan_escalation(
     }
     log.info("Escalation after %s (%s): %s", spec["stage_names"][i], pass_name, out)
     return out
+
+
+def fit_escalations(
+    candidates: list[tuple[int, float, str, str]], cost_of: Any, left: float | None
+) -> tuple[list[tuple[str, str]], int, float]:
+    """Candidates ``(rule index, -priority, id, reason)`` in priority order, taken while ``left``
+    covers their cost: (chosen (id, reason), how many did not fit, planned cost).
+
+    Earlier rules first, then higher ``priority_field``, then id; a candidate that does not fit is
+    skipped and cheaper later ones may still fit. ``left=None``: no budget, all are taken.
+    """
+    chosen: list[tuple[str, str]] = []
+    over, planned = 0, 0.0
+    for _, _, rid, reason in sorted(candidates):
+        cost = cost_of(rid)
+        if left is not None and cost is not None and planned + cost > left:
+            over += 1
+            continue
+        planned += cost or 0.0
+        chosen.append((rid, reason))
+    return chosen, over, planned
 
 
 def _budget_before(spec: Mapping[str, Any], context: Any, pass_name: str, i: int) -> float | None:
@@ -602,7 +624,9 @@ def _distribution(spec: Mapping[str, Any], rows: list[dict[str, Any]]) -> dict[s
     return {f: _count(str(r.get(f)) for r in rows) for f in fields}
 
 
-def _needs_review(spec: Mapping[str, Any], last_job: str | None, rejects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _needs_review(
+    spec: Mapping[str, Any], last_job: str | None, rejects: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
     """Rejects of the last stage that failed the same way ``review_after`` times (ledger outcomes)."""
     if not last_job or not rejects:
         return []
@@ -616,7 +640,9 @@ def _needs_review(spec: Mapping[str, Any], last_job: str | None, rejects: list[d
         ledger.engine.dispose()
 
 
-def review_candidates(ledger: Any, job_id: str, rejects: list[dict[str, Any]], *, id_column: str, limit: int) -> list[dict[str, Any]]:
+def review_candidates(
+    ledger: Any, job_id: str, rejects: list[dict[str, Any]], *, id_column: str, limit: int
+) -> list[dict[str, Any]]:
     """The rejects whose record the job rejected ``limit`` or more times for the same reason.
 
     Counted on the ledger's outcome rows (one per record and batch, so one per attempt), which
@@ -634,7 +660,9 @@ def review_candidates(ledger: Any, job_id: str, rejects: list[dict[str, Any]], *
         for start in range(0, len(ids), _CHUNK):
             q = (
                 sa.select(o.record_id, o.reason, sa.func.count())
-                .where(o.job_id == job_id, o.status == "rejected", o.record_id.in_(ids[start : start + _CHUNK]))
+                .where(
+                    o.job_id == job_id, o.status == "rejected", o.record_id.in_(ids[start : start + _CHUNK])
+                )
                 .group_by(o.record_id, o.reason)
             )
             for rid, reason, n in conn.execute(q):

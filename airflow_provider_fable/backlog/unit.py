@@ -173,6 +173,7 @@ class Backlog:
         self.fable_conn_id, self.ledger_conn_id = fable_conn_id, ledger_conn_id
         self.poll_interval, self.prices, self.seed, self.qa_size = poll_interval, prices, seed, qa_size
         self.with_pilot = bool(pilot) or approval
+        self.approval = approval
         self._add_params(pilot, approval, budget_usd, limit)
         self.spec = self._spec(review_table)
         # chunking (backlog/chunked.py): the section step before the stages.
@@ -187,14 +188,15 @@ class Backlog:
     def _add_params(self, pilot: int, approval: bool, budget_usd: float | None, limit: int | None) -> None:
         from airflow.sdk import Param
 
+        # Short schemas: every task of the DAG deep-copies the DAG's Params when it is built.
         wanted = {
-            "mode": Param("auto", enum=list(RUN_MODES), description="Which records: auto (interval for scheduled/backfill runs with a date field, else backlog), interval, backlog, failed, all"),
-            "pilot": Param(pilot, type="integer", minimum=0, description="Records in the pilot pass (0 = no pilot)"),
-            "budget_usd": Param(budget_usd, type=["number", "null"], minimum=0, description="Budget of the run (pilot and every stage)"),
-            "approval": Param("ask" if approval else "skip", enum=list(APPROVAL_CHOICES), description="Ask a human between pilot and full run"),
-            "estimate_only": Param(False, type="boolean", description="Project the cost per stage and stop before paying for anything"),
-            "limit": Param(limit, type=["integer", "null"], minimum=1, description="At most this many records per run"),
-        }  # fmt: skip
+            "mode": Param("auto", enum=list(RUN_MODES), description="Which records (docs/backlog.md)"),
+            "pilot": Param(pilot, type="integer", minimum=0, description="Pilot records (0: none)"),
+            "budget_usd": Param(budget_usd, type=["number", "null"], description="Budget of the run"),
+            "approval": Param("ask" if approval else "skip", enum=list(APPROVAL_CHOICES)),
+            "estimate_only": Param(False, type="boolean", description="Project the cost, pay nothing"),
+            "limit": Param(limit, type=["integer", "null"], description="Records per run (null: all)"),
+        }
         for name, param in wanted.items():
             if name not in self.dag.params:
                 self.dag.params[name] = param
@@ -348,11 +350,16 @@ class Backlog:
                 gate = self._py("gate", runtime.gate_no_pilot, kind="short_circuit")
                 select >> gate >> full_first
                 return group
+            pilot_first, pilot_last = self._pass("pilot")
+            project = self._py("project", runtime.project)
+            select >> pilot_first
+            if not self.approval:  # no HITL operator to import: the gate only stops estimate_only runs
+                gate = self._py("gate", runtime.gate_no_pilot, kind="short_circuit")
+                pilot_last >> project >> gate >> full_first
+                return group
             from airflow.providers.standard.operators.empty import EmptyOperator
             from airflow.providers.standard.operators.hitl import ApprovalOperator
 
-            pilot_first, pilot_last = self._pass("pilot")
-            project = self._py("project", runtime.project)
             gate = self._py("gate", runtime.gate, kind="branch", approve=self.task_id("approve"),
                             no_approval=self.task_id("no_approval"))  # fmt: skip
             approve = ApprovalOperator(
@@ -362,7 +369,6 @@ class Backlog:
                 response_timeout=approval_timeout,
             )
             no_approval = EmptyOperator(task_id="no_approval")
-            select >> pilot_first
             pilot_last >> project >> gate >> [approve, no_approval]
             [approve, no_approval] >> full_first
             # Runs after an approval or when none was asked; skipped on Reject (the approval skips

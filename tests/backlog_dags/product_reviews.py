@@ -41,7 +41,7 @@ with DAG(
     catchup=False,
     max_active_runs=1,
     default_args={"retries": 1},
-):
+) as dag:
     Backlog(
         "reviews",
         source=Source(
