@@ -71,7 +71,7 @@ def test_pilot_projects_the_sections_and_a_failed_rerun_resends_only_failed_sect
     result = airflow_env.run_dag(dag, conf={"limit": 30})
     states = result.task_states
     assert result.state == "success", states
-    assert {t for t, s in states.items() if s != "success"} == {"docs.approve"}
+    assert set(states.values()) == {"success"}, states
 
     pilot_plan, plan = result.xcom("docs.pilot_combine_plan"), result.xcom("docs.combine_plan")
     assert pilot_plan["records"] == 5 and plan["records"] == 25
@@ -82,7 +82,7 @@ def test_pilot_projects_the_sections_and_a_failed_rerun_resends_only_failed_sect
     project = result.xcom("docs.project")
     sections_row = project["stages"][0]
     assert sections_row["stage"] == "sections" and sections_row["model"] == "claude-haiku-4-5"
-    assert sections_row["requests"] == pytest.approx(25 * pilot_plan["sections"] / 5, abs=0.1)
+    assert sections_row["requests"] == plan["sections"]  # exact: the full pass split as it is sent
     assert sections_row["projected_cost_usd"] > 0
     assert "| sections | claude-haiku-4-5 |" in project["markdown"]
     pilot_final = result.xcom("docs.pilot_finalize")

@@ -431,6 +431,28 @@ def test_document_summaries_chunk_then_combine(request, backlog):
     assert finalized["cost_usd_by_stage"]["sections"] > 0 and finalized["cost_usd_by_stage"]["s1"] > 0
 
 
+def test_document_summaries_estimate_only_counts_the_sections_and_pays_nothing(request, sqlite_backlog):
+    """estimate_only on a chunked backlog: the projection has the exact number of section requests
+    (the selection split as it would be sent) priced at an upper bound, and nothing is created."""
+    airflow_env, engine = sqlite_backlog
+    server = request.node.fable_server
+    dag = airflow_env.load_dag("document_summaries")
+    result = airflow_env.run_dag(dag, conf={"limit": 14, "section_tokens": 500, "estimate_only": True})
+    assert result.state == "success", result.task_states
+    projection = result.xcom("documents.select")["projection"]
+    sections, combine = projection["stages"]
+    assert sections["stage"] == "sections" and sections["requests"] > 0 and sections["projected_cost_usd"] > 0
+    assert "upper bound" in sections["basis"] and "| sections |" in projection["markdown"]
+    assert projection["projected_cost_usd"] == pytest.approx(
+        sections["projected_cost_usd"] + combine["projected_cost_usd"], abs=1e-5
+    )
+    assert result.task_states["documents.sections_submit"] == "skipped" and _created(server) == 0
+    # The count is the split the run would send: the same run without estimate_only sends it.
+    fresh = airflow_env.load_dag("document_summaries")  # dag.test() keeps the first run's params
+    paid = airflow_env.run_dag(fresh, conf={"limit": 14, "section_tokens": 500, "estimate_only": False})
+    assert paid.xcom("documents.sections_submit")["request_count"] == sections["requests"]
+
+
 def test_document_summaries_failed_mode_resends_only_failed_sections(request, sqlite_backlog):
     airflow_env, engine = sqlite_backlog
     server = request.node.fable_server

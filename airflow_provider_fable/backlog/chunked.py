@@ -423,43 +423,22 @@ def incomplete_reasons(
     return out
 
 
-def project_sections(spec: Mapping[str, Any], context: Any, out: dict[str, Any]) -> float:
-    """Add the full pass's section requests to ``project``'s projection; return the pilot's cost.
+def _full_pass_split(spec: Mapping[str, Any], context: Any) -> Any:
+    """The full pass's sections, split as its sections submit will split them (deterministic)."""
+    return _split(spec, _pass_records(spec, str(context["run_id"]), "full"), context["params"])
 
-    Sections per record and cost per section are what the pilot measured (its ``combine_plan``
-    and ``sections_load``): the full pass's records times the pilot's sections per record, times
-    the pilot's cost per section sent. The row goes first in ``out["stages"]`` and the markdown
-    table, and into ``projected_cost_usd``.
-    """
-    ti = context["ti"]
-    plan = ti.xcom_pull(task_ids=f"{spec['group']}.pilot_combine_plan") or {}
-    cost = sections_cost(context, spec, "pilot")
-    records, sections, sent = (
-        plan.get("records") or 0,
-        plan.get("sections") or 0,
-        plan.get("sections_sent") or 0,
-    )
-    full = float(out.get("records") or 0)
-    requests = full * sections / records if records else None
-    unit = cost / sent if sent else None
-    projected = round(requests * unit, 6) if requests is not None and unit is not None else None
-    basis = (
-        f"pilot: {sections} section(s) of {records} record(s), ${cost:.6f} for {sent} sent"
-        if records
-        else "no pilot measurement"
-    )
-    row = {
-        "stage": "sections", "model": spec["chunking"].model,
-        "requests": None if requests is None else round(requests, 1), "cost_per_request_usd": unit,
-        "projected_cost_usd": projected, "basis": basis,
-    }  # fmt: skip
+
+def _add_row(out: dict[str, Any], row: dict[str, Any]) -> None:
+    """Put a ``sections`` row first in a projection (its stages, total and markdown table)."""
     out["stages"] = [row, *out.get("stages", [])]
-    if projected is not None:
-        out["projected_cost_usd"] = round(float(out.get("projected_cost_usd") or 0.0) + projected, 6)
-    per = "?" if unit is None else f"{unit:.6f}"
+    if row["projected_cost_usd"] is not None:
+        out["projected_cost_usd"] = round(
+            float(out.get("projected_cost_usd") or 0.0) + row["projected_cost_usd"], 6
+        )
+    unit, projected = row["cost_per_request_usd"], row["projected_cost_usd"]
     line = (
-        f"| sections | {row['model']} | {'?' if requests is None else f'{requests:.1f}'} | {per} | "
-        f"{'?' if projected is None else f'{projected:.4f}'} | {basis} |"
+        f"| sections | {row['model']} | {row['requests']:g} | {'?' if unit is None else f'{unit:.6f}'} | "
+        f"{'?' if projected is None else f'{projected:.4f}'} | {row['basis']} |"
     )
     md = out.get("markdown", "").split("\n")
     at = next((n + 1 for n, x in enumerate(md) if x.startswith("|---")), len(md))
@@ -467,4 +446,83 @@ def project_sections(spec: Mapping[str, Any], context: Any, out: dict[str, Any])
     total = f"projected ${float(out.get('projected_cost_usd') or 0.0):.4f} (sections included)**"
     md = [re.sub(r"projected \$[0-9.]+\*\*", total, x) if x.startswith("**Full run") else x for x in md]
     out["markdown"] = "\n".join(md)
+
+
+def project_sections(spec: Mapping[str, Any], context: Any, out: dict[str, Any]) -> float:
+    """Add the full pass's section requests to ``project``'s projection; return the pilot's cost.
+
+    The number of sections is exact: the full pass's records are split here as its sections
+    submit will split them. The cost per section is what the pilot paid per section it sent
+    (its ``sections_load``); without one, the mean of earlier section answers or an upper bound.
+    """
+    ti = context["ti"]
+    plan = ti.xcom_pull(task_ids=f"{spec['group']}.pilot_combine_plan") or {}
+    cost = sections_cost(context, spec, "pilot")
+    sent = plan.get("sections_sent") or 0
+    split = _full_pass_split(spec, context)
+    if sent:
+        unit: float | None = cost / sent
+        basis = f"pilot: ${cost:.6f} for {sent} section(s)"
+    else:
+        unit, basis = _unit_cost_without_pilot(spec, split)
+    n = len(split.sections)
+    row = {
+        "stage": "sections", "model": spec["chunking"].model, "requests": float(n), "cost_per_request_usd": unit,
+        "projected_cost_usd": None if unit is None else round(n * unit, 6),
+        "basis": f"{basis}; exact count: the full pass splits into {n} section(s)",
+    }  # fmt: skip
+    _add_row(out, row)
     return cost
+
+
+def estimate_sections(spec: Mapping[str, Any], context: Any, out: dict[str, Any]) -> None:
+    """An ``estimate_only`` run without a pilot: add the section requests to ``select``'s projection
+    (exact count from the split; cost per section measured on earlier runs, else an upper bound)."""
+    split = _full_pass_split(spec, context)
+    unit, basis = _unit_cost_without_pilot(spec, split)
+    n = len(split.sections)
+    _add_row(out, {
+        "stage": "sections", "model": spec["chunking"].model, "requests": float(n), "cost_per_request_usd": unit,
+        "projected_cost_usd": None if unit is None else round(n * unit, 6),
+        "basis": f"{basis}; exact count: the full pass splits into {n} section(s)",
+    })  # fmt: skip
+
+
+def _unit_cost_without_pilot(spec: Mapping[str, Any], split: Any) -> tuple[float | None, str]:
+    """Mean cost of a section answer measured in ``<table>__sections`` (any run), else an upper
+    bound: the section's estimated tokens plus the prompt's (4 characters a token), nothing
+    cached, ``max_tokens`` out."""
+    import sqlalchemy as sa
+
+    from airflow_provider_fable.backlog.runtime import _prices
+    from airflow_provider_fable.core.chunking import estimate_tokens
+    from airflow_provider_fable.core.cost import usage_cost_usd
+    from airflow_provider_fable.core.results import Usage
+
+    c, prices = spec["chunking"], _prices(spec)
+    engine = _engine(spec["destination"].conn_id)
+    try:
+        if sa.inspect(engine).has_table(spec["sections_table"]):
+            with engine.connect() as conn:
+                n, tin, tout = conn.execute(
+                    sa.text(
+                        f'SELECT count(*), avg("_input_tokens"), avg("_output_tokens") FROM "{spec["sections_table"]}" '
+                        'WHERE "_model" = :m'
+                    ),
+                    {"m": c.model},
+                ).one()
+            if n:
+                usage = Usage(input_tokens=int(round(tin or 0)), output_tokens=int(round(tout or 0)))
+                return usage_cost_usd(usage, c.model, prices=prices), f"mean of {n} earlier section answer(s)"
+    finally:
+        engine.dispose()
+    if not split.sections:
+        return None, "no sections"
+    prompt = spec["section_prompt"]
+    fixed = (
+        len(prompt.system or "") + len(prompt.template) + sum(len(str(x)) for x in prompt.few_shot)
+    ) // 4 + 10
+    tokens = sum(estimate_tokens(s[c.field], c.chars_per_token) for s in split.sections)
+    mean_in = fixed + tokens / len(split.sections)
+    usage = Usage(input_tokens=int(mean_in), output_tokens=c.max_tokens)
+    return usage_cost_usd(usage, c.model, prices=prices), "upper bound (max_tokens out, nothing cached)"

@@ -211,6 +211,10 @@ def select(spec: dict[str, Any], context: Any) -> dict[str, Any]:
              spec["backlog_id"], run_id, mode, f" {out['window']}" if window else "", len(pilot_ids), full)  # fmt: skip
     if estimate_only and not spec["with_pilot"]:
         out["projection"] = projection(spec, context, full_records=full, pilot=None)
+        if spec.get("chunking") is not None:  # chunking (backlog/chunked.py): the section requests too
+            from airflow_provider_fable.backlog import chunked
+
+            chunked.estimate_sections(spec, context, out["projection"])
         log.info("Estimate only, nothing is paid for:\n%s", out["projection"]["markdown"])
     return out
 
