@@ -68,6 +68,7 @@ def reviews(fable_airflow, fable_emulator_factory, tmp_path, monkeypatch):
     )
     point_connection_at(server)
     monkeypatch.setenv("FABLE_POLL_SECONDS", "0.2")
+    monkeypatch.setenv("FABLE_RETRY_DELAY_SECONDS", "0")
     db = tmp_path / "reviews.db"
     fable_airflow.set_connection("reviews_db", conn_type="sqlite", host=str(db))
     engine = sa.create_engine(f"sqlite:///{db}")
@@ -530,3 +531,44 @@ def test_the_acceptance_backlog_is_at_most_60_lines_of_dag_code():
     code = [ln for n, ln in enumerate(lines) if not start <= n <= end and ln.strip()]
     assert len(code) <= 60, len(code)
     assert "NOT EXISTS" not in "\n".join(lines) and "INSERT" not in "\n".join(lines)
+
+
+def test_backlog_on_postgres_backlog_then_interval_run(
+    fable_airflow, fable_emulator_factory, pg_engine, monkeypatch
+):
+    """The same unit on PostgreSQL (selection in the database, timestamptz dates, COPY loads)."""
+    server = fable_emulator_factory(processing_retrieves=1, faults={"invalid_answer_rate": 0.05, "seed": 3})
+    point_connection_at(server)
+    monkeypatch.setenv("FABLE_POLL_SECONDS", "0.2")
+    monkeypatch.setenv("FABLE_RETRY_DELAY_SECONDS", "0")
+    with pg_engine.connect() as conn:
+        schema = conn.execute(sa.text("SELECT current_schema()")).scalar_one()
+    fable_airflow.set_connection(
+        "reviews_db", conn_type="postgres", host="127.0.0.1", port=5432, login="postgres", schema="test",
+        extra={"sqlalchemy_query": {"options": f"-csearch_path={schema}"}},
+    )  # fmt: skip
+    ids = seed_reviews(pg_engine, 40, start=datetime(2026, 3, 1, tzinfo=timezone.utc), days=2)
+    with pg_engine.begin() as conn:  # a real timestamp column, as PostgreSQL tables have
+        conn.execute(
+            sa.text(
+                "ALTER TABLE product_reviews ALTER COLUMN created_at TYPE timestamptz USING created_at::timestamptz"
+            )
+        )
+    dag = load_backlog_dag()
+    first = fable_airflow.run_dag(dag, conf={"approval": "skip", "pilot": 10})
+    assert first.state == "success", first.task_states
+    assert first.task_states["reviews.no_approval"] == "success"
+    final = _rows(pg_engine, "SELECT review_id, _stage, _model FROM review_sentiment")
+    rejects = _rows(pg_engine, "SELECT review_id FROM review_sentiment_rejects")
+    assert {r["review_id"] for r in final} | {r["review_id"] for r in rejects} == set(ids)
+    new = seed_reviews(
+        pg_engine, 6, start=datetime(2026, 3, 10, 4, tzinfo=timezone.utc), days=1, first_id=500
+    )
+    run = fable_airflow.run_dag(
+        dag, conf={"mode": "interval"}, logical_date=datetime(2026, 3, 11, tzinfo=timezone.utc)
+    )
+    assert run.state == "success", run.task_states
+    assert run.xcom("reviews.select")["full"] == 6
+    done = {r["review_id"] for r in _rows(pg_engine, "SELECT review_id FROM review_sentiment")}
+    done |= {r["review_id"] for r in _rows(pg_engine, "SELECT review_id FROM review_sentiment_rejects")}
+    assert set(new) <= done

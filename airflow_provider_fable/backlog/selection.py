@@ -184,16 +184,28 @@ def insert_selection(
     ``exclude_pass`` leaves out the records already written for another pass of this run (the
     full pass after the pilot sample).
     """
-    sel = f"SELECT :run_id, :pass_name, 0, q.record_id FROM ({sql}) AS q"
+    # Every bind used once and typed: with server-side binding (psycopg 3) a parameter used in
+    # two places, or a bare parameter in the select list, is refused as ambiguous.
+    sel = (
+        "SELECT CAST(:run_id AS VARCHAR(250)), CAST(:pass_name AS VARCHAR(16)), 0, q.record_id "
+        f"FROM ({sql}) AS q"
+    )
     if exclude_pass:
         sel += (
-            f" WHERE NOT EXISTS (SELECT 1 FROM {_q(t.work)} AS w WHERE w.run_id = :run_id "
-            "AND w.pass_name = :exclude_pass AND w.record_id = q.record_id)"
+            f" WHERE NOT EXISTS (SELECT 1 FROM {_q(t.work)} AS w WHERE w.run_id = CAST(:run_id_x AS VARCHAR(250)) "
+            "AND w.pass_name = CAST(:exclude_pass AS VARCHAR(16)) AND w.record_id = q.record_id)"
         )
     stmt = f"INSERT INTO {_q(t.work)} (run_id, pass_name, stage, record_id) {sel}"
     with engine.begin() as conn:
         result = conn.execute(
-            sa.text(stmt), {**binds, "run_id": run_id, "pass_name": pass_name, "exclude_pass": exclude_pass}
+            sa.text(stmt),
+            {
+                **binds,
+                "run_id": run_id,
+                "run_id_x": run_id,
+                "pass_name": pass_name,
+                "exclude_pass": exclude_pass,
+            },
         )
         return int(result.rowcount or 0)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import Enum
 
 from airflow.sdk import DAG, CronDataIntervalTimetable
@@ -40,7 +40,10 @@ with DAG(
     start_date=datetime(2026, 3, 1),
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 1},
+    default_args={
+        "retries": 1,
+        "retry_delay": timedelta(seconds=float(os.environ.get("FABLE_RETRY_DELAY_SECONDS", "300"))),
+    },
 ) as dag:
     Backlog(
         "reviews",
