@@ -59,6 +59,30 @@ def _load_dag(dag_id: str) -> types.ModuleType:
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
+    return _prompt_files(module, dag_id)
+
+
+def _prompt_files(module: Any, dag_id: str) -> Any:
+    """The prompt files beside the DAG (the examples keep them there since they moved onto the
+    backlog unit), as the module constants these checks read, plus the unit's section split."""
+    from airflow_provider_fable.core.chunking import split_text
+
+    folder = ROOT / "dags"
+
+    def read(name: str) -> str | None:
+        path = folder / name
+        return path.read_text(encoding="utf-8").strip("\n") if path.is_file() else None
+
+    examples = folder / f"{dag_id}_examples.jsonl"
+    module.PROMPT_TEMPLATE, module.SYSTEM_PROMPT = read(f"{dag_id}.md"), read(f"{dag_id}_system.md")
+    module.FEW_SHOT = (
+        [json.loads(x) for x in examples.read_text(encoding="utf-8").splitlines() if x.strip()]
+        if examples.is_file()
+        else []
+    )
+    module.SECTION_TEMPLATE = read(f"{dag_id}_section.md")
+    module.SECTION_SYSTEM = read(f"{dag_id}_section_system.md")
+    module.split_sections = split_text
     return module
 
 
@@ -251,8 +275,8 @@ def _documents(limit: int | None) -> Dataset:
         sections = dag.split_sections(doc["body"], 500)
         for n, (heading, text) in enumerate(sections, 1):
             records.append({
-                "section_id": f"{doc['doc_id']}-s{n:03d}", "text": text, "title": doc["title"],
-                "doc_type": doc["doc_type"], "section_no": n, "section_count": len(sections),
+                "section_id": f"{doc['doc_id']}-s{n:03d}", "text": text, "body": text, "title": doc["title"],
+                "doc_type": doc["doc_type"], "section_index": n, "section_count": len(sections),
                 "_heading": heading or text.split("\n", 1)[0],
             })  # fmt: skip
     items = _requests(

@@ -1,26 +1,25 @@
 """Support ticket triage: label support tickets through Message Batches, exactly once per ticket.
 
-Which tickets a run takes (``params.mode``):
+Each ticket gets a category (the owning team), a priority, an escalation flag and a one-line
+summary, validated against ``TicketTriage`` (including its invariant: escalation needs priority
+high or urgent). The prompt, system prompt and few-shot examples are the files beside this one
+(``support_ticket_triage.md``, ``support_ticket_triage_system.md``,
+``support_ticket_triage_examples.jsonl``).
 
-- ``interval``: tickets created within the run's data interval (``data_interval_start`` <=
-  ``created_at`` < ``data_interval_end``). Scheduled and backfill runs use it by default, so
-  ``airflow backfill create --dag-id support_ticket_triage --from-date ... --to-date ...``
-  processes each day once; re-running a day re-attaches to its batch (nothing new is paid).
-- ``backlog``: the next ``params.limit`` tickets never processed (no triage row, no reject row).
-  Runs triggered from the CLI or the UI are manual runs: they may have no logical date or data
-  interval at all, so by default they take the backlog instead of failing on an undefined date.
-- ``failed``: the tickets the job ledger holds as rejected, sent again (``rerun="failed"``).
-- ``auto`` (default): ``interval`` for scheduled/backfill runs, ``backlog`` otherwise.
-
-Each ticket is submitted once per job (see docs/ledger.md): every task has ``retries=2``; a retried
-or cleared submit re-attaches to the batches it already created. The answers are validated against
-``TicketTriage``; accepted rows go to ``ticket_triage``, rejects to ``ticket_triage_rejects``.
+Everything else is the backlog unit's (docs/backlog.md): which tickets a run takes (``params.mode``:
+scheduled runs and backfills take the tickets created in their day, so
+``airflow backfill create --dag-id support_ticket_triage --from-date ... --to-date ...``
+processes each day once; manual runs take the next ``params.limit`` tickets never processed;
+``failed`` resends the rejected ones), the optional pilot (``params.pilot``) and approval, the
+budget (``params.budget_usd``), exactly-once submission through the job ledger (every task has
+``retries=2``; a retried submit re-attaches to its batches), the final table ``ticket_triage``
+(one row per ticket, with the stage, model and batch), ``ticket_triage_rejects`` with each
+ticket's last reason, a QA sample and the guardrails below.
 
 Connections: ``fable_default`` (the API or the emulator) and ``fable_backlog_db`` (any SQL
-connection holding ``support_tickets``; the ``seed_tickets`` task loads the synthetic dataset
-bundled with the provider into it when the table is empty, and fails naming any missing
-connection and how to create it). The top of this file imports only Airflow and
-pydantic: the SDK, pandas and SQL work happen inside tasks, so parsing stays fast.
+connection holding ``support_tickets``; ``seed`` loads the bundled synthetic tickets into it when
+the table is empty and fails naming a missing connection and how to create it). The top of this
+file imports only Airflow, pydantic and the unit's config objects: parsing stays fast.
 """
 
 from __future__ import annotations
@@ -29,17 +28,15 @@ import os
 from datetime import datetime, timedelta
 from enum import Enum
 
-from airflow.sdk import DAG, Param, task
-from airflow.sdk.definitions.timetables.interval import CronDataIntervalTimetable
+from airflow.sdk import DAG, Asset, CronDataIntervalTimetable, task
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from airflow_provider_fable.operators.load import FableValidateLoadOperator
-from airflow_provider_fable.operators.submit import FableBatchSubmitOperator
-from airflow_provider_fable.sensors.batch import FableBatchSensor
+from airflow_provider_fable.backlog import Backlog, Destination, Guardrails, Prompt, Source, Stage
 
 BACKLOG_CONN_ID = os.environ.get("FABLE_BACKLOG_CONN_ID", "fable_backlog_db")
 POLL_SECONDS = float(os.environ.get("FABLE_POLL_SECONDS", "60"))
 RETRY_DELAY = timedelta(seconds=float(os.environ.get("FABLE_RETRY_DELAY_SECONDS", "120")))
+TICKET_TRIAGE = Asset(name="ticket_triage", uri="x-fable://backlog/ticket_triage")
 
 
 class Category(str, Enum):
@@ -75,170 +72,6 @@ class TicketTriage(BaseModel):
         return self
 
 
-SYSTEM_PROMPT = """You triage customer support tickets for an online store that sells hardware \
-and a companion subscription app. For every ticket, return the owning team (category), the \
-priority, whether a team lead must be pulled in today (escalate), and a one-sentence summary.
-
-Categories:
-- billing: charges, invoices, refunds, receipts, VAT, plan prices, failed or duplicate payments, \
-subscription renewals and cancellations that are about money.
-- account_access: logging in, passwords, two-factor codes, SSO, locked or suspended accounts, \
-changing the account email. A customer who cannot log in to update a card is account_access: \
-the blocker is the login, not the payment.
-- bug: something that used to work or should work is broken: errors, crashes, wrong numbers, \
-buttons that do nothing, sync failures. A 2FA code that never arrives is account_access, not bug.
-- feature_request: asks for something the product does not do yet, including "is this a bug?" \
-questions about behaviour that works as designed (e.g. exports without custom fields).
-- shipping: delivery of physical orders: tracking, delays, damaged or missing parcels, address \
-changes, customs. A shipping fee complaint about a late parcel is shipping.
-
-Priority:
-- urgent: the customer's business is stopped, data is being lost, security is at risk, or a \
-legal/chargeback threat is explicit.
-- high: a paying customer is blocked on an important task, or a deadline within days is named.
-- medium: a real problem with a workaround, or a question that needs an answer this week.
-- low: cosmetic issues, ideas, "no rush" questions.
-
-Escalate only for legal threats, chargebacks, data loss, outages affecting many users, or an \
-enterprise customer threatening to leave. Escalation always needs priority high or urgent.
-
-Reading the ticket: judge the newest message only; ignore greetings, signatures, "Sent from my \
-iPhone" lines and quoted earlier replies. When a ticket mixes topics, pick the team that has to \
-act first. Customer tier alone never raises priority, and a web-form topic chosen by the \
-customer is a hint, not the answer: customers often pick the wrong one. Mixed-language tickets \
-are triaged like any other.
-
-The summary is one plain sentence under 200 characters, without names, emails, phone numbers \
-or order numbers. Answer with the JSON object only."""
-
-PROMPT_TEMPLATE = """Ticket {ticket_id} via {channel} (customer tier: {customer_tier})
-Subject: {subject}
-
-{body}"""
-
-FEW_SHOT = [
-    {
-        "record": {
-            "ticket_id": "EXAMPLE-1",
-            "channel": "email",
-            "customer_tier": "pro",
-            "subject": "Can't get in to update my card",
-            "body": "My card expired so I wanted to update it, but the login page keeps saying my "
-            "password is wrong even after a reset. Renewal is next week.",
-        },
-        "answer": {
-            "category": "account_access",
-            "priority": "high",
-            "escalate": False,
-            "summary": "Customer cannot log in after a password reset and needs to update an expiring card.",
-        },
-    },
-    {
-        "record": {
-            "ticket_id": "EXAMPLE-2",
-            "channel": "chat",
-            "customer_tier": "enterprise",
-            "subject": "Charged twice - disputing with bank",
-            "body": "We were invoiced twice for the annual plan. If this is not refunded by Friday "
-            "our finance team will file a chargeback.",
-        },
-        "answer": {
-            "category": "billing",
-            "priority": "urgent",
-            "escalate": True,
-            "summary": "Enterprise customer was invoiced twice for the annual plan and threatens a chargeback.",
-        },
-    },
-    {
-        "record": {
-            "ticket_id": "EXAMPLE-3",
-            "channel": "web_form",
-            "customer_tier": "free",
-            "subject": "Export is missing my custom fields - bug?",
-            "body": "When I export contacts to CSV the custom fields I added are not in the file. "
-            "Is that a bug? It would be great if the export could include them. No rush.",
-        },
-        "answer": {
-            "category": "feature_request",
-            "priority": "low",
-            "escalate": False,
-            "summary": "Customer asks for CSV exports to include custom fields, which they do not today.",
-        },
-    },
-    {
-        "record": {
-            "ticket_id": "EXAMPLE-4",
-            "channel": "phone_transcript",
-            "customer_tier": "pro",
-            "subject": "App crashes when opening reports",
-            "body": "Since yesterday's update the app crashes every time I open the reports tab on "
-            "my Android phone. I reinstalled it twice. I need the weekly report for a meeting on Monday.",
-        },
-        "answer": {
-            "category": "bug",
-            "priority": "high",
-            "escalate": False,
-            "summary": "App crashes on opening the reports tab on Android since the latest update.",
-        },
-    },
-    {
-        "record": {
-            "ticket_id": "EXAMPLE-5",
-            "channel": "email",
-            "customer_tier": "free",
-            "subject": "Where is my parcel?",
-            "body": "My order was marked as shipped ten days ago but the tracking page has not "
-            "changed since. Can you check with the courier?",
-        },
-        "answer": {
-            "category": "shipping",
-            "priority": "medium",
-            "escalate": False,
-            "summary": "Parcel marked as shipped ten days ago shows no tracking updates since.",
-        },
-    },
-]
-
-
-def require_interval(start: object) -> str:
-    """Template macro: a clear error when ``mode=interval`` meets a run without a data interval."""
-    if start is None:
-        raise ValueError(
-            "params.mode='interval' needs a run with a data interval (a scheduled or backfill run, "
-            "or one triggered with a logical date); use mode='backlog' for runs without one"
-        )
-    return ""
-
-
-#: ``auto`` resolves to ``interval`` for scheduled and backfill runs (they have a data interval),
-#: ``backlog`` for manual runs (from the CLI or UI they may have none).
-MODE = (
-    "{% set mode = params.mode %}{% if mode == 'auto' %}{% set mode = 'interval' "
-    "if (dag_run.run_type in ('scheduled', 'backfill') and data_interval_start) else 'backlog' %}"
-    "{% endif %}"
-)
-
-SELECT_TICKETS = (
-    MODE
-    + """
-SELECT t.ticket_id, t.channel, t.customer_tier, t.subject, t.body
-FROM support_tickets AS t
-{% if mode == 'interval' %}
-{{ require_interval(data_interval_start) }}
-WHERE t.created_at >= '{{ data_interval_start.strftime('%Y-%m-%dT%H:%M:%SZ') }}'
-  AND t.created_at < '{{ data_interval_end.strftime('%Y-%m-%dT%H:%M:%SZ') }}'
-{% elif mode == 'failed' %}
-WHERE EXISTS (SELECT 1 FROM ticket_triage_rejects AS x WHERE x.record_id = t.ticket_id)
-  AND NOT EXISTS (SELECT 1 FROM ticket_triage AS r WHERE r.ticket_id = t.ticket_id)
-{% else %}
-WHERE NOT EXISTS (SELECT 1 FROM ticket_triage AS r WHERE r.ticket_id = t.ticket_id)
-  AND NOT EXISTS (SELECT 1 FROM ticket_triage_rejects AS x WHERE x.record_id = t.ticket_id)
-{% endif %}
-ORDER BY t.ticket_id
-LIMIT {{ params.limit | int }}
-"""
-)
-
 with DAG(
     dag_id="support_ticket_triage",
     description="Label unlabelled support tickets (category, priority, escalation) via Message Batches",
@@ -248,88 +81,39 @@ with DAG(
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
-    params={
-        "limit": Param(2000, type="integer", minimum=1, maximum=100_000),
-        # Pilot first: `airflow dags trigger support_ticket_triage -c '{"pilot": 200}'` submits a
-        # seeded sample of 200 of the selected tickets; the next full run estimates its output
-        # tokens from that pilot's measured answers.
-        "pilot": Param(
-            0, type="integer", minimum=0, description="0 = full run; N = pilot of N sampled tickets"
-        ),
-        "model": Param("claude-fable-5", type="string", description="Model every request is sent to"),
-        "max_cost_usd": Param(
-            None,
-            type=["null", "number"],
-            description="Fail before submitting when the estimate is above this",
-        ),
-        "mode": Param("auto", enum=["auto", "interval", "backlog", "failed"]),
-    },
     default_args={"retries": 2, "retry_delay": RETRY_DELAY},
-    user_defined_macros={"require_interval": require_interval},
     tags=["fable", "backlog", "example"],
     doc_md=__doc__,
 ) as dag:
 
     @task
-    def seed_tickets() -> int:
-        """Create the backlog and result tables; load the bundled tickets when the backlog is empty."""
-        import sqlalchemy as sa
+    def seed() -> int:
+        """Check the connections; load the bundled tickets into ``support_tickets`` when it is empty."""
+        from airflow_provider_fable import example_data as ex
 
-        from airflow_provider_fable.core.sinks import ResultSink
-        from airflow_provider_fable.example_data import iter_dataset, require_connections
-        from airflow_provider_fable.hooks.sql import sqlalchemy_engine
+        return ex.seed_backlog("support_tickets", sql_conn_id=BACKLOG_CONN_ID)
 
-        require_connections(fable="fable_default", sql=BACKLOG_CONN_ID)
-        engine = sqlalchemy_engine(BACKLOG_CONN_ID)
-        ResultSink(
-            engine, table="ticket_triage", id_column="ticket_id", output_model=TicketTriage
-        ).ensure_tables()
-        meta = sa.MetaData()
-        cols = ["ticket_id", "created_at", "channel", "customer_tier", "subject", "body"]
-        tickets = sa.Table(
-            "support_tickets",
-            meta,
-            sa.Column("ticket_id", sa.Text, primary_key=True),
-            *(sa.Column(c, sa.Text) for c in cols[1:]),
-        )
-        meta.create_all(engine)
-        with engine.begin() as conn:
-            existing = conn.execute(sa.select(sa.func.count()).select_from(tickets)).scalar_one()
-            if existing:
-                return existing
-            rows = [{c: row[c] for c in cols} for row in iter_dataset("support_tickets")]
-            conn.execute(tickets.insert(), rows)
-            return len(rows)
-
-    submit = FableBatchSubmitOperator(
-        task_id="submit",
-        sql=SELECT_TICKETS,
-        sql_conn_id=BACKLOG_CONN_ID,
-        id_field="ticket_id",
-        prompt_template=PROMPT_TEMPLATE,
-        system_prompt=SYSTEM_PROMPT,
-        few_shot_examples=FEW_SHOT,
+    triage = Backlog(
+        "tickets",
+        source=Source(
+            sql="SELECT ticket_id, created_at, channel, customer_tier, subject, body FROM support_tickets",
+            conn_id=BACKLOG_CONN_ID,
+            id_field="ticket_id",
+            date_field="created_at",
+        ),
+        prompt=Prompt(
+            template="support_ticket_triage.md",
+            system="support_ticket_triage_system.md",
+            few_shot="support_ticket_triage_examples.jsonl",
+        ),
         output_model=TicketTriage,
-        max_tokens=400,
-        model="{{ params.model }}",
-        sample="{{ params.pilot }}",
-        max_cost_usd="{{ params.max_cost_usd }}",
-        # mode=failed: only tickets the ledger holds as rejected by this job are sent again.
-        rerun="{{ 'failed' if params.mode == 'failed' else '' }}",
+        stages=[Stage("claude-fable-5", max_tokens=400)],
+        destination=Destination(conn_id=BACKLOG_CONN_ID, table="ticket_triage"),
+        # Half the answers rejected: the prompt or schema is wrong, stop. Half urgent: suspicious.
+        guardrails=Guardrails(max_reject_rate=0.5, max_share={"priority": {"urgent": 0.5}}),
+        limit=2000,
+        pilot=100,  # manual backlog runs: 100 sampled tickets first; their cost projects the rest
+        poll_interval=POLL_SECONDS,
     )
-
-    wait = FableBatchSensor(task_id="wait", batch_ids=submit.output, poll_interval=POLL_SECONDS)
-
-    load = FableValidateLoadOperator(
-        task_id="load",
-        batch_ids=wait.output,
-        output_model=TicketTriage,
-        destination_conn_id=BACKLOG_CONN_ID,
-        table="ticket_triage",
-        id_column="ticket_id",
-        submit_manifest=submit.output,  # estimate vs actual cost, input excerpts for the QA table
-        max_reject_rate=0.5,  # half the answers rejected: the prompt or schema is wrong, stop
-        max_share={"priority": {"urgent": 0.5}},
-    )
-
-    seed_tickets() >> submit >> wait >> load
+    dag.get_task(triage.task_id("finalize")).outlets = [TICKET_TRIAGE]
+    seed() >> triage.group

@@ -105,18 +105,25 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def print_summary(result: Any, elapsed: float) -> None:
-    manifest = result.xcom("submit") or {}
-    wait = result.xcom("wait") or {}
-    load = result.xcom("load") or {}
+    manifest = result.xcom("tickets.s1_submit") or {}
+    wait = result.xcom("tickets.s1_wait") or {}
+    load = result.xcom("tickets.s1_load") or {}
     usage = load.get("usage", {})
     print()
     print("=" * 72)
     print(f"support_ticket_triage: run {result.state} in {elapsed:.1f}s  tasks: {result.task_states}")
     print(f"  submitted : {manifest.get('request_count', 0)} requests in {len(manifest.get('batch_ids', []))} "
           f"batch(es) for model {manifest.get('model')}")  # fmt: skip
+    project = result.xcom("tickets.project") or {}
+    if project.get("pilot"):
+        print(f"  pilot     : {project['pilot']['records'][0]} sampled tickets first, cost ${project.get('pilot_cost_usd')}; "
+              f"the rest projected at ${project.get('projected_cost_usd')}")  # fmt: skip
     print(f"  waited    : in the {wait.get('waited_in', '?')} ({wait.get('polls') or 0} polls)")
-    print(f"  accepted  : {load.get('accepted', 0)}  -> table {load.get('table')}")
-    print(f"  rejected  : {load.get('rejected', 0)}  -> table {load.get('rejects_table')}")
+    final = result.xcom("tickets.finalize") or {}
+    print(
+        f"  accepted  : {load.get('accepted', 0)}  -> final table ticket_triage ({final.get('accepted', 0)} rows)"
+    )
+    print(f"  rejected  : {load.get('rejected', 0)}  -> table ticket_triage_rejects (last reason per ticket)")
     for reason, n in list(load.get("reject_reasons", {}).items())[:5]:
         print(f"      {n:5d}  {reason}")
     for field, counts in load.get("distribution", {}).items():
@@ -130,61 +137,64 @@ def print_summary(result: Any, elapsed: float) -> None:
     estimate = (manifest.get("estimate") or {}).get("cost_usd")
     print(f"  cost      : ${load.get('cost_usd')} at batch prices (emulated usage); estimated before "
           f"submit: ${estimate} (output basis: {(manifest.get('estimate') or {}).get('output_basis')})")  # fmt: skip
-    print(f"  QA sample : {load.get('qa_rows')} rows in {load.get('qa_table')}")
+    print(f"  QA sample : {final.get('qa_rows')} rows in {final.get('qa_table')}")
     print("=" * 72)
 
 
 def print_crm(result: Any, elapsed: float) -> None:
     r = result.xcom("report") or {}
-    s1, s2 = r.get("stage1", {}), r.get("stage2", {})
-    print(f"  leads      : {r.get('leads', 0)} on {s1.get('model')} -> {s1.get('accepted', 0)} accepted, "
-          f"{s1.get('rejected', 0)} rejected; cost ${s1.get('cost_usd')}")  # fmt: skip
-    print(f"  escalated  : {r.get('escalated', 0)} to {s2.get('model')} {r.get('escalated_by_reason', {})} "
+    cheap, strong = result.xcom("leads.s1_load") or {}, result.xcom("leads.s2_load") or {}
+    costs = r.get("stage_cost_usd", {})
+    print(f"  leads      : {r.get('records', 0)} on claude-haiku-4-5 -> {cheap.get('accepted', 0)} accepted, "
+          f"{cheap.get('rejected', 0)} rejected; cost ${costs.get('s1')}")  # fmt: skip
+    print(f"  escalated  : {r.get('escalated', 0)} to claude-fable-5 {r.get('escalated_by_reason', {})} "
           f"(over budget, not escalated: {r.get('not_escalated_over_budget', 0)})")  # fmt: skip
     print(
-        f"  stage 2    : {s2.get('accepted', 0)} accepted, {s2.get('rejected', 0)} rejected; cost ${s2.get('cost_usd')}"
+        f"  stage 2    : {strong.get('accepted', 0)} accepted, {strong.get('rejected', 0)} rejected; cost ${costs.get('s2')}"
     )
-    print(f"  cascade    : ${r.get('cascade_cost_usd')} vs ${r.get('all_on_escalation_model_usd')} all on "
-          f"{s2.get('model')} (ratio {r.get('cascade_vs_all_strong')})")  # fmt: skip
-    print(f"  final rows : {r.get('final', {})}  -> table lead_enrichment")
-    print(f"  accuracy   : {r.get('accuracy', {})} on {r.get('labelled_leads', 0)} labelled leads")
+    print(f"  cascade    : ${r.get('cost_usd')} vs ${r.get('all_on_claude_fable_5_usd')} all on claude-fable-5 "
+          f"(ratio {r.get('cost_vs_all_on_compare_model')})")  # fmt: skip
+    print(
+        f"  final rows : {r.get('final', {})} by stage, {r.get('unresolved', 0)} unresolved -> table lead_enrichment"
+    )
+    print(f"  accuracy   : {r.get('agreement', {})} on {r.get('labelled_rows', 0)} labelled leads")
 
 
 def print_docs(result: Any, elapsed: float) -> None:
-    r = result.xcom("report") or {}
-    print(f"  documents  : {r.get('documents', 0)} ({r.get('direct', 0)} short -> straight to combine, "
-          f"{r.get('chunked', 0)} chunked into {r.get('sections', 0)} sections)")  # fmt: skip
-    print(
-        f"  sections   : {r.get('sections_accepted', 0)} summarised, {r.get('sections_rejected', 0)} rejected"
-    )
-    print(f"  combined   : {r.get('summaries_loaded', 0)} summaries loaded of {r.get('combined_submitted', 0)} "
-          f"submitted -> table document_summaries")  # fmt: skip
-    print(f"  incomplete : {r.get('incomplete_documents', 0)} documents not combined (a section failed): "
-          f"{', '.join(r.get('incomplete_docs', [])[:8])} -> table document_summary_incomplete")  # fmt: skip
-    print(f"  stage cost : {r.get('stage_cost_usd', {})}")
+    plan = result.xcom("documents.combine_plan") or {}
+    sections = result.xcom("documents.sections_load") or {}
+    final = result.xcom("documents.finalize") or {}
+    print(f"  documents  : {plan.get('records', 0)} ({plan.get('direct', 0)} short -> straight to combine, "
+          f"{plan.get('chunked', 0)} chunked into {plan.get('sections', 0)} sections)")  # fmt: skip
+    print(f"  sections   : {sections.get('accepted', 0)} summarised, {sections.get('rejected', 0)} rejected")
+    print(f"  combined   : {final.get('accepted', 0)} summaries of {plan.get('to_combine', 0)} combine requests "
+          f"-> table document_summaries")  # fmt: skip
+    docs = [i["record_id"] for i in plan.get("incomplete_records", [])]
+    print(f"  incomplete : {plan.get('incomplete', 0)} documents not combined (a section failed): "
+          f"{', '.join(docs[:8])} -> table document_summaries_incomplete")  # fmt: skip
+    print(f"  stage cost : {final.get('cost_usd_by_stage', {})}")
 
 
 def print_cancellations(result: Any, elapsed: float) -> None:
     r = result.xcom("report") or {}
-    print(
-        f"  rows       : {r.get('rows', 0)} labelled, {r.get('rejected', 0)} rejected -> table cancellation_reasons_clean"
-    )
-    print(f"  labels     : {r.get('distribution', {})}")
-    print(f"  other share: {r.get('other_share')}  low confidence (<0.6): {r.get('low_confidence')}")
+    print(f"  rows       : {sum(r.get('final', {}).values())} labelled, {r.get('unresolved', 0)} rejected "
+          f"-> table cancellation_reasons_clean")  # fmt: skip
+    print(f"  labels     : {r.get('distribution', {}).get('label', {})}")
+    print(f"  other share: {(result.xcom('other_share') or {}).get('share')}")
     print(f"  review     : {r.get('inconsistent_texts', 0)} normalised texts mapped to more than one label "
           f"-> table cancellation_reason_review")  # fmt: skip
-    print(f"  agreement  : {r.get('agreement_with_dataset_labels')} with the dataset's hidden labels "
+    print(f"  agreement  : {r.get('agreement', {}).get('label')} with the dataset's hidden labels "
           f"(emulator's generic model, not Claude)")  # fmt: skip
     print(f"  cost       : ${r.get('cost_usd')}")
 
 
 #: dag_id -> (conf for the demo run, pattern summary printer, result table for `inspect`)
 PATTERNS: dict[str, tuple[dict[str, Any], Any, str]] = {
-    "crm_lead_enrichment": ({"pilot": 500}, print_crm, "lead_enrichment"),
-    "document_summaries": ({"pilot": 40}, print_docs, "document_summaries"),
+    "crm_lead_enrichment": ({"limit": 500}, print_crm, "lead_enrichment"),
+    "document_summaries": ({"limit": 40}, print_docs, "document_summaries"),
     # The emulator's generic model answers 'other' for most foreign or sarcastic text, far above
     # the 15% the DAG allows a real model; the demo raises the cap so the run shows everything.
-    "cancellation_reason_cleanup": ({"pilot": 2000, "max_other_share": 0.5}, print_cancellations,
+    "cancellation_reason_cleanup": ({"limit": 2000, "max_other_share": 0.5}, print_cancellations,
                                     "cancellation_reason_review"),
 }  # fmt: skip
 
@@ -285,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         f"  emulator  : calls {json.dumps(calls, sort_keys=True)}; faults {json.dumps(stats.get('faults', {}))[:200]}"
     )
     print(f"  inspect   : sqlite3 {WORK / 'backlog.db'} 'select * from ticket_triage limit 5'")
-    load = result.xcom("load") or {}
+    load = result.xcom("tickets.s1_load") or {}
     if result.state != "success" or not load.get("accepted"):
         print("demo FAILED: the run did not succeed or accepted nothing", file=sys.stderr)
         return 1

@@ -48,7 +48,10 @@ def _backlog(request, kind, fable_airflow, fable_emulator_factory, tmp_path, mon
     server = fable_emulator_factory(
         processing_retrieves=2, faults={"invalid_answer_rate": 0.05, "errored_rate": 0.01, "seed": 5}
     )
-    point_connection_at(server)
+    # The job ledger in the test's own backlog database (as a deployment shares one database):
+    # the backlog unit skips what its jobs accepted, and an embedded ledger shared by every test
+    # of the session would remember the answers another test's database holds.
+    point_connection_at(server, ledger_conn_id="fable_backlog_db")
     request.node.fable_server = server  # for tests that look at what the emulator received
     monkeypatch.setenv("FABLE_POLL_SECONDS", "0.2")
     monkeypatch.setenv("FABLE_RETRY_DELAY_SECONDS", "0")
@@ -152,8 +155,10 @@ def test_dags_are_scheduled_with_params_retries_and_assets(fable_airflow):
         dag = fable_airflow.load_dag(dag_id)
         # A real data interval (not Airflow 3's zero-length cron trigger), so backfills select by it.
         assert type(dag.timetable).__name__ == "CronDataIntervalTimetable", dag_id
-        assert {"pilot", "budget_usd", "mode"} <= set(dag.params), dag_id
-        assert any("model" in p for p in dag.params), dag_id
+        # The backlog unit's Params (the models are declared per Stage, no longer Params).
+        assert {"pilot", "budget_usd", "mode", "limit", "estimate_only", "approval"} <= set(dag.params), (
+            dag_id
+        )
         for t in dag.tasks:
             assert t.retries and t.retries >= 1, (dag_id, t.task_id)
         outlets = [o for t in dag.tasks for o in t.outlets]
@@ -199,17 +204,17 @@ def test_crm_lead_enrichment_cascade(backlog):
     from airflow_provider_fable import example_data as ex
 
     dag = airflow_env.load_dag("crm_lead_enrichment")
-    result = airflow_env.run_dag(dag, conf={"pilot": 120})
+    result = airflow_env.run_dag(dag, conf={"limit": 120})
     assert result.state == "success", result.task_states
 
-    selected = result.xcom("select_leads")
-    assert selected["selected"] == 120 and selected["window"] is None  # manual run: the backlog
-    cheap = result.xcom("submit_cheap")
-    strong = result.xcom("submit_escalated")
+    selected = result.xcom("leads.select")
+    assert selected["full"] == 120 and selected["window"] is None  # manual run: the backlog
+    cheap = result.xcom("leads.s1_submit")
+    strong = result.xcom("leads.s2_submit")
     assert cheap["request_count"] == 120 and cheap["model"] == "claude-haiku-4-5"
     # The budget gate is the submit's own estimate (max_cost_usd = params.budget_usd), before any create.
     assert 0 < cheap["estimate"]["cost_usd"] <= dag.params["budget_usd"]
-    plan = result.xcom("plan_escalation")
+    plan = result.xcom("leads.s1_plan")
     assert 0 < plan["escalated"] < 120
     assert strong["request_count"] == plan["escalated"] and strong["model"] == "claude-fable-5"
     assert set(plan["by_reason"]) <= {
@@ -222,18 +227,13 @@ def test_crm_lead_enrichment_cascade(backlog):
     assert 0 < plan["budget_left_usd"] < dag.params["budget_usd"]
     assert strong["estimate"]["cost_usd"] <= plan["budget_left_usd"]
 
-    work = _rows(engine, "SELECT stage, count(*) AS n FROM lead_work GROUP BY stage")
-    assert {r["stage"]: r["n"] for r in work} == {"cheap": 120, "escalated": plan["escalated"]}
-
     final = _rows(engine, "SELECT * FROM lead_enrichment")
     report = result.xcom("report")
-    assert len(final) == report["final"]["cheap"] + report["final"]["escalated"]
-    assert len(final) + report["final"]["unresolved"] == 120
-    assert {r["stage"] for r in final} <= {"cheap", "escalated"} and report["final"]["cheap"] > 0
-    assert report["final"]["escalated"] == sum(r["stage"] == "escalated" for r in final)
-    if result.xcom("load_escalated")["accepted"]:
-        assert report["final"]["escalated"] > 0
-    assert {r["model"] for r in final if r["stage"] == "escalated"} == {"claude-fable-5"}
+    assert len(final) == sum(report["final"].values()) and len(final) + report["unresolved"] == 120
+    assert {r["_stage"] for r in final} <= {"s1", "s2"} and report["final"]["s1"] > 0
+    if result.xcom("leads.s2_load")["accepted"]:
+        assert report["final"]["s2"] > 0
+    assert {r["_model"] for r in final if r["_stage"] == "s2"} == {"claude-fable-5"}
     leads = {r["lead_id"]: r for r in ex.iter_dataset("crm_leads")}
     from_module = _load_dag_module("crm_lead_enrichment")
     for r in final:
@@ -241,28 +241,30 @@ def test_crm_lead_enrichment_cascade(backlog):
         assert r["company_size"] in {e.value for e in from_module.CompanySize}
         assert r["persona"] in {e.value for e in from_module.Persona}
         assert 0 <= r["confidence"] <= 1
-        assert from_module.evidence_is_quoted(r["evidence"], leads[r["lead_id"]]), r
-        if r["stage"] == "escalated":
-            assert r["escalation_reason"] in plan["by_reason"]
+        if r["_stage"] == "s1":  # a cheap answer with an invented quote is never final (it escalates);
+            # the last stage's answer is (the unit has no check after the last stage: behaviour change)
+            assert from_module.evidence_is_quoted(r["evidence"], leads[r["lead_id"]]), r
+        if r["_stage"] == "s2":  # escalated: the reason is the rule that fired
+            assert r["_escalation_reason"] in plan["by_reason"]
 
     # Stage costs: both stages cost something, and the cascade is cheaper than all-on-Fable-5.
     assert report["escalated"] == plan["escalated"]
-    assert report["stage1"]["cost_usd"] > 0 and report["stage2"]["cost_usd"] > 0
-    assert report["cascade_cost_usd"] == pytest.approx(
-        report["stage1"]["cost_usd"] + report["stage2"]["cost_usd"]
-    )
-    assert report["cascade_cost_usd"] < report["all_on_escalation_model_usd"]
-    assert report["labelled_leads"] >= 5
-    assert all(v is None or 0 <= v <= 1 for v in report["accuracy"].values())
+    assert report["stage_cost_usd"]["s1"] > 0 and report["stage_cost_usd"]["s2"] > 0
+    assert report["cost_usd"] == pytest.approx(sum(report["stage_cost_usd"].values()))
+    assert report["cost_usd"] < report["all_on_claude_fable_5_usd"]
+    assert report["labelled_rows"] >= 5
+    assert all(v is None or 0 <= v <= 1 for v in report["agreement"].values())
     assert TEST_API_KEY not in json.dumps(result.xcoms, default=str)
 
     # A second run takes the next leads; nothing already enriched is selected again.
-    again = airflow_env.run_dag(dag, conf={"pilot": 30})
+    again = airflow_env.run_dag(dag, conf={"limit": 30})
     assert again.state == "success", again.task_states
     second = {
-        r["lead_id"]
+        r["record_id"]
         for r in _rows(
-            engine, "SELECT lead_id FROM lead_work WHERE run_id = :r AND stage = 'cheap'", r=again.run_id
+            engine,
+            "SELECT record_id FROM lead_enrichment__work WHERE run_id = :r AND stage = 0",
+            r=again.run_id,
         )
     }
     assert len(second) == 30 and not second & {r["lead_id"] for r in final}
@@ -273,46 +275,33 @@ def test_crm_failed_mode_resends_only_what_each_stage_rejected(request, sqlite_b
     airflow_env, engine = sqlite_backlog
     server = request.node.fable_server
     dag = airflow_env.load_dag("crm_lead_enrichment")
-    first = airflow_env.run_dag(dag, conf={"pilot": 120})
+    first = airflow_env.run_dag(dag, conf={"limit": 120})
     assert first.state == "success", first.task_states
     final = {r["lead_id"] for r in _rows(engine, "SELECT lead_id FROM lead_enrichment")}
-    cheap_rejected = {
-        r["record_id"] for r in _rows(engine, "SELECT record_id FROM lead_enrichment_stage1_rejects")
+    cheap_accepted = {r["lead_id"] for r in _rows(engine, "SELECT lead_id FROM lead_enrichment__s1")}
+    strong_accepted = {r["lead_id"] for r in _rows(engine, "SELECT lead_id FROM lead_enrichment__s2")}
+    failed = {
+        r["lead_id"] for r in _rows(engine, "SELECT lead_id FROM lead_enrichment_rejects WHERE retryable")
     }
-    strong_rejected = {
-        r["record_id"] for r in _rows(engine, "SELECT record_id FROM lead_enrichment_stage2_rejects")
-    }
-    strong_accepted = {r["lead_id"] for r in _rows(engine, "SELECT lead_id FROM lead_enrichment_stage2")}
-    failed = (cheap_rejected | strong_rejected) - final
-    assert failed, "the emulator's faults leave some leads without a row"
+    assert failed and not failed & final, "the emulator's faults leave some leads without a row"
 
-    rerun = airflow_env.run_dag(dag, conf={"pilot": 500, "mode": "failed"})
-    assert rerun.xcom("select_leads") == {"selected": len(failed), "mode": "failed", "window": None}
-    cheap = rerun.xcom("submit_cheap")
-    sent_cheap = _received(
-        server, [b for b in cheap["batch_ids"] if b not in first.xcom("submit_cheap")["batch_ids"]]
-    )
-    # Stage 1 sends exactly the selected leads the cheap model rejected; accepted answers are reused.
-    assert sorted(sent_cheap) == sorted(failed & cheap_rejected)
-    assert cheap["attached"] == 0 and cheap["skipped"] == len(failed - cheap_rejected)
-    # A resent lead is a fresh draw on the emulator: what the cheap model rejects again escalates
-    # (the cascade carries on rather than stopping on "all rejected"), the rest is accepted.
+    rerun = airflow_env.run_dag(dag, conf={"limit": 500, "mode": "failed"})
     assert rerun.state == "success", rerun.task_states
-    stage1 = rerun.xcom("load_cheap")
-    assert stage1["accepted"] + stage1["rejected"] == len(sent_cheap)
-    assert rerun.xcom("plan_escalation")["by_reason"].get("rejected", 0) == stage1["rejected"]
-    strong = rerun.xcom("submit_escalated")
-    sent_strong = _received(server, strong["batch_ids"])
+    selected = rerun.xcom("leads.select")
+    assert selected["mode"] == "failed" and selected["full"] == len(failed)
+    cheap = rerun.xcom("leads.s1_submit")
+    old = set(first.xcom("leads.s1_submit")["batch_ids"])
+    sent_cheap = _received(server, [b for b in cheap["batch_ids"] if b not in old])
+    # Stage 1 sends exactly the selected leads the cheap job has not accepted; its accepted
+    # answers are reused (and judged again by the escalation rules).
+    assert sorted(sent_cheap) == sorted(failed - cheap_accepted)
+    assert cheap["attached"] == 0 and cheap["skipped"] == len(failed & cheap_accepted)
+    strong = rerun.xcom("leads.s2_submit") or {}
+    old_strong = set((first.xcom("leads.s2_submit") or {}).get("batch_ids", []))
+    sent_strong = _received(server, [b for b in strong.get("batch_ids", []) if b not in old_strong])
     assert len(sent_strong) == len(set(sent_strong)) and not set(sent_strong) & strong_accepted
-    new_cheap = [b for b in cheap["batch_ids"] if b not in first.xcom("submit_cheap")["batch_ids"]]
-    rejected_again = {
-        r["record_id"]
-        for r in _rows(engine, "SELECT record_id, batch_id FROM lead_enrichment_stage1_rejects")
-        if r["batch_id"] in new_cheap
-    }
-    assert len(rejected_again) == stage1["rejected"]
-    assert set(sent_strong) <= failed and rejected_again - strong_accepted <= set(sent_strong)
-    assert rerun.xcom("report")["leads"] == len(failed)
+    assert set(sent_strong) <= failed
+    assert rerun.xcom("report")["records"] == len(failed)
 
 
 def test_crm_evidence_must_quote_the_record():
@@ -337,16 +326,17 @@ def test_crm_interval_run_selects_only_its_interval(sqlite_backlog):
     dag = airflow_env.load_dag("crm_lead_enrichment")
     day = datetime(2026, 3, 10, tzinfo=timezone.utc)
     result = airflow_env.run_dag(
-        dag, conf={"pilot": 1000, "mode": "interval", "budget_usd": None}, logical_date=day
+        dag, conf={"limit": 1000, "mode": "interval", "budget_usd": None}, logical_date=day
     )
     assert result.state == "success", result.task_states
-    got = result.xcom("select_leads")["window"]
-    window = (got["start"], got["end"])
     # A run at 2026-03-10 covers the day that ended then (Airflow's data-interval semantics).
-    assert window == ("2026-03-09T00:00:00Z", "2026-03-10T00:00:00Z")
+    assert result.xcom("leads.select")["window"] == ["2026-03-09T00:00:00+00:00", "2026-03-10T00:00:00+00:00"]
+    window = ("2026-03-09T00:00:00Z", "2026-03-10T00:00:00Z")
     rows = _rows(
         engine,
-        "SELECT l.created_at FROM crm_leads l JOIN lead_work w ON w.lead_id = l.lead_id WHERE w.stage = 'cheap'",
+        "SELECT l.created_at FROM crm_leads l JOIN lead_enrichment__work w ON w.record_id = l.lead_id "
+        "WHERE w.stage = 0 AND w.run_id = :r",
+        r=result.run_id,
     )
     assert rows and all(window[0] <= r["created_at"] < window[1] for r in rows)
     in_window = _rows(
@@ -362,12 +352,12 @@ def test_crm_budget_refuses_before_anything_is_sent(request, sqlite_backlog):
     airflow_env, engine = sqlite_backlog
     server = request.node.fable_server
     dag = airflow_env.load_dag("crm_lead_enrichment")
-    result = airflow_env.run_dag(dag, conf={"pilot": 200, "budget_usd": 0.0001})
+    result = airflow_env.run_dag(dag, conf={"limit": 200, "budget_usd": 0.0001})
     assert result.state == "failed"
     # The submit's max_cost_usd: the estimate ran (count_tokens) and refused before any create.
-    assert result.task_states["select_leads"] == "success"
-    assert result.task_states["submit_cheap"] == "failed", result.task_states
-    assert result.xcom("submit_cheap") is None and _created(server) == 0
+    assert result.task_states["leads.select"] == "success"
+    assert result.task_states["leads.s1_submit"] == "failed", result.task_states
+    assert result.xcom("leads.s1_submit") is None and _created(server) == 0
     assert server.store.stats.snapshot()["calls"].get("count_tokens", 0) > 0
 
 
@@ -386,96 +376,114 @@ def _load_dag_module(dag_id: str):
 # ---------------------------------------------------------------------------------------------------
 
 
-def test_split_sections_keeps_boundaries_and_bounds():
-    module = _load_dag_module("document_summaries")
-    from airflow_provider_fable import example_data as ex
-
-    docs = [d for d in ex.iter_dataset("documents") if len(d["body"]) > 20_000][:5]
-    for doc in docs:
-        sections = module.split_sections(doc["body"], 800)
-        assert len(sections) > 3
-        assert all(module.estimate_tokens(text) <= 800 for _, text in sections)
-        paragraphs = [p.strip() for p in doc["body"].strip().split("\n\n") if p.strip()]
-        assert [p for _, text in sections for p in text.split("\n\n")] == paragraphs  # nothing lost
-        assert sum(bool(heading) for heading, _ in sections) >= len(sections) - 1
-        overlapped = module.split_sections(doc["body"], 800, overlap_paragraphs=1)
-        assert all(module.estimate_tokens(text) <= 800 for _, text in overlapped)
-        assert len(overlapped) >= len(sections)
-    assert module.split_sections("One short paragraph.", 800) == [("", "One short paragraph.")]
+# The splitting itself is core.chunking's, tested in tests/test_chunking.py (the DAG's own
+# split_sections/estimate_tokens were replaced by it when the DAG moved onto the backlog unit).
 
 
-def test_document_summaries_chunk_then_combine(backlog):
+def _parent(section_id: str) -> str:
+    from airflow_provider_fable.core.chunking import parse_section_id
+
+    parsed = parse_section_id(section_id)
+    assert parsed is not None, section_id
+    return parsed[0]
+
+
+def test_document_summaries_chunk_then_combine(request, backlog):
     airflow_env, engine = backlog
+    server = request.node.fable_server
     dag = airflow_env.load_dag("document_summaries")
-    result = airflow_env.run_dag(dag, conf={"pilot": 14, "section_tokens": 500})
+    result = airflow_env.run_dag(dag, conf={"limit": 14, "section_tokens": 500})
     assert result.state == "success", result.task_states
 
-    plan = result.xcom("plan_sections")
-    assert plan["documents"] == 14 and plan["direct"] > 0 and plan["chunked"] > 0
-    submitted = result.xcom("submit_sections")
-    assert submitted["request_count"] == plan["sections"]
-    sections = _rows(engine, "SELECT section_id, doc_id, section_no, section_count FROM document_sections")
-    assert len(sections) == plan["sections"]
-    for s in sections:  # custom_id keeps doc id + section number
-        assert s["section_id"] == f"{s['doc_id']}-s{s['section_no']:03d}"
-        assert 1 <= s["section_no"] <= s["section_count"]
+    plan = result.xcom("documents.combine_plan")
+    assert plan["records"] == 14 and plan["direct"] > 0 and plan["chunked"] > 0
+    submitted = result.xcom("documents.sections_submit")
+    assert submitted["request_count"] == plan["sections"] == submitted["submitted"]
+    sent = _received(server, submitted["batch_ids"])
+    assert len(sent) == plan["sections"]
+    from airflow_provider_fable.core.chunking import parse_section_id
 
-    combine = result.xcom("plan_combine")
-    assert combine["to_combine"] + combine["incomplete"] == 14
-    loaded = result.xcom("load_combine")
+    for sid in sent:  # custom_id keeps the document id, the section's place and the count
+        _doc, k, n = parse_section_id(sid)
+        assert 1 <= k <= n
+    assert len({_parent(s) for s in sent}) == plan["chunked"]
+
+    assert plan["to_combine"] + plan["incomplete"] == 14
+    assert result.xcom("documents.s1_submit")["request_count"] == plan["to_combine"]
+    finalized = result.xcom("documents.finalize")
     summaries = _rows(engine, "SELECT * FROM document_summaries")
-    assert len(summaries) == loaded["accepted"] > 0
+    assert len(summaries) == finalized["accepted"] > 0
     assert len({s["doc_id"] for s in summaries}) == len(summaries)  # one per document
     for s in summaries:
-        assert len(s["executive_summary"]) >= 20
+        assert len(s["executive_summary"]) >= 20 and s["_stage"] == "s1" and s["_model"] == "claude-fable-5"
         for part in ("key_points", "risks", "open_questions"):
             items = json.loads(s[part])
             assert isinstance(items, list) and items and all(isinstance(i, str) and i for i in items), part
 
-    # Incomplete documents (a section rejected) are reported and get no summary.
-    incomplete = _rows(engine, "SELECT * FROM document_summary_incomplete")
-    assert len(incomplete) == combine["incomplete"]
+    # Incomplete documents (a section rejected) are reported, get no summary, and are rejects
+    # with the reason and the sections.
+    incomplete = _rows(engine, "SELECT * FROM document_summaries_incomplete")
+    assert len(incomplete) == plan["incomplete"]
     assert not {r["doc_id"] for r in incomplete} & {s["doc_id"] for s in summaries}
-    bad_sections = _rows(engine, "SELECT DISTINCT record_id FROM section_summaries_rejects")
-    bad_docs = {r["record_id"].rsplit("-s", 1)[0] for r in bad_sections}
+    bad_sections = _rows(engine, "SELECT DISTINCT record_id FROM document_summaries__sections_rejects")
+    bad_docs = {_parent(r["record_id"]) for r in bad_sections}
     assert {r["doc_id"] for r in incomplete} == bad_docs
     for r in incomplete:
-        assert r["missing_sections"] and r["reasons"]
-    combined_ids = {r["doc_id"] for r in _rows(engine, "SELECT doc_id FROM document_combine_inputs")}
-    assert combined_ids.isdisjoint(bad_docs)
+        assert r["rejected_sections"] or r["missing_sections"]
+    rejects = {r["doc_id"]: r for r in _rows(engine, "SELECT * FROM document_summaries_rejects")}
+    for doc in bad_docs:
+        assert rejects[doc]["reason"] == "sections_incomplete", rejects[doc]
+    assert finalized["cost_usd_by_stage"]["sections"] > 0 and finalized["cost_usd_by_stage"]["s1"] > 0
 
-    report = result.xcom("report")
-    assert report["summaries_loaded"] == len(summaries)
-    assert report["stage_cost_usd"]["sections"] > 0 and report["stage_cost_usd"]["combine"] > 0
+
+def test_document_summaries_estimate_only_counts_the_sections_and_pays_nothing(request, sqlite_backlog):
+    """estimate_only on a chunked backlog: the projection has the exact number of section requests
+    (the selection split as it would be sent) priced at an upper bound, and nothing is created."""
+    airflow_env, engine = sqlite_backlog
+    server = request.node.fable_server
+    dag = airflow_env.load_dag("document_summaries")
+    result = airflow_env.run_dag(dag, conf={"limit": 14, "section_tokens": 500, "estimate_only": True})
+    assert result.state == "success", result.task_states
+    projection = result.xcom("documents.select")["projection"]
+    sections, combine = projection["stages"]
+    assert sections["stage"] == "sections" and sections["requests"] > 0 and sections["projected_cost_usd"] > 0
+    assert "upper bound" in sections["basis"] and "| sections |" in projection["markdown"]
+    assert projection["projected_cost_usd"] == pytest.approx(
+        sections["projected_cost_usd"] + combine["projected_cost_usd"], abs=1e-5
+    )
+    assert result.task_states["documents.sections_submit"] == "skipped" and _created(server) == 0
+    # The count is the split the run would send: the same run without estimate_only sends it.
+    fresh = airflow_env.load_dag("document_summaries")  # dag.test() keeps the first run's params
+    paid = airflow_env.run_dag(fresh, conf={"limit": 14, "section_tokens": 500, "estimate_only": False})
+    assert paid.xcom("documents.sections_submit")["request_count"] == sections["requests"]
 
 
 def test_document_summaries_failed_mode_resends_only_failed_sections(request, sqlite_backlog):
     airflow_env, engine = sqlite_backlog
     server = request.node.fable_server
     dag = airflow_env.load_dag("document_summaries")
-    for task_id in ("load_sections", "load_combine"):
-        dag.get_task(task_id).retries = 0  # an all-rejected rerun stage fails its guardrail at once
-    conf = {"pilot": 14, "section_tokens": 500}
+    conf = {"limit": 14, "section_tokens": 500}
     first = airflow_env.run_dag(dag, conf=conf)
     assert first.state == "success", first.task_states
     summarised = {r["doc_id"] for r in _rows(engine, "SELECT doc_id FROM document_summaries")}
-    incomplete = {r["doc_id"] for r in _rows(engine, "SELECT doc_id FROM document_summary_incomplete")}
-    combine_rejected = {
-        r["record_id"] for r in _rows(engine, "SELECT record_id FROM document_summaries_rejects")
+    failed = {
+        r["doc_id"] for r in _rows(engine, "SELECT doc_id FROM document_summaries_rejects")
+    } - summarised
+    bad_sections = {
+        r["record_id"] for r in _rows(engine, "SELECT record_id FROM document_summaries__sections_rejects")
     }
-    failed = (incomplete | combine_rejected) - summarised
-    bad_sections = {r["record_id"] for r in _rows(engine, "SELECT record_id FROM section_summaries_rejects")}
     if not failed:
-        pytest.skip("the emulator's faults left no document incomplete in this pilot")
+        pytest.skip("the emulator's faults left no document without a summary in this pilot")
 
     rerun = airflow_env.run_dag(dag, conf={**conf, "mode": "failed"})
-    assert rerun.xcom("plan_sections")["documents"] == len(failed)
-    sections = rerun.xcom("submit_sections")
+    assert rerun.state == "success", rerun.task_states
+    assert rerun.xcom("documents.select")["full"] == len(failed)
+    sections = rerun.xcom("documents.sections_submit")
     sent = _received(server, sections["batch_ids"]) if sections["submitted"] else []
-    # Only the failed sections of the failed documents are paid for again; summarised ones are reused.
-    assert sorted(sent) == sorted(s for s in bad_sections if s.rsplit("-s", 1)[0] in failed)
-    assert sections["skipped"] == rerun.xcom("plan_sections")["sections"] - len(sent)
-    combine = rerun.xcom("submit_combine")
+    # Only the failed sections of the failed documents are paid for again; accepted ones are reused.
+    assert sorted(sent) == sorted(s for s in bad_sections if _parent(s) in failed)
+    assert sections["skipped"] == rerun.xcom("documents.combine_plan")["sections"] - len(sent)
+    combine = rerun.xcom("documents.s1_submit")
     if combine and combine["submitted"]:
         assert set(_received(server, combine["batch_ids"])) <= failed
 
@@ -497,12 +505,12 @@ def test_cancellation_reason_cleanup(backlog):
     airflow_env, engine = backlog
     module = _load_dag_module("cancellation_reason_cleanup")
     dag = airflow_env.load_dag("cancellation_reason_cleanup")
-    result = airflow_env.run_dag(dag, conf={"pilot": 600, "max_other_share": 1.0})
+    result = airflow_env.run_dag(dag, conf={"limit": 600, "max_other_share": 1.0})
     assert result.state == "success", result.task_states
 
-    loaded = result.xcom("load")
+    final = result.xcom("reasons.finalize")
     rows = _rows(engine, "SELECT * FROM cancellation_reasons_clean")
-    assert len(rows) == loaded["accepted"] and loaded["accepted"] + loaded["rejected"] == 600
+    assert len(rows) == final["accepted"] and final["accepted"] + final["rejected"] == 600
     labels = {e.value for e in module.ReasonLabel}
     for r in rows:
         assert r["label"] in labels
@@ -527,30 +535,21 @@ def test_cancellation_reason_cleanup(backlog):
         counts = json.loads(r["label_counts"])
         assert sum(counts.values()) == r["row_count"] and r["majority_label"] in counts
     report = result.xcom("report")
-    assert report["rows"] == len(rows) and report["inconsistent_texts"] == len(review)
-    assert sum(report["distribution"].values()) == len(rows)
+    assert sum(report["final"].values()) == len(rows) and report["inconsistent_texts"] == len(review)
+    assert sum(report["distribution"]["label"].values()) == len(rows)
 
 
 def test_cancellation_other_guardrail_fails_after_loading(sqlite_backlog):
-    """params.max_other_share feeds the load operator's own max_share guardrail (templated)."""
-    from airflow.models.xcom import XComModel
-    from airflow.utils.session import create_session
-
+    """params.max_other_share is checked on the run's final rows, after they are written."""
     airflow_env, engine = sqlite_backlog
     dag = airflow_env.load_dag("cancellation_reason_cleanup")
-    dag.get_task("load").retries = 0  # a guardrail breach is not transient
-    result = airflow_env.run_dag(dag, conf={"pilot": 150, "max_other_share": 0.0})
-    assert result.state == "failed" and result.task_states["load"] == "failed", result.task_states
-    with create_session() as session:
-        row = session.query(XComModel).filter_by(run_id=result.run_id, task_id="load", key="summary").one()
-        summary = XComModel.deserialize_value(row)
-    assert summary["distribution"]["label"].get("other", 0) > 0
-    assert any("other" in g and "max_share" in g for g in summary["guardrails"]), summary["guardrails"]
+    result = airflow_env.run_dag(dag, conf={"limit": 150, "max_other_share": 0.0})
+    assert result.state == "failed" and result.task_states["other_share"] == "failed", result.task_states
+    final = result.xcom("reasons.finalize")
+    assert final["distribution"]["label"].get("other", 0) > 0
     # Nothing is lost: the rows stay loaded, and the review table is still rebuilt from them.
     assert (
-        _rows(engine, "SELECT count(*) AS n FROM cancellation_reasons_clean")[0]["n"]
-        == summary["accepted"]
-        > 0
+        _rows(engine, "SELECT count(*) AS n FROM cancellation_reasons_clean")[0]["n"] == final["accepted"] > 0
     )
     assert result.task_states["flag_inconsistent"] == "success"
     assert result.task_states["report"] == "upstream_failed"  # the run stays failed
@@ -561,29 +560,26 @@ def test_cancellation_failed_mode_resends_only_the_rejected_rows(request, sqlite
     airflow_env, engine = sqlite_backlog
     server = request.node.fable_server
     dag = airflow_env.load_dag("cancellation_reason_cleanup")
-    dag.get_task("load").retries = 0
-    first = airflow_env.run_dag(dag, conf={"pilot": 300, "max_other_share": 1.0})
+    first = airflow_env.run_dag(dag, conf={"limit": 300, "max_other_share": 1.0})
     assert first.state == "success", first.task_states
     rejected = {
-        r["record_id"]
-        for r in _rows(engine, "SELECT DISTINCT record_id FROM cancellation_reasons_clean_rejects")
+        r["cancellation_id"]
+        for r in _rows(engine, "SELECT cancellation_id FROM cancellation_reasons_clean_rejects")
     }
     accepted = {
         r["cancellation_id"] for r in _rows(engine, "SELECT cancellation_id FROM cancellation_reasons_clean")
     }
     assert rejected and len(rejected | accepted) == 300 and not rejected & accepted
 
-    rerun = airflow_env.run_dag(dag, conf={"pilot": 300, "max_other_share": 1.0, "mode": "failed"})
-    manifest = rerun.xcom("submit")
-    assert rerun.xcom("select_rows")["mode"] == "failed"
+    rerun = airflow_env.run_dag(dag, conf={"limit": 300, "max_other_share": 1.0, "mode": "failed"})
+    manifest = rerun.xcom("reasons.s1_submit")
+    assert rerun.xcom("reasons.select")["mode"] == "failed"
     assert manifest["submitted"] == len(rejected) and manifest["attached"] == 0
-    assert not set(manifest["batch_ids"]) & set(first.xcom("submit")["batch_ids"])
+    assert not set(manifest["batch_ids"]) & set(first.xcom("reasons.s1_submit")["batch_ids"])
     # What the emulator received in the rerun: the rejected rows, each once, nothing accepted before.
     sent = _received(server, manifest["batch_ids"])
     assert sorted(sent) == sorted(rejected)
-    # The rerun's answers are loaded (the emulator's faults are keyed on the record, so most fail
-    # again; a run where every answer is rejected fails by the all-rejected guardrail).
-    assert rerun.task_states["submit"] == rerun.task_states["wait"] == "success", rerun.task_states
+    assert rerun.task_states["reasons.s1_submit"] == rerun.task_states["reasons.s1_wait"] == "success"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -592,33 +588,36 @@ def test_cancellation_failed_mode_resends_only_the_rejected_rows(request, sqlite
 
 
 def test_each_example_dag_works_copied_alone(sqlite_backlog, tmp_path):
-    """As a new user would: one file in an empty dags folder, no repository around it."""
+    """As a new user would: the DAG file and its prompt files in an empty dags folder, no repository."""
     import shutil
 
     airflow_env, engine = sqlite_backlog
     for dag_id in ("support_ticket_triage", *PATTERN_DAGS):
         folder = tmp_path / f"dags_{dag_id}"
         folder.mkdir()
-        shutil.copy(ROOT / "dags" / f"{dag_id}.py", folder)
+        for path in (ROOT / "dags").glob(f"{dag_id}*"):  # the DAG file and its prompt files beside it
+            shutil.copy(path, folder)
         assert airflow_env.load_dag(dag_id, dags_folder=str(folder)).dag_id == dag_id
     # The ticket DAG used to read dags/data/support_tickets.csv next to itself; now it seeds from
     # the provider's package data wherever the file lives.
     dag = airflow_env.load_dag(
         "support_ticket_triage", dags_folder=str(tmp_path / "dags_support_ticket_triage")
     )
-    result = airflow_env.run_dag(dag, conf={"limit": 20})
+    result = airflow_env.run_dag(dag, conf={"limit": 20, "pilot": 0})
     assert result.state == "success", result.task_states
     assert _rows(engine, "SELECT count(*) AS n FROM support_tickets")[0]["n"] >= 2000
-    assert result.xcom("submit")["request_count"] == 20
+    assert result.xcom("tickets.s1_submit")["request_count"] == 20
 
 
 def test_support_ticket_triage_on_postgres(pg_backlog):
     airflow_env, engine = pg_backlog
-    result = airflow_env.run_dag(airflow_env.load_dag("support_ticket_triage"), conf={"limit": 150})
+    result = airflow_env.run_dag(
+        airflow_env.load_dag("support_ticket_triage"), conf={"limit": 150, "pilot": 0}
+    )
     assert result.state == "success", result.task_states
-    loaded = result.xcom("load")
+    loaded = result.xcom("tickets.s1_load")
     rows = _rows(engine, "SELECT * FROM ticket_triage")
-    rejects = _rows(engine, "SELECT DISTINCT record_id FROM ticket_triage_rejects")
+    rejects = _rows(engine, "SELECT DISTINCT ticket_id FROM ticket_triage_rejects")
     assert len(rows) == loaded["accepted"] > 100 and len(rows) + len(rejects) == 150
     for r in rows:
         assert r["category"] in {"billing", "account_access", "bug", "feature_request", "shipping"}

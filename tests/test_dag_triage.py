@@ -40,7 +40,9 @@ def triage_env(fable_airflow, fable_emulator_factory, tmp_path, monkeypatch):
         processing_retrieves=3,
         faults={"invalid_answer_rate": 0.1, "errored_rate": 0.02, "seed": 3, "transient_404_after_create": 1},
     )
-    point_connection_at(server)
+    # The job ledger in the test's own database: the backlog unit skips what its job accepted, and
+    # the session's embedded ledger would remember what earlier tests' databases hold.
+    point_connection_at(server, ledger_conn_id="fable_backlog_db")
     db = tmp_path / "backlog.db"
     fable_airflow.set_connection("fable_backlog_db", conn_type="sqlite", host=str(db))
     monkeypatch.setenv("FABLE_POLL_SECONDS", "0.5")
@@ -52,21 +54,21 @@ def triage_env(fable_airflow, fable_emulator_factory, tmp_path, monkeypatch):
 def test_triage_dag_end_to_end(triage_env):
     airflow_env, server, engine = triage_env
     dag = airflow_env.load_dag("support_ticket_triage")
-    result = airflow_env.run_dag(dag, conf={"limit": 300})
+    result = airflow_env.run_dag(dag, conf={"limit": 300, "pilot": 0})
 
     assert result.state == "success", result.task_states
     assert set(result.task_states.values()) == {"success"}
 
-    submitted = result.xcom("submit")
+    submitted = result.xcom("tickets.s1_submit")
     assert submitted["request_count"] == 300
     assert len(submitted["batch_ids"]) == 1
 
-    waited = result.xcom("wait")
+    waited = result.xcom("tickets.s1_wait")
     # Only execute_complete (after the trigger fired) sets waited_in="trigger": the task deferred.
     assert waited["waited_in"] == "trigger"
     assert waited["polls"] == 2
 
-    loaded = result.xcom("load")
+    loaded = result.xcom("tickets.s1_load")
     assert loaded["records"] == 300
     assert loaded["accepted"] > 200
     assert loaded["rejected"] > 0
@@ -107,19 +109,19 @@ def test_triage_dag_end_to_end(triage_env):
     # A second manual run takes the next tickets never processed (no triage row, no reject row);
     # accepted rows are never duplicated.
     with engine.connect() as conn:
-        first_rejects = {r[0] for r in conn.execute(sa.text("SELECT record_id FROM ticket_triage_rejects"))}
-    again = airflow_env.run_dag(dag, conf={"limit": 300})
+        first_rejects = {r[0] for r in conn.execute(sa.text("SELECT ticket_id FROM ticket_triage_rejects"))}
+    again = airflow_env.run_dag(dag, conf={"limit": 300, "pilot": 0})
     assert again.state == "success", again.task_states
-    second = again.xcom("submit")
+    second = again.xcom("tickets.s1_submit")
     assert second["request_count"] == second["submitted"] == 300
     with engine.connect() as conn:
         rows = conn.execute(sa.text("SELECT count(*), count(DISTINCT ticket_id) FROM ticket_triage")).one()
-        assert rows[0] == rows[1] == loaded["accepted"] + again.xcom("load")["accepted"]
+        assert rows[0] == rows[1] == loaded["accepted"] + again.xcom("tickets.s1_load")["accepted"]
         second_ids = set(
             conn.execute(
                 sa.text(
                     "SELECT ticket_id FROM ticket_triage WHERE _batch_id = :b UNION "
-                    "SELECT record_id FROM ticket_triage_rejects WHERE batch_id = :b"
+                    "SELECT ticket_id FROM ticket_triage_rejects WHERE _batch_id = :b"
                 ),
                 {"b": second["batch_ids"][0]},
             ).scalars()
@@ -129,12 +131,12 @@ def test_triage_dag_end_to_end(triage_env):
     # mode=failed sends again exactly the tickets the ledger holds as rejected, in a new batch.
     # The emulator draws faults afresh for a request it sees again (as the real service would
     # not fail a rerun the same way), so most rerun tickets now land.
-    dag.get_task("load").retries = 0  # a guardrail failure is not transient: no retry_delay wait
-    failed = airflow_env.run_dag(dag, conf={"limit": 2000, "mode": "failed"})
+    dag.get_task("tickets.finalize").retries = 0  # a guardrail failure is not transient: no retry_delay wait
+    failed = airflow_env.run_dag(dag, conf={"limit": 2000, "mode": "failed", "pilot": 0})
     assert failed.state == "success", failed.task_states
-    assert failed.xcom("load")["accepted"] > failed.xcom("load")["rejected"]
-    rerun = failed.xcom("submit")
-    assert rerun["submitted"] == loaded["rejected"] + again.xcom("load")["rejected"]
+    assert failed.xcom("tickets.s1_load")["accepted"] > failed.xcom("tickets.s1_load")["rejected"]
+    rerun = failed.xcom("tickets.s1_submit")
+    assert rerun["submitted"] == loaded["rejected"] + again.xcom("tickets.s1_load")["rejected"]
     assert not set(rerun["batch_ids"]) & {submitted["batch_ids"][0], second["batch_ids"][0]}
 
 
@@ -150,7 +152,9 @@ def test_data_intervals_run_once_and_retries_never_pay_twice(
     from airflow.utils.session import create_session
 
     server = fable_emulator_factory(faults={"lose_create_response_first_n": 1})
-    point_connection_at(server)
+    # The job ledger in the test's own database: the backlog unit skips what its job accepted, and
+    # the session's embedded ledger would remember what earlier tests' databases hold.
+    point_connection_at(server, ledger_conn_id="fable_backlog_db")
     db = tmp_path / "backlog.db"
     fable_airflow.set_connection("fable_backlog_db", conn_type="sqlite", host=str(db))
     monkeypatch.setenv("FABLE_POLL_SECONDS", "0.2")
@@ -183,21 +187,24 @@ def test_data_intervals_run_once_and_retries_never_pay_twice(
         assert result.state == "success", result.task_states
         start, end = interval_of(result.run_id)
         expected = sum(start <= c < end for c in created)
-        assert expected > 0, (start, end, result.xcom("submit"))
-        assert result.xcom("submit")["request_count"] == expected
-        assert result.xcom("load")["records"] == expected
+        assert expected > 0, (start, end, result.xcom("tickets.s1_submit"))
+        assert result.xcom("tickets.s1_submit")["request_count"] == expected
+        assert result.xcom("tickets.s1_load")["records"] == expected
         total += expected
         assert rows() == total
     emulator = stats(server)
     assert emulator["faults"]["lost_create_response"] == 1
     assert emulator["batches_created"] == 3  # one per interval, though the first create lost its answer
 
-    # Re-running (clearing) a finished interval re-attaches: no batch, no row added.
+    # Re-running a finished interval selects nothing (every ticket of the day has its final or
+    # reject row: selection is the backlog unit's): no batch, no row added. (Before the unit, the
+    # DAG selected the day again and the ledger re-attached its batch; same outcome, no request.)
     again = fable_airflow.run_dag(
         dag, logical_date=datetime(2026, 1, 7, tzinfo=timezone.utc), conf={"mode": "interval"}
     )
     assert again.state == "success", again.task_states
-    assert again.xcom("submit")["submitted"] == 0 and again.xcom("submit")["attached"] > 0
+    assert again.xcom("tickets.select")["full"] == 0
+    assert not (again.xcom("tickets.s1_submit") or {}).get("submitted")
     assert stats(server)["batches_created"] == 3
     assert rows() == total
     engine.dispose()
@@ -220,7 +227,7 @@ def test_airflow_dags_test_cli_runs_the_dag_and_never_logs_the_key(triage_env):
             "test",
             "support_ticket_triage",
             "-c",
-            '{"limit": 40}',
+            '{"limit": 40, "pilot": 0}',
         ],
         capture_output=True,
         text=True,
@@ -236,7 +243,7 @@ def test_airflow_dags_test_cli_runs_the_dag_and_never_logs_the_key(triage_env):
     with engine.connect() as conn:
         loaded = conn.execute(sa.text("SELECT count(*) FROM ticket_triage")).scalar_one()
         rejected = conn.execute(
-            sa.text("SELECT count(DISTINCT record_id) FROM ticket_triage_rejects")
+            sa.text("SELECT count(DISTINCT ticket_id) FROM ticket_triage_rejects")
         ).scalar_one()
     assert loaded > 0 and loaded + rejected == 40
 
@@ -267,11 +274,10 @@ def test_run_without_logical_date_and_retry_after_create_uses_the_task_state_sto
     + state store write, before the ledger write: Airflow's retry (retries=2) adopts the batch
     from the task state store, without listing batches."""
     from airflow_provider_fable.core.ledger import Ledger
-    from airflow_provider_fable.hooks.ledger import embedded_ledger_url
     from airflow_provider_fable.operators.submit import KILL_ENV
 
     server = fable_emulator_factory()
-    point_connection_at(server)
+    point_connection_at(server, ledger_conn_id="fable_backlog_db")
     fable_airflow.set_connection("fable_backlog_db", conn_type="sqlite", host=str(tmp_path / "b.db"))
     monkeypatch.setenv("FABLE_POLL_SECONDS", "0.2")
     monkeypatch.setenv("FABLE_RETRY_DELAY_SECONDS", "0")
@@ -281,7 +287,7 @@ def test_run_without_logical_date_and_retry_after_create_uses_the_task_state_sto
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
-    dr = dag.test(logical_date=None, run_conf={"limit": 20})
+    dr = dag.test(logical_date=None, run_conf={"limit": 20, "pilot": 0})
     assert dr.logical_date is None and dr.data_interval_start is None
     with create_session() as session:
         states = {
@@ -293,12 +299,12 @@ def test_run_without_logical_date_and_retry_after_create_uses_the_task_state_sto
         )
         xcoms = {row.task_id: XComModel.deserialize_value(row) for row in rows}
     assert set(states.values()) == {"success"}, states
-    submitted = xcoms["submit"]
+    submitted = xcoms["tickets.s1_submit"]
     assert submitted["request_count"] == 20
     emulator = stats(server)
     assert emulator["batches_created"] == 1
     assert emulator["calls"].get("list", 0) == 0  # settled by the state store, not by listing
-    ledger = Ledger(sa.create_engine(embedded_ledger_url()))
+    ledger = Ledger(sa.create_engine(f"sqlite:///{tmp_path / 'b.db'}"))
     (batch_id,) = submitted["batch_ids"]
     sub = ledger.submission_for_batch(batch_id)
     assert sub is not None and sub.state == "adopted"

@@ -180,7 +180,9 @@ def test_guardrail_typo_fails_before_loading(fable_emulator_factory, dest):
 @pytest.fixture
 def triage(fable_airflow, fable_emulator_factory, tmp_path, monkeypatch):
     server = fable_emulator_factory(processing_retrieves=1, faults={"invalid_answer_rate": 0.05, "seed": 5})
-    point_connection_at(server)
+    # The ledger in the test's own database: the backlog unit skips what its job accepted, and the
+    # session's embedded ledger would remember what other tests' databases hold.
+    point_connection_at(server, ledger_conn_id="fable_backlog_db")
     db = tmp_path / "backlog.db"
     fable_airflow.set_connection("fable_backlog_db", conn_type="sqlite", host=str(db))
     monkeypatch.setenv("FABLE_POLL_SECONDS", "0.2")
@@ -190,47 +192,31 @@ def triage(fable_airflow, fable_emulator_factory, tmp_path, monkeypatch):
 
 
 def test_example_dag_pilot_then_full_run_within_ten_percent_of_estimate(triage):
+    """The example on the backlog unit: one run with a pilot pass of 200 sampled tickets, then the
+    full pass; the projection the pilot makes for the full pass is within 10 % of what it cost."""
     airflow_env, server, engine = triage
     dag = airflow_env.load_dag("support_ticket_triage")
 
-    pilot = airflow_env.run_dag(dag, conf={"pilot": 200, "limit": 2400})
-    assert pilot.state == "success", pilot.task_states
-    submitted = pilot.xcom("submit")
-    assert submitted["model"] == "claude-fable-5"
-    assert submitted["request_count"] == 200 and submitted["pilot"]["sample"] == 200
-    assert submitted["estimate"]["output_basis"] == "max_tokens"
-    with engine.connect() as conn:
-        done = [r[0] for r in conn.execute(sa.text("SELECT ticket_id FROM ticket_triage"))]
-        done += [r[0] for r in conn.execute(sa.text("SELECT record_id FROM ticket_triage_rejects"))]
-    order = sorted(ticket_ids())
-    assert len(set(done)) == 200
-    assert {order.index(i) * 10 // len(order) for i in done} == set(range(10))  # every decile
-
-    # dag.test() renders templates into the task objects in place: a fresh parse per run, as a
-    # real worker has (otherwise the second run would inherit the first run's rendered pilot=200).
-    full = airflow_env.run_dag(airflow_env.load_dag("support_ticket_triage"), conf={"limit": 1000})
-    assert full.state == "success", full.task_states
-    est = full.xcom("submit")["estimate"]
-    # The backlog query skips accepted tickets; the pilot's rejects come back in the full run.
-    remaining = 1000  # of 2400 - accepted pilot rows: the next 1000 unlabelled tickets
-    assert full.xcom("submit")["request_count"] == remaining
-    assert est["output_basis"] == "pilot" and "pilot" in est["output_basis_detail"]
-    loaded = full.xcom("load")
-    assert loaded["records"] == remaining and loaded["estimated_cost_usd"] == est["cost_usd"]
-    actual = loaded["cost_usd"]
-    assert abs(est["cost_usd"] - actual) / actual < 0.10, (est, loaded["usage"], actual)
-    assert loaded["qa_table"] == "ticket_triage_qa" and loaded["qa_rows"] == 50
-    with engine.connect() as conn:
-        excerpts = conn.execute(sa.text("SELECT count(source_excerpt) FROM ticket_triage_qa")).scalar_one()
-    assert excerpts >= 40  # the submit recorded the inputs a QA sample can pick
+    run = airflow_env.run_dag(dag, conf={"pilot": 200, "limit": 1200})
+    assert run.state == "success", run.task_states
+    pilot = run.xcom("tickets.pilot_s1_submit")
+    assert pilot["model"] == "claude-fable-5" and pilot["request_count"] == 200
+    assert run.xcom("tickets.pilot_finalize")["records"] == 200
+    full = run.xcom("tickets.s1_submit")
+    assert full["request_count"] == 1000  # the 1,200 selected minus the pilot's 200
+    projected = run.xcom("tickets.project")
+    actual = run.xcom("tickets.s1_load")["cost_usd"]
+    assert abs(projected["projected_cost_usd"] - actual) / actual < 0.10, (projected["stages"], actual)
+    final = run.xcom("tickets.finalize")
+    assert final["qa_table"] == "ticket_triage_qa" and final["qa_rows"] > 0
 
 
 def test_example_dag_budget_cap_fails_the_submit_before_any_create(triage):
     airflow_env, server, engine = triage
     dag = airflow_env.load_dag("support_ticket_triage")
-    result = airflow_env.run_dag(dag, conf={"limit": 100, "max_cost_usd": 0.01})
-    assert result.task_states["submit"] == "failed"
-    assert result.task_states["load"] != "success"
+    result = airflow_env.run_dag(dag, conf={"limit": 100, "budget_usd": 0.01, "pilot": 0})
+    assert result.task_states["tickets.s1_submit"] == "failed"
+    assert result.task_states["tickets.s1_load"] != "success"
     seen = stats(server)
     assert seen["calls"]["count_tokens"] > 0  # the estimate ran ...
     assert seen["calls"]["create"] == 0  # ... and nothing was created
@@ -282,15 +268,15 @@ def test_example_dag_guardrail_breach_fails_the_load_with_rows_loaded(
     monkeypatch.setenv("FABLE_POLL_SECONDS", "0.2")
     # Most answers broken: over the DAG's max_reject_rate=0.5.
     server = fable_emulator_factory(faults={"invalid_answer_rate": 0.8, "seed": 2})
-    point_connection_at(server)
+    point_connection_at(server, ledger_conn_id="fable_backlog_db")
     db = tmp_path / "backlog.db"
     fable_airflow.set_connection("fable_backlog_db", conn_type="sqlite", host=str(db))
     dag = fable_airflow.load_dag("support_ticket_triage")
     # A guardrail failure is not transient; dag.test() would wait out the retry_delay.
-    dag.get_task("load").retries = 0
-    result = fable_airflow.run_dag(dag, conf={"limit": 60})
-    assert result.task_states["submit"] == "success"
-    assert result.task_states["load"] == "failed"
+    dag.get_task("tickets.finalize").retries = 0
+    result = fable_airflow.run_dag(dag, conf={"limit": 60, "pilot": 0})
+    assert result.task_states["tickets.s1_submit"] == "success"
+    assert result.task_states["tickets.finalize"] == "failed"
     engine = sa.create_engine(f"sqlite:///{db}")
     try:
         with engine.connect() as conn:
@@ -304,7 +290,11 @@ def test_example_dag_guardrail_breach_fails_the_load_with_rows_loaded(
     from airflow.utils.session import create_session
 
     with create_session() as session:
-        row = session.query(XComModel).filter_by(run_id=result.run_id, task_id="load", key="summary").one()
+        row = (
+            session.query(XComModel)
+            .filter_by(run_id=result.run_id, task_id="tickets.finalize", key="summary")
+            .one()
+        )
         summary = XComModel.deserialize_value(row)
     assert summary["rejected"] == rejected
     assert any("> max_reject_rate 50.0%" in g for g in summary["guardrails"])

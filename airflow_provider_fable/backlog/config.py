@@ -480,41 +480,79 @@ class Guardrails:
 
 
 # -------------------------------------------------------------------------------------- chunking
+# (chunk-then-combine; owned by the chunking work, wired in backlog/chunked.py)
 @dataclass(frozen=True)
 class Chunking:
-    """Chunk-then-combine for a long field (``core.chunking``): sections, then one combine per record.
+    """Chunk-then-combine for a long field (``core.chunking``): sections first, then one answer per record.
 
-    The field is split into sections on paragraph/heading boundaries under ``max_tokens``; every
-    section is answered by the stages with the unit's prompt (the record's other fields plus the
-    section); one combine request per record, built from its section answers, goes to
-    ``combine_model`` with ``combine`` as its prompt, only once every section of the record is in
-    (incomplete records are reported).
+    The long ``field`` of each record is split into sections on its own heading/paragraph
+    boundaries under ``section_tokens`` (estimated offline, see docs/patterns.md); every section is
+    answered by ``model`` with this object's ``prompt`` and ``output_model``; then, only for a
+    record whose every section is accepted, the unit's own prompt, output model and stages answer
+    **one combine request per record** built from the section answers. The final table therefore
+    holds the combined answers (the unit's ``output_model``), one row per record, and the stages'
+    escalation rules apply to the combine. Records with a section missing or rejected are not
+    combined: they are reported in ``<table>_incomplete`` and picked up by ``mode=failed``, which
+    resends only the sections not accepted yet. Records whose whole text fits in one section skip
+    the section requests (unless ``always_split``): their combine request carries the text itself.
+
+    The section template sees the record's fields with ``field`` holding the section's text, plus
+    ``section_index``, ``section_count``, ``section_heading``, ``section_id``, ``parent_id``. The
+    unit's (combine) template sees the record's other fields plus ``material`` (the section
+    answers in order, or the whole text), ``material_note`` (a sentence saying which of the two it
+    is) and ``section_count`` (0 when the text was sent whole).
 
     :param field: the long text field of the source record.
-    :param max_tokens: token bound of a section.
-    :param combine: the combine request's prompt (its template sees ``{sections}``, the section
-        answers as JSON, and the record's fields).
-    :param combine_model: the model of the combine request (default: the last stage's).
-    :param combine_output_model: the output model of the combined answer (default: the unit's).
-    :param combine_max_tokens: output limit of a combine request.
+    :param prompt: the section request's ``Prompt(...)`` (template, system, few-shot; inline or files).
+    :param output_model: pydantic model (or dotted path) every section answer must satisfy.
+    :param model: model answering the sections (a cheap model is often enough).
+    :param max_tokens: output limit of a section request.
+    :param section_tokens: token bound of a section (estimated).
+    :param chars_per_token: ASCII characters per token of the estimate (non-ASCII: 1 token each).
+    :param overlap_paragraphs: paragraphs repeated at the start of the next section (0-3).
+    :param always_split: send even a text that fits in one section through the section stage.
+    :param on_empty: ``"error"`` (fail naming the record, before anything is paid for) or
+        ``"skip"`` (report it as incomplete) for an empty or missing text.
     """
 
     field: str
-    max_tokens: int = 2000
-    combine: Prompt | None = None
-    combine_model: str | None = None
-    combine_output_model: Any = None
-    combine_max_tokens: int = 1024
+    prompt: Prompt
+    output_model: Any
+    model: str = "claude-fable-5"
+    max_tokens: int = 1024
+    section_tokens: int = 2000
+    chars_per_token: float = 4.0
+    overlap_paragraphs: int = 0
+    always_split: bool = False
+    on_empty: str = "error"
+
+    ON_EMPTY = ("error", "skip")
 
     def __post_init__(self) -> None:
         _need(_is_identifier(self.field), f"Chunking: field must be a plain field name, got {self.field!r}")
+        _need(isinstance(self.prompt, Prompt), "Chunking: prompt must be a Prompt(...) for the section requests")
+        _need(self.output_model is not None, "Chunking: output_model (the section answer's model) is required")
+        _need(isinstance(self.model, str) and bool(self.model.strip()), "Chunking: model must be a model name")
         _need(
-            isinstance(self.max_tokens, int) and self.max_tokens >= 100,
-            f"Chunking: max_tokens must be an int >= 100, got {self.max_tokens!r}",
+            isinstance(self.max_tokens, int) and 1 <= self.max_tokens <= 128_000,
+            f"Chunking: max_tokens must be an int in 1..128000, got {self.max_tokens!r}",
         )
         _need(
-            self.combine is None or isinstance(self.combine, Prompt),
-            "Chunking: combine must be a Prompt(...) or None",
+            isinstance(self.section_tokens, int) and not isinstance(self.section_tokens, bool)
+            and self.section_tokens >= 50,
+            f"Chunking: section_tokens must be an int >= 50, got {self.section_tokens!r}",
+        )  # fmt: skip
+        _need(
+            isinstance(self.chars_per_token, (int, float)) and 1 <= self.chars_per_token <= 10,
+            f"Chunking: chars_per_token must be a number in 1..10, got {self.chars_per_token!r}",
+        )
+        _need(
+            isinstance(self.overlap_paragraphs, int) and 0 <= self.overlap_paragraphs <= 3,
+            f"Chunking: overlap_paragraphs must be an int in 0..3, got {self.overlap_paragraphs!r}",
+        )
+        _need(
+            self.on_empty in self.ON_EMPTY,
+            f"Chunking: on_empty must be one of {', '.join(self.ON_EMPTY)}, got {self.on_empty!r}",
         )
 
 

@@ -211,6 +211,10 @@ def select(spec: dict[str, Any], context: Any) -> dict[str, Any]:
              spec["backlog_id"], run_id, mode, f" {out['window']}" if window else "", len(pilot_ids), full)  # fmt: skip
     if estimate_only and not spec["with_pilot"]:
         out["projection"] = projection(spec, context, full_records=full, pilot=None)
+        if spec.get("chunking") is not None:  # chunking (backlog/chunked.py): the section requests too
+            from airflow_provider_fable.backlog import chunked
+
+            chunked.estimate_sections(spec, context, out["projection"])
         log.info("Estimate only, nothing is paid for:\n%s", out["projection"]["markdown"])
     return out
 
@@ -383,6 +387,8 @@ def plan_escalation(
         )
         candidates: list[tuple[int, float, str, str]] = []
         for rid in ids:
+            if spec.get("chunking") is not None and rid not in states:
+                continue  # chunking: never combined (sections incomplete), nothing to escalate
             answer = answers.get(rid) if rid in accepted else None
             record = records.get(rid, {})
             hit = stage.first_reason(answer, record)
@@ -499,6 +505,11 @@ def finalize(spec: dict[str, Any], context: Any, *, pass_name: str) -> dict[str,
                             {r: getattr(st, "batch_id", None) for r, st in states[i].items() if st.status == "rejected"})
             for i in range(n_stages)
         ]  # fmt: skip
+        if spec.get("chunking") is not None:  # chunking (backlog/chunked.py): why it was never combined
+            from airflow_provider_fable.backlog import chunked
+
+            never_combined = chunked.incomplete_reasons(engine, spec, run_id, pass_name)
+            why = [{**never_combined, **w} for w in why]  # whichever stage it was last planned for
         now = datetime.now(timezone.utc).isoformat()
         rows, rejects = [], []
         by_stage: dict[str, int] = {}
@@ -566,6 +577,9 @@ def finalize(spec: dict[str, Any], context: Any, *, pass_name: str) -> dict[str,
             cost_usd_by_stage={names[i]: _stage_cost(context, spec, pass_name, i) for i in range(n_stages)},
             reject_reasons=_count(r["reason"] for r in rejects),
         )  # fmt: skip
+        if spec.get("chunking") is not None:  # chunking: the section requests are part of the cost
+            summary["cost_usd_by_stage"] = {"sections": chunked.sections_cost(context, spec, pass_name),
+                                             **summary["cost_usd_by_stage"]}  # fmt: skip
         summary["cost_usd"] = round(sum(summary["cost_usd_by_stage"].values()), 6)
         summary["distribution"] = _distribution(spec, rows)
         batch_ids = sorted({r["_batch_id"] for r in rows if r.get("_batch_id")})
@@ -833,6 +847,10 @@ def project(spec: dict[str, Any], context: Any) -> dict[str, Any]:
     pilot = {"records": counts, "costs": costs} if counts[0] else None
     out = projection(spec, context, full_records=int(selected.get("full") or 0), pilot=pilot)
     spent = round(sum(costs), 6)
+    if spec.get("chunking") is not None:  # chunking (backlog/chunked.py): the section requests too
+        from airflow_provider_fable.backlog import chunked
+
+        spent = round(spent + chunked.project_sections(spec, context, out), 6)
     budget = _float(context["params"].get("budget_usd"))
     out["pilot_cost_usd"] = spent
     out["pilot"] = pilot

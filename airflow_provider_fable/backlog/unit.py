@@ -161,11 +161,6 @@ class Backlog:
         )
         need(limit is None or (isinstance(limit, int) and limit >= 1), "limit must be an int >= 1 or None")
         need(isinstance(qa_size, int) and qa_size >= 0, "qa_size must be an int >= 0")
-        if chunking is not None:
-            raise BacklogConfigError(
-                f"Backlog {backlog_id!r}: chunking= is accepted by the API but not wired yet "
-                "(core.chunking lands with the chunk-then-combine work); see docs/backlog.md"
-            )
         dag = DagContext.get_current()
         need(dag is not None, "build it inside a `with DAG(...)` block")
         self.dag = dag
@@ -181,6 +176,12 @@ class Backlog:
         self.approval = approval
         self._add_params(pilot, approval, budget_usd, limit)
         self.spec = self._spec(review_table)
+        # chunking (backlog/chunked.py): the section step before the stages.
+        self.chunking, self.search_path = chunking, _search_path(dag)
+        if chunking is not None:
+            from airflow_provider_fable.backlog.chunked import spec_entries
+
+            self.spec.update(spec_entries(self))
         self.group = self._build(approval_timeout)
 
     # ------------------------------------------------------------------ parse-time helpers
@@ -243,13 +244,19 @@ class Backlog:
         spec = self.spec
         prefix = "" if pass_name == "full" else f"{pass_name}_"
         first = last = None
+        submit_class: type[BacklogStageSubmit] = BacklogStageSubmit
+        if self.chunking is not None:  # chunking (backlog/chunked.py): sections, then the stages
+            from airflow_provider_fable.backlog import chunked
+
+            first, last = chunked.section_tasks(self, pass_name)
+            submit_class = chunked.CombineStageSubmit
         for i, (stage, name) in enumerate(zip(self.stages, self.stage_names, strict=True)):
             budget = (
                 "{{ params.budget_usd }}"
-                if i == 0 and pass_name == "pilot"
+                if i == 0 and pass_name == "pilot" and self.chunking is None
                 else f"{{{{ (ti.xcom_pull(task_ids='{self.task_id(self._budget_source(pass_name, i))}') or {{}}).get('budget_left_usd') }}}}"
             )
-            submit = BacklogStageSubmit(
+            submit = submit_class(
                 task_id=f"{prefix}{name}_submit",
                 spec=spec,
                 pass_name=pass_name,
@@ -309,6 +316,8 @@ class Backlog:
         prefix = "" if pass_name == "full" else f"{pass_name}_"
         if stage_index > 0:
             return f"{prefix}{self.stage_names[stage_index - 1]}_plan"
+        if self.chunking is not None:  # chunking: what the sections left (backlog/chunked.py)
+            return f"{prefix}combine_plan"
         return "project" if self.with_pilot else "select"
 
     def _py(self, task_id: str, fn: Any, *, kind: str = "task", **kwargs: Any) -> Any:

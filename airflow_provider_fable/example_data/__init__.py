@@ -132,6 +132,42 @@ def seed_table(
         return len(rows)
 
 
+#: The backlog table each bundled dataset is seeded into: (table, key, columns, integer columns).
+#: The ``expected_*`` columns of a dataset are its QA labels and stay out of the backlog.
+BACKLOG_TABLES: dict[str, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
+    "support_tickets": (
+        "support_tickets", "ticket_id",
+        ("ticket_id", "created_at", "channel", "customer_tier", "subject", "body"), (),
+    ),
+    "crm_leads": (
+        "crm_leads", "lead_id",
+        ("lead_id", "created_at", "company_name", "website_domain", "job_title", "notes", "pipeline_value_usd"),
+        ("pipeline_value_usd",),
+    ),
+    "documents": ("documents", "doc_id", ("doc_id", "created_at", "doc_type", "title", "body"), ()),
+    "cancellation_reasons": (
+        "cancellations", "cancellation_id",
+        ("cancellation_id", "created_at", "plan", "tenure_months", "reason_for_cancellation"),
+        ("tenure_months",),
+    ),
+}  # fmt: skip
+
+
+def seed_backlog(dataset: str, *, sql_conn_id: str, fable_conn_id: str = "fable_default") -> int:
+    """What an example DAG runs before its backlog: check both connections (failing with how to
+    create a missing one), then load the bundled ``dataset`` into its backlog table when that
+    table is empty (``BACKLOG_TABLES``); return the table's row count."""
+    from airflow_provider_fable.hooks.sql import sqlalchemy_engine
+
+    require_connections(fable=fable_conn_id, sql=sql_conn_id)
+    table, key, columns, ints = BACKLOG_TABLES[dataset]
+    engine = sqlalchemy_engine(sql_conn_id)
+    try:
+        return seed_table(engine, table, dataset, key=key, columns=columns, int_columns=ints)
+    finally:
+        engine.dispose()
+
+
 def iso(value: datetime) -> str:
     """The datasets' timestamp format (UTC, ``Z``); string comparison orders it correctly."""
     return value.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -139,6 +175,7 @@ def iso(value: datetime) -> str:
 
 #: The selection modes of the example DAGs' ``params.mode`` (as in ``support_ticket_triage``).
 MODES = ("auto", "interval", "backlog", "failed")
+
 
 def run_mode(context: Mapping[str, Any], mode: str = "auto") -> tuple[str, tuple[str, str] | None]:
     """(effective mode, ``created_at`` window or None) of a run of an example DAG.
@@ -203,3 +240,185 @@ def example_prices() -> dict[str, Any]:
     if price_for("claude-fable-5") is None:
         prices["claude-fable-5"] = Price(5.0, 25.0)
     return prices
+
+
+# ------------------------------------------------------------------ checks across rows (examples)
+def rebuild_review_table(
+    conn_id: str,
+    *,
+    final_table: str,
+    id_column: str,
+    label_column: str,
+    source_table: str,
+    text_column: str,
+    review_table: str,
+    normalise: Any,
+    run_id: str,
+) -> dict[str, Any]:
+    """Rebuild ``review_table``: every normalised text of the source that got more than one label.
+
+    What no per-row validation can see: rows whose text is "the same answer" (``normalise``, the
+    DAG's own rule) but were labelled differently, across *all* labelled rows (today's answer
+    against last week's), with the labels, counts, an example id per label and the majority label,
+    for a human to settle. Rows are streamed; memory holds one entry per distinct normalised text.
+    """
+    import json
+    from datetime import timezone
+
+    import sqlalchemy as sa
+
+    from airflow_provider_fable.hooks.sql import sqlalchemy_engine
+
+    meta = sa.MetaData()
+    review = sa.Table(
+        review_table, meta,
+        sa.Column("normalized_text", sa.Text, primary_key=True),
+        sa.Column("labels", sa.Text, nullable=False),
+        sa.Column("label_counts", sa.Text, nullable=False),
+        sa.Column("row_count", sa.Integer, nullable=False),
+        sa.Column("example_ids", sa.Text),
+        sa.Column("majority_label", sa.Text),
+        sa.Column("flagged_by_run", sa.Text),
+        sa.Column("flagged_at", sa.Text),
+    )  # fmt: skip
+    groups: dict[str, dict[str, Any]] = {}
+    engine = sqlalchemy_engine(conn_id)
+    try:
+        meta.create_all(engine)
+        if sa.inspect(engine).has_table(final_table):
+            with engine.connect() as conn:
+                result = conn.execution_options(stream_results=True, yield_per=5000).execute(
+                    sa.text(
+                        f'SELECT c."{id_column}", c."{text_column}", r."{label_column}" FROM "{final_table}" AS r '
+                        f'JOIN "{source_table}" AS c ON c."{id_column}" = r."{id_column}" ORDER BY c."{id_column}"'
+                    )
+                )
+                for rid, text, label in result:
+                    g = groups.setdefault(normalise(text), {"labels": {}, "examples": {}})
+                    g["labels"][label] = g["labels"].get(label, 0) + 1
+                    g["examples"].setdefault(label, rid)
+        now = datetime.now(timezone.utc).isoformat()
+        flagged = [
+            {
+                "normalized_text": key, "labels": ",".join(sorted(g["labels"])),
+                "label_counts": json.dumps(dict(sorted(g["labels"].items()))), "row_count": sum(g["labels"].values()),
+                "example_ids": json.dumps(dict(sorted(g["examples"].items()))),
+                "majority_label": max(sorted(g["labels"]), key=lambda k: g["labels"][k]),
+                "flagged_by_run": run_id, "flagged_at": now,
+            }
+            for key, g in sorted(groups.items())
+            if len(g["labels"]) > 1
+        ]  # fmt: skip
+        with engine.begin() as conn:
+            conn.execute(review.delete())
+            if flagged:
+                conn.execute(review.insert(), flagged)
+    finally:
+        engine.dispose()
+    return {
+        "distinct_texts": len(groups),
+        "inconsistent_texts": len(flagged),
+        "rows_in_inconsistent_texts": sum(r["row_count"] for r in flagged),
+    }
+
+
+def agreement_with_labels(
+    conn_id: str, *, table: str, id_column: str, dataset: str, fields: Mapping[str, str], run_id: str
+) -> dict[str, Any]:
+    """Per answer field, the share of this run's final rows equal to the dataset's hidden label.
+
+    ``fields`` maps an answer column to the dataset's label column (e.g. ``{"label":
+    "expected_reason"}``); only rows of ``run_id`` whose id the dataset labels count.
+    """
+    import sqlalchemy as sa
+
+    from airflow_provider_fable.hooks.sql import sqlalchemy_engine
+
+    truth = {r[id_column]: r for r in iter_dataset(dataset)}
+    engine = sqlalchemy_engine(conn_id)
+    try:
+        with engine.connect() as conn:
+            cols = ", ".join(f'"{c}"' for c in (id_column, *fields))
+            rows = conn.execute(
+                sa.text(f'SELECT {cols} FROM "{table}" WHERE "_run_id" = :r'), {"r": run_id}
+            ).all()
+    finally:
+        engine.dispose()
+    labelled = [r for r in rows if r[0] in truth]
+    out: dict[str, Any] = {"rows": len(rows), "labelled_rows": len(labelled)}
+    for n, (answer_field, truth_field) in enumerate(fields.items(), 1):
+        hits = sum(str(r[n]) == str(truth[r[0]][truth_field]) for r in labelled)
+        out[answer_field] = round(hits / len(labelled), 4) if labelled else None
+    return out
+
+
+def check_share(summary: Mapping[str, Any] | None, field: str, value: str, limit: Any) -> dict[str, Any]:
+    """A distribution guardrail on a pass's final rows, with a per-run limit (a Param).
+
+    Fails the task, without retries (a retry cannot change the answers), when ``value`` takes
+    more than ``limit`` of the ``field`` values in ``summary`` (the backlog's ``finalize`` XCom);
+    the rows are loaded either way.
+    """
+    from airflow.sdk.exceptions import AirflowFailException
+
+    counts = ((summary or {}).get("distribution") or {}).get(field) or {}
+    total = sum(counts.values())
+    share = counts.get(value, 0) / total if total else 0.0
+    out = {"field": field, "value": value, "share": round(share, 4), "limit": float(limit), "rows": total}
+    if total and share > float(limit):
+        raise AirflowFailException(
+            f"guardrail: {field}={value!r} is {share:.1%} of the run's {total} final rows, over the "
+            f"limit {float(limit):.1%}; the rows are loaded: look at the taxonomy or the prompt"
+        )
+    return out
+
+
+def backlog_report(
+    ti: Any,
+    backlog: Any,
+    *,
+    conn_id: str,
+    dataset: str | None = None,
+    fields: Mapping[str, str] | None = None,
+    compare_model: str | None = None,
+) -> dict[str, Any]:
+    """What an example reports after its backlog: the final rows by stage, escalations, the cost
+    per stage and, optionally, the first stage's usage priced on ``compare_model`` (what running
+    everything there would have cost) and the agreement with a labelled ``dataset``.
+
+    ``backlog`` is the DAG's ``Backlog``; only its XComs (``finalize``, ``s1_load``, ``s1_plan``)
+    and final table are read.
+    """
+    from airflow_provider_fable.core.cost import usage_cost_usd
+    from airflow_provider_fable.core.results import Usage
+
+    final = ti.xcom_pull(task_ids=backlog.task_id("finalize")) or {}
+    names = backlog.stage_names
+    first_load = ti.xcom_pull(task_ids=backlog.task_id(f"{names[0]}_load")) or {}
+    plan = (ti.xcom_pull(task_ids=backlog.task_id(f"{names[0]}_plan")) or {}) if len(names) > 1 else {}
+    out: dict[str, Any] = {
+        "records": final.get("records", 0),
+        "final": final.get("by_stage", {}),
+        "unresolved": final.get("rejected", 0),
+        "reject_reasons": final.get("reject_reasons", {}),
+        "distribution": final.get("distribution", {}),
+        "escalated": plan.get("escalated", 0),
+        "escalated_by_reason": plan.get("by_reason", {}),
+        "not_escalated_over_budget": plan.get("not_escalated_over_budget", 0),
+        "stage_cost_usd": final.get("cost_usd_by_stage", {}),
+        "cost_usd": final.get("cost_usd"),
+    }
+    if compare_model:
+        alone = usage_cost_usd(Usage(**first_load.get("usage", {})), compare_model)
+        out["all_on_" + compare_model.replace("-", "_") + "_usd"] = alone
+        out["cost_vs_all_on_compare_model"] = (
+            round((final.get("cost_usd") or 0) / alone, 3) if alone else None
+        )
+    if dataset and fields:
+        agree = agreement_with_labels(
+            conn_id, table=backlog.destination.table, id_column=backlog.spec["id_column"], dataset=dataset,
+            fields=fields, run_id=str(ti.run_id),
+        )  # fmt: skip
+        out["labelled_rows"] = agree.pop("labelled_rows")
+        out["agreement"] = {f: agree[f] for f in fields}
+    return out

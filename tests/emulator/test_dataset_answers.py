@@ -34,6 +34,30 @@ def _dag(dag_id: str) -> Any:
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
+    return _prompt_files(module, dag_id)
+
+
+def _prompt_files(module: Any, dag_id: str) -> Any:
+    """The prompt files beside the DAG (the examples keep them there since they moved onto the
+    backlog unit), as the module constants these checks read, plus the unit's section split."""
+    from airflow_provider_fable.core.chunking import split_text
+
+    folder = ROOT / "dags"
+
+    def read(name: str) -> str | None:
+        path = folder / name
+        return path.read_text(encoding="utf-8").strip("\n") if path.is_file() else None
+
+    examples = folder / f"{dag_id}_examples.jsonl"
+    module.PROMPT_TEMPLATE, module.SYSTEM_PROMPT = read(f"{dag_id}.md"), read(f"{dag_id}_system.md")
+    module.FEW_SHOT = (
+        [json.loads(x) for x in examples.read_text(encoding="utf-8").splitlines() if x.strip()]
+        if examples.is_file()
+        else []
+    )
+    module.SECTION_TEMPLATE = read(f"{dag_id}_section.md")
+    module.SECTION_SYSTEM = read(f"{dag_id}_section_system.md")
+    module.split_sections = split_text
     return module
 
 
@@ -161,8 +185,9 @@ def test_document_sections_list_risks_and_open_questions_only_where_named(
     for doc in _rows("documents")[:60]:
         sections = dag.split_sections(doc["body"], 500)
         for n, (heading, text) in enumerate(sections, 1):
-            records.append({"section_id": f"{doc['doc_id']}-s{n:03d}", "text": text, "title": doc["title"],
-                            "doc_type": doc["doc_type"], "section_no": n, "section_count": len(sections),
+            records.append({"section_id": f"{doc['doc_id']}-s{n:03d}", "text": text, "body": text,
+                            "title": doc["title"], "doc_type": doc["doc_type"], "section_index": n,
+                            "section_count": len(sections),
                             "heading": heading or text.split("\n", 1)[0]})  # fmt: skip
     requests = _requests(
         dag.SECTION_TEMPLATE, dag.SECTION_SYSTEM, [], dag.SectionSummary, records, "section_id"
