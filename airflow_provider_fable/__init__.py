@@ -55,6 +55,8 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
         "extra-links": ["airflow_provider_fable.links.FableBatchLink"],
+        # `airflow fable jobs|status|failed|review|estimate` (Airflow 3 asks providers for CLI commands).
+        "cli": ["airflow_provider_fable.cli.get_fable_cli_commands"],
         "sensors": [
             {
                 "integration-name": "Anthropic Message Batches",

@@ -21,6 +21,7 @@ from airflow.sdk import BaseOperator
 
 from airflow_provider_fable import DEFAULT_CONN_ID
 from airflow_provider_fable.operators.guarded import LoadGuardrailsMixin
+from airflow_provider_fable.operators.observe import ObservedLoadMixin
 
 if TYPE_CHECKING:  # imported where used, so parsing a DAG file that names this operator stays cheap
     from airflow_provider_fable.core.ledger import Ledger
@@ -47,7 +48,7 @@ def _current_results(
         yield result
 
 
-class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
+class FableValidateLoadOperator(ObservedLoadMixin, LoadGuardrailsMixin, BaseOperator):
     """Validate every result of the given batches and load them into a SQL database.
 
     :param batch_ids: ids, or the submit/sensor manifest (``{"batch_ids": [...]}``). Templated.
@@ -240,6 +241,7 @@ class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
             u.input_tokens, u.output_tokens, u.cache_creation_input_tokens, u.cache_read_input_tokens,
             summary["cost_usd"],
         )  # fmt: skip
+        self._fable_report_load(ledger, batch_ids, summary, context)  # operators/observe.py
         return self._finish_load(engine, sink, batch_ids, summary, context)
 
     def _load_batches(
