@@ -21,7 +21,7 @@ from airflow.sdk import BaseOperator
 
 from airflow_provider_fable import DEFAULT_CONN_ID
 from airflow_provider_fable.operators.guarded import LoadGuardrailsMixin
-from airflow_provider_fable.operators.observe import ObservedLoadMixin
+from airflow_provider_fable.operators.observe import LineageLoadMixin, ObservedLoadMixin
 
 if TYPE_CHECKING:  # imported where used, so parsing a DAG file that names this operator stays cheap
     from airflow_provider_fable.core.ledger import Ledger
@@ -48,7 +48,7 @@ def _current_results(
         yield result
 
 
-class FableValidateLoadOperator(ObservedLoadMixin, LoadGuardrailsMixin, BaseOperator):
+class FableValidateLoadOperator(ObservedLoadMixin, LineageLoadMixin, LoadGuardrailsMixin, BaseOperator):
     """Validate every result of the given batches and load them into a SQL database.
 
     :param batch_ids: ids, or the submit/sensor manifest (``{"batch_ids": [...]}``). Templated.
@@ -150,6 +150,7 @@ class FableValidateLoadOperator(ObservedLoadMixin, LoadGuardrailsMixin, BaseOper
         self.qa_table = qa_table
         self.submit_manifest = submit_manifest
         self.prices = prices
+        self._fable_default_outlets()  # lineage: an AssetAlias for the table (operators/observe.py)
 
     def execute(self, context: Any) -> dict[str, Any]:
         from airflow_provider_fable.core.job import import_output_model
@@ -241,7 +242,7 @@ class FableValidateLoadOperator(ObservedLoadMixin, LoadGuardrailsMixin, BaseOper
             u.input_tokens, u.output_tokens, u.cache_creation_input_tokens, u.cache_read_input_tokens,
             summary["cost_usd"],
         )  # fmt: skip
-        self._fable_report_load(ledger, batch_ids, summary, context)  # operators/observe.py
+        self._fable_after_load(ledger, batch_ids, summary, context)  # operators/observe.py
         return self._finish_load(engine, sink, batch_ids, summary, context)
 
     def _load_batches(

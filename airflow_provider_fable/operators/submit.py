@@ -30,6 +30,7 @@ from airflow.sdk import BaseOperator
 from airflow_provider_fable import DEFAULT_CONN_ID
 from airflow_provider_fable.links import FableBatchLink
 from airflow_provider_fable.operators.guarded import SubmitGuardrailsMixin
+from airflow_provider_fable.operators.observe import LineageSubmitMixin
 
 if TYPE_CHECKING:  # everything else is imported where it is used, so a DAG file that imports
     # this operator pays only for the lines above at parse time (bench/dag_parse.py)
@@ -109,7 +110,7 @@ class _StateStore:
             return
 
 
-class FableBatchSubmitOperator(SubmitGuardrailsMixin, BaseOperator):
+class FableBatchSubmitOperator(LineageSubmitMixin, SubmitGuardrailsMixin, BaseOperator):
     """Submit one Messages request per source record as Message Batches, exactly once per job.
 
     Records come from exactly one of ``records`` (list of dicts, DataFrame, a .csv/.jsonl path, or
@@ -377,7 +378,11 @@ class _Submission:
     def _decide(self, state: RecordState | None) -> str:
         """``send``, ``attach`` or ``skip`` for one selected record."""
         ACCEPTED, PENDING, REJECTED = self._statuses  # noqa: N806 - the ledger's constants
-        if state is not None and state.status == ACCEPTED and (self.op.skip_done or self.rerun == "unaccepted"):
+        if (
+            state is not None
+            and state.status == ACCEPTED
+            and (self.op.skip_done or self.rerun == "unaccepted")
+        ):
             return "skip"
         if self.op.resubmit:
             return "send"
