@@ -53,6 +53,7 @@ def _loads_table(meta: sa.MetaData) -> sa.Table:
         sa.Column("cost_usd", sa.Float),
         sa.Column("estimated_cost_usd", sa.Float),
         sa.Column("destination", text),  # table name (or Parquet path)
+        sa.Column("destination_conn_id", text),  # where the page reads reject details and the QA sample
         sa.Column("rejects_table", text),
         sa.Column("qa_table", text),
         sa.Column("reject_reasons", text),  # JSON {reason: count}
@@ -79,7 +80,7 @@ class Report:
     # ------------------------------------------------------------------ writing
     def record_load(self, job_id: str, *, run_key: str | None, summary: Mapping[str, Any],
                     batch_ids: Sequence[str], estimated_cost_usd: float | None,
-                    qa_table: str | None) -> None:  # fmt: skip
+                    qa_table: str | None, destination_conn_id: str | None = None) -> None:  # fmt: skip
         """Remember one load of a job: what the page shows as cost, reasons and distributions."""
         self.ensure_schema()
         row = {
@@ -94,6 +95,7 @@ class Report:
             "destination": summary.get("table") or summary.get("parquet_path"),
             "rejects_table": summary.get("rejects_table"),
             "qa_table": qa_table,
+            "destination_conn_id": destination_conn_id,
             "reject_reasons": json.dumps(summary.get("reject_reasons") or {}, default=str),
             "distribution": json.dumps(summary.get("distribution") or {}, default=str),
         }
@@ -118,19 +120,29 @@ class Report:
             raise ReportError(f"job prefix {job!r} is ambiguous: {', '.join(ids)}, ...")
         return ids[0]
 
-    def _counts(self, job_ids: Sequence[str] | None = None) -> dict[str, dict[str, int]]:
-        """Record counts per job and status; superseded rejects (a rerun accepted them) apart."""
+    def _counts(
+        self, job_ids: Sequence[str] | None = None, last_update: dict[str, str] | None = None
+    ) -> dict[str, dict[str, int]]:
+        """Record counts per job and status; superseded rejects (a rerun accepted them) apart.
+
+        One scan of the records (the jobs page's one expensive query); ``last_update`` is filled
+        with each job's latest record change from the same scan.
+        """
         c = self.ledger.records.c
         sup = c.superseded_by.is_not(None)
-        q = sa.select(c.job_id, c.status, sup.label("sup"), sa.func.count()).group_by(c.job_id, c.status, sup)
+        q = sa.select(
+            c.job_id, c.status, sup.label("sup"), sa.func.count(), sa.func.max(c.updated_at)
+        ).group_by(c.job_id, c.status, sup)
         if job_ids is not None:
             q = q.where(c.job_id.in_(list(job_ids)))
         out: dict[str, dict[str, int]] = {}
         with self.engine.connect() as conn:
-            for job_id, status, superseded, n in conn.execute(q):
+            for job_id, status, superseded, n, updated in conn.execute(q):
                 key = "superseded" if superseded else status
                 d = out.setdefault(job_id, _zero_counts())
                 d[key] = d.get(key, 0) + int(n)
+                if last_update is not None and updated and updated > last_update.get(job_id, ""):
+                    last_update[job_id] = updated
         for d in out.values():
             d["total"] = sum(v for k, v in d.items() if k != "total")
         return out
@@ -185,8 +197,8 @@ class Report:
                 dict(r)
                 for r in conn.execute(sa.select(j.job_id, j.model, j.parent_job, j.created_at)).mappings()
             ]
-        counts, stages, costs = self._counts(), self._stages(), self._costs()
-        last_update = self._last_update()
+        last_update: dict[str, str] = {}
+        counts, stages, costs = self._counts(last_update=last_update), self._stages(), self._costs()
         out = []
         for job in jobs:
             jid = job["job_id"]
@@ -212,14 +224,6 @@ class Report:
             )
         out.sort(key=lambda r: r["last_activity"], reverse=True)
         return out[:limit] if limit else out
-
-    def _last_update(self, job_ids: Sequence[str] | None = None) -> dict[str, str]:
-        c = self.ledger.records.c
-        q = sa.select(c.job_id, sa.func.max(c.updated_at)).group_by(c.job_id)
-        if job_ids is not None:
-            q = q.where(c.job_id.in_(list(job_ids)))
-        with self.engine.connect() as conn:
-            return dict(conn.execute(q).all())  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ one job
     def status(self, job: str) -> dict[str, Any]:

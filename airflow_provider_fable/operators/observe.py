@@ -68,6 +68,7 @@ class ObservedLoadMixin:
                 batch_ids=list(batch_ids),
                 estimated_cost_usd=estimate.get("cost_usd"),
                 qa_table=qa_table,
+                destination_conn_id=getattr(self, "destination_conn_id", None),
             )
         except Exception as exc:  # noqa: BLE001 - reporting is information, never a failed load
             self.log.warning("Could not record this load in the ledger's report table: %s", exc)
