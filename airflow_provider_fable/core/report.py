@@ -32,6 +32,7 @@ STATUSES = ("pending", "submitted", "accepted", "rejected", "needs_review")
 NEEDS_REVIEW = "needs_review"
 
 LOADS_TABLE = "fable_job_loads"
+SNAPSHOTS_TABLE = "fable_job_counts"
 
 
 class ReportError(FableError):
@@ -61,21 +62,56 @@ def _loads_table(meta: sa.MetaData) -> sa.Table:
     )
 
 
+def _snapshots_table(meta: sa.MetaData) -> sa.Table:
+    return sa.Table(
+        SNAPSHOTS_TABLE,
+        meta,
+        sa.Column("job_id", sa.String(64), primary_key=True),
+        sa.Column("counts", sa.Text, nullable=False),  # JSON {status: n, "superseded": n, "total": n}
+        sa.Column("at", sa.Text, nullable=False),
+    )
+
+
 class Report:
-    """Read-only questions over a ledger (plus the load log this module writes)."""
+    """Read-only questions over a ledger (plus the load log and count snapshots this module writes)."""
 
     def __init__(self, ledger: Ledger) -> None:
         self.ledger = ledger
         self.engine = ledger.engine
         self.loads = _loads_table(ledger.metadata)
+        self.snapshots = _snapshots_table(ledger.metadata)
         self._ready = False
 
     def ensure_schema(self) -> Report:
         if not self._ready:
             self.ledger.ensure_schema()
             self.loads.create(self.engine, checkfirst=True)
+            self.snapshots.create(self.engine, checkfirst=True)
             self._ready = True
         return self
+
+    def snapshot_counts(self, job_ids: Iterable[str]) -> None:
+        """Store the jobs' current counts (the load calls it for its job and that job's parent).
+
+        Counting a job reads its records through the primary key's ``job_id`` prefix; the Backlogs
+        page then reads 200 jobs' counts from 200 rows instead of aggregating every record.
+        """
+        self.ensure_schema()
+        ids = [j for j in dict.fromkeys(job_ids) if j]
+        if not ids:
+            return
+        counts = self._counts(ids)
+        now = _ts(utcnow())
+        with self.engine.begin() as conn:
+            for job_id in ids:
+                row = {"job_id": job_id, "counts": json.dumps(counts.get(job_id, _zero_counts())), "at": now}
+                conn.execute(
+                    self.ledger._insert(self.snapshots)
+                    .values(**row)
+                    .on_conflict_do_update(
+                        index_elements=["job_id"], set_={"counts": row["counts"], "at": now}
+                    )
+                )
 
     # ------------------------------------------------------------------ writing
     def record_load(self, job_id: str, *, run_key: str | None, summary: Mapping[str, Any],
@@ -188,8 +224,16 @@ class Report:
                 for job_id, cost, est, at, n in conn.execute(q)
             }
 
-    def jobs(self, *, dag_id: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
-        """Every job, newest activity first: DAG, stage, model, counts by status, cost vs estimate."""
+    def jobs(
+        self, *, dag_id: str | None = None, limit: int | None = None, fast: bool = False
+    ) -> list[dict[str, Any]]:
+        """Every job, newest activity first: DAG, stage, model, counts by status, cost vs estimate.
+
+        ``fast=False`` (the CLI) counts every record. ``fast=True`` (the Backlogs page) takes a job's
+        counts from its last snapshot (written at the end of each load) when that snapshot is still
+        true, i.e. it holds nothing in flight (no pending or submitted record) and no submission of
+        the job is newer; other jobs are counted live, through the ``job_id`` index.
+        """
         self.ensure_schema()
         j = self.ledger.jobs.c
         with self.engine.connect() as conn:
@@ -197,8 +241,18 @@ class Report:
                 dict(r)
                 for r in conn.execute(sa.select(j.job_id, j.model, j.parent_job, j.created_at)).mappings()
             ]
+        stages, costs = self._stages(), self._costs()
         last_update: dict[str, str] = {}
-        counts, stages, costs = self._counts(last_update=last_update), self._stages(), self._costs()
+        if fast:
+            counts, snapped_at = self._snapshot_counts(stages)
+            stale = [job["job_id"] for job in jobs if job["job_id"] not in counts]
+            if stale:
+                counts.update(
+                    self._counts(stale if len(stale) < len(jobs) else None, last_update=last_update)
+                )
+            last_update.update({k: v for k, v in snapped_at.items() if k not in last_update})
+        else:
+            counts = self._counts(last_update=last_update)
         out = []
         for job in jobs:
             jid = job["job_id"]
@@ -224,6 +278,22 @@ class Report:
             )
         out.sort(key=lambda r: r["last_activity"], reverse=True)
         return out[:limit] if limit else out
+
+    def _snapshot_counts(
+        self, stages: Mapping[str, Mapping[str, Any]]
+    ) -> tuple[dict[str, dict[str, int]], dict[str, str]]:
+        """The snapshots still true (nothing in flight, no newer submission), and when each was taken."""
+        sn = self.snapshots.c
+        fresh: dict[str, dict[str, int]] = {}
+        at: dict[str, str] = {}
+        with self.engine.connect() as conn:
+            for job_id, counts_json, taken in conn.execute(sa.select(sn.job_id, sn.counts, sn.at)):
+                counts = json.loads(counts_json)
+                last_sub = (stages.get(job_id) or {}).get("last_submission_at")
+                if counts.get("pending") or counts.get("submitted") or (last_sub and last_sub > taken):
+                    continue
+                fresh[job_id], at[job_id] = counts, taken
+        return fresh, at
 
     # ------------------------------------------------------------------ one job
     def status(self, job: str) -> dict[str, Any]:

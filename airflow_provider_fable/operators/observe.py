@@ -61,7 +61,8 @@ class ObservedLoadMixin:
             qa_table = None
             if self.qa_size and summary.get("table"):
                 qa_table = self.qa_table or f"{summary['table']}_qa"
-            Report(ledger).record_load(
+            report = Report(ledger)
+            report.record_load(
                 job_id,
                 run_key=run_key,
                 summary=summary,
@@ -70,6 +71,9 @@ class ObservedLoadMixin:
                 qa_table=qa_table,
                 destination_conn_id=getattr(self, "destination_conn_id", None),
             )
+            # Counts as of now for the page, of this job and of the job whose rejects it may supersede.
+            parent = (ledger.job(job_id) or {}).get("parent_job")
+            report.snapshot_counts([job_id, parent])
         except Exception as exc:  # noqa: BLE001 - reporting is information, never a failed load
             self.log.warning("Could not record this load in the ledger's report table: %s", exc)
 

@@ -137,7 +137,7 @@ def _visible_jobs(conn_id: str, user: Any) -> list[dict[str, Any]]:
     from airflow.api_fastapi.app import get_auth_manager
 
     allowed = get_auth_manager().get_authorized_dag_ids(user=user, method="GET")
-    return [r for r in _report(conn_id).jobs() if r.get("dag_id") in allowed]
+    return [r for r in _report(conn_id).jobs(fast=True) if r.get("dag_id") in allowed]
 
 
 def _job_data(conn_id: str, dag_id: str, job_id: str, *, light: bool = False) -> dict[str, Any]:
