@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,9 +25,9 @@ from airflow_provider_fable.testing.plugin import point_connection_at
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
 
 
-def fable(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def fable(*args: str, check: bool = True, ledger: bool = True) -> subprocess.CompletedProcess[str]:
     out = subprocess.run(
-        [AIRFLOW, "fable", *args, "--ledger-conn-id", "fable_ledger"],
+        [AIRFLOW, "fable", *args, *(["--ledger-conn-id", "fable_ledger"] if ledger else [])],
         capture_output=True,
         text=True,
         env=os.environ,
@@ -70,12 +71,12 @@ def backlog(fable_airflow, fable_emulator_factory, tmp_path, monkeypatch, ledger
     dag = fable_airflow.load_dag("support_ticket_triage")
     result = fable_airflow.run_dag(dag, conf={"limit": 120})
     assert result.state == "success", result.task_states
-    yield ledger_engine, result
+    yield ledger_engine, result, server
     os.environ.pop("AIRFLOW_CONN_FABLE_DEFAULT", None)
 
 
 def test_cli_commands_match_the_ledger(backlog):
-    engine, result = backlog
+    engine, result, server = backlog
     job_id = result.xcom("submit")["job_fingerprint"]
     with engine.begin() as conn:
         # Two accepted records flagged for review (the status a reviewing load writes).
@@ -139,3 +140,38 @@ def test_cli_commands_match_the_ledger(backlog):
 
     missing = fable("status", "nope", check=False)
     assert missing.returncode != 0 and "no job 'nope'" in missing.stderr
+
+
+def _created(server) -> int:
+    with urllib.request.urlopen(f"{server.base_url}/_emulator/stats") as resp:
+        return json.load(resp)["batches_created"]
+
+
+def test_estimate_projects_each_stage_and_pays_nothing(backlog):
+    engine, result, server = backlog
+    created = _created(server)
+    with engine.connect() as conn:
+        before = conn.execute(sa.text("SELECT count(*) FROM fable_submissions")).scalar_one()
+    out = fable("estimate", "support_ticket_triage", "-c", '{"limit": 30}', "-o", "json", ledger=False)
+    report = _json_tail(out)
+    (stage,) = report["stages"]
+    assert "error" not in stage, stage
+    # 30 tickets the first run did not process, one batch, a price for them.
+    assert (stage["task_id"], stage["records"], stage["batches"]) == ("submit", 30, 1)
+    assert stage["cost_usd"] > 0 and report["total_cost_usd"] == stage["cost_usd"]
+    assert stage["input_tokens"] > 0
+    # Nothing was paid or recorded: no batch on the API, no intent in the ledger.
+    assert _created(server) == created
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM fable_submissions")).scalar_one() == before
+    text = fable("estimate", "support_ticket_triage", "-c", '{"limit": 30}', ledger=False).stdout
+    assert "nothing was submitted" in text and "submit" in text
+
+
+def _json_tail(out: subprocess.CompletedProcess[str]) -> dict:
+    try:
+        return json.loads(out.stdout)
+    except ValueError:
+        raise AssertionError(
+            f"not JSON on stdout:\n{out.stdout[:3000]}\n---stderr---\n{out.stderr[-2000:]}"
+        ) from None
