@@ -187,7 +187,8 @@ def _add_destination_details(status: dict[str, Any]) -> None:
                     ]
             qa = last.get("qa_table")
             if qa in names:
-                rows = conn.execute(sa.text(f'SELECT * FROM "{qa}" ORDER BY qa_rank LIMIT 25')).mappings()
+                q = sa.select(sa.text("*")).select_from(sa.table(qa)).order_by(sa.text("qa_rank")).limit(25)
+                rows = conn.execute(q).mappings()
                 status["qa_sample"], status["qa_table"] = [dict(r) for r in rows], qa
     except Exception as exc:  # noqa: BLE001 - the ledger part of the page still shows
         status["destination_error"] = f"{type(exc).__name__}: {exc}"
