@@ -137,9 +137,7 @@ def test_parse_time_constants_match_their_sources():
 
     assert FableHook.default_conn_name == DEFAULT_CONN_ID
     for cls in (FableBatchSensor, FableBatchOperator):
-        assert (
-            inspect.signature(cls.__init__).parameters["deadline_margin"].default == DEFAULT_DEADLINE_MARGIN
-        )
+        assert inspect.signature(cls.__init__).parameters["deadline_margin"].default == DEFAULT_DEADLINE_MARGIN
 
 
 def test_dags_are_scheduled_with_params_retries_and_assets(fable_airflow):
@@ -207,12 +205,7 @@ def test_crm_lead_enrichment_cascade(backlog):
     plan = result.xcom("plan_escalation")
     assert 0 < plan["escalated"] < 120
     assert strong["request_count"] == plan["escalated"] and strong["model"] == "claude-fable-5"
-    assert set(plan["by_reason"]) <= {
-        "rejected",
-        "evidence_not_in_record",
-        "unknown_high_value",
-        "low_confidence",
-    }
+    assert set(plan["by_reason"]) <= {"rejected", "evidence_not_in_record", "unknown_high_value", "low_confidence"}
     # The escalation's cap is what the cheap stage left of the budget, and its estimate fits it.
     assert 0 < plan["budget_left_usd"] < dag.params["budget_usd"]
     assert strong["estimate"]["cost_usd"] <= plan["budget_left_usd"]
@@ -271,12 +264,8 @@ def test_crm_failed_mode_resends_only_what_each_stage_rejected(request, sqlite_b
     first = airflow_env.run_dag(dag, conf={"pilot": 120})
     assert first.state == "success", first.task_states
     final = {r["lead_id"] for r in _rows(engine, "SELECT lead_id FROM lead_enrichment")}
-    cheap_rejected = {
-        r["record_id"] for r in _rows(engine, "SELECT record_id FROM lead_enrichment_stage1_rejects")
-    }
-    strong_rejected = {
-        r["record_id"] for r in _rows(engine, "SELECT record_id FROM lead_enrichment_stage2_rejects")
-    }
+    cheap_rejected = {r["record_id"] for r in _rows(engine, "SELECT record_id FROM lead_enrichment_stage1_rejects")}
+    strong_rejected = {r["record_id"] for r in _rows(engine, "SELECT record_id FROM lead_enrichment_stage2_rejects")}
     strong_accepted = {r["lead_id"] for r in _rows(engine, "SELECT lead_id FROM lead_enrichment_stage2")}
     failed = (cheap_rejected | strong_rejected) - final
     assert failed, "the emulator's faults leave some leads without a row"
@@ -284,9 +273,7 @@ def test_crm_failed_mode_resends_only_what_each_stage_rejected(request, sqlite_b
     rerun = airflow_env.run_dag(dag, conf={"pilot": 500, "mode": "failed"})
     assert rerun.xcom("select_leads") == {"selected": len(failed), "mode": "failed", "window": None}
     cheap = rerun.xcom("submit_cheap")
-    sent_cheap = _received(
-        server, [b for b in cheap["batch_ids"] if b not in first.xcom("submit_cheap")["batch_ids"]]
-    )
+    sent_cheap = _received(server, [b for b in cheap["batch_ids"] if b not in first.xcom("submit_cheap")["batch_ids"]])
     # Stage 1 sends exactly the selected leads the cheap model rejected; accepted answers are reused.
     assert sorted(sent_cheap) == sorted(failed & cheap_rejected)
     assert cheap["attached"] == 0 and cheap["skipped"] == len(failed - cheap_rejected)
@@ -455,9 +442,7 @@ def test_document_summaries_failed_mode_resends_only_failed_sections(request, sq
     assert first.state == "success", first.task_states
     summarised = {r["doc_id"] for r in _rows(engine, "SELECT doc_id FROM document_summaries")}
     incomplete = {r["doc_id"] for r in _rows(engine, "SELECT doc_id FROM document_summary_incomplete")}
-    combine_rejected = {
-        r["record_id"] for r in _rows(engine, "SELECT record_id FROM document_summaries_rejects")
-    }
+    combine_rejected = {r["record_id"] for r in _rows(engine, "SELECT record_id FROM document_summaries_rejects")}
     failed = (incomplete | combine_rejected) - summarised
     bad_sections = {r["record_id"] for r in _rows(engine, "SELECT record_id FROM section_summaries_rejects")}
     if not failed:
@@ -542,11 +527,7 @@ def test_cancellation_other_guardrail_fails_after_loading(sqlite_backlog):
     assert summary["distribution"]["label"].get("other", 0) > 0
     assert any("other" in g and "max_share" in g for g in summary["guardrails"]), summary["guardrails"]
     # Nothing is lost: the rows stay loaded, and the review table is still rebuilt from them.
-    assert (
-        _rows(engine, "SELECT count(*) AS n FROM cancellation_reasons_clean")[0]["n"]
-        == summary["accepted"]
-        > 0
-    )
+    assert _rows(engine, "SELECT count(*) AS n FROM cancellation_reasons_clean")[0]["n"] == summary["accepted"] > 0
     assert result.task_states["flag_inconsistent"] == "success"
     assert result.task_states["report"] == "upstream_failed"  # the run stays failed
 
@@ -559,13 +540,8 @@ def test_cancellation_failed_mode_resends_only_the_rejected_rows(request, sqlite
     dag.get_task("load").retries = 0
     first = airflow_env.run_dag(dag, conf={"pilot": 300, "max_other_share": 1.0})
     assert first.state == "success", first.task_states
-    rejected = {
-        r["record_id"]
-        for r in _rows(engine, "SELECT DISTINCT record_id FROM cancellation_reasons_clean_rejects")
-    }
-    accepted = {
-        r["cancellation_id"] for r in _rows(engine, "SELECT cancellation_id FROM cancellation_reasons_clean")
-    }
+    rejected = {r["record_id"] for r in _rows(engine, "SELECT DISTINCT record_id FROM cancellation_reasons_clean_rejects")}
+    accepted = {r["cancellation_id"] for r in _rows(engine, "SELECT cancellation_id FROM cancellation_reasons_clean")}
     assert rejected and len(rejected | accepted) == 300 and not rejected & accepted
 
     rerun = airflow_env.run_dag(dag, conf={"pilot": 300, "max_other_share": 1.0, "mode": "failed"})

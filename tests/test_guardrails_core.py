@@ -27,9 +27,7 @@ from airflow_provider_fable.core.sinks import ResultSink
 from airflow_provider_fable.core.validation import Accepted
 from tests.conftest import Paint
 
-TICKETS = (
-    Path(__file__).resolve().parents[1] / "airflow_provider_fable" / "example_data" / "support_tickets.csv"
-)
+TICKETS = Path(__file__).resolve().parents[1] / "airflow_provider_fable" / "example_data" / "support_tickets.csv"
 
 
 def ticket_ids() -> list[str]:

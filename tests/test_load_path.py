@@ -295,9 +295,7 @@ def test_an_error_of_the_writer_process_names_the_process_and_the_database_file(
     sink = ResultSink(engine, table="t", id_column="rid", output_model=Paint)
     sink.ensure_tables()
     with engine.begin() as conn:  # an error at run time, not a refused row: json() of bad text
-        conn.execute(
-            sa.text("CREATE TRIGGER boom BEFORE INSERT ON t WHEN NEW.rid = 'r30' BEGIN SELECT json('{'); END")
-        )
+        conn.execute(sa.text("CREATE TRIGGER boom BEFORE INSERT ON t WHEN NEW.rid = 'r30' BEGIN SELECT json('{'); END"))
     with pytest.raises(sqlite3.OperationalError) as info:
         load_batch(
             (parse_result_line(line(f"r{i}", paint(i))) for i in range(40)),
@@ -394,14 +392,7 @@ def test_copy_text_format_keeps_nulls_empty_text_numbers_and_nested_backslashes(
     """PostgreSQL's COPY runs in text format (tab-separated, ``\\N`` for NULL): NULL and empty
     text stay apart, and backslashes inside JSON columns survive (also on SQLite's path)."""
     answers = [
-        {
-            "label": None,
-            "empty": "",
-            "score": -1.5e300,
-            "flag": True,
-            "amount": "12.30",
-            "tags": ["a\\b", "\\N"],
-        },
+        {"label": None, "empty": "", "score": -1.5e300, "flag": True, "amount": "12.30", "tags": ["a\\b", "\\N"]},
         {"label": "\\N", "empty": "x\ty", "score": 0.1, "flag": False, "amount": "0.001", "tags": []},
     ]
     load(engine, [line(f"m{i}", a) for i, a in enumerate(answers)], model=Mixed)
@@ -421,40 +412,12 @@ def test_copy_lines_from_answers_equal_rows_then_copy_lines():
     from airflow_provider_fable.core.writer_process import row_builder
 
     kinds = {"s": "string", "j": "json", "b": "boolean", "i": "integer", "n": "number", "d": "decimal"}
-    texts = [
-        "",
-        "plain",
-        "tab\there",
-        "nl\nx\r",
-        "back\\slash",
-        "\\N",
-        "nul\x00in",
-        "\x00",
-        "é🎨",
-        "\x7f\u2028",
-    ]
-    others = [
-        None,
-        True,
-        False,
-        0,
-        -(2**63),
-        2**70,
-        1.5,
-        -0.0,
-        float("nan"),
-        float("inf"),
-        Decimal("1.10"),
-        [1, "a\tb"],
-        {"k": None},
-    ]
+    texts = ["", "plain", "tab\there", "nl\nx\r", "back\\slash", "\\N", "nul\x00in", "\x00", "é🎨", "\x7f\u2028"]
+    others = [None, True, False, 0, -(2**63), 2**70, 1.5, -0.0, float("nan"), float("inf"), Decimal("1.10"), [1, "a\tb"], {"k": None}]
     values = texts + others
     composed = row_builder(kinds)
     seen = set()
-    for batch, model, now in [
-        ("b1", "claude-x", "2026-11-24T05:00:00+00:00"),
-        ("b\t2", None, dt.datetime(2026, 1, 2)),
-    ]:
+    for batch, model, now in [("b1", "claude-x", "2026-11-24T05:00:00+00:00"), ("b\t2", None, dt.datetime(2026, 1, 2))]:
         shared, at = f"{_copy_cell(batch)}\t{_copy_cell(model)}", _copy_cell(now)
         fused = copy_line_from_data(kinds)
         for k in range(len(values)):
@@ -474,31 +437,13 @@ def test_a_chunk_of_rows_built_at_once_equals_rows_built_one_by_one():
     from airflow_provider_fable.core.writer_process import row_builder, rows_builder
 
     kinds = {"s": "string", "j": "json", "b": "boolean", "n": "number"}
-    values = [
-        "",
-        "nul\x00in",
-        "\x00",
-        "é",
-        None,
-        True,
-        0,
-        2**70,
-        1.5,
-        float("inf"),
-        [1, "a\x00"],
-        {"k": None},
-    ]
-    datas = [
-        {name: values[(k + j) % len(values)] for j, name in enumerate(kinds)} for k in range(len(values))
-    ]
+    values = ["", "nul\x00in", "\x00", "é", None, True, 0, 2**70, 1.5, float("inf"), [1, "a\x00"], {"k": None}]
+    datas = [{name: values[(k + j) % len(values)] for j, name in enumerate(kinds)} for k in range(len(values))]
     datas.append({"s": "only s"})  # missing keys read as None
     ids = [f"id{k}" for k in range(len(datas))]
     tins, touts = list(range(len(datas))), [None] * len(datas)
     one = row_builder(kinds)
-    want = [
-        one(d, rid, "b", "m", tin, tout, "now")
-        for d, rid, tin, tout in zip(datas, ids, tins, touts, strict=True)
-    ]
+    want = [one(d, rid, "b", "m", tin, tout, "now") for d, rid, tin, tout in zip(datas, ids, tins, touts, strict=True)]
     assert rows_builder(kinds)(datas, ids, tins, touts, "b", "m", "now") == want
     assert (want[1][1], want[2][1], want[-1][1:3]) == ("nulin", "", ("only s", None))
 
@@ -582,13 +527,7 @@ def test_a_writer_process_streaming_pieces_ends_every_way_like_the_inline_path(t
     piece inside a chunk or inside a piece stores and reports what the inline path does."""
     lines = [line(f"r{i}", paint(i)) if i % 7 else line(f"r{i}", "not json") for i in range(n)]
     inline, process = _inline_and(
-        "process",
-        _files(tmp_path),
-        lines,
-        Paint,
-        8,
-        "SELECT rid, note FROM {t}",
-        "SELECT record_id, reason FROM {t}_rejects",
+        "process", _files(tmp_path), lines, Paint, 8, "SELECT rid, note FROM {t}", "SELECT record_id, reason FROM {t}_rejects"
     )
     assert process == inline
     assert len(inline[2]) == n and len(inline[0]) == n - len(range(0, n, 7))
@@ -766,9 +705,7 @@ def test_the_writer_process_builds_the_same_rows_as_the_inline_path(tmp_path):
     )  # fmt: skip
     assert process == inline
     table, rejects, outcomes, summary = process
-    assert (
-        dict((r[0], r[1]) for r in table)["r4"] == "again" and dict((r[0], r[1]) for r in table)["r5"] == "l5"
-    )
+    assert dict((r[0], r[1]) for r in table)["r4"] == "again" and dict((r[0], r[1]) for r in table)["r5"] == "l5"
     assert [r[2] for r in rejects] == ["invalid_json", "expired", "schema"]
     assert len(outcomes) == 33 and summary["accepted"] == 30 and summary["usage"]["input_tokens"] == 320
 
@@ -853,9 +790,7 @@ def test_closing_a_writer_process_that_failed_does_not_wait_for_its_idle_sender(
     sink = ResultSink(engine, table="t", id_column="rid", output_model=Paint)
     sink.ensure_tables()
     with engine.begin() as conn:  # an error at run time, not a refused row
-        conn.execute(
-            sa.text("CREATE TRIGGER boom BEFORE INSERT ON t WHEN NEW.rid = 'r10' BEGIN SELECT json('{'); END")
-        )
+        conn.execute(sa.text("CREATE TRIGGER boom BEFORE INSERT ON t WHEN NEW.rid = 'r10' BEGIN SELECT json('{'); END"))
     validate = validator_for(Paint)
     items = [validate(parse_result_line(line(f"r{i}", paint(i)))) for i in range(12)]
     writer = _ProcessWriter(sink, "b", lambda: "m", 8)
@@ -882,11 +817,7 @@ def test_an_error_of_the_writer_process_with_pieces_still_to_send_surfaces_as_it
     sink = ResultSink(engine, table="t", id_column="rid", output_model=Paint)
     sink.ensure_tables()
     with engine.begin() as conn:  # an error at run time, not a refused row
-        conn.execute(
-            sa.text(
-                "CREATE TRIGGER boom BEFORE INSERT ON t WHEN NEW.rid = 'r100' BEGIN SELECT json('{'); END"
-            )
-        )
+        conn.execute(sa.text("CREATE TRIGGER boom BEFORE INSERT ON t WHEN NEW.rid = 'r100' BEGIN SELECT json('{'); END"))
     seen: list[RecordOutcome] = []
     with pytest.raises(sqlite3.OperationalError):
         load_batch((parse_result_line(line(f"r{i}", paint(i))) for i in range(20000)), batch_id="b",
@@ -965,9 +896,7 @@ def test_piece_frames_carry_every_value_as_it_was(tmp_path):
     def job(**extra: object) -> BuildJob:
         datas = [{"x": 1.5, "inf": math.inf, "neg": -0.0, "flag": True, "none": None,
                   "nested": {"a": [1, {"b": "c"}], "n": -math.inf}, **extra}]  # fmt: skip
-        return BuildJob(
-            datas, ["r1"], [3], [4], [("r9", "b", "schema", "d", "raw", True, "now")], "b", None, "now"
-        )
+        return BuildJob(datas, ["r1"], [3], [4], [("r9", "b", "schema", "d", "raw", True, "now")], "b", None, "now")
 
     sent = [
         (job(), False),
@@ -1045,9 +974,7 @@ def _cannot_start(kind: str, monkeypatch) -> str:
 
 
 @pytest.mark.parametrize("kind", ["process", "thread"])
-def test_a_writer_process_that_cannot_start_fails_the_load_and_leaves_no_thread_waiting(
-    tmp_path, monkeypatch, kind
-):
+def test_a_writer_process_that_cannot_start_fails_the_load_and_leaves_no_thread_waiting(tmp_path, monkeypatch, kind):
     """The writer process's two threads start before it and wait for it: when the process (or
     the second thread: no threads left) cannot start, the load fails with that error and no
     thread waits forever for a process never started."""

@@ -88,24 +88,14 @@ def summary(batch_id: str, status: str = "ended", **counts) -> dict:
         # Re-attached batches an earlier try saw end canceled/expired pass as partial, also under
         # fail_on_partial; a fresh batch's own failures still decide.
         ([summary("a", succeeded=1, canceled=2)], TerminalPolicy(known_incomplete=("a",)), True, "partial"),
-        (
-            [summary("a", canceled=3)],
-            TerminalPolicy(fail_on_partial=True, known_incomplete=("a",)),
-            True,
-            "partial",
-        ),
+        ([summary("a", canceled=3)], TerminalPolicy(fail_on_partial=True, known_incomplete=("a",)), True, "partial"),
         (
             [summary("a", canceled=3), summary("b", succeeded=1, errored=1)],
             TerminalPolicy(fail_on_partial=True, known_incomplete=("a",)),
             False,
             "partial",
         ),
-        (
-            [summary("a", canceled=3), summary("b", canceled=1)],
-            TerminalPolicy(known_incomplete=("a",)),
-            False,
-            "incomplete",
-        ),
+        ([summary("a", canceled=3), summary("b", canceled=1)], TerminalPolicy(known_incomplete=("a",)), False, "incomplete"),
     ],
 )
 def test_terminal_policy(batches, policy, ok, reason):

@@ -379,9 +379,7 @@ class _ProcessWriter:
                 # It comes back pickled, without its traceback: say where it happened.
                 add_note = getattr(value, "add_note", None)  # Python 3.11+
                 if add_note is not None:
-                    add_note(
-                        f"raised in the load's writer process storing into the SQLite file {self.database}"
-                    )
+                    add_note(f"raised in the load's writer process storing into the SQLite file {self.database}")
                 self.error = value
                 return
             for failed, counts in value:  # per piece of the committed chunk

@@ -601,11 +601,7 @@ WHERE t.{rid} IS NULL OR l.rejected_at > t._loaded_at"""
     # ------------------------------------------------------------------ writer processes
     def __getstate__(self) -> dict[str, Any]:
         """For a writer process: everything but the engine (re-created from its URL there)."""
-        state = {
-            k: v
-            for k, v in self.__dict__.items()
-            if k not in ("engine", "_build_row", "_build_rows", "_copy_line")
-        }
+        state = {k: v for k, v in self.__dict__.items() if k not in ("engine", "_build_row", "_build_rows", "_copy_line")}
         state["_url"] = self.engine.url.render_as_string(hide_password=False)
         return state
 

@@ -163,12 +163,8 @@ class TerminalPolicy:
     def _ended(self, summaries: list[Mapping[str, Any]]) -> Verdict:
         t = totals(summaries)
         known = set(self.known_incomplete)
-        canceled = [
-            s["id"] for s in summaries if s["request_counts"].get("canceled") and s["id"] not in known
-        ]
-        empty = [
-            s["id"] for s in summaries if not s["request_counts"].get("succeeded") and s["id"] not in known
-        ]
+        canceled = [s["id"] for s in summaries if s["request_counts"].get("canceled") and s["id"] not in known]
+        empty = [s["id"] for s in summaries if not s["request_counts"].get("succeeded") and s["id"] not in known]
         if (canceled or empty) and not self.accept_incomplete:
             parts = []
             if canceled:

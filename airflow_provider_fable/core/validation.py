@@ -140,14 +140,10 @@ def _attribute_dump(output_model: type[BaseModel]) -> Callable[[BaseModel], dict
     enum_values = bool(config.get("use_enum_values"))
     parts = []
     for name, info in output_model.model_fields.items():
-        if (
-            info.exclude
-            or not name.isidentifier()
-            or any(
-                # constraints only (min_length, ge, pattern ...): they validate, they do not serialize
-                type(m).__module__ != "annotated_types" and type(m).__name__ != "_PydanticGeneralMetadata"
-                for m in info.metadata
-            )
+        if info.exclude or not name.isidentifier() or any(
+            # constraints only (min_length, ge, pattern ...): they validate, they do not serialize
+            type(m).__module__ != "annotated_types" and type(m).__name__ != "_PydanticGeneralMetadata"
+            for m in info.metadata
         ):
             return None
         kind = _plain_kind(info.annotation, enum_values)
@@ -221,9 +217,7 @@ def validator_for(output_model: type[BaseModel]) -> Callable[[BatchResult], Outc
         if stop == "refusal":
             return Rejected(record_id, "refusal", "the model declined to answer", raw, usage)
         if stop == "max_tokens":
-            return Rejected(
-                record_id, "truncated", "answer cut off at max_tokens; raise max_tokens", raw, usage
-            )
+            return Rejected(record_id, "truncated", "answer cut off at max_tokens; raise max_tokens", raw, usage)
         if result.tool_input is not None:
             # Strict mode only accepts enum members as JSON strings, so tool input is validated as
             # JSON too (orjson makes that round trip cheap; tool answers are the rare path).

@@ -332,6 +332,7 @@ class SQLiteStore:
         return failed
 
 
+
 _HEADER = 8  # frame length prefix, big-endian
 
 _encode_piece = msgspec.msgpack.Encoder().encode

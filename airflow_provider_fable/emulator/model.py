@@ -1756,8 +1756,7 @@ def _names_placeholder(value: str, definition: str | None) -> bool:
     tokens = name_tokens(value)
     named = " ".join(tokens) in _PLACEHOLDER_NAMES or bool(set(tokens) & {"empty", "blank", "unstated"})
     defined = bool(definition) and (
-        "n/a" in definition
-        or bool(set(_words(definition)) & {"empty", "placeholder", "placeholders", "blank"})
+        "n/a" in definition or bool(set(_words(definition)) & {"empty", "placeholder", "placeholders", "blank"})
     )
     return named or defined
 

@@ -140,7 +140,6 @@ def iso(value: datetime) -> str:
 #: The selection modes of the example DAGs' ``params.mode`` (as in ``support_ticket_triage``).
 MODES = ("auto", "interval", "backlog", "failed")
 
-
 def run_mode(context: Mapping[str, Any], mode: str = "auto") -> tuple[str, tuple[str, str] | None]:
     """(effective mode, ``created_at`` window or None) of a run of an example DAG.
 

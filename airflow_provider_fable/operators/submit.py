@@ -378,11 +378,7 @@ class _Submission:
     def _decide(self, state: RecordState | None) -> str:
         """``send``, ``attach`` or ``skip`` for one selected record."""
         ACCEPTED, PENDING, REJECTED = self._statuses  # noqa: N806 - the ledger's constants
-        if (
-            state is not None
-            and state.status == ACCEPTED
-            and (self.op.skip_done or self.rerun == "unaccepted")
-        ):
+        if state is not None and state.status == ACCEPTED and (self.op.skip_done or self.rerun == "unaccepted"):
             return "skip"
         if self.op.resubmit:
             return "send"
