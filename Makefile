@@ -11,7 +11,7 @@ UV     := $(or $(shell command -v uv 2>/dev/null),$(PYTHON) -m uv)
 # uv ignores pip.conf; point it at the system CA bundle when there is one.
 export SSL_CERT_FILE ?= $(wildcard /etc/ssl/certs/ca-certificates.crt)
 
-.PHONY: install test demo lint lock bench dist clean
+.PHONY: install test demo lint lock bench dist clean browser
 
 install: $(VENV)/.installed
 
@@ -23,7 +23,14 @@ $(VENV)/.installed: requirements.lock pyproject.toml Makefile
 	$(UV) pip install --quiet --python $(PY) --no-deps -e .
 	@touch $@
 
-test: install
+# Debian's headless Chromium + chromedriver for tests/test_ui_deployment.py (the Backlogs page),
+# installed when missing (CI runs as root; elsewhere through sudo when there is one).
+browser:
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; }
+
+test: install browser
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider
 
@@ -47,6 +54,7 @@ bench: install
 	$(PY) bench/dag_parse.py
 	$(PY) bench/ledger.py
 	$(PY) bench/emulator_answers.py
+	$(PY) bench/ui.py
 
 # A wheel and an sdist in dist/ (what `pip install dist/airflow_provider_fable-*.whl` installs).
 dist:

@@ -55,6 +55,15 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
         "extra-links": ["airflow_provider_fable.links.FableBatchLink"],
+        # `airflow fable jobs|status|failed|review|estimate` (Airflow 3 asks providers for CLI commands).
+        "cli": ["airflow_provider_fable.cli.get_fable_cli_commands"],
+        # The "Backlogs" page: a FastAPI app on the API server plus a nav entry (Airflow 3.1+).
+        "plugins": [
+            {
+                "name": "fable_backlogs",
+                "plugin-class": "airflow_provider_fable.plugins.backlogs.FableBacklogsPlugin",
+            }
+        ],
         "sensors": [
             {
                 "integration-name": "Anthropic Message Batches",

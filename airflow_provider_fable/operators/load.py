@@ -21,6 +21,7 @@ from airflow.sdk import BaseOperator
 
 from airflow_provider_fable import DEFAULT_CONN_ID
 from airflow_provider_fable.operators.guarded import LoadGuardrailsMixin, opt_int
+from airflow_provider_fable.operators.observe import LineageLoadMixin, ObservedLoadMixin
 from airflow_provider_fable.retries import fail_fast
 
 if TYPE_CHECKING:  # imported where used, so parsing a DAG file that names this operator stays cheap
@@ -79,7 +80,7 @@ class _Measured:
             yield result
 
 
-class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
+class FableValidateLoadOperator(ObservedLoadMixin, LineageLoadMixin, LoadGuardrailsMixin, BaseOperator):
     """Validate every result of the given batches and load them into a SQL database.
 
     :param batch_ids: ids, or the submit/sensor manifest (``{"batch_ids": [...]}``). Templated.
@@ -197,6 +198,7 @@ class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
         self.prices = prices
         self.max_reject_rate_rerun = max_reject_rate_rerun
         self.needs_review_after = needs_review_after
+        self._fable_default_outlets()  # lineage: an AssetAlias for the table (operators/observe.py)
 
     def execute(self, context: Any) -> dict[str, Any]:
         from airflow_provider_fable.core.job import import_output_model
@@ -295,6 +297,7 @@ class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
             u.input_tokens, u.output_tokens, u.cache_creation_input_tokens, u.cache_read_input_tokens,
             summary["cost_usd"],
         )  # fmt: skip
+        self._fable_after_load(ledger, batch_ids, summary, context)  # operators/observe.py
         return self._finish_load(engine, sink, batch_ids, summary, context)
 
     def _load_batches(

@@ -30,6 +30,7 @@ from airflow.sdk import BaseOperator
 from airflow_provider_fable import DEFAULT_CONN_ID
 from airflow_provider_fable.links import FableBatchLink
 from airflow_provider_fable.operators.guarded import SubmitGuardrailsMixin
+from airflow_provider_fable.operators.observe import LineageSubmitMixin
 from airflow_provider_fable.retries import fail_fast
 
 if TYPE_CHECKING:  # everything else is imported where it is used, so a DAG file that imports
@@ -110,7 +111,7 @@ class _StateStore:
             return
 
 
-class FableBatchSubmitOperator(SubmitGuardrailsMixin, BaseOperator):
+class FableBatchSubmitOperator(LineageSubmitMixin, SubmitGuardrailsMixin, BaseOperator):
     """Submit one Messages request per source record as Message Batches, exactly once per job.
 
     Records come from exactly one of ``records`` (list of dicts, DataFrame, a .csv/.jsonl path, or
