@@ -47,7 +47,10 @@ def _backlog(request, kind, fable_airflow, fable_emulator_factory, tmp_path, mon
     server = fable_emulator_factory(
         processing_retrieves=2, faults={"invalid_answer_rate": 0.05, "errored_rate": 0.01, "seed": 5}
     )
-    point_connection_at(server)
+    # A ledger per test: with the session's shared embedded ledger, a lead rejected the same way
+    # in three earlier tests became needs_review (issue #17) and this test's rerun left it out.
+    fable_airflow.set_connection("fable_test_ledger", conn_type="sqlite", host=str(tmp_path / "ledger.db"))
+    point_connection_at(server, ledger_conn_id="fable_test_ledger")
     request.node.fable_server = server  # for tests that look at what the emulator received
     monkeypatch.setenv("FABLE_POLL_SECONDS", "0.2")
     monkeypatch.setenv("FABLE_RETRY_DELAY_SECONDS", "0")
