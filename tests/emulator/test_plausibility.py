@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from statistics import mean
@@ -129,6 +130,13 @@ def _triage_module() -> Any:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     module.TicketTriage.model_rebuild()
+    # The prompt, system prompt and few-shot live in files beside the DAG (the backlog unit reads
+    # them when the DAG is parsed, trailing newlines stripped): read them the same way.
+    folder = ROOT / "dags"
+    module.PROMPT_TEMPLATE = (folder / "support_ticket_triage.md").read_text(encoding="utf-8").strip("\n")
+    module.SYSTEM_PROMPT = (folder / "support_ticket_triage_system.md").read_text(encoding="utf-8").strip("\n")
+    examples = (folder / "support_ticket_triage_examples.jsonl").read_text(encoding="utf-8")
+    module.FEW_SHOT = [json.loads(line) for line in examples.splitlines() if line.strip()]
     return module
 
 
