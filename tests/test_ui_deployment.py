@@ -31,7 +31,8 @@ import sqlalchemy as sa
 
 from airflow_provider_fable.testing.plugin import TEST_API_KEY
 from tests.conftest import private_pg_database
-from tests.test_real_retry import Deployment, _poll
+from tests.realdeploy import Deployment
+from tests.realdeploy import poll as _poll
 
 ROOT = Path(__file__).resolve().parents[1]
 IMG = ROOT / "docs" / "img"
