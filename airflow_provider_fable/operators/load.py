@@ -14,7 +14,7 @@ record's verdict (accepted / rejected, reason, retryable) is written to the ledg
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
@@ -28,23 +28,6 @@ if TYPE_CHECKING:  # imported where used, so parsing a DAG file that names this 
     from airflow_provider_fable.core.results import BatchResult
     from airflow_provider_fable.core.sinks import ResultSink
     from airflow_provider_fable.hooks.fable import FableHook
-
-
-def _current_results(
-    results: Iterable[BatchResult], mapping: dict[str, str], counter: list[int]
-) -> Iterator[BatchResult]:
-    """Results whose record still belongs to this batch, custom_ids mapped back to real ids.
-
-    ``mapping`` is the ledger's custom_id -> record id for records whose current batch is this
-    one; anything else is an answer a newer batch replaces, so it is dropped and counted.
-    """
-    for result in results:
-        record_id = mapping.get(result.custom_id)
-        if record_id is None:
-            counter[0] += 1
-            continue
-        result.custom_id = record_id
-        yield result
 
 
 class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
@@ -251,16 +234,23 @@ class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
         stats: LoadStats,
         stale: list[int],
     ) -> None:
-        from airflow_provider_fable.core.loading import load_batch
+        from airflow_provider_fable.core.loading import ResultScreen, load_batch
         from airflow_provider_fable.core.manifest import normalise_batch_ids
 
         for batch_id in normalise_batch_ids(self.batch_ids):
             results: Iterable[BatchResult] = hook.iter_results(batch_id)
             on_outcomes = None
             submission = ledger.submission_for_batch(batch_id) if ledger is not None else None
+            # Completeness by custom_id (records the ledger has in this batch with no line become
+            # ``missing_result`` rejects); answers of records a newer batch took over are dropped.
+            screen = ResultScreen(
+                batch_id,
+                ledger.custom_id_map(batch_id) if submission is not None and ledger is not None else None,
+                stats,
+            )
+            results = screen(results)
             if submission is not None and ledger is not None:
                 job_id = submission.job_id
-                results = _current_results(results, ledger.custom_id_map(batch_id), stale)
 
                 def on_outcomes(
                     outcomes: list[RecordOutcome], job_id: str = job_id, batch_id: str = batch_id
@@ -279,6 +269,19 @@ class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
                 chunk_size=self.chunk_size,
                 on_outcomes=on_outcomes,
             )
+            if screen.dropped and submission is not None and ledger is not None:
+                # Dropped lines are rare: tell a record a newer batch took over (stale, expected
+                # after a rerun) from a custom_id this job never sent (an anomaly of the file).
+                known = ledger.known_custom_ids(submission.job_id, screen.dropped)
+                unknown = [c for c in screen.dropped if c not in known]
+                stale[0] += len(screen.dropped) - len(unknown)
+                if unknown:
+                    stats.unknown_custom_ids += len(unknown)
+                    self.log.warning(
+                        "Batch %s: %d result line(s) carry a custom_id this batch never had (e.g. %s); "
+                        "skipped, nothing written for them",
+                        batch_id, len(unknown), ", ".join(unknown[:5]),
+                    )  # fmt: skip
             self.log.info(
                 "Batch %s loaded; running totals: %d accepted, %d rejected",
                 batch_id,

@@ -577,6 +577,16 @@ class _Submission:
                 )  # fmt: skip
         return ended
 
+    def _check_model(self) -> None:
+        """An unknown model fails every request: refuse it before the first create (not retried)."""
+        from airflow_provider_fable.hooks.fable import UnknownModelError
+        from airflow_provider_fable.retries import not_retried
+
+        try:
+            self.hook.check_model(self.job.model)
+        except UnknownModelError as exc:
+            raise not_retried(exc) from None
+
     def _submit(self, spool: IO[bytes], shards: list[SpooledShard], plan: dict[str, Any]) -> dict[str, Any]:
         from airflow_provider_fable.core.errors import FableError
         from airflow_provider_fable.core.spool import iter_body
@@ -619,6 +629,7 @@ class _Submission:
             if not attached:
                 self.log.warning("No records to submit (source empty or all skipped)")
             return manifest
+        self._check_model()
         self.log.info(
             "Submitting %d requests for model %s in %d batch(es) (job %s)",
             new,
