@@ -9,6 +9,7 @@ an ended batch (what a corrupt or buggy results file would look like on the wire
 from __future__ import annotations
 
 import json
+import threading
 import urllib.request
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -309,3 +310,106 @@ def test_an_unknown_model_is_refused_before_any_create(fable_emulator_factory, d
     assert isinstance(caught.value, AirflowFailException)  # no retry can fix it
     assert "base URL" not in str(caught.value)
     assert stats(server)["calls"].get("create", 0) == 0
+
+
+# ------------------------------------------------------------------ 11. database outages
+@pytest.fixture
+def pg_ledger(monkeypatch):
+    """An Airflow postgres connection ``pg_ledger`` to a private database, and an ``outage(s)``
+    that refuses every connection to it (and ends the open ones) for ``s`` seconds."""
+    from tests.conftest import PG_URL, private_pg_database
+
+    with private_pg_database("fable_outage") as url:
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_PG_LEDGER",
+            json.dumps(
+                {
+                    "conn_type": "postgres",
+                    "host": url.host,
+                    "port": url.port or 5432,
+                    "login": url.username,
+                    "schema": url.database,
+                }
+            ),
+        )
+        admin = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+        threads: list[threading.Thread] = []
+
+        def allow(flag: bool) -> None:
+            with admin.connect() as conn:
+                conn.execute(sa.text(f"ALTER DATABASE {url.database} ALLOW_CONNECTIONS {str(flag).lower()}"))
+                if not flag:
+                    conn.execute(
+                        sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"),
+                        {"d": url.database},
+                    )
+
+        def outage(seconds: float) -> None:
+            allow(False)
+            timer = threading.Timer(seconds, allow, args=(True,))
+            timer.start()
+            threads.append(timer)
+
+        try:
+            yield SimpleNamespace(url=url, outage=outage)
+        finally:
+            for timer in threads:
+                timer.cancel()
+            allow(True)
+            admin.dispose()
+
+
+def test_a_ledger_outage_during_the_load_is_ridden_out_inside_the_task(
+    fable_emulator_factory, dbs, pg_ledger
+):
+    server = fable_emulator_factory()
+    point_connection_at(server)
+    manifest = submit_op(ledger_conn_id="pg_ledger", max_requests_per_batch=3).execute(context())
+    pg_ledger.outage(4.0)  # every connection refused for 4 s, from before the load starts
+    summary = load_op(manifest, ledger_conn_id="pg_ledger").execute({})
+    assert summary["accepted"] == 7
+    ledger = Ledger(sa.create_engine(pg_ledger.url))
+    assert ledger.summary(manifest["job_fingerprint"]) == {"accepted": 7}
+    ledger.engine.dispose()
+
+
+def test_a_longer_ledger_outage_fails_with_a_clear_error_not_a_raw_driver_error(
+    fable_emulator_factory, dbs, pg_ledger
+):
+    from airflow_provider_fable.core.dbretry import DatabaseUnavailableError
+
+    server = fable_emulator_factory()
+    point_connection_at(server)
+    manifest = submit_op(ledger_conn_id="pg_ledger", max_requests_per_batch=3).execute(context())
+    pg_ledger.outage(30.0)
+    with pytest.raises(DatabaseUnavailableError, match="Nothing was loaded yet") as caught:
+        load_op(manifest, ledger_conn_id="pg_ledger", db_retry_seconds=1).execute({})
+    assert "not currently accepting connections" in str(caught.value)
+
+
+def test_an_outage_mid_load_names_the_batches_loaded_and_the_verdicts_committed(
+    fable_emulator_factory, dbs, pg_ledger, monkeypatch
+):
+    from airflow_provider_fable.core.dbretry import DatabaseUnavailableError
+
+    server = fable_emulator_factory()
+    point_connection_at(server)
+    manifest = submit_op(ledger_conn_id="pg_ledger", max_requests_per_batch=3).execute(context())
+    first, second, _ = manifest["batch_ids"]
+    serve = server.store.open_results
+
+    def open_results(batch_id: str):
+        if batch_id == second:  # the ledger goes away while the second batch is downloaded
+            pg_ledger.outage(30.0)
+        return serve(batch_id)
+
+    monkeypatch.setattr(server.store, "open_results", open_results)
+    with pytest.raises(DatabaseUnavailableError) as caught:
+        load_op(manifest, ledger_conn_id="pg_ledger", db_retry_seconds=1).execute({})
+    message = str(caught.value)
+    assert f"loading batch {second} failed" in message
+    assert f"Batches fully loaded before it: {first}." in message
+    # The second batch's first chunk reached the destination, not the ledger.
+    assert "3 record(s) were committed to the destination and 0 verdict(s) to the job ledger" in message
+    assert "nothing is paid again" in message
+    assert len(table(dbs.dest, "SELECT paint_id FROM paint")) == 6  # what was committed stays

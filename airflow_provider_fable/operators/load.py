@@ -59,6 +59,9 @@ class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
         to this Parquet file, streamed one row group per chunk: a local path, an fsspec URL
         (``s3://...``) or an ``ObjectStoragePath``. Needs the ``[parquet]`` extra. Templated.
     :param parquet_rejects_path: where to write the rejects as Parquet (optional). Templated.
+    :param db_retry_seconds: how long a transient error of the ledger or the destination (refused
+        or lost connection, server shutting down, SQLite file locked) is retried inside the task
+        before it fails, as ``core.dbretry`` (default: ``FABLE_DB_RETRY_SECONDS``, else 75 s).
     :return: counts, reject reasons, value distributions, token usage, cost, estimate, QA table;
         also pushed as XCom ``summary`` when a guardrail fails the task.
     """
@@ -102,9 +105,11 @@ class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
         prices: dict[str, Any] | None = None,
         parquet_path: Any = None,
         parquet_rejects_path: Any = None,
+        db_retry_seconds: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.db_retry_seconds = db_retry_seconds
         if destination_conn_id is None and parquet_path is None:
             raise ValueError("give destination_conn_id (a SQL table), parquet_path, or both")
         if destination_conn_id is not None and not table:
@@ -142,8 +147,17 @@ class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
         model_cls = import_output_model(self.output_model)
         self._check_guardrail_config(model_cls)
         hook = FableHook(self.fable_conn_id)
+        from airflow_provider_fable.core.dbretry import retry_transient_db
+
         engine = sqlalchemy_engine(self.destination_conn_id) if self.destination_conn_id else None
-        ledger = open_ledger(self.ledger_conn_id, self.fable_conn_id, self.log)
+        ledger = self._before_load(
+            lambda: retry_transient_db(
+                lambda: open_ledger(self.ledger_conn_id, self.fable_conn_id, self.log),
+                what="opening the job ledger",
+                budget=self.db_retry_seconds,
+                logger=self.log,
+            )
+        )
         try:
             return self._load(hook, engine, model_cls, ledger, context)
         finally:
@@ -151,6 +165,20 @@ class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
             if engine is not None:
                 engine.dispose()
             ledger.engine.dispose()
+
+    def _before_load(self, step: Any) -> Any:
+        """``step()``; a database error there (after retries) says that nothing was loaded yet."""
+        from airflow_provider_fable.core.dbretry import DatabaseUnavailableError, is_database_error, short
+
+        try:
+            return step()
+        except Exception as exc:
+            if not is_database_error(exc):
+                raise
+            raise DatabaseUnavailableError(
+                f"the load could not start: database error ({short(exc)}). Nothing was loaded yet; "
+                "the batches' results stay available, a retry of this task loads them."
+            ) from exc
 
     def _with_parquet(self, sink: ResultSink | None, model_cls: Any) -> Any:
         """The sink ``load_batch`` writes to: the SQL table, a Parquet file, or both."""
@@ -185,7 +213,14 @@ class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
                 rejects_table=self.rejects_table,
                 id_type=self.id_column_type,
             )
-            sink.ensure_tables()
+            from airflow_provider_fable.core.dbretry import retry_transient_db
+
+            self._before_load(
+                lambda: retry_transient_db(
+                    sink.ensure_tables, what="preparing the destination tables", budget=self.db_retry_seconds,
+                    logger=self.log,
+                )
+            )  # fmt: skip
         target = self._with_parquet(sink, model_cls)
         lake = getattr(target, "lake", target) if self.parquet_path is not None else None
         stats = LoadStats(prices=merge_prices(hook.price_overrides, self.prices))
@@ -234,57 +269,123 @@ class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
         stats: LoadStats,
         stale: list[int],
     ) -> None:
-        from airflow_provider_fable.core.loading import ResultScreen, load_batch
+        import copy
+
+        from airflow_provider_fable.core.dbretry import (
+            DatabaseUnavailableError,
+            is_database_error,
+            retry_transient_db,
+            short,
+        )
         from airflow_provider_fable.core.manifest import normalise_batch_ids
 
+        loaded: list[str] = []
         for batch_id in normalise_batch_ids(self.batch_ids):
-            results: Iterable[BatchResult] = hook.iter_results(batch_id)
-            on_outcomes = None
-            submission = ledger.submission_for_batch(batch_id) if ledger is not None else None
-            # Completeness by custom_id (records the ledger has in this batch with no line become
-            # ``missing_result`` rejects); answers of records a newer batch took over are dropped.
-            screen = ResultScreen(
-                batch_id,
-                ledger.custom_id_map(batch_id) if submission is not None and ledger is not None else None,
-                stats,
-            )
-            results = screen(results)
-            if submission is not None and ledger is not None:
-                job_id = submission.job_id
+            # Records of this batch committed so far (this attempt): to the destination, to the ledger.
+            committed = [0, 0, 0]  # [to the destination, to the ledger, counted at all]
+            best = [0, 0, 0]  # the most any attempt of this batch committed
+            before = (copy.deepcopy(stats.__dict__), stale[0])
 
-                def on_outcomes(
-                    outcomes: list[RecordOutcome], job_id: str = job_id, batch_id: str = batch_id
-                ) -> None:
-                    ledger.record_outcomes(job_id, batch_id, outcomes)
-            else:
-                self.log.info(
-                    "Batch %s is not in the job ledger (submitted elsewhere): loaded as is", batch_id
+            def again(
+                before: tuple[dict[str, Any], int] = before,
+                committed: list[int] = committed,
+                best: list[int] = best,
+            ) -> None:
+                # A new attempt loads the whole batch again (idempotent upserts): undo its counts.
+                stats.__dict__.update(copy.deepcopy(before[0]))
+                stale[0] = before[1]
+                # What an earlier attempt committed stays committed (the next one writes it again).
+                best[:] = [max(best[0], committed[0]), max(best[1], committed[1]), max(best[2], committed[2])]
+                committed[:] = [0, 0, 0]
+
+            try:
+                retry_transient_db(
+                    lambda batch_id=batch_id, committed=committed: self._load_one(
+                        hook, model_cls, ledger, target, stats, stale, batch_id, committed
+                    ),
+                    what=f"loading batch {batch_id}",
+                    budget=self.db_retry_seconds,
+                    on_retry=again,
+                    logger=self.log,
                 )
-            load_batch(
-                results,
-                batch_id=batch_id,
-                output_model=model_cls,
-                sink=target,
-                stats=stats,
-                chunk_size=self.chunk_size,
-                on_outcomes=on_outcomes,
-            )
-            if screen.dropped and submission is not None and ledger is not None:
-                # Dropped lines are rare: tell a record a newer batch took over (stale, expected
-                # after a rerun) from a custom_id this job never sent (an anomaly of the file).
-                known = ledger.known_custom_ids(submission.job_id, screen.dropped)
-                unknown = [c for c in screen.dropped if c not in known]
-                stale[0] += len(screen.dropped) - len(unknown)
-                if unknown:
-                    stats.unknown_custom_ids += len(unknown)
-                    self.log.warning(
-                        "Batch %s: %d result line(s) carry a custom_id this batch never had (e.g. %s); "
-                        "skipped, nothing written for them",
-                        batch_id, len(unknown), ", ".join(unknown[:5]),
-                    )  # fmt: skip
+            except Exception as exc:
+                if not is_database_error(exc):
+                    raise
+                done = ", ".join(loaded) if loaded else "none"
+                rows, verdicts, counted = (max(a, b) for a, b in zip(best, committed, strict=True))
+                of_batch = (
+                    f"Of batch {batch_id}, {rows} record(s) were committed to the destination and "
+                    f"{verdicts} verdict(s) to the job ledger before the error; they stay."
+                    if counted  # counted through the ledger path's outcome reports
+                    else f"Of batch {batch_id}, the chunks committed before the error stay committed."
+                )
+                raise DatabaseUnavailableError(
+                    f"loading batch {batch_id} failed on a database error ({short(exc)}). Batches fully "
+                    f"loaded before it: {done}. {of_batch} A retry of this task loads the batch again: "
+                    "nothing is written twice and nothing is paid again."
+                ) from exc
+            loaded.append(batch_id)
             self.log.info(
                 "Batch %s loaded; running totals: %d accepted, %d rejected",
                 batch_id,
                 stats.accepted,
                 stats.rejected,
             )
+
+    def _load_one(
+        self,
+        hook: FableHook,
+        model_cls: Any,
+        ledger: Ledger | None,
+        target: Any,
+        stats: LoadStats,
+        stale: list[int],
+        batch_id: str,
+        committed: list[int],
+    ) -> None:
+        """Download, validate and load one batch (run again whole after a database outage)."""
+        from airflow_provider_fable.core.loading import ResultScreen, load_batch
+
+        results: Iterable[BatchResult] = hook.iter_results(batch_id)
+        on_outcomes = None
+        submission = ledger.submission_for_batch(batch_id) if ledger is not None else None
+        # Completeness by custom_id (records the ledger has in this batch with no line become
+        # ``missing_result`` rejects); answers of records a newer batch took over are dropped.
+        screen = ResultScreen(
+            batch_id,
+            ledger.custom_id_map(batch_id) if submission is not None and ledger is not None else None,
+            stats,
+        )
+        results = screen(results)
+        if submission is not None and ledger is not None:
+            job_id = submission.job_id
+            committed[2] = 1
+
+            def on_outcomes(outcomes: list[RecordOutcome]) -> None:
+                committed[0] += len(outcomes)  # reported once their chunk is committed
+                ledger.record_outcomes(job_id, batch_id, outcomes)
+                committed[1] += len(outcomes)
+        else:
+            self.log.info("Batch %s is not in the job ledger (submitted elsewhere): loaded as is", batch_id)
+        load_batch(
+            results,
+            batch_id=batch_id,
+            output_model=model_cls,
+            sink=target,
+            stats=stats,
+            chunk_size=self.chunk_size,
+            on_outcomes=on_outcomes,
+        )
+        if screen.dropped and submission is not None and ledger is not None:
+            # Dropped lines are rare: tell a record a newer batch took over (stale, expected
+            # after a rerun) from a custom_id this job never sent (an anomaly of the file).
+            known = ledger.known_custom_ids(submission.job_id, screen.dropped)
+            unknown = [c for c in screen.dropped if c not in known]
+            stale[0] += len(screen.dropped) - len(unknown)
+            if unknown:
+                stats.unknown_custom_ids += len(unknown)
+                self.log.warning(
+                    "Batch %s: %d result line(s) carry a custom_id this batch never had (e.g. %s); "
+                    "skipped, nothing written for them",
+                    batch_id, len(unknown), ", ".join(unknown[:5]),
+                )  # fmt: skip

@@ -22,7 +22,7 @@ import json
 import os
 import signal
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
@@ -577,6 +577,29 @@ class _Submission:
                 )  # fmt: skip
         return ended
 
+    def _ledger_step(self, what: str, created: list[str], step: Callable[[], Any]) -> Any:
+        """A ledger write of the submit, retried through transient outages (``core.dbretry``);
+        when it still fails, the error names the batches this try created (paid for), which the
+        next try finds in the ledger or adopts from the API's batch list instead of paying again."""
+        from airflow_provider_fable.core.dbretry import (
+            DatabaseUnavailableError,
+            is_database_error,
+            retry_transient_db,
+            short,
+        )
+
+        try:
+            return retry_transient_db(step, what=what, logger=self.log)
+        except Exception as exc:
+            if not is_database_error(exc):
+                raise
+            made = ", ".join(created) if created else "none"
+            raise DatabaseUnavailableError(
+                f"{what} failed: the job ledger is unavailable ({short(exc)}). Batches this try created "
+                f"(paid for): {made}. A retry of this task attaches to them (from the ledger, or by "
+                "reconciling its intents against the API's batch list) instead of paying again."
+            ) from exc
+
     def _check_model(self) -> None:
         """An unknown model fails every request: refuse it before the first create (not retried)."""
         from airflow_provider_fable.hooks.fable import UnknownModelError
@@ -641,9 +664,12 @@ class _Submission:
         for n, shard in enumerate(shards, 1):
             count = shard.count
             rows, digest, size = self._shard_rows(spool, shard, plan)
-            intent = self.ledger.write_intent(
-                self.job_id, run_key=self.run_key, shard=n, records=rows, byte_size=size,
-                model=job.model, api=self.api, digest=digest,
+            intent = self._ledger_step(
+                f"writing the intent of shard {n}/{len(shards)}", created,
+                lambda rows=rows, n=n, size=size, digest=digest: self.ledger.write_intent(
+                    self.job_id, run_key=self.run_key, shard=n, records=rows, byte_size=size,
+                    model=job.model, api=self.api, digest=digest,
+                ),
             )  # fmt: skip
             del rows
             _kill_point("after_intent", n, self.try_number)
@@ -665,7 +691,10 @@ class _Submission:
             _kill_point("after_create", n, self.try_number)
             self.state_store.put(digest, batch.id)
             _kill_point("after_state_store", n, self.try_number)
-            self.ledger.write_batch(intent.id, batch.id)
+            self._ledger_step(
+                f"recording batch {batch.id} (shard {n}/{len(shards)})", [*created, batch.id],
+                lambda intent=intent, batch=batch: self.ledger.write_batch(intent.id, batch.id),
+            )  # fmt: skip
             _kill_point("after_ledger", n, self.try_number)
             created.append(batch.id)
             manifest["batch_ids"].append(batch.id)
