@@ -413,3 +413,35 @@ def test_an_outage_mid_load_names_the_batches_loaded_and_the_verdicts_committed(
     assert "3 record(s) were committed to the destination and 0 verdict(s) to the job ledger" in message
     assert "nothing is paid again" in message
     assert len(table(dbs.dest, "SELECT paint_id FROM paint")) == 6  # what was committed stays
+
+
+def test_a_ledger_outage_after_a_create_names_the_paid_batches_and_the_retry_adopts_them(
+    fable_emulator_factory, dbs, pg_ledger, monkeypatch
+):
+    from airflow_provider_fable.core.dbretry import DatabaseUnavailableError
+
+    server = fable_emulator_factory()
+    point_connection_at(server)
+    create = server.store.create
+    made: list[str] = []
+
+    def create_then_outage(*args, **kwargs):
+        batch = create(*args, **kwargs)
+        made.append(batch["id"])
+        if len(made) == 2:  # the ledger goes away right after the second (paid) create
+            pg_ledger.outage(6.0)
+        return batch
+
+    monkeypatch.setattr(server.store, "create", create_then_outage)
+    monkeypatch.setenv("FABLE_DB_RETRY_SECONDS", "1")
+    with pytest.raises(DatabaseUnavailableError) as caught:
+        submit_op(ledger_conn_id="pg_ledger", max_requests_per_batch=3).execute(context())
+    message = str(caught.value)
+    assert f"recording batch {made[1]} (shard 2/3) failed" in message
+    assert f"Batches this try created (paid for): {made[0]}, {made[1]}." in message
+
+    # The next try (the outage over) pays only for the shard never created.
+    monkeypatch.setenv("FABLE_DB_RETRY_SECONDS", "60")
+    manifest = submit_op(ledger_conn_id="pg_ledger", max_requests_per_batch=3).execute(context())
+    assert stats(server)["batches_created"] == 3
+    assert set(manifest["batch_ids"]) == set(made)

@@ -318,8 +318,14 @@ class FableBatchSubmitOperator(SubmitGuardrailsMixin, BaseOperator):
         hook = FableHook(self.fable_conn_id)
         job = self.build_job(hook)
         self.preflight(job)
+        from airflow_provider_fable.core.dbretry import retry_transient_db
+
         engine = sqlalchemy_engine(self.sql_conn_id) if self.sql is not None else None
-        ledger = open_ledger(self.ledger_conn_id, self.fable_conn_id, self.log)
+        ledger = retry_transient_db(
+            lambda: open_ledger(self.ledger_conn_id, self.fable_conn_id, self.log),
+            what="opening the job ledger",
+            logger=self.log,
+        )  # nothing is paid yet: after the retries, the driver's error says enough
         try:
             return _Submission(self, context, hook, job, ledger).run(self.iter_source(engine))
         finally:
