@@ -445,3 +445,30 @@ def test_a_ledger_outage_after_a_create_names_the_paid_batches_and_the_retry_ado
     manifest = submit_op(ledger_conn_id="pg_ledger", max_requests_per_batch=3).execute(context())
     assert stats(server)["batches_created"] == 3
     assert set(manifest["batch_ids"]) == set(made)
+
+
+# ------------------------------------------------------------------ 10. over the context window
+def test_a_request_over_the_context_window_is_refused_before_paying_naming_the_record(
+    fable_emulator_factory, dbs
+):
+    from airflow_provider_fable.core.errors import RecordError
+
+    server = fable_emulator_factory()
+    point_connection_at(server)
+    words = "the fence was painted red and then painted again in the spring "
+    big = {"id": "huge-1", "text": words * (2_000_000 // len(words))}  # ~2 MB of text
+    with pytest.raises(RecordError, match=r"'huge-1'.*context_window.*200,000-token context window"):
+        submit_op(records=[*RECORDS, big], estimate_sample=0).execute(context())
+    assert stats(server)["calls"].get("create", 0) == 0
+
+
+def test_only_requests_near_the_window_are_counted_and_one_that_fits_is_sent(fable_emulator_factory, dbs):
+    server = fable_emulator_factory()
+    point_connection_at(server)
+    words = "the fence was painted red and then painted again in the spring "
+    long = {"id": "long-1", "text": words * (250_000 // len(words))}  # 250 KB: ~60k tokens, fits
+    manifest = submit_op(records=[*RECORDS, long], estimate_sample=0).execute(context())
+    assert manifest["submitted"] == 8
+    # One count for the record over the sure bound (bytes + max_tokens > window), one for the
+    # model check before the create; the seven short records were never counted.
+    assert stats(server)["calls"]["count_tokens"] == 2

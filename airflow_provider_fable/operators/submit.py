@@ -397,6 +397,7 @@ class _Submission:
         """Requests that must be sent; attach/skip decisions are counted in ``plan`` on the way."""
         from airflow_provider_fable.core import ids
 
+        self._encoded_ids: dict[str, str] = plan["ids"]  # custom_id -> record id, for messages
         # "unaccepted" selects nothing from the ledger: every source record is decided on its state.
         rerun_ids = self._rerun_ids() if self.rerun_of and self.rerun != "unaccepted" else None
         buf: list[tuple[str, dict[str, Any]]] = []
@@ -520,6 +521,22 @@ class _Submission:
             spool,
             max_requests=self.op.max_requests_per_batch or MAX_REQUESTS_PER_BATCH,
             max_bytes=self.op.max_bytes_per_batch or MAX_BATCH_BYTES,
+            check=self._context_guard(),
+        )
+
+    def _context_guard(self) -> Any:
+        """Refuses requests over the model's context window (``core.cost.ContextWindowGuard``)."""
+        from airflow_provider_fable.core.cost import ContextWindowGuard, context_window
+
+        window = context_window(self.job.model)
+        if window is None:
+            return None
+        return ContextWindowGuard(
+            window,
+            self.job.max_tokens,
+            self.hook.count_tokens,
+            name_of=lambda custom_id: self._encoded_ids.get(custom_id, custom_id),
+            warn=self.log.warning,
         )
 
     def _shard_rows(
