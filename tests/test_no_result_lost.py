@@ -469,6 +469,7 @@ def test_only_requests_near_the_window_are_counted_and_one_that_fits_is_sent(fab
     long = {"id": "long-1", "text": words * (250_000 // len(words))}  # 250 KB: ~60k tokens, fits
     manifest = submit_op(records=[*RECORDS, long], estimate_sample=0).execute(context())
     assert manifest["submitted"] == 8
-    # One count for the record over the sure bound (bytes + max_tokens > window), one for the
-    # model check before the create; the seven short records were never counted.
-    assert stats(server)["calls"]["count_tokens"] == 2
+    # One count, for the record over the sure bound (bytes + max_tokens > window; it also
+    # proves the model known, so the check before the create needs no call of its own); the
+    # seven short records were never counted.
+    assert stats(server)["calls"]["count_tokens"] == 1

@@ -635,16 +635,21 @@ class FableHook(BaseHook):
     def count_tokens(self, params: dict[str, Any]) -> int:
         """Input tokens the API would count for one request's params (max_tokens is ignored)."""
         body = _count_tokens_body(params)
-        return self._call("count tokens", self.client.messages.count_tokens, **body).input_tokens
+        tokens = self._call("count tokens", self.client.messages.count_tokens, **body).input_tokens
+        self.__dict__.setdefault("_models_counted", set()).add(body.get("model"))
+        return tokens
 
     def check_model(self, model: str) -> None:
         """Refuse a model the API does not know, before anything is created (and paid for).
 
-        One free ``count_tokens`` call with a one-word message: the API answers an unknown model
+        One free ``count_tokens`` call with a one-word message (none when this hook already
+        counted tokens for the model, e.g. for the estimate): the API answers an unknown model
         with 404 ``not_found_error`` ("model: ..."), which raises :class:`UnknownModelError`
         naming the model. Any other failure only logs a warning: the check is a guard, and the
         create that follows reports real trouble (network, key) with its own clear error.
         """
+        if model in self.__dict__.get("_models_counted", ()):
+            return  # a count for this model already succeeded (the estimate's): it is known
         try:
             self.count_tokens({"model": model, "messages": [{"role": "user", "content": "ping"}]})
         except FableApiError as exc:
