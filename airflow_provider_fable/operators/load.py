@@ -62,6 +62,8 @@ class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
     :param db_retry_seconds: how long a transient error of the ledger or the destination (refused
         or lost connection, server shutting down, SQLite file locked) is retried inside the task
         before it fails, as ``core.dbretry`` (default: ``FABLE_DB_RETRY_SECONDS``, else 75 s).
+        With ``parquet_path`` a batch's load is not run again inside the task (the file would get
+        its rows twice): the task fails and its retry writes the file anew.
     :return: counts, reject reasons, value distributions, token usage, cost, estimate, QA table;
         also pushed as XCom ``summary`` when a guardrail fails the task.
     """
@@ -304,7 +306,9 @@ class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
                         hook, model_cls, ledger, target, stats, stale, batch_id, committed
                     ),
                     what=f"loading batch {batch_id}",
-                    budget=self.db_retry_seconds,
+                    # A Parquet file is a stream (row groups appended): a batch written twice
+                    # would be there twice, so with one the task fails and its retry rewrites it.
+                    budget=self.db_retry_seconds if self.parquet_path is None else 0,
                     on_retry=again,
                     logger=self.log,
                 )

@@ -327,7 +327,24 @@ class FableBatchSubmitOperator(SubmitGuardrailsMixin, BaseOperator):
             logger=self.log,
         )  # nothing is paid yet: after the retries, the driver's error says enough
         try:
-            return _Submission(self, context, hook, job, ledger).run(self.iter_source(engine))
+            submission = _Submission(self, context, hook, job, ledger)
+            try:
+                return submission.run(self.iter_source(engine))
+            except Exception as exc:
+                from airflow_provider_fable.core.dbretry import (
+                    DatabaseUnavailableError,
+                    is_transient_db_error,
+                    short,
+                )
+
+                # An outage (not, say, an error in the source query): say what was paid for.
+                if isinstance(exc, DatabaseUnavailableError) or not is_transient_db_error(exc):
+                    raise
+                made = ", ".join(getattr(submission, "created", [])) or "none"
+                raise DatabaseUnavailableError(
+                    f"the submit failed on a database error ({short(exc)}). Batches this try created "
+                    f"(paid for): {made}. A retry of this task attaches to them instead of paying again."
+                ) from exc
         finally:
             hook.close()
             ledger.engine.dispose()
@@ -684,6 +701,7 @@ class _Submission:
             self.job_id,
         )
         created: list[str] = []
+        self.created = created  # named by ``FableBatchSubmitOperator.execute`` if the ledger fails
         for n, shard in enumerate(shards, 1):
             count = shard.count
             rows, digest, size = self._shard_rows(spool, shard, plan)
