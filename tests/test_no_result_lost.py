@@ -473,3 +473,35 @@ def test_only_requests_near_the_window_are_counted_and_one_that_fits_is_sent(fab
     # proves the model known, so the check before the create needs no call of its own); the
     # seven short records were never counted.
     assert stats(server)["calls"]["count_tokens"] == 1
+
+
+def test_a_locked_sqlite_file_is_transient_and_waited_out_a_bad_statement_is_not(tmp_path):
+    """Real SQLite: ``database is locked`` is retried until the lock goes; a syntax error fails
+    at once (no retry can fix it)."""
+    from airflow_provider_fable.core.dbretry import is_transient_db_error, retry_transient_db
+
+    path = tmp_path / "locked.db"
+    engine = sa.create_engine(f"sqlite:///{path}", connect_args={"timeout": 0})
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE t (x INTEGER)"))
+    holder = sa.create_engine(f"sqlite:///{path}").connect()
+    holder.exec_driver_sql("BEGIN EXCLUSIVE")
+    attempts = []
+
+    def wait(seconds: float) -> None:  # the other writer finishes while this one backs off
+        holder.rollback()
+
+    def write() -> None:
+        attempts.append(1)
+        with engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO t VALUES (1)"))
+
+    retry_transient_db(write, what="test write", budget=30, sleep=wait)
+    assert len(attempts) == 2
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM t")).scalar() == 1
+    with pytest.raises(sa.exc.OperationalError) as caught:
+        retry_transient_db(lambda: engine.connect().execute(sa.text("SELEC 1")), what="bad", budget=30)
+    assert not is_transient_db_error(caught.value)
+    holder.close()
+    engine.dispose()
