@@ -102,7 +102,7 @@ def with_answer(line: bytes, text: str) -> bytes:
     return json.dumps(obj).encode()
 
 
-def with_custom_id(line: bytes, custom_id: str) -> bytes:
+def with_custom_id(line: bytes, custom_id: str | int) -> bytes:
     obj = json.loads(line)
     obj["custom_id"] = custom_id
     return json.dumps(obj).encode()
@@ -138,7 +138,10 @@ def test_a_result_carrying_another_custom_id_makes_the_missing_record_a_retryabl
     rewrite_results(
         server,
         batch_id,
-        lambda by_id: [with_custom_id(v, "zz_stranger") if k == "p3" else v for k, v in by_id.items()],
+        lambda by_id: [
+            *(with_custom_id(v, "zz_stranger") if k == "p3" else v for k, v in by_id.items()),
+            with_custom_id(by_id["p0"], 7),  # a JSON number as custom_id: never this batch's
+        ],
     )
     summary = load_op(manifest).execute({})
 
@@ -151,7 +154,7 @@ def test_a_result_carrying_another_custom_id_makes_the_missing_record_a_retryabl
     ids = {r[0] for r in table(dbs.dest, "SELECT paint_id FROM paint")}
     assert ids == {f"p{i}" for i in range(7)} - {"p3"}  # the stranger is never a row
     assert summary["reject_reasons"] == {"missing_result": 1}
-    assert summary["unknown_custom_ids"] == 1
+    assert summary["unknown_custom_ids"] == 2
     assert dbs.ledger_obj.failed(manifest["job_fingerprint"], retryable_only=True) == ["p3"]
 
     # A failed-records rerun picks it up and pays for that one record only.
@@ -505,3 +508,34 @@ def test_a_locked_sqlite_file_is_transient_and_waited_out_a_bad_statement_is_not
     assert not is_transient_db_error(caught.value)
     holder.close()
     engine.dispose()
+
+
+def test_the_async_results_stream_hands_on_bad_lines_like_the_sync_one(fable_emulator_factory, dbs):
+    """``aiter_results`` (what an async caller reads): a bad line is an ``unparseable`` result,
+    a torn last line is handed on at the last attempt, the rest are read."""
+    import asyncio
+
+    from airflow_provider_fable.hooks.fable import FableHook
+
+    server = fable_emulator_factory()
+    point_connection_at(server)
+    manifest = submit_op().execute({})
+    (batch_id,) = manifest["batch_ids"]
+    rewrite_last(
+        server,
+        batch_id,
+        b'{"custom_id": "p6", "res',
+        lambda by_id: [b"{oops" if k == "p1" else v for k, v in by_id.items() if k != "p6"],
+    )
+
+    async def read() -> list[tuple[str, str]]:
+        hook = FableHook()
+        try:
+            return [(r.custom_id, r.type) async for r in hook.aiter_results(batch_id)]
+        finally:
+            await hook.aclose()
+
+    got = asyncio.run(read())
+    assert sorted(got) == sorted(
+        [(f"p{i}", "succeeded") for i in (0, 2, 3, 4, 5)] + [("", "unparseable"), ("p6", "unparseable")]
+    )

@@ -557,7 +557,7 @@ class Ledger:
         c = self.records.c
         out: set[str] = set()
         with self.engine.connect() as conn:
-            for part in _chunks(sorted(set(custom_ids))):
+            for part in _chunks(sorted({str(c) for c in custom_ids})):  # (a hostile line's may be a number)
                 q = sa.select(c.custom_id).where(c.job_id == job_id, c.custom_id.in_(part))
                 out.update(conn.execute(q).scalars())
         return out

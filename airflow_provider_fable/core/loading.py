@@ -822,10 +822,10 @@ class ResultScreen:
         mapping = self.mapping
         if mapping is None:
             for result in results:
-                if result.custom_id:
-                    yield result
-                else:
+                if result.custom_id == "":  # (a JSON number 0 is a custom_id too)
                     self._unattributable(result)
+                else:
+                    yield result
             return
         seen: set[str] = set()
         get, see, dropped = mapping.get, seen.add, self.dropped.append
@@ -833,10 +833,10 @@ class ResultScreen:
             custom_id = result.custom_id
             record_id = get(custom_id)
             if record_id is None:
-                if custom_id:
-                    dropped(custom_id)
-                else:
+                if custom_id == "":
                     self._unattributable(result)
+                else:
+                    dropped(custom_id)
                 continue
             see(custom_id)
             result.custom_id = record_id

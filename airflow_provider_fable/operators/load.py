@@ -384,7 +384,7 @@ class FableValidateLoadOperator(LoadGuardrailsMixin, BaseOperator):
             # Dropped lines are rare: tell a record a newer batch took over (stale, expected
             # after a rerun) from a custom_id this job never sent (an anomaly of the file).
             known = ledger.known_custom_ids(submission.job_id, screen.dropped)
-            unknown = [c for c in screen.dropped if c not in known]
+            unknown = [str(c) for c in screen.dropped if str(c) not in known]
             stale[0] += len(screen.dropped) - len(unknown)
             if unknown:
                 stats.unknown_custom_ids += len(unknown)
