@@ -539,3 +539,33 @@ def test_the_async_results_stream_hands_on_bad_lines_like_the_sync_one(fable_emu
     assert sorted(got) == sorted(
         [(f"p{i}", "succeeded") for i in (0, 2, 3, 4, 5)] + [("", "unparseable"), ("p6", "unparseable")]
     )
+
+
+@pytest.mark.parametrize("depth", [1_000, 3_000])
+def test_deeply_nested_answers_are_rejects_not_a_blocked_load(fable_emulator_factory, dbs, depth):
+    """Nesting in the answer itself (a tool input, an answer text), not in the envelope: parsers
+    and encoders each have their own depth limit (msgspec, orjson 1024/255, json's recursion);
+    none of them may surface as a raw RecursionError."""
+    server = fable_emulator_factory()
+    point_connection_at(server)
+    manifest = submit_op().execute({})
+    (batch_id,) = manifest["batch_ids"]
+
+    def tool_answer(line: bytes) -> bytes:
+        obj = json.loads(line)
+        obj["result"]["message"]["content"] = [
+            {"type": "tool_use", "id": "t", "name": "x", "input": {"color": 0}}
+        ]
+        return json.dumps(obj).encode().replace(b'"color": 0', b'"color": ' + b"[" * depth + b"]" * depth)
+
+    def deep(by_id: dict[str, bytes]) -> list[bytes]:
+        out = dict(by_id)
+        out["p0"] = tool_answer(by_id["p0"])
+        out["p3"] = with_answer(by_id["p3"], "[" * depth * 30 + "]" * depth * 30)
+        return list(out.values())
+
+    rewrite_results(server, batch_id, deep)
+    summary = load_op(manifest).execute({})
+    states = ledger_states(dbs, manifest)
+    assert states["p0"][0] == states["p3"][0] == "rejected"
+    assert summary["accepted"] == 5

@@ -191,7 +191,9 @@ class _FastLine(msgspec.Struct, gc=False):
 
 
 _fast_decode = msgspec.json.Decoder(_FastLine).decode
-_FastError = (msgspec.MsgspecError, ValueError)  # incl. invalid UTF-8 (UnicodeDecodeError)
+#: Incl. invalid UTF-8 (UnicodeDecodeError) and deep nesting (msgspec raises RecursionError even
+#: inside fields it skips): the general path then decides, and refuses such a line cleanly.
+_FastError = (msgspec.MsgspecError, ValueError, RecursionError)
 
 
 def parse_result_line(line: str | bytes) -> BatchResult:

@@ -233,8 +233,12 @@ def validator_for(output_model: type[BaseModel]) -> Callable[[BatchResult], Outc
             # JSON too (orjson makes that round trip cheap; tool answers are the rare path).
             try:
                 raw = orjson.dumps(result.tool_input).decode()
-            except orjson.JSONEncodeError:  # beyond orjson (ints over 64 bits, lone surrogates)
-                raw = json.dumps(result.tool_input, ensure_ascii=False)
+            except orjson.JSONEncodeError:  # beyond orjson (ints over 64 bits, lone surrogates, depth)
+                try:
+                    raw = json.dumps(result.tool_input, ensure_ascii=False)
+                except RecursionError:  # nested deeper than any answer of the model can be
+                    detail = "tool input nested too deeply to validate"
+                    return Rejected(record_id, "invalid_json", detail, None, usage)
         elif not raw or raw.isspace():  # no text, or only whitespace (what ``strip`` removes)
             return Rejected(record_id, "empty_answer", "the answer has no text", raw, usage)
         try:
