@@ -569,3 +569,23 @@ def test_deeply_nested_answers_are_rejects_not_a_blocked_load(fable_emulator_fac
     states = ledger_states(dbs, manifest)
     assert states["p0"][0] == states["p3"][0] == "rejected"
     assert summary["accepted"] == 5
+
+
+def test_two_result_lines_merged_into_one_do_not_block_the_load(fable_emulator_factory, dbs):
+    """The file is one line short on every download (two lines merged): it is loaded as it is
+    (was: "ended after 6 of 7 lines", retried, then the load failed, every time)."""
+    server = fable_emulator_factory()
+    point_connection_at(server)
+    manifest = submit_op().execute({})
+    (batch_id,) = manifest["batch_ids"]
+
+    def merged(by_id: dict[str, bytes]) -> list[bytes]:
+        rest = [v for k, v in by_id.items() if k not in ("p1", "p2")]
+        return [by_id["p1"].rstrip(b"\n") + by_id["p2"], *rest]
+
+    rewrite_results(server, batch_id, merged)
+    summary = load_op(manifest).execute({})
+    states = ledger_states(dbs, manifest)
+    assert states["p1"][:2] == ("rejected", "unparseable_result")
+    assert states["p2"][:2] == ("rejected", "missing_result")
+    assert summary["accepted"] == 5

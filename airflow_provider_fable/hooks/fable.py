@@ -267,6 +267,10 @@ class _ResumableLines:
         self.handed_out = 0
         #: True on the last attempt: a torn last line is then handed out (see ``finish``).
         self.final = False
+        #: Lines of an earlier download that ended cleanly but short (see ``check_complete``).
+        self.clean_short: int | None = None
+        #: Set when a short file was accepted as what the batch's results file holds.
+        self.short_accepted = False
         self.last_error: Exception | None = None
         self._pending = b""
         self._seen = 0
@@ -306,11 +310,31 @@ class _ResumableLines:
         return self._take(tail)
 
     def check_complete(self) -> None:
-        """A file that ended cleanly but short of the request count is a broken download too."""
+        """A file that ended cleanly but short of the request count is a broken download too.
+
+        Unless two downloads ended cleanly on the same count: then the file itself is short (two
+        result lines merged into one, a line missing) and downloading it again cannot help; what
+        it holds is handed out (``short_accepted``) instead of blocking the batch's load for ever.
+        Records with no line then end as ``missing_result`` (the load's completeness check by
+        custom_id, with the job ledger).
+        """
         if self._seen < self.expected:
+            if self.clean_short == self._seen:
+                self.short_accepted = True
+                return
+            self.clean_short = self._seen
             raise ResultsIncompleteError(
                 f"results of {self.batch_id} ended after {self._seen} of {self.expected} lines"
             )
+
+    def warn_if_short(self, log: Any) -> None:
+        if self.short_accepted:
+            log.warning(
+                "Results of %s hold %d lines for %d requests on two downloads alike: the file itself "
+                "is short (merged or missing lines). Loading what it holds; with the job ledger, "
+                "records with no result line become missing_result rejects (retryable).",
+                self.batch_id, self._seen, self.expected,
+            )  # fmt: skip
 
     def failed(self, exc: Exception, attempt: int, max_attempts: int, log: Any) -> None:
         self.last_error = exc
@@ -685,6 +709,7 @@ class FableHook(BaseHook):
                     lines.check_complete()
                 finally:
                     response.close()
+                lines.warn_if_short(self.log)
                 return
             except (ResultsIncompleteError, httpx2.TransportError, anthropic.APIConnectionError) as exc:
                 lines.failed(exc, attempt, max_attempts, self.log)
@@ -807,6 +832,7 @@ class FableHook(BaseHook):
                     lines.check_complete()
                 finally:
                     await response.aclose()
+                lines.warn_if_short(self.log)
                 return
             except (ResultsIncompleteError, httpx2.TransportError, anthropic.APIConnectionError) as exc:
                 lines.failed(exc, attempt, max_attempts, self.log)
