@@ -344,9 +344,12 @@ def test_a_sqlite_file_load_of_several_chunks_matches_the_inline_path(tmp_path):
     )  # fmt: skip
     assert default == inline
     table, rejects, outcomes, summary = default
-    assert len(table) == 33 and dict((r[0], r[4]) for r in table)["r3"] == "n99"  # last answer wins
+    # One verdict per record per batch (issue #18 item 8; it was "last answer wins", with both
+    # lines counted): the first of two accepted answers stands, the repeat is counted apart.
+    assert len(table) == 33 and dict((r[0], r[4]) for r in table)["r3"] == "n3"
     assert rejects == [("bad", "invalid_json"), ("gone", "expired")]
-    assert len(outcomes) == 36 and (summary["accepted"], summary["rejected"]) == (34, 2)
+    assert len(outcomes) == 35 and (summary["accepted"], summary["rejected"]) == (33, 2)
+    assert summary["duplicate_results"] == 1
     assert summary["reject_reasons"] == {"invalid_json": 1, "expired": 1}
 
 
@@ -605,7 +608,8 @@ def test_the_postgres_writer_thread_stores_and_reports_what_the_inline_path_does
         "SELECT rid, note FROM {t}", "SELECT record_id, reason FROM {t}_rejects",
     )  # fmt: skip
     assert thread == inline
-    assert ("r2", "n99") in inline[0]
+    # one verdict per record per batch (issue #18 item 8): the first answer stands
+    assert ("r2", "n2" if n > 2 else "n99") in inline[0]
 
 
 def test_a_broken_stream_keeps_only_whole_chunks_on_every_path(engine, monkeypatch):
@@ -766,11 +770,12 @@ def test_the_writer_process_builds_the_same_rows_as_the_inline_path(tmp_path):
     )  # fmt: skip
     assert process == inline
     table, rejects, outcomes, summary = process
-    assert (
-        dict((r[0], r[1]) for r in table)["r4"] == "again" and dict((r[0], r[1]) for r in table)["r5"] == "l5"
-    )
-    assert [r[2] for r in rejects] == ["invalid_json", "expired", "schema"]
-    assert len(outcomes) == 33 and summary["accepted"] == 30 and summary["usage"]["input_tokens"] == 320
+    # One verdict per record per batch (issue #18 item 8): the repeat of r4 writes nothing (the
+    # first answer stands) and r20's later schema reject loses to its accepted answer.
+    assert dict((r[0], r[1]) for r in table)["r4"] == "l4" and dict((r[0], r[1]) for r in table)["r5"] == "l5"
+    assert [r[2] for r in rejects] == ["invalid_json", "expired"]
+    assert len(outcomes) == 31 and summary["accepted"] == 29 and summary["usage"]["input_tokens"] == 320
+    assert summary["duplicate_results"] == 2
 
 
 def test_a_writer_thread_failing_reports_the_chunks_it_committed_before():

@@ -198,3 +198,95 @@ def usage_cost_usd(
         + usage.output_tokens * price.output_per_mtok
     ) / 1e6
     return round(total * (price.batch_discount if batch else 1.0), 6)
+
+
+#: Context window (tokens: input + ``max_tokens``) per model family, longest matching prefix wins,
+#: like the price table. The standard windows; a model absent from the table is not checked.
+CONTEXT_WINDOWS: dict[str, int] = {
+    "claude-fable-5": 200_000,
+    "claude-mythos-5": 200_000,
+    "claude-opus-5": 200_000,
+    "claude-opus-4": 200_000,
+    "claude-sonnet-5": 200_000,
+    "claude-sonnet-4": 200_000,
+    "claude-3-7-sonnet": 200_000,
+    "claude-haiku-5": 200_000,
+    "claude-haiku-4-5": 200_000,
+    "claude-3-5-haiku": 200_000,
+    "claude-3-haiku": 200_000,
+}
+
+
+def context_window(model: str, windows: dict[str, int] | None = None) -> int | None:
+    """The model's context window in tokens by longest matching prefix, or None when unknown."""
+    table = windows if windows is not None else CONTEXT_WINDOWS
+    matches = [p for p in table if model.startswith(p)]
+    return table[max(matches, key=len)] if matches else None
+
+
+class ContextWindowGuard:
+    """Refuses, before anything is paid for, a request the model cannot take.
+
+    The rule: a request's input tokens plus its ``max_tokens`` must fit the model's context
+    window (what the API checks). Counting every request would cost a ``count_tokens`` call
+    each, so a cheap upper bound comes first: a token covers at least one byte of the request's
+    serialised JSON (which also holds the JSON syntax, the ``custom_id`` and the schema: more
+    bytes than the text the API tokenises), so a request of ``bytes + max_tokens <= window``
+    surely fits and is never counted. Only larger requests (over ~200 KB for a 200k window:
+    a few documents, never the typical record, so a million-record job stays one pass over its
+    bytes) are counted with ``count_tokens``; when counting fails, the usual ~4 bytes per token
+    decides instead, with a warning.
+
+    :param count_tokens: ``params -> input tokens`` (the hook's ``count_tokens``).
+    :param name_of: ``custom_id -> record id`` for the error message (encoded ids).
+    """
+
+    BYTES_PER_TOKEN_ESTIMATE = 4
+
+    def __init__(
+        self,
+        window: int,
+        max_tokens: int,
+        count_tokens: Any,
+        *,
+        name_of: Any = None,
+        warn: Any = None,
+    ) -> None:
+        self.window = window
+        self.max_tokens = max_tokens
+        self.count_tokens = count_tokens
+        self.name_of = name_of or (lambda custom_id: custom_id)
+        self.warn = warn
+        #: Requests counted with ``count_tokens`` (the candidates near or over the window).
+        self.counted = 0
+        self.sure_below = window - max_tokens  # bytes at or under this surely fit
+
+    def __call__(self, request: dict[str, Any], size: int) -> None:
+        if size <= self.sure_below:
+            return
+        self._check(request, size)
+
+    def _check(self, request: dict[str, Any], size: int) -> None:
+        from airflow_provider_fable.core.errors import RecordError
+
+        custom_id = request.get("custom_id")
+        params = request.get("params") or {}
+        max_tokens = int(params.get("max_tokens") or self.max_tokens)
+        self.counted += 1
+        try:
+            tokens = int(self.count_tokens(params))
+            how = "counted by count_tokens"
+        except FableError as exc:
+            tokens = size // self.BYTES_PER_TOKEN_ESTIMATE
+            how = f"estimated at {self.BYTES_PER_TOKEN_ESTIMATE} bytes per token (count_tokens failed)"
+            if self.warn is not None:
+                self.warn(f"could not count the tokens of record {self.name_of(custom_id)!r} ({exc}); {how}")
+        if tokens + max_tokens > self.window:
+            raise RecordError(
+                self.name_of(custom_id),
+                "context_window",
+                f"the request has {tokens:,} input tokens ({how}; {size:,} bytes) + max_tokens "
+                f"{max_tokens:,}, over the model's {self.window:,}-token context window; the API "
+                "would refuse it after the batch is paid for. Shorten or split this record's input, "
+                "or leave it out",
+            )

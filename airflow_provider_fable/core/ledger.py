@@ -918,6 +918,17 @@ class Ledger:
             rows = conn.execute(sa.select(c.custom_id, c.record_id).where(c.batch_id == batch_id))
             return {cid: rid for cid, rid in rows}
 
+    def known_custom_ids(self, job_id: str, custom_ids: Sequence[str]) -> set[str]:
+        """Which of ``custom_ids`` name a record of the job (the rest it never sent)."""
+        self.ensure_schema()
+        c = self.records.c
+        out: set[str] = set()
+        with self.engine.connect() as conn:
+            for part in _chunks(sorted({str(c) for c in custom_ids})):  # (a hostile line's may be a number)
+                q = sa.select(c.custom_id).where(c.job_id == job_id, c.custom_id.in_(part))
+                out.update(conn.execute(q).scalars())
+        return out
+
     def record_outcomes(
         self, job_id: str, batch_id: str, outcomes: Sequence[Any], *, review_after: int | None = 3
     ) -> None:

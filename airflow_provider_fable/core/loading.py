@@ -34,9 +34,9 @@ from typing import Any, NamedTuple, Protocol
 from pydantic import BaseModel
 
 from airflow_provider_fable.core.cost import usage_cost_usd
-from airflow_provider_fable.core.results import BatchResult, Usage
+from airflow_provider_fable.core.results import MISSING, BatchResult, Usage
 from airflow_provider_fable.core.sinks import ResultSink, model_properties, resolve
-from airflow_provider_fable.core.validation import Accepted, Rejected, validator_for
+from airflow_provider_fable.core.validation import Accepted, Outcome, Rejected, validator_for
 from airflow_provider_fable.core.writer_process import (
     IDLE_COMMIT_S,
     BuildJob,
@@ -58,6 +58,7 @@ class ChunkSink(Protocol):
 
 
 _USAGE = attrgetter("usage")
+_RECORD_ID = attrgetter("record_id")
 _INPUT = attrgetter("input_tokens")
 _OUTPUT = attrgetter("output_tokens")
 _CACHE_WRITE = attrgetter("cache_creation_input_tokens")
@@ -104,6 +105,13 @@ class LoadStats:
     cost_usd: float | None = 0.0
     #: Accepted answers not written because ``should_write`` said a newer batch owns the record.
     skipped_stale: int = 0
+    #: Result lines of a record that already had one in the same batch (one verdict per record
+    #: per batch: see ``load_batch``); they write nothing.
+    duplicates: int = 0
+    #: Result lines whose custom_id the batch never had (``ResultScreen``): logged, never a row.
+    unknown_custom_ids: int = 0
+    #: Unreadable result lines with no readable custom_id (``ResultScreen``): logged, never a row.
+    unattributable: int = 0
     #: Price table for the cost (default table when None; see core.cost.merge_prices).
     prices: dict[str, Any] | None = None
 
@@ -119,6 +127,13 @@ class LoadStats:
         }
         if self.skipped_stale:
             out["skipped_stale"] = self.skipped_stale
+        for key, value in (
+            ("duplicate_results", self.duplicates),
+            ("unknown_custom_ids", self.unknown_custom_ids),
+            ("unattributable_lines", self.unattributable),
+        ):
+            if value:
+                out[key] = value
         return out
 
 
@@ -568,6 +583,12 @@ def load_batch(
         there; a process does: see docs/performance.md); else inline.
     :param progress_every: seconds between progress lines in the log while a load runs (a
         load slowed by a slow download or many refused rows would otherwise be silent).
+
+    One verdict per record per batch: when the results hold several lines for one record, an
+    accepted answer beats a rejected one, and among equals the first line wins; the other lines
+    write nothing and are counted in ``stats.duplicates``. (A reject already committed in an
+    earlier chunk stays in the rejects table as history; the acceptance reported after it is
+    the record's verdict in the ledger and in the outcomes view.)
     """
     fields = distribution_fields(output_model)
     for f in fields:
@@ -638,6 +659,41 @@ def load_batch(
 
     usages: list[Usage] = []  # of every result of the chunk, skipped ones included
     validate = validator_for(output_model)
+    seen_ids: set[str] = set()  # records with a verdict in this batch (one verdict per record)
+    rejected_ids: set[str] = set()  # those whose verdict so far is a reject
+
+    def one_verdict(outcomes: list[Outcome]) -> list[Outcome]:
+        """``outcomes`` without repeated records (the rare path: the block repeats a record)."""
+        kept: list[Outcome] = []
+        for o in outcomes:
+            rid = o.record_id
+            if rid not in seen_ids:
+                seen_ids.add(rid)
+                if o.__class__ is not Accepted:
+                    rejected_ids.add(rid)
+                kept.append(o)
+                continue
+            stats.duplicates += 1
+            if o.__class__ is not Accepted or rid not in rejected_ids:
+                continue  # the first verdict stands
+            # An accepted answer beats the earlier reject: drop that reject where it still waits
+            # (this block, or the chunk not yet written); one already written is un-counted.
+            rejected_ids.discard(rid)
+            for pending in (kept, rejected):
+                at = next((i for i, r in enumerate(pending) if r.record_id == rid), None)
+                if at is not None:
+                    del pending[at]
+                    break
+            else:
+                earlier = committed_rejects.pop(rid)
+                stats.rejected -= 1
+                reasons[earlier] -= 1
+                if reasons[earlier] <= 0:
+                    del reasons[earlier]
+            kept.append(o)
+        return kept
+
+    committed_rejects: dict[str, str] = {}  # record id -> reason, of rejects already flushed
 
     def count_usage() -> None:
         nonlocal tokens_in, tokens_out, cache_write, cache_read, cache_write_1h
@@ -657,6 +713,8 @@ def load_batch(
         stats.accepted += len(accepted)
         stats.rejected += len(rejected)
         reasons.update([r.reason for r in rejected])
+        if rejected:
+            committed_rejects.update([(r.record_id, r.reason) for r in rejected])
         writer.submit(_Chunk(accepted, rejected), final)
         if (now := time.monotonic()) >= next_progress and not final:
             next_progress = now + progress_every
@@ -692,9 +750,16 @@ def load_batch(
             model_name = next((r.model for r in block if r.model is not None), None)
         outcomes = list(map(validate, block))
         usages.extend(map(_USAGE, outcomes))
+        ids = set(map(_RECORD_ID, outcomes))
+        if len(ids) == len(outcomes) and seen_ids.isdisjoint(ids):
+            seen_ids.update(ids)  # the usual block: every record once
+        else:
+            outcomes = one_verdict(outcomes)
         good = [o for o in outcomes if o.__class__ is Accepted]
         if len(good) < len(outcomes):
-            rejected.extend([o for o in outcomes if o.__class__ is not Accepted])
+            bad = [o for o in outcomes if o.__class__ is not Accepted]
+            rejected_ids.update(map(_RECORD_ID, bad))
+            rejected.extend(bad)
         if should_write is not None:
             fresh = [o for o in good if should_write(o.record_id, batch_id)]
             stats.skipped_stale += len(good) - len(fresh)
@@ -727,3 +792,69 @@ def load_batch(
     stats.usage.add(batch_usage)
     cost = usage_cost_usd(batch_usage, model_name, prices=stats.prices) if model_name else 0.0
     stats.cost_usd = None if cost is None or stats.cost_usd is None else stats.cost_usd + cost
+
+
+class ResultScreen:
+    """Between a batch's parsed results and ``load_batch``: completeness by custom_id.
+
+    With the ledger's ``custom_id -> record id`` map of the records whose current batch this is
+    (``mapping``), every such record ends with a verdict: results are mapped back to record ids,
+    and once the file is read, a record no line answered gets a ``missing_result`` result (a
+    retryable reject, in the rejects table and the ledger). A line count cannot tell: a line
+    carrying another custom_id makes the count right and the record silently lost.
+
+    Lines that cannot belong to a record of this batch write nothing: a line with no readable
+    custom_id (``stats.unattributable``) and, with a mapping, a custom_id the map lacks, kept in
+    ``dropped`` for the caller to tell a record a newer batch took over (stale) from a custom_id
+    the batch never had (``stats.unknown_custom_ids``). Without a mapping (a batch the ledger
+    does not know) results pass as they are, minus unattributable lines.
+    """
+
+    def __init__(self, batch_id: str, mapping: dict[str, str] | None, stats: LoadStats) -> None:
+        self.batch_id = batch_id
+        self.mapping = mapping
+        self.stats = stats
+        #: custom_ids of lines dropped because the mapping lacks them.
+        self.dropped: list[str] = []
+        self.missing = 0
+
+    def __call__(self, results: Iterable[BatchResult]) -> Iterator[BatchResult]:
+        mapping = self.mapping
+        if mapping is None:
+            for result in results:
+                if result.custom_id == "":  # (a JSON number 0 is a custom_id too)
+                    self._unattributable(result)
+                else:
+                    yield result
+            return
+        seen: set[str] = set()
+        get, see, dropped = mapping.get, seen.add, self.dropped.append
+        for result in results:
+            custom_id = result.custom_id
+            record_id = get(custom_id)
+            if record_id is None:
+                if custom_id == "":
+                    self._unattributable(result)
+                else:
+                    dropped(custom_id)
+                continue
+            see(custom_id)
+            result.custom_id = record_id
+            yield result
+        if len(seen) < len(mapping):
+            missing = [rid for cid, rid in mapping.items() if cid not in seen]
+            self.missing = len(missing)
+            log.warning(
+                "batch %s: %d record(s) have no result line (e.g. %s): rejected as missing_result "
+                "(retryable; a rerun of failed records sends them again)",
+                self.batch_id, len(missing), ", ".join(missing[:5]),
+            )  # fmt: skip
+            for record_id in missing:
+                yield BatchResult(record_id, MISSING)
+
+    def _unattributable(self, result: BatchResult) -> None:
+        self.stats.unattributable += 1
+        log.warning(
+            "batch %s: a result line with no readable custom_id was skipped (%s)",
+            self.batch_id, (result.error_message or "")[:300],
+        )  # fmt: skip

@@ -14,6 +14,7 @@ result are exactly what the general path alone gives.
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any
 
 import msgspec
@@ -23,6 +24,32 @@ SUCCEEDED = "succeeded"
 ERRORED = "errored"
 CANCELED = "canceled"
 EXPIRED = "expired"
+#: Not API result types: what the load makes of a line it cannot read (``parse_result_line_or_bad``)
+#: and of a record the results file has no line for (the load operator, by custom_id).
+UNPARSEABLE = "unparseable"
+MISSING = "missing"
+
+#: ``error.type`` of an ``errored`` result -> whether sending the request again may succeed.
+#: Server trouble is retryable; a request the API judged invalid, a model it does not know, or a
+#: key without the right (or any) credit fails the same way every time. A type not listed here
+#: counts as retryable (an errored request is not billed: a rerun costs little).
+ERROR_TYPE_RETRYABLE: dict[str, bool] = {
+    "api_error": True,
+    "overloaded_error": True,
+    "rate_limit_error": True,
+    "timeout_error": True,
+    "invalid_request_error": False,
+    "not_found_error": False,
+    "permission_error": False,
+    "authentication_error": False,
+    "billing_error": False,
+    "request_too_large": False,
+}
+
+
+def error_type_retryable(error_type: str | None) -> bool:
+    """Whether an errored result of this ``error.type`` is worth sending again."""
+    return ERROR_TYPE_RETRYABLE.get(error_type or "", True)
 
 
 class Usage(msgspec.Struct, gc=False):
@@ -164,7 +191,9 @@ class _FastLine(msgspec.Struct, gc=False):
 
 
 _fast_decode = msgspec.json.Decoder(_FastLine).decode
-_FastError = (msgspec.MsgspecError, ValueError)  # incl. invalid UTF-8 (UnicodeDecodeError)
+#: Incl. invalid UTF-8 (UnicodeDecodeError) and deep nesting (msgspec raises RecursionError even
+#: inside fields it skips): the general path then decides, and refuses such a line cleanly.
+_FastError = (msgspec.MsgspecError, ValueError, RecursionError)
 
 
 def parse_result_line(line: str | bytes) -> BatchResult:
@@ -213,7 +242,12 @@ def _parse_general(line: str | bytes) -> BatchResult:
         custom_id = obj["custom_id"]
         result = obj["result"]
         kind = result["type"]
-    except (ValueError, KeyError, TypeError) as exc:
+        if custom_id.__class__ not in (str, int) or kind.__class__ is not str:
+            # (JSON numbers as custom_ids have always been passed through; a list, an object or
+            # null cannot name a record)
+            raise TypeError("custom_id must be a string and result.type a string")
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        # RecursionError: ``json`` on thousands of nested brackets (orjson refuses them first).
         preview = line[:120] if isinstance(line, str) else line[:120].decode("utf-8", "replace")
         raise ResultLineError(f"unparseable result line ({exc}): {preview!r}") from None
     if kind == SUCCEEDED:
@@ -243,3 +277,24 @@ def _parse_general(line: str | bytes) -> BatchResult:
         out.error_type = inner.get("type")
         out.error_message = inner.get("message")
     return out
+
+
+#: A custom_id as the API allows them (``^[a-zA-Z0-9_-]{1,64}$``), read from a line's raw bytes.
+_CUSTOM_ID = re.compile(rb'"custom_id"\s*:\s*"([A-Za-z0-9_-]{1,64})"')
+
+
+def parse_result_line_or_bad(line: bytes) -> BatchResult:
+    """``parse_result_line``, except that a line that is not a result object becomes a result of
+    type ``UNPARSEABLE`` (the load rejects it) instead of an error that stops the whole load.
+
+    Its custom_id is read from the raw bytes when they hold one (the first ``"custom_id": "..."``,
+    e.g. in a line with invalid UTF-8 or torn JSON); otherwise it is ``""``: a line nobody can
+    attribute, which the caller counts and logs (with the ledger, the record it should have
+    answered then ends as ``missing_result``).
+    """
+    try:
+        return parse_result_line(line)
+    except ResultLineError as exc:
+        found = _CUSTOM_ID.search(line if isinstance(line, bytes) else line.encode("utf-8", "replace"))
+        custom_id = found.group(1).decode("ascii") if found else ""
+        return BatchResult(custom_id, UNPARSEABLE, error_message=str(exc))

@@ -10,7 +10,7 @@ is ever rebuilt as a list of Python dicts, so memory stays flat however many rec
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, NamedTuple
 
 from airflow_provider_fable.core.sharding import MAX_BATCH_BYTES, MAX_REQUESTS_PER_BATCH, SAFETY_MARGIN
@@ -39,11 +39,13 @@ def spool_requests(
     *,
     max_requests: int = MAX_REQUESTS_PER_BATCH,
     max_bytes: int = MAX_BATCH_BYTES,
+    check: Callable[[dict[str, Any], int], None] | None = None,
 ) -> list[SpooledShard]:
     """Write one JSON line per request to ``spool``, cut into shards under both batch limits.
 
     Same budget as ``core.sharding.shard_requests`` (a single request over it is an error), but
-    only one request is held at a time.
+    only one request is held at a time. ``check(request, size_in_bytes)`` sees every request
+    and may raise to refuse it (``core.cost.ContextWindowGuard``).
     """
     budget = int(max_bytes * SAFETY_MARGIN) - len(BODY_HEAD + BODY_TAIL)
     shards: list[SpooledShard] = []
@@ -51,6 +53,8 @@ def spool_requests(
     for request in requests:
         line = serialise(request)
         n = len(line) + 1  # + the comma (or closing bracket) it brings to the body
+        if check is not None:
+            check(request, n - 1)
         if n > budget:
             raise ValueError(
                 f"request {request.get('custom_id')!r} alone is {n} bytes, over the {budget}-byte "

@@ -29,19 +29,29 @@ from airflow_provider_fable.core.results import (
     CANCELED,
     ERRORED,
     EXPIRED,
+    MISSING,
     SUCCEEDED,
+    UNPARSEABLE,
     BatchResult,
     Usage,
+    error_type_retryable,
 )
 
 #: Reasons a rerun might fix: transient API trouble, and answers the model may get right when
 #: asked again (sampling varies: broken JSON, a wrong enum, a violated invariant, a cut answer).
+#: Also retryable: ``unparseable_result`` (the results file held a line for the record that is
+#: not a result object) and ``missing_result`` (it held none): the answer was lost on the way.
 #: Not retryable: ``refusal`` (the model declined: the prompt or record needs a human),
+#: ``errored_not_retryable`` (an API error no retry can fix: invalid request, unknown model,
+#: permission, authentication, billing; see ``results.ERROR_TYPE_RETRYABLE``),
 #: ``unknown_result`` and ``unstorable`` (a valid answer the destination column cannot hold: the
 #: same answer would fail again; fix the table or the model's field types).
 RETRYABLE_REASONS = frozenset(
-    {"errored", "expired", "canceled", "truncated", "invalid_json", "empty_answer", "schema", "invariant"}
-)
+    {
+        "errored", "expired", "canceled", "truncated", "invalid_json", "empty_answer", "schema",
+        "invariant", "unparseable_result", "missing_result",
+    }
+)  # fmt: skip
 
 
 class Accepted(msgspec.Struct):
@@ -223,8 +233,12 @@ def validator_for(output_model: type[BaseModel]) -> Callable[[BatchResult], Outc
             # JSON too (orjson makes that round trip cheap; tool answers are the rare path).
             try:
                 raw = orjson.dumps(result.tool_input).decode()
-            except orjson.JSONEncodeError:  # beyond orjson (ints over 64 bits, lone surrogates)
-                raw = json.dumps(result.tool_input, ensure_ascii=False)
+            except orjson.JSONEncodeError:  # beyond orjson (ints over 64 bits, lone surrogates, depth)
+                try:
+                    raw = json.dumps(result.tool_input, ensure_ascii=False)
+                except RecursionError:  # nested deeper than any answer of the model can be
+                    detail = "tool input nested too deeply to validate"
+                    return Rejected(record_id, "invalid_json", detail, None, usage)
         elif not raw or raw.isspace():  # no text, or only whitespace (what ``strip`` removes)
             return Rejected(record_id, "empty_answer", "the answer has no text", raw, usage)
         try:
@@ -241,9 +255,16 @@ def _not_succeeded(result: BatchResult, record_id: str) -> Rejected:
     kind, usage = result.type, result.usage
     if kind == ERRORED:
         detail = f"{result.error_type or 'error'}: {result.error_message or 'no message'}"
-        return Rejected(record_id, "errored", detail, None, usage)
+        reason = "errored" if error_type_retryable(result.error_type) else "errored_not_retryable"
+        return Rejected(record_id, reason, detail, None, usage)
     if kind in (EXPIRED, CANCELED):
         return Rejected(record_id, kind, f"request {kind} before processing", None, usage)
+    if kind == UNPARSEABLE:
+        detail = f"the results file's line for this record is not a result object: {result.error_message}"
+        return Rejected(record_id, "unparseable_result", detail[:500], None, usage)
+    if kind == MISSING:
+        detail = "the batch's results file has no line for this record (its answer was lost)"
+        return Rejected(record_id, "missing_result", detail, None, usage)
     return Rejected(record_id, "unknown_result", f"result type {kind!r}", None, usage)
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from airflow.sdk import BaseHook
 
 from airflow_provider_fable.core.errors import FableError
-from airflow_provider_fable.core.results import BatchResult, ResultLineError, parse_result_line
+from airflow_provider_fable.core.results import BatchResult, parse_result_line_or_bad
 
 if TYPE_CHECKING:
     from anthropic import Anthropic, AsyncAnthropic
@@ -49,10 +49,19 @@ class FableConfigError(FableError):
 class FableApiError(FableError):
     """An API call failed after the SDK's own retries."""
 
-    def __init__(self, message: str, *, status_code: int | None = None, error_type: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        error_type: str | None = None,
+        unknown_model: bool = False,
+    ):
         super().__init__(message)
         self.status_code = status_code
         self.error_type = error_type
+        #: The API answered that it does not know the request's model (see ``check_model``).
+        self.unknown_model = unknown_model
 
 
 def is_transient_api_error(exc: BaseException) -> bool:
@@ -130,7 +139,10 @@ def _api_error(
     if err_type:
         head += f" {err_type}"
     hint = _HINTS.get(status or 0)
-    if status == 404:
+    unknown_model = _names_unknown_model(status, err_type, message)
+    if unknown_model:
+        hint = "the API does not know this model: check the model name (operator's model or the connection's default_model)"
+    elif status == 404:
         hint = _base_url_hint(base_url) or (hint if names_batch else _HINT_404_ENDPOINT)
     if status is None:
         where = f" at {base_url}" if base_url else ""
@@ -149,7 +161,17 @@ def _api_error(
             )
     text = f"{head}: {message} (connection {conn_id!r}"
     text += f"; {hint})" if hint else ")"
-    return FableApiError(text, status_code=status, error_type=err_type)
+    return FableApiError(text, status_code=status, error_type=err_type, unknown_model=unknown_model)
+
+
+def _names_unknown_model(status: int | None, err_type: str | None, message: str | None) -> bool:
+    """A 404 ``not_found_error`` whose message names the model (``"model: claude-x"``), as the
+    API answers for a model it does not know; a wrong base URL answers 404 without that."""
+    return status == 404 and err_type == "not_found_error" and (message or "").lstrip().startswith("model:")
+
+
+class UnknownModelError(FableError):
+    """The API does not know the model: nothing can succeed, so nothing is sent (or paid)."""
 
 
 class BatchCreateUncertainError(FableApiError):
@@ -221,10 +243,10 @@ def _ended(batch: Any) -> Any:
 
 
 def _parse(batch_id: str, line: bytes) -> BatchResult:
-    try:
-        return parse_result_line(line)
-    except ResultLineError as exc:
-        raise FableApiError(f"batch {batch_id}: {exc}") from None
+    """One result; a line that is not a result object is handed on as an ``unparseable`` result
+    (its record is rejected, or the line counted as unattributable) so the rest of the batch loads.
+    """
+    return parse_result_line_or_bad(line)
 
 
 class _ResumableLines:
@@ -243,6 +265,12 @@ class _ResumableLines:
             counts.succeeded + counts.errored + counts.canceled + counts.expired + counts.processing
         )
         self.handed_out = 0
+        #: True on the last attempt: a torn last line is then handed out (see ``finish``).
+        self.final = False
+        #: Lines of an earlier download that ended cleanly but short (see ``check_complete``).
+        self.clean_short: int | None = None
+        #: Set when a short file was accepted as what the batch's results file holds.
+        self.short_accepted = False
         self.last_error: Exception | None = None
         self._pending = b""
         self._seen = 0
@@ -265,9 +293,14 @@ class _ResumableLines:
         return [out for line in lines for out in self._take(line)]
 
     def finish(self) -> list[bytes]:
-        """The last line when the stream ended without a newline; a torn or short file is an error."""
+        """The last line when the stream ended without a newline; a torn or short file is an error.
+
+        Except on the last attempt: a stream that ended cleanly on a torn line every time is a
+        file whose last line is broken, not a download to retry for ever; the line is handed out
+        and becomes an ``unparseable`` result (a reject) so the rest of the batch loads.
+        """
         tail, self._pending = self._pending, b""
-        if tail.strip():
+        if tail.strip() and not self.final:
             try:
                 json.loads(tail)
             except ValueError:
@@ -277,11 +310,31 @@ class _ResumableLines:
         return self._take(tail)
 
     def check_complete(self) -> None:
-        """A file that ended cleanly but short of the request count is a broken download too."""
+        """A file that ended cleanly but short of the request count is a broken download too.
+
+        Unless two downloads ended cleanly on the same count: then the file itself is short (two
+        result lines merged into one, a line missing) and downloading it again cannot help; what
+        it holds is handed out (``short_accepted``) instead of blocking the batch's load for ever.
+        Records with no line then end as ``missing_result`` (the load's completeness check by
+        custom_id, with the job ledger).
+        """
         if self._seen < self.expected:
+            if self.clean_short == self._seen:
+                self.short_accepted = True
+                return
+            self.clean_short = self._seen
             raise ResultsIncompleteError(
                 f"results of {self.batch_id} ended after {self._seen} of {self.expected} lines"
             )
+
+    def warn_if_short(self, log: Any) -> None:
+        if self.short_accepted:
+            log.warning(
+                "Results of %s hold %d lines for %d requests on two downloads alike: the file itself "
+                "is short (merged or missing lines). Loading what it holds; with the job ledger, "
+                "records with no result line become missing_result rejects (retryable).",
+                self.batch_id, self._seen, self.expected,
+            )  # fmt: skip
 
     def failed(self, exc: Exception, attempt: int, max_attempts: int, log: Any) -> None:
         self.last_error = exc
@@ -606,7 +659,31 @@ class FableHook(BaseHook):
     def count_tokens(self, params: dict[str, Any]) -> int:
         """Input tokens the API would count for one request's params (max_tokens is ignored)."""
         body = _count_tokens_body(params)
-        return self._call("count tokens", self.client.messages.count_tokens, **body).input_tokens
+        tokens = self._call("count tokens", self.client.messages.count_tokens, **body).input_tokens
+        self.__dict__.setdefault("_models_counted", set()).add(body.get("model"))
+        return tokens
+
+    def check_model(self, model: str) -> None:
+        """Refuse a model the API does not know, before anything is created (and paid for).
+
+        One free ``count_tokens`` call with a one-word message (none when this hook already
+        counted tokens for the model, e.g. for the estimate): the API answers an unknown model
+        with 404 ``not_found_error`` ("model: ..."), which raises :class:`UnknownModelError`
+        naming the model. Any other failure only logs a warning: the check is a guard, and the
+        create that follows reports real trouble (network, key) with its own clear error.
+        """
+        if model in self.__dict__.get("_models_counted", ()):
+            return  # a count for this model already succeeded (the estimate's): it is known
+        try:
+            self.count_tokens({"model": model, "messages": [{"role": "user", "content": "ping"}]})
+        except FableApiError as exc:
+            if exc.unknown_model:
+                raise UnknownModelError(
+                    f"model {model!r} is not known to the API at {self.base_url} (404 not_found_error): "
+                    "check the model name (the operator's model or the connection's default_model); "
+                    "nothing was submitted"
+                ) from None
+            self.log.warning("Could not check model %s before submitting: %s", model, exc)
 
     def iter_result_lines(self, batch_id: str, *, max_attempts: int = 3) -> Iterator[bytes]:
         """Raw JSONL lines of an ended batch, streamed (never all in memory).
@@ -620,6 +697,7 @@ class FableHook(BaseHook):
         lines = _ResumableLines(_ended(self._retrieve_for_results(batch_id)))
         for attempt in range(1, max_attempts + 1):
             lines.restart()
+            lines.final = attempt == max_attempts
             try:
                 response = self.client.get(
                     lines.url, cast_to=httpx2.Response, options={"headers": _RESULTS_ACCEPT}, stream=True
@@ -631,6 +709,7 @@ class FableHook(BaseHook):
                     lines.check_complete()
                 finally:
                     response.close()
+                lines.warn_if_short(self.log)
                 return
             except (ResultsIncompleteError, httpx2.TransportError, anthropic.APIConnectionError) as exc:
                 lines.failed(exc, attempt, max_attempts, self.log)
@@ -739,6 +818,7 @@ class FableHook(BaseHook):
         client = await self.aclient()
         for attempt in range(1, max_attempts + 1):
             lines.restart()
+            lines.final = attempt == max_attempts
             try:
                 response = await client.get(
                     lines.url, cast_to=httpx2.Response, options={"headers": _RESULTS_ACCEPT}, stream=True
@@ -752,6 +832,7 @@ class FableHook(BaseHook):
                     lines.check_complete()
                 finally:
                     await response.aclose()
+                lines.warn_if_short(self.log)
                 return
             except (ResultsIncompleteError, httpx2.TransportError, anthropic.APIConnectionError) as exc:
                 lines.failed(exc, attempt, max_attempts, self.log)

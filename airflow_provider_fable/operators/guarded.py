@@ -224,6 +224,14 @@ class SubmitGuardrailsMixin:
             counts = [hook.count_tokens(r["params"]) for r in sampled]
             prefix = self._prefix_tokens(hook, job, sampled[0]["params"], counts[0])
         except FableError as exc:
+            if getattr(exc, "unknown_model", False):  # no request can succeed: refuse, do not retry
+                from airflow_provider_fable.hooks.fable import UnknownModelError
+
+                raise not_retried(
+                    UnknownModelError(
+                        f"model {job.model!r} is not known to the API; nothing was submitted: {exc}"
+                    )
+                ) from None
             if max_cost is not None:
                 raise FableError(
                     f"max_cost_usd={max_cost} is set but the estimate failed, so the budget can not be "

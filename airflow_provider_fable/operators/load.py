@@ -32,23 +32,6 @@ if TYPE_CHECKING:  # imported where used, so parsing a DAG file that names this 
     from airflow_provider_fable.hooks.fable import FableHook
 
 
-def _current_results(
-    results: Iterable[BatchResult], mapping: dict[str, str], counter: list[int]
-) -> Iterator[BatchResult]:
-    """Results whose record still belongs to this batch, custom_ids mapped back to real ids.
-
-    ``mapping`` is the ledger's custom_id -> record id for records whose current batch is this
-    one; anything else is an answer a newer batch replaces, so it is dropped and counted.
-    """
-    for result in results:
-        record_id = mapping.get(result.custom_id)
-        if record_id is None:
-            counter[0] += 1
-            continue
-        result.custom_id = record_id
-        yield result
-
-
 def _selected_results(
     results: Iterable[BatchResult], mapping: dict[str, str], selected: set[str], counter: list[int]
 ) -> Iterator[BatchResult]:
@@ -120,6 +103,11 @@ class FableValidateLoadOperator(ObservedLoadMixin, LineageLoadMixin, LoadGuardra
         to this Parquet file, streamed one row group per chunk: a local path, an fsspec URL
         (``s3://...``) or an ``ObjectStoragePath``. Needs the ``[parquet]`` extra. Templated.
     :param parquet_rejects_path: where to write the rejects as Parquet (optional). Templated.
+    :param db_retry_seconds: how long a transient error of the ledger or the destination (refused
+        or lost connection, server shutting down, SQLite file locked) is retried inside the task
+        before it fails, as ``core.dbretry`` (default: ``FABLE_DB_RETRY_SECONDS``, else 75 s).
+        With ``parquet_path`` a batch's load is not run again inside the task (the file would get
+        its rows twice): the task fails and its retry writes the file anew.
     :return: counts, reject reasons, value distributions, token usage, cost, estimate, QA table;
         also pushed as XCom ``summary`` when a guardrail fails the task.
     """
@@ -166,9 +154,11 @@ class FableValidateLoadOperator(ObservedLoadMixin, LineageLoadMixin, LoadGuardra
         parquet_rejects_path: Any = None,
         max_reject_rate_rerun: float | str | None = None,
         needs_review_after: int | None = 3,
+        db_retry_seconds: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.db_retry_seconds = db_retry_seconds
         if destination_conn_id is None and parquet_path is None:
             raise ValueError("give destination_conn_id (a SQL table), parquet_path, or both")
         if destination_conn_id is not None and not table:
@@ -210,8 +200,17 @@ class FableValidateLoadOperator(ObservedLoadMixin, LineageLoadMixin, LoadGuardra
             model_cls = import_output_model(self.output_model)
             self._check_guardrail_config(model_cls)
         hook = FableHook(self.fable_conn_id)
+        from airflow_provider_fable.core.dbretry import retry_transient_db
+
         engine = sqlalchemy_engine(self.destination_conn_id) if self.destination_conn_id else None
-        ledger = open_ledger(self.ledger_conn_id, self.fable_conn_id, self.log)
+        ledger = self._before_load(
+            lambda: retry_transient_db(
+                lambda: open_ledger(self.ledger_conn_id, self.fable_conn_id, self.log),
+                what="opening the job ledger",
+                budget=self.db_retry_seconds,
+                logger=self.log,
+            )
+        )
         try:
             with fail_fast():  # a guardrail breach or a bad spec fails now, not after the retries
                 return self._load(hook, engine, model_cls, ledger, context)
@@ -220,6 +219,20 @@ class FableValidateLoadOperator(ObservedLoadMixin, LineageLoadMixin, LoadGuardra
             if engine is not None:
                 engine.dispose()
             ledger.engine.dispose()
+
+    def _before_load(self, step: Any) -> Any:
+        """``step()``; a database error there (after retries) says that nothing was loaded yet."""
+        from airflow_provider_fable.core.dbretry import DatabaseUnavailableError, is_database_error, short
+
+        try:
+            return step()
+        except Exception as exc:
+            if not is_database_error(exc):
+                raise
+            raise DatabaseUnavailableError(
+                f"the load could not start: database error ({short(exc)}). Nothing was loaded yet; "
+                "the batches' results stay available, a retry of this task loads them."
+            ) from exc
 
     def _with_parquet(self, sink: ResultSink | None, model_cls: Any) -> Any:
         """The sink ``load_batch`` writes to: the SQL table, a Parquet file, or both."""
@@ -257,7 +270,14 @@ class FableValidateLoadOperator(ObservedLoadMixin, LineageLoadMixin, LoadGuardra
                 rejects_table=self.rejects_table,
                 id_type=self.id_column_type,
             )
-            sink.ensure_tables()
+            from airflow_provider_fable.core.dbretry import retry_transient_db
+
+            self._before_load(
+                lambda: retry_transient_db(
+                    sink.ensure_tables, what="preparing the destination tables", budget=self.db_retry_seconds,
+                    logger=self.log,
+                )
+            )  # fmt: skip
         target = self._with_parquet(sink, model_cls)
         lake = getattr(target, "lake", target) if self.parquet_path is not None else None
         stats = LoadStats(prices=merge_prices(hook.price_overrides, self.prices))
@@ -309,45 +329,64 @@ class FableValidateLoadOperator(ObservedLoadMixin, LineageLoadMixin, LoadGuardra
         stats: LoadStats,
         stale: list[int],
     ) -> None:
-        from airflow_provider_fable.core.loading import load_batch
+        import copy
+
+        from airflow_provider_fable.core.dbretry import (
+            DatabaseUnavailableError,
+            is_database_error,
+            retry_transient_db,
+            short,
+        )
         from airflow_provider_fable.core.manifest import normalise_batch_ids
 
-        review_after = opt_int(self.needs_review_after, "needs_review_after")
+        loaded: list[str] = []
         for batch_id in normalise_batch_ids(self.batch_ids):
-            results: Iterable[BatchResult] = hook.iter_results(batch_id)
-            on_outcomes = None
-            submission = ledger.submission_for_batch(batch_id) if ledger is not None else None
-            selected = None
-            if submission is not None and ledger is not None:
-                job_id = submission.job_id
-                mapping = ledger.custom_id_map(batch_id)
-                selected = self._selection(ledger, batch_id)
-                if selected is not None:  # a batch the submit shares with other runs' records
-                    results = _selected_results(results, mapping, selected, self._spend["not_selected"])
-                results = _current_results(results, mapping, stale)
+            # Records of this batch committed so far (this attempt): to the destination, to the ledger.
+            committed = [0, 0, 0]  # [to the destination, to the ledger, counted at all]
+            best = [0, 0, 0]  # the most any attempt of this batch committed
+            before = (copy.deepcopy(stats.__dict__), stale[0])
 
-                def on_outcomes(
-                    outcomes: list[RecordOutcome], job_id: str = job_id, batch_id: str = batch_id
-                ) -> None:
-                    ledger.record_outcomes(job_id, batch_id, outcomes, review_after=review_after)
-            else:
-                self.log.info(
-                    "Batch %s is not in the job ledger (submitted elsewhere): loaded as is", batch_id
+            def again(
+                before: tuple[dict[str, Any], int] = before,
+                committed: list[int] = committed,
+                best: list[int] = best,
+            ) -> None:
+                # A new attempt loads the whole batch again (idempotent upserts): undo its counts.
+                stats.__dict__.update(copy.deepcopy(before[0]))
+                stale[0] = before[1]
+                # What an earlier attempt committed stays committed (the next one writes it again).
+                best[:] = [max(best[0], committed[0]), max(best[1], committed[1]), max(best[2], committed[2])]
+                committed[:] = [0, 0, 0]
+
+            try:
+                retry_transient_db(
+                    lambda batch_id=batch_id, committed=committed: self._load_one(
+                        hook, model_cls, ledger, target, stats, stale, batch_id, committed
+                    ),
+                    what=f"loading batch {batch_id}",
+                    # A Parquet file is a stream (row groups appended): a batch written twice
+                    # would be there twice, so with one the task fails and its retry rewrites it.
+                    budget=self.db_retry_seconds if self.parquet_path is None else 0,
+                    on_retry=again,
+                    logger=self.log,
                 )
-            measured, cost_before = _Measured(), stats.cost_usd
-            results = measured.tap(results)
-            load_batch(
-                results,
-                batch_id=batch_id,
-                output_model=model_cls,
-                sink=target,
-                stats=stats,
-                chunk_size=self.chunk_size,
-                on_outcomes=on_outcomes,
-            )
-            self._count_spend(
-                ledger, submission, batch_id, stats, cost_before, measured, selected is not None
-            )
+            except Exception as exc:
+                if not is_database_error(exc):
+                    raise
+                done = ", ".join(loaded) if loaded else "none"
+                rows, verdicts, counted = (max(a, b) for a, b in zip(best, committed, strict=True))
+                of_batch = (
+                    f"Of batch {batch_id}, {rows} record(s) were committed to the destination and "
+                    f"{verdicts} verdict(s) to the job ledger before the error; they stay."
+                    if counted  # counted through the ledger path's outcome reports
+                    else f"Of batch {batch_id}, the chunks committed before the error stay committed."
+                )
+                raise DatabaseUnavailableError(
+                    f"loading batch {batch_id} failed on a database error ({short(exc)}). Batches fully "
+                    f"loaded before it: {done}. {of_batch} A retry of this task loads the batch again: "
+                    "nothing is written twice and nothing is paid again."
+                ) from exc
+            loaded.append(batch_id)
             self.log.info(
                 "Batch %s loaded; running totals: %d accepted, %d rejected",
                 batch_id,
@@ -424,3 +463,72 @@ class FableValidateLoadOperator(ObservedLoadMixin, LineageLoadMixin, LoadGuardra
             "reattached_cost_usd": None if spend["reattached"] is None else round(spend["reattached"], 6),
             "reattached_batches": spend["batches"],
         }
+
+    def _load_one(
+        self,
+        hook: FableHook,
+        model_cls: Any,
+        ledger: Ledger | None,
+        target: Any,
+        stats: LoadStats,
+        stale: list[int],
+        batch_id: str,
+        committed: list[int],
+    ) -> None:
+        """Download, validate and load one batch (run again whole after a database outage)."""
+        from airflow_provider_fable.core.loading import ResultScreen, load_batch
+
+
+        results: Iterable[BatchResult] = hook.iter_results(batch_id)
+        on_outcomes = None
+        submission = ledger.submission_for_batch(batch_id) if ledger is not None else None
+        mapping = ledger.custom_id_map(batch_id) if submission is not None and ledger is not None else None
+        selected: set[str] | None = None
+        not_selected = [0]
+        if mapping is not None and ledger is not None:
+            selected = self._selection(ledger, batch_id)
+            if selected is not None:  # a batch the submit shares with other runs' records (#17)
+                results = _selected_results(results, mapping, selected, not_selected)
+                # Completeness is judged on this run's records only: the others are not missing.
+                mapping = {cid: rid for cid, rid in mapping.items() if rid in selected}
+        # Completeness by custom_id (records the ledger has in this batch with no line become
+        # ``missing_result`` rejects); answers of records a newer batch took over are dropped.
+        screen = ResultScreen(batch_id, mapping, stats)
+        results = screen(results)
+        if submission is not None and ledger is not None:
+            job_id = submission.job_id
+            committed[2] = 1
+            review_after = opt_int(self.needs_review_after, "needs_review_after")
+
+            def on_outcomes(outcomes: list[RecordOutcome]) -> None:
+                committed[0] += len(outcomes)  # reported once their chunk is committed
+                ledger.record_outcomes(job_id, batch_id, outcomes, review_after=review_after)
+                committed[1] += len(outcomes)
+        else:
+            self.log.info("Batch %s is not in the job ledger (submitted elsewhere): loaded as is", batch_id)
+        measured, cost_before = _Measured(), stats.cost_usd
+        results = measured.tap(results)
+        load_batch(
+            results,
+            batch_id=batch_id,
+            output_model=model_cls,
+            sink=target,
+            stats=stats,
+            chunk_size=self.chunk_size,
+            on_outcomes=on_outcomes,
+        )
+        if screen.dropped and submission is not None and ledger is not None:
+            # Dropped lines are rare: tell a record a newer batch took over (stale, expected
+            # after a rerun) from a custom_id this job never sent (an anomaly of the file).
+            known = ledger.known_custom_ids(submission.job_id, screen.dropped)
+            unknown = [str(c) for c in screen.dropped if str(c) not in known]
+            stale[0] += len(screen.dropped) - len(unknown)
+            if unknown:
+                stats.unknown_custom_ids += len(unknown)
+                self.log.warning(
+                    "Batch %s: %d result line(s) carry a custom_id this batch never had (e.g. %s); "
+                    "skipped, nothing written for them",
+                    batch_id, len(unknown), ", ".join(unknown[:5]),
+                )  # fmt: skip
+        self._spend["not_selected"][0] += not_selected[0]
+        self._count_spend(ledger, submission, batch_id, stats, cost_before, measured, selected is not None)

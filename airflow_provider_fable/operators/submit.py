@@ -22,7 +22,7 @@ import json
 import os
 import signal
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
@@ -332,11 +332,34 @@ class FableBatchSubmitOperator(LineageSubmitMixin, SubmitGuardrailsMixin, BaseOp
         with fail_fast():
             job = self.build_job(hook)
         self.preflight(job)
+        from airflow_provider_fable.core.dbretry import retry_transient_db
+
         engine = sqlalchemy_engine(self.sql_conn_id) if self.sql is not None else None
-        ledger = open_ledger(self.ledger_conn_id, self.fable_conn_id, self.log)
+        ledger = retry_transient_db(
+            lambda: open_ledger(self.ledger_conn_id, self.fable_conn_id, self.log),
+            what="opening the job ledger",
+            logger=self.log,
+        )  # nothing is paid yet: after the retries, the driver's error says enough
         try:
-            with fail_fast():  # a bad record, spec or budget fails now, not after the retries
-                return _Submission(self, context, hook, job, ledger).run(self.iter_source(engine))
+            submission = _Submission(self, context, hook, job, ledger)
+            try:
+                with fail_fast():  # a bad record, spec or budget fails now, not after the retries
+                    return submission.run(self.iter_source(engine))
+            except Exception as exc:
+                from airflow_provider_fable.core.dbretry import (
+                    DatabaseUnavailableError,
+                    is_transient_db_error,
+                    short,
+                )
+
+                # An outage (not, say, an error in the source query): say what was paid for.
+                if isinstance(exc, DatabaseUnavailableError) or not is_transient_db_error(exc):
+                    raise
+                made = ", ".join(getattr(submission, "created", [])) or "none"
+                raise DatabaseUnavailableError(
+                    f"the submit failed on a database error ({short(exc)}). Batches this try created "
+                    f"(paid for): {made}. A retry of this task attaches to them instead of paying again."
+                ) from exc
         finally:
             hook.close()
             ledger.engine.dispose()
@@ -418,6 +441,7 @@ class _Submission:
         """Requests that must be sent; attach/skip decisions are counted in ``plan`` on the way."""
         from airflow_provider_fable.core import ids
 
+        self._encoded_ids: dict[str, str] = plan["ids"]  # custom_id -> record id, for messages
         # "unaccepted" selects nothing from the ledger: every source record is decided on its state.
         rerun_ids = self._rerun_ids() if self.rerun_of and self.rerun != "unaccepted" else None
         buf: list[tuple[str, dict[str, Any]]] = []
@@ -678,6 +702,22 @@ class _Submission:
             spool,
             max_requests=self.op.max_requests_per_batch or MAX_REQUESTS_PER_BATCH,
             max_bytes=self.op.max_bytes_per_batch or MAX_BATCH_BYTES,
+            check=self._context_guard(),
+        )
+
+    def _context_guard(self) -> Any:
+        """Refuses requests over the model's context window (``core.cost.ContextWindowGuard``)."""
+        from airflow_provider_fable.core.cost import ContextWindowGuard, context_window
+
+        window = context_window(self.job.model)
+        if window is None:
+            return None
+        return ContextWindowGuard(
+            window,
+            self.job.max_tokens,
+            self.hook.count_tokens,
+            name_of=lambda custom_id: self._encoded_ids.get(custom_id, custom_id),
+            warn=self.log.warning,
         )
 
     def _shard_rows(
@@ -741,6 +781,39 @@ class _Submission:
                 )  # fmt: skip
         return ended
 
+    def _ledger_step(self, what: str, created: list[str], step: Callable[[], Any]) -> Any:
+        """A ledger write of the submit, retried through transient outages (``core.dbretry``);
+        when it still fails, the error names the batches this try created (paid for), which the
+        next try finds in the ledger or adopts from the API's batch list instead of paying again."""
+        from airflow_provider_fable.core.dbretry import (
+            DatabaseUnavailableError,
+            is_database_error,
+            retry_transient_db,
+            short,
+        )
+
+        try:
+            return retry_transient_db(step, what=what, logger=self.log)
+        except Exception as exc:
+            if not is_database_error(exc):
+                raise
+            made = ", ".join(created) if created else "none"
+            raise DatabaseUnavailableError(
+                f"{what} failed: the job ledger is unavailable ({short(exc)}). Batches this try created "
+                f"(paid for): {made}. A retry of this task attaches to them (from the ledger, or by "
+                "reconciling its intents against the API's batch list) instead of paying again."
+            ) from exc
+
+    def _check_model(self) -> None:
+        """An unknown model fails every request: refuse it before the first create (not retried)."""
+        from airflow_provider_fable.hooks.fable import UnknownModelError
+        from airflow_provider_fable.retries import not_retried
+
+        try:
+            self.hook.check_model(self.job.model)
+        except UnknownModelError as exc:
+            raise not_retried(exc) from None
+
     def _submit(self, spool: IO[bytes], shards: list[SpooledShard], plan: dict[str, Any]) -> dict[str, Any]:
         from airflow_provider_fable.core.errors import FableError
         from airflow_provider_fable.core.spool import iter_body
@@ -795,6 +868,7 @@ class _Submission:
             if not attached:
                 self.log.warning("No records to submit (source empty or all skipped)")
             return manifest
+        self._check_model()
         self.log.info(
             "Submitting %d requests for model %s in %d batch(es) (job %s)",
             new,
@@ -803,12 +877,16 @@ class _Submission:
             self.job_id,
         )
         created: list[str] = []
+        self.created = created  # named by ``FableBatchSubmitOperator.execute`` if the ledger fails
         for n, shard in enumerate(shards, 1):
             count = shard.count
             rows, digest, size = self._shard_rows(spool, shard, plan)
-            intent = self.ledger.write_intent(
-                self.job_id, run_key=self.run_key, shard=n, records=rows, byte_size=size,
-                model=job.model, api=self.api, digest=digest,
+            intent = self._ledger_step(
+                f"writing the intent of shard {n}/{len(shards)}", created,
+                lambda rows=rows, n=n, size=size, digest=digest: self.ledger.write_intent(
+                    self.job_id, run_key=self.run_key, shard=n, records=rows, byte_size=size,
+                    model=job.model, api=self.api, digest=digest,
+                ),
             )  # fmt: skip
             del rows
             _kill_point("after_intent", n, self.try_number)
@@ -831,7 +909,10 @@ class _Submission:
             _kill_point("after_create", n, self.try_number)
             self.state_store.put(digest, batch.id)
             _kill_point("after_state_store", n, self.try_number)
-            self.ledger.write_batch(intent.id, batch.id)
+            self._ledger_step(
+                f"recording batch {batch.id} (shard {n}/{len(shards)})", [*created, batch.id],
+                lambda intent=intent, batch=batch: self.ledger.write_batch(intent.id, batch.id),
+            )  # fmt: skip
             _kill_point("after_ledger", n, self.try_number)
             created.append(batch.id)
             manifest["batch_ids"].append(batch.id)
