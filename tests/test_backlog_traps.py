@@ -16,10 +16,6 @@ SQLite ledger and destination); trap 4 runs a real Airflow DAG (``dag.test``) wi
 
 from __future__ import annotations
 
-import json
-import urllib.request
-from types import SimpleNamespace
-
 import pytest
 import sqlalchemy as sa
 
@@ -27,63 +23,25 @@ from airflow_provider_fable.core.ledger import Ledger
 from airflow_provider_fable.operators.load import FableValidateLoadOperator
 from airflow_provider_fable.operators.submit import FableBatchSubmitOperator
 from airflow_provider_fable.testing.plugin import point_connection_at
-from tests.conftest import Paint
+from tests import test_ledger
+from tests.test_ledger import context, stats
 
 RECORDS = [
     {"id": f"r{i:02d}", "text": f"{['red', 'green', 'blue'][i % 3]} fence, two coats"} for i in range(30)
 ]
 
 
-def stats(server) -> dict:
-    with urllib.request.urlopen(f"{server.base_url}/_emulator/stats") as resp:
-        return json.load(resp)
-
-
-def context(run_id: str = "manual__1", task_id: str = "submit") -> dict:
-    return {"ti": SimpleNamespace(dag_id="d", run_id=run_id, task_id=task_id, map_index=-1)}
-
-
 def submit_op(**kwargs) -> FableBatchSubmitOperator:
-    spec = dict(
-        task_id="submit",
-        prompt_template="Paint for {id}: {text}",
-        output_model=Paint,
-        records=RECORDS,
-        ledger_conn_id="ledger_db",
-        estimate_sample=5,
-    )
-    spec.update(kwargs)
-    return FableBatchSubmitOperator(**spec)
+    """``test_ledger.submit_op`` over this file's 30 records, with a small estimate sample."""
+    return test_ledger.submit_op(**{"records": RECORDS, "estimate_sample": 5, **kwargs})
 
 
 def load_op(manifest, **kwargs) -> FableValidateLoadOperator:
-    spec = dict(
-        task_id="load",
-        batch_ids=manifest,
-        submit_manifest=manifest,
-        output_model=Paint,
-        destination_conn_id="dest_db",
-        table="paint",
-        id_column="paint_id",
-        ledger_conn_id="ledger_db",
-        qa_size=0,
-    )
-    spec.update(kwargs)
-    return FableValidateLoadOperator(**spec)
+    """``test_ledger.load_op`` given the manifest as the submit manifest too, without a QA sample."""
+    return test_ledger.load_op(manifest, **{"submit_manifest": manifest, "qa_size": 0, **kwargs})
 
 
-@pytest.fixture
-def dbs(tmp_path, monkeypatch):
-    out = {}
-    for name in ("dest", "ledger"):
-        path = tmp_path / f"{name}.db"
-        monkeypatch.setenv(
-            f"AIRFLOW_CONN_{name.upper()}_DB", json.dumps({"conn_type": "sqlite", "host": str(path)})
-        )
-        out[name] = sa.create_engine(f"sqlite:///{path}")
-    yield SimpleNamespace(dest=out["dest"], ledger_engine=out["ledger"], ledger=Ledger(out["ledger"]))
-    for engine in out.values():
-        engine.dispose()
+dbs = test_ledger.dbs  # the destination and ledger connections, each on its own SQLite file
 
 
 # -- trap 1 ----------------------------------------------------------------------------------
@@ -111,7 +69,7 @@ def test_measured_output_tokens_come_from_the_ledger_after_any_load(fable_emulat
     first = submit_op(records=RECORDS[:20]).execute(context("first"))  # not a pilot
     assert first["estimate"]["output_basis"] == "max_tokens"
     load_op(first).execute({})
-    measured = dbs.ledger.measured_output(first["job_fingerprint"])
+    measured = dbs.ledger_obj.measured_output(first["job_fingerprint"])
     assert measured is not None and measured["requests"] >= 15 and 0 < measured["mean"] < 1024
     second = submit_op(records=RECORDS[20:]).execute(context("second"))
     est = second["estimate"]
@@ -280,20 +238,20 @@ def test_a_record_failing_the_same_way_three_times_needs_review(fable_emulator_f
     job = manifest["job_fingerprint"]
     for n in (2, 3):
         load_op(manifest, fail_when_all_rejected=False).execute({})
-        assert dbs.ledger.needs_review(job) == []
+        assert dbs.ledger_obj.needs_review(job) == []
         manifest = submit_op(rerun="failed", **spec).execute(context(f"run{n}"))
         assert manifest["submitted"] == 6
     load_op(manifest, fail_when_all_rejected=False).execute({})
-    review = dbs.ledger.needs_review(job)
+    review = dbs.ledger_obj.needs_review(job)
     assert sorted(r["record_id"] for r in review) == [r["id"] for r in RECORDS[:6]]
     assert {r["reason"] for r in review} == {"truncated"} and {r["rejects"] for r in review} == {3}
-    assert dbs.ledger.failed(job) == []
+    assert dbs.ledger_obj.failed(job) == []
     created = stats(server)["batches_created"]
     for mode in ("failed", "retryable", "unaccepted"):
         again = submit_op(rerun=mode, **spec).execute(context(f"again-{mode}"))
         assert again["submitted"] == 0 and again["batch_ids"] == [], (mode, again)
     assert stats(server)["batches_created"] == created
-    assert dbs.ledger.summary(job) == {"needs_review": 6}
+    assert dbs.ledger_obj.summary(job) == {"needs_review": 6}
 
 
 # -- trap 7 ----------------------------------------------------------------------------------
@@ -308,7 +266,7 @@ def test_estimate_only_pays_nothing_and_load_and_sensor_pass(fable_emulator_fact
     assert manifest["submitted"] == 0
     seen = stats(server)
     assert seen["calls"].get("create", 0) == 0 and seen["calls"]["count_tokens"] > 0
-    assert dbs.ledger.submissions_of() == []
+    assert dbs.ledger_obj.submissions_of() == []
     # Over a cap, an estimate-only run still reports instead of failing (it pays nothing).
     over = submit_op(estimate_only=True, max_cost_usd=0.000001).execute(context("over"))
     assert over["estimate_only"] is True and over["over_budget"] is True
@@ -380,11 +338,11 @@ def test_emulator_answers_differ_between_attempts_so_reruns_converge(fable_emula
     point_connection_at(server)
     first = submit_op().execute(context("first"))
     one = load_op(first, fail_when_all_rejected=False).execute({})
-    rejected = set(dbs.ledger.failed(first["job_fingerprint"]))
+    rejected = set(dbs.ledger_obj.failed(first["job_fingerprint"]))
     assert one["rejected"] == len(rejected) > 0
     rerun = submit_op(rerun="failed").execute(context("rerun"))
     assert rerun["submitted"] == len(rejected)
     two = load_op(rerun, fail_when_all_rejected=False).execute({})
     assert two["accepted"] > 0  # the same requests, drawn again: some are answered now
-    again = set(dbs.ledger.failed(first["job_fingerprint"]))
+    again = set(dbs.ledger_obj.failed(first["job_fingerprint"]))
     assert again < rejected

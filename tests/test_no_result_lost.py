@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import threading
-import urllib.request
 from collections.abc import Callable
 from types import SimpleNamespace
 
@@ -19,63 +18,16 @@ import sqlalchemy as sa
 
 from airflow_provider_fable.core.ledger import Ledger
 from airflow_provider_fable.operators.load import FableValidateLoadOperator
-from airflow_provider_fable.operators.submit import FableBatchSubmitOperator
 from airflow_provider_fable.testing.plugin import point_connection_at
-from tests.conftest import Paint
+from tests import test_ledger
+from tests.test_ledger import RECORDS, context, stats, submit_op
 
-RECORDS = [{"id": f"p{i}", "text": f"{['red', 'green', 'blue'][i % 3]} fence, two coats"} for i in range(7)]
-
-
-def stats(server) -> dict:
-    with urllib.request.urlopen(f"{server.base_url}/_emulator/stats") as resp:
-        return json.load(resp)
-
-
-def context(run_id: str = "manual__1", task_id: str = "submit") -> dict:
-    """What the operator reads from a task context: the task instance's identity."""
-    return {"ti": SimpleNamespace(dag_id="d", run_id=run_id, task_id=task_id, map_index=-1)}
-
-
-def submit_op(**kwargs) -> FableBatchSubmitOperator:
-    spec = dict(
-        task_id="submit",
-        prompt_template="Paint for {id}: {text}",
-        output_model=Paint,
-        records=RECORDS,
-        ledger_conn_id="ledger_db",
-    )
-    spec.update(kwargs)
-    return FableBatchSubmitOperator(**spec)
+dbs = test_ledger.dbs  # the destination and ledger connections, each on its own SQLite file
 
 
 def load_op(manifest, **kwargs) -> FableValidateLoadOperator:
-    spec = dict(
-        task_id="load",
-        batch_ids=manifest,
-        output_model=Paint,
-        destination_conn_id="dest_db",
-        table="paint",
-        id_column="paint_id",
-        ledger_conn_id="ledger_db",
-        fail_when_all_rejected=False,
-    )
-    spec.update(kwargs)
-    return FableValidateLoadOperator(**spec)
-
-
-@pytest.fixture
-def dbs(tmp_path, monkeypatch):
-    """A destination and a ledger database, each an Airflow connection on its own SQLite file."""
-    out = {}
-    for name in ("dest", "ledger"):
-        path = tmp_path / f"{name}.db"
-        monkeypatch.setenv(
-            f"AIRFLOW_CONN_{name.upper()}_DB", json.dumps({"conn_type": "sqlite", "host": str(path)})
-        )
-        out[name] = sa.create_engine(f"sqlite:///{path}")
-    yield SimpleNamespace(**out, ledger_obj=Ledger(out["ledger"]))
-    for engine in out.values():
-        engine.dispose()
+    """``test_ledger.load_op`` where an all-rejected batch is an outcome to look at, not a failure."""
+    return test_ledger.load_op(manifest, **{"fail_when_all_rejected": False, **kwargs})
 
 
 def rewrite_results(server, batch_id: str, change: Callable[[dict[str, bytes]], list[bytes]]) -> None:
