@@ -77,7 +77,8 @@ def backlog(fable_airflow, fable_emulator_factory, tmp_path, monkeypatch, ledger
 
 def test_cli_commands_match_the_ledger(backlog):
     engine, result, server = backlog
-    job_id = result.xcom("submit")["job_fingerprint"]
+    submit = result.xcom("tickets.s1_submit")  # the triage example is a backlog unit, one stage
+    job_id = submit["job_fingerprint"]
     with engine.begin() as conn:
         # Two accepted records flagged for review (the status a reviewing load writes).
         flagged = list(
@@ -105,25 +106,31 @@ def test_cli_commands_match_the_ledger(backlog):
         ).first()  # fmt: skip
         batch_ids = set(conn.execute(sa.text("SELECT batch_id FROM fable_submissions")).scalars())
     assert counts["rejected"] > 0 and counts["accepted"] > 0
-    loaded = result.xcom("load")
+    loaded = result.xcom("tickets.s1_load")
 
     jobs = json.loads(fable("jobs", "-o", "json").stdout)
     assert [j["job_id"] for j in jobs] == [job_id]
     job = jobs[0]
-    assert job["dag_id"] == "support_ticket_triage" and job["stage"] == "submit"
-    assert job["model"] == result.xcom("submit")["model"]
+    assert job["dag_id"] == "support_ticket_triage" and job["stage"] == "tickets.s1_submit"
+    assert job["model"] == submit["model"]
     for status in ("accepted", "rejected", "needs_review"):
         assert job["counts"][status] == counts.get(status, 0), status
     assert job["counts"]["total"] == sum(counts.values()) == 120
-    assert job["cost_usd"] == pytest.approx(loaded["cost_usd"])
-    assert job["estimated_cost_usd"] == pytest.approx(loaded["estimated_cost_usd"])
+    # Every load of the job counts (the unit's pilot pass and full pass are one job: one stage).
+    loads = [v for k, v in result.xcoms.items() if k.startswith("tickets.") and k.endswith("s1_load") and v]
+    assert loaded in loads
+    assert job["cost_usd"] == pytest.approx(sum(v["cost_usd"] for v in loads))
+    assert job["estimated_cost_usd"] == pytest.approx(max(v["estimated_cost_usd"] or 0 for v in loads))  # the largest run's
 
     table = fable("jobs").stdout
     assert job_id in table and "support_ticket_triage" in table
 
     status = json.loads(fable("status", job_id[:10], "-o", "json").stdout)  # a prefix is enough
     assert status["job_id"] == job_id
-    assert {b["batch_id"] for b in status["batches"]} == batch_ids == set(result.xcom("submit")["batch_ids"])
+    # The pilot pass's batch and the full pass's: both batches of the one stage's job.
+    passes = {b for k, v in result.xcoms.items() if k.startswith("tickets.") and k.endswith("s1_submit") and v
+              for b in v["batch_ids"]}  # fmt: skip
+    assert {b["batch_id"] for b in status["batches"]} == batch_ids == passes >= set(submit["batch_ids"])
     assert sum(sum(b["counts"].values()) for b in status["batches"]) == 120
     assert (status["reject_reasons"][0]["reason"], status["reject_reasons"][0]["count"]) == tuple(top_reason)
     assert sum(r["count"] for r in status["reject_reasons"]) == counts["rejected"]
@@ -156,16 +163,18 @@ def test_estimate_projects_each_stage_and_pays_nothing(backlog):
     report = _json_tail(out)
     (stage,) = report["stages"]
     assert "error" not in stage, stage
-    # 30 tickets the first run did not process, one batch, a price for them.
-    assert (stage["task_id"], stage["records"], stage["batches"]) == ("submit", 30, 1)
+    # The unit's estimate-only run: 30 tickets the first run did not process, priced per request
+    # from the stage's earlier answers (the first run), for its one stage.
+    assert (stage["task_id"], stage["records"]) == ("tickets.s1", 30)
+    assert stage["model"] == result.xcom("tickets.s1_submit")["model"]
     assert stage["cost_usd"] > 0 and report["total_cost_usd"] == stage["cost_usd"]
-    assert stage["input_tokens"] > 0
+    assert "earlier answer" in stage["output_basis"], stage
     # Nothing was paid or recorded: no batch on the API, no intent in the ledger.
     assert _created(server) == created
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM fable_submissions")).scalar_one() == before
     text = fable("estimate", "support_ticket_triage", "-c", '{"limit": 30}', ledger=False).stdout
-    assert "nothing was submitted" in text and "submit" in text
+    assert "nothing was submitted" in text and "tickets.s1" in text
 
 
 def _json_tail(out: subprocess.CompletedProcess[str]) -> dict:

@@ -7,8 +7,15 @@ shards (so bad records fail here, naming the record), then the estimate the task
 (``count_tokens`` on a seeded sample, which the API does not bill; output from the latest pilot
 or ``max_tokens``). No ledger intent, no batch: nothing is paid and nothing is recorded.
 
-Limits, stated plainly: a stage whose source is written by an upstream task of the same run (a
-work table keyed by ``run_id``) sees no records here; ``rerun=``/``skip_done`` selections, which
+A DAG built on the backlog unit (``airflow_provider_fable.backlog.Backlog``) is estimated by the
+unit's own estimate-only run instead: the DAG runs once in this process (``dag.test``) with the
+given conf plus ``estimate_only: true``: the unit selects the run's records and projects every
+stage (measured cost per request of earlier answers, else an upper bound; later stages at the
+escalation rate of the last pilot, else every record), then stops before any submit. It pays
+nothing and records one DAG run with that conf, so the figure is exactly what the run would select.
+
+Limits of the plain-operator path, stated plainly: a stage whose source is written by an upstream
+task of the same run (a work table keyed by ``run_id``) sees no records here; ``rerun=``/``skip_done`` selections, which
 the ledger decides at run time, are not applied (the figure is for every record the source
 yields); ``max_cost_usd`` is reported against the estimate instead of refusing.
 """
@@ -117,8 +124,11 @@ def _estimate(args: Any) -> str:
     submits = [t for t in dag.topological_sort() if isinstance(t, FableBatchSubmitOperator)]
     if not submits:
         raise SystemExit(f"error: DAG {args.dag_id!r} has no FableBatchSubmitOperator")
-    rows = []
+    units = {op.spec["backlog_id"]: op.spec for op in submits if _is_unit_stage(op)}
+    rows = [row for backlog_id in units for row in _estimate_unit(dag, backlog_id, conf)]
     for op in submits:
+        if _is_unit_stage(op):
+            continue
         try:
             rows.append(estimate_task(op, _context(dag, conf)))
         except Exception as exc:  # noqa: BLE001 - one stage's failure is reported, the others still run
@@ -131,3 +141,46 @@ def _estimate(args: Any) -> str:
     if args.output == "csv":
         return rp.as_csv(rows, columns)
     return rp.as_table(rows, columns) + f"\nprojected total: ${total:,.4f} (nothing was submitted)\n"
+
+
+def _is_unit_stage(op: Any) -> bool:
+    from airflow_provider_fable.backlog.unit import BacklogStageSubmit
+
+    return isinstance(op, BacklogStageSubmit) and isinstance(getattr(op, "spec", None), dict)
+
+
+def _estimate_unit(dag: Any, backlog_id: str, conf: dict[str, Any]) -> list[dict[str, Any]]:
+    """The backlog unit's estimate-only run: its projection per stage (``<backlog>.project``)."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    run = dag.test(run_conf={**conf, "estimate_only": True})
+
+    def output(task_id: str) -> Any:
+        with create_session() as session:
+            row = (
+                session.query(XComModel)
+                .filter_by(dag_id=dag.dag_id, run_id=run.run_id, task_id=task_id, key="return_value")
+                .one_or_none()
+            )
+            return XComModel.deserialize_value(row) if row is not None else None
+
+    # A unit with a pilot projects in its ``project`` task; without one, ``select`` does.
+    task_id = f"{backlog_id}.project"
+    projected = output(task_id) or (output(f"{backlog_id}.select") or {}).get("projection")
+    if not projected:
+        return [{"task_id": task_id, "error": f"the estimate-only run {run.run_id} ended {run.state} without a projection"}]
+    return [
+        {
+            "task_id": f"{backlog_id}.{stage['stage']}",
+            "model": stage["model"],
+            "records": stage["requests"],
+            "batches": None,
+            "output_basis": stage["basis"],
+            "cost_usd": stage["projected_cost_usd"],
+            "max_cost_usd": conf.get("budget_usd", dag.params.get("budget_usd")),
+            "within_budget": None,
+        }
+        for stage in projected["stages"]
+    ]
+
