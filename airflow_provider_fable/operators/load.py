@@ -530,5 +530,6 @@ class FableValidateLoadOperator(ObservedLoadMixin, LineageLoadMixin, LoadGuardra
                     "skipped, nothing written for them",
                     batch_id, len(unknown), ", ".join(unknown[:5]),
                 )  # fmt: skip
-        self._spend["not_selected"][0] += not_selected[0]
+        # Last, once the batch is in (a database retry of the batch runs all of the above again).
         self._count_spend(ledger, submission, batch_id, stats, cost_before, measured, selected is not None)
+        self._spend["not_selected"][0] += not_selected[0]
