@@ -80,17 +80,25 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return out
 
 
+_DB_MODULES = ("sqlalchemy", "sqlite3", "psycopg2", "psycopg")
+
+
+def _from_database(e: BaseException) -> bool:
+    return type(e).__module__.split(".")[0] in _DB_MODULES
+
+
 def is_database_error(exc: BaseException) -> bool:
     """An error raised by a database driver or SQLAlchemy (anything in ``exc``'s chain)."""
-    return any(
-        type(e).__module__.split(".")[0] in ("sqlalchemy", "sqlite3", "psycopg2", "psycopg")
-        for e in _chain(exc)
-    )
+    return any(_from_database(e) for e in _chain(exc))
 
 
 def is_transient_db_error(exc: BaseException) -> bool:
-    """True when ``exc`` says the database could not be reached or dropped the connection."""
+    """True when ``exc`` (or its chain) is a database error saying the database could not be
+    reached or dropped the connection. Only database errors count: an API call's "connection
+    refused" is the HTTP client's business (its own retry rules), not this one's."""
     for e in _chain(exc):
+        if not _from_database(e):
+            continue
         if getattr(e, "connection_invalidated", False):
             return True
         text = str(e).lower()
