@@ -193,7 +193,7 @@ def _tables(meta: sa.MetaData) -> dict[str, sa.Table]:
             "fable_run_selection",
             meta,
             sa.Column("job_id", sa.String(64), primary_key=True),
-            sa.Column("run_key", sa.String(512), primary_key=True),
+            sa.Column("run_key", text, primary_key=True),
             sa.Column("batch_id", sa.String(128), primary_key=True),
             sa.Column("record_id", text, primary_key=True),
         ),
