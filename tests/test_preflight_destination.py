@@ -359,8 +359,12 @@ def test_submit_refuses_a_view_destination_before_the_first_create(
         destination_conn_id="pf_dest",
         destination_table="answers",
     )
-    with pytest.raises(PreflightError, match="table 'answers' is a view, not a table"):
+    with pytest.raises(PreflightError, match="table 'answers' is a view, not a table") as refused:
         op.execute({})
+    # A destination the load cannot write stays so on a retry: the task fails without retries.
+    from airflow.sdk.exceptions import AirflowFailException
+
+    assert isinstance(refused.value, AirflowFailException)
     with urllib.request.urlopen(f"{server.base_url}/_emulator/stats") as resp:
         assert json.load(resp)["calls"]["create"] == 0
     engine.dispose()

@@ -36,7 +36,13 @@ QA_COLUMNS = ("qa_rank", "source_excerpt", "_sampled_at")
 
 
 class PreflightError(FableError):
-    """The destination cannot take this job's answers; nothing has been submitted yet."""
+    """The destination cannot take this job's answers; nothing has been submitted yet.
+
+    Not retryable: the table stays as it is until someone changes it (an unreachable database
+    raises the driver's own error instead, which Airflow retries).
+    """
+
+    retryable = False
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems

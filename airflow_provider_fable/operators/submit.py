@@ -329,9 +329,9 @@ class FableBatchSubmitOperator(LineageSubmitMixin, SubmitGuardrailsMixin, BaseOp
         from airflow_provider_fable.hooks.sql import sqlalchemy_engine
 
         hook = FableHook(self.fable_conn_id)
-        with fail_fast():
+        with fail_fast():  # a bad spec or a destination the load cannot write: no retry helps
             job = self.build_job(hook)
-        self.preflight(job)
+            self.preflight(job)
         from airflow_provider_fable.core.dbretry import retry_transient_db
 
         engine = sqlalchemy_engine(self.sql_conn_id) if self.sql is not None else None
