@@ -422,3 +422,30 @@ def backlog_report(
         out["labelled_rows"] = agree.pop("labelled_rows")
         out["agreement"] = {f: agree[f] for f in fields}
     return out
+
+
+def example_prompts(dags_folder: str | Path, dag_id: str) -> dict[str, Any]:
+    """The prompt files an example DAG keeps beside it, read as the backlog unit reads them.
+
+    For checks that build the examples' requests without Airflow (the emulator's answer tests and
+    ``bench/emulator_answers.py``): ``template``, ``system``, ``section_template``,
+    ``section_system`` (trailing newlines stripped, None when the file is absent) and
+    ``few_shot`` (the ``_examples.jsonl`` lines, ``[]`` when absent).
+    """
+    folder = Path(dags_folder)
+
+    def read(name: str) -> str | None:
+        path = folder / name
+        return path.read_text(encoding="utf-8").strip("\n") if path.is_file() else None
+
+    examples = folder / f"{dag_id}_examples.jsonl"
+    return {
+        "template": read(f"{dag_id}.md"),
+        "system": read(f"{dag_id}_system.md"),
+        "section_template": read(f"{dag_id}_section.md"),
+        "section_system": read(f"{dag_id}_section_system.md"),
+        "few_shot": [json.loads(x) for x in examples.read_text(encoding="utf-8").splitlines() if x.strip()]
+        if examples.is_file()
+        else [],
+    }
+

@@ -38,25 +38,15 @@ def _dag(dag_id: str) -> Any:
 
 
 def _prompt_files(module: Any, dag_id: str) -> Any:
-    """The prompt files beside the DAG (the examples keep them there since they moved onto the
-    backlog unit), as the module constants these checks read, plus the unit's section split."""
+    """The prompt files beside the DAG (``example_data.example_prompts``), as the module constants
+    these checks read, plus the unit's section split."""
     from airflow_provider_fable.core.chunking import split_text
+    from airflow_provider_fable.example_data import example_prompts
 
-    folder = ROOT / "dags"
-
-    def read(name: str) -> str | None:
-        path = folder / name
-        return path.read_text(encoding="utf-8").strip("\n") if path.is_file() else None
-
-    examples = folder / f"{dag_id}_examples.jsonl"
-    module.PROMPT_TEMPLATE, module.SYSTEM_PROMPT = read(f"{dag_id}.md"), read(f"{dag_id}_system.md")
-    module.FEW_SHOT = (
-        [json.loads(x) for x in examples.read_text(encoding="utf-8").splitlines() if x.strip()]
-        if examples.is_file()
-        else []
-    )
-    module.SECTION_TEMPLATE = read(f"{dag_id}_section.md")
-    module.SECTION_SYSTEM = read(f"{dag_id}_section_system.md")
+    prompts = example_prompts(ROOT / "dags", dag_id)
+    module.PROMPT_TEMPLATE, module.SYSTEM_PROMPT = prompts["template"], prompts["system"]
+    module.FEW_SHOT = prompts["few_shot"]
+    module.SECTION_TEMPLATE, module.SECTION_SYSTEM = prompts["section_template"], prompts["section_system"]
     module.split_sections = split_text
     return module
 

@@ -47,7 +47,6 @@ HELD_OUT: list[tuple[str, str, str]] = [
 
 
 def _run(client: anthropic.Anthropic, texts: list[str], schema: dict[str, Any]) -> list[dict[str, Any]]:
-    import json
 
     requests = [
         {
@@ -130,13 +129,12 @@ def _triage_module() -> Any:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     module.TicketTriage.model_rebuild()
-    # The prompt, system prompt and few-shot live in files beside the DAG (the backlog unit reads
-    # them when the DAG is parsed, trailing newlines stripped): read them the same way.
-    folder = ROOT / "dags"
-    module.PROMPT_TEMPLATE = (folder / "support_ticket_triage.md").read_text(encoding="utf-8").strip("\n")
-    module.SYSTEM_PROMPT = (folder / "support_ticket_triage_system.md").read_text(encoding="utf-8").strip("\n")
-    examples = (folder / "support_ticket_triage_examples.jsonl").read_text(encoding="utf-8")
-    module.FEW_SHOT = [json.loads(line) for line in examples.splitlines() if line.strip()]
+    # The prompt, system prompt and few-shot live in files beside the DAG.
+    from airflow_provider_fable.example_data import example_prompts
+
+    prompts = example_prompts(ROOT / "dags", "support_ticket_triage")
+    module.PROMPT_TEMPLATE, module.SYSTEM_PROMPT = prompts["template"], prompts["system"]
+    module.FEW_SHOT = prompts["few_shot"]
     return module
 
 
