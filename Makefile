@@ -30,8 +30,10 @@ browser:
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; }
 
+# mypy: the whole package, core/ held to --strict ([tool.mypy] in pyproject.toml).
 test: install browser
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 	$(PY) -m pytest -q -p no:cacheprovider
 
 # `make demo` runs the ticket DAG; `make demo DAG=crm_lead_enrichment` (or document_summaries,
@@ -42,6 +44,7 @@ demo: install
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 bench: install
 	$(PY) bench/parse_validate.py
@@ -66,4 +69,4 @@ lock:
 	$(UV) pip compile pyproject.toml --extra postgres --extra parquet --extra emulator --extra testing --extra dev --extra bench --extra celery --universal --python-version 3.10 -o requirements.lock
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache dist build *.egg-info
+	rm -rf $(VENV) .demo .pytest_cache .mypy_cache dist build *.egg-info

@@ -12,7 +12,6 @@ Core exceptions say whether a retry could help with ``retryable`` (``core.errors
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -26,12 +25,21 @@ def _fail_exception() -> type[Exception]:
     return AirflowFailException
 
 
-@functools.cache
+#: One fail-fast twin per error type (``isinstance`` and ``except`` still see the original type).
+_FINAL: dict[type[Exception], type[Exception]] = {}
+
+
 def _final(kind: type[Exception]) -> type[Exception]:
-    fail = _fail_exception()
-    if issubclass(kind, fail):
-        return kind
-    return type(kind.__name__, (kind, fail), {"__module__": kind.__module__})
+    twin = _FINAL.get(kind)
+    if twin is None:
+        fail = _fail_exception()
+        twin = (
+            kind
+            if issubclass(kind, fail)
+            else type(kind.__name__, (kind, fail), {"__module__": kind.__module__})
+        )
+        _FINAL[kind] = twin
+    return twin
 
 
 def not_retried(exc: Exception) -> Exception:

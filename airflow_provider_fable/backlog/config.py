@@ -18,14 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from airflow_provider_fable.exceptions import BacklogConfigError as BacklogConfigError
+
 #: The run modes the unit adds as the ``mode`` Param (docs/backlog.md "Run modes").
 RUN_MODES = ("auto", "interval", "backlog", "failed", "all")
 PROMPT_SUFFIXES = (".md", ".txt")
 FEW_SHOT_SUFFIXES = (".jsonl", ".yaml", ".yml", ".json")
-
-
-class BacklogConfigError(ValueError):
-    """A backlog configuration that cannot work; raised while the DAG file is parsed."""
 
 
 def _need(ok: bool, message: str) -> None:

@@ -82,13 +82,13 @@ def effective_mode(
                 "mode='interval' needs a run with a data interval (trigger with --logical-date, or a "
                 "scheduled/backfill run)"
             )
-        return "interval", (start, end)
+        return "interval", (start, end)  # type: ignore[return-value]  # has_interval: both set
     if mode != "auto":
         return mode, None
     run = context.get("dag_run")
     run_type = str(getattr(getattr(run, "run_type", None), "value", getattr(run, "run_type", "")))
     if date_field and has_interval and run_type in ("scheduled", "backfill"):
-        return "interval", (start, end)
+        return "interval", (start, end)  # type: ignore[return-value]
     return "backlog", None
 
 
@@ -582,7 +582,7 @@ def finalize(spec: dict[str, Any], context: Any, *, pass_name: str) -> dict[str,
                                              **summary["cost_usd_by_stage"]}  # fmt: skip
         summary["cost_usd"] = round(sum(summary["cost_usd_by_stage"].values()), 6)
         summary["distribution"] = _distribution(spec, rows)
-        batch_ids = sorted({r["_batch_id"] for r in rows if r.get("_batch_id")})
+        batch_ids = sorted({str(r["_batch_id"]) for r in rows if r.get("_batch_id")})
         if spec["qa_size"]:
             from airflow_provider_fable.core.qa import write_qa_sample
 
@@ -809,9 +809,11 @@ def projection(
         engine.dispose()
     lines = ["| stage | model | requests | $/request | projected $ | basis |", "|---|---|---|---|---|---|"]
     for s in stages_out:
-        per = "?" if s["cost_per_request_usd"] is None else f"{s['cost_per_request_usd']:.6f}"
-        cost = "?" if s["projected_cost_usd"] is None else f"{s['projected_cost_usd']:.4f}"
-        lines.append(f"| {s['stage']} | {s['model']} | {s['requests']:g} | {per} | {cost} | {s['basis']} |")
+        per_text = "?" if s["cost_per_request_usd"] is None else f"{s['cost_per_request_usd']:.6f}"
+        cost_text = "?" if s["projected_cost_usd"] is None else f"{s['projected_cost_usd']:.4f}"
+        lines.append(
+            f"| {s['stage']} | {s['model']} | {s['requests']:g} | {per_text} | {cost_text} | {s['basis']} |"
+        )
     lines.append(f"\n**Full run: {full_records} record(s), projected ${total:.4f}**")
     return {
         "stages": stages_out,

@@ -197,9 +197,10 @@ class Backlog:
             "estimate_only": Param(False, type="boolean", description="Project the cost, pay nothing"),
             "limit": Param(limit, type=["integer", "null"], description="Records per run (null: all)"),
         }
+        params = self.dag.params  # type: ignore[union-attr]  # a unit is built inside a DAG
         for name, param in wanted.items():
-            if name not in self.dag.params:
-                self.dag.params[name] = param
+            if name not in params:
+                params[name] = param
 
     def _spec(self, review_table: str | None) -> dict[str, Any]:
         """Everything the tasks need, as plain values (the config objects stay in this process)."""
@@ -334,7 +335,12 @@ class Backlog:
             return fn(spec, context, **kwargs)
 
         call.__doc__ = fn.__doc__
-        decorator = {"task": task, "branch": task.branch, "short_circuit": task.short_circuit}[kind]
+        decorators: dict[str, Any] = {
+            "task": task,
+            "branch": task.branch,
+            "short_circuit": task.short_circuit,
+        }
+        decorator = decorators[kind]
         return decorator(task_id=task_id)(call)()
 
     def _build(self, approval_timeout: timedelta | None) -> Any:

@@ -79,7 +79,7 @@ def estimate_task(op: Any, context: dict[str, Any]) -> dict[str, Any]:
             "cost_usd": est.get("cost_usd"),
             "max_cost_usd": cap,
             "within_budget": None
-            if cap in (None, "") or est.get("cost_usd") is None
+            if cap is None or est.get("cost_usd") is None
             else est["cost_usd"] <= float(cap),
         }
     finally:
@@ -124,7 +124,7 @@ def _estimate(args: Any) -> str:
     submits = [t for t in dag.topological_sort() if isinstance(t, FableBatchSubmitOperator)]
     if not submits:
         raise SystemExit(f"error: DAG {args.dag_id!r} has no FableBatchSubmitOperator")
-    units = {op.spec["backlog_id"]: op.spec for op in submits if _is_unit_stage(op)}
+    units = {op.spec["backlog_id"]: op.spec for op in submits if _is_unit_stage(op)}  # type: ignore[attr-defined]
     rows = [row for backlog_id in units for row in _estimate_unit(dag, backlog_id, conf)]
     for op in submits:
         if _is_unit_stage(op):

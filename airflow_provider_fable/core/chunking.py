@@ -627,7 +627,7 @@ def build_combine_inputs(
         rejected: dict[int, str] = {}
         got: list[tuple[Mapping[str, Any], Mapping[str, Any]]] = []
         for k in range(1, count + 1):
-            s = have.get(k)
+            s = have.get(k)  # type: ignore[assignment]  # None is tested right below
             if s is None:  # the plan itself lacks the section (a partial or mixed work table)
                 missing.append(k)
                 continue

@@ -17,11 +17,13 @@ e.g. ``{"claude-fable-5": {"input": 10, "output": 50}}``: see :func:`parse_price
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from airflow_provider_fable.core.errors import FableError
 from airflow_provider_fable.core.results import Usage
+from airflow_provider_fable.exceptions import UnknownPriceError as UnknownPriceError
 
 BATCH_DISCOUNT = 0.5
 CACHE_WRITE_5M_MULTIPLIER = 1.25
@@ -29,12 +31,6 @@ CACHE_WRITE_1H_MULTIPLIER = 2.0
 CACHE_READ_MULTIPLIER = 0.1
 #: Kept for callers of the first release; the 5-minute rate.
 CACHE_WRITE_MULTIPLIER = CACHE_WRITE_5M_MULTIPLIER
-
-
-class UnknownPriceError(FableError):
-    """The model has no known price; a budget cap can not be checked against an unknown cost."""
-
-    retryable = False  # the same input meets the same rule: Airflow must not retry it
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +125,7 @@ def parse_price(model: str, value: Any) -> Price:
                 f"have cache_write_5m, cache_write_1h, cache_read, batch_discount, min_cache_tokens; "
                 f"got {sorted(value)}"
             )
-        return Price(**fields)
+        return Price(**{str(k): v for k, v in fields.items()})
     raise ValueError(f"price for {model!r} must be a dict or [input, output], got {value!r}")
 
 
@@ -154,14 +150,14 @@ def merge_prices(*overrides: Any) -> dict[str, Price]:
     return table
 
 
-def price_for(model: str, prices: dict[str, Price] | None = None) -> Price | None:
+def price_for(model: str, prices: Mapping[str, Price] | None = None) -> Price | None:
     """The price of ``model`` by longest matching key, or None when the model is unknown."""
     table = prices if prices is not None else DEFAULT_PRICES
     matches = [p for p in table if model.startswith(p)]
     return table[max(matches, key=len)] if matches else None
 
 
-def require_price(model: str, prices: dict[str, Price] | None = None) -> Price:
+def require_price(model: str, prices: Mapping[str, Price] | None = None) -> Price:
     price = price_for(model, prices)
     if price is None:
         raise UnknownPriceError(
@@ -177,7 +173,7 @@ def usage_cost_usd(
     model: str,
     *,
     batch: bool = True,
-    prices: dict[str, Price] | None = None,
+    prices: Mapping[str, Price] | None = None,
     price: Price | None = None,
 ) -> float | None:
     """Dollar cost of ``usage`` on ``model``; None when the model has no known price.
@@ -217,7 +213,7 @@ CONTEXT_WINDOWS: dict[str, int] = {
 }
 
 
-def context_window(model: str, windows: dict[str, int] | None = None) -> int | None:
+def context_window(model: str, windows: Mapping[str, int] | None = None) -> int | None:
     """The model's context window in tokens by longest matching prefix, or None when unknown."""
     table = windows if windows is not None else CONTEXT_WINDOWS
     matches = [p for p in table if model.startswith(p)]

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from airflow_provider_fable.core.errors import FableError
+from airflow_provider_fable.exceptions import DatabaseUnavailableError as DatabaseUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +51,6 @@ TRANSIENT_MARKERS = (
     "database is locked",
     "database table is locked",
 )
-
-
-class DatabaseUnavailableError(FableError):
-    """A database the task needs failed (after retries when the failure looked transient)."""
 
 
 def retry_budget(seconds: float | None = None) -> float:

@@ -25,18 +25,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from airflow_provider_fable.core.cost import Price, UnknownPriceError, price_for
-from airflow_provider_fable.core.errors import FableError
+from airflow_provider_fable.exceptions import BudgetExceededError as BudgetExceededError
 
 OUTPUT_FROM_PILOT = "pilot"
 OUTPUT_GIVEN = "given"
 OUTPUT_MEASURED = "measured"
 OUTPUT_UPPER_BOUND = "max_tokens"
-
-
-class BudgetExceededError(FableError):
-    """The estimate of a run is above ``max_cost_usd``; nothing was created."""
-
-    retryable = False  # the same input meets the same rule: Airflow must not retry it
 
 
 @dataclass

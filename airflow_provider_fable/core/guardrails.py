@@ -18,13 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from airflow_provider_fable.core.errors import FableError
-
-
-class GuardrailError(FableError):
-    """A loaded result set broke one or more guardrails (the rows are loaded)."""
-
-    retryable = False  # the same input meets the same rule: Airflow must not retry it
+from airflow_provider_fable.exceptions import GuardrailError as GuardrailError  # noqa: E402  (moved there)
 
 
 @dataclass(frozen=True)
@@ -166,7 +160,7 @@ def check_guardrails(
             for value, limit in per_value.items():
                 n = int(counts.get(_value_key(value), 0))
                 share = n / accepted if accepted else 0.0
-                if accepted and breaks(share, limit):
+                if accepted and breaks(share, limit):  # type: ignore[no-untyped-call]
                     sign = ">" if rule == "max_share" else "<"
                     breaches.append(
                         Breach(

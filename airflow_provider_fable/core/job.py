@@ -202,7 +202,8 @@ class BatchJob(BaseModel):
 
     def output_schema(self) -> dict[str, Any]:
         """JSON schema of the output model, as pydantic emits it (before API transformation)."""
-        return self.output_model.model_json_schema()
+        schema: dict[str, Any] = self.output_model.model_json_schema()
+        return schema
 
     def fingerprint(self) -> str:
         """Stable hash of everything that shapes a request: same fingerprint, same requests.

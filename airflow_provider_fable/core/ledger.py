@@ -30,8 +30,6 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from airflow_provider_fable.core.errors import FableError
-
 SCHEMA_VERSION = 1
 
 #: Record statuses. ``pending``: an intent names it, no batch yet. ``submitted``: in a created
@@ -75,17 +73,8 @@ _OUTCOME_STAGE = sa.table(
 )
 
 
-class LedgerError(FableError):
-    """The ledger cannot decide safely (e.g. an orphaned intent with ambiguous candidates)."""
-
-    retryable = False  # the same input meets the same rule: Airflow must not retry it
-
-
-class ClaimLostError(LedgerError):
-    """The submit's per-job claim ended mid-run (a failover, a killed session): nothing more is
-    created by this try, and a retry re-attaches to what exists, so this one is retried."""
-
-    retryable = True
+from airflow_provider_fable.exceptions import ClaimLostError as ClaimLostError  # noqa: E402  (moved there)
+from airflow_provider_fable.exceptions import LedgerError as LedgerError  # noqa: E402  (moved there)
 
 
 def utcnow() -> datetime:
@@ -430,7 +419,7 @@ class Ledger:
         if self.engine.dialect.name == "postgresql":
             from sqlalchemy.dialects.postgresql import insert
         else:
-            from sqlalchemy.dialects.sqlite import insert
+            from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]  # same call, other dialect
         return insert(table)
 
     # ------------------------------------------------------------------ jobs

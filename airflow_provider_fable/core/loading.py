@@ -608,7 +608,7 @@ def load_batch(
     if pipeline == "process":
         if not _separate_writer_helps(sink):
             raise ValueError("pipeline='process' needs a ResultSink on a SQLite database file")
-        writer = _ProcessWriter(sink, batch_id, lambda: model_name, chunk_size, fields)
+        writer = _ProcessWriter(sink, batch_id, lambda: model_name, chunk_size, fields)  # type: ignore[arg-type]  # a ResultSink (checked above)
     else:
         writer = _Writer(sink, batch_id, lambda: model_name, bool(pipeline), chunk_size)
 
@@ -619,10 +619,10 @@ def load_batch(
         for chunk, unstorable, counts in done:
             if distribution and chunk.accepted:
                 if counts is None:
-                    counts = value_counts([a.data for a in chunk.accepted], fields)
+                    counts = value_counts([a.data for a in chunk.accepted], fields)  # type: ignore[assignment]  # Counters are dicts
                 for f, counter in distribution:
                     # Raw values counted (closed sets: few distinct), keyed here by their text.
-                    for value, n in counts[f].items():
+                    for value, n in counts[f].items():  # type: ignore[index]  # set just above
                         counter[str(value)] += n
             if unstorable:
                 # Counted as accepted while validating; the database had the last word.
@@ -705,7 +705,7 @@ def load_batch(
         usages.clear()
 
     def flush(final: bool = False) -> None:
-        nonlocal next_progress
+        nonlocal next_progress  # type: ignore[misc]  # bound below, before the first call
         # Counting per chunk (in C: Counter.update, len, sum over map) rather than per row; the
         # distribution is counted as chunks are committed (``report``), by the writer process
         # when there is one.
@@ -759,7 +759,7 @@ def load_batch(
         if len(good) < len(outcomes):
             bad = [o for o in outcomes if o.__class__ is not Accepted]
             rejected_ids.update(map(_RECORD_ID, bad))
-            rejected.extend(bad)
+            rejected.extend(bad)  # type: ignore[arg-type]  # the non-Accepted outcomes are Rejected
         if should_write is not None:
             fresh = [o for o in good if should_write(o.record_id, batch_id)]
             stats.skipped_stale += len(good) - len(fresh)

@@ -59,7 +59,10 @@ def _fs_and_path(target: Any) -> tuple[Any, str]:
         return fs, path
     import fsspec
 
-    return fsspec.core.url_to_fs(os.fspath(target) if isinstance(target, os.PathLike) else str(target))
+    found: tuple[Any, str] = fsspec.core.url_to_fs(
+        os.fspath(target) if isinstance(target, os.PathLike) else str(target)
+    )
+    return found
 
 
 class _ParquetFile:
@@ -99,7 +102,7 @@ class _ParquetFile:
             lambda: self.fs.exists(self.path) and self.fs.rm(self.path),
         ):
             try:
-                step()
+                step()  # type: ignore[no-untyped-call]
             except Exception:  # noqa: BLE001, S110 - cleanup after an error already raised
                 pass
 

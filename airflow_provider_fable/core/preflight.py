@@ -20,12 +20,11 @@ from typing import Any
 import sqlalchemy as sa
 from pydantic import BaseModel
 
-from airflow_provider_fable.core.errors import FableError
-
 # The same reading of the model the sink uses (a root ``$ref`` of a self-referencing model is
 # followed), so the pre-flight judges exactly the columns the load task will derive.
 from airflow_provider_fable.core.sinks import META_COLUMNS as RESERVED_COLUMNS
 from airflow_provider_fable.core.sinks import REJECT_COLUMNS, model_properties, output_columns, resolve
+from airflow_provider_fable.exceptions import PreflightError as PreflightError
 
 #: The sink's rule for table/column names (plain, unquoted identifiers up to 63 bytes: PostgreSQL).
 SQL_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
@@ -33,23 +32,6 @@ SQL_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 SUPPORTED_DIALECTS = ("sqlite", "postgresql")
 #: Columns of the QA review table (``core.qa``) besides the id and the answer columns.
 QA_COLUMNS = ("qa_rank", "source_excerpt", "_sampled_at")
-
-
-class PreflightError(FableError):
-    """The destination cannot take this job's answers; nothing has been submitted yet.
-
-    Not retryable: the table stays as it is until someone changes it (an unreachable database
-    raises the driver's own error instead, which Airflow retries).
-    """
-
-    retryable = False
-
-    def __init__(self, problems: list[str]) -> None:
-        self.problems = problems
-        super().__init__(
-            "pre-flight check failed before any batch was created (nothing was paid for):\n- "
-            + "\n- ".join(problems)
-        )
 
 
 def _ident_problem(name: Any, what: str) -> str | None:

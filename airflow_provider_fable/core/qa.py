@@ -78,7 +78,7 @@ def write_qa_sample(
     if query is not None and size:
         with engine.connect() as conn:
             result = conn.execution_options(stream_results=True, yield_per=5000).execute(query)
-            chosen = select_qa_rows(result.mappings(), id_column=id_column, size=size, seed=seed)
+            chosen = select_qa_rows(result.mappings(), id_column=id_column, size=size, seed=seed)  # type: ignore[arg-type]  # RowMapping is a Mapping
     now = datetime.now(timezone.utc).isoformat()
     excerpts = excerpts or {}
     rows = [

@@ -23,7 +23,6 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from airflow_provider_fable.core.errors import FableError
 from airflow_provider_fable.core.ledger import Ledger, _ts, utcnow
 
 #: Record statuses a report counts, in display order. ``needs_review`` is written by the load
@@ -35,8 +34,7 @@ LOADS_TABLE = "fable_job_loads"
 SNAPSHOTS_TABLE = "fable_job_counts"
 
 
-class ReportError(FableError):
-    """A report question that cannot be answered (unknown or ambiguous job id)."""
+from airflow_provider_fable.exceptions import ReportError as ReportError  # noqa: E402  (moved there)
 
 
 def _loads_table(meta: sa.MetaData) -> sa.Table:
@@ -154,7 +152,7 @@ class Report:
             raise ReportError(f"no job {job!r} in the ledger (see `airflow fable jobs`)")
         if len(ids) > 1:
             raise ReportError(f"job prefix {job!r} is ambiguous: {', '.join(ids)}, ...")
-        return ids[0]
+        return str(ids[0])
 
     def _counts(
         self, job_ids: Sequence[str] | None = None, last_update: dict[str, str] | None = None

@@ -115,7 +115,7 @@ def _check_encodable(job: BatchJob, record: Mapping[str, Any], record_id: Any, p
         ) from None
 
 
-class _RecordView(dict):
+class _RecordView(dict[str, Any]):
     """Record view for ``format_map``: a missing value (None/NaN) renders as an empty string.
 
     Only reached for such values under ``on_missing_field="empty"``; otherwise they were refused.

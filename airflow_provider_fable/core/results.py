@@ -99,9 +99,7 @@ class BatchResult(msgspec.Struct):
     error_message: str | None = None
 
 
-class ResultLineError(ValueError):
-    """A line of the results file is not a result object (truncated download, corruption)."""
-
+from airflow_provider_fable.exceptions import ResultLineError as ResultLineError  # noqa: E402  (moved there)
 
 _EMPTY: dict[str, Any] = {}
 
@@ -239,7 +237,7 @@ def _parse_general(line: str | bytes) -> BatchResult:
             obj = _orjson_loads(line)
         except _OrjsonError:
             obj = json.loads(line)  # orjson is stricter (lone surrogates, NaN): keep json's acceptance
-        custom_id = obj["custom_id"]
+        custom_id: str = obj["custom_id"]  # (a JSON number passes through unchanged)
         result = obj["result"]
         kind = result["type"]
         if custom_id.__class__ not in (str, int) or kind.__class__ is not str:
@@ -274,8 +272,8 @@ def _parse_general(line: str | bytes) -> BatchResult:
     if kind == ERRORED:
         envelope = result.get("error") or {}
         inner = envelope.get("error") if isinstance(envelope.get("error"), dict) else envelope
-        out.error_type = inner.get("type")
-        out.error_message = inner.get("message")
+        out.error_type = inner.get("type")  # type: ignore[union-attr]  # envelope is a dict or {}
+        out.error_message = inner.get("message")  # type: ignore[union-attr]
     return out
 
 

@@ -24,7 +24,7 @@ class SpooledShard(NamedTuple):
     """One future batch: where its lines start in the spool, how many, and its body's byte size."""
 
     offset: int
-    count: int
+    count: int  # type: ignore[assignment]  # shadows tuple.count on purpose (the field name)
     body_bytes: int
 
 

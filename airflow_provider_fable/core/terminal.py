@@ -23,7 +23,7 @@ batch by its expiry, so a wait past that point is waiting on something that will
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -141,7 +141,7 @@ class TerminalPolicy:
     known_incomplete: tuple[str, ...] = ()
 
     def decide(
-        self, summaries: list[Mapping[str, Any]], *, now: float, deadline: float | None
+        self, summaries: Sequence[Mapping[str, Any]], *, now: float, deadline: float | None
     ) -> Verdict | None:
         """The verdict once every batch has ended or the deadline passed; None to keep waiting."""
         pending = [s["id"] for s in summaries if s.get("processing_status") != "ended"]
@@ -160,7 +160,7 @@ class TerminalPolicy:
             return None
         return self._ended(summaries)
 
-    def _ended(self, summaries: list[Mapping[str, Any]]) -> Verdict:
+    def _ended(self, summaries: Sequence[Mapping[str, Any]]) -> Verdict:
         t = totals(summaries)
         known = set(self.known_incomplete)
         canceled = [s["id"] for s in summaries if s["request_counts"].get("canceled") and s["id"] not in known]
@@ -195,7 +195,7 @@ class Progress:
     def __init__(self) -> None:
         self._first: tuple[float, int] | None = None
 
-    def line(self, summaries: list[Mapping[str, Any]], now: float) -> str:
+    def line(self, summaries: Sequence[Mapping[str, Any]], now: float) -> str:
         t = totals(summaries)
         finished = t.requests - t.counts["processing"]
         if self._first is None:

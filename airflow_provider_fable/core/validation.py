@@ -94,7 +94,8 @@ class _Compiled:
         self.dump: Callable[[BaseModel], dict[str, Any]] = self._first_dump
 
     def _serialize(self, instance: BaseModel) -> dict[str, Any]:
-        return self.to_python(instance, mode="json", by_alias=True)
+        data: dict[str, Any] = self.to_python(instance, mode="json", by_alias=True)
+        return data
 
     def _first_dump(self, instance: BaseModel) -> dict[str, Any]:
         """The serializer's dump; keeps the generated reader only if it gives the same dict."""
@@ -169,7 +170,7 @@ def _attribute_dump(output_model: type[BaseModel]) -> Callable[[BaseModel], dict
             read = f"(v if (v := o.{name}) is None or _finite(v) else None)"
         parts.append(f"{key!r}: {read}")
     source = f"lambda o: {{{', '.join(parts)}}}"
-    return eval(source, {"_finite": math.isfinite})  # noqa: S307 - built from identifiers
+    return eval(source, {"_finite": math.isfinite})  # type: ignore[no-any-return]  # noqa: S307 - built from identifiers
 
 
 _COMPILED: dict[type[BaseModel], _Compiled] = {}

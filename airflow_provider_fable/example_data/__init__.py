@@ -196,11 +196,11 @@ def run_mode(context: Mapping[str, Any], mode: str = "auto") -> tuple[str, tuple
     if mode == "interval":
         if not has_interval:
             raise ValueError("mode='interval' needs a run with a data interval (a logical date)")
-        return "interval", (iso(start), iso(end))
+        return "interval", (iso(start), iso(end))  # type: ignore[arg-type]  # has_interval: both set
     run = context.get("dag_run")
     run_type = str(getattr(getattr(run, "run_type", None), "value", getattr(run, "run_type", "")))
     if has_interval and run_type in ("scheduled", "backfill"):
-        return "interval", (iso(start), iso(end))
+        return "interval", (iso(start), iso(end))  # type: ignore[arg-type]
     return "backlog", None
 
 

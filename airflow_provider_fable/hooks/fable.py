@@ -17,8 +17,12 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from airflow.sdk import BaseHook
 
-from airflow_provider_fable.core.errors import FableError
 from airflow_provider_fable.core.results import BatchResult, parse_result_line_or_bad
+from airflow_provider_fable.exceptions import BatchCreateUncertainError as BatchCreateUncertainError
+from airflow_provider_fable.exceptions import FableApiError as FableApiError
+from airflow_provider_fable.exceptions import FableConfigError as FableConfigError
+from airflow_provider_fable.exceptions import ResultsIncompleteError as ResultsIncompleteError
+from airflow_provider_fable.exceptions import UnknownModelError as UnknownModelError
 
 if TYPE_CHECKING:
     from anthropic import Anthropic, AsyncAnthropic
@@ -42,28 +46,6 @@ _HINTS = {
 }
 
 
-class FableConfigError(FableError):
-    """The Airflow connection cannot produce a working client."""
-
-
-class FableApiError(FableError):
-    """An API call failed after the SDK's own retries."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status_code: int | None = None,
-        error_type: str | None = None,
-        unknown_model: bool = False,
-    ):
-        super().__init__(message)
-        self.status_code = status_code
-        self.error_type = error_type
-        #: The API answered that it does not know the request's model (see ``check_model``).
-        self.unknown_model = unknown_model
-
-
 def is_transient_api_error(exc: BaseException) -> bool:
     """API errors worth another try: eventual-consistency 404s, 408/409/429/5xx, network trouble.
 
@@ -81,10 +63,6 @@ def is_transient_api_error(exc: BaseException) -> bool:
 #: includes the SDK's own retries), and the first back-off in seconds (doubled each time, <= 30 s).
 RESULTS_STATUS_ATTEMPTS = 5
 RESULTS_STATUS_BACKOFF = 2.0
-
-
-class ResultsIncompleteError(FableError):
-    """The results download kept breaking off; what was read is kept, the rest must be re-read."""
 
 
 #: A 404 on a call that names no batch id means the URL itself is wrong, not the batch.
@@ -130,7 +108,8 @@ def _api_error(
     body = getattr(exc, "body", None)
     err_type, message = None, None
     if isinstance(body, dict):
-        inner = body.get("error") if isinstance(body.get("error"), dict) else body
+        error = body.get("error")
+        inner = error if isinstance(error, dict) else body
         err_type, message = inner.get("type"), inner.get("message")
     if message is None:
         message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
@@ -170,14 +149,6 @@ def _names_unknown_model(status: int | None, err_type: str | None, message: str 
     return status == 404 and err_type == "not_found_error" and (message or "").lstrip().startswith("model:")
 
 
-class UnknownModelError(FableError):
-    """The API does not know the model: nothing can succeed, so nothing is sent (or paid)."""
-
-
-class BatchCreateUncertainError(FableApiError):
-    """A create failed in a way that does not tell whether the batch exists (and is billed)."""
-
-
 #: Statuses that mean the API refused the request before doing any work: safe to send again.
 _REFUSED_STATUSES = frozenset({429, 529})
 _RESULTS_ACCEPT = {"Accept": "application/binary"}
@@ -187,8 +158,11 @@ def _retry_delay(exc: Any, attempt: int) -> float:
     """Honour ``retry-after-ms`` / ``retry-after`` when the API sends them, else back off."""
     headers = getattr(getattr(exc, "response", None), "headers", None) or {}
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        raw = headers.get(name)
+        if raw is None:
+            continue
         try:
-            value = float(headers.get(name)) * scale
+            value = float(raw) * scale
         except (TypeError, ValueError):
             continue
         if 0 <= value <= 60:
@@ -551,7 +525,7 @@ class FableHook(BaseHook):
         retried with backoff, while an ambiguous failure (read timeout, connection drop, 500-504)
         raises :class:`BatchCreateUncertainError` so nobody blindly pays again.
         """
-        return self._create(len(requests), lambda client: client.messages.batches.create(requests=requests))
+        return self._create(len(requests), lambda client: client.messages.batches.create(requests=requests))  # type: ignore[arg-type]  # dicts of the Request shape
 
     def create_batch_from_body(
         self, body: Callable[[], Iterable[bytes]], *, count: int, size: int | None = None
@@ -591,7 +565,7 @@ class FableHook(BaseHook):
                 self.log.warning(
                     "%s: %s, retrying in %.1fs",
                     action,
-                    f"HTTP {exc.status_code}" if getattr(exc, "status_code", None) else type(exc).__name__,
+                    f"HTTP {status}" if (status := getattr(exc, "status_code", None)) else type(exc).__name__,
                     delay,
                 )
                 time.sleep(delay)
@@ -761,7 +735,7 @@ class FableHook(BaseHook):
         attempts = max(1, self._settings["max_retries"] + 1)
         for attempt in range(1, attempts + 1):
             try:
-                return await client.messages.batches.create(requests=requests)
+                return await client.messages.batches.create(requests=requests)  # type: ignore[arg-type]  # dicts of the Request shape
             except anthropic.APIError as exc:
                 delay = _create_retry_delay(action, exc, attempt, attempts, self.fable_conn_id)
                 self.log.warning(

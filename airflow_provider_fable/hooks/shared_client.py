@@ -225,9 +225,9 @@ async def _settings(state: _LoopState, conn_id: str) -> dict[str, Any]:
     now = time.monotonic()
     cached = state.settings.get(conn_id)
     stale = cached is None or now - cached[0] >= CONNECTION_TTL
-    if not stale and cached[1].done() and cached[1].exception() is not None:
+    if cached is not None and not stale and cached[1].done() and cached[1].exception() is not None:
         stale = True
-    if stale:
+    if stale or cached is None:
         cached = state.settings[conn_id] = (now, asyncio.ensure_future(_read_settings(conn_id)))
     return await asyncio.shield(cached[1])
 

@@ -300,7 +300,8 @@ class LoadGuardrailsMixin:
     qa_table: str | None
     submit_manifest: Any
     prices: Any
-    table: str
+    table: str | None
+    parquet_path: Any
     id_column: str
     log: Any
 

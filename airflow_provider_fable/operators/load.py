@@ -360,7 +360,7 @@ class FableValidateLoadOperator(ObservedLoadMixin, LineageLoadMixin, LoadGuardra
 
             try:
                 retry_transient_db(
-                    lambda batch_id=batch_id, committed=committed: self._load_one(
+                    lambda batch_id=batch_id, committed=committed: self._load_one(  # type: ignore[misc]
                         hook, model_cls, ledger, target, stats, stale, batch_id, committed
                     ),
                     what=f"loading batch {batch_id}",

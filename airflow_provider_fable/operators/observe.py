@@ -44,7 +44,7 @@ class ObservedLoadMixin:
 
             from airflow_provider_fable.core.report import Report
 
-            jobs = Counter()
+            jobs: Counter[str] = Counter()
             for batch_id in batch_ids:
                 sub = ledger.submission_for_batch(batch_id)
                 if sub is not None:
@@ -73,7 +73,7 @@ class ObservedLoadMixin:
             )
             # Counts as of now for the page, of this job and of the job whose rejects it may supersede.
             parent = (ledger.job(job_id) or {}).get("parent_job")
-            report.snapshot_counts([job_id, parent])
+            report.snapshot_counts([job_id, parent])  # type: ignore[list-item]  # None is skipped
         except Exception as exc:  # noqa: BLE001 - reporting is information, never a failed load
             self.log.warning("Could not record this load in the ledger's report table: %s", exc)
 
@@ -205,7 +205,7 @@ def _ol_dataset(table: Any, schema: list[tuple[str, str]] | None) -> Any:
         SchemaDatasetFacetFields,
     )
 
-    facets = {}
+    facets: dict[str, Any] = {}
     if schema:
         facets["schema"] = SchemaDatasetFacet(
             fields=[SchemaDatasetFacetFields(name=n, type=t) for n, t in schema]

@@ -292,12 +292,12 @@ class FableBatchSubmitOperator(LineageSubmitMixin, SubmitGuardrailsMixin, BaseOp
             id_field=self.id_field,
             model=model,
             system_prompt=self.system_prompt,
-            few_shot_examples=self.few_shot_examples,
+            few_shot_examples=self.few_shot_examples,  # type: ignore[arg-type]  # validated by pydantic
             max_tokens=self.max_tokens,
             temperature=self.temperature,
             cache_prompt_prefix=self.cache_prompt_prefix,
-            on_missing_field=self.on_missing_field,
-            cache_ttl=self.cache_ttl,
+            on_missing_field=self.on_missing_field,  # type: ignore[arg-type]  # validated by pydantic
+            cache_ttl=self.cache_ttl,  # type: ignore[arg-type]
         )
 
     def iter_source(self, engine: Any = None) -> Iterator[dict[str, Any]]:
@@ -334,7 +334,7 @@ class FableBatchSubmitOperator(LineageSubmitMixin, SubmitGuardrailsMixin, BaseOp
             self.preflight(job)
         from airflow_provider_fable.core.dbretry import retry_transient_db
 
-        engine = sqlalchemy_engine(self.sql_conn_id) if self.sql is not None else None
+        engine = sqlalchemy_engine(self.sql_conn_id) if self.sql is not None else None  # type: ignore[arg-type]  # checked with sql
         ledger = retry_transient_db(
             lambda: open_ledger(self.ledger_conn_id, self.fable_conn_id, self.log),
             what="opening the job ledger",
@@ -437,7 +437,9 @@ class _Submission:
             return "send"  # rerun of this job's own rejects: that is the point
         return "attach"
 
-    def _selected(self, requests: Iterator[dict[str, Any]], plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def _selected(
+        self, requests: Iterator[tuple[dict[str, Any], dict[str, Any]]], plan: dict[str, Any]
+    ) -> Iterator[dict[str, Any]]:
         """Requests that must be sent; attach/skip decisions are counted in ``plan`` on the way."""
         from airflow_provider_fable.core import ids
 
@@ -883,7 +885,7 @@ class _Submission:
             rows, digest, size = self._shard_rows(spool, shard, plan)
             intent = self._ledger_step(
                 f"writing the intent of shard {n}/{len(shards)}", created,
-                lambda rows=rows, n=n, size=size, digest=digest: self.ledger.write_intent(
+                lambda rows=rows, n=n, size=size, digest=digest: self.ledger.write_intent(  # type: ignore[misc]
                     self.job_id, run_key=self.run_key, shard=n, records=rows, byte_size=size,
                     model=job.model, api=self.api, digest=digest,
                 ),
@@ -893,7 +895,9 @@ class _Submission:
             self.claim.verify()  # a lost claim (ledger session ended) pays nothing more
             try:
                 batch = self.hook.create_batch_from_body(
-                    lambda shard=shard: iter_body(spool, shard), count=count, size=shard.body_bytes
+                    lambda shard=shard: iter_body(spool, shard),  # type: ignore[misc]
+                    count=count,
+                    size=shard.body_bytes,
                 )
             except FableError as exc:
                 done = (
@@ -911,7 +915,7 @@ class _Submission:
             _kill_point("after_state_store", n, self.try_number)
             self._ledger_step(
                 f"recording batch {batch.id} (shard {n}/{len(shards)})", [*created, batch.id],
-                lambda intent=intent, batch=batch: self.ledger.write_batch(intent.id, batch.id),
+                lambda intent=intent, batch=batch: self.ledger.write_batch(intent.id, batch.id),  # type: ignore[misc]
             )  # fmt: skip
             _kill_point("after_ledger", n, self.try_number)
             created.append(batch.id)

@@ -46,6 +46,7 @@ from typing import Any
 
 from airflow_provider_fable.core.errors import FableError
 from airflow_provider_fable.core.terminal import epoch, summary_from_json
+from airflow_provider_fable.exceptions import ConnectionSetupError as ConnectionSetupError
 from airflow_provider_fable.hooks.shared_client import POOL_SIZE, shared_client
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,6 @@ LIST_PAGE_MIN = 100
 EXTRA_PAGES = 2
 #: Waits woken per loop iteration when a round ends.
 DISPATCH_CHUNK = 32
-
-
-class ConnectionSetupError(FableError):
-    """The connection could not be read or the client not built: no poll can work (final)."""
 
 
 class Watch:
@@ -273,7 +270,7 @@ class BatchPoller:
         batch_id = summary["id"]
         previous = self._known.get(batch_id)
         if previous == summary:
-            return previous  # type: ignore[return-value]
+            return previous
         self._known[batch_id] = summary
         if batch_id not in self._created:
             created = epoch(summary.get("created_at"))
