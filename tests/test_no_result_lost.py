@@ -411,8 +411,9 @@ def test_a_request_over_the_context_window_is_refused_before_paying_naming_the_r
     server = fable_emulator_factory()
     point_connection_at(server)
     words = "the fence was painted red and then painted again in the spring "
-    big = {"id": "huge-1", "text": words * (2_000_000 // len(words))}  # ~2 MB of text
-    with pytest.raises(RecordError, match=r"'huge-1'.*context_window.*200,000-token context window"):
+    # The default model's window is 1M tokens (docs/cost.md): ~6 MB of text is over it.
+    big = {"id": "huge-1", "text": words * (6_000_000 // len(words))}
+    with pytest.raises(RecordError, match=r"'huge-1'.*context_window.*1,000,000-token context window"):
         submit_op(records=[*RECORDS, big], estimate_sample=0).execute(context())
     assert stats(server)["calls"].get("create", 0) == 0
 
@@ -421,7 +422,8 @@ def test_only_requests_near_the_window_are_counted_and_one_that_fits_is_sent(fab
     server = fable_emulator_factory()
     point_connection_at(server)
     words = "the fence was painted red and then painted again in the spring "
-    long = {"id": "long-1", "text": words * (250_000 // len(words))}  # 250 KB: ~60k tokens, fits
+    # 1.2 MB: over the sure bound of the 1M-token window (bytes + max_tokens), ~280k tokens: fits
+    long = {"id": "long-1", "text": words * (1_200_000 // len(words))}
     manifest = submit_op(records=[*RECORDS, long], estimate_sample=0).execute(context())
     assert manifest["submitted"] == 8
     # One count, for the record over the sure bound (bytes + max_tokens > window; it also

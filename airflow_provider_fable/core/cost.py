@@ -7,8 +7,9 @@ tokens at standard rates; each model has its own cache-write rates for the 5-min
 (Fable 5.1 reads the cache at 0.025x input, Fable 5 at 0.1x). The batch discount applies to
 every kind of token.
 
-A model is matched by the longest table key that prefixes its name, so dated ids
-(``claude-haiku-4-5-20251001``) find their family. A model with no match has *no* price: cost
+A model is matched by the longest table key that prefixes its name up to a separator, so dated
+ids (``claude-haiku-4-5-20251001``) find their family, and ``claude-fable-5-20260609`` stays Fable 5
+rather than Fable 5.2 (``claude-fable-5-2``). A model with no match has *no* price: cost
 is ``None`` (shown as unknown), never 0, so an unpriced run can not slip under a budget cap.
 
 The table can be overridden per connection (extra ``prices``) and per operator (``prices=``),
@@ -17,9 +18,9 @@ e.g. ``{"claude-fable-5": {"input": 10, "output": 50}}``: see :func:`parse_price
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 from airflow_provider_fable.core.errors import FableError
 from airflow_provider_fable.core.results import Usage
@@ -74,16 +75,28 @@ class Price:
         return asdict(self)
 
 
-#: Longest matching prefix wins. Source: the official pricing page
-#: (platform.claude.com/docs/en/about-claude/pricing), except rows marked ``placeholder``,
-#: which come from third-party price trackers and must be checked before relying on them.
-#: ``min_cache_tokens`` per the prompt-caching documentation where known (1024 otherwise).
+#: Where each figure below was read; the date is the day it was read (the pages carry none).
+PRICING_PAGE = "https://platform.claude.com/docs/en/about-claude/pricing"
+MODELS_OVERVIEW = "https://platform.claude.com/docs/en/about-claude/models/overview"
+CONTEXT_WINDOWS_PAGE = "https://platform.claude.com/docs/build-with-claude/context-windows"
+
+
+def _model_page(slug: str) -> str:
+    return f"https://platform.claude.com/docs/en/models/{slug}/overview"
+
+
+#: Longest matching prefix wins. Sources per row in :data:`MODEL_CATALOG` (and in docs/cost.md);
+#: rows marked ``placeholder`` were not found on an official page (third-party price trackers
+#: only) and must be checked before relying on them. ``min_cache_tokens`` per the
+#: prompt-caching documentation where known (1024 otherwise).
 DEFAULT_PRICES: dict[str, Price] = {
+    "claude-fable-5-2": Price(8.0, 40.0, 10.0, 16.0, 0.2, placeholder=True),
     "claude-fable-5-1": Price(10.0, 50.0, 12.5, 20.0, 0.25, min_cache_tokens=1024),
     "claude-fable-5": Price(10.0, 50.0, 12.5, 20.0, 1.0, min_cache_tokens=1024),
+    "claude-mythos-5-2": Price(8.0, 40.0, 10.0, 16.0, 0.2, placeholder=True),
     "claude-mythos-5-1": Price(10.0, 50.0, 12.5, 20.0, 0.25),
     "claude-mythos-5": Price(10.0, 50.0, 12.5, 20.0, 1.0),
-    "claude-opus-5-5": Price(4.0, 20.0, 5.0, 8.0, 0.2, placeholder=True),
+    "claude-opus-5-5": Price(4.0, 20.0, 5.0, 8.0, 0.2),
     "claude-opus-5": Price(5.0, 25.0, 6.25, 10.0, 0.5),
     "claude-opus-4-8": Price(5.0, 25.0, 6.25, 10.0, 0.5),
     "claude-opus-4-7": Price(5.0, 25.0, 6.25, 10.0, 0.5, min_cache_tokens=2048),
@@ -91,15 +104,148 @@ DEFAULT_PRICES: dict[str, Price] = {
     "claude-opus-4-5": Price(5.0, 25.0, 6.25, 10.0, 0.5, min_cache_tokens=4096),
     "claude-opus-4-1": Price(15.0, 75.0, 18.75, 30.0, 1.5),
     "claude-opus-4": Price(15.0, 75.0, 18.75, 30.0, 1.5),
-    "claude-sonnet-5-5": Price(2.0, 10.0, 2.5, 4.0, 0.1, placeholder=True),
-    "claude-sonnet-5": Price(2.0, 10.0, 2.5, 4.0, 0.2, placeholder=True),
+    "claude-sonnet-5-5": Price(2.0, 10.0, 2.5, 4.0, 0.2),
+    "claude-sonnet-5": Price(2.0, 10.0, 2.5, 4.0, 0.2),
+    "claude-sonnet-4-6": Price(3.0, 15.0, 3.75, 6.0, 0.3),
+    "claude-sonnet-4-5": Price(3.0, 15.0, 3.75, 6.0, 0.3),
     "claude-sonnet-4": Price(3.0, 15.0, 3.75, 6.0, 0.3),
     "claude-3-7-sonnet": Price(3.0, 15.0, 3.75, 6.0, 0.3),
+    # Haiku 5.5 is priced in two bands by prompt size; this is the band for prompts up to 100,000
+    # tokens (over it: 5x). Its cache-read rate was not found on an official page: placeholder.
     "claude-haiku-5-5": Price(0.1, 0.5, 0.125, 0.2, 0.01, placeholder=True),
     "claude-haiku-4-5": Price(1.0, 5.0, 1.25, 2.0, 0.1, min_cache_tokens=4096),
     "claude-3-5-haiku": Price(0.8, 4.0, 1.0, 1.6, 0.08, min_cache_tokens=2048),
     "claude-3-haiku": Price(0.25, 1.25, 0.3, 0.5, 0.03, min_cache_tokens=2048),
 }
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """Where a model stands in Anthropic's lineup, and where its price was read.
+
+    ``status``: ``"current"`` (in the models overview's current lineup), ``"legacy"`` (still
+    served, a newer model replaces it: the docs advise migrating) or ``"retired"`` (the API
+    refuses it). ``successor`` is the model the docs name as its replacement. ``source`` is the
+    page the price and status were read from, ``checked`` the day they were read there.
+    """
+
+    status: Literal["current", "legacy", "retired"]
+    source: str
+    checked: str
+    successor: str | None = None
+
+
+_READ = "2026-12-04"  # every official figure below was (re-)read on this day
+
+#: Lifecycle and price source of every priced model (the same keys as :data:`DEFAULT_PRICES`;
+#: a test keeps them equal). Legacy = listed by the docs as legacy, or no longer in the models
+#: overview's current lineup while still served; retired = marked retired on the pricing page or
+#: in the release notes.
+MODEL_CATALOG: dict[str, ModelInfo] = {
+    "claude-fable-5-2": ModelInfo(
+        "current",
+        "third-party only: developersdigest.tech (2026-11-09), docs.laozhang.ai (2026-11-10); "
+        "the model is on platform.claude.com/docs/en/models/fable-5-2/migration-guide",
+        "2026-11-10",
+    ),
+    "claude-fable-5-1": ModelInfo("current", PRICING_PAGE + " ; " + _model_page("fable-5-1"), _READ),
+    "claude-fable-5": ModelInfo(
+        "legacy", PRICING_PAGE + " ; " + _model_page("fable-5"), _READ, successor="claude-fable-5-1"
+    ),
+    "claude-mythos-5-2": ModelInfo(
+        "current", "third-party only: github.com/phuryn/claude-usage v1.5.7", "2026-12-01"
+    ),
+    "claude-mythos-5-1": ModelInfo("current", PRICING_PAGE, _READ),
+    "claude-mythos-5": ModelInfo("legacy", PRICING_PAGE, _READ, successor="claude-mythos-5-1"),
+    "claude-opus-5-5": ModelInfo("current", _model_page("opus-5-5") + " ; " + MODELS_OVERVIEW, _READ),
+    "claude-opus-5": ModelInfo(
+        "legacy",
+        PRICING_PAGE + " ; https://platform.claude.com/docs/about-claude/models/whats-new-opus-5",
+        _READ,
+        successor="claude-opus-5-5",
+    ),
+    "claude-opus-4-8": ModelInfo("legacy", PRICING_PAGE, _READ, successor="claude-opus-5-5"),
+    "claude-opus-4-7": ModelInfo("legacy", PRICING_PAGE, _READ, successor="claude-opus-5-5"),
+    "claude-opus-4-6": ModelInfo("legacy", PRICING_PAGE, _READ, successor="claude-opus-5-5"),
+    "claude-opus-4-5": ModelInfo("legacy", PRICING_PAGE, _READ, successor="claude-opus-5-5"),
+    "claude-opus-4-1": ModelInfo("retired", PRICING_PAGE, _READ, successor="claude-opus-5-5"),
+    "claude-opus-4": ModelInfo("retired", PRICING_PAGE, _READ, successor="claude-opus-5-5"),
+    "claude-sonnet-5-5": ModelInfo("current", _model_page("sonnet-5-5") + " ; " + MODELS_OVERVIEW, _READ),
+    "claude-sonnet-5": ModelInfo("legacy", _model_page("sonnet-5"), _READ, successor="claude-sonnet-5-5"),
+    "claude-sonnet-4-6": ModelInfo(
+        "legacy",
+        "the project's earlier reading of " + PRICING_PAGE,
+        "2026-11-23",
+        successor="claude-sonnet-5-5",
+    ),
+    "claude-sonnet-4-5": ModelInfo(
+        "legacy",
+        "the project's earlier reading of " + PRICING_PAGE,
+        "2026-11-23",
+        successor="claude-sonnet-5-5",
+    ),
+    "claude-sonnet-4": ModelInfo(
+        "retired",
+        "the project's earlier reading of " + PRICING_PAGE,
+        "2026-11-23",
+        successor="claude-sonnet-5-5",
+    ),
+    "claude-3-7-sonnet": ModelInfo(
+        "retired",
+        "the project's earlier reading of " + PRICING_PAGE,
+        "2026-11-23",
+        successor="claude-sonnet-5-5",
+    ),
+    "claude-haiku-5-5": ModelInfo(
+        "current",
+        _model_page("haiku-5-5") + " (cache read: third-party only, PromptFuel v1.0.23 2026-10-16)",
+        _READ,
+    ),
+    "claude-haiku-4-5": ModelInfo("legacy", PRICING_PAGE, "2026-11-23", successor="claude-haiku-5-5"),
+    "claude-3-5-haiku": ModelInfo("retired", PRICING_PAGE, "2026-11-23", successor="claude-haiku-5-5"),
+    "claude-3-haiku": ModelInfo("retired", PRICING_PAGE, "2026-11-23", successor="claude-haiku-5-5"),
+}
+
+
+def _longest_prefix(model: str, keys: Iterable[str]) -> str | None:
+    """The longest key that is ``model`` or a prefix of it ending at a separator.
+
+    The separator rule keeps a dated id on its own model: ``claude-fable-5-20260609`` is Fable 5,
+    not ``claude-fable-5-2`` (Fable 5.2), and ``claude-opus-4-10`` would not be ``claude-opus-4-1``.
+    """
+    n = len(model)
+    matches = [k for k in keys if model.startswith(k) and (len(k) == n or not model[len(k)].isalnum())]
+    return max(matches, key=len) if matches else None
+
+
+def model_info(model: str) -> ModelInfo | None:
+    """The catalog entry of ``model`` (longest matching prefix, like the prices), or None."""
+    key = _longest_prefix(model, MODEL_CATALOG)
+    return MODEL_CATALOG[key] if key is not None else None
+
+
+def legacy_notice(model: str) -> str | None:
+    """One line telling that ``model`` is legacy or retired, with its successor; None otherwise.
+
+    Said, not enforced: a job's model is part of its fingerprint, so moving a backlog to a newer
+    model is a decision (it re-answers every record), never something the provider does itself.
+    """
+    info = model_info(model)
+    if info is None or info.status == "current":
+        return None
+    then = f"; its successor is {info.successor}" if info.successor else ""
+    if info.status == "retired":
+        return f"Model {model} is retired per Anthropic's docs: the API may refuse it{then}."
+    return (
+        f"Model {model} is a legacy model per Anthropic's docs (still served{then}). Changing a "
+        "job's model changes its fingerprint: the next run answers every record again."
+    )
+
+
+def served_models() -> tuple[str, ...]:
+    """Model ids of the catalog that the API still serves (current and legacy, not retired)."""
+    return tuple(name for name, info in MODEL_CATALOG.items() if info.status != "retired")
+
 
 _ALIASES = {
     "input": "input_per_mtok",
@@ -153,8 +299,8 @@ def merge_prices(*overrides: Any) -> dict[str, Price]:
 def price_for(model: str, prices: Mapping[str, Price] | None = None) -> Price | None:
     """The price of ``model`` by longest matching key, or None when the model is unknown."""
     table = prices if prices is not None else DEFAULT_PRICES
-    matches = [p for p in table if model.startswith(p)]
-    return table[max(matches, key=len)] if matches else None
+    key = _longest_prefix(model, table)
+    return table[key] if key is not None else None
 
 
 def require_price(model: str, prices: Mapping[str, Price] | None = None) -> Price:
@@ -197,16 +343,23 @@ def usage_cost_usd(
 
 
 #: Context window (tokens: input + ``max_tokens``) per model family, longest matching prefix wins,
-#: like the price table. The standard windows; a model absent from the table is not checked.
+#: like the price table; a model absent from the table is not checked. 1M: the model pages of the
+#: 5.x models and the context-windows page (Fable, Mythos, Opus 5/4.8/4.7/4.6, Sonnet 5/4.6);
+#: "other Claude models, including Claude Sonnet 4.5, have a 200k-token context window" (the 1M
+#: beta header of Sonnet 4/4.5 is not sent by the provider). Read 2026-12-04 (docs/cost.md).
 CONTEXT_WINDOWS: dict[str, int] = {
-    "claude-fable-5": 200_000,
-    "claude-mythos-5": 200_000,
-    "claude-opus-5": 200_000,
+    "claude-fable-5": 1_000_000,
+    "claude-mythos-5": 1_000_000,
+    "claude-opus-5": 1_000_000,
+    "claude-opus-4-8": 1_000_000,
+    "claude-opus-4-7": 1_000_000,
+    "claude-opus-4-6": 1_000_000,
     "claude-opus-4": 200_000,
-    "claude-sonnet-5": 200_000,
+    "claude-sonnet-5": 1_000_000,
+    "claude-sonnet-4-6": 1_000_000,
     "claude-sonnet-4": 200_000,
     "claude-3-7-sonnet": 200_000,
-    "claude-haiku-5": 200_000,
+    "claude-haiku-5-5": 1_000_000,
     "claude-haiku-4-5": 200_000,
     "claude-3-5-haiku": 200_000,
     "claude-3-haiku": 200_000,
@@ -216,8 +369,8 @@ CONTEXT_WINDOWS: dict[str, int] = {
 def context_window(model: str, windows: Mapping[str, int] | None = None) -> int | None:
     """The model's context window in tokens by longest matching prefix, or None when unknown."""
     table = windows if windows is not None else CONTEXT_WINDOWS
-    matches = [p for p in table if model.startswith(p)]
-    return table[max(matches, key=len)] if matches else None
+    key = _longest_prefix(model, table)
+    return table[key] if key is not None else None
 
 
 class ContextWindowGuard:

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from airflow_provider_fable.core.cost import served_models as _served_models
+
 __all__ = [
     "API_VERSIONS",
     "KNOWN_BETAS",
@@ -58,6 +60,9 @@ KNOWN_MODELS: tuple[str, ...] = (
     "claude-haiku-4-5",
     "claude-haiku-4-5-20251001",
 )
+# ... and every model of the provider's catalog the API still serves (core/cost.py), so a model
+# the price table knows is never refused here.
+KNOWN_MODELS += tuple(m for m in _served_models() if m not in KNOWN_MODELS)
 
 #: ``anthropic-beta`` values the SDK knows (``AnthropicBetaParam``); anything else is a 400.
 KNOWN_BETAS: frozenset[str] = frozenset(

@@ -633,9 +633,29 @@ class FableHook(BaseHook):
     def count_tokens(self, params: dict[str, Any]) -> int:
         """Input tokens the API would count for one request's params (max_tokens is ignored)."""
         body = _count_tokens_body(params)
+        self.note_model(body.get("model"))
         tokens = self._call("count tokens", self.client.messages.count_tokens, **body).input_tokens
         self.__dict__.setdefault("_models_counted", set()).add(body.get("model"))
         return tokens
+
+    def note_model(self, model: Any) -> None:
+        """Say once per hook (a task makes one) that ``model`` is legacy or retired.
+
+        One log line from the catalog in ``core.cost`` (:func:`~airflow_provider_fable.core.cost.legacy_notice`):
+        info for a legacy model (still served; the default ``claude-fable-5`` is one, kept so
+        existing jobs keep their fingerprints), a warning for a retired one. Every estimate and
+        every submit reaches it (``count_tokens``, ``check_model``).
+        """
+        noted: set[Any] = self.__dict__.setdefault("_models_noted", set())
+        if model in noted or not isinstance(model, str):
+            return
+        noted.add(model)
+        from airflow_provider_fable.core.cost import legacy_notice, model_info
+
+        notice = legacy_notice(model)
+        if notice is not None:
+            info = model_info(model)
+            (self.log.warning if info is not None and info.status == "retired" else self.log.info)(notice)
 
     def check_model(self, model: str) -> None:
         """Refuse a model the API does not know, before anything is created (and paid for).
@@ -646,6 +666,7 @@ class FableHook(BaseHook):
         naming the model. Any other failure only logs a warning: the check is a guard, and the
         create that follows reports real trouble (network, key) with its own clear error.
         """
+        self.note_model(model)
         if model in self.__dict__.get("_models_counted", ()):
             return  # a count for this model already succeeded (the estimate's): it is known
         try:
