@@ -35,11 +35,14 @@ import logging
 import re
 from collections.abc import Iterator, Mapping
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # Imported only from ``Backlog`` while it builds the graph, when ``unit`` is loaded already; the
 # operator modules import nothing heavy at module level.
 from airflow_provider_fable.backlog.unit import BacklogStageSubmit
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +126,7 @@ def section_tasks(unit: Any, pass_name: str) -> tuple[Any, Any]:
 class SectionsSubmit(BacklogStageSubmit):
     """A stage submit whose records are the sections of the pass's records."""
 
-    def execute(self, context: Any) -> dict[str, Any]:
+    def execute(self, context: Context) -> dict[str, Any]:
         self._params = dict(context.get("params") or {})
         return super().execute(context)
 

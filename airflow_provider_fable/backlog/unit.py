@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow_provider_fable import DEFAULT_CONN_ID
 from airflow_provider_fable.backlog.config import (
@@ -44,6 +44,9 @@ from airflow_provider_fable.backlog.config import (
     Stage,
 )
 from airflow_provider_fable.operators.submit import FableBatchSubmitOperator
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
 
 #: The DAG Params the unit adds (unless the DAG already defines them).
 PARAM_NAMES = ("mode", "pilot", "budget_usd", "approval", "estimate_only", "limit")
@@ -65,7 +68,7 @@ class BacklogStageSubmit(FableBatchSubmitOperator):
         self.stage_index = stage_index
         self._run_id: str | None = None
 
-    def execute(self, context: Any) -> dict[str, Any]:
+    def execute(self, context: Context) -> dict[str, Any]:
         self._run_id = str(context["run_id"])
         return super().execute(context)
 

@@ -20,6 +20,8 @@ from airflow_provider_fable.links import FableBatchLink
 from airflow_provider_fable.operators.submit import FableBatchSubmitOperator
 
 if TYPE_CHECKING:  # imported where used (parse time stays cheap)
+    from airflow.sdk import Context
+
     from airflow_provider_fable.sensors.batch import FableBatchSensor
 
 
@@ -80,7 +82,7 @@ class FableBatchOperator(FableBatchSubmitOperator):
         waiter.defer = self.defer  # type: ignore[method-assign]
         return waiter
 
-    def execute(self, context: Any) -> dict[str, Any]:
+    def execute(self, context: Context) -> dict[str, Any]:
         manifest = super().execute(context)
         self.link_batch_ids = list(manifest["batch_ids"])
         waited = self._waiter(manifest).execute(context)

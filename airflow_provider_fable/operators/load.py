@@ -25,6 +25,8 @@ from airflow_provider_fable.operators.observe import LineageLoadMixin, ObservedL
 from airflow_provider_fable.retries import fail_fast
 
 if TYPE_CHECKING:  # imported where used, so parsing a DAG file that names this operator stays cheap
+    from airflow.sdk import Context
+
     from airflow_provider_fable.core.ledger import Ledger
     from airflow_provider_fable.core.loading import LoadStats, RecordOutcome
     from airflow_provider_fable.core.results import BatchResult
@@ -190,7 +192,7 @@ class FableValidateLoadOperator(ObservedLoadMixin, LineageLoadMixin, LoadGuardra
         self.needs_review_after = needs_review_after
         self._fable_default_outlets()  # lineage: an AssetAlias for the table (operators/observe.py)
 
-    def execute(self, context: Any) -> dict[str, Any]:
+    def execute(self, context: Context) -> dict[str, Any]:
         from airflow_provider_fable.core.job import import_output_model
         from airflow_provider_fable.hooks.fable import FableHook
         from airflow_provider_fable.hooks.ledger import open_ledger

@@ -35,6 +35,8 @@ from airflow_provider_fable.retries import fail_fast
 
 if TYPE_CHECKING:  # everything else is imported where it is used, so a DAG file that imports
     # this operator pays only for the lines above at parse time (bench/dag_parse.py)
+    from airflow.sdk import Context
+
     from airflow_provider_fable.core.job import BatchJob
     from airflow_provider_fable.core.ledger import Ledger, RecordState
     from airflow_provider_fable.core.requests import SkippedRecord
@@ -323,7 +325,7 @@ class FableBatchSubmitOperator(LineageSubmitMixin, SubmitGuardrailsMixin, BaseOp
             )
 
     # ------------------------------------------------------------------ execute
-    def execute(self, context: Any) -> dict[str, Any]:
+    def execute(self, context: Context) -> dict[str, Any]:
         from airflow_provider_fable.hooks.fable import FableHook
         from airflow_provider_fable.hooks.ledger import open_ledger
         from airflow_provider_fable.hooks.sql import sqlalchemy_engine

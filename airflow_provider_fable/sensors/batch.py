@@ -26,6 +26,8 @@ from airflow_provider_fable import DEFAULT_CONN_ID
 from airflow_provider_fable.links import FableBatchLink
 
 if TYPE_CHECKING:  # imported where used: parsing a DAG file that names the sensor stays cheap
+    from airflow.sdk import Context
+
     from airflow_provider_fable.core.terminal import TerminalPolicy, Verdict
     from airflow_provider_fable.hooks.fable import FableHook
 
@@ -178,7 +180,7 @@ class FableBatchSensor(BaseSensorOperator):
             return float(state["first_poll"]) + self.wait_timeout
         return default_deadline(summaries, self.deadline_margin)
 
-    def poke(self, context: Any) -> PokeReturnValue:
+    def poke(self, context: Context) -> PokeReturnValue:
         from airflow_provider_fable.core.terminal import Progress
         from airflow_provider_fable.hooks.fable import FableHook
 
@@ -229,7 +231,7 @@ class FableBatchSensor(BaseSensorOperator):
                 self.log.warning("Could not cancel batch %s (it may still be running): %s", batch_id, exc)
 
     # ------------------------------------------------------------ deferring
-    def execute(self, context: Any) -> Any:
+    def execute(self, context: Context) -> Any:
         from airflow_provider_fable.hooks.fable import FableHook
 
         ids = self._ids()
@@ -288,7 +290,7 @@ class FableBatchSensor(BaseSensorOperator):
             timeout=timeout,
         )
 
-    def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         from airflow_provider_fable.core.errors import FableError
         from airflow_provider_fable.core.terminal import Verdict
 
