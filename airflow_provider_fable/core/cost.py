@@ -7,10 +7,12 @@ tokens at standard rates; each model has its own cache-write rates for the 5-min
 (Fable 5.1 reads the cache at 0.025x input, Fable 5 at 0.1x). The batch discount applies to
 every kind of token.
 
-A model is matched by the longest table key that prefixes its name up to a separator, so dated
-ids (``claude-haiku-4-5-20251001``) find their family, and ``claude-fable-5-20260609`` stays Fable 5
-rather than Fable 5.2 (``claude-fable-5-2``). A model with no match has *no* price: cost
-is ``None`` (shown as unknown), never 0, so an unpriced run can not slip under a budget cap.
+A model is matched by the longest table key that prefixes its name up to a separator, so
+dated ids (``claude-haiku-4-5-20251001``) find their family, and ``claude-fable-5-20260609``
+stays Fable 5 rather than Fable 5.2 (``claude-fable-5-2``). A model with no match has *no*
+price: cost is ``None`` (shown as unknown), never 0, so an unpriced run can not slip under a
+budget cap. ``MODEL_CATALOG`` says, per model, whether it is current, legacy or retired, and
+where and when its price was read (docs/cost.md shows the same table).
 
 The table can be overridden per connection (extra ``prices``) and per operator (``prices=``),
 e.g. ``{"claude-fable-5": {"input": 10, "output": 50}}``: see :func:`parse_prices`.
