@@ -408,6 +408,10 @@ class Ledger:
         x = _exactly_once_tables(self.metadata)
         self.aliases, self.claims = x["aliases"], x["claims"]
         self._ready = False
+        #: PostgreSQL: rows this object wrote per table since its last ANALYZE, and the next
+        #: threshold (``_analyze_after``).
+        self._written: dict[str, int] = {}
+        self._analyze_at: dict[str, int] = {}
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> Ledger:
@@ -654,28 +658,44 @@ class Ledger:
         with self.engine.connect() as conn:
             for part in _chunks(ids, _PG_CHUNK if pg else _CHUNK):
                 rows = conn.execute(
-                    sa.select(
-                        c.record_id, c.custom_id, c.status, c.batch_id, c.request_digest, c.retryable,
-                        c.superseded_by, s.api, s.run_key,
+                    self._for_ids(
+                        sa.select(
+                            c.record_id, c.custom_id, c.status, c.batch_id, c.request_digest, c.retryable,
+                            c.superseded_by, s.api, s.run_key,
+                        )
+                        .select_from(self.records.outerjoin(self.submissions, s.id == c.submission_id))
+                        .where(c.job_id == job_id),
+                        part,
                     )
-                    .select_from(self.records.outerjoin(self.submissions, s.id == c.submission_id))
-                    .where(c.job_id == job_id, self._id_in(c.record_id, part))
                 )  # fmt: skip
                 for r in rows:
                     out[r.record_id] = RecordState(*r)
         return out
 
-    def _id_in(self, column: Any, ids: Sequence[str]) -> Any:
-        """``column IN ids``: one array parameter on PostgreSQL (``= ANY(%s)``), else ``IN (?, ...)``.
+    def _for_ids(self, query: sa.Select[Any], ids: Sequence[str], column: Any = None) -> sa.Select[Any]:
+        """``query`` restricted to the records ``ids`` (``column``: their id column, by default
+        ``fable_records.record_id``; the query must name the job(s), the key's first column).
 
-        On PostgreSQL a 10,000-id look-up is then one parameter the server probes the primary
-        key with, instead of 10,000 bound parameters rendered into the statement text.
+        SQLite: ``record_id IN (?, ...)``. PostgreSQL: the ids are one array parameter, unnested
+        and joined LATERAL to ``query`` (fenced with ``OFFSET 0``), so each id is one probe of
+        the primary key (job, record) whatever the table's statistics say. Why not ``IN``/``=
+        ANY``: right after a big submit the table has no statistics yet, the planner guesses a
+        few thousand rows for the job, finds scanning them all cheaper than probing thousands of
+        ids, and every look-up then reads every record of the job (quadratic: the 1M-record
+        look-up that never finished). The probe plan is linear.
         """
-        if self.engine.dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import ARRAY
+        column = self.records.c.record_id if column is None else column
+        if self.engine.dialect.name != "postgresql":
+            return query.where(column.in_(ids))
+        from sqlalchemy.dialects.postgresql import ARRAY
 
-            return column == sa.any_(sa.bindparam(None, list(ids), type_=ARRAY(sa.Text)))
-        return column.in_(ids)
+        probe = (
+            sa.func.unnest(sa.bindparam(None, list(ids), type_=ARRAY(sa.Text)))
+            .table_valued("rid")
+            .render_derived("probe")
+        )
+        hit = query.where(column == probe.c.rid).offset(0).lateral("hit")
+        return sa.select(*hit.c).select_from(probe).join(hit, sa.true())
 
     def has_records(self, job_id: str) -> bool:
         """Whether the ledger holds any record of ``job_id`` (a first submit: no look-up needed)."""
@@ -742,19 +762,18 @@ class Ledger:
         with self.engine.connect() as conn:
             for part in _chunks(ids, _PG_CHUNK if pg else _CHUNK):
                 failed = sa.select(c.record_id).where(
-                    c.job_id == rerun_of, self._id_in(c.record_id, part), c.status == REJECTED,
-                    c.superseded_by.is_(None),
-                )  # fmt: skip
+                    c.job_id == rerun_of, c.status == REJECTED, c.superseded_by.is_(None)
+                )
                 if retryable_only:
                     failed = failed.where(c.retryable.is_(True))
-                out.update(conn.execute(failed).scalars())
+                out.update(conn.execute(self._for_ids(failed, part)).scalars())
                 if job_id is not None and run_key is not None:
                     mine = (
                         sa.select(c.record_id)
                         .select_from(self.records.join(self.submissions, s.id == c.submission_id))
-                        .where(c.job_id == job_id, self._id_in(c.record_id, part), s.run_key == run_key)
+                        .where(c.job_id == job_id, s.run_key == run_key)
                     )
-                    out.update(conn.execute(mine).scalars())
+                    out.update(conn.execute(self._for_ids(mine, part)).scalars())
         return out
 
     def record_ids(
@@ -873,19 +892,10 @@ class Ledger:
                 )
                 .returning(self.submissions.c.id)
             ).scalar_one()  # fmt: skip
-            if self.engine.dialect.name == "postgresql":
+            pg = self.engine.dialect.name == "postgresql"
+            if pg:
                 self._write_records_staged(conn, job_id, sub_id, records, model, now)
-                row = conn.execute(sa.select(self.submissions).where(self.submissions.c.id == sub_id)).one()
-                return self._submission(row)
-            rows = [
-                {
-                    "job_id": job_id, "record_id": rid, "custom_id": cid, "status": PENDING,
-                    "submission_id": sub_id, "request_digest": digest, "attempts": 0, "model": model,
-                    "created_at": now, "updated_at": now,
-                }
-                for rid, cid, digest in records
-            ]  # fmt: skip
-            for part in _chunks(rows):
+            for part in [] if pg else _chunks(records):
                 stmt = self._insert(self.records)
                 stmt = stmt.on_conflict_do_update(
                     index_elements=["job_id", "record_id"],
@@ -898,8 +908,18 @@ class Ledger:
                         "updated_at": stmt.excluded.updated_at,
                     },
                 )
-                conn.execute(stmt, list(part))
+                rows = [
+                    {
+                        "job_id": job_id, "record_id": rid, "custom_id": cid, "status": PENDING,
+                        "submission_id": sub_id, "request_digest": digest, "attempts": 0, "model": model,
+                        "created_at": now, "updated_at": now,
+                    }
+                    for rid, cid, digest in part
+                ]  # fmt: skip
+                conn.execute(stmt, rows)
             row = conn.execute(sa.select(self.submissions).where(self.submissions.c.id == sub_id)).one()
+        if pg:
+            self._analyze_after(self.records, len(records))
         return self._submission(row)
 
     def _write_records_staged(
@@ -949,6 +969,24 @@ class Ledger:
                 },
             )
         )
+
+    def _analyze_after(self, table: sa.Table, rows: int) -> None:
+        """PostgreSQL: ``ANALYZE table`` once this object has written 50,000 rows to it, then
+        after twice as many each time (a handful of ANALYZEs per million rows, ~0.1 s each).
+
+        Why: a ledger table filled by one big submit or load has no statistics until autovacuum
+        gets to it (a minute or more), and the planner then takes a million-row job for a few
+        thousand rows and may scan them all per chunk (the verdicts' joined updates). With
+        statistics it probes the keys, and each chunk costs the same at 10M records as at 100k.
+        """
+        name = table.name
+        self._written[name] = self._written.get(name, 0) + rows
+        if self._written[name] < self._analyze_at.get(name, 50_000):
+            return
+        self._analyze_at[name] = 2 * self._written[name]
+        target = self.engine.dialect.identifier_preparer.format_table(table)
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql(f"ANALYZE {target}")
 
     def write_batch(
         self, submission_id: int, batch_id: str, *, state: str = CREATED, note: str | None = None
@@ -1146,6 +1184,7 @@ class Ledger:
         parent = (self.job(job_id) or {}).get("parent_job")
         if self.engine.dialect.name == "postgresql":
             self._record_outcomes_staged(job_id, batch_id, outcomes, parent, now)
+            self._analyze_after(self.outcomes, len(outcomes))
             self.mark_needs_review(
                 job_id, [x.record_id for x in outcomes if x.status == REJECTED], review_after
             )
@@ -1291,10 +1330,15 @@ class Ledger:
         marked: list[str] = []
         with self.engine.begin() as conn:
             for part in _chunks(list(dict.fromkeys(record_ids))):
+                found = self._for_ids(
+                    sa.select(o.record_id, o.status, o.reason, o.at, o.batch_id).where(o.job_id.in_(jobs)),
+                    part,
+                    o.record_id,
+                ).subquery()
                 rows = conn.execute(
-                    sa.select(o.record_id, o.status, o.reason)
-                    .where(o.job_id.in_(jobs), o.record_id.in_(part))
-                    .order_by(o.record_id, o.at.desc(), o.batch_id.desc())
+                    sa.select(found.c.record_id, found.c.status, found.c.reason).order_by(
+                        found.c.record_id, found.c.at.desc(), found.c.batch_id.desc()
+                    )
                 )
                 last: dict[str, list[tuple[str, str | None]]] = {}
                 for rid, status, reason in rows:
