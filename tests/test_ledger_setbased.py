@@ -179,8 +179,11 @@ def test_a_ledger_from_before_the_index_gains_it(ledger):
 
 @pytest.mark.parametrize("per_chunk", [False, True], ids=["set", "per_chunk"])
 def test_a_rerun_of_another_job_sends_exactly_its_rejects(
-    fable_emulator_factory, dbs, monkeypatch, per_chunk
-):  # noqa: F811
+    fable_emulator_factory,
+    dbs,  # noqa: F811 - the fixture imported from tests.test_ledger
+    monkeypatch,
+    per_chunk,
+):
     """``rerun_job=`` (another model reruns the first job's failures): the rejects are read once
     as a set, or, past ``_RERUN_SET_MAX``, asked per chunk; both send exactly the rejects, and a
     retry of the rerun re-attaches instead of paying again."""
