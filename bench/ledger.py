@@ -44,9 +44,12 @@ sys.path.insert(0, str(ROOT))
 
 PG_URL = os.environ.get("FABLE_BENCH_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 SHARD = 100_000
-LOOKUP_CHUNK = 1_000
+LOOKUP_CHUNK = 5_000  # the submit operator's _LEDGER_CHUNK
 LOAD_CHUNK = 10_000
+BASELINE_CHUNK = 100_000
 JOB = "job-" + "0" * 60
+RUN_KEY = "bench/run/submit/-1"
+PHASES = ("submit", "lookup", "outcomes", "rerun")
 
 
 def _engine(backend: str, where: str):
@@ -68,8 +71,13 @@ def _engine(backend: str, where: str):
     return engine, drop
 
 
-def _ids(n: int) -> list[str]:
-    return [f"rec-{i:08d}" for i in range(n)]
+def _ids(start: int, stop: int) -> list[str]:
+    """Ids of records ``start..stop-1``: made per chunk, so the bench holds no list of all N."""
+    return [f"rec-{i:08d}" for i in range(start, stop)]
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_ours(backend: str, n: int, where: str) -> dict:
@@ -78,48 +86,66 @@ def run_ours(backend: str, n: int, where: str) -> dict:
     engine, drop = _engine(backend, where)
     try:
         ledger = Ledger(engine).ensure_schema()
-        ids = _ids(n)
+        out: dict = {}
         t0 = time.perf_counter()
         ledger.register_job(JOB, model="claude-fable-5")
         batches = []
         for s, start in enumerate(range(0, n, SHARD), 1):
-            rows = [(rid, rid, "d" * 64) for rid in ids[start : start + SHARD]]
+            rows = [(rid, rid, "d" * 64) for rid in _ids(start, min(n, start + SHARD))]
             sub = ledger.write_intent(
-                JOB, run_key="bench/run/submit/-1", shard=s, records=rows, byte_size=len(rows) * 900,
+                JOB, run_key=RUN_KEY, shard=s, records=rows, byte_size=len(rows) * 900,
                 model="claude-fable-5", api="http://bench", digest=f"{s:064d}",
             )  # fmt: skip
+            del rows
             batch_id = f"msgbatch_bench_{s:06d}"
             ledger.write_batch(sub.id, batch_id)
             batches.append((batch_id, start))
         t1 = time.perf_counter()
+        out["rss_submit_mb"] = _rss_mb()
+        # A retry's look-up: every record's state, LOOKUP_CHUNK ids per call (as _Submission._selected).
         attached = 0
         for start in range(0, n, LOOKUP_CHUNK):
-            states = ledger.record_states(JOB, ids[start : start + LOOKUP_CHUNK])
+            states = ledger.record_states(JOB, _ids(start, min(n, start + LOOKUP_CHUNK)))
             attached += sum(1 for st in states.values() if st.batch_id)
         assert attached == n, attached
         t2 = time.perf_counter()
+        out["rss_lookup_mb"] = _rss_mb()
         for batch_id, start in batches:
-            shard_ids = ids[start : start + SHARD]
-            for c in range(0, len(shard_ids), LOAD_CHUNK):
+            stop = min(n, start + SHARD)
+            for c in range(start, stop, LOAD_CHUNK):
                 outcomes = [
                     Outcome(rid, rid, "rejected", "invalid_answer", False, batch_id)
-                    if (start + c + k) % 20 == 0
+                    if (c + k) % 20 == 0
                     else Outcome(rid, rid, "accepted", None, False, batch_id)
-                    for k, rid in enumerate(shard_ids[c : c + LOAD_CHUNK])
+                    for k, rid in enumerate(_ids(c, min(stop, c + LOAD_CHUNK)))
                 ]
                 ledger.record_outcomes(JOB, batch_id, outcomes)
         t3 = time.perf_counter()
-        # A retry of a rerun: the failed ids plus every id this run key already sent (a set).
-        rerun = set(ledger.failed(JOB))
-        rerun.update(ledger.record_ids_of_run(JOB, "bench/run/submit/-1"))
-        assert len(rerun) == n, len(rerun)
+        out["rss_outcomes_mb"] = _rss_mb()
+        # A retry of a rerun: which ids it selects (the failed ids plus every id its run key sent),
+        # asked per chunk as _Submission._rerun_ids does (no set of all ids is built).
+        selected = 0
+        for start in range(0, n, LOOKUP_CHUNK):
+            selected += len(
+                ledger.rerun_selected(
+                    JOB, _ids(start, min(n, start + LOOKUP_CHUNK)), job_id=JOB, run_key=RUN_KEY
+                )
+            )
+        assert selected == n, selected
         t4 = time.perf_counter()
+        out["rss_rerun_mb"] = _rss_mb()
         summary = ledger.summary(JOB)
         assert summary == {"accepted": n - len(range(0, n, 20)), "rejected": len(range(0, n, 20))}, summary
-        return {
-            "submit_s": t1 - t0, "lookup_s": t2 - t1, "outcomes_s": t3 - t2, "rerun_set_s": t4 - t3,
-            "total_s": t3 - t0,
-        }  # fmt: skip
+        out.update(
+            {
+                "submit_s": t1 - t0,
+                "lookup_s": t2 - t1,
+                "outcomes_s": t3 - t2,
+                "rerun_s": t4 - t3,
+                "total_s": t3 - t0,
+            }
+        )
+        return out
     finally:
         engine.dispose()
         if drop:
@@ -127,36 +153,48 @@ def run_ours(backend: str, n: int, where: str) -> dict:
 
 
 def run_baseline(backend: str, n: int, where: str) -> dict:
+    """The same final rows with plain DBAPI bulk inserts, ``BASELINE_CHUNK`` rows per call, one
+    transaction: ``executemany`` on sqlite3, ``psycopg2.extras.execute_values`` (multi-row
+    INSERT, the usual bulk idiom; psycopg2's ``executemany`` is a statement per row) on PostgreSQL."""
     from airflow_provider_fable.core.ledger import Ledger
 
     engine, drop = _engine(backend, where)
     try:
         Ledger(engine).ensure_schema()  # the same tables, indexes and keys
-        ids = _ids(n)
         t0 = time.perf_counter()
         now = "2026-01-01T00:00:00.000000Z"
         raw = engine.raw_connection()
         try:
             cur = raw.cursor()
-            ph = "?" if backend == "sqlite" else "%s"
-            cur.executemany(
+            records_sql = (
                 "INSERT INTO fable_records (job_id, record_id, custom_id, status, batch_id, submission_id, "
                 "request_digest, attempts, model, created_at, updated_at) VALUES "
-                f"({', '.join([ph] * 11)})",
-                [
-                    (JOB, rid, rid, "accepted", f"msgbatch_bench_{i // SHARD + 1:06d}", i // SHARD + 1,
-                     "d" * 64, 1, "claude-fable-5", now, now)
-                    for i, rid in enumerate(ids)
-                ],
-            )  # fmt: skip
-            cur.executemany(
-                "INSERT INTO fable_record_outcomes (job_id, record_id, batch_id, status, reason, retryable, "
-                f"superseded, at) VALUES ({', '.join([ph] * 8)})",
-                [
-                    (JOB, rid, f"msgbatch_bench_{i // SHARD + 1:06d}", "accepted", None, False, False, now)
-                    for i, rid in enumerate(ids)
-                ],
             )
+            outcomes_sql = (
+                "INSERT INTO fable_record_outcomes (job_id, record_id, batch_id, status, reason, retryable, "
+                "superseded, at) VALUES "
+            )
+            if backend == "sqlite":
+
+                def bulk(sql: str, width: int, rows: list) -> None:
+                    cur.executemany(sql + f"({', '.join(['?'] * width)})", rows)
+            else:
+                from psycopg2.extras import execute_values
+
+                def bulk(sql: str, width: int, rows: list) -> None:
+                    execute_values(cur, sql + "%s", rows, page_size=1000)
+
+            for start in range(0, n, BASELINE_CHUNK):
+                ids = _ids(start, min(n, start + BASELINE_CHUNK))
+                bulk(records_sql, 11, [
+                    (JOB, rid, rid, "accepted", f"msgbatch_bench_{(start + i) // SHARD + 1:06d}",
+                     (start + i) // SHARD + 1, "d" * 64, 1, "claude-fable-5", now, now)
+                    for i, rid in enumerate(ids)
+                ])  # fmt: skip
+                bulk(outcomes_sql, 8, [
+                    (JOB, rid, f"msgbatch_bench_{(start + i) // SHARD + 1:06d}", "accepted", None, False, False, now)
+                    for i, rid in enumerate(ids)
+                ])  # fmt: skip
             raw.commit()
         finally:
             raw.close()
@@ -205,6 +243,10 @@ def main() -> None:
     p.add_argument("--records", default="100000,1000000")
     p.add_argument("--backends", default="sqlite,postgres")
     p.add_argument("--pg-url", default=None)
+    p.add_argument(
+        "--baseline-max", type=int, default=1_000_000,
+        help="run the baseline only up to this many records (it alone takes ~10 min at 10M on PostgreSQL)",
+    )  # fmt: skip
     p.add_argument("--child", choices=["ours", "baseline"], dest="path")
     p.add_argument("--backend")
     p.add_argument("--n", type=int)
@@ -221,15 +263,23 @@ def main() -> None:
     for backend in backends:
         for n in (int(x) for x in args.records.split(",")):
             ours = measure("ours", backend, n)
-            base = measure("baseline", backend, n)
-            ours_rate, base_rate = n / ours["total_s"], n / base["total_s"]
+            base = measure("baseline", backend, n) if n <= args.baseline_max else None
+            ours_rate = n / ours["total_s"]
+            phases = " ".join(
+                f"{p}_s={ours[p + '_s']:.1f} {p}_records_s={n / ours[p + '_s']:,.0f}" for p in PHASES
+            )
+            rss = " ".join(f"rss_after_{p}_mb={ours['rss_' + p + '_mb']:.0f}" for p in PHASES)
+            if base is None:
+                tail = "baseline_records_s=skipped vs_baseline=nan"
+            else:
+                base_rate = n / base["total_s"]
+                tail = (
+                    f"baseline_records_s={base_rate:,.0f} baseline_rss_mb={base['rss_mb']:.0f} "
+                    f"vs_baseline={ours_rate / base_rate:.2f}"
+                )
             print(
-                f"bench ledger: backend={backend} records={n} ours_records_s={ours_rate:,.0f} "
-                f"baseline_records_s={base_rate:,.0f} submit_s={ours['submit_s']:.1f} "
-                f"lookup_s={ours['lookup_s']:.1f} outcomes_s={ours['outcomes_s']:.1f} "
-                f"rerun_set_s={ours['rerun_set_s']:.1f} "
-                f"ours_rss_mb={ours['rss_mb']:.0f} baseline_rss_mb={base['rss_mb']:.0f} "
-                f"vs_baseline={ours_rate / base_rate:.2f}",
+                f"bench ledger: backend={backend} records={n} ours_records_s={ours_rate:,.0f} {phases} "
+                f"ours_rss_mb={ours['rss_mb']:.0f} {rss} {tail}",
                 flush=True,
             )
 

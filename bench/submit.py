@@ -12,12 +12,20 @@ synthetic records (a ticket-like text of ~300 characters) are used by both.
 
 ``--operator`` adds a third child running the whole ``FableBatchSubmitOperator`` (ledger included).
 
+The operator child also reports where its time went: before the first create (records ->
+requests -> spool, ledger look-ups), inside the creates (bodies streamed to the emulator), and
+the overhead (everything but the creates: the provider's own cost). ``--ledger-url`` puts its
+ledger in a fresh PostgreSQL database (the production setup) instead of the embedded SQLite;
+``--operator-only`` skips the two hook-level variants; ``--profile FILE`` writes cProfile stats.
+
 Run: ``.venv/bin/python bench/submit.py [--records 100000 1000000] [--operator]``
+(e.g. ``--records 100000 --operator-only --ledger-url postgresql+psycopg2://postgres@127.0.0.1/postgres``)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -75,18 +83,52 @@ def child(variant: str, n: int) -> None:
         # The whole submit task as Airflow runs it (ledger in an embedded SQLite under AIRFLOW_HOME).
         from airflow_provider_fable.operators.submit import FableBatchSubmitOperator
 
+        # Where the time goes: before the first create (spool + ledger look-ups), inside the
+        # creates (bodies streamed to the emulator), and the rest (intents, batch ids: the ledger).
+        creates: list[tuple[float, float]] = []
+        create = FableHook.create_batch_from_body
+
+        def timed_create(self, *args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return create(self, *args, **kwargs)
+            finally:
+                creates.append((t, time.perf_counter()))
+
+        FableHook.create_batch_from_body = timed_create
         op = FableBatchSubmitOperator(
             task_id="bench_submit",
             prompt_template=job.prompt_template,
             system_prompt=job.system_prompt,
             output_model=Answer,
             records=lambda: records(n),
+            ledger_conn_id="fable_bench_ledger"
+            if os.environ.get("AIRFLOW_CONN_FABLE_BENCH_LEDGER")
+            else None,
         )
-        ids = op.execute({})["batch_ids"]
+        profile = os.environ.get("FABLE_BENCH_PROFILE")
+        if profile:
+            import cProfile
+
+            prof = cProfile.Profile()
+            ids = prof.runcall(op.execute, {})["batch_ids"]
+            prof.dump_stats(profile)
+        else:
+            ids = op.execute({})["batch_ids"]
         elapsed = time.perf_counter() - start
         total = sum(hook.retrieve_batch(b).request_counts.processing for b in ids)
         assert total == n, f"{variant}: the emulator holds {total} of {n} requests"
-        print(json.dumps({"seconds": elapsed, "batches": len(ids)}), flush=True)
+        in_creates = sum(b - a for a, b in creates)
+        first = creates[0][0] - start if creates else elapsed
+        print(
+            json.dumps(
+                {
+                    "seconds": elapsed, "batches": len(ids), "before_first_create_s": first,
+                    "creates_s": in_creates, "overhead_s": elapsed - in_creates,
+                }
+            ),
+            flush=True,
+        )  # fmt: skip
         return
     with tempfile.TemporaryFile(prefix="bench-spool-") as spool:
         if variant == "stream":
@@ -131,6 +173,34 @@ def run_child(variant: str, n: int, env: dict[str, str]) -> dict:
     return result
 
 
+@contextlib.contextmanager
+def _ledger_database(url: str | None) -> Iterator[str | None]:
+    """A fresh PostgreSQL database for the operator's ledger, as an Airflow connection (JSON)."""
+    if not url:
+        yield None
+        return
+    import uuid
+
+    import sqlalchemy as sa
+
+    name = f"fable_bench_submit_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    where = sa.engine.make_url(url)
+    try:
+        yield json.dumps(
+            {
+                "conn_type": "postgres", "host": where.host, "port": where.port or 5432,
+                "login": where.username, "password": where.password, "schema": name,
+            }
+        )  # fmt: skip
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.dispose()
+
+
 def start_emulator() -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [
@@ -162,7 +232,16 @@ def main() -> None:
     parser.add_argument(
         "--operator", action="store_true", help="also run the whole submit operator (with its ledger)"
     )
+    parser.add_argument("--operator-only", action="store_true", help="run only the whole submit operator")
+    parser.add_argument(
+        "--ledger-url",
+        help="PostgreSQL server URL (SQLAlchemy): the operator's ledger goes in a fresh database there "
+        "(dropped after) instead of the embedded SQLite",
+    )
+    parser.add_argument("--profile", help="write the operator child's cProfile stats to this file")
     args = parser.parse_args()
+    if args.profile:
+        os.environ["FABLE_BENCH_PROFILE"] = str(Path(args.profile).resolve())
     if args.child:
         child(args.child, args.records[0])
         return
@@ -178,19 +257,35 @@ def main() -> None:
                     {"conn_type": "fable", "host": url, "password": KEY}
                 ),
             }
-            ours = run_child("stream", n, env)
-            base = run_child("baseline", n, env)
-            whole = run_child("operator", n, env) if args.operator else None
+            ours = run_child("stream", n, env) if not args.operator_only else None
+            base = run_child("baseline", n, env) if not args.operator_only else None
+            whole = None
+            if args.operator or args.operator_only:
+                with _ledger_database(args.ledger_url) as conn:
+                    if conn:
+                        env["AIRFLOW_CONN_FABLE_BENCH_LEDGER"] = conn
+                    whole = run_child("operator", n, env)
+                    env.pop("AIRFLOW_CONN_FABLE_BENCH_LEDGER", None)
         finally:
             emulator.terminate()
             emulator.wait()
         for name, r in (("stream", ours), ("baseline", base), ("operator", whole)):
             if r is None:
                 continue
+            extra = (
+                f" ledger={'postgresql' if args.ledger_url else 'sqlite'}"
+                f" before_first_create_s={r['before_first_create_s']:.1f} creates_s={r['creates_s']:.1f}"
+                f" overhead_s={r['overhead_s']:.1f}"
+                if name == "operator"
+                else ""
+            )
             print(
                 f"records={n} path={name} batches={r['batches']} records_per_s={r['rps']:.0f} "
-                f"peak_rss_mb={r['peak_mb']:.0f}"
+                f"peak_rss_mb={r['peak_mb']:.0f}{extra}",
+                flush=True,
             )
+        if ours is None or base is None:
+            continue
         last = (
             f"bench submit: records={n} peak_rss_mb={ours['peak_mb']:.0f} "
             f"baseline_peak_rss_mb={base['peak_mb']:.0f} records_per_s={ours['rps']:.0f} "

@@ -17,6 +17,7 @@ Tables are created on first use; ``SCHEMA_VERSION`` is stored in ``fable_ledger_
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import socket
@@ -50,6 +51,9 @@ ORPHAN_POLICIES = ("fail", "resubmit")
 #: between the worker and the API).
 CLOCK_SKEW = timedelta(minutes=2)
 _CHUNK = 500  # ids per IN (...) query: under SQLite's bound-parameter limit with room to spare
+#: Ids per PostgreSQL look-up: one ``= ANY(%s)`` array parameter, so no bound-parameter limit;
+#: big enough that a million-record look-up is a hundred round trips, not two thousand.
+_PG_CHUNK = 10_000
 #: PostgreSQL advisory lock key serialising the ledger's ``create_all`` (any constant bigint; it
 #: only has to differ from the per-job claim keys, which are hashed under another prefix).
 _SCHEMA_LOCK_KEY = int.from_bytes(hashlib.sha256(b"fable-ledger:schema").digest()[:8], "big", signed=True)
@@ -71,6 +75,45 @@ _OUTCOME_STAGE = sa.table(
     sa.column("reason", sa.Text),
     sa.column("retryable", sa.Boolean),
 )
+
+
+#: The PostgreSQL intent path's staging table (temporary: per session, emptied at commit).
+_RECORD_STAGE = sa.table(
+    "fable_record_stage",
+    sa.column("record_id", sa.Text),
+    sa.column("custom_id", sa.Text),
+    sa.column("request_digest", sa.Text),
+)
+#: Index on ``fable_records.submission_id``: ``write_batch`` settles a shard's records by it. A
+#: ledger created before it existed gains it on first use (``Ledger.ensure_schema``).
+_SUBMISSION_INDEX = "ix_fable_records_submission_id"
+
+
+def _pg_copy(
+    conn: sa.Connection, target: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]
+) -> None:
+    """``COPY target (columns) FROM STDIN`` of ``rows`` on ``conn``'s own transaction.
+
+    Why COPY: a multi-row INSERT of 100,000 ledger rows is parsed, planned and bound as SQL;
+    COPY streams them in text format, several times faster on the server and on the client.
+    The text is rendered by ``core.sinks``' COPY encoder (the destination's, same escaping).
+    psycopg2 (``copy_expert``) and psycopg 3 (``cursor.copy``).
+    """
+    from airflow_provider_fable.core.sinks import _copy_text
+
+    data = _copy_text(rows).encode()  # bytes: a StringIO would hold it as 4 bytes a character
+    if not data:
+        return
+    sql = f"COPY {target} ({', '.join(columns)}) FROM STDIN"
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        if hasattr(cursor, "copy_expert"):
+            cursor.copy_expert(sql, io.BytesIO(data), size=1 << 20)
+        else:
+            with cursor.copy(sql) as copy:
+                copy.write(data)
+    finally:
+        cursor.close()
 
 
 from airflow_provider_fable.exceptions import ClaimLostError as ClaimLostError  # noqa: E402  (moved there)
@@ -147,6 +190,10 @@ def _tables(meta: sa.MetaData) -> dict[str, sa.Table]:
             sa.Column("superseded_by", sa.String(64)),  # a child job accepted it later
             sa.Column("created_at", text, nullable=False),
             sa.Column("updated_at", text, nullable=False),
+            sa.Index(_SUBMISSION_INDEX, "submission_id"),
+            # Room on each page for the load's verdict (status, reason...: no indexed column) to be
+            # a HOT update, written beside the row without touching the three indexes. New ledgers.
+            postgresql_with={"fillfactor": 70},
         ),
         "outcomes": sa.Table(
             "fable_record_outcomes",
@@ -353,6 +400,10 @@ class Ledger:
         x = _exactly_once_tables(self.metadata)
         self.aliases, self.claims = x["aliases"], x["claims"]
         self._ready = False
+        #: PostgreSQL: rows this object wrote per table since its last ANALYZE, and the next
+        #: threshold (``_analyze_after``).
+        self._written: dict[str, int] = {}
+        self._analyze_at: dict[str, int] = {}
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> Ledger:
@@ -395,16 +446,24 @@ class Ledger:
             with self.engine.begin() as conn:
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
                 self.metadata.create_all(conn, checkfirst=True)
+                self._submission_index().create(conn, checkfirst=True)
             return
         for attempt in range(_SQLITE_SCHEMA_TRIES):
             try:
-                self.metadata.create_all(self.engine, checkfirst=True)
+                with self.engine.begin() as conn:
+                    self.metadata.create_all(conn, checkfirst=True)
+                    self._submission_index().create(conn, checkfirst=True)
                 return
             except sa.exc.OperationalError as exc:
                 text = str(exc.orig)
                 if attempt + 1 == _SQLITE_SCHEMA_TRIES or not ("already exists" in text or "locked" in text):
                     raise
                 time.sleep(0.05 * (attempt + 1))
+
+    def _submission_index(self) -> sa.Index:
+        """``fable_records.submission_id``'s index: ``create_all`` makes it with a new table only,
+        so a ledger from before it existed gets it here (once; later calls find it)."""
+        return next(i for i in self.records.indexes if i.name == _SUBMISSION_INDEX)
 
     def schema_version(self) -> int:
         self.ensure_schema()
@@ -587,18 +646,126 @@ class Ledger:
         c, s = self.records.c, self.submissions.c
         out: dict[str, RecordState] = {}
         ids = list(dict.fromkeys(record_ids))
+        pg = self.engine.dialect.name == "postgresql"
         with self.engine.connect() as conn:
-            for part in _chunks(ids):
+            for part in _chunks(ids, _PG_CHUNK if pg else _CHUNK):
                 rows = conn.execute(
-                    sa.select(
-                        c.record_id, c.custom_id, c.status, c.batch_id, c.request_digest, c.retryable,
-                        c.superseded_by, s.api, s.run_key,
+                    self._for_ids(
+                        sa.select(
+                            c.record_id, c.custom_id, c.status, c.batch_id, c.request_digest, c.retryable,
+                            c.superseded_by, s.api, s.run_key,
+                        )
+                        .select_from(self.records.outerjoin(self.submissions, s.id == c.submission_id))
+                        .where(c.job_id == job_id),
+                        part,
                     )
-                    .select_from(self.records.outerjoin(self.submissions, s.id == c.submission_id))
-                    .where(c.job_id == job_id, c.record_id.in_(part))
                 )  # fmt: skip
                 for r in rows:
                     out[r.record_id] = RecordState(*r)
+        return out
+
+    def _for_ids(self, query: sa.Select[Any], ids: Sequence[str], column: Any = None) -> sa.Select[Any]:
+        """``query`` restricted to the records ``ids`` (``column``: their id column, by default
+        ``fable_records.record_id``; the query must name the job(s), the key's first column).
+
+        SQLite: ``record_id IN (?, ...)``. PostgreSQL: the ids are one array parameter, unnested
+        and joined LATERAL to ``query`` (fenced with ``OFFSET 0``), so each id is one probe of
+        the primary key (job, record) whatever the table's statistics say. Why not ``IN``/``=
+        ANY``: right after a big submit the table has no statistics yet, the planner guesses a
+        few thousand rows for the job, finds scanning them all cheaper than probing thousands of
+        ids, and every look-up then reads every record of the job (quadratic: the 1M-record
+        look-up that never finished). The probe plan is linear.
+        """
+        column = self.records.c.record_id if column is None else column
+        if self.engine.dialect.name != "postgresql":
+            return query.where(column.in_(ids))
+        from sqlalchemy.dialects.postgresql import ARRAY
+
+        probe = (
+            sa.func.unnest(sa.bindparam(None, list(ids), type_=ARRAY(sa.Text)))
+            .table_valued("rid")
+            .render_derived("probe")
+        )
+        hit = query.where(column == probe.c.rid).offset(0).lateral("hit")
+        return sa.select(*hit.c).select_from(probe).join(hit, sa.true())
+
+    def has_records(self, job_id: str) -> bool:
+        """Whether the ledger holds any record of ``job_id`` (a first submit: no look-up needed)."""
+        self.ensure_schema()
+        c = self.records.c
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(c.record_id).where(c.job_id == job_id).limit(1)).first() is not None
+
+    def rerun_ids(
+        self, rerun_of: str, *, retryable_only: bool = False, job_id: str | None = None,
+        run_key: str | None = None, limit: int | None = None,
+    ) -> set[str] | None:  # fmt: skip
+        """Every id a ``rerun=`` run selects (see ``rerun_selected``) as one set, or None when
+        there are more than ``limit``: then the caller asks ``rerun_selected`` per chunk.
+
+        Why both: two scans build the set fast (a rerun usually selects a few thousand rejects),
+        but a set of millions of ids costs hundreds of MB; past ``limit`` the database answers
+        per chunk instead and memory stays flat.
+        """
+        self.ensure_schema()
+        c, s = self.records.c, self.submissions.c
+        failed = sa.select(c.record_id).where(
+            c.job_id == rerun_of, c.status == REJECTED, c.superseded_by.is_(None)
+        )
+        if retryable_only:
+            failed = failed.where(c.retryable.is_(True))
+        queries = [failed]
+        if job_id is not None and run_key is not None:
+            queries.append(
+                sa.select(c.record_id)
+                .select_from(self.records.join(self.submissions, s.id == c.submission_id))
+                .where(c.job_id == job_id, s.run_key == run_key)
+            )
+        out: set[str] = set()
+        seen = 0
+        with self.engine.connect() as conn:
+            for q in queries:
+                if limit is not None:
+                    q = q.limit(limit - seen + 1)
+                for part in conn.execute(q).scalars().partitions(10_000):
+                    out.update(part)
+                    seen += len(part)
+                if limit is not None and seen > limit:
+                    return None
+        return out
+
+    def rerun_selected(
+        self, rerun_of: str, record_ids: Sequence[str], *, retryable_only: bool = False,
+        job_id: str | None = None, run_key: str | None = None,
+    ) -> set[str]:  # fmt: skip
+        """Which of ``record_ids`` a ``rerun=`` run selects: rejected in ``rerun_of`` (only
+        retryable rejects on request, not superseded), or last submitted by ``run_key`` in
+        ``job_id`` (a retry of the rerun finds what its earlier try already sent again).
+
+        The same ids as ``set(failed(rerun_of)) | set(record_ids_of_run(job_id, run_key))``
+        restricted to ``record_ids``, asked chunk by chunk: the submit no longer builds a set of
+        every failed id (a million ids held in a Python set), the database answers per chunk.
+        """
+        self.ensure_schema()
+        c, s = self.records.c, self.submissions.c
+        pg = self.engine.dialect.name == "postgresql"
+        out: set[str] = set()
+        ids = list(dict.fromkeys(record_ids))
+        with self.engine.connect() as conn:
+            for part in _chunks(ids, _PG_CHUNK if pg else _CHUNK):
+                failed = sa.select(c.record_id).where(
+                    c.job_id == rerun_of, c.status == REJECTED, c.superseded_by.is_(None)
+                )
+                if retryable_only:
+                    failed = failed.where(c.retryable.is_(True))
+                out.update(conn.execute(self._for_ids(failed, part)).scalars())
+                if job_id is not None and run_key is not None:
+                    mine = (
+                        sa.select(c.record_id)
+                        .select_from(self.records.join(self.submissions, s.id == c.submission_id))
+                        .where(c.job_id == job_id, s.run_key == run_key)
+                    )
+                    out.update(conn.execute(self._for_ids(mine, part)).scalars())
         return out
 
     def record_ids(
@@ -717,15 +884,10 @@ class Ledger:
                 )
                 .returning(self.submissions.c.id)
             ).scalar_one()  # fmt: skip
-            rows = [
-                {
-                    "job_id": job_id, "record_id": rid, "custom_id": cid, "status": PENDING,
-                    "submission_id": sub_id, "request_digest": digest, "attempts": 0, "model": model,
-                    "created_at": now, "updated_at": now,
-                }
-                for rid, cid, digest in records
-            ]  # fmt: skip
-            for part in _chunks(rows):
+            pg = self.engine.dialect.name == "postgresql"
+            if pg:
+                self._write_records_staged(conn, job_id, sub_id, records, model, now)
+            for part in [] if pg else _chunks(records):
                 stmt = self._insert(self.records)
                 stmt = stmt.on_conflict_do_update(
                     index_elements=["job_id", "record_id"],
@@ -738,9 +900,85 @@ class Ledger:
                         "updated_at": stmt.excluded.updated_at,
                     },
                 )
-                conn.execute(stmt, list(part))
+                rows = [
+                    {
+                        "job_id": job_id, "record_id": rid, "custom_id": cid, "status": PENDING,
+                        "submission_id": sub_id, "request_digest": digest, "attempts": 0, "model": model,
+                        "created_at": now, "updated_at": now,
+                    }
+                    for rid, cid, digest in part
+                ]  # fmt: skip
+                conn.execute(stmt, rows)
             row = conn.execute(sa.select(self.submissions).where(self.submissions.c.id == sub_id)).one()
+        if pg:
+            self._analyze_after(self.records, len(records))
         return self._submission(row)
+
+    def _write_records_staged(
+        self, conn: sa.Connection, job_id: str, sub_id: int, records: Sequence[tuple[str, str, str]],
+        model: str, now: str,
+    ) -> None:  # fmt: skip
+        """``write_intent``'s records on PostgreSQL: COPY into a staging table, one joined upsert.
+
+        The row-at-a-time path (a 500-row multi-VALUES upsert per chunk) ran at ~10k records/s;
+        this is one COPY and one ``INSERT ... SELECT ... ON CONFLICT`` per shard. A record id
+        given twice keeps its last row, as the sequential upserts did (an upsert cannot touch a
+        row twice in one statement, so they are folded here first).
+        """
+        latest = {rid: (cid, digest) for rid, cid, digest in records}
+        conn.exec_driver_sql(
+            f"CREATE TEMP TABLE IF NOT EXISTS {_RECORD_STAGE.name} (record_id TEXT, custom_id TEXT, "
+            "request_digest TEXT) ON COMMIT DELETE ROWS"
+        )
+        conn.exec_driver_sql(f"TRUNCATE {_RECORD_STAGE.name}")  # two intents in one transaction
+        _pg_copy(
+            conn, _RECORD_STAGE.name, ("record_id", "custom_id", "request_digest"),
+            [(rid, cid, digest) for rid, (cid, digest) in latest.items()],
+        )  # fmt: skip
+        del latest
+        s = _RECORD_STAGE.c
+        ins = self._insert(self.records).from_select(
+            [
+                "job_id", "record_id", "custom_id", "status", "submission_id", "request_digest",
+                "attempts", "model", "created_at", "updated_at",
+            ],
+            sa.select(
+                sa.literal(job_id, sa.String(64)), s.record_id, s.custom_id, sa.literal(PENDING, sa.String(16)),
+                sa.literal(sub_id, sa.Integer), s.request_digest, sa.literal(0, sa.Integer),
+                sa.literal(model, sa.Text), sa.literal(now, sa.Text), sa.literal(now, sa.Text),
+            ),
+        )  # fmt: skip
+        conn.execute(
+            ins.on_conflict_do_update(
+                index_elements=["job_id", "record_id"],
+                set_={
+                    "custom_id": ins.excluded.custom_id,
+                    "status": PENDING,
+                    "submission_id": ins.excluded.submission_id,
+                    "request_digest": ins.excluded.request_digest,
+                    "model": ins.excluded.model,
+                    "updated_at": ins.excluded.updated_at,
+                },
+            )
+        )
+
+    def _analyze_after(self, table: sa.Table, rows: int) -> None:
+        """PostgreSQL: ``ANALYZE table`` once this object has written 50,000 rows to it, then
+        after twice as many each time (a handful of ANALYZEs per million rows, ~0.1 s each).
+
+        Why: a ledger table filled by one big submit or load has no statistics until autovacuum
+        gets to it (a minute or more), and the planner then takes a million-row job for a few
+        thousand rows and may scan them all per chunk (the verdicts' joined updates). With
+        statistics it probes the keys, and each chunk costs the same at 10M records as at 100k.
+        """
+        name = table.name
+        self._written[name] = self._written.get(name, 0) + rows
+        if self._written[name] < self._analyze_at.get(name, 50_000):
+            return
+        self._analyze_at[name] = 2 * self._written[name]
+        target = self.engine.dialect.identifier_preparer.format_table(table)
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql(f"ANALYZE {target}")
 
     def write_batch(
         self, submission_id: int, batch_id: str, *, state: str = CREATED, note: str | None = None
@@ -938,6 +1176,7 @@ class Ledger:
         parent = (self.job(job_id) or {}).get("parent_job")
         if self.engine.dialect.name == "postgresql":
             self._record_outcomes_staged(job_id, batch_id, outcomes, parent, now)
+            self._analyze_after(self.outcomes, len(outcomes))
             self.mark_needs_review(
                 job_id, [x.record_id for x in outcomes if x.status == REJECTED], review_after
             )
@@ -996,25 +1235,22 @@ class Ledger:
         """``record_outcomes`` on PostgreSQL: the verdicts in a temporary table, then set-based SQL.
 
         The row-by-row path (an UPDATE per record) costs a round trip per record, which at a
-        million records is most of an hour; here a chunk is one multi-row INSERT into a
-        session-private staging table (emptied at commit) and four statements joining it. One
-        verdict per record (the last, as the row-by-row upsert would leave it).
+        million records is most of an hour; here a chunk is one COPY into a session-private
+        staging table (emptied at commit) and four statements joining it. One verdict per record
+        (the last, as the row-by-row upsert would leave it).
         """
-        c, o = self.records.c, self.outcomes.c
         latest = {x.record_id: x for x in outcomes}
         stage = _OUTCOME_STAGE
         s = stage.c
+        jobs = [job_id] + ([parent] if parent else [])
         with self.engine.begin() as conn:
             conn.exec_driver_sql(
                 f"CREATE TEMP TABLE IF NOT EXISTS {stage.name} (record_id TEXT PRIMARY KEY, "
                 "status VARCHAR(16) NOT NULL, reason TEXT, retryable BOOLEAN) ON COMMIT DELETE ROWS"
             )
-            conn.execute(
-                stage.insert(),
-                [
-                    {"record_id": x.record_id, "status": x.status, "reason": x.reason, "retryable": bool(x.retryable)}
-                    for x in latest.values()
-                ],
+            _pg_copy(
+                conn, stage.name, ("record_id", "status", "reason", "retryable"),
+                [(x.record_id, x.status, x.reason, bool(x.retryable)) for x in latest.values()],
             )  # fmt: skip
             ins = self._insert(self.outcomes).from_select(
                 ["job_id", "record_id", "batch_id", "status", "reason", "retryable", "superseded", "at"],
@@ -1029,32 +1265,51 @@ class Ledger:
                     set_={k: ins.excluded[k] for k in ("status", "reason", "retryable", "at")},
                 )
             )
+            records = self.engine.dialect.identifier_preparer.format_table(self.records)
+            outcomes_table = self.engine.dialect.identifier_preparer.format_table(self.outcomes)
+            params = {"job": job_id, "batch": batch_id, "now": now, "parent": parent, "jobs": jobs}
+            # Each statement finds its rows by probing the primary key once per staged record
+            # (LATERAL, fenced with OFFSET 0, filters outside the fence) and updates them by
+            # ctid. Joined directly, the planner went by the batch_id index (no statistics yet
+            # for the batch ids written minutes ago: "1 row") and read the whole 100,000-record
+            # batch for every 10,000-verdict chunk. A row another transaction updates meanwhile
+            # (a resubmission making it pending, a newer batch) is skipped: its ctid moved, and
+            # this verdict would not apply to it anyway.
             conn.execute(
-                sa.update(self.records)
-                .where(
-                    c.job_id == job_id, c.record_id == s.record_id, c.batch_id == batch_id,
-                    c.status != PENDING,  # a resubmission is in flight: this verdict is history
-                )
-                .values(status=s.status, reason=s.reason, retryable=s.retryable, updated_at=now)
-            )  # fmt: skip
-            jobs = [job_id] + ([parent] if parent else [])
+                sa.text(
+                    f"UPDATE {records} AS r SET status = h.status, reason = h.reason, "
+                    "retryable = h.retryable, updated_at = :now "
+                    f"FROM (SELECT x.tid, s.status, s.reason, s.retryable FROM {stage.name} AS s "
+                    f"CROSS JOIN LATERAL (SELECT f.ctid AS tid, f.batch_id, f.status FROM {records} AS f "
+                    "WHERE f.job_id = :job AND f.record_id = s.record_id OFFSET 0) AS x "
+                    # a resubmission is in flight (pending): this verdict is history
+                    f"WHERE x.batch_id = :batch AND x.status <> '{PENDING}') AS h "
+                    "WHERE r.ctid = h.tid"
+                ),
+                params,
+            )
             conn.execute(
-                sa.update(self.outcomes)
-                .where(
-                    s.status == ACCEPTED, o.job_id.in_(jobs), o.record_id == s.record_id,
-                    o.status == REJECTED, o.batch_id != batch_id, o.superseded.is_(False),
-                )
-                .values(superseded=True)
-            )  # fmt: skip
+                sa.text(
+                    f"UPDATE {outcomes_table} AS o SET superseded = true "
+                    f"FROM (SELECT x.tid FROM {stage.name} AS s "
+                    f"CROSS JOIN LATERAL (SELECT f.ctid AS tid, f.status, f.batch_id, f.superseded "
+                    f"FROM {outcomes_table} AS f WHERE f.job_id = ANY(:jobs) AND f.record_id = s.record_id "
+                    f"OFFSET 0) AS x WHERE s.status = '{ACCEPTED}' AND x.status = '{REJECTED}' "
+                    "AND x.batch_id <> :batch AND NOT x.superseded) AS h WHERE o.ctid = h.tid"
+                ),
+                params,
+            )
             if parent:
                 conn.execute(
-                    sa.update(self.records)
-                    .where(
-                        s.status == ACCEPTED, c.job_id == parent, c.record_id == s.record_id,
-                        c.status == REJECTED,
-                    )
-                    .values(superseded_by=job_id, updated_at=now)
-                )  # fmt: skip
+                    sa.text(
+                        f"UPDATE {records} AS r SET superseded_by = :job, updated_at = :now "
+                        f"FROM (SELECT x.tid FROM {stage.name} AS s "
+                        f"CROSS JOIN LATERAL (SELECT f.ctid AS tid, f.status FROM {records} AS f "
+                        "WHERE f.job_id = :parent AND f.record_id = s.record_id OFFSET 0) AS x "
+                        f"WHERE s.status = '{ACCEPTED}' AND x.status = '{REJECTED}') AS h WHERE r.ctid = h.tid"
+                    ),
+                    params,
+                )
 
     # ------------------------------------------------------------------ issue #17: review, usage, selection
     def job_chain(self, job_id: str, *, depth: int = 16) -> list[str]:
@@ -1086,10 +1341,15 @@ class Ledger:
         marked: list[str] = []
         with self.engine.begin() as conn:
             for part in _chunks(list(dict.fromkeys(record_ids))):
+                found = self._for_ids(
+                    sa.select(o.record_id, o.status, o.reason, o.at, o.batch_id).where(o.job_id.in_(jobs)),
+                    part,
+                    o.record_id,
+                ).subquery()
                 rows = conn.execute(
-                    sa.select(o.record_id, o.status, o.reason)
-                    .where(o.job_id.in_(jobs), o.record_id.in_(part))
-                    .order_by(o.record_id, o.at.desc(), o.batch_id.desc())
+                    sa.select(found.c.record_id, found.c.status, found.c.reason).order_by(
+                        found.c.record_id, found.c.at.desc(), found.c.batch_id.desc()
+                    )
                 )
                 last: dict[str, list[tuple[str, str | None]]] = {}
                 for rid, status, reason in rows:

@@ -17,7 +17,7 @@ from typing import Any
 
 from airflow_provider_fable.core import ids
 from airflow_provider_fable.core.errors import RecordError
-from airflow_provider_fable.core.job import BatchJob
+from airflow_provider_fable.core.job import BatchJob, template_fields_of
 
 
 def cache_control(job: BatchJob) -> dict[str, str]:
@@ -41,6 +41,8 @@ def is_missing(value: Any) -> bool:
     """None, NaN (float or numpy) and pandas' NA/NaT: a value that carries nothing to ask about."""
     if value is None:
         return True
+    if value.__class__ is str:  # the usual field: decided without the numeric checks
+        return False
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         try:
             return bool(value != value)
@@ -49,9 +51,15 @@ def is_missing(value: Any) -> bool:
     return type(value).__name__ in ("NAType", "NaTType")
 
 
+@lru_cache(maxsize=64)
+def _unique_fields(template: str) -> tuple[str, ...]:
+    """A template's fields, each once, in order: asked for every record (parsed once per template)."""
+    return tuple(dict.fromkeys(template_fields_of(template)))
+
+
 def missing_template_fields(job: BatchJob, record: Mapping[str, Any]) -> list[str]:
     """Template fields the record lacks or holds as None/NaN, in template order."""
-    return [f for f in dict.fromkeys(job.template_fields) if f not in record or is_missing(record[f])]
+    return [f for f in _unique_fields(job.prompt_template) if f not in record or is_missing(record[f])]
 
 
 def render_prompt(job: BatchJob, record: Mapping[str, Any], record_id: Any = None) -> str:

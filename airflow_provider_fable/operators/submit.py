@@ -52,9 +52,16 @@ RERUN_MODES = ("failed", "retryable", "unaccepted")
 #: the variable set sees its retries succeed. Unset in every real deployment.
 KILL_ENV = "FABLE_FAULT_KILL_AT"
 _STATE_KEY = "fable_batches"  # task state store key: {shard digest: batch id}
-_LEDGER_CHUNK = 1000
+#: Records per ledger look-up while selecting (their requests are held meanwhile, ~2 KB each):
+#: one round trip per 5,000 records (PostgreSQL: one ``= ANY`` array; SQLite: IN lists of 500).
+_LEDGER_CHUNK = 5000
 #: How many records left out by ``on_missing_field="skip"`` the manifest lists by id (all are counted).
 _SKIPPED_IN_MANIFEST = 100
+#: A rerun's selection up to this many ids is held as one set (~100 bytes an id); past it the
+#: ledger is asked per chunk of records instead (``_Submission._rerun_ids``).
+_RERUN_SET_MAX = 200_000
+#: How every spooled request line starts (``build_request`` puts the custom_id first).
+_CUSTOM_ID_HEAD = b'{"custom_id":"'
 
 
 def _kill_point(name: str, shard: int, try_number: int = 1) -> None:
@@ -409,15 +416,43 @@ class _Submission:
             self.rerun_of = ledger.resolve_job(self.rerun_of)  # a fingerprint aliased to a legacy id
         if self.rerun == "unaccepted" and self.rerun_of != self.job_id:
             raise ValueError(f"{op.task_id}: rerun='unaccepted' reruns this job only; drop rerun_job")
+        self._rerun_set: set[str] | None = None  # the rerun's selection, when small (_rerun_ids)
+        self._rerun_read = False
         self._statuses = (ACCEPTED, PENDING, REJECTED)  # read once per record by _decide
         self._needs_review = NEEDS_REVIEW
 
     # -- selection ---------------------------------------------------------------------------
-    def _rerun_ids(self) -> set[str]:
+    def _rerun_chosen(self, record_ids: Sequence[str], states: dict[str, RecordState]) -> set[str]:
+        """Which of ``record_ids`` this rerun selects: the rerun job's rejects (not superseded;
+        retryable ones only under ``rerun="retryable"``), plus, for a retry of this very task,
+        the records its earlier try already sent again (their latest submission is this run's).
+
+        Both are read from the chunk's ledger states when the rerun is of this job (the usual
+        case: no query beyond the look-up). The rejects of another job (``rerun_job``): up to
+        ``_RERUN_SET_MAX`` are read once into a set; beyond, the ledger is asked per chunk
+        (``Ledger.rerun_selected``), so memory stays flat however many records failed.
+        """
+        from airflow_provider_fable.core.ledger import REJECTED
+
         assert self.rerun_of is not None
-        chosen = set(self.ledger.failed(self.rerun_of, retryable_only=self.rerun == "retryable"))
-        # A retry of this very task must find the records its earlier try already sent again.
-        chosen.update(self.ledger.record_ids_of_run(self.job_id, self.run_key))
+        retryable = self.rerun == "retryable"
+        chosen = {rid for rid, st in states.items() if st.run_key == self.run_key}
+        if self.rerun_of == self.job_id:
+            chosen.update(
+                rid
+                for rid, st in states.items()
+                if st.status == REJECTED and st.superseded_by is None and (st.retryable or not retryable)
+            )
+            return chosen
+        if not self._rerun_read:
+            self._rerun_set = self.ledger.rerun_ids(
+                self.rerun_of, retryable_only=retryable, limit=_RERUN_SET_MAX
+            )
+            self._rerun_read = True
+        if self._rerun_set is not None:
+            chosen.update(rid for rid in record_ids if rid in self._rerun_set)
+        else:
+            chosen |= self.ledger.rerun_selected(self.rerun_of, record_ids, retryable_only=retryable)
         return chosen
 
     def _decide(self, state: RecordState | None) -> str:
@@ -447,11 +482,20 @@ class _Submission:
 
         self._encoded_ids: dict[str, str] = plan["ids"]  # custom_id -> record id, for messages
         # "unaccepted" selects nothing from the ledger: every source record is decided on its state.
-        rerun_ids = self._rerun_ids() if self.rerun_of and self.rerun != "unaccepted" else None
+        rerun = bool(self.rerun_of) and self.rerun != "unaccepted"
+        # A job the ledger has no record of (its first submit: under the claim no one else adds
+        # any meanwhile) has no state to look up: every record is sent, without a query per chunk.
+        known = self.ledger.has_records(self.job_id)
         buf: list[tuple[str, dict[str, Any]]] = []
 
         def flush() -> Iterator[dict[str, Any]]:
-            states = self.ledger.record_states(self.job_id, [rid for rid, _ in buf])
+            nonlocal buf
+            chunk = [rid for rid, _ in buf]
+            states = self.ledger.record_states(self.job_id, chunk) if known else {}
+            if rerun:
+                chosen = self._rerun_chosen(chunk, states)
+                plan["not_selected"] += sum(1 for rid in chunk if rid not in chosen)
+                buf = [(rid, request) for rid, request in buf if rid in chosen]
             for rid, request in buf:
                 state = states.get(rid)
                 verdict = self._decide(state)
@@ -471,9 +515,6 @@ class _Submission:
 
         for request, record in requests:
             rid = ids.record_id_text(record.get(self.job.id_field))
-            if rerun_ids is not None and rid not in rerun_ids:
-                plan["not_selected"] += 1
-                continue
             buf.append((rid, request))
             if len(buf) >= _LEDGER_CHUNK:
                 yield from flush()
@@ -729,25 +770,28 @@ class _Submission:
     ) -> tuple[list[tuple[str, str, str]], str, int]:
         """Ledger rows (record id, custom_id, request hash), shard digest and byte size, line by line.
 
-        Only the small rows are kept: each request is parsed, hashed and dropped, so the shard is
-        never held as a list of dicts (the body itself is streamed by ``iter_body``).
+        Only the small rows are kept, so the shard is never held as a list of dicts (the body
+        itself is streamed by ``iter_body``). The request hash is the sha256 of the request's
+        line as sent (``core.spool.serialise``: one serialisation per request, so the same
+        request has the same line). Each line starts with its custom_id (``build_request`` puts
+        it first), read there; a line that does not is parsed as JSON. At 1M records this was
+        a JSON parse and a key-sorted re-serialisation per request, ~25 s of the submit.
         """
         spool.seek(shard.offset)
         digest = hashlib.sha256()
         rows = []
         size = 0
+        ids = plan["ids"]
+        sha256 = hashlib.sha256
+        head = len(_CUSTOM_ID_HEAD)
         for _ in range(shard.count):
             line = spool.readline()
             digest.update(line)
             size += len(line)
-            r = json.loads(line)
-            rows.append(
-                (
-                    plan["ids"].get(r["custom_id"], r["custom_id"]),
-                    r["custom_id"],
-                    hashlib.sha256(json.dumps(r, sort_keys=True, ensure_ascii=False).encode()).hexdigest(),
-                )
-            )
+            end = line.find(b'"', head) if line.startswith(_CUSTOM_ID_HEAD) else -1
+            raw = line[head:end] if end > 0 else b"\\"
+            custom_id = raw.decode() if b"\\" not in raw else str(json.loads(line)["custom_id"])
+            rows.append((ids.get(custom_id, custom_id), custom_id, sha256(line.rstrip(b"\n")).hexdigest()))
         return rows, digest.hexdigest(), size
 
     def _ended_incomplete(self, attached: dict[str, int]) -> list[str]:
