@@ -85,7 +85,7 @@ def _scenario(ledger: Ledger, write) -> None:
     write(ledger, "job2", "B3", [
         Outcome("b", "b", "accepted", None, False, "B3"),
         Outcome("c", "c", "rejected", "refusal", False, "B3"),
-    ], 3)  # fmt: skip
+    ], 2)  # "c" refused twice over the job chain: needs review, in both jobs  # fmt: skip
 
 
 def _state(ledger: Ledger) -> tuple[list[tuple], list[tuple]]:
@@ -122,6 +122,7 @@ def test_verdict_writer_leaves_the_ledger_as_record_outcomes_does(two_ledgers):
     # The rules the scenario exercises really happened (so the comparison is not of two no-ops).
     assert records[("job1", "b")][6] == "job2"  # the rerun's acceptance supersedes the parent's reject
     assert records[("job1", "e")][2] == "needs_review"
+    assert records[("job1", "c")][2] == records[("job2", "c")][2] == "needs_review"
     assert records[("job1", "d")][2] == "accepted" and records[("job1", "f")][2] == "accepted"
     assert ("job1", "f", "B1", "rejected", "errored", True, True) in expected[1]  # superseded by B2
 

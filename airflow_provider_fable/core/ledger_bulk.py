@@ -19,7 +19,9 @@ verdicts of a million records were most of the load task's time (issue #19):
   ``COALESCE``, so its index is not a way in either), the stage has no index (so it is never
   the probed side), and hash, merge and bitmap joins and sequential scans are off (``SET
   LOCAL``: this transaction only);
-- the parent job is looked up once per batch (``VerdictWriter``), not once per chunk.
+- the parent job and the job chain are looked up once per batch (``VerdictWriter``), not once
+  per chunk, and the needs-review rule reads each staged reject's last outcomes by a probe
+  (``LATERAL ... LIMIT``) in the same transaction.
 
 SQLite keeps ``Ledger.record_outcomes`` (its statements are already driven by the primary key,
 one probe per verdict, in-process). Pure SQLAlchemy Core and the DB-API driver; no Airflow import.
@@ -33,7 +35,16 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from airflow_provider_fable.core.ledger import ACCEPTED, PENDING, REJECTED, Ledger, _ts, utcnow
+from airflow_provider_fable.core.ledger import (
+    _NOT_THE_RECORDS_FAULT,
+    ACCEPTED,
+    NEEDS_REVIEW,
+    PENDING,
+    REJECTED,
+    Ledger,
+    _ts,
+    utcnow,
+)
 from airflow_provider_fable.core.sinks import _copy_text
 
 #: Session-private staging table of one chunk's verdicts (emptied at commit).
@@ -99,10 +110,12 @@ class VerdictWriter:
             return
         ledger.ensure_schema()
         self._write_pg(outcomes, self.parent(), _ts(utcnow()))
-        if self.review_after:
-            rejected = [x.record_id for x in outcomes if x.status == REJECTED]
-            if rejected:
-                ledger.mark_needs_review(self.job_id, rejected, self.review_after)
+
+    def chain(self) -> list[str]:
+        """The job and the jobs it reruns (``Ledger.job_chain``), looked up once."""
+        if not hasattr(self, "_chain"):
+            self._chain = self.ledger.job_chain(self.job_id)
+        return self._chain
 
     def _write_pg(self, outcomes: Sequence[Any], parent: str | None, now: str) -> None:
         ledger, job_id, batch_id = self.ledger, self.job_id, self.batch_id
@@ -134,6 +147,56 @@ class VerdictWriter:
                 conn.exec_driver_sql(setting)
             for sql in _statements(records, outcome_table, parent is not None):
                 conn.execute(sa.text(sql), params)
+            if (
+                self.review_after
+                and self.review_after > 0
+                and any(x.status == REJECTED for x in latest.values())
+            ):
+                self._mark_needs_review(conn, records, outcome_table, now)
+
+    def _mark_needs_review(self, conn: sa.Connection, records: str, outcomes: str, now: str) -> None:
+        """``Ledger.mark_needs_review`` for the chunk's rejects, read from the stage in this transaction.
+
+        Each staged reject's last ``review_after`` outcomes over the job chain come from a
+        ``LATERAL ... LIMIT`` subquery (never flattened into a join: one primary-key probe per
+        staged reject); the rule is ``mark_needs_review``'s. The row-by-row look-up with an
+        ``IN`` list of ids took 0.7 s per 500 rejects on a ledger of a million outcomes.
+        """
+        n = int(self.review_after or 0)
+        rows = conn.execute(
+            sa.text(
+                f"SELECT s.record_id, h.status, h.reason FROM {_STAGE} AS s CROSS JOIN LATERAL ("
+                f"SELECT o.status, o.reason FROM {outcomes} AS o WHERE o.job_id = ANY(:jobs) "
+                "AND o.record_id = s.record_id ORDER BY o.at DESC, o.batch_id DESC LIMIT :n) AS h "
+                "WHERE s.status = s.rejected"
+            ),
+            {"jobs": self.chain(), "n": n},
+        )
+        last: dict[str, list[tuple[str, str | None]]] = {}
+        for rid, status, reason in rows:
+            last.setdefault(rid, []).append((status, reason))
+        hits = [
+            rid
+            for rid, seen in last.items()
+            if len(seen) == n
+            and len(set(seen)) == 1
+            and seen[0][0] == REJECTED
+            and seen[0][1] not in _NOT_THE_RECORDS_FAULT
+        ]
+        if hits:
+            conn.execute(
+                sa.text(
+                    f"UPDATE {records} SET status = :review, updated_at = :now WHERE job_id = ANY(:jobs) "
+                    "AND record_id = ANY(:hits) AND status = :rejected AND superseded_by IS NULL"
+                ),
+                {
+                    "review": NEEDS_REVIEW,
+                    "now": now,
+                    "jobs": self.chain(),
+                    "hits": hits,
+                    "rejected": REJECTED,
+                },
+            )
 
 
 def _statements(records: str, outcomes: str, parent: bool) -> list[str]:
