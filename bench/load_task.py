@@ -193,7 +193,8 @@ def child_baseline(manifest_file: str, backend: str, dest: str) -> dict[str, Any
                 continue
             good.append({"ticket_id": item.custom_id, **answer, "_batch_id": batch_id})
     pd.DataFrame(good).to_sql(TABLE, engine, if_exists="append", index=False, chunksize=10_000)
-    pd.DataFrame(bad).to_sql(f"{TABLE}_rejects", engine, if_exists="append", index=False)
+    if bad:
+        pd.DataFrame(bad).to_sql(f"{TABLE}_rejects", engine, if_exists="append", index=False)
     return {"seconds": time.perf_counter() - start, "cpu": time.process_time() - cpu0,
             "accepted": len(good), "rejected": len(bad)}  # fmt: skip
 
