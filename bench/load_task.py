@@ -169,7 +169,7 @@ def child_task(manifest_file: str, profile: str | None) -> dict[str, Any]:
 
 
 def child_baseline(manifest_file: str, backend: str, dest: str) -> dict[str, Any]:
-    cpu0, start = time.process_time(), time.perf_counter()  # its imports count, as the task's do
+    cpu0, start = _cpu(), time.perf_counter()  # its imports count, as the task's do
     import anthropic
     import pandas as pd
     import sqlalchemy as sa
