@@ -30,7 +30,7 @@ one probe per verdict, in-process). Pure SQLAlchemy Core and the DB-API driver; 
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -94,6 +94,7 @@ class VerdictWriter:
         self.review_after = review_after
         self.postgres = ledger.engine.dialect.name == "postgresql"
         self._parent: list[str | None] = []  # looked up on the first chunk
+        self._chain: list[str] | None = None
 
     def parent(self) -> str | None:
         if not self._parent:
@@ -113,7 +114,7 @@ class VerdictWriter:
 
     def chain(self) -> list[str]:
         """The job and the jobs it reruns (``Ledger.job_chain``), looked up once."""
-        if not hasattr(self, "_chain"):
+        if self._chain is None:
             self._chain = self.ledger.job_chain(self.job_id)
         return self._chain
 
@@ -250,7 +251,7 @@ class VerdictPipe:
     where a second writer would only wait for the file's lock.
     """
 
-    def __init__(self, writer: VerdictWriter, on_written: Any = None) -> None:
+    def __init__(self, writer: VerdictWriter, on_written: Callable[[int], None] | None = None) -> None:
         import queue
         import threading
 

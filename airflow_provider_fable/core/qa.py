@@ -46,7 +46,12 @@ def select_qa_rows(
 
 
 def _sample_rows(
-    engine: sa.engine.Engine, table: sa.Table, id_column: str, batch_ids: list[str], size: int, seed: int | str
+    engine: sa.engine.Engine,
+    table: sa.Table,
+    id_column: str,
+    batch_ids: list[str],
+    size: int,
+    seed: int | str,
 ) -> list[dict[str, Any]]:
     """``select_qa_rows`` over the rows of ``batch_ids``, reading their ids only, then the chosen rows.
 

@@ -469,7 +469,6 @@ class FableValidateLoadOperator(ObservedLoadMixin, LineageLoadMixin, LoadGuardra
         """Download, validate and load one batch (run again whole after a database outage)."""
         from airflow_provider_fable.core.loading import ResultScreen, load_batch
 
-
         results: Iterable[BatchResult] = hook.iter_results(batch_id)
         on_outcomes = None
         pipe: VerdictPipe | None = None
