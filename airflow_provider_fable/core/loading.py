@@ -34,7 +34,7 @@ from typing import Any, NamedTuple, Protocol
 from pydantic import BaseModel
 
 from airflow_provider_fable.core.cost import usage_cost_usd
-from airflow_provider_fable.core.results import MISSING, BatchResult, Usage
+from airflow_provider_fable.core.results import MISSING, SUCCEEDED, BatchResult, Usage
 from airflow_provider_fable.core.sinks import ResultSink, model_properties, resolve
 from airflow_provider_fable.core.validation import Accepted, Outcome, Rejected, validator_for
 from airflow_provider_fable.core.writer_process import (
@@ -817,30 +817,45 @@ class ResultScreen:
         #: custom_ids of lines dropped because the mapping lacks them.
         self.dropped: list[str] = []
         self.missing = 0
+        #: Succeeded results passed on, and their output tokens (the batch's measured output,
+        #: ``Ledger.count_batch_usage``): counted here, in the one per-result step of the load.
+        self.succeeded = 0
+        self.output_tokens = 0
 
     def __call__(self, results: Iterable[BatchResult]) -> Iterator[BatchResult]:
         mapping = self.mapping
-        if mapping is None:
-            for result in results:
-                if result.custom_id == "":  # (a JSON number 0 is a custom_id too)
-                    self._unattributable(result)
-                else:
+        succeeded = output_tokens = 0
+        try:
+            if mapping is None:
+                for result in results:
+                    if result.custom_id == "":  # (a JSON number 0 is a custom_id too)
+                        self._unattributable(result)
+                        continue
+                    if result.type == SUCCEEDED:
+                        succeeded += 1
+                        output_tokens += result.usage.output_tokens
                     yield result
-            return
-        seen: set[str] = set()
-        get, see, dropped = mapping.get, seen.add, self.dropped.append
-        for result in results:
-            custom_id = result.custom_id
-            record_id = get(custom_id)
-            if record_id is None:
-                if custom_id == "":
-                    self._unattributable(result)
-                else:
-                    dropped(custom_id)
-                continue
-            see(custom_id)
-            result.custom_id = record_id
-            yield result
+                return
+            seen: set[str] = set()
+            get, see, dropped = mapping.get, seen.add, self.dropped.append
+            for result in results:
+                custom_id = result.custom_id
+                record_id = get(custom_id)
+                if record_id is None:
+                    if custom_id == "":
+                        self._unattributable(result)
+                    else:
+                        dropped(custom_id)
+                    continue
+                see(custom_id)
+                result.custom_id = record_id
+                if result.type == SUCCEEDED:
+                    succeeded += 1
+                    output_tokens += result.usage.output_tokens
+                yield result
+        finally:
+            self.succeeded += succeeded
+            self.output_tokens += output_tokens
         if len(seen) < len(mapping):
             missing = [rid for cid, rid in mapping.items() if cid not in seen]
             self.missing = len(missing)

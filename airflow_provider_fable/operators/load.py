@@ -28,10 +28,16 @@ if TYPE_CHECKING:  # imported where used, so parsing a DAG file that names this 
     from airflow.sdk import Context
 
     from airflow_provider_fable.core.ledger import Ledger
-    from airflow_provider_fable.core.loading import LoadStats, RecordOutcome
+    from airflow_provider_fable.core.ledger_bulk import VerdictPipe
+    from airflow_provider_fable.core.loading import LoadStats, RecordOutcome, ResultScreen
     from airflow_provider_fable.core.results import BatchResult
     from airflow_provider_fable.core.sinks import ResultSink
     from airflow_provider_fable.hooks.fable import FableHook
+
+
+#: Seconds a failed batch load waits for the verdicts of its committed chunks (a ledger stuck on
+#: a lock must not hold the error back).
+_FAILED_VERDICTS_WAIT = 10.0
 
 
 def _selected_results(
@@ -48,21 +54,6 @@ def _selected_results(
             counter[0] += 1
             continue
         yield result
-
-
-class _Measured:
-    """Succeeded results and their output tokens, counted as the results stream by."""
-
-    def __init__(self) -> None:
-        self.succeeded = 0
-        self.output_tokens = 0
-
-    def tap(self, results: Iterable[BatchResult]) -> Iterator[BatchResult]:
-        for result in results:
-            if result.type == "succeeded":
-                self.succeeded += 1
-                self.output_tokens += result.usage.output_tokens
-            yield result
 
 
 class FableValidateLoadOperator(ObservedLoadMixin, LineageLoadMixin, LoadGuardrailsMixin, BaseOperator):
@@ -426,7 +417,7 @@ class FableValidateLoadOperator(ObservedLoadMixin, LineageLoadMixin, LoadGuardra
         batch_id: str,
         stats: LoadStats,
         cost_before: float | None,
-        measured: _Measured,
+        measured: ResultScreen,
         partial: bool,
     ) -> None:
         """New spend or already counted: the ledger counts each batch's cost once per job.
@@ -480,9 +471,9 @@ class FableValidateLoadOperator(ObservedLoadMixin, LineageLoadMixin, LoadGuardra
         """Download, validate and load one batch (run again whole after a database outage)."""
         from airflow_provider_fable.core.loading import ResultScreen, load_batch
 
-
         results: Iterable[BatchResult] = hook.iter_results(batch_id)
         on_outcomes = None
+        pipe: VerdictPipe | None = None
         submission = ledger.submission_for_batch(batch_id) if ledger is not None else None
         mapping = ledger.custom_id_map(batch_id) if submission is not None and ledger is not None else None
         selected: set[str] | None = None
@@ -502,23 +493,44 @@ class FableValidateLoadOperator(ObservedLoadMixin, LineageLoadMixin, LoadGuardra
             committed[2] = 1
             review_after = opt_int(self.needs_review_after, "needs_review_after")
 
+            from airflow_provider_fable.core.ledger_bulk import VerdictPipe, VerdictWriter
+
+            # = ledger.record_outcomes, at load speed (core/ledger_bulk.py); on PostgreSQL from a
+            # thread, so the server stores a chunk's verdicts while the next chunk is validated.
+            verdicts = VerdictWriter(ledger, job_id, batch_id, review_after=review_after)
+
+            def stored(n: int) -> None:
+                committed[1] += n
+
+            if verdicts.postgres:
+                pipe = VerdictPipe(verdicts, on_written=stored)
+
             def on_outcomes(outcomes: list[RecordOutcome]) -> None:
                 committed[0] += len(outcomes)  # reported once their chunk is committed
-                ledger.record_outcomes(job_id, batch_id, outcomes, review_after=review_after)
-                committed[1] += len(outcomes)
+                if pipe is not None:
+                    pipe.put(outcomes)
+                    return
+                verdicts.write(outcomes)
+                stored(len(outcomes))
         else:
             self.log.info("Batch %s is not in the job ledger (submitted elsewhere): loaded as is", batch_id)
-        measured, cost_before = _Measured(), stats.cost_usd
-        results = measured.tap(results)
-        load_batch(
-            results,
-            batch_id=batch_id,
-            output_model=model_cls,
-            sink=target,
-            stats=stats,
-            chunk_size=self.chunk_size,
-            on_outcomes=on_outcomes,
-        )
+        cost_before = stats.cost_usd
+        try:
+            load_batch(
+                results,
+                batch_id=batch_id,
+                output_model=model_cls,
+                sink=target,
+                stats=stats,
+                chunk_size=self.chunk_size,
+                on_outcomes=on_outcomes,
+            )
+        except BaseException:
+            if pipe is not None:  # the verdicts of the chunks committed before the error
+                pipe.close(wait=_FAILED_VERDICTS_WAIT)
+            raise
+        if pipe is not None:
+            pipe.close()  # every verdict stored before the batch counts as loaded
         if screen.dropped and submission is not None and ledger is not None:
             # Dropped lines are rare: tell a record a newer batch took over (stale, expected
             # after a rerun) from a custom_id this job never sent (an anomaly of the file).
@@ -533,5 +545,5 @@ class FableValidateLoadOperator(ObservedLoadMixin, LineageLoadMixin, LoadGuardra
                     batch_id, len(unknown), ", ".join(unknown[:5]),
                 )  # fmt: skip
         # Last, once the batch is in (a database retry of the batch runs all of the above again).
-        self._count_spend(ledger, submission, batch_id, stats, cost_before, measured, selected is not None)
+        self._count_spend(ledger, submission, batch_id, stats, cost_before, screen, selected is not None)
         self._spend["not_selected"][0] += not_selected[0]
