@@ -152,15 +152,27 @@ def _mark(task_id, event):
         f.write(json.dumps(row) + "\\n")
 
 
+PROFILE_DIR = os.environ.get("FABLE_E2E_PROFILE_DIR")
+
+
 class Measured:
     def execute(self, context):
         _mark(self.task_id, "begin")
         done = False
+        profiler = None
+        if PROFILE_DIR and self.task_id != "wait":
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
         try:
             result = super().execute(context)
             done = True
             return result
         finally:
+            if profiler is not None:
+                profiler.disable()
+                profiler.dump_stats(os.path.join(PROFILE_DIR, self.task_id + ".prof"))
             if done or not getattr(self, "_e2e_deferring", False):
                 _mark(self.task_id, "end")
 
@@ -392,6 +404,7 @@ def run_ours(
                 "FABLE_E2E_RECORDS": str(data),
                 "FABLE_E2E_DEST_CONN": "e2e_db",
                 "FABLE_E2E_LEDGER_CONN": "e2e_db" if kind == "postgres" else "",
+                "FABLE_E2E_PROFILE_DIR": str(run_dir) if args.profile else "",
             }
         )
         rc, wall, cpu, rss = wait4([airflow_cli(), "dags", "test", DAG_ID], env, run_dir / "dags_test.log")
@@ -586,9 +599,16 @@ def main() -> None:
     parser.add_argument("--pg-db", default="h4_e2e")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, DAG, events)")
     parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="cProfile the submit and load tasks' threads into <work dir>/ours-*/<task>.prof (slows them; "
+        "for finding hot spots, not for figures; implies --keep, runs no baseline)",
+    )
+    parser.add_argument(
         "--baseline-child", nargs=3, metavar=("DATA", "URL", "DB_URL"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
+    args.keep = args.keep or args.profile
     if args.baseline_child:
         data, url, db_url = args.baseline_child
         baseline_child(args.records[0], Path(data), url, db_url)
@@ -618,6 +638,8 @@ def main() -> None:
                     f"emulator_peak_rss_mb={ours['emulator_rss']:.0f} overhead_s={ours['overhead']:.1f}",
                     flush=True,
                 )
+                if args.profile:
+                    continue  # profiled figures are not comparable: no baseline, no result line
                 base_r = run_baseline(kind, n, data, base, args)
                 print(
                     f"records={n} backend={kind} baseline: wall_s={base_r['wall']:.1f} cpu_s={base_r['process_cpu']:.1f} "
