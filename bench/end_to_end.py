@@ -24,15 +24,12 @@ time spent inside the API calls (``FableHook.create_batch_from_body``, ``count_t
 ``iter_result_lines``), timed by wrappers the DAG file installs on the hook class. The sensor's
 numbers run from its ``execute`` to its ``execute_complete`` (the in-process trigger in between).
 
-Provider overhead (what this bench is about):
-  ours     = (submit wall - time inside create calls)
-           + sensor CPU
-           + (load wall - time inside the results download iterator)
-  baseline = (script wall - time inside create calls - wait wall + wait CPU
-              - time inside the results() iterator)
-Time inside a create or the download is the emulator's (validation, answer generation, the
-HTTP stream) plus the client's streaming of the bytes; the baseline's ``results()`` iterator
-also parses each line into SDK models, which is counted as download (in the baseline's favour).
+Provider overhead (what this bench is about): task time minus time spent waiting on the emulator.
+Waiting = wall time inside a create call or inside the results download iterator minus the CPU
+the calling thread spends in it (``time.thread_time``: serialising, streaming, parsing are the
+client's work, not the emulator's), plus a wait's wall minus its CPU. So
+  ours     = submit wall + load wall - waiting in creates and downloads + sensor CPU
+  baseline = script wall - waiting in creates and results() - (poll-loop wall - its CPU)
 ``count_tokens`` (the submit's cost estimate, 50 calls) is counted as overhead (the baseline
 makes none). ``vs_baseline`` = baseline overhead / ours (>= 1: ours at least as fast).
 
@@ -99,26 +96,33 @@ EVENTS = os.environ["FABLE_E2E_EVENTS"]
 TIMERS = FableHook.__dict__.get("_e2e_timers", {{}})
 
 
+def _add(name, start, cpu0):
+    # Wall time inside the call, and the calling thread's own CPU in it (serialising, parsing):
+    # the difference is the time spent waiting on the emulator.
+    TIMERS[name] = TIMERS.get(name, 0.0) + time.perf_counter() - start
+    TIMERS[name + "_cpu"] = TIMERS.get(name + "_cpu", 0.0) + time.thread_time() - cpu0
+
+
 def _timed(name, method, generator=False):
     if generator:
         def wrapper(self, *args, **kwargs):
             inner = method(self, *args, **kwargs)
             while True:
-                start = time.perf_counter()
+                start, cpu0 = time.perf_counter(), time.thread_time()
                 try:
                     item = next(inner)
                 except StopIteration:
-                    TIMERS[name] = TIMERS.get(name, 0.0) + time.perf_counter() - start
+                    _add(name, start, cpu0)
                     return
-                TIMERS[name] = TIMERS.get(name, 0.0) + time.perf_counter() - start
+                _add(name, start, cpu0)
                 yield item
     else:
         def wrapper(self, *args, **kwargs):
-            start = time.perf_counter()
+            start, cpu0 = time.perf_counter(), time.thread_time()
             try:
                 return method(self, *args, **kwargs)
             finally:
-                TIMERS[name] = TIMERS.get(name, 0.0) + time.perf_counter() - start
+                _add(name, start, cpu0)
     return wrapper
 
 
@@ -421,11 +425,14 @@ def run_ours(
     if missing:
         raise SystemExit(f"no figures for {missing}; log: {run_dir / 'dags_test.log'}")
     s, w, ld = tasks["submit"], tasks["wait"], tasks["load"]
-    overhead = (s["wall"] - s["create"]) + w["cpu"] + (ld["wall"] - ld["download"])
+    # Waiting on the emulator: wall inside the create / download calls minus this thread's CPU in
+    # them; the sensor's wall minus its CPU. Everything else is the provider's overhead.
+    api_wait = (s["create"] - s["create_cpu"]) + (ld["download"] - ld["download_cpu"])
+    overhead = (s["wall"] + ld["wall"] - api_wait) + w["cpu"]
     return {
         "tasks": tasks, "process_wall": wall, "process_cpu": cpu, "process_rss": rss, "rows": rows,
         "emulator_cpu": emu_cpu, "emulator_rss": emu_rss, "overhead": overhead,
-        "api": s["create"] + ld["download"] + w["wall"] - w["cpu"],
+        "api_wait": api_wait + w["wall"] - w["cpu"],
     }  # fmt: skip
 
 
@@ -440,7 +447,7 @@ def task_figures(events: Path) -> dict[str, dict[str, float]]:
         b = begin[row["task"]]
         timers = {
             k: row["timers"].get(k, 0.0) - b["timers"].get(k, 0.0)
-            for k in ("create", "count_tokens", "download")
+            for k in ("create", "create_cpu", "count_tokens", "count_tokens_cpu", "download", "download_cpu")
         }
         out[row["task"]] = {
             "wall": row["t"] - b["t"], "cpu": row["cpu"] - b["cpu"], "peak_rss_mb": row["hwm_kb"] / 1024,
@@ -494,12 +501,13 @@ def baseline_child(n: int, data: Path, url: str, db_url: str) -> None:
     ]
     del recs
     t_built = time.perf_counter()
-    create = 0.0
+    create = create_cpu = 0.0
     ids = []
     for i in range(0, len(requests), SHARD):
-        start = time.perf_counter()
+        start, cpu0 = time.perf_counter(), time.thread_time()
         ids.append(client.messages.batches.create(requests=requests[i : i + SHARD]).id)
         create += time.perf_counter() - start
+        create_cpu += time.thread_time() - cpu0
     del requests
     t_created = time.perf_counter()
     cpu_wait0 = cpu()
@@ -508,15 +516,16 @@ def baseline_child(n: int, data: Path, url: str, db_url: str) -> None:
             time.sleep(POLL_SECONDS)
     wait_cpu = cpu() - cpu_wait0
     t_waited = time.perf_counter()
-    download = 0.0
+    download = download_cpu = 0.0
     rows = []
     bad = 0
     for batch_id in ids:
         it = iter(client.messages.batches.results(batch_id))
         while True:
-            start = time.perf_counter()
+            start, cpu0 = time.perf_counter(), time.thread_time()
             item = next(it, None)
             download += time.perf_counter() - start
+            download_cpu += time.thread_time() - cpu0
             if item is None:
                 break
             if item.result.type != "succeeded":
@@ -534,6 +543,7 @@ def baseline_child(n: int, data: Path, url: str, db_url: str) -> None:
     engine.dispose()
     t_end = time.perf_counter()
     wait = t_waited - t_created
+    api_wait = (create - create_cpu) + (wait - wait_cpu) + (download - download_cpu)
     print(
         json.dumps(
             {
@@ -541,14 +551,17 @@ def baseline_child(n: int, data: Path, url: str, db_url: str) -> None:
                 "build": t_built - t0,
                 "create_wall": t_created - t_built,
                 "create": create,
+                "create_cpu": create_cpu,
                 "wait": wait,
                 "wait_cpu": wait_cpu,
                 "results_wall": t_parsed - t_waited,
                 "download": download,
+                "download_cpu": download_cpu,
                 "to_sql": t_end - t_parsed,
                 "rows": len(rows),
                 "bad": bad,
-                "overhead": (t_end - t0) - create - wait + wait_cpu - download,
+                "api_wait": api_wait,
+                "overhead": (t_end - t0) - api_wait,
             }
         ),  # fmt: skip
         flush=True,
@@ -628,14 +641,16 @@ def main() -> None:
                     print(
                         f"records={n} backend={kind} task={name} wall_s={t['wall']:.1f} cpu_s={t['cpu']:.1f} "
                         f"peak_rss_mb={t['peak_rss_mb']:.0f} create_s={t['create']:.1f} "
-                        f"count_tokens_s={t['count_tokens']:.1f} download_s={t['download']:.1f}",
+                        f"create_cpu_s={t['create_cpu']:.1f} count_tokens_s={t['count_tokens']:.1f} "
+                        f"download_s={t['download']:.1f} download_cpu_s={t['download_cpu']:.1f}",
                         flush=True,
                     )
                 print(
                     f"records={n} backend={kind} ours: dags_test_wall_s={ours['process_wall']:.1f} "
                     f"dags_test_cpu_s={ours['process_cpu']:.1f} dags_test_peak_rss_mb={ours['process_rss']:.0f} "
                     f"rows={ours['rows']} emulator_cpu_s={ours['emulator_cpu']:.1f} "
-                    f"emulator_peak_rss_mb={ours['emulator_rss']:.0f} overhead_s={ours['overhead']:.1f}",
+                    f"emulator_peak_rss_mb={ours['emulator_rss']:.0f} emulator_wait_s={ours['api_wait']:.1f} "
+                    f"overhead_s={ours['overhead']:.1f}",
                     flush=True,
                 )
                 if args.profile:
@@ -645,10 +660,13 @@ def main() -> None:
                     f"records={n} backend={kind} baseline: wall_s={base_r['wall']:.1f} cpu_s={base_r['process_cpu']:.1f} "
                     f"peak_rss_mb={base_r['process_rss']:.0f} build_s={base_r['build']:.1f} "
                     f"create_wall_s={base_r['create_wall']:.1f} create_s={base_r['create']:.1f} "
+                    f"create_cpu_s={base_r['create_cpu']:.1f} "
                     f"wait_s={base_r['wait']:.1f} wait_cpu_s={base_r['wait_cpu']:.1f} "
                     f"results_wall_s={base_r['results_wall']:.1f} download_s={base_r['download']:.1f} "
+                    f"download_cpu_s={base_r['download_cpu']:.1f} "
                     f"to_sql_s={base_r['to_sql']:.1f} rows={base_r['rows']} "
-                    f"emulator_cpu_s={base_r['emulator_cpu']:.1f} overhead_s={base_r['overhead']:.1f}",
+                    f"emulator_cpu_s={base_r['emulator_cpu']:.1f} emulator_wait_s={base_r['api_wait']:.1f} "
+                    f"overhead_s={base_r['overhead']:.1f}",
                     flush=True,
                 )
                 t = ours["tasks"]
