@@ -58,6 +58,7 @@ bench: install
 	$(PY) bench/ledger.py
 	$(PY) bench/emulator_answers.py
 	$(PY) bench/ui.py
+	$(PY) bench/end_to_end.py
 
 # A wheel and an sdist in dist/ (what `pip install dist/airflow_provider_fable-*.whl` installs).
 dist:
