@@ -16,15 +16,20 @@ import copy
 import hashlib
 import json
 import re
+import threading
 import uuid
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+import orjson
+
 from airflow_provider_fable.emulator.cues import (
+    LabelCues,
     PromptCues,
+    SharedCues,
     fold,
     fuzzy_matches,
     glosses,
@@ -45,6 +50,7 @@ __all__ = [
     "answer_for_schema",
     "build_answer",
     "SchemaAnswer",
+    "SharedPrompt",
     "break_answer",
     "build_message",
     "content_sentences",
@@ -55,6 +61,7 @@ __all__ = [
     "last_user_text",
     "name_tokens",
     "output_schema",
+    "shared_prompt",
     "stable_fraction",
     "stable_hash",
     "stable_token",
@@ -811,7 +818,9 @@ class Evidence:
     ) -> None:
         tokens = _evidence_tokens(text)
         if vocabulary:
-            tokens = [_corrected(t, vocabulary) for t in tokens]
+            tokens = [
+                t if len(t) < 5 or t in vocabulary else _corrected_cached(t, vocabulary) for t in tokens
+            ]
         stems = [stem(t) for t in tokens]
         extra = [[stem(t) for t in _evidence_tokens(g)] for g in glosses(tokens)]
         self.text = text
@@ -819,15 +828,27 @@ class Evidence:
         self._stems = Counter(stems)
         for gloss in extra:
             self._stems.update(gloss)
-        negated = Counter(
-            s for i, s in enumerate(stems) if any(t in _NEGATORS for t in tokens[max(0, i - 2) : i])
-        )
         deadlines = len(_DEADLINE_RE.findall(text))
         if deadlines:
             self._stems[stem("deadline")] += deadlines
-        self._affirmed = self._stems - negated
+        if _NEGATORS.isdisjoint(tokens):
+            # Nothing negated: the affirmed counts are the counts (read-only from here on).
+            self._affirmed = self._stems
+        else:
+            negated = Counter(
+                s for i, s in enumerate(stems) if any(t in _NEGATORS for t in tokens[max(0, i - 2) : i])
+            )
+            self._affirmed = self._stems - negated
         # Keywords come from the content sentences so prompt instructions ("Classify...") are skipped.
-        self._words = _words(" ".join(sentences)) if sentences is not None else _words(text)
+        self._keyword_source = " ".join(sentences) if sentences is not None else text
+        self._words_cache: list[str] | None = None
+
+    @property
+    def _words(self) -> list[str]:
+        """Words for keywords, tokenised on first use (most schemas have no keyword field)."""
+        if self._words_cache is None:
+            self._words_cache = _words(self._keyword_source)
+        return self._words_cache
 
     def count(self, phrase: Sequence[str], *, negatable: bool = False) -> int:
         """Occurrences of a phrase (words match by stem; ``negatable`` skips negated single words)."""
@@ -841,10 +862,7 @@ class Evidence:
 
     def score(self, name: str, *, stopwords: frozenset[str] = _LABEL_STOPWORDS) -> int:
         """How strongly the text talks about ``name``: weighted hits of its own words and lexicon."""
-        return sum(
-            weight * min(self._count_stems(stems, negatable), _SATURATION)
-            for stems, weight, negatable in _evidence_phrases(name, stopwords)
-        )
+        return _name_scorer(name, stopwords).scores(self)[0]
 
     def keywords(self, limit: int) -> list[str]:
         """Most frequent content words, for tag/keyword fields."""
@@ -858,6 +876,72 @@ class Evidence:
             counts[key] += 1
         order = sorted(counts, key=lambda k: (-counts[k], first[k][0]))
         return [first[k][1] for k in order[:limit]]
+
+
+class _Scorer:
+    """The weighted phrases of several labels, indexed by stem.
+
+    A label's score is ``weight * min(count, 2)`` summed over its phrases: hundreds of look-ups
+    per label and record when walked phrase by phrase. The same sum walked from the other side:
+    the record's few distinct stems find the single-word phrases they are, and a multi-word
+    phrase is counted only when its first stem occurs (otherwise it cannot be in the text).
+    Identical scores for a fraction of the work; built once per label set and cached.
+    """
+
+    __slots__ = ("multi", "single", "size")
+
+    def __init__(self, phrase_lists: Sequence[Iterable[_Phrase]]) -> None:
+        single: dict[str, list[tuple[int, int, bool]]] = {}
+        multi: list[tuple[int, str, str, int]] = []
+        for i, phrases in enumerate(phrase_lists):
+            for stems, weight, negatable in phrases:
+                if len(stems) == 1:
+                    single.setdefault(stems[0], []).append((i, weight, negatable))
+                elif stems:
+                    multi.append((i, stems[0], " " + " ".join(stems) + " ", weight))
+        self.size = len(phrase_lists)
+        self.single: dict[str, tuple[tuple[int, int, bool], ...]] = {k: tuple(v) for k, v in single.items()}
+        self.multi: tuple[tuple[int, str, str, int], ...] = tuple(multi)
+
+    def scores(self, evidence: Evidence) -> list[int]:
+        """Each label's score against ``evidence`` (what ``Evidence.score`` sums, label by label)."""
+        out = [0] * self.size
+        counts = evidence._stems
+        affirmed = evidence._affirmed
+        single = self.single
+        if len(counts) <= len(single):
+            found = [(s, c, single[s]) for s, c in counts.items() if s in single]
+        else:
+            found = [(s, counts[s], entries) for s, entries in single.items() if s in counts]
+        for s, n, entries in found:
+            for i, weight, negatable in entries:
+                c = affirmed.get(s, 0) if negatable else n
+                if c > 0:
+                    out[i] += weight * (c if c < _SATURATION else _SATURATION)
+        if self.multi:
+            joined = evidence._joined
+            for i, first, phrase, weight in self.multi:
+                if first in counts:
+                    c = joined.count(phrase)
+                    if c:
+                        out[i] += weight * (c if c < _SATURATION else _SATURATION)
+        return out
+
+
+@lru_cache(maxsize=4096)
+def _name_scorer(name: str, stopwords: frozenset[str]) -> _Scorer:
+    return _Scorer([_evidence_phrases(name, stopwords)])
+
+
+@lru_cache(maxsize=1024)
+def _choice_scorer(labels: tuple[str, ...], definitions: tuple[str | None, ...]) -> _Scorer:
+    """One scorer for an enum's labels: each label's phrases plus, when they count, its definition's."""
+    return _Scorer(
+        [
+            (*_evidence_phrases(label, _LABEL_STOPWORDS), *(_definition_phrases(d) if d else ()))
+            for label, d in zip(labels, definitions, strict=True)
+        ]
+    )
 
 
 _STOPWORDS = frozenset(
@@ -1069,6 +1153,7 @@ class _Answerer:
         break_key: str = "",
         cues: PromptCues | None = None,
         quote_break_rate: float = 0.0,
+        enums: tuple[str, ...] | None = None,
     ) -> None:
         self.root = root
         self.text = text
@@ -1086,7 +1171,7 @@ class _Answerer:
         self.empty_record = is_placeholder(self.record)
         #: The answer a few-shot turn gave to this very record, if one did.
         self.example = matching_example(self.record, self.cues.examples) if self.cues.examples else None
-        self.vocabulary = _vocabulary(_schema_enums(root), self.cues.system)
+        self.vocabulary = _vocabulary(_schema_enums(root) if enums is None else enums, self.cues.system)
         evidence_text = (
             quoted_text(text)
             if self.cues.quoted_record
@@ -1630,18 +1715,16 @@ class _Answerer:
         description = schema.get("description") if isinstance(schema, Mapping) else None
         description = description if isinstance(description, str) else ""
         labels = tuple(v for v in values if isinstance(v, str))
-        cues = label_cues(labels, self.cues.system, description)
+        cues, scorer = _choice_model(labels, self.cues.system, description)
         evidence = self.scoped_evidence(name, description)
+        by_label = iter(scorer.scores(evidence))
         scores = []
         for v in values:
             if not isinstance(v, str):
                 scores.append(0)
                 continue
-            score = evidence.score(v)
-            definition = cues.definitions.get(v)
-            if definition and v.lower() not in _FALLBACK_LABELS and not _well_known(v):
-                score += _definition_score(evidence, definition)
-            if self.empty_record and _names_placeholder(v, definition):
+            score = next(by_label)
+            if self.empty_record and _names_placeholder(v, cues.definitions.get(v)):
                 score += 8
             scores.append(score)
         band = None
@@ -1669,19 +1752,42 @@ class _Answerer:
         self.decisions.append((best, runner_up))
         where = self._path_str(path)
 
-        def rank(i: int) -> tuple[int, int, int, int]:
+        def rank(i: int) -> tuple[int, int, int]:
             value = values[i]
             fallback = 0 if isinstance(value, str) and value.lower() in _FALLBACK_LABELS else 1
             if weak:
                 unknown = 0 if isinstance(value, str) and value.lower() in _UNKNOWN_LABELS else 1
-                return (unknown, -scores[i], fallback, stable_hash(self.text, where, repr(value)))
-            return (0, -scores[i], fallback if best == 0 else 0, stable_hash(self.text, where, repr(value)))
+                return (unknown, -scores[i], fallback)
+            return (0, -scores[i], fallback if best == 0 else 0)
 
-        order = sorted(range(len(values)), key=rank)
+        order = self._ranked(values, rank, where, k)
         picked = [values[i] for i in order[:k]]
         self.picked_all.extend(str(v) for v in picked)
         self.chosen.extend(str(v) for v in picked if isinstance(v, str) and scores[values.index(v)] > 0)
         return picked
+
+    def _ranked(
+        self, values: Sequence[Any], rank: Callable[[int], tuple[int, int, int]], where: str, k: int
+    ) -> list[int]:
+        """Indexes of ``values`` sorted by ``rank``, ties broken by a stable hash of the value.
+
+        The same order as sorting by ``(*rank(i), stable_hash(text, where, repr(value)))``, but
+        the hash (a SHA-256 of the whole record) is only computed inside the groups of equal rank
+        that reach the first ``k`` places: most enum decisions have a clear winner.
+        """
+        keys = [rank(i) for i in range(len(values))]
+        order = sorted(range(len(values)), key=keys.__getitem__)
+        start = 0
+        while start < len(order) and start < k:
+            end = start + 1
+            while end < len(order) and keys[order[end]] == keys[order[start]]:
+                end += 1
+            if end - start > 1:
+                group = order[start:end]
+                group.sort(key=lambda i: stable_hash(self.text, where, repr(values[i])))
+                order[start:end] = group
+            start = end
+        return order
 
 
 _LIST_THRESHOLD = 3  # a sentence is "about" a list's topic from this much evidence
@@ -1756,7 +1862,8 @@ def _names_placeholder(value: str, definition: str | None) -> bool:
     tokens = name_tokens(value)
     named = " ".join(tokens) in _PLACEHOLDER_NAMES or bool(set(tokens) & {"empty", "blank", "unstated"})
     defined = bool(definition) and (
-        "n/a" in definition or bool(set(_words(definition)) & {"empty", "placeholder", "placeholders", "blank"})
+        "n/a" in definition
+        or bool(set(_words(definition)) & {"empty", "placeholder", "placeholders", "blank"})
     )
     return named or defined
 
@@ -1796,6 +1903,21 @@ def _definition_score(evidence: Evidence, definition: str) -> int:
         weight * min(evidence._count_stems(stems, False), _SATURATION)
         for stems, weight, _ in _definition_phrases(definition)
     )
+
+
+@lru_cache(maxsize=1024)
+def _choice_model(labels: tuple[str, ...], system: str, description: str) -> tuple[LabelCues, _Scorer]:
+    """The cues and the scorer of one enum field in one prompt (both pure: cached).
+
+    A label's definition counts unless the label is a fallback or one the lexicon knows well.
+    """
+    cues = label_cues(labels, system, description)
+    definitions = tuple(
+        d if d and v.lower() not in _FALLBACK_LABELS and not _well_known(v) else None
+        for v in labels
+        for d in (cues.definitions.get(v),)
+    )
+    return cues, _choice_scorer(labels, definitions)
 
 
 def _schema_enums(root: Any) -> tuple[str, ...]:
@@ -1887,6 +2009,7 @@ def answer_for_schema(
     break_key: str = "",
     params: Mapping[str, Any] | None = None,
     quote_break_rate: float = 0.0,
+    shared: SharedPrompt | None = None,
 ) -> SchemaAnswer:
     """A value valid against ``schema``, chosen from the evidence in ``text``.
 
@@ -1896,13 +2019,23 @@ def answer_for_schema(
     ``transform_schema`` leaves them) is violated, as a real model sometimes does; with
     ``quote_break_rate`` > 0 that share of verbatim-quote fields paraphrase instead of quoting.
     """
+    cues: PromptCues | None = None
+    enums = None
+    if shared is not None and params is not None:
+        # The shared part of the prompt was read once for the batch (same result as reading it here).
+        if shared.cues is not None:
+            cues = shared.cues.cues(params["messages"][-1].get("content"))
+        enums = shared.schema_enums(schema)
+    if cues is None and params is not None:
+        cues = prompt_cues(params)
     answerer = _Answerer(
         schema,
         text,
         break_rate=break_rate,
         break_key=break_key,
-        cues=prompt_cues(params) if params is not None else None,
+        cues=cues,
         quote_break_rate=quote_break_rate,
+        enums=enums,
     )
     value = answerer.gen(schema, (), 0)
     return SchemaAnswer(
@@ -2069,53 +2202,165 @@ def _cache_ttl(cache_control: Any) -> float:
     return 300.0
 
 
+class _Tally:
+    """Running input-token count and prompt-cache prefix hash of a request, block by block."""
+
+    __slots__ = ("hasher", "prefix_key", "prefix_tokens", "total", "ttl")
+
+    def __init__(self, model: str) -> None:
+        self.hasher = hashlib.sha256(model.encode())
+        self.total = 0
+        self.prefix_tokens = 0
+        self.prefix_key: str | None = None
+        self.ttl = 300.0
+
+    def copy(self) -> _Tally:
+        other = _Tally.__new__(_Tally)
+        other.hasher = self.hasher.copy()
+        other.total, other.prefix_tokens, other.prefix_key, other.ttl = (
+            self.total, self.prefix_tokens, self.prefix_key, self.ttl,
+        )  # fmt: skip
+        return other
+
+    def add(self, block: Any) -> None:
+        self.total += _block_tokens(block)
+        self.hasher.update(_canonical(block).encode("utf-8", "surrogatepass"))
+        self.hasher.update(b"\x1e")
+        if isinstance(block, Mapping) and block.get("cache_control"):
+            self.prefix_tokens, self.prefix_key, self.ttl = (
+                self.total,
+                self.hasher.copy().hexdigest(),
+                _cache_ttl(block["cache_control"]),
+            )
+
+    def add_message(self, message: Any) -> None:
+        if not isinstance(message, Mapping):
+            return
+        self.hasher.update(str(message.get("role")).encode())
+        content = message.get("content")
+        if isinstance(content, list):
+            for block in content:
+                self.add(block)
+        elif content is not None:
+            self.add(content)
+
+
+def _tally_prompt(params: Mapping[str, Any], messages: Iterable[Any]) -> _Tally:
+    """The tally after tools, system and ``messages``, in the order the API caches them."""
+    tally = _Tally(str(params.get("model", "")))
+    for tool in params.get("tools") or []:
+        tally.add(tool)
+    system = params.get("system")
+    if isinstance(system, str) and system:
+        tally.add(system)
+    elif isinstance(system, list):
+        for block in system:
+            tally.add(block)
+    for message in messages:
+        tally.add_message(message)
+    return tally
+
+
+def _schema_tokens(params: Mapping[str, Any]) -> int:
+    schema = output_schema(params)
+    return 0 if schema is None else estimate_tokens(len(_canonical(schema)))
+
+
 def account_prompt(params: Mapping[str, Any]) -> PromptAccounting:
     """Count input tokens and find the prompt-cache prefix.
 
     The API caches in the order tools -> system -> messages, up to and including the last
     block that carries ``cache_control``; the prefix is identified by a hash of everything
     before that point (so a different system prompt or model never shares a cache entry).
+    Requests of one batch share everything but their last message: that part is tallied once
+    (``SharedPrompt``) and each request adds only its own message to a copy.
     """
-    hasher = hashlib.sha256(str(params.get("model", "")).encode())
-    total = 0
-    prefix_tokens = 0
-    prefix_key: str | None = None
-    ttl = 300.0
+    shared = shared_prompt(params)
+    if shared is not None:
+        tally = shared.tally.copy()
+        tally.add_message(params["messages"][-1])
+        total = tally.total + shared.schema_tokens
+    else:
+        tally = _tally_prompt(params, params.get("messages") or [])
+        total = tally.total + _schema_tokens(params)
+    return PromptAccounting(total, tally.prefix_tokens, tally.prefix_key, tally.ttl)
 
-    def add(block: Any) -> None:
-        nonlocal total, prefix_tokens, prefix_key, ttl
-        total += _block_tokens(block)
-        hasher.update(_canonical(block).encode("utf-8", "surrogatepass"))
-        hasher.update(b"\x1e")
-        if isinstance(block, Mapping) and block.get("cache_control"):
-            prefix_tokens, prefix_key, ttl = (
-                total,
-                hasher.copy().hexdigest(),
-                _cache_ttl(block["cache_control"]),
+
+class SharedPrompt:
+    """What every request of one prompt shape shares: all params but the last message.
+
+    A batch is up to 100,000 requests built from one template: same model, system prompt,
+    few-shot turns, schema and tools, a different record in the last user turn. Everything
+    derived from the shared part (the schema and its enums, the few-shot cues, the token
+    tally of the prefix, the validation verdict) is computed once here, from the first
+    request seen, and every later request only does the work of its own record. The result
+    is the same as deriving it all again per request: the key is the shared part's JSON.
+    """
+
+    def __init__(self, params: Mapping[str, Any]) -> None:
+        messages = params["messages"]
+        #: the first request seen; its objects stand for every request of this shape
+        self.params = params
+        self.tool = forced_tool(params)
+        self.schema = output_schema(params)
+        last = messages[-1]
+        self.cues = SharedCues(params) if isinstance(last, Mapping) and last.get("role") == "user" else None
+        self.tally = _tally_prompt(params, messages[:-1])
+        self.schema_tokens = _schema_tokens(params)
+        self._enums: dict[int, tuple[Any, tuple[str, ...]]] = {}
+        #: validation verdicts on the shared part, by (endpoint, version, betas, models)
+        self.problems: dict[Any, Any] = {}
+
+    def schema_enums(self, root: Any) -> tuple[str, ...]:
+        """``_schema_enums`` of one of this prompt's schemas (kept alive here, so ids are stable)."""
+        hit = self._enums.get(id(root))
+        if hit is not None and hit[0] is root:
+            return hit[1]
+        enums = _schema_enums(root)
+        tool_schema = self.tool.get("input_schema") if self.tool is not None else None
+        if root is self.schema or root is tool_schema:
+            self._enums[id(root)] = (root, enums)
+        return enums
+
+
+_SHARED_MAX = 64
+_shared_prompts: OrderedDict[bytes, SharedPrompt] = OrderedDict()
+_shared_lock = threading.Lock()
+#: The last params looked up and their plan: one request asks three times (validation,
+#: accounting, answer); holding the params object makes the identity check safe.
+_shared_last: tuple[Any, SharedPrompt | None] = (None, None)
+
+
+def shared_prompt(params: Mapping[str, Any]) -> SharedPrompt | None:
+    """The ``SharedPrompt`` of a request (cached by the JSON of its shared part), or None when
+    the request has no last message to set apart or cannot be keyed (then it is handled whole)."""
+    global _shared_last
+    last = _shared_last
+    if last[0] is params:
+        return last[1]
+    messages = params.get("messages") if isinstance(params, Mapping) else None
+    plan: SharedPrompt | None = None
+    if isinstance(messages, list) and messages and isinstance(messages[-1], Mapping):
+        try:
+            key = orjson.dumps(
+                [[k, v] for k, v in params.items() if k != "messages"]
+                + [messages[:-1], messages[-1].get("role")]
             )
-
-    for tool in params.get("tools") or []:
-        add(tool)
-    system = params.get("system")
-    if isinstance(system, str) and system:
-        add(system)
-    elif isinstance(system, list):
-        for block in system:
-            add(block)
-    for message in params.get("messages") or []:
-        if not isinstance(message, Mapping):
-            continue
-        hasher.update(str(message.get("role")).encode())
-        content = message.get("content")
-        if isinstance(content, list):
-            for block in content:
-                add(block)
-        elif content is not None:
-            add(content)
-    schema = output_schema(params)
-    if schema is not None:
-        total += estimate_tokens(len(_canonical(schema)))
-    return PromptAccounting(total, prefix_tokens, prefix_key, ttl)
+        except (TypeError, orjson.JSONEncodeError):
+            key = None
+        if key is not None:
+            with _shared_lock:
+                plan = _shared_prompts.get(key)
+                if plan is not None:
+                    _shared_prompts.move_to_end(key)
+            if plan is None:
+                plan = SharedPrompt(params)
+                with _shared_lock:
+                    _shared_prompts[key] = plan
+                    while len(_shared_prompts) > _SHARED_MAX:
+                        _shared_prompts.popitem(last=False)
+    _shared_last = (params, plan)
+    return plan
 
 
 def usage_dict(
@@ -2218,14 +2463,15 @@ def build_answer(
     thinking_tokens = thought[1] if thought else 0
     break_rate = description_break_rate if invalid_kind is None else 0.0
     quote_rate = invented_quote_rate if invalid_kind is None else 0.0
-    tool = forced_tool(params)
+    shared = shared_prompt(params)
+    tool = forced_tool(params) if shared is None else shared.tool
     if tool is not None:
         schema = (
             tool.get("input_schema") if isinstance(tool.get("input_schema"), Mapping) else {"type": "object"}
         )
         generated = answer_for_schema(
             schema, text, break_rate=break_rate, break_key=fault_key, params=params,
-            quote_break_rate=quote_rate,
+            quote_break_rate=quote_rate, shared=shared,
         )  # fmt: skip
         value: Any = generated.value if isinstance(generated.value, dict) else {}
         applied = None
@@ -2250,13 +2496,13 @@ def build_answer(
             [*prefix, block], "tool_use", tokens, applied, generated.broken_hints, generated.invented_quotes
         )
 
-    schema = output_schema(params)
+    schema = output_schema(params) if shared is None else shared.schema
     applied = None
     broken_hints = invented = 0
     if schema is not None:
         generated = answer_for_schema(
             schema, text, break_rate=break_rate, break_key=fault_key, params=params,
-            quote_break_rate=quote_rate,
+            quote_break_rate=quote_rate, shared=shared,
         )  # fmt: skip
         value = generated.value
         broken_hints = generated.broken_hints

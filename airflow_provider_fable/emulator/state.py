@@ -32,7 +32,13 @@ from airflow_provider_fable.emulator.errors import ApiError, error_body, new_req
 from airflow_provider_fable.emulator.faults import HttpFaults
 from airflow_provider_fable.emulator.persist import Clock, StateFile
 from airflow_provider_fable.emulator.settings import ENDPOINTS, EmulatorSettings
-from airflow_provider_fable.emulator.validation import API_VERSIONS, Problem, validate_request
+from airflow_provider_fable.emulator.validation import (
+    API_VERSIONS,
+    Problem,
+    prefix_params,
+    validate_request,
+    validate_shared,
+)
 
 __all__ = [
     "MAX_REQUESTS",
@@ -473,13 +479,25 @@ class BatchStore:
     def _problem(
         self, params: Any, endpoint: str, api_version: str, betas: tuple[str, ...]
     ) -> Problem | None:
-        return validate_request(
-            params,
-            api_version=api_version,
-            betas=betas,
-            known_models=self.settings.known_models,
-            endpoint=endpoint,
-        )
+        rules: dict[str, Any] = {
+            "api_version": api_version,
+            "betas": betas,
+            "known_models": self.settings.known_models,
+            "endpoint": endpoint,
+        }
+        shared = model.shared_prompt(params) if isinstance(params, dict) else None
+        if shared is None:
+            return validate_request(params, **rules)
+        key = (endpoint, api_version, betas, self.settings.known_models)
+
+        def prefix_problem() -> Problem | None:
+            # The verdict on the shared part, once per prompt shape and rules.
+            if key not in shared.problems:
+                shared.problems[key] = validate_request(prefix_params(shared.params), **rules)
+            problem: Problem | None = shared.problems[key]
+            return problem
+
+        return validate_shared(params, prefix_problem, **rules)
 
     def count_tokens(
         self, params: Any, *, api_version: str = API_VERSIONS[-1], betas: tuple[str, ...] = ()
