@@ -272,7 +272,13 @@ def _words(text: str) -> list[str]:
 
 def name_tokens(name: str) -> list[str]:
     """Tokens of a label or field name: split on ``_``, ``-``, spaces and camelCase, lowercased."""
-    return _words(re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name).replace("_", " "))
+    return list(_name_tokens(name))
+
+
+@lru_cache(maxsize=16384)
+def _name_tokens(name: str) -> tuple[str, ...]:
+    # Field and label names repeat in every request of a batch; tokenise each once.
+    return tuple(_words(re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name).replace("_", " ")))
 
 
 # Contractions are expanded before matching, so "doesn't work", "does not work" and the
@@ -1154,8 +1160,12 @@ class _Answerer:
         cues: PromptCues | None = None,
         quote_break_rate: float = 0.0,
         enums: tuple[str, ...] | None = None,
+        shared: SharedPrompt | None = None,
     ) -> None:
         self.root = root
+        #: memo of ``resolve`` shared by the requests of one prompt (None: resolve every time)
+        self._resolved = shared.resolved if shared is not None and shared.owns(root) else None
+        self._stable = shared.stable_ids if shared is not None else set()
         self.text = text
         #: Share of description-only constraints to break, and the key that picks which.
         self.break_rate = break_rate
@@ -1199,6 +1209,22 @@ class _Answerer:
 
     # -- schema plumbing ---------------------------------------------------------------------
     def resolve(self, schema: Any) -> Any:
+        """``schema`` with ``$ref`` followed and ``allOf`` merged (memoised per shared prompt)."""
+        cache = self._resolved
+        if cache is None or not isinstance(schema, Mapping):
+            return self._resolve(schema)
+        hit = cache.get(id(schema))
+        if hit is not None and hit[0] is schema:
+            return hit[1]
+        result = self._resolve(schema)
+        if id(schema) in self._stable:
+            # Only nodes the shared prompt keeps alive are memoised (their ids cannot be reused),
+            # and a memoised result is kept alive too, so it may be memoised in turn.
+            cache[id(schema)] = (schema, result)
+            self._stable.add(id(result))
+        return result
+
+    def _resolve(self, schema: Any) -> Any:
         for _ in range(32):
             if not isinstance(schema, Mapping) or not isinstance(schema.get("$ref"), str):
                 break
@@ -2036,6 +2062,7 @@ def answer_for_schema(
         cues=cues,
         quote_break_rate=quote_break_rate,
         enums=enums,
+        shared=shared,
     )
     value = answerer.gen(schema, (), 0)
     return SchemaAnswer(
@@ -2303,11 +2330,25 @@ class SharedPrompt:
         self.params = params
         self.tool = forced_tool(params)
         self.schema = output_schema(params)
+        tool_schema = self.tool.get("input_schema") if self.tool is not None else None
+        self.tool_schema = tool_schema if isinstance(tool_schema, Mapping) else None
         last = messages[-1]
         self.cues = SharedCues(params) if isinstance(last, Mapping) and last.get("role") == "user" else None
         self.tally = _tally_prompt(params, messages[:-1])
         self.schema_tokens = _schema_tokens(params)
         self._enums: dict[int, tuple[Any, tuple[str, ...]]] = {}
+        #: ``_Answerer.resolve`` memo: id(node) -> (node, resolved), for nodes kept alive here
+        self.resolved: dict[int, tuple[Any, Any]] = {}
+        self.stable_ids: set[int] = set()
+        self._roots = [r for r in (self.schema, self.tool_schema) if isinstance(r, Mapping)]
+        stack: list[Any] = list(self._roots)
+        while stack and len(self.stable_ids) < 100_000:
+            node = stack.pop()
+            if isinstance(node, Mapping):
+                self.stable_ids.add(id(node))
+                stack.extend(node.values())
+            elif isinstance(node, list):
+                stack.extend(node)
         #: validation verdicts on the shared part, by (endpoint, version, betas, models)
         self.problems: dict[Any, Any] = {}
 
@@ -2317,10 +2358,13 @@ class SharedPrompt:
         if hit is not None and hit[0] is root:
             return hit[1]
         enums = _schema_enums(root)
-        tool_schema = self.tool.get("input_schema") if self.tool is not None else None
-        if root is self.schema or root is tool_schema:
+        if self.owns(root):
             self._enums[id(root)] = (root, enums)
         return enums
+
+    def owns(self, root: Any) -> bool:
+        """Whether ``root`` is one of this prompt's own schemas (the structured output or the tool's)."""
+        return any(root is r for r in self._roots)
 
 
 _SHARED_MAX = 64
