@@ -44,10 +44,12 @@ from airflow_provider_fable.emulator.cues import (
 
 __all__ = [
     "Answer",
+    "AnswerJob",
     "Evidence",
     "PromptAccounting",
     "account_prompt",
     "answer_for_schema",
+    "answer_lines",
     "build_answer",
     "SchemaAnswer",
     "SharedPrompt",
@@ -61,6 +63,7 @@ __all__ = [
     "last_user_text",
     "name_tokens",
     "output_schema",
+    "result_line",
     "shared_prompt",
     "stable_fraction",
     "stable_hash",
@@ -2568,6 +2571,78 @@ def build_answer(
         reply, output_tokens, stop_reason = reply[: room * 4], room, "max_tokens"
     content = [*prefix, {"type": "text", "text": reply}] if reply else prefix
     return Answer(content, stop_reason, thinking_tokens + output_tokens, applied, broken_hints, invented)
+
+
+def _compact(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def result_line(obj: dict[str, Any], *, fast: bool = False) -> bytes:
+    """One results-file line: compact JSON, UTF-8 (lone surrogates passed through), newline.
+
+    ``fast``: the object holds only strings, integers, None and booleans (no floats, whose
+    spelling differs between encoders), so orjson writes the same bytes as ``json``, several
+    times faster; it refuses lone surrogates, which then go the ``json`` way.
+    """
+    if fast:
+        try:
+            return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
+        except orjson.JSONEncodeError:
+            pass
+    return _compact(obj).encode("utf-8", "surrogatepass") + b"\n"
+
+
+@dataclass(frozen=True)
+class AnswerJob:
+    """A succeeded batch request whose result line is still to be written.
+
+    Everything that depends on the emulator's state (the outcome, the broken-answer kind, the
+    prompt cache's verdict in ``usage``) is decided when the batch ends; what is left is a pure
+    function of this job, so it can run later, in a background thread or a worker process.
+    """
+
+    custom_id: str
+    params: dict[str, Any]
+    id_seed: str
+    invalid_kind: str | None
+    message_id: str
+    #: ``<seed>:<fault key>``: picks broken hints and invented quotes
+    fault_key: str
+    #: ``usage_dict`` arguments but the output tokens
+    usage: dict[str, Any]
+
+
+#: What answering a job counted: (broken-answer kind applied, broken hints, invented quotes).
+JobCounts = tuple[str | None, int, int]
+
+
+def answer_lines(
+    jobs: Sequence[bytes | AnswerJob], description_break_rate: float, invented_quote_rate: float
+) -> tuple[list[bytes], list[JobCounts]]:
+    """The result lines of ``jobs`` in order (lines already written pass through) and, per
+    answered job, what the stats must count. Runs in the emulator or in a worker process."""
+    lines: list[bytes] = []
+    counts: list[JobCounts] = []
+    for job in jobs:
+        if not isinstance(job, AnswerJob):
+            lines.append(job)
+            continue
+        answer = build_answer(
+            job.params,
+            invalid_kind=job.invalid_kind,
+            id_seed=job.id_seed,
+            fault_key=job.fault_key,
+            description_break_rate=description_break_rate,
+            invented_quote_rate=invented_quote_rate,
+        )
+        usage = usage_dict(output_tokens=answer.output_tokens, **job.usage)
+        message = build_message(job.params, answer, usage, job.message_id)
+        # Text blocks carry the answer as a string: no float outside a tool_use input.
+        fast = all(block.get("type") != "tool_use" for block in answer.content)
+        line = {"custom_id": job.custom_id, "result": {"type": "succeeded", "message": message}}
+        lines.append(result_line(line, fast=fast))
+        counts.append((answer.invalid_kind, answer.broken_hints, answer.invented_quotes))
+    return lines, counts
 
 
 def build_message(

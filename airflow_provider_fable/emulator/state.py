@@ -17,16 +17,19 @@ computing the results of a 100,000-request batch never blocks requests about oth
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import logging
+import multiprocessing
 import os
 import re
 import tempfile
 import threading
 import time
 from array import array
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -486,6 +489,8 @@ class BatchStore:
         self._next_seq = 0
         #: How many created batches carried each custom_id (reruns draw their faults afresh).
         self._sent: dict[str, int] = {}
+        self._pool: ProcessPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
         if self.state_file is not None:
             self._load()
 
@@ -518,9 +523,13 @@ class BatchStore:
                 self._sent[custom_id] = self._sent.get(custom_id, 0) + 1
 
     def close(self) -> None:
-        """Release the state file (the in-memory state stays usable for inspection)."""
+        """Release the state file and the answer workers (the in-memory state stays usable)."""
         if self.state_file is not None:
             self.state_file.close()
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     # -- create / read -----------------------------------------------------------------------
     def create(
@@ -782,7 +791,7 @@ class BatchStore:
         """
         faults = self.settings.faults
         counts = dict.fromkeys(_TYPES, 0)
-        jobs: list[tuple[int, int, bytes | _Job]] = []
+        jobs: list[tuple[int, int, bytes | model.AnswerJob]] = []
         invalid_seen = 0
         canceled_at = batch.cancel_initiated_at
         fault_keys = batch.fault_keys or [custom_id for custom_id, _ in batch.requests]
@@ -790,7 +799,7 @@ class BatchStore:
             fault_key = fault_keys[index]
             outcome = fault_rules.request_outcome(faults, fault_key)
             unprocessed = outcome == "expired"  # the backend never gets to it
-            job: bytes | _Job
+            job: bytes | model.AnswerJob
             if canceled_at is not None and (unprocessed or not self._done_by(batch, index, canceled_at)):
                 kind_of, result = "canceled", {"type": "canceled"}
             elif expiring and (unprocessed or not self._done_by(batch, index, ended_at)):
@@ -815,9 +824,10 @@ class BatchStore:
                     kind_of, result = "succeeded", None
                     usage = self._usage(params, "batch")
                     message_id = "msg_01" + model.stable_token(22, batch.id, custom_id)
-                    job = _Job(
-                        custom_id, params, f"{batch.id}:{custom_id}", kind, message_id, fault_key, usage
-                    )
+                    job = model.AnswerJob(
+                        custom_id, params, f"{batch.id}:{custom_id}", kind, message_id,
+                        f"{faults.seed}:{fault_key}", usage,
+                    )  # fmt: skip
             if result is not None:
                 job = _line({"custom_id": custom_id, "result": result})
             counts[kind_of] += 1
@@ -841,31 +851,66 @@ class BatchStore:
                 target=self._generate, args=(batch.results, ordered), name=f"results-{batch.id}", daemon=True
             ).start()
 
-    def _generate(self, results: ResultsFile, jobs: list[bytes | _Job], chunk: int = 512) -> None:
-        """Write the result lines of ``jobs`` in order, answering the succeeded ones."""
+    def _generate(self, results: ResultsFile, jobs: list[bytes | model.AnswerJob], chunk: int = 500) -> None:
+        """Write the result lines of ``jobs`` in order, answering the succeeded ones.
+
+        Large batches are answered by worker processes (``generation_workers``), a few chunks
+        ahead of the writer, results taken in order; small ones here. Each job's params are
+        dropped as soon as it is handed over.
+        """
+        faults = self.settings.faults
+        rates = (faults.description_break_rate, faults.invented_quote_rate)
+        workers = self.settings.generation_workers
+        answers = sum(isinstance(job, model.AnswerJob) for job in jobs)
         try:
-            for start in range(0, len(jobs), chunk):
-                lines = []
-                for i in range(start, min(start + chunk, len(jobs))):
-                    job = jobs[i]
-                    if isinstance(job, _Job):
-                        msg = self._answer(
-                            job.params, job.id_seed, job.kind, job.message_id, job.fault_key, job.usage
-                        )
-                        # Text blocks carry the answer as a string: no float outside them.
-                        fast = all(block.get("type") != "tool_use" for block in msg["content"])
-                        job = _line(
-                            {"custom_id": job.custom_id, "result": {"type": "succeeded", "message": msg}},
-                            fast=fast,
-                        )
-                        jobs[i] = b""  # the params are not needed any more
-                    lines.append(job)
-                results.append(lines)
+            pool = self._worker_pool() if workers and answers >= self.settings.generation_min_batch else None
+            pending: deque[Future[tuple[list[bytes], list[model.JobCounts]]]] = deque()
+            starts = iter(range(0, len(jobs), chunk))
+
+            def hand_over(start: int) -> list[bytes | model.AnswerJob]:
+                part = jobs[start : start + chunk]
+                jobs[start : start + chunk] = [b""] * len(part)  # the params are not needed here any more
+                return part
+
+            if pool is not None:
+                for start in itertools.islice(starts, 2 * workers):
+                    pending.append(pool.submit(model.answer_lines, hand_over(start), *rates))
+                while pending:
+                    lines, counts = pending.popleft().result()
+                    following = next(starts, None)
+                    if following is not None:
+                        pending.append(pool.submit(model.answer_lines, hand_over(following), *rates))
+                    self._count_answers(counts)
+                    results.append(lines)
+            else:
+                for start in starts:
+                    lines, counts = model.answer_lines(hand_over(start), *rates)
+                    self._count_answers(counts)
+                    results.append(lines)
         except BaseException as exc:  # noqa: BLE001 - reported to every download waiting for lines
             log.exception("generating the results of a batch failed")
             results.finish(exc)
             raise
         results.finish()
+
+    def _count_answers(self, counts: list[model.JobCounts]) -> None:
+        for kind, broken_hints, invented_quotes in counts:
+            if kind is not None:
+                self.stats.fault("invalid_answer", kind=kind)
+            if broken_hints:
+                self.stats.fault("description_constraint_broken", broken_hints)
+            if invented_quotes:
+                self.stats.fault("invented_quote", invented_quotes)
+
+    def _worker_pool(self) -> ProcessPoolExecutor:
+        """The answer workers, started on first use (``spawn``: safe in a threaded server)."""
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    max_workers=self.settings.generation_workers,
+                    mp_context=multiprocessing.get_context("spawn"),
+                )
+            return self._pool
 
     def _usage(self, params: dict[str, Any], tier: str) -> dict[str, Any]:
         """Input-token usage of a request, reading or writing the prompt cache (in processing order)."""
@@ -891,34 +936,6 @@ class BatchStore:
             "service_tier": tier,
         }
 
-    def _answer(
-        self,
-        params: dict[str, Any],
-        id_seed: str,
-        invalid_kind: str | None,
-        message_id: str,
-        fault_key: str | None,
-        usage: dict[str, Any],
-    ) -> dict[str, Any]:
-        """The Message for a request whose usage is known (``_usage``)."""
-        answer = model.build_answer(
-            params,
-            invalid_kind=invalid_kind,
-            id_seed=id_seed,
-            fault_key=f"{self.settings.faults.seed}:{fault_key if fault_key is not None else id_seed}",
-            description_break_rate=self.settings.faults.description_break_rate,
-            invented_quote_rate=self.settings.faults.invented_quote_rate,
-        )
-        if answer.invalid_kind is not None:
-            self.stats.fault("invalid_answer", kind=answer.invalid_kind)
-        if answer.broken_hints:
-            self.stats.fault("description_constraint_broken", answer.broken_hints)
-        if answer.invented_quotes:
-            self.stats.fault("invented_quote", answer.invented_quotes)
-        return model.build_message(
-            params, answer, model.usage_dict(output_tokens=answer.output_tokens, **usage), message_id
-        )
-
     def _message(
         self,
         params: dict[str, Any],
@@ -930,7 +947,18 @@ class BatchStore:
         fault_key: str | None = None,
     ) -> dict[str, Any]:
         usage = self._usage(params, tier)
-        return self._answer(params, id_seed, invalid_kind, message_id, fault_key, usage)
+        faults = self.settings.faults
+        answer = model.build_answer(
+            params,
+            invalid_kind=invalid_kind,
+            id_seed=id_seed,
+            fault_key=f"{faults.seed}:{fault_key if fault_key is not None else id_seed}",
+            description_break_rate=faults.description_break_rate,
+            invented_quote_rate=faults.invented_quote_rate,
+        )
+        self._count_answers([(answer.invalid_kind, answer.broken_hints, answer.invented_quotes)])
+        usage = model.usage_dict(output_tokens=answer.output_tokens, **usage)
+        return model.build_message(params, answer, usage, message_id)
 
     # -- rendering ---------------------------------------------------------------------------
     def _render(self, batch: Batch, base_url: str) -> dict[str, Any]:
@@ -956,32 +984,8 @@ class BatchStore:
         }
 
 
-@dataclass(frozen=True)
-class _Job:
-    """A succeeded request whose answer is still to be written into the results file."""
-
-    custom_id: str
-    params: dict[str, Any]
-    id_seed: str
-    kind: str | None
-    message_id: str
-    fault_key: str
-    usage: dict[str, Any]
-
-
-def _line(obj: dict[str, Any], *, fast: bool = False) -> bytes:
-    """One results-file line: compact JSON, UTF-8 (lone surrogates passed through), newline.
-
-    ``fast``: the object holds only strings, integers, None and booleans (no floats, whose
-    spelling differs between encoders), so orjson writes the same bytes as ``json``, several
-    times faster; it refuses lone surrogates, which then go the ``json`` way.
-    """
-    if fast:
-        try:
-            return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
-        except orjson.JSONEncodeError:
-            pass
-    return _dumps(obj).encode("utf-8", "surrogatepass") + b"\n"
+def _line(obj: dict[str, Any]) -> bytes:
+    return model.result_line(obj)
 
 
 def _errored(error_type: str, message: str) -> dict[str, Any]:
