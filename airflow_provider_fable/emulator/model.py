@@ -21,7 +21,7 @@ import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 import orjson
@@ -1064,10 +1064,9 @@ def _band(value: Any) -> tuple[int, int] | None:
     return None
 
 
-def _band_choice(values: Sequence[Any], counts: Sequence[int], field: str) -> int | None:
-    """Index of the enum value whose range holds the record's head count (None: no match)."""
-    if not counts:
-        return None
+def _value_bands(values: Sequence[Any], field: str) -> list[tuple[int, int] | None] | None:
+    """The head-count range of each enum value ("11-50", or a size word on a size-like field),
+    None when no value has one."""
     bands = [_band(v) for v in values]
     if sum(b is not None for b in bands) < 2:
         if not set(name_tokens(field)) & _SIZE_FIELD_TOKENS:
@@ -1076,6 +1075,29 @@ def _band_choice(values: Sequence[Any], counts: Sequence[int], field: str) -> in
         for v in values:
             toks = set(name_tokens(str(v))) | {str(v).lower()}
             bands.append(next(((lo, hi) for words, lo, hi in _SIZE_WORDS if toks & words), None))
+    return bands if any(b is not None for b in bands) else None
+
+
+@lru_cache(maxsize=1024)
+def _value_bands_cached(values: tuple[Any, ...], field: str) -> list[tuple[int, int] | None] | None:
+    return _value_bands(values, field)
+
+
+def _has_bands(values: Sequence[Any], field: str) -> bool:
+    """Whether a head count could pick one of ``values`` (else the record's counts are not read)."""
+    try:
+        return _value_bands_cached(tuple(values), field) is not None
+    except TypeError:  # unhashable enum values (objects, lists)
+        return _value_bands(values, field) is not None
+
+
+def _band_choice(values: Sequence[Any], counts: Sequence[int], field: str) -> int | None:
+    """Index of the enum value whose range holds the record's head count (None: no match)."""
+    if not counts:
+        return None
+    bands = _value_bands(values, field)
+    if bands is None:
+        return None
     for count in counts:
         for i, band in enumerate(bands):
             if band is not None and band[0] <= count <= band[1]:
@@ -1179,11 +1201,6 @@ class _Answerer:
         self.sentences = content_sentences(text)
         #: System prompt, template words and few-shot answers around the record.
         self.cues = cues or PromptCues()
-        #: The record itself (its quoted value, or its non-template words), normalised.
-        self.record = record_key(text, self.cues.template_words)
-        self.empty_record = is_placeholder(self.record)
-        #: The answer a few-shot turn gave to this very record, if one did.
-        self.example = matching_example(self.record, self.cues.examples) if self.cues.examples else None
         self.vocabulary = _vocabulary(_schema_enums(root) if enums is None else enums, self.cues.system)
         evidence_text = (
             quoted_text(text)
@@ -1192,12 +1209,7 @@ class _Answerer:
         )
         self.evidence = Evidence(evidence_text, self.sentences, vocabulary=self.vocabulary)
         self._scoped: dict[str, Evidence] = {}
-        self.filler = _words(text) or ["details"]
         self.enum_paths: list[tuple[tuple[Any, ...], tuple[Any, ...]]] = []
-        #: Counts the record states ("350 employees", "Employees: 1,200", "a 12-person team").
-        self.counts = _counts_in(text)
-        #: ``Key: value`` lines of the record, by key stems, for fields named like a key.
-        self.fields = _field_lines(text)
         #: (best score, runner-up score) of every enum decision: how sure each choice was.
         self.decisions: list[tuple[int, int]] = []
         #: Labels chosen so far, for evidence fields that quote what supports them.
@@ -1209,6 +1221,40 @@ class _Answerer:
         self.scope: tuple[list[tuple[int, int]], list[str], list[str]] = ([], [], [])
         #: Optional fields whose description ties them to enum values ("Required for other").
         self.conditions: dict[tuple[Any, ...], set[str]] = {}
+
+    # -- what the record says, read when a field first needs it ------------------------------
+    @cached_property
+    def record(self) -> str:
+        """The record itself (its quoted value, or its non-template words), normalised."""
+        return record_key(self.text, self.cues.template_words)
+
+    @cached_property
+    def empty_record(self) -> bool:
+        return is_placeholder(self.record)
+
+    @cached_property
+    def example(self) -> Any:
+        """The answer a few-shot turn gave to this very record, if one did."""
+        return matching_example(self.record, self.cues.examples) if self.cues.examples else None
+
+    @cached_property
+    def filler(self) -> list[str]:
+        """Words of the record, to pad text up to a minLength."""
+        return _words(self.text) or ["details"]
+
+    @cached_property
+    def counts(self) -> list[int]:
+        """Counts the record states ("350 employees", "Employees: 1,200", "a 12-person team")."""
+        return _counts_in(self.text)
+
+    @cached_property
+    def fields(self) -> dict[str, str]:
+        """``Key: value`` lines of the record, by key stems, for fields named like a key."""
+        return _field_lines(self.text)
+
+    def fit(self, text: str, min_len: int | None, max_len: int | None) -> str:
+        """``fit_length`` with the record's words as filler (only read when padding is needed)."""
+        return fit_length(text, min_len, max_len, self.filler if min_len else ())
 
     # -- schema plumbing ---------------------------------------------------------------------
     def resolve(self, schema: Any) -> Any:
@@ -1433,7 +1479,7 @@ class _Answerer:
             words = self.evidence.keywords(n) or ["general"]
             max_len = _int_constraint(items, "maxLength")
             min_len = _int_constraint(items, "minLength")
-            out = [fit_length(words[i % len(words)], min_len, max_len, self.filler) for i in range(n)]
+            out = [self.fit(words[i % len(words)], min_len, max_len) for i in range(n)]
             if len(set(out)) < len(out):
                 out = [w if i < len(words) else f"{w}-{i}" for i, w in enumerate(out)]
             return out
@@ -1442,7 +1488,7 @@ class _Answerer:
             if listed is not None:
                 max_len = _int_constraint(items, "maxLength")
                 min_len = _int_constraint(items, "minLength")
-                return [fit_length(v, min_len, max_len, self.filler) for v in listed]
+                return [self.fit(v, min_len, max_len) for v in listed]
         values = [self.gen(items, (*path, i), depth + 1) for i in range(n)]
         if schema.get("uniqueItems") and all(isinstance(v, str) for v in values):
             values = [v if v not in values[:i] else f"{v} ({i + 1})" for i, v in enumerate(values)]
@@ -1566,7 +1612,7 @@ class _Answerer:
                 # A real model asked for a verbatim quote sometimes paraphrases or adds a
                 # specific the record never gave; checks that the quote is in the record must
                 # see that happen (``invented_quote_rate``).
-                value = fit_length(self.invented_quote(value), None, max_len, self.filler)
+                value = self.fit(self.invented_quote(value), None, max_len)
                 if max_len is not None:
                     return value
         elif (
@@ -1582,7 +1628,7 @@ class _Answerer:
             value = words[min(index, len(words) - 1)]
         else:
             value = " ".join(sentences[index % len(sentences)].split()[:8]).rstrip(",.;:!?")
-        value = fit_length(value, min_len, max_len, self.filler)
+        value = self.fit(value, min_len, max_len)
         if max_len is not None and self.breaks(schema, "maxLength", path):
             # Overlong, as a model that "forgot" the hint writes: the text runs on past the limit.
             extra = " ".join(self.filler)
@@ -1765,7 +1811,7 @@ class _Answerer:
                 if band is not None:
                     band = list(values).index(labels[band])
                     break
-        if band is None:
+        if band is None and _has_bands(values, name):
             band = _band_choice(values, self.counts, name)
         if band is not None:
             scores[band] += 6
