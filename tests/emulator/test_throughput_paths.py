@@ -8,6 +8,7 @@ decoded by orjson and their envelopes checked in bulk. Each shortcut must be inv
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import Any, Literal
 
@@ -242,3 +243,15 @@ def test_bodies_orjson_refuses_decode_as_the_standard_library_does() -> None:
     assert info.value.message.startswith(
         "There was an error parsing the body of your request: Expecting value"
     )
+
+
+def test_requests_of_a_create_share_their_equal_values_and_keep_their_own_record() -> None:
+    requests = _requests(30)
+    body = json.dumps({"requests": requests}).encode()
+    parsed = [params for _, params in parse_create_body(body)]
+    structured = [p for p in parsed if "output_config" in p]
+    assert all(p["output_config"] is structured[0]["output_config"] for p in structured)
+    assert all(p["system"] is structured[0]["system"] for p in structured)
+    records = [p["messages"][-1]["content"] for p in parsed]
+    assert records == [r["params"]["messages"][-1]["content"] for r in requests]
+    assert parsed == [r["params"] for r in requests]  # equal values, fewer copies
