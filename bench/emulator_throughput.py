@@ -2,8 +2,9 @@
 
 What is timed is the emulator's own work, in process (no HTTP client in the measure):
 
-- **answers**: a batch of N requests is created, ended by a retrieve (instant processing) and
-  its results file downloaded to the last line; ``rps`` = N / (end + download seconds), which is
+- **answers**: a batch of N requests is created (its body decoded by ``parse_create_body``, as
+  the server does), ended by a retrieve (instant processing) and its results file downloaded
+  to the last line; ``rps`` = N / (end + download seconds), which is
   everything the emulator does between "the batch's time has come" and "the last result line
   was sent": outcomes, validation of the params, prompt-cache accounting, the answers and the
   JSON lines. Workloads: ``e2e``, the records and schema ``bench/end_to_end.py`` submits
@@ -21,6 +22,9 @@ What is timed is the emulator's own work, in process (no HTTP client in the meas
   batches take.
 - **rss**: how much the emulator process grew while ending the batch and streaming its
   results (``VmHWM`` after minus RSS before); the parsed requests themselves are the create's.
+- **http**: one e2e batch of ``--http-requests`` through a real emulator process started as
+  bench/end_to_end.py starts it (1 s processing): create, poll every 0.2 s until ended, stream
+  the results; seconds per phase as the client sees them.
 
 The baseline is the emulator as committed on ``--baseline-ref`` (default ``main``), unpacked
 with ``git archive`` into a temporary directory and run in its own process in the same run;
@@ -134,9 +138,12 @@ def _child(args: argparse.Namespace) -> None:
     )
     out: dict[str, Any] = {"code": st.__file__}
     if args.n:
-        requests = _repeat(pairs, args.n)
+        # The requests come the way the server gets them: a create body through parse_create_body.
+        body = json.dumps({"requests": [{"custom_id": c, "params": p} for c, p in _repeat(pairs, args.n)]})
         del pairs
         gc.collect()
+        requests = st.parse_create_body(body.encode())
+        del body
         settings: dict[str, Any] = {"processing_seconds": 0, "faults": faults}
         if "generation_min_batch" in EmulatorSettings.model_fields:
             # Ours answers a batch of any size in its worker processes, so the byte-for-byte
@@ -172,6 +179,55 @@ def _child(args: argparse.Namespace) -> None:
         elapsed = time.perf_counter() - started
         out.update(create_n=len(parsed), create_seconds=elapsed, create_rps=len(parsed) / elapsed)
     print(json.dumps(out))
+
+
+# ------------------------------------------------------------------------------------- http
+def _http_round(code: Path, body: bytes, n: int) -> dict[str, float]:
+    """One batch through a real emulator process (``python -m airflow_provider_fable.emulator``,
+    1 s processing, as bench/end_to_end.py starts it): create, poll until ended, stream the
+    results to the last line. Seconds per phase, from this (client) side."""
+    import httpx
+
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "airflow_provider_fable.emulator", "--port", "0", "--processing-seconds", "1"],
+        cwd=tempfile.gettempdir(),
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip().rsplit(" ", 1)[-1]
+        headers = {"x-api-key": "k", "anthropic-version": "2026-10-21", "content-type": "application/json"}
+        with httpx.Client(base_url=url, headers=headers, timeout=600) as client:
+            started = time.perf_counter()
+            batch = client.post("/v1/messages/batches", content=body).raise_for_status().json()
+            created = time.perf_counter()
+            polls = 0
+            while True:
+                polls += 1
+                state = client.get(f"/v1/messages/batches/{batch['id']}").raise_for_status().json()
+                if state["processing_status"] == "ended":
+                    break
+                time.sleep(0.2)
+            ended = time.perf_counter()
+            lines = 0
+            with client.stream("GET", state["results_url"]) as stream:
+                for chunk in stream.iter_bytes():
+                    lines += chunk.count(b"\n")
+            done = time.perf_counter()
+        if lines != n:
+            raise SystemExit(f"{code}: {lines} result lines for {n} requests")
+        return {
+            "create": created - started,
+            "ended": ended - created,
+            "download": done - ended,
+            "total": done - started,
+        }
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 # ------------------------------------------------------------------------------------ parent
@@ -222,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", type=int, default=600, help="requests per workload compared byte for byte")
     parser.add_argument("--create-requests", type=int, default=100_000, help="requests in the create body")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    parser.add_argument(
+        "--http-requests", type=int, default=20_000, help="e2e requests in one batch over HTTP (0: skip)"
+    )
     args = parser.parse_args(argv)
     if args.child:
         _child(args)
@@ -239,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
             pairs_path = tmpdir / f"{name}.pkl"
             pairs_path.write_bytes(pickle.dumps(_workload(name)))
             ours = _run(new, "--pairs", str(pairs_path), "--n", str(args.requests))
-            theirs = _run(old, "--pairs", str(pairs_path), "--n", str(args.baseline_requests))
+            theirs = _run(
+                old, "--pairs", str(pairs_path), "--n", str(args.baseline_requests or args.requests)
+            )
             same = []
             for faults in ("default", "raised"):
                 a = _run(new, "--pairs", str(pairs_path), "--n", str(args.check), "--faults", faults)
@@ -276,6 +337,23 @@ def main(argv: list[str] | None = None) -> int:
             f"{theirs_c['create_rps']:.0f}/s | x{ours_c['create_rps'] / theirs_c['create_rps']:.1f}",
             flush=True,
         )
+        if args.http_requests:
+            requests = [{"custom_id": c, "params": p} for c, p in _repeat(e2e_pairs, args.http_requests)]
+            body = json.dumps({"requests": requests}).encode()
+            del requests
+            ours_h, theirs_h = (
+                _http_round(new, body, args.http_requests),
+                _http_round(old, body, args.http_requests),
+            )
+            for who, h in (("ours", ours_h), ("baseline", theirs_h)):
+                print(
+                    f"http {who:8s} {args.http_requests} e2e requests: create {h['create']:.1f} s, ended "
+                    f"{h['ended']:.1f} s later, results streamed in {h['download']:.1f} s: "
+                    f"{h['total']:.1f} s = {args.http_requests / h['total']:.0f} requests/s end to end",
+                    flush=True,
+                )
+            summary["http_total_s"] = f"{ours_h['total']:.1f}"
+            summary["http_baseline_total_s"] = f"{theirs_h['total']:.1f}"
     summary["create_rps"] = f"{ours_c['create_rps']:.0f}"
     summary["create_baseline_rps"] = f"{theirs_c['create_rps']:.0f}"
     summary["identical"] = f"{identical}/{checked}"

@@ -156,6 +156,8 @@ def parse_create_body(raw: bytes) -> list[tuple[str, Any]]:
         )
     fast = _envelope_fast(requests)
     if fast is not None:
+        if len(raw) >= _LARGE_BODY:
+            _share_equal_values([params for _, params in fast])
         return fast
     seen: dict[str, int] = {}
     out: list[tuple[str, Any]] = []
@@ -223,7 +225,6 @@ def _envelope_fast(requests: list[Any]) -> list[tuple[str, Any]] | None:
         or len(set(ids)) != len(ids)
     ):
         return None
-    _share_equal_values(params)
     return list(zip(ids, params, strict=True))
 
 

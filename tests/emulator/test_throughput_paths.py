@@ -19,7 +19,13 @@ from pydantic import BaseModel, Field
 from airflow_provider_fable.emulator import EmulatorServer, EmulatorSettings, FaultSettings
 from airflow_provider_fable.emulator import model as emulator_model
 from airflow_provider_fable.emulator.errors import ApiError
-from airflow_provider_fable.emulator.state import BatchStore, ResultsDownload, ResultsFile, parse_create_body
+from airflow_provider_fable.emulator.state import (
+    BatchStore,
+    ResultsDownload,
+    ResultsFile,
+    _share_equal_values,
+    parse_create_body,
+)
 from airflow_provider_fable.emulator.validation import validate_request
 
 from .helpers import API_KEY, stats, text_params
@@ -246,9 +252,11 @@ def test_bodies_orjson_refuses_decode_as_the_standard_library_does() -> None:
 
 
 def test_requests_of_a_create_share_their_equal_values_and_keep_their_own_record() -> None:
+    """What a create of at least ``_LARGE_BODY`` bytes does to its decoded requests."""
     requests = _requests(30)
     body = json.dumps({"requests": requests}).encode()
     parsed = [params for _, params in parse_create_body(body)]
+    _share_equal_values(parsed)
     structured = [p for p in parsed if "output_config" in p]
     assert all(p["output_config"] is structured[0]["output_config"] for p in structured)
     assert all(p["system"] is structured[0]["system"] for p in structured)
