@@ -271,9 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--faults", default="default", help=argparse.SUPPRESS)
     parser.add_argument("--create-body", help=argparse.SUPPRESS)
     parser.add_argument("--baseline-ref", default="main", help="git ref of the previous emulator")
-    parser.add_argument("--requests", type=int, default=20_000, help="requests per workload, ours")
+    parser.add_argument("--requests", type=int, default=5_000, help="requests per workload")
     parser.add_argument(
-        "--baseline-requests", type=int, default=2_000, help="requests per workload, baseline"
+        "--baseline-requests",
+        type=int,
+        default=None,
+        help="requests per workload for the baseline (default: same)",
     )
     parser.add_argument("--check", type=int, default=600, help="requests per workload compared byte for byte")
     parser.add_argument("--create-requests", type=int, default=100_000, help="requests in the create body")
