@@ -1762,16 +1762,13 @@ class _Answerer:
         words = [w for w in name_tokens(name) if w]
         if not words or not self.fields:
             return self.evidence
-        pattern = _scope_pattern(" ".join(words))
-        for source in (description, self.cues.system):
-            for m in pattern.finditer(source or ""):
-                phrase = " ".join(name_tokens(m.group(1)))
-                for key, value in self.fields.items():
-                    if phrase.startswith(key):
-                        if key not in self._scoped:
-                            value = "" if is_placeholder(" ".join(_words(value))) else value
-                            self._scoped[key] = Evidence(value, [value], vocabulary=self.vocabulary)
-                        return self._scoped[key]
+        for phrase in _scope_phrases(" ".join(words), description, self.cues.system):
+            for key, value in self.fields.items():
+                if phrase.startswith(key):
+                    if key not in self._scoped:
+                        value = "" if is_placeholder(" ".join(_words(value))) else value
+                        self._scoped[key] = Evidence(value, [value], vocabulary=self.vocabulary)
+                    return self._scoped[key]
         return self.evidence
 
     def choose(
@@ -1890,20 +1887,35 @@ _DEFINITION_STOPWORDS = frozenset(
 )
 
 
+_KEPT_TEMPLATE_WORDS = _NEGATORS | _STOPWORDS | _DEFINITION_STOPWORDS
+
+
 def _without_template(text: str, template_words: frozenset[str]) -> str:
     """``text`` without the prompt template's own words ("Reason given:", "Subject:").
 
     Every record's turn has them, so they are evidence for nothing; short and negating words
     stay (they are part of phrases like "not working").
     """
-    drop = {
-        w
-        for w in template_words
-        if len(w) >= 3 and w.isalpha() and w not in _NEGATORS | _STOPWORDS | _DEFINITION_STOPWORDS
-    }
-    if not drop:
-        return text
-    return _template_re(frozenset(drop)).sub(" ", text)
+    pattern = _template_pattern(template_words)
+    return text if pattern is None else pattern.sub(" ", text)
+
+
+@lru_cache(maxsize=256)
+def _template_pattern(template_words: frozenset[str]) -> re.Pattern[str] | None:
+    drop = {w for w in template_words if len(w) >= 3 and w.isalpha() and w not in _KEPT_TEMPLATE_WORDS}
+    return _template_re(frozenset(drop)) if drop else None
+
+
+@lru_cache(maxsize=4096)
+def _scope_phrases(words: str, description: str, system: str) -> tuple[str, ...]:
+    """The record parts the prompt says a field comes from ("persona comes from the job
+    title": ``job title``), in the order ``scoped_evidence`` tries them."""
+    pattern = _scope_pattern(words)
+    return tuple(
+        " ".join(name_tokens(m.group(1)))
+        for source in (description, system)
+        for m in pattern.finditer(source or "")
+    )
 
 
 @lru_cache(maxsize=64)
