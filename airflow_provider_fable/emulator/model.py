@@ -1209,6 +1209,7 @@ class _Answerer:
         )
         self.evidence = Evidence(evidence_text, self.sentences, vocabulary=self.vocabulary)
         self._scoped: dict[str, Evidence] = {}
+        self._sentence_evidence: dict[str, Evidence] = {}
         self.enum_paths: list[tuple[tuple[Any, ...], tuple[Any, ...]]] = []
         #: (best score, runner-up score) of every enum decision: how sure each choice was.
         self.decisions: list[tuple[int, int]] = []
@@ -1251,6 +1252,13 @@ class _Answerer:
     def fields(self) -> dict[str, str]:
         """``Key: value`` lines of the record, by key stems, for fields named like a key."""
         return _field_lines(self.text)
+
+    def sentence_evidence(self, sentence: str) -> Evidence:
+        """The evidence of one sentence of the record, read once for every list field and quote."""
+        evidence = self._sentence_evidence.get(sentence)
+        if evidence is None:
+            evidence = self._sentence_evidence[sentence] = Evidence(sentence, [sentence])
+        return evidence
 
     def fit(self, text: str, min_len: int | None, max_len: int | None) -> str:
         """``fit_length`` with the record's words as filler (only read when padding is needed)."""
@@ -1508,7 +1516,7 @@ class _Answerer:
             return None
         scored = []
         for i, sentence in enumerate(self.sentences):
-            evidence = Evidence(sentence, [sentence])
+            evidence = self.sentence_evidence(sentence)
             score = evidence.score(name) + (_definition_score(evidence, definition) if definition else 0)
             if score >= _LIST_THRESHOLD:
                 scored.append((-score, i, sentence))
@@ -1695,7 +1703,7 @@ class _Answerer:
         labels = self.scope[1]
         best, best_score = sentences[0], 0
         for sentence in sentences:
-            evidence = Evidence(sentence, [sentence])
+            evidence = self.sentence_evidence(sentence)
             score = sum(evidence.score(label) for label in labels) + 2 * len(_counts_in(sentence))
             if score > best_score:
                 best, best_score = sentence, score
