@@ -52,8 +52,21 @@ def fold(text: str) -> str:
     """
     if text.isascii():
         return text
-    decomposed = unicodedata.normalize("NFKD", text.translate(_FOLD_EXTRA))
-    return "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+    # Only the non-ASCII runs are looked at character by character (ASCII has no combining
+    # marks), and the extra table only when one of its letters occurs: same result, a fraction
+    # of the time on records with a curly quote or two.
+    if _FOLD_EXTRA_RE.search(text):
+        text = text.translate(_FOLD_EXTRA)
+    decomposed = unicodedata.normalize("NFKD", text)
+    return decomposed if decomposed.isascii() else _NON_ASCII_RE.sub(_without_marks, decomposed)
+
+
+_FOLD_EXTRA_RE = re.compile("[ßłŁøØæœđ]")
+_NON_ASCII_RE = re.compile(r"[^\x00-\x7f]+")
+
+
+def _without_marks(match: re.Match[str]) -> str:
+    return "".join(ch for ch in match.group() if not unicodedata.combining(ch))
 
 
 # Common customer words in German, French, Spanish, Italian, Portuguese, Polish and Dutch, with
