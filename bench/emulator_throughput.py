@@ -26,7 +26,8 @@ What is timed is the emulator's own work, in process (no HTTP client in the meas
   bench/end_to_end.py starts it (1 s processing): create, poll every 0.2 s until ended, stream
   the results; seconds per phase as the client sees them.
 
-The baseline is the emulator as committed on ``--baseline-ref`` (default ``main``), unpacked
+The baseline is the emulator as committed on ``--baseline-ref`` (default 059749a, main before
+the #19 emulator work), unpacked
 with ``git archive`` into a temporary directory and run in its own process in the same run;
 ours runs from this working tree the same way. ``vs_baseline`` = ours/baseline answers per
 second on the ``e2e`` workload.
@@ -57,6 +58,8 @@ WORKLOADS = ("e2e", "tickets", "crm", "cancellations", "documents")
 PROMPT = "Subject: {subject}\n\n{body}"
 SYSTEM = "Triage the support ticket: label, urgency and a one-line summary."
 MODEL = "claude-fable-5"
+#: main as it was before the #19 emulator work (once merged, ``main`` is this code itself).
+BASELINE_REF = "059749a"
 
 
 def _workload(name: str) -> list[tuple[str, dict[str, Any]]]:
@@ -270,7 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--faults", default="default", help=argparse.SUPPRESS)
     parser.add_argument("--create-body", help=argparse.SUPPRESS)
-    parser.add_argument("--baseline-ref", default="main", help="git ref of the previous emulator")
+    parser.add_argument(
+        "--baseline-ref",
+        default=BASELINE_REF,
+        help=f"git ref of the previous emulator (default {BASELINE_REF}: main before this work)",
+    )
     parser.add_argument("--requests", type=int, default=5_000, help="requests per workload")
     parser.add_argument(
         "--baseline-requests",
