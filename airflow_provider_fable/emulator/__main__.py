@@ -77,6 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="SQLite state file: batches, results and the clock survive a restart",
     )
 
+    api.add_argument(
+        "--generation-workers",
+        type=int,
+        default=defaults.generation_workers,
+        help="worker processes that generate the answers of large batches (0: a thread of the "
+        "emulator's own process)",
+    )
+    api.add_argument(
+        "--generation-min-batch",
+        type=int,
+        default=defaults.generation_min_batch,
+        help="batches of at least this many requests are answered by the workers",
+    )
+
     faults = parser.add_argument_group("fault injection")
     faults.add_argument(
         "--seed", type=int, default=fault_defaults.seed, help="reshuffles which requests/calls fail"
@@ -197,6 +211,8 @@ def settings_from_args(args: argparse.Namespace) -> EmulatorSettings:
         max_body_bytes=args.max_body_bytes,
         min_cache_tokens=args.min_cache_tokens,
         api_key=args.api_key,
+        generation_workers=args.generation_workers,
+        generation_min_batch=args.generation_min_batch,
         faults=FaultSettings(
             seed=args.seed,
             errored_rate=args.errored_rate,

@@ -16,15 +16,20 @@ import copy
 import hashlib
 import json
 import re
+import threading
 import uuid
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
+import orjson
+
 from airflow_provider_fable.emulator.cues import (
+    LabelCues,
     PromptCues,
+    SharedCues,
     fold,
     fuzzy_matches,
     glosses,
@@ -39,12 +44,15 @@ from airflow_provider_fable.emulator.cues import (
 
 __all__ = [
     "Answer",
+    "AnswerJob",
     "Evidence",
     "PromptAccounting",
     "account_prompt",
     "answer_for_schema",
+    "answer_lines",
     "build_answer",
     "SchemaAnswer",
+    "SharedPrompt",
     "break_answer",
     "build_message",
     "content_sentences",
@@ -55,6 +63,8 @@ __all__ = [
     "last_user_text",
     "name_tokens",
     "output_schema",
+    "result_line",
+    "shared_prompt",
     "stable_fraction",
     "stable_hash",
     "stable_token",
@@ -265,7 +275,13 @@ def _words(text: str) -> list[str]:
 
 def name_tokens(name: str) -> list[str]:
     """Tokens of a label or field name: split on ``_``, ``-``, spaces and camelCase, lowercased."""
-    return _words(re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name).replace("_", " "))
+    return list(_name_tokens(name))
+
+
+@lru_cache(maxsize=16384)
+def _name_tokens(name: str) -> tuple[str, ...]:
+    # Field and label names repeat in every request of a batch; tokenise each once.
+    return tuple(_words(re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", name).replace("_", " ")))
 
 
 # Contractions are expanded before matching, so "doesn't work", "does not work" and the
@@ -811,7 +827,9 @@ class Evidence:
     ) -> None:
         tokens = _evidence_tokens(text)
         if vocabulary:
-            tokens = [_corrected(t, vocabulary) for t in tokens]
+            tokens = [
+                t if len(t) < 5 or t in vocabulary else _corrected_cached(t, vocabulary) for t in tokens
+            ]
         stems = [stem(t) for t in tokens]
         extra = [[stem(t) for t in _evidence_tokens(g)] for g in glosses(tokens)]
         self.text = text
@@ -819,15 +837,27 @@ class Evidence:
         self._stems = Counter(stems)
         for gloss in extra:
             self._stems.update(gloss)
-        negated = Counter(
-            s for i, s in enumerate(stems) if any(t in _NEGATORS for t in tokens[max(0, i - 2) : i])
-        )
         deadlines = len(_DEADLINE_RE.findall(text))
         if deadlines:
             self._stems[stem("deadline")] += deadlines
-        self._affirmed = self._stems - negated
+        if _NEGATORS.isdisjoint(tokens):
+            # Nothing negated: the affirmed counts are the counts (read-only from here on).
+            self._affirmed = self._stems
+        else:
+            negated = Counter(
+                s for i, s in enumerate(stems) if any(t in _NEGATORS for t in tokens[max(0, i - 2) : i])
+            )
+            self._affirmed = self._stems - negated
         # Keywords come from the content sentences so prompt instructions ("Classify...") are skipped.
-        self._words = _words(" ".join(sentences)) if sentences is not None else _words(text)
+        self._keyword_source = " ".join(sentences) if sentences is not None else text
+        self._words_cache: list[str] | None = None
+
+    @property
+    def _words(self) -> list[str]:
+        """Words for keywords, tokenised on first use (most schemas have no keyword field)."""
+        if self._words_cache is None:
+            self._words_cache = _words(self._keyword_source)
+        return self._words_cache
 
     def count(self, phrase: Sequence[str], *, negatable: bool = False) -> int:
         """Occurrences of a phrase (words match by stem; ``negatable`` skips negated single words)."""
@@ -841,10 +871,7 @@ class Evidence:
 
     def score(self, name: str, *, stopwords: frozenset[str] = _LABEL_STOPWORDS) -> int:
         """How strongly the text talks about ``name``: weighted hits of its own words and lexicon."""
-        return sum(
-            weight * min(self._count_stems(stems, negatable), _SATURATION)
-            for stems, weight, negatable in _evidence_phrases(name, stopwords)
-        )
+        return _name_scorer(name, stopwords).scores(self)[0]
 
     def keywords(self, limit: int) -> list[str]:
         """Most frequent content words, for tag/keyword fields."""
@@ -858,6 +885,72 @@ class Evidence:
             counts[key] += 1
         order = sorted(counts, key=lambda k: (-counts[k], first[k][0]))
         return [first[k][1] for k in order[:limit]]
+
+
+class _Scorer:
+    """The weighted phrases of several labels, indexed by stem.
+
+    A label's score is ``weight * min(count, 2)`` summed over its phrases: hundreds of look-ups
+    per label and record when walked phrase by phrase. The same sum walked from the other side:
+    the record's few distinct stems find the single-word phrases they are, and a multi-word
+    phrase is counted only when its first stem occurs (otherwise it cannot be in the text).
+    Identical scores for a fraction of the work; built once per label set and cached.
+    """
+
+    __slots__ = ("multi", "single", "size")
+
+    def __init__(self, phrase_lists: Sequence[Iterable[_Phrase]]) -> None:
+        single: dict[str, list[tuple[int, int, bool]]] = {}
+        multi: list[tuple[int, str, str, int]] = []
+        for i, phrases in enumerate(phrase_lists):
+            for stems, weight, negatable in phrases:
+                if len(stems) == 1:
+                    single.setdefault(stems[0], []).append((i, weight, negatable))
+                elif stems:
+                    multi.append((i, stems[0], " " + " ".join(stems) + " ", weight))
+        self.size = len(phrase_lists)
+        self.single: dict[str, tuple[tuple[int, int, bool], ...]] = {k: tuple(v) for k, v in single.items()}
+        self.multi: tuple[tuple[int, str, str, int], ...] = tuple(multi)
+
+    def scores(self, evidence: Evidence) -> list[int]:
+        """Each label's score against ``evidence`` (what ``Evidence.score`` sums, label by label)."""
+        out = [0] * self.size
+        counts = evidence._stems
+        affirmed = evidence._affirmed
+        single = self.single
+        if len(counts) <= len(single):
+            found = [(s, c, single[s]) for s, c in counts.items() if s in single]
+        else:
+            found = [(s, counts[s], entries) for s, entries in single.items() if s in counts]
+        for s, n, entries in found:
+            for i, weight, negatable in entries:
+                c = affirmed.get(s, 0) if negatable else n
+                if c > 0:
+                    out[i] += weight * (c if c < _SATURATION else _SATURATION)
+        if self.multi:
+            joined = evidence._joined
+            for i, first, phrase, weight in self.multi:
+                if first in counts:
+                    c = joined.count(phrase)
+                    if c:
+                        out[i] += weight * (c if c < _SATURATION else _SATURATION)
+        return out
+
+
+@lru_cache(maxsize=4096)
+def _name_scorer(name: str, stopwords: frozenset[str]) -> _Scorer:
+    return _Scorer([_evidence_phrases(name, stopwords)])
+
+
+@lru_cache(maxsize=1024)
+def _choice_scorer(labels: tuple[str, ...], definitions: tuple[str | None, ...]) -> _Scorer:
+    """One scorer for an enum's labels: each label's phrases plus, when they count, its definition's."""
+    return _Scorer(
+        [
+            (*_evidence_phrases(label, _LABEL_STOPWORDS), *(_definition_phrases(d) if d else ()))
+            for label, d in zip(labels, definitions, strict=True)
+        ]
+    )
 
 
 _STOPWORDS = frozenset(
@@ -971,10 +1064,9 @@ def _band(value: Any) -> tuple[int, int] | None:
     return None
 
 
-def _band_choice(values: Sequence[Any], counts: Sequence[int], field: str) -> int | None:
-    """Index of the enum value whose range holds the record's head count (None: no match)."""
-    if not counts:
-        return None
+def _value_bands(values: Sequence[Any], field: str) -> list[tuple[int, int] | None] | None:
+    """The head-count range of each enum value ("11-50", or a size word on a size-like field),
+    None when no value has one."""
     bands = [_band(v) for v in values]
     if sum(b is not None for b in bands) < 2:
         if not set(name_tokens(field)) & _SIZE_FIELD_TOKENS:
@@ -983,6 +1075,29 @@ def _band_choice(values: Sequence[Any], counts: Sequence[int], field: str) -> in
         for v in values:
             toks = set(name_tokens(str(v))) | {str(v).lower()}
             bands.append(next(((lo, hi) for words, lo, hi in _SIZE_WORDS if toks & words), None))
+    return bands if any(b is not None for b in bands) else None
+
+
+@lru_cache(maxsize=1024)
+def _value_bands_cached(values: tuple[Any, ...], field: str) -> list[tuple[int, int] | None] | None:
+    return _value_bands(values, field)
+
+
+def _has_bands(values: Sequence[Any], field: str) -> bool:
+    """Whether a head count could pick one of ``values`` (else the record's counts are not read)."""
+    try:
+        return _value_bands_cached(tuple(values), field) is not None
+    except TypeError:  # unhashable enum values (objects, lists)
+        return _value_bands(values, field) is not None
+
+
+def _band_choice(values: Sequence[Any], counts: Sequence[int], field: str) -> int | None:
+    """Index of the enum value whose range holds the record's head count (None: no match)."""
+    if not counts:
+        return None
+    bands = _value_bands(values, field)
+    if bands is None:
+        return None
     for count in counts:
         for i, band in enumerate(bands):
             if band is not None and band[0] <= count <= band[1]:
@@ -1069,8 +1184,13 @@ class _Answerer:
         break_key: str = "",
         cues: PromptCues | None = None,
         quote_break_rate: float = 0.0,
+        enums: tuple[str, ...] | None = None,
+        shared: SharedPrompt | None = None,
     ) -> None:
         self.root = root
+        #: memo of ``resolve`` shared by the requests of one prompt (None: resolve every time)
+        self._resolved = shared.resolved if shared is not None and shared.owns(root) else None
+        self._stable = shared.stable_ids if shared is not None else set()
         self.text = text
         #: Share of description-only constraints to break, and the key that picks which.
         self.break_rate = break_rate
@@ -1081,12 +1201,7 @@ class _Answerer:
         self.sentences = content_sentences(text)
         #: System prompt, template words and few-shot answers around the record.
         self.cues = cues or PromptCues()
-        #: The record itself (its quoted value, or its non-template words), normalised.
-        self.record = record_key(text, self.cues.template_words)
-        self.empty_record = is_placeholder(self.record)
-        #: The answer a few-shot turn gave to this very record, if one did.
-        self.example = matching_example(self.record, self.cues.examples) if self.cues.examples else None
-        self.vocabulary = _vocabulary(_schema_enums(root), self.cues.system)
+        self.vocabulary = _vocabulary(_schema_enums(root) if enums is None else enums, self.cues.system)
         evidence_text = (
             quoted_text(text)
             if self.cues.quoted_record
@@ -1094,12 +1209,8 @@ class _Answerer:
         )
         self.evidence = Evidence(evidence_text, self.sentences, vocabulary=self.vocabulary)
         self._scoped: dict[str, Evidence] = {}
-        self.filler = _words(text) or ["details"]
+        self._sentence_evidence: dict[str, Evidence] = {}
         self.enum_paths: list[tuple[tuple[Any, ...], tuple[Any, ...]]] = []
-        #: Counts the record states ("350 employees", "Employees: 1,200", "a 12-person team").
-        self.counts = _counts_in(text)
-        #: ``Key: value`` lines of the record, by key stems, for fields named like a key.
-        self.fields = _field_lines(text)
         #: (best score, runner-up score) of every enum decision: how sure each choice was.
         self.decisions: list[tuple[int, int]] = []
         #: Labels chosen so far, for evidence fields that quote what supports them.
@@ -1112,8 +1223,65 @@ class _Answerer:
         #: Optional fields whose description ties them to enum values ("Required for other").
         self.conditions: dict[tuple[Any, ...], set[str]] = {}
 
+    # -- what the record says, read when a field first needs it ------------------------------
+    @cached_property
+    def record(self) -> str:
+        """The record itself (its quoted value, or its non-template words), normalised."""
+        return record_key(self.text, self.cues.template_words)
+
+    @cached_property
+    def empty_record(self) -> bool:
+        return is_placeholder(self.record)
+
+    @cached_property
+    def example(self) -> Any:
+        """The answer a few-shot turn gave to this very record, if one did."""
+        return matching_example(self.record, self.cues.examples) if self.cues.examples else None
+
+    @cached_property
+    def filler(self) -> list[str]:
+        """Words of the record, to pad text up to a minLength."""
+        return _words(self.text) or ["details"]
+
+    @cached_property
+    def counts(self) -> list[int]:
+        """Counts the record states ("350 employees", "Employees: 1,200", "a 12-person team")."""
+        return _counts_in(self.text)
+
+    @cached_property
+    def fields(self) -> dict[str, str]:
+        """``Key: value`` lines of the record, by key stems, for fields named like a key."""
+        return _field_lines(self.text)
+
+    def sentence_evidence(self, sentence: str) -> Evidence:
+        """The evidence of one sentence of the record, read once for every list field and quote."""
+        evidence = self._sentence_evidence.get(sentence)
+        if evidence is None:
+            evidence = self._sentence_evidence[sentence] = Evidence(sentence, [sentence])
+        return evidence
+
+    def fit(self, text: str, min_len: int | None, max_len: int | None) -> str:
+        """``fit_length`` with the record's words as filler (only read when padding is needed)."""
+        return fit_length(text, min_len, max_len, self.filler if min_len else ())
+
     # -- schema plumbing ---------------------------------------------------------------------
     def resolve(self, schema: Any) -> Any:
+        """``schema`` with ``$ref`` followed and ``allOf`` merged (memoised per shared prompt)."""
+        cache = self._resolved
+        if cache is None or not isinstance(schema, Mapping):
+            return self._resolve(schema)
+        hit = cache.get(id(schema))
+        if hit is not None and hit[0] is schema:
+            return hit[1]
+        result = self._resolve(schema)
+        if id(schema) in self._stable:
+            # Only nodes the shared prompt keeps alive are memoised (their ids cannot be reused),
+            # and a memoised result is kept alive too, so it may be memoised in turn.
+            cache[id(schema)] = (schema, result)
+            self._stable.add(id(result))
+        return result
+
+    def _resolve(self, schema: Any) -> Any:
         for _ in range(32):
             if not isinstance(schema, Mapping) or not isinstance(schema.get("$ref"), str):
                 break
@@ -1319,7 +1487,7 @@ class _Answerer:
             words = self.evidence.keywords(n) or ["general"]
             max_len = _int_constraint(items, "maxLength")
             min_len = _int_constraint(items, "minLength")
-            out = [fit_length(words[i % len(words)], min_len, max_len, self.filler) for i in range(n)]
+            out = [self.fit(words[i % len(words)], min_len, max_len) for i in range(n)]
             if len(set(out)) < len(out):
                 out = [w if i < len(words) else f"{w}-{i}" for i, w in enumerate(out)]
             return out
@@ -1328,7 +1496,7 @@ class _Answerer:
             if listed is not None:
                 max_len = _int_constraint(items, "maxLength")
                 min_len = _int_constraint(items, "minLength")
-                return [fit_length(v, min_len, max_len, self.filler) for v in listed]
+                return [self.fit(v, min_len, max_len) for v in listed]
         values = [self.gen(items, (*path, i), depth + 1) for i in range(n)]
         if schema.get("uniqueItems") and all(isinstance(v, str) for v in values):
             values = [v if v not in values[:i] else f"{v} ({i + 1})" for i, v in enumerate(values)]
@@ -1348,7 +1516,7 @@ class _Answerer:
             return None
         scored = []
         for i, sentence in enumerate(self.sentences):
-            evidence = Evidence(sentence, [sentence])
+            evidence = self.sentence_evidence(sentence)
             score = evidence.score(name) + (_definition_score(evidence, definition) if definition else 0)
             if score >= _LIST_THRESHOLD:
                 scored.append((-score, i, sentence))
@@ -1452,7 +1620,7 @@ class _Answerer:
                 # A real model asked for a verbatim quote sometimes paraphrases or adds a
                 # specific the record never gave; checks that the quote is in the record must
                 # see that happen (``invented_quote_rate``).
-                value = fit_length(self.invented_quote(value), None, max_len, self.filler)
+                value = self.fit(self.invented_quote(value), None, max_len)
                 if max_len is not None:
                     return value
         elif (
@@ -1468,7 +1636,7 @@ class _Answerer:
             value = words[min(index, len(words) - 1)]
         else:
             value = " ".join(sentences[index % len(sentences)].split()[:8]).rstrip(",.;:!?")
-        value = fit_length(value, min_len, max_len, self.filler)
+        value = self.fit(value, min_len, max_len)
         if max_len is not None and self.breaks(schema, "maxLength", path):
             # Overlong, as a model that "forgot" the hint writes: the text runs on past the limit.
             extra = " ".join(self.filler)
@@ -1535,7 +1703,7 @@ class _Answerer:
         labels = self.scope[1]
         best, best_score = sentences[0], 0
         for sentence in sentences:
-            evidence = Evidence(sentence, [sentence])
+            evidence = self.sentence_evidence(sentence)
             score = sum(evidence.score(label) for label in labels) + 2 * len(_counts_in(sentence))
             if score > best_score:
                 best, best_score = sentence, score
@@ -1602,16 +1770,13 @@ class _Answerer:
         words = [w for w in name_tokens(name) if w]
         if not words or not self.fields:
             return self.evidence
-        pattern = _scope_pattern(" ".join(words))
-        for source in (description, self.cues.system):
-            for m in pattern.finditer(source or ""):
-                phrase = " ".join(name_tokens(m.group(1)))
-                for key, value in self.fields.items():
-                    if phrase.startswith(key):
-                        if key not in self._scoped:
-                            value = "" if is_placeholder(" ".join(_words(value))) else value
-                            self._scoped[key] = Evidence(value, [value], vocabulary=self.vocabulary)
-                        return self._scoped[key]
+        for phrase in _scope_phrases(" ".join(words), description, self.cues.system):
+            for key, value in self.fields.items():
+                if phrase.startswith(key):
+                    if key not in self._scoped:
+                        value = "" if is_placeholder(" ".join(_words(value))) else value
+                        self._scoped[key] = Evidence(value, [value], vocabulary=self.vocabulary)
+                    return self._scoped[key]
         return self.evidence
 
     def choose(
@@ -1630,18 +1795,16 @@ class _Answerer:
         description = schema.get("description") if isinstance(schema, Mapping) else None
         description = description if isinstance(description, str) else ""
         labels = tuple(v for v in values if isinstance(v, str))
-        cues = label_cues(labels, self.cues.system, description)
+        cues, scorer = _choice_model(labels, self.cues.system, description)
         evidence = self.scoped_evidence(name, description)
+        by_label = iter(scorer.scores(evidence))
         scores = []
         for v in values:
             if not isinstance(v, str):
                 scores.append(0)
                 continue
-            score = evidence.score(v)
-            definition = cues.definitions.get(v)
-            if definition and v.lower() not in _FALLBACK_LABELS and not _well_known(v):
-                score += _definition_score(evidence, definition)
-            if self.empty_record and _names_placeholder(v, definition):
+            score = next(by_label)
+            if self.empty_record and _names_placeholder(v, cues.definitions.get(v)):
                 score += 8
             scores.append(score)
         band = None
@@ -1653,7 +1816,7 @@ class _Answerer:
                 if band is not None:
                     band = list(values).index(labels[band])
                     break
-        if band is None:
+        if band is None and _has_bands(values, name):
             band = _band_choice(values, self.counts, name)
         if band is not None:
             scores[band] += 6
@@ -1669,19 +1832,42 @@ class _Answerer:
         self.decisions.append((best, runner_up))
         where = self._path_str(path)
 
-        def rank(i: int) -> tuple[int, int, int, int]:
+        def rank(i: int) -> tuple[int, int, int]:
             value = values[i]
             fallback = 0 if isinstance(value, str) and value.lower() in _FALLBACK_LABELS else 1
             if weak:
                 unknown = 0 if isinstance(value, str) and value.lower() in _UNKNOWN_LABELS else 1
-                return (unknown, -scores[i], fallback, stable_hash(self.text, where, repr(value)))
-            return (0, -scores[i], fallback if best == 0 else 0, stable_hash(self.text, where, repr(value)))
+                return (unknown, -scores[i], fallback)
+            return (0, -scores[i], fallback if best == 0 else 0)
 
-        order = sorted(range(len(values)), key=rank)
+        order = self._ranked(values, rank, where, k)
         picked = [values[i] for i in order[:k]]
         self.picked_all.extend(str(v) for v in picked)
         self.chosen.extend(str(v) for v in picked if isinstance(v, str) and scores[values.index(v)] > 0)
         return picked
+
+    def _ranked(
+        self, values: Sequence[Any], rank: Callable[[int], tuple[int, int, int]], where: str, k: int
+    ) -> list[int]:
+        """Indexes of ``values`` sorted by ``rank``, ties broken by a stable hash of the value.
+
+        The same order as sorting by ``(*rank(i), stable_hash(text, where, repr(value)))``, but
+        the hash (a SHA-256 of the whole record) is only computed inside the groups of equal rank
+        that reach the first ``k`` places: most enum decisions have a clear winner.
+        """
+        keys = [rank(i) for i in range(len(values))]
+        order = sorted(range(len(values)), key=keys.__getitem__)
+        start = 0
+        while start < len(order) and start < k:
+            end = start + 1
+            while end < len(order) and keys[order[end]] == keys[order[start]]:
+                end += 1
+            if end - start > 1:
+                group = order[start:end]
+                group.sort(key=lambda i: stable_hash(self.text, where, repr(values[i])))
+                order[start:end] = group
+            start = end
+        return order
 
 
 _LIST_THRESHOLD = 3  # a sentence is "about" a list's topic from this much evidence
@@ -1709,20 +1895,35 @@ _DEFINITION_STOPWORDS = frozenset(
 )
 
 
+_KEPT_TEMPLATE_WORDS = _NEGATORS | _STOPWORDS | _DEFINITION_STOPWORDS
+
+
 def _without_template(text: str, template_words: frozenset[str]) -> str:
     """``text`` without the prompt template's own words ("Reason given:", "Subject:").
 
     Every record's turn has them, so they are evidence for nothing; short and negating words
     stay (they are part of phrases like "not working").
     """
-    drop = {
-        w
-        for w in template_words
-        if len(w) >= 3 and w.isalpha() and w not in _NEGATORS | _STOPWORDS | _DEFINITION_STOPWORDS
-    }
-    if not drop:
-        return text
-    return _template_re(frozenset(drop)).sub(" ", text)
+    pattern = _template_pattern(template_words)
+    return text if pattern is None else pattern.sub(" ", text)
+
+
+@lru_cache(maxsize=256)
+def _template_pattern(template_words: frozenset[str]) -> re.Pattern[str] | None:
+    drop = {w for w in template_words if len(w) >= 3 and w.isalpha() and w not in _KEPT_TEMPLATE_WORDS}
+    return _template_re(frozenset(drop)) if drop else None
+
+
+@lru_cache(maxsize=4096)
+def _scope_phrases(words: str, description: str, system: str) -> tuple[str, ...]:
+    """The record parts the prompt says a field comes from ("persona comes from the job
+    title": ``job title``), in the order ``scoped_evidence`` tries them."""
+    pattern = _scope_pattern(words)
+    return tuple(
+        " ".join(name_tokens(m.group(1)))
+        for source in (description, system)
+        for m in pattern.finditer(source or "")
+    )
 
 
 @lru_cache(maxsize=64)
@@ -1756,7 +1957,8 @@ def _names_placeholder(value: str, definition: str | None) -> bool:
     tokens = name_tokens(value)
     named = " ".join(tokens) in _PLACEHOLDER_NAMES or bool(set(tokens) & {"empty", "blank", "unstated"})
     defined = bool(definition) and (
-        "n/a" in definition or bool(set(_words(definition)) & {"empty", "placeholder", "placeholders", "blank"})
+        "n/a" in definition
+        or bool(set(_words(definition)) & {"empty", "placeholder", "placeholders", "blank"})
     )
     return named or defined
 
@@ -1796,6 +1998,21 @@ def _definition_score(evidence: Evidence, definition: str) -> int:
         weight * min(evidence._count_stems(stems, False), _SATURATION)
         for stems, weight, _ in _definition_phrases(definition)
     )
+
+
+@lru_cache(maxsize=1024)
+def _choice_model(labels: tuple[str, ...], system: str, description: str) -> tuple[LabelCues, _Scorer]:
+    """The cues and the scorer of one enum field in one prompt (both pure: cached).
+
+    A label's definition counts unless the label is a fallback or one the lexicon knows well.
+    """
+    cues = label_cues(labels, system, description)
+    definitions = tuple(
+        d if d and v.lower() not in _FALLBACK_LABELS and not _well_known(v) else None
+        for v in labels
+        for d in (cues.definitions.get(v),)
+    )
+    return cues, _choice_scorer(labels, definitions)
 
 
 def _schema_enums(root: Any) -> tuple[str, ...]:
@@ -1887,6 +2104,7 @@ def answer_for_schema(
     break_key: str = "",
     params: Mapping[str, Any] | None = None,
     quote_break_rate: float = 0.0,
+    shared: SharedPrompt | None = None,
 ) -> SchemaAnswer:
     """A value valid against ``schema``, chosen from the evidence in ``text``.
 
@@ -1896,13 +2114,24 @@ def answer_for_schema(
     ``transform_schema`` leaves them) is violated, as a real model sometimes does; with
     ``quote_break_rate`` > 0 that share of verbatim-quote fields paraphrase instead of quoting.
     """
+    cues: PromptCues | None = None
+    enums = None
+    if shared is not None and params is not None:
+        # The shared part of the prompt was read once for the batch (same result as reading it here).
+        if shared.cues is not None:
+            cues = shared.cues.cues(params["messages"][-1].get("content"))
+        enums = shared.schema_enums(schema)
+    if cues is None and params is not None:
+        cues = prompt_cues(params)
     answerer = _Answerer(
         schema,
         text,
         break_rate=break_rate,
         break_key=break_key,
-        cues=prompt_cues(params) if params is not None else None,
+        cues=cues,
         quote_break_rate=quote_break_rate,
+        enums=enums,
+        shared=shared,
     )
     value = answerer.gen(schema, (), 0)
     return SchemaAnswer(
@@ -2069,53 +2298,182 @@ def _cache_ttl(cache_control: Any) -> float:
     return 300.0
 
 
+class _Tally:
+    """Running input-token count and prompt-cache prefix hash of a request, block by block."""
+
+    __slots__ = ("hasher", "prefix_key", "prefix_tokens", "total", "ttl")
+
+    def __init__(self, model: str) -> None:
+        self.hasher = hashlib.sha256(model.encode())
+        self.total = 0
+        self.prefix_tokens = 0
+        self.prefix_key: str | None = None
+        self.ttl = 300.0
+
+    def copy(self) -> _Tally:
+        other = _Tally.__new__(_Tally)
+        other.hasher = self.hasher.copy()
+        other.total, other.prefix_tokens, other.prefix_key, other.ttl = (
+            self.total, self.prefix_tokens, self.prefix_key, self.ttl,
+        )  # fmt: skip
+        return other
+
+    def add(self, block: Any) -> None:
+        self.total += _block_tokens(block)
+        self.hasher.update(_canonical(block).encode("utf-8", "surrogatepass"))
+        self.hasher.update(b"\x1e")
+        if isinstance(block, Mapping) and block.get("cache_control"):
+            self.prefix_tokens, self.prefix_key, self.ttl = (
+                self.total,
+                self.hasher.copy().hexdigest(),
+                _cache_ttl(block["cache_control"]),
+            )
+
+    def add_message(self, message: Any) -> None:
+        if not isinstance(message, Mapping):
+            return
+        self.hasher.update(str(message.get("role")).encode())
+        content = message.get("content")
+        if isinstance(content, list):
+            for block in content:
+                self.add(block)
+        elif content is not None:
+            self.add(content)
+
+
+def _tally_prompt(params: Mapping[str, Any], messages: Iterable[Any]) -> _Tally:
+    """The tally after tools, system and ``messages``, in the order the API caches them."""
+    tally = _Tally(str(params.get("model", "")))
+    for tool in params.get("tools") or []:
+        tally.add(tool)
+    system = params.get("system")
+    if isinstance(system, str) and system:
+        tally.add(system)
+    elif isinstance(system, list):
+        for block in system:
+            tally.add(block)
+    for message in messages:
+        tally.add_message(message)
+    return tally
+
+
+def _schema_tokens(params: Mapping[str, Any]) -> int:
+    schema = output_schema(params)
+    return 0 if schema is None else estimate_tokens(len(_canonical(schema)))
+
+
 def account_prompt(params: Mapping[str, Any]) -> PromptAccounting:
     """Count input tokens and find the prompt-cache prefix.
 
     The API caches in the order tools -> system -> messages, up to and including the last
     block that carries ``cache_control``; the prefix is identified by a hash of everything
     before that point (so a different system prompt or model never shares a cache entry).
+    Requests of one batch share everything but their last message: that part is tallied once
+    (``SharedPrompt``) and each request adds only its own message to a copy.
     """
-    hasher = hashlib.sha256(str(params.get("model", "")).encode())
-    total = 0
-    prefix_tokens = 0
-    prefix_key: str | None = None
-    ttl = 300.0
+    shared = shared_prompt(params)
+    if shared is not None:
+        tally = shared.tally.copy()
+        tally.add_message(params["messages"][-1])
+        total = tally.total + shared.schema_tokens
+    else:
+        tally = _tally_prompt(params, params.get("messages") or [])
+        total = tally.total + _schema_tokens(params)
+    return PromptAccounting(total, tally.prefix_tokens, tally.prefix_key, tally.ttl)
 
-    def add(block: Any) -> None:
-        nonlocal total, prefix_tokens, prefix_key, ttl
-        total += _block_tokens(block)
-        hasher.update(_canonical(block).encode("utf-8", "surrogatepass"))
-        hasher.update(b"\x1e")
-        if isinstance(block, Mapping) and block.get("cache_control"):
-            prefix_tokens, prefix_key, ttl = (
-                total,
-                hasher.copy().hexdigest(),
-                _cache_ttl(block["cache_control"]),
+
+class SharedPrompt:
+    """What every request of one prompt shape shares: all params but the last message.
+
+    A batch is up to 100,000 requests built from one template: same model, system prompt,
+    few-shot turns, schema and tools, a different record in the last user turn. Everything
+    derived from the shared part (the schema and its enums, the few-shot cues, the token
+    tally of the prefix, the validation verdict) is computed once here, from the first
+    request seen, and every later request only does the work of its own record. The result
+    is the same as deriving it all again per request: the key is the shared part's JSON.
+    """
+
+    def __init__(self, params: Mapping[str, Any]) -> None:
+        messages = params["messages"]
+        #: the first request seen; its objects stand for every request of this shape
+        self.params = params
+        self.tool = forced_tool(params)
+        self.schema = output_schema(params)
+        tool_schema = self.tool.get("input_schema") if self.tool is not None else None
+        self.tool_schema = tool_schema if isinstance(tool_schema, Mapping) else None
+        last = messages[-1]
+        self.cues = SharedCues(params) if isinstance(last, Mapping) and last.get("role") == "user" else None
+        self.tally = _tally_prompt(params, messages[:-1])
+        self.schema_tokens = _schema_tokens(params)
+        self._enums: dict[int, tuple[Any, tuple[str, ...]]] = {}
+        #: ``_Answerer.resolve`` memo: id(node) -> (node, resolved), for nodes kept alive here
+        self.resolved: dict[int, tuple[Any, Any]] = {}
+        self.stable_ids: set[int] = set()
+        self._roots = [r for r in (self.schema, self.tool_schema) if isinstance(r, Mapping)]
+        stack: list[Any] = list(self._roots)
+        while stack and len(self.stable_ids) < 100_000:
+            node = stack.pop()
+            if isinstance(node, Mapping):
+                self.stable_ids.add(id(node))
+                stack.extend(node.values())
+            elif isinstance(node, list):
+                stack.extend(node)
+        #: validation verdicts on the shared part, by (endpoint, version, betas, models)
+        self.problems: dict[Any, Any] = {}
+
+    def schema_enums(self, root: Any) -> tuple[str, ...]:
+        """``_schema_enums`` of one of this prompt's schemas (kept alive here, so ids are stable)."""
+        hit = self._enums.get(id(root))
+        if hit is not None and hit[0] is root:
+            return hit[1]
+        enums = _schema_enums(root)
+        if self.owns(root):
+            self._enums[id(root)] = (root, enums)
+        return enums
+
+    def owns(self, root: Any) -> bool:
+        """Whether ``root`` is one of this prompt's own schemas (the structured output or the tool's)."""
+        return any(root is r for r in self._roots)
+
+
+_SHARED_MAX = 64
+_shared_prompts: OrderedDict[bytes, SharedPrompt] = OrderedDict()
+_shared_lock = threading.Lock()
+#: The last params looked up and their plan: one request asks three times (validation,
+#: accounting, answer); holding the params object makes the identity check safe.
+_shared_last: tuple[Any, SharedPrompt | None] = (None, None)
+
+
+def shared_prompt(params: Mapping[str, Any]) -> SharedPrompt | None:
+    """The ``SharedPrompt`` of a request (cached by the JSON of its shared part), or None when
+    the request has no last message to set apart or cannot be keyed (then it is handled whole)."""
+    global _shared_last
+    last = _shared_last
+    if last[0] is params:
+        return last[1]
+    messages = params.get("messages") if isinstance(params, Mapping) else None
+    plan: SharedPrompt | None = None
+    if isinstance(messages, list) and messages and isinstance(messages[-1], Mapping):
+        try:
+            key = orjson.dumps(
+                [[k, v] for k, v in params.items() if k != "messages"]
+                + [messages[:-1], messages[-1].get("role")]
             )
-
-    for tool in params.get("tools") or []:
-        add(tool)
-    system = params.get("system")
-    if isinstance(system, str) and system:
-        add(system)
-    elif isinstance(system, list):
-        for block in system:
-            add(block)
-    for message in params.get("messages") or []:
-        if not isinstance(message, Mapping):
-            continue
-        hasher.update(str(message.get("role")).encode())
-        content = message.get("content")
-        if isinstance(content, list):
-            for block in content:
-                add(block)
-        elif content is not None:
-            add(content)
-    schema = output_schema(params)
-    if schema is not None:
-        total += estimate_tokens(len(_canonical(schema)))
-    return PromptAccounting(total, prefix_tokens, prefix_key, ttl)
+        except (TypeError, orjson.JSONEncodeError):
+            key = None
+        if key is not None:
+            with _shared_lock:
+                plan = _shared_prompts.get(key)
+                if plan is not None:
+                    _shared_prompts.move_to_end(key)
+            if plan is None:
+                plan = SharedPrompt(params)
+                with _shared_lock:
+                    _shared_prompts[key] = plan
+                    while len(_shared_prompts) > _SHARED_MAX:
+                        _shared_prompts.popitem(last=False)
+    _shared_last = (params, plan)
+    return plan
 
 
 def usage_dict(
@@ -2218,14 +2576,15 @@ def build_answer(
     thinking_tokens = thought[1] if thought else 0
     break_rate = description_break_rate if invalid_kind is None else 0.0
     quote_rate = invented_quote_rate if invalid_kind is None else 0.0
-    tool = forced_tool(params)
+    shared = shared_prompt(params)
+    tool = forced_tool(params) if shared is None else shared.tool
     if tool is not None:
         schema = (
             tool.get("input_schema") if isinstance(tool.get("input_schema"), Mapping) else {"type": "object"}
         )
         generated = answer_for_schema(
             schema, text, break_rate=break_rate, break_key=fault_key, params=params,
-            quote_break_rate=quote_rate,
+            quote_break_rate=quote_rate, shared=shared,
         )  # fmt: skip
         value: Any = generated.value if isinstance(generated.value, dict) else {}
         applied = None
@@ -2250,13 +2609,13 @@ def build_answer(
             [*prefix, block], "tool_use", tokens, applied, generated.broken_hints, generated.invented_quotes
         )
 
-    schema = output_schema(params)
+    schema = output_schema(params) if shared is None else shared.schema
     applied = None
     broken_hints = invented = 0
     if schema is not None:
         generated = answer_for_schema(
             schema, text, break_rate=break_rate, break_key=fault_key, params=params,
-            quote_break_rate=quote_rate,
+            quote_break_rate=quote_rate, shared=shared,
         )  # fmt: skip
         value = generated.value
         broken_hints = generated.broken_hints
@@ -2278,6 +2637,78 @@ def build_answer(
         reply, output_tokens, stop_reason = reply[: room * 4], room, "max_tokens"
     content = [*prefix, {"type": "text", "text": reply}] if reply else prefix
     return Answer(content, stop_reason, thinking_tokens + output_tokens, applied, broken_hints, invented)
+
+
+def _compact(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def result_line(obj: dict[str, Any], *, fast: bool = False) -> bytes:
+    """One results-file line: compact JSON, UTF-8 (lone surrogates passed through), newline.
+
+    ``fast``: the object holds only strings, integers, None and booleans (no floats, whose
+    spelling differs between encoders), so orjson writes the same bytes as ``json``, several
+    times faster; it refuses lone surrogates, which then go the ``json`` way.
+    """
+    if fast:
+        try:
+            return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
+        except orjson.JSONEncodeError:
+            pass
+    return _compact(obj).encode("utf-8", "surrogatepass") + b"\n"
+
+
+@dataclass(frozen=True)
+class AnswerJob:
+    """A succeeded batch request whose result line is still to be written.
+
+    Everything that depends on the emulator's state (the outcome, the broken-answer kind, the
+    prompt cache's verdict in ``usage``) is decided when the batch ends; what is left is a pure
+    function of this job, so it can run later, in a background thread or a worker process.
+    """
+
+    custom_id: str
+    params: dict[str, Any]
+    id_seed: str
+    invalid_kind: str | None
+    message_id: str
+    #: ``<seed>:<fault key>``: picks broken hints and invented quotes
+    fault_key: str
+    #: ``usage_dict`` arguments but the output tokens
+    usage: dict[str, Any]
+
+
+#: What answering a job counted: (broken-answer kind applied, broken hints, invented quotes).
+JobCounts = tuple[str | None, int, int]
+
+
+def answer_lines(
+    jobs: Sequence[bytes | AnswerJob], description_break_rate: float, invented_quote_rate: float
+) -> tuple[list[bytes], list[JobCounts]]:
+    """The result lines of ``jobs`` in order (lines already written pass through) and, per
+    answered job, what the stats must count. Runs in the emulator or in a worker process."""
+    lines: list[bytes] = []
+    counts: list[JobCounts] = []
+    for job in jobs:
+        if not isinstance(job, AnswerJob):
+            lines.append(job)
+            continue
+        answer = build_answer(
+            job.params,
+            invalid_kind=job.invalid_kind,
+            id_seed=job.id_seed,
+            fault_key=job.fault_key,
+            description_break_rate=description_break_rate,
+            invented_quote_rate=invented_quote_rate,
+        )
+        usage = usage_dict(output_tokens=answer.output_tokens, **job.usage)
+        message = build_message(job.params, answer, usage, job.message_id)
+        # Text blocks carry the answer as a string: no float outside a tool_use input.
+        fast = all(block.get("type") != "tool_use" for block in answer.content)
+        line = {"custom_id": job.custom_id, "result": {"type": "succeeded", "message": message}}
+        lines.append(result_line(line, fast=fast))
+        counts.append((answer.invalid_kind, answer.broken_hints, answer.invented_quotes))
+    return lines, counts
 
 
 def build_message(

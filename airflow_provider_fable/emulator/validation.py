@@ -12,7 +12,7 @@ serves the synchronous endpoints (an HTTP error) and batches (an ``errored`` res
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,8 +26,10 @@ __all__ = [
     "check_betas",
     "check_version",
     "max_output_tokens",
+    "prefix_params",
     "validate_request",
     "validate_schema",
+    "validate_shared",
 ]
 
 #: ``anthropic-version`` values the API accepts. SDK 2.x sends ``2026-10-21`` (``_constants.py``);
@@ -451,17 +453,7 @@ def validate_request(
     if not messages:
         return _bad("messages: at least one message is required")
     for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            return _bad(f"messages.{i}: Input should be a valid dictionary")
-        problem = _extra(message, ("role", "content"), f"messages.{i}.")
-        if problem:
-            return problem
-        if message.get("role") not in ("user", "assistant"):
-            return _bad(f"messages.{i}.role: Input should be 'user' or 'assistant'")
-        if "content" not in message:
-            return _bad(f"messages.{i}.content: Field required")
-        final_assistant = i == len(messages) - 1 and message["role"] == "assistant"
-        problem = _check_content(message["content"], f"messages.{i}.content", final_assistant=final_assistant)
+        problem = _check_message(message, i, len(messages))
         if problem:
             return problem
     system = params.get("system")
@@ -539,6 +531,51 @@ def validate_request(
     if known_models is not None and model not in set(known_models):
         return Problem(404, "not_found_error", f"model: {model}")
     return None
+
+
+def _check_message(message: Any, i: int, count: int) -> Problem | None:
+    """The complaint about message ``i`` of ``count``, or None."""
+    if not isinstance(message, Mapping):
+        return _bad(f"messages.{i}: Input should be a valid dictionary")
+    problem = _extra(message, ("role", "content"), f"messages.{i}.")
+    if problem:
+        return problem
+    if message.get("role") not in ("user", "assistant"):
+        return _bad(f"messages.{i}.role: Input should be 'user' or 'assistant'")
+    if "content" not in message:
+        return _bad(f"messages.{i}.content: Field required")
+    final_assistant = i == count - 1 and message["role"] == "assistant"
+    return _check_content(message["content"], f"messages.{i}.content", final_assistant=final_assistant)
+
+
+#: Stands in for the last message when the rest of a request is validated once for a batch.
+_PLACEHOLDER_MESSAGE: dict[str, Any] = {"role": "user", "content": "x"}
+
+
+def validate_shared(
+    params: Mapping[str, Any],
+    prefix_problem: Callable[[], Problem | None],
+    **rules: Any,
+) -> Problem | None:
+    """``validate_request(params, **rules)``, with everything but the last message judged once.
+
+    The requests of a batch differ in their last message only (the record). ``prefix_problem``
+    returns (cached by the caller) the verdict on the same params with that message replaced
+    by a valid placeholder, ``prefix_params(params)``. When that verdict is clean every other
+    check passes, so the verdict on the whole request is the last message's own (messages are
+    checked before anything that could fail after them); otherwise the full check decides,
+    so the message and its order are always the ones ``validate_request`` gives.
+    """
+    messages = params.get("messages")
+    if not isinstance(messages, list) or not messages or prefix_problem() is not None:
+        return validate_request(params, **rules)
+    return _check_message(messages[-1], len(messages) - 1, len(messages))
+
+
+def prefix_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` with its last message replaced by a valid placeholder (see ``validate_shared``)."""
+    messages = params["messages"]
+    return {**params, "messages": [*messages[:-1], _PLACEHOLDER_MESSAGE]}
 
 
 def _check_format(fmt: Any, where: str) -> Problem | None:
