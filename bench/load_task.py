@@ -254,6 +254,18 @@ def _run(args: list[str], env: dict[str, str], databases: list[str] | None = Non
     return result
 
 
+def _template_exists(backend: str, template: str) -> bool:
+    """Whether the cached setup's ledger template is still there (a dropped one: set up again)."""
+    if backend != "postgres":
+        return Path(template).exists()
+    out = subprocess.run(
+        ["psql", "-Atq", "-h", "127.0.0.1", "-U", "postgres", "-d", "postgres", "-c",
+         f"SELECT 1 FROM pg_database WHERE datname = '{template}'"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return out.stdout.strip() == "1"
+
+
 def _fresh(backend: str, state: Path, template: str, name: str) -> str:
     """A fresh copy of ``template`` (the ledger) or an empty database (``template=''``)."""
     if backend == "postgres":
@@ -349,7 +361,9 @@ def main() -> None:
     state = Path(args.state or f"/tmp/fable-load-task-{n}")
     state.mkdir(parents=True, exist_ok=True)
     tag = f"fable_lt_{n}"
-    if args.clone_from and not (state / f"manifest-{backend}.json").exists():
+    if args.clone_from and not (
+        (state / f"manifest-{backend}.json").exists() and _template_exists(backend, f"{tag}_tpl")
+    ):
         clone_setup(Path(f"/tmp/fable-load-task-{args.clone_from}"), state, backend, n // args.clone_from,
                     f"fable_lt_{args.clone_from}_tpl", f"{tag}_tpl")  # fmt: skip
     emulator = subprocess.Popen(
@@ -363,7 +377,7 @@ def main() -> None:
         home = state / "airflow"
         manifest = state / f"manifest-{backend}.json"
         template = f"{tag}_tpl" if backend == "postgres" else str(state / f"{tag}_tpl.db")
-        if not manifest.exists():
+        if not manifest.exists() or not _template_exists(backend, template):
             start = time.perf_counter()
             ledger = _fresh(backend, state, "", f"{tag}_tpl")
             dest = _fresh(backend, state, "", f"{tag}_dest")

@@ -26,6 +26,7 @@ from airflow_provider_fable.core.results import BatchResult, Usage
 from airflow_provider_fable.core.sinks import ResultSink
 from airflow_provider_fable.core.validation import Accepted
 from tests.conftest import PG_URL, Paint, require_pg
+from tests.test_ledger import dbs, pg_ledger_conn  # noqa: F401 - fixtures of the operator test
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -223,3 +224,28 @@ def test_qa_sample_reads_ids_then_rows_and_picks_as_select_qa_rows(sqlite_engine
             got = [r.pid for r in conn.execute(sa.text("SELECT pid FROM paint_qa ORDER BY qa_rank"))]
         expected = [str(r["pid"]) for r in select_qa_rows(every, id_column="pid", size=size, seed=3)]
         assert (n, [str(p) for p in got]) == (size, expected)
+
+
+def test_the_load_operator_on_a_postgres_ledger_writes_every_chunks_verdicts(
+    fable_emulator_factory,
+    dbs,  # noqa: F811 - the fixture imported above
+    pg_ledger_conn,  # noqa: F811
+):
+    """Through the real operators: chunks of 2, so the verdict thread gets several chunks."""
+    from tests.test_ledger import context, load_op, point_connection_at, submit_op
+
+    point_connection_at(fable_emulator_factory(faults={"errored_rate": 0.3, "seed": 4}))
+    manifest = submit_op(ledger_conn_id="pg_ledger").execute(context())
+    summary = load_op(manifest, ledger_conn_id="pg_ledger", chunk_size=2).execute({})
+    assert summary["records"] == 7 and summary["rejected"] >= 1  # some errored: rejects too
+    ledger = Ledger(pg_ledger_conn)
+    job = manifest["job_fingerprint"]
+    counts = ledger.summary(job)
+    assert counts.get("accepted", 0) == summary["accepted"]
+    assert counts.get("rejected", 0) == summary["rejected"]
+    with pg_ledger_conn.connect() as conn:
+        outcomes = conn.execute(sa.text("SELECT count(*) FROM fable_record_outcomes")).scalar_one()
+    assert outcomes == 7
+    # The measured output counted by ResultScreen (succeeded results) reached the ledger.
+    measured = ledger.measured_output(job)
+    assert measured is not None and measured["requests"] == 7 - summary["reject_reasons"].get("errored", 0)
