@@ -31,26 +31,31 @@ from tests.test_ledger import dbs, pg_ledger_conn  # noqa: F401 - fixtures of th
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def two_ledgers(request, tmp_path) -> Iterator[tuple[Ledger, Ledger]]:
-    """Two empty ledgers of one kind: one written by ``record_outcomes``, one by ``VerdictWriter``."""
+    """A reference ledger written by SQLite's row-by-row ``record_outcomes`` (the rules as plain
+    statements), and an empty ledger of the kind under test for ``VerdictWriter``.
+
+    On PostgreSQL ``record_outcomes`` itself goes through ``core.ledger_bulk``, so the reference
+    is always the SQLite path: comparing PostgreSQL with itself would prove nothing.
+    """
+    reference_engine = sa.create_engine(f"sqlite:///{tmp_path / 'reference.db'}")
+    reference = Ledger(reference_engine).ensure_schema()
     if request.param == "sqlite":
-        engines = [sa.create_engine(f"sqlite:///{tmp_path / f'l{i}.db'}") for i in range(2)]
-        yield tuple(Ledger(e).ensure_schema() for e in engines)  # type: ignore[misc]
-        for e in engines:
+        engine = sa.create_engine(f"sqlite:///{tmp_path / 'fast.db'}")
+        yield reference, Ledger(engine).ensure_schema()
+        for e in (reference_engine, engine):
             e.dispose()
         return
     admin = sa.create_engine(PG_URL)
     require_pg(admin)
-    schemas = [f"fable_test_{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    schema = f"fable_test_{uuid.uuid4().hex[:8]}"
     with admin.begin() as conn:
-        for s in schemas:
-            conn.execute(sa.text(f"CREATE SCHEMA {s}"))
-    engines = [sa.create_engine(PG_URL, connect_args={"options": f"-csearch_path={s}"}) for s in schemas]
-    yield tuple(Ledger(e).ensure_schema() for e in engines)  # type: ignore[misc]
-    for e in engines:
+        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    engine = sa.create_engine(PG_URL, connect_args={"options": f"-csearch_path={schema}"})
+    yield reference, Ledger(engine).ensure_schema()
+    for e in (reference_engine, engine):
         e.dispose()
     with admin.begin() as conn:
-        for s in schemas:
-            conn.execute(sa.text(f"DROP SCHEMA {s} CASCADE"))
+        conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
     admin.dispose()
 
 

@@ -67,16 +67,6 @@ _CLAIM_KEEPALIVE = (
 )
 
 
-#: The PostgreSQL verdict path's staging table (temporary: per session, emptied at commit).
-_OUTCOME_STAGE = sa.table(
-    "fable_outcome_stage",
-    sa.column("record_id", sa.Text),
-    sa.column("status", sa.Text),
-    sa.column("reason", sa.Text),
-    sa.column("retryable", sa.Boolean),
-)
-
-
 #: The PostgreSQL intent path's staging table (temporary: per session, emptied at commit).
 _RECORD_STAGE = sa.table(
     "fable_record_stage",
@@ -1170,17 +1160,18 @@ class Ledger:
         """
         if not outcomes:
             return
+        if self.engine.dialect.name == "postgresql":
+            # One PostgreSQL verdict path for the load and every other caller: COPY into a
+            # staging table, then statements that can only probe the ledger from it
+            # (core/ledger_bulk.py says why; the needs-review rule runs in the same transaction).
+            from airflow_provider_fable.core.ledger_bulk import record_verdicts
+
+            record_verdicts(self, job_id, batch_id, outcomes, review_after=review_after)
+            return
         self.ensure_schema()
         now = _ts(utcnow())
         c, o = self.records.c, self.outcomes.c
         parent = (self.job(job_id) or {}).get("parent_job")
-        if self.engine.dialect.name == "postgresql":
-            self._record_outcomes_staged(job_id, batch_id, outcomes, parent, now)
-            self._analyze_after(self.outcomes, len(outcomes))
-            self.mark_needs_review(
-                job_id, [x.record_id for x in outcomes if x.status == REJECTED], review_after
-            )
-            return
         events = [
             {
                 "job_id": job_id, "record_id": x.record_id, "batch_id": batch_id, "status": x.status,
@@ -1228,88 +1219,6 @@ class Ledger:
                         .values(superseded_by=job_id, updated_at=now)
                     )
         self.mark_needs_review(job_id, [x.record_id for x in outcomes if x.status == REJECTED], review_after)
-
-    def _record_outcomes_staged(
-        self, job_id: str, batch_id: str, outcomes: Sequence[Any], parent: str | None, now: str
-    ) -> None:
-        """``record_outcomes`` on PostgreSQL: the verdicts in a temporary table, then set-based SQL.
-
-        The row-by-row path (an UPDATE per record) costs a round trip per record, which at a
-        million records is most of an hour; here a chunk is one COPY into a session-private
-        staging table (emptied at commit) and four statements joining it. One verdict per record
-        (the last, as the row-by-row upsert would leave it).
-        """
-        latest = {x.record_id: x for x in outcomes}
-        stage = _OUTCOME_STAGE
-        s = stage.c
-        jobs = [job_id] + ([parent] if parent else [])
-        with self.engine.begin() as conn:
-            conn.exec_driver_sql(
-                f"CREATE TEMP TABLE IF NOT EXISTS {stage.name} (record_id TEXT PRIMARY KEY, "
-                "status VARCHAR(16) NOT NULL, reason TEXT, retryable BOOLEAN) ON COMMIT DELETE ROWS"
-            )
-            _pg_copy(
-                conn, stage.name, ("record_id", "status", "reason", "retryable"),
-                [(x.record_id, x.status, x.reason, bool(x.retryable)) for x in latest.values()],
-            )  # fmt: skip
-            ins = self._insert(self.outcomes).from_select(
-                ["job_id", "record_id", "batch_id", "status", "reason", "retryable", "superseded", "at"],
-                sa.select(
-                    sa.literal(job_id, sa.Text), s.record_id, sa.literal(batch_id, sa.Text), s.status,
-                    s.reason, s.retryable, sa.false(), sa.literal(now, sa.Text),
-                ),
-            )  # fmt: skip
-            conn.execute(
-                ins.on_conflict_do_update(
-                    index_elements=["job_id", "record_id", "batch_id"],
-                    set_={k: ins.excluded[k] for k in ("status", "reason", "retryable", "at")},
-                )
-            )
-            records = self.engine.dialect.identifier_preparer.format_table(self.records)
-            outcomes_table = self.engine.dialect.identifier_preparer.format_table(self.outcomes)
-            params = {"job": job_id, "batch": batch_id, "now": now, "parent": parent, "jobs": jobs}
-            # Each statement finds its rows by probing the primary key once per staged record
-            # (LATERAL, fenced with OFFSET 0, filters outside the fence) and updates them by
-            # ctid. Joined directly, the planner went by the batch_id index (no statistics yet
-            # for the batch ids written minutes ago: "1 row") and read the whole 100,000-record
-            # batch for every 10,000-verdict chunk. A row another transaction updates meanwhile
-            # (a resubmission making it pending, a newer batch) is skipped: its ctid moved, and
-            # this verdict would not apply to it anyway.
-            conn.execute(
-                sa.text(
-                    f"UPDATE {records} AS r SET status = h.status, reason = h.reason, "
-                    "retryable = h.retryable, updated_at = :now "
-                    f"FROM (SELECT x.tid, s.status, s.reason, s.retryable FROM {stage.name} AS s "
-                    f"CROSS JOIN LATERAL (SELECT f.ctid AS tid, f.batch_id, f.status FROM {records} AS f "
-                    "WHERE f.job_id = :job AND f.record_id = s.record_id OFFSET 0) AS x "
-                    # a resubmission is in flight (pending): this verdict is history
-                    f"WHERE x.batch_id = :batch AND x.status <> '{PENDING}') AS h "
-                    "WHERE r.ctid = h.tid"
-                ),
-                params,
-            )
-            conn.execute(
-                sa.text(
-                    f"UPDATE {outcomes_table} AS o SET superseded = true "
-                    f"FROM (SELECT x.tid FROM {stage.name} AS s "
-                    f"CROSS JOIN LATERAL (SELECT f.ctid AS tid, f.status, f.batch_id, f.superseded "
-                    f"FROM {outcomes_table} AS f WHERE f.job_id = ANY(:jobs) AND f.record_id = s.record_id "
-                    f"OFFSET 0) AS x WHERE s.status = '{ACCEPTED}' AND x.status = '{REJECTED}' "
-                    "AND x.batch_id <> :batch AND NOT x.superseded) AS h WHERE o.ctid = h.tid"
-                ),
-                params,
-            )
-            if parent:
-                conn.execute(
-                    sa.text(
-                        f"UPDATE {records} AS r SET superseded_by = :job, updated_at = :now "
-                        f"FROM (SELECT x.tid FROM {stage.name} AS s "
-                        f"CROSS JOIN LATERAL (SELECT f.ctid AS tid, f.status FROM {records} AS f "
-                        "WHERE f.job_id = :parent AND f.record_id = s.record_id OFFSET 0) AS x "
-                        f"WHERE s.status = '{ACCEPTED}' AND x.status = '{REJECTED}') AS h WHERE r.ctid = h.tid"
-                    ),
-                    params,
-                )
 
     # ------------------------------------------------------------------ issue #17: review, usage, selection
     def job_chain(self, job_id: str, *, depth: int = 16) -> list[str]:

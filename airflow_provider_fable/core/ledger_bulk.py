@@ -29,7 +29,6 @@ one probe per verdict, in-process). Pure SQLAlchemy Core and the DB-API driver; 
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,10 +41,10 @@ from airflow_provider_fable.core.ledger import (
     PENDING,
     REJECTED,
     Ledger,
+    _pg_copy,
     _ts,
     utcnow,
 )
-from airflow_provider_fable.core.sinks import _copy_text
 
 #: Session-private staging table of one chunk's verdicts (emptied at commit).
 _STAGE = "fable_verdict_stage"
@@ -63,23 +62,6 @@ _PLAN = (
     "SET LOCAL enable_seqscan = off",
     "SET LOCAL jit = off",
 )
-
-
-def _copy(conn: sa.Connection, table: str, columns: Sequence[str], rows: Sequence[tuple[Any, ...]]) -> None:
-    """``COPY table (columns) FROM STDIN`` of ``rows`` in ``conn``'s transaction (psycopg 2 or 3)."""
-    data = _copy_text(rows).encode()
-    if not data:
-        return
-    sql = f"COPY {table} ({', '.join(columns)}) FROM STDIN"
-    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-    try:
-        if hasattr(cursor, "copy_expert"):  # psycopg2
-            cursor.copy_expert(sql, io.BytesIO(data), size=1 << 20)
-        else:  # psycopg 3
-            with cursor.copy(sql) as copy:
-                copy.write(data)
-    finally:
-        cursor.close()
 
 
 class VerdictWriter:
@@ -138,7 +120,7 @@ class VerdictWriter:
             # then a join condition, so no plan reads them but by a probe per staged row (a
             # restriction such as ``status = 'rejected'``, with no statistics, made a scan of
             # every outcome look like two rows; see the module docstring).
-            _copy(
+            _pg_copy(
                 conn, _STAGE, ("record_id", "status", "reason", "retryable", "job_id", "batch_id", "parent_job"),
                 [(x.record_id, x.status, x.reason, bool(x.retryable), job_id, batch_id, parent)
                  for x in latest.values()],
@@ -201,7 +183,7 @@ class VerdictWriter:
 
 
 def _statements(records: str, outcomes: str, parent: bool) -> list[str]:
-    """``Ledger._record_outcomes_staged``'s statements, every ledger condition on a staged column."""
+    """The verdict statements, every ledger condition on a staged column."""
     out = [
         f"INSERT INTO {outcomes} (job_id, record_id, batch_id, status, reason, retryable, superseded, at) "
         f"SELECT job_id, record_id, batch_id, status, reason, retryable, false, :now FROM {_STAGE} "
