@@ -88,7 +88,9 @@ def _state(value: Any) -> str | None:
 
 def load_dag(dag_id: str, dags_folder: str | os.PathLike[str] | None = None) -> Any:
     """Parse the DAGs folder and return one DAG, with import errors spelled out."""
-    from airflow.dag_processing.dagbag import DagBag
+    from airflow_provider_fable._compat import dagbag_class
+
+    DagBag = dagbag_class()
 
     ensure_metadata_db()
     folder = str(dags_folder or os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
