@@ -36,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The extras a user installs for the whole feature set, plus what the test suite itself needs.
 EXTRAS = "postgres,parquet,testing,celery"
-TEST_DEPS = ["pytest-asyncio>=0.23"]
+TEST_DEPS = ["pytest-asyncio>=1.0"]  # 0.23 breaks on the pytest 9 that the testing extra resolves
 
 # The packages whose resolved versions the summary (and docs/compatibility.md) reports.
 KEY_PACKAGES = (
@@ -155,6 +156,25 @@ def run(cmd: list[str], log: Path, **kwargs: object) -> int:
         return subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, **kwargs).returncode  # type: ignore[call-overload]
 
 
+def runtime_requirements(wheel: Path) -> list[str]:
+    """The wheel's own requirements (unconditional + the postgres and parquet extras), markers off.
+
+    uv's lowest-direct applies to the requirements given on its command line; the wheel's are
+    transitive from there, so the lowest-direct cell passes them explicitly to take their floors.
+    """
+    with zipfile.ZipFile(wheel) as zf:
+        meta = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+        lines = zf.read(meta).decode().splitlines()
+    reqs = []
+    for line in lines:
+        if not line.startswith("Requires-Dist:"):
+            continue
+        req, _, marker = line.removeprefix("Requires-Dist:").strip().partition(";")
+        if not marker or re.search(r"extra == .(postgres|parquet).", marker):
+            reqs.append(req.strip())
+    return reqs
+
+
 def build_wheel(scratch: Path) -> Path:
     dist = scratch / "dist"
     shutil.rmtree(dist, ignore_errors=True)
@@ -263,7 +283,9 @@ def run_cell(
     ]
     install += list(cell.constraints)
     if cell.lowest_direct:
-        install += ["--resolution", "lowest-direct"]
+        floors = runtime_requirements(wheel)
+        say(f"    lowest-direct on the wheel's requirements: {' '.join(floors)}")
+        install += [*floors, "--resolution", "lowest-direct"]
     if run(install, log) != 0:
         res.status, res.detail = "install-failed", f"the resolve/install failed: see {log}"
         say(f"!!! {cell.name}: {res.detail}")

@@ -42,6 +42,16 @@ def isolate_airflow(
 
         key_file.write_bytes(Fernet.generate_key())
     env["AIRFLOW__CORE__FERNET_KEY"] = key_file.read_text().strip()
+    # The in-process Execution API that dag.test() talks to signs task tokens with this secret.
+    # Airflow 3.3 makes one when missing; 3.2's lifespan fails without it (the task then dies on
+    # "'State' object has no attribute 'svcs_registry'"). A deployment sets it in airflow.cfg.
+    if not os.environ.get("AIRFLOW__API_AUTH__JWT_SECRET"):
+        secret_file = home / "jwt_secret"
+        if not secret_file.exists():
+            import secrets
+
+            secret_file.write_text(secrets.token_urlsafe(32))
+        env["AIRFLOW__API_AUTH__JWT_SECRET"] = secret_file.read_text().strip()
     if dags_folder is not None:
         env["AIRFLOW__CORE__DAGS_FOLDER"] = str(Path(dags_folder).resolve())
     os.environ.update(env)
