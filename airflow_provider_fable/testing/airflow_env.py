@@ -66,7 +66,42 @@ def ensure_metadata_db() -> None:
     from airflow.utils.db import initdb
 
     initdb()
+    _await_execution_api_lifespan()
     _DB_READY.add(url)
+
+
+def _await_execution_api_lifespan() -> None:
+    """Airflow 3.2 only: make ``dag.test()``'s in-process Execution API wait for its own start-up.
+
+    3.2's ``InProcessExecutionAPI.transport`` schedules the app's lifespan on a background loop
+    and returns at once; a task's first request can arrive before the lifespan registered its
+    services and dies with "'State' object has no attribute 'svcs_registry'" (on a loaded
+    machine, nearly always). Airflow 3.3 starts the lifespan before serving; a real api-server
+    is not affected. Here the transport waits (up to 30 s) until the lifespan has run.
+    """
+    from airflow_provider_fable._compat import AIRFLOW_VERSION
+
+    if AIRFLOW_VERSION != (3, 2):
+        return
+    from airflow.api_fastapi.execution_api.app import InProcessExecutionAPI
+
+    # A slotted attrs class: its cached properties are computed by the class's __getattr__ on
+    # first access, so the wait wraps that.
+    original = InProcessExecutionAPI.__getattr__
+    if getattr(original, "_fable_waits", False):
+        return
+    import time
+
+    def waiting_getattr(self: Any, name: str) -> Any:
+        value = original(self, name)
+        if name == "transport":
+            deadline = time.monotonic() + 30
+            while "svcs_registry" not in self.app.state._state and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return value
+
+    waiting_getattr._fable_waits = True  # type: ignore[attr-defined]
+    InProcessExecutionAPI.__getattr__ = waiting_getattr  # type: ignore[method-assign]
 
 
 def set_connection(conn_id: str, **fields: Any) -> str:
