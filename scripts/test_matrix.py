@@ -56,13 +56,12 @@ KEY_PACKAGES = (
 
 # The fast subset: the provider's registration, the ticket example DAG end to end (dag.test,
 # the real SDK against the emulator, SQLite), the exactly-once guarantees across retries and
-# clears, and the waits (sensor, deferred trigger, cancel-on-kill): a few minutes instead of the
-# whole suite's ~11 (more on a loaded machine). Every cell also parses all four example DAGs.
+# clears: a few minutes instead of the whole suite's ~11 (more on a loaded machine). Every cell
+# also parses all four example DAGs and registers the provider (the smoke step).
 FAST = [
     "tests/test_provider.py",
     "tests/test_dag_triage.py::test_triage_dag_end_to_end",
     "tests/test_exactly_once.py",
-    "tests/test_waiting.py",
 ]
 
 # Not run in a cell: the matrix itself is this test (build the wheel, install it fresh, list
