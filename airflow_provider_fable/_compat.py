@@ -4,7 +4,7 @@ The provider supports every Airflow 3 minor from 3.1 (docs/compatibility.md). A 
 between them, and two features exist only from 3.3; this module is the one place that knows, so
 the rest of the package imports a name from here instead of guessing its location:
 
-* ``AirflowFailException`` / ``AirflowNotFoundException``: ``airflow.sdk.exceptions`` from 3.2,
+* ``AirflowFailException`` / ``AirflowNotFoundException`` / ``TaskDeferred``: ``airflow.sdk.exceptions`` from 3.2,
   ``airflow.exceptions`` in 3.1 (which 3.2+ still re-exports for compatibility).
 * ``DagBag``: ``airflow.dag_processing.dagbag`` from 3.2, ``airflow.models.dagbag`` in 3.1.
 * The task state store (``context["task_state_store"]``) and the trigger's ``on_kill`` (called
@@ -19,11 +19,12 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 try:  # Airflow >= 3.2
-    from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
+    from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException, TaskDeferred
 except ImportError:  # Airflow 3.1
     from airflow.exceptions import (  # type: ignore[no-redef,attr-defined]
         AirflowFailException,
         AirflowNotFoundException,
+        TaskDeferred,
     )
 
 
@@ -58,5 +59,6 @@ __all__ = [
     "TRIGGER_ON_KILL",
     "AirflowFailException",
     "AirflowNotFoundException",
+    "TaskDeferred",
     "dagbag_class",
 ]

@@ -71,37 +71,42 @@ def ensure_metadata_db() -> None:
 
 
 def _await_execution_api_lifespan() -> None:
-    """Airflow 3.2 only: make ``dag.test()``'s in-process Execution API wait for its own start-up.
+    """Airflow 3.2 only: give ``dag.test()``'s in-process Execution API its services registry.
 
-    3.2's ``InProcessExecutionAPI.transport`` schedules the app's lifespan on a background loop
-    and returns at once; a task's first request can arrive before the lifespan registered its
-    services and dies with "'State' object has no attribute 'svcs_registry'" (on a loaded
-    machine, nearly always). Airflow 3.3 starts the lifespan before serving; a real api-server
-    is not affected. Here the transport waits (up to 30 s) until the lifespan has run.
+    3.2's app registers its services (JWT generator/validator) in its lifespan, which the
+    in-process transport runs late or, through ``atransport``, never: a task's first request
+    then dies with "'State' object has no attribute 'svcs_registry'". Airflow 3.3 starts the
+    lifespan before serving; a real api-server runs it. Here the app gets, when it is created,
+    the registry the lifespan would build (the lifespan, when it runs, replaces it).
     """
     from airflow_provider_fable._compat import AIRFLOW_VERSION
 
     if AIRFLOW_VERSION != (3, 2):
         return
-    from airflow.api_fastapi.execution_api.app import InProcessExecutionAPI
+    import svcs
+    from airflow.api_fastapi.execution_api import app as execution_app
 
-    # A slotted attrs class: its cached properties are computed by the class's __getattr__ on
-    # first access, so the wait wraps that.
-    original = InProcessExecutionAPI.__getattr__
-    if getattr(original, "_fable_waits", False):
+    api_class = execution_app.InProcessExecutionAPI
+    # A slotted attrs class: its cached properties (``app``) are computed by the class's
+    # __getattr__ on first access, so the registry is added there.
+    original = api_class.__getattr__
+    if getattr(original, "_fable_registry", False):
         return
-    import time
 
-    def waiting_getattr(self: Any, name: str) -> Any:
+    def getattr_with_registry(self: Any, name: str) -> Any:
         value = original(self, name)
-        if name == "transport":
-            deadline = time.monotonic() + 30
-            while "svcs_registry" not in self.app.state._state and time.monotonic() < deadline:
-                time.sleep(0.01)
+        if name == "app" and "svcs_registry" not in value.state._state:
+            registry = svcs.Registry()
+            registry.register_factory(execution_app.JWTGenerator, execution_app._jwt_generator)
+            validator = execution_app._jwt_validator()
+            registry.register_value(
+                execution_app.JWTValidator, validator, ping=execution_app.JWTValidator.status
+            )
+            value.state.svcs_registry = registry
         return value
 
-    waiting_getattr._fable_waits = True  # type: ignore[attr-defined]
-    InProcessExecutionAPI.__getattr__ = waiting_getattr  # type: ignore[method-assign]
+    getattr_with_registry._fable_registry = True  # type: ignore[attr-defined]
+    api_class.__getattr__ = getattr_with_registry  # type: ignore[method-assign]
 
 
 def set_connection(conn_id: str, **fields: Any) -> str:
