@@ -78,6 +78,8 @@ class Cell:
     # Constraints the resolver must honour that are Airflow's own (not ours), with the reason.
     constraints: tuple[str, ...] = ()
     note: str = ""
+    # pip instead of uv, the bare wheel (no extras), the smoke step only: a user's pip install.
+    pip_smoke: bool = False
 
 
 CELLS = [
@@ -99,6 +101,14 @@ CELLS = [
         "apache-airflow==3.1.8",
         lowest_direct=True,
         note="--resolution lowest-direct: every direct dependency at the floor pyproject.toml declares",
+    ),
+    Cell(
+        "pip-af3.1",
+        "3.11",
+        "apache-airflow==3.1.8",
+        pip_smoke=True,
+        note="pip (python -m venv + pip install), the bare wheel into the lowest supported Airflow: "
+        "the provider registers and the example DAGs parse; no test suite",
     ),
 ]
 
@@ -247,6 +257,38 @@ def counts_from(text: str) -> dict[str, int]:
     }
 
 
+def smoke_only(res: Result, python: Path, base: Path, tree: Path, start: float) -> Result:
+    """The pip cell: versions, then the smoke step (registration + example DAGs parse) as the verdict."""
+    out = subprocess.run([str(python), "-m", "pip", "freeze"], capture_output=True, text=True).stdout
+    res.versions = {
+        n.lower(): v
+        for n, _, v in (ln.partition("==") for ln in out.splitlines())
+        if n.lower() in KEY_PACKAGES
+    }
+    say(f"    resolved (pip): {', '.join(f'{k}=={v}' for k, v in sorted(res.versions.items()))}")
+    home = base / "airflow_home"
+    home.mkdir(exist_ok=True)
+    smoke = subprocess.run(
+        [str(python), "-c", SMOKE, str(tree / "dags")],
+        cwd=base,
+        env=cell_env(home),
+        capture_output=True,
+        text=True,
+    )
+    ok = smoke.returncode == 0
+    res.smoke = (
+        (smoke.stdout.strip().splitlines() or [""])[-1]
+        if ok
+        else ("FAILED: " + (smoke.stderr.strip().splitlines() or ["?"])[-1])
+    )
+    res.ran = "smoke only (providers list + example DAGs parse)"
+    res.status = "pass" if ok else "fail"
+    res.seconds = round(time.monotonic() - start, 1)
+    say(f"    smoke: {res.smoke}")
+    say(f"--- {res.cell}: {res.status.upper()} in {res.seconds:.0f}s")
+    return res
+
+
 def run_cell(
     cell: Cell, wheel: Path, tree: Path, scratch: Path, full: bool, pytest_args: list[str]
 ) -> Result:
@@ -267,6 +309,16 @@ def run_cell(
     say(f"=== {cell.name}: Python {cell.python} ({interp}), {cell.airflow}; log {log}")
     if cell.note:
         say(f"    note: {cell.note}")
+    if cell.pip_smoke:
+        made = run([interp, "-m", "venv", str(venv)], log) == 0
+        made = (
+            made and run([str(python), "-m", "pip", "install", "--quiet", str(wheel), cell.airflow], log) == 0
+        )
+        if not made:
+            res.status, res.detail = "install-failed", f"python -m venv / pip install failed: see {log}"
+            say(f"!!! {cell.name}: {res.detail}")
+            return res
+        return smoke_only(res, python, base, tree, start)
     if run([*uv(), "venv", "--quiet", "--python", interp, str(venv)], log) != 0:
         res.status, res.detail = "install-failed", "uv venv failed"
         return res
