@@ -290,7 +290,7 @@ def smoke_only(res: Result, python: Path, base: Path, tree: Path, start: float) 
 
 
 def run_cell(
-    cell: Cell, wheel: Path, tree: Path, scratch: Path, full: bool, pytest_args: list[str]
+    cell: Cell, wheel: Path, tree: Path, scratch: Path, full: bool, pytest_args: list[str], fast: list[str]
 ) -> Result:
     res = Result(cell.name, python=cell.python, airflow=cell.airflow)
     start = time.monotonic()
@@ -357,8 +357,8 @@ def run_cell(
     )
     say(f"    smoke (providers list + example DAGs parse): {res.smoke}")
 
-    selection = [] if full else list(FAST)
-    res.ran = "full suite" if full else "fast subset: " + " ".join(Path(p).stem for p in FAST)
+    selection = [] if full else list(fast)
+    res.ran = "full suite" if full else "subset: " + " ".join(fast)
     deselect = [f"--ignore={p}" for p in DESELECT]
     cmd = [str(venv / "bin" / "pytest"), "-q", "-p", "no:cacheprovider", *deselect, *selection, *pytest_args]
     say(f"    pytest: {res.ran}")
@@ -387,6 +387,7 @@ def main() -> int:
     parser.add_argument("--cells", help="comma-separated cell names (default: all)")
     parser.add_argument("--full", action="store_true", help="the whole suite in every cell (default: FAST)")
     parser.add_argument("--full-cells", default="", help="comma-separated cells that run the whole suite")
+    parser.add_argument("--tests", default="", help="comma-separated pytest selection replacing FAST")
     parser.add_argument("--scratch", default=os.environ.get("FABLE_MATRIX_DIR", "/tmp/fable-test-matrix"))
     parser.add_argument(
         "--strict", action="store_true", help="a skipped cell (missing interpreter) fails the run"
@@ -406,6 +407,7 @@ def main() -> int:
     if unknown:
         raise SystemExit(f"unknown cells: {sorted(unknown)}")
     full_cells = set(filter(None, args.full_cells.split(",")))
+    fast = [t for t in args.tests.split(",") if t] or FAST
     scratch = Path(args.scratch)
     scratch.mkdir(parents=True, exist_ok=True)
     wheel = build_wheel(scratch)
@@ -415,7 +417,9 @@ def main() -> int:
     for cell in CELLS:
         if cell.name in wanted:
             results.append(
-                run_cell(cell, wheel, tree, scratch, args.full or cell.name in full_cells, args.pytest_args)
+                run_cell(
+                    cell, wheel, tree, scratch, args.full or cell.name in full_cells, args.pytest_args, fast
+                )
             )
     out = scratch / "results.json"
     previous = json.loads(out.read_text()) if out.exists() else {}
