@@ -231,7 +231,7 @@ try:
     from airflow.dag_processing.dagbag import DagBag
 except ImportError:  # Airflow < 3.2
     from airflow.models.dagbag import DagBag
-bag = DagBag(dag_folder=sys.argv[1], include_examples=False)
+bag = DagBag(dag_folder=sys.argv[1])  # no example DAGs: AIRFLOW__CORE__LOAD_EXAMPLES=False
 assert not bag.import_errors, bag.import_errors
 assert len(bag.dag_ids) >= 4, bag.dag_ids
 import airflow_provider_fable
