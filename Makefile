@@ -11,7 +11,7 @@ UV     := $(or $(shell command -v uv 2>/dev/null),$(PYTHON) -m uv)
 # uv ignores pip.conf; point it at the system CA bundle when there is one.
 export SSL_CERT_FILE ?= $(wildcard /etc/ssl/certs/ca-certificates.crt)
 
-.PHONY: install test demo lint lock bench dist clean browser
+.PHONY: install test test-matrix demo lint lock bench dist clean browser
 
 install: $(VENV)/.installed
 
@@ -35,6 +35,13 @@ test: install browser
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# The compatibility matrix (docs/compatibility.md): the built wheel resolved fresh against each
+# supported Airflow minor and Python, plus a lowest-direct cell. Not part of `make test` (minutes a
+# cell); CI runs it on demand through .ci/test-matrix. MATRIX_ARGS="--full" runs the whole suite,
+# MATRIX_ARGS="--cells af3.1-py3.11" one cell; the script says when an interpreter is missing.
+test-matrix: install
+	$(PY) scripts/test_matrix.py $(MATRIX_ARGS)
 
 # `make demo` runs the ticket DAG; `make demo DAG=crm_lead_enrichment` (or document_summaries,
 # cancellation_reason_cleanup) runs a pattern DAG and prints its own summary.

@@ -17,11 +17,9 @@ from contextlib import contextmanager
 
 
 def _fail_exception() -> type[Exception]:
-    """Airflow's fail-without-retry exception (task SDK first, the pre-3 location as fallback)."""
-    try:
-        from airflow.sdk.exceptions import AirflowFailException
-    except ImportError:  # pragma: no cover - Airflow 2.x
-        from airflow.exceptions import AirflowFailException  # type: ignore[no-redef]
+    """Airflow's fail-without-retry exception (its location per Airflow minor: ``_compat``)."""
+    from airflow_provider_fable._compat import AirflowFailException
+
     return AirflowFailException
 
 

@@ -22,7 +22,12 @@ from __future__ import annotations
 import os
 from datetime import datetime, timedelta
 
-from airflow.sdk import DAG, Asset, CronDataIntervalTimetable, Param, task
+from airflow.sdk import DAG, Asset, Param, task
+
+try:
+    from airflow.sdk import CronDataIntervalTimetable
+except ImportError:  # Airflow 3.1: the timetable is airflow-core's
+    from airflow.timetables.interval import CronDataIntervalTimetable
 from pydantic import BaseModel, ConfigDict, Field
 
 from airflow_provider_fable.backlog import Backlog, Chunking, Destination, Prompt, Source, Stage

@@ -28,7 +28,12 @@ import os
 from datetime import datetime, timedelta
 from enum import Enum
 
-from airflow.sdk import DAG, Asset, CronDataIntervalTimetable, task
+from airflow.sdk import DAG, Asset, task
+
+try:
+    from airflow.sdk import CronDataIntervalTimetable
+except ImportError:  # Airflow 3.1: the timetable is airflow-core's
+    from airflow.timetables.interval import CronDataIntervalTimetable
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from airflow_provider_fable.backlog import Backlog, Destination, Guardrails, Prompt, Source, Stage

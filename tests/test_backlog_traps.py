@@ -184,8 +184,7 @@ def test_unfixable_failures_fail_the_task_on_the_first_try(
 
 
 def test_core_errors_say_whether_a_retry_could_help():
-    from airflow.sdk.exceptions import AirflowFailException
-
+    from airflow_provider_fable._compat import AirflowFailException
     from airflow_provider_fable.core.errors import FableError, JobSpecError, RecordError
     from airflow_provider_fable.core.estimate import BudgetExceededError
     from airflow_provider_fable.core.guardrails import GuardrailError

@@ -166,8 +166,7 @@ def test_dags_are_scheduled_with_params_retries_and_assets(fable_airflow):
 
 
 def test_missing_connection_names_it_and_how_to_create_it(fable_airflow, monkeypatch):
-    from airflow.sdk.exceptions import AirflowFailException
-
+    from airflow_provider_fable._compat import AirflowFailException
     from airflow_provider_fable.example_data import require_connections
 
     monkeypatch.delenv("AIRFLOW_CONN_NOPE_DB", raising=False)

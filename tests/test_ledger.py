@@ -388,8 +388,7 @@ def test_a_canceled_wait_does_not_strand_its_records(fable_emulator_factory, dbs
     as partial, the load turns the canceled requests into retryable rejects, and a
     ``rerun="failed"`` sends exactly those, creating no batch for answers already paid for.
     """
-    from airflow.sdk.exceptions import AirflowFailException
-
+    from airflow_provider_fable._compat import AirflowFailException
     from airflow_provider_fable.core.errors import FableError
     from airflow_provider_fable.hooks.fable import FableHook
     from airflow_provider_fable.sensors.batch import FableBatchSensor

@@ -254,8 +254,7 @@ def test_errored_results_are_retryable_only_when_a_retry_can_fix_them(fable_emul
 
 @pytest.mark.parametrize("estimate_sample", [0, 3])
 def test_an_unknown_model_is_refused_before_any_create(fable_emulator_factory, dbs, estimate_sample):
-    from airflow.sdk.exceptions import AirflowFailException
-
+    from airflow_provider_fable._compat import AirflowFailException
     from airflow_provider_fable.hooks.fable import UnknownModelError
 
     server = fable_emulator_factory()

@@ -362,7 +362,7 @@ def test_submit_refuses_a_view_destination_before_the_first_create(
     with pytest.raises(PreflightError, match="table 'answers' is a view, not a table") as refused:
         op.execute({})
     # A destination the load cannot write stays so on a retry: the task fails without retries.
-    from airflow.sdk.exceptions import AirflowFailException
+    from airflow_provider_fable._compat import AirflowFailException
 
     assert isinstance(refused.value, AirflowFailException)
     with urllib.request.urlopen(f"{server.base_url}/_emulator/stats") as resp:

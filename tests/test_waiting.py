@@ -302,7 +302,7 @@ def test_sensor_on_kill_cancels_when_not_deferred(fable_emulator_factory):
 
 
 def test_serialize_round_trip_holds_no_secret(fable_emulator_factory):
-    from airflow.sdk.exceptions import TaskDeferred
+    from airflow_provider_fable._compat import TaskDeferred
 
     server = fable_emulator_factory(processing_seconds=3600)
     point_connection_at(server)
@@ -560,8 +560,7 @@ def test_one_wait_on_one_batch_only_retrieves(fable_emulator_factory):
 # ----------------------------------------------------------------------------- one-task operator
 def test_batch_operator_submits_defers_and_returns_the_manifest(fable_emulator_factory):
     """Submit + deferred wait in one task; the resume gets the submit manifest back."""
-    from airflow.sdk.exceptions import TaskDeferred
-
+    from airflow_provider_fable._compat import TaskDeferred
     from airflow_provider_fable.operators.batch import FableBatchOperator
     from tests.conftest import Paint
 
@@ -600,8 +599,7 @@ def test_batch_operator_retry_reattaches_instead_of_paying_again(fable_emulator_
     import json
     import urllib.request
 
-    from airflow.sdk.exceptions import TaskDeferred
-
+    from airflow_provider_fable._compat import TaskDeferred
     from airflow_provider_fable.operators.batch import FableBatchOperator
     from tests.conftest import Paint
 

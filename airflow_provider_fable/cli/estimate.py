@@ -105,8 +105,7 @@ def run_estimate(args: Any) -> None:
 
 
 def _estimate(args: Any) -> str:
-    from airflow.dag_processing.dagbag import DagBag
-
+    from airflow_provider_fable._compat import dagbag_class
     from airflow_provider_fable.core import report as rp
     from airflow_provider_fable.operators.submit import FableBatchSubmitOperator
 
@@ -115,7 +114,7 @@ def _estimate(args: Any) -> str:
         raise SystemExit("error: --conf must be a JSON object")
     from airflow import settings
 
-    bag = DagBag(dag_folder=settings.DAGS_FOLDER)
+    bag = dagbag_class()(dag_folder=settings.DAGS_FOLDER)
     dag = bag.get_dag(args.dag_id)
     if dag is None:
         raise SystemExit(

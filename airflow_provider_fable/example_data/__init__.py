@@ -79,7 +79,8 @@ def require_connections(**conn_ids: str) -> None:
     example DAG so a new user learns what to set up before anything is read or paid for.
     """
     from airflow.sdk import BaseHook
-    from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
+
+    from airflow_provider_fable._compat import AirflowFailException, AirflowNotFoundException
 
     missing = []
     for kind, conn_id in conn_ids.items():
@@ -359,7 +360,7 @@ def check_share(summary: Mapping[str, Any] | None, field: str, value: str, limit
     more than ``limit`` of the ``field`` values in ``summary`` (the backlog's ``finalize`` XCom);
     the rows are loaded either way.
     """
-    from airflow.sdk.exceptions import AirflowFailException
+    from airflow_provider_fable._compat import AirflowFailException
 
     counts = ((summary or {}).get("distribution") or {}).get(field) or {}
     total = sum(counts.values())

@@ -42,6 +42,16 @@ def isolate_airflow(
 
         key_file.write_bytes(Fernet.generate_key())
     env["AIRFLOW__CORE__FERNET_KEY"] = key_file.read_text().strip()
+    # The in-process Execution API that dag.test() talks to signs task tokens with this secret.
+    # Airflow 3.3 makes one when missing; 3.2's lifespan fails without it (the task then dies on
+    # "'State' object has no attribute 'svcs_registry'"). A deployment sets it in airflow.cfg.
+    if not os.environ.get("AIRFLOW__API_AUTH__JWT_SECRET"):
+        secret_file = home / "jwt_secret"
+        if not secret_file.exists():
+            import secrets
+
+            secret_file.write_text(secrets.token_urlsafe(32))
+        env["AIRFLOW__API_AUTH__JWT_SECRET"] = secret_file.read_text().strip()
     if dags_folder is not None:
         env["AIRFLOW__CORE__DAGS_FOLDER"] = str(Path(dags_folder).resolve())
     os.environ.update(env)
@@ -56,7 +66,47 @@ def ensure_metadata_db() -> None:
     from airflow.utils.db import initdb
 
     initdb()
+    _await_execution_api_lifespan()
     _DB_READY.add(url)
+
+
+def _await_execution_api_lifespan() -> None:
+    """Airflow 3.2 only: give ``dag.test()``'s in-process Execution API its services registry.
+
+    3.2's app registers its services (JWT generator/validator) in its lifespan, which the
+    in-process transport runs late or, through ``atransport``, never: a task's first request
+    then dies with "'State' object has no attribute 'svcs_registry'". Airflow 3.3 starts the
+    lifespan before serving; a real api-server runs it. Here the app gets, when it is created,
+    the registry the lifespan would build (the lifespan, when it runs, replaces it).
+    """
+    from airflow_provider_fable._compat import AIRFLOW_VERSION
+
+    if AIRFLOW_VERSION != (3, 2):
+        return
+    import svcs
+    from airflow.api_fastapi.execution_api import app as execution_app
+
+    api_class = execution_app.InProcessExecutionAPI
+    # A slotted attrs class: its cached properties (``app``) are computed by the class's
+    # __getattr__ on first access, so the registry is added there.
+    original = api_class.__getattr__
+    if getattr(original, "_fable_registry", False):
+        return
+
+    def getattr_with_registry(self: Any, name: str) -> Any:
+        value = original(self, name)
+        if name == "app" and "svcs_registry" not in value.state._state:
+            registry = svcs.Registry()
+            registry.register_factory(execution_app.JWTGenerator, execution_app._jwt_generator)
+            validator = execution_app._jwt_validator()
+            registry.register_value(
+                execution_app.JWTValidator, validator, ping=execution_app.JWTValidator.status
+            )
+            value.state.svcs_registry = registry
+        return value
+
+    getattr_with_registry._fable_registry = True  # type: ignore[attr-defined]
+    api_class.__getattr__ = getattr_with_registry  # type: ignore[method-assign]
 
 
 def set_connection(conn_id: str, **fields: Any) -> str:
@@ -88,7 +138,9 @@ def _state(value: Any) -> str | None:
 
 def load_dag(dag_id: str, dags_folder: str | os.PathLike[str] | None = None) -> Any:
     """Parse the DAGs folder and return one DAG, with import errors spelled out."""
-    from airflow.dag_processing.dagbag import DagBag
+    from airflow_provider_fable._compat import dagbag_class
+
+    DagBag = dagbag_class()
 
     ensure_metadata_db()
     folder = str(dags_folder or os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
