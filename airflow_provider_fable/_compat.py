@@ -21,7 +21,7 @@ from importlib.metadata import PackageNotFoundError, version
 try:  # Airflow >= 3.2
     from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException, TaskDeferred
 except ImportError:  # Airflow 3.1
-    from airflow.exceptions import (  # type: ignore[no-redef,attr-defined]
+    from airflow.exceptions import (  # type: ignore[no-redef]
         AirflowFailException,
         AirflowNotFoundException,
         TaskDeferred,

@@ -89,7 +89,7 @@ def _await_execution_api_lifespan() -> None:
     api_class = execution_app.InProcessExecutionAPI
     # A slotted attrs class: its cached properties (``app``) are computed by the class's
     # __getattr__ on first access, so the registry is added there.
-    original = api_class.__getattr__
+    original: Any = getattr(api_class, "__getattr__")  # noqa: B009 - absent from the type stubs
     if getattr(original, "_fable_registry", False):
         return
 
@@ -106,7 +106,7 @@ def _await_execution_api_lifespan() -> None:
         return value
 
     getattr_with_registry._fable_registry = True  # type: ignore[attr-defined]
-    api_class.__getattr__ = getattr_with_registry  # type: ignore[method-assign]
+    setattr(api_class, "__getattr__", getattr_with_registry)  # noqa: B010 - as above
 
 
 def set_connection(conn_id: str, **fields: Any) -> str:
