@@ -17,6 +17,7 @@ the rest of the package imports a name from here instead of guessing its locatio
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 try:  # Airflow >= 3.2
     from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException, TaskDeferred
@@ -54,6 +55,17 @@ def dagbag_class() -> type:
     return DagBag
 
 
+def sync_bag_to_db(bag: Any, bundle_name: str, bundle_version: str | None) -> None:
+    """Airflow's ``sync_bag_to_db`` (serializes a parsed bag's DAGs into the metadata DB), which
+    lives beside ``DagBag``: ``airflow.dag_processing.dagbag`` from 3.2, ``airflow.models.dagbag``
+    in 3.1."""
+    try:  # Airflow >= 3.2
+        from airflow.dag_processing.dagbag import sync_bag_to_db as sync
+    except ImportError:  # Airflow 3.1
+        from airflow.models.dagbag import sync_bag_to_db as sync  # type: ignore[no-redef]
+    sync(bag, bundle_name, bundle_version)
+
+
 __all__ = [
     "AIRFLOW_VERSION",
     "TRIGGER_ON_KILL",
@@ -61,4 +73,5 @@ __all__ = [
     "AirflowNotFoundException",
     "TaskDeferred",
     "dagbag_class",
+    "sync_bag_to_db",
 ]

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from airflow_provider_fable._compat import AIRFLOW_VERSION
 from airflow_provider_fable.testing.plugin import point_connection_at
 
 DAGS = Path(__file__).resolve().parent / "backlog_dags"
@@ -80,18 +81,9 @@ def reviews(fable_airflow, fable_emulator_factory, tmp_path, monkeypatch):
 def load_backlog_dag(dag_id: str = "product_reviews"):
     """Parse ``tests/backlog_dags`` and register the DAG in the metadata DB under the dags-folder
     bundle, so ``dag.test()`` (which syncs the configured bundles only) finds it serialized."""
-    from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
+    from airflow_provider_fable.testing.airflow_env import load_dag
 
-    from airflow_provider_fable.testing.airflow_env import ensure_metadata_db
-
-    ensure_metadata_db()
-    from airflow.dag_processing.bundles.manager import DagBundlesManager
-
-    DagBundlesManager().sync_bundles_to_db()
-    bag = DagBag(dag_folder=str(DAGS))
-    assert not bag.import_errors, bag.import_errors
-    sync_bag_to_db(bag, "dags-folder", None)
-    return bag.get_dag(dag_id)
+    return load_dag(dag_id, DAGS, serialize=True)
 
 
 def _rows(engine, sql: str, **binds):
@@ -126,6 +118,15 @@ while True:
                                user=User(), session=session, map_index=ti.map_index)
     time.sleep(0.3)
 """
+
+
+#: ``dag.test()`` on Airflow before 3.3 runs a HITL task's trigger once, inline, before anyone can
+#: answer, and the standard provider's trigger then fails on the missing response
+#: (``'NoneType' object has no attribute 'response_received'``, seen on 3.2.2); 3.3 parks the task
+#: in ``awaiting_input`` instead. A real triggerer is not affected; only this harness is.
+needs_dag_test_hitl = pytest.mark.skipif(
+    AIRFLOW_VERSION < (3, 3), reason="dag.test() cannot wait for a HITL answer before Airflow 3.3"
+)
 
 
 class Approver:
@@ -178,6 +179,7 @@ def _sent(server, xcoms: dict, group: str = "reviews") -> list[tuple[str, str]]:
     return out
 
 
+@needs_dag_test_hitl
 def test_backlog_pilot_approval_full_failed_rerun_and_backfill(reviews, tmp_path):
     """The acceptance test of issue #17 on a backlog the examples do not cover."""
     airflow_env, engine, server = reviews
@@ -509,6 +511,7 @@ def test_escalations_go_in_rule_then_priority_order_within_the_budget():
     assert len(fit_escalations(candidates, lambda rid: 1.0, left=None)[0]) == 4
 
 
+@needs_dag_test_hitl
 def test_rejecting_the_approval_stops_before_the_full_run(reviews, tmp_path):
     airflow_env, engine, server = reviews
     seed_reviews(engine, 60, start=datetime(2026, 3, 1, tzinfo=timezone.utc), days=2)

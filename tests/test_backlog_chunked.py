@@ -36,17 +36,9 @@ def chunked(fable_airflow, fable_emulator_factory, tmp_path, monkeypatch):
 def _load_dag(dag_id: str):
     """Parse ``tests/backlog_chunked_dags`` and register the DAG under the dags-folder bundle, so
     ``dag.test()`` (which syncs the configured bundles only) finds it serialized."""
-    from airflow.dag_processing.bundles.manager import DagBundlesManager
-    from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
+    from airflow_provider_fable.testing.airflow_env import load_dag
 
-    from airflow_provider_fable.testing.airflow_env import ensure_metadata_db
-
-    ensure_metadata_db()
-    DagBundlesManager().sync_bundles_to_db()
-    bag = DagBag(dag_folder=str(DAGS))
-    assert not bag.import_errors, bag.import_errors
-    sync_bag_to_db(bag, "dags-folder", None)
-    return bag.get_dag(dag_id)
+    return load_dag(dag_id, DAGS, serialize=True)
 
 
 def _rows(engine, sql: str, **binds):

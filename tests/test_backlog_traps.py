@@ -169,12 +169,7 @@ def test_unfixable_failures_fail_the_task_on_the_first_try(
     folder = tmp_path / "dags"
     folder.mkdir()
     (folder / "fail_fast.py").write_text(_FAIL_FAST_DAG)
-    dag = fable_airflow.load_dag("fable_trap_fail_fast", str(folder))
-    from airflow.dag_processing.bundles.manager import DagBundlesManager
-    from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
-
-    DagBundlesManager().sync_bundles_to_db()
-    sync_bag_to_db(DagBag(dag_folder=str(folder)), "dags-folder", None)  # dag.test needs it serialized
+    dag = fable_airflow.load_dag("fable_trap_fail_fast", str(folder), serialize=True)  # for dag.test
     result = fable_airflow.run_dag(dag)
     assert result.task_states["submit"] == "failed", result.task_states
     with create_session() as session:

@@ -129,18 +129,13 @@ def lineage_env(fable_airflow, fable_emulator, tmp_path, monkeypatch):
 
 
 def test_load_emits_table_assets_and_openlineage_facets(lineage_env):
-    from airflow.dag_processing.bundles.manager import DagBundlesManager
-    from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
     from airflow.models.asset import AssetEvent, AssetModel
     from airflow.providers.openlineage.extractors.manager import ExtractorManager
     from airflow.utils.session import create_session
     from airflow.utils.state import TaskInstanceState
 
     env = lineage_env
-    DagBundlesManager().sync_bundles_to_db()
-    bag = DagBag(dag_folder=str(env.dags))
-    sync_bag_to_db(bag, "dags-folder", None)  # dag.test() only serializes the configured folder's DAGs
-    dag = bag.get_dag("lineage_paint")
+    dag = env.airflow.load_dag("lineage_paint", env.dags, serialize=True)  # dag.test() syncs only its folder
     result = env.airflow.run_dag(dag)
     assert result.state == "success", result.task_states
 

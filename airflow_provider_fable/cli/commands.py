@@ -14,7 +14,23 @@ _JOB_COLUMNS = (
 )  # fmt: skip
 _RECORD_COLUMNS = ("record_id", "status", "reason", "retryable", "attempts", "batch_id", "updated_at")
 
-_quiet = logging.getLogger("airflow_provider_fable.cli")
+def _stderr_logger() -> logging.Logger:
+    """The commands' own notes ("Job ledger: connection ...") on stderr, never on stdout.
+
+    Why: stdout carries the report (``-o json`` piped into ``jq``), and Airflow 3.2's CLI logging
+    sends records that reach the root logger to stdout, which broke the JSON.
+    """
+    logger = logging.getLogger("airflow_provider_fable.cli")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
+
+
+_quiet = _stderr_logger()
 
 
 def _report(args: Any) -> rp.Report:

@@ -136,9 +136,16 @@ def _state(value: Any) -> str | None:
     return None if value is None else str(getattr(value, "value", value))
 
 
-def load_dag(dag_id: str, dags_folder: str | os.PathLike[str] | None = None) -> Any:
-    """Parse the DAGs folder and return one DAG, with import errors spelled out."""
-    from airflow_provider_fable._compat import dagbag_class
+def load_dag(
+    dag_id: str, dags_folder: str | os.PathLike[str] | None = None, *, serialize: bool = False
+) -> Any:
+    """Parse the DAGs folder and return one DAG, with import errors spelled out.
+
+    ``serialize=True`` also writes the folder's DAGs into the metadata DB under the
+    ``dags-folder`` bundle: ``dag.test()`` syncs only the configured bundles, so a DAG parsed
+    from any other folder must be serialized first (on every supported Airflow minor).
+    """
+    from airflow_provider_fable._compat import dagbag_class, sync_bag_to_db
 
     DagBag = dagbag_class()
 
@@ -147,6 +154,11 @@ def load_dag(dag_id: str, dags_folder: str | os.PathLike[str] | None = None) -> 
     bag = DagBag(dag_folder=folder)
     if bag.import_errors:
         raise RuntimeError(f"DAG import errors: {bag.import_errors}")
+    if serialize:
+        from airflow.dag_processing.bundles.manager import DagBundlesManager
+
+        DagBundlesManager().sync_bundles_to_db()
+        sync_bag_to_db(bag, "dags-folder", None)
     dag = bag.get_dag(dag_id)
     if dag is None:
         raise KeyError(f"no DAG {dag_id!r} in {folder} (found: {sorted(bag.dag_ids)})")

@@ -74,10 +74,13 @@ class FableAirflow:
         set_connection(conn_id, **fields)
 
     @staticmethod
-    def load_dag(dag_id: str, dags_folder: str | None = None) -> Any:
+    def load_dag(
+        dag_id: str, dags_folder: str | os.PathLike[str] | None = None, *, serialize: bool = False
+    ) -> Any:
+        """Parse and return one DAG; ``serialize=True`` also registers the folder for ``dag.test()``."""
         from airflow_provider_fable.testing.airflow_env import load_dag
 
-        return load_dag(dag_id, dags_folder)
+        return load_dag(dag_id, dags_folder, serialize=serialize)
 
     @staticmethod
     def run_dag(dag: Any, **kwargs: Any) -> Any:
