@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -300,6 +300,23 @@ class PromptCues:
     model: str = ""
 
 
+def answered_turns(messages: Sequence[Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(user text, answer) of each user turn followed by an assistant turn holding a JSON object:
+    the few-shot examples a prompt carries (other turns are not examples and are skipped)."""
+    for i, message in enumerate(messages[:-1]):
+        if not (isinstance(message, Mapping) and message.get("role") == "user"):
+            continue
+        reply = messages[i + 1]
+        if not (isinstance(reply, Mapping) and reply.get("role") == "assistant"):
+            continue
+        try:
+            answer = json.loads(_text_of(reply.get("content")))
+        except ValueError:
+            continue
+        if isinstance(answer, dict):
+            yield _text_of(message.get("content")), answer
+
+
 def _text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
@@ -392,18 +409,8 @@ def prompt_cues(params: Mapping[str, Any]) -> PromptCues:
         sets = [set(_tokens(t)) for t in texts]
         template = frozenset(set.intersection(*sets))
     examples: dict[str, Any] = {}
-    for i, message in enumerate(messages[:-1]):
-        if not (isinstance(message, Mapping) and message.get("role") == "user"):
-            continue
-        reply = messages[i + 1]
-        if not (isinstance(reply, Mapping) and reply.get("role") == "assistant"):
-            continue
-        try:
-            answer = json.loads(_text_of(reply.get("content")))
-        except ValueError:
-            continue
-        if isinstance(answer, dict):
-            examples[record_key(_text_of(message.get("content")), template)] = answer
+    for text, answer in answered_turns(messages):
+        examples[record_key(text, template)] = answer
     quoted = len(texts) >= 2 and all(_QUOTED_RE.search(t) for t in texts)
     return PromptCues(
         _system_text(params.get("system")), template, examples, quoted, str(params.get("model", ""))
@@ -433,22 +440,9 @@ class SharedCues:
         self.all_quoted = all(_QUOTED_RE.search(t) for t in texts)
         #: (quoted key or None, tokens, answer) of each few-shot user turn answered in the prefix
         self.pairs: list[tuple[str | None, list[str], dict[str, Any]]] = []
-        for i, message in enumerate(prefix[:-1]):
-            if not (isinstance(message, Mapping) and message.get("role") == "user"):
-                continue
-            reply = prefix[i + 1]
-            if not (isinstance(reply, Mapping) and reply.get("role") == "assistant"):
-                continue
-            try:
-                answer = json.loads(_text_of(reply.get("content")))
-            except ValueError:
-                continue
-            if isinstance(answer, dict):
-                text = _text_of(message.get("content"))
-                quoted = [a or b for a, b in _QUOTED_RE.findall(text)]
-                self.pairs.append(
-                    (normalise_record(" ".join(quoted)) if quoted else None, _tokens(text), answer)
-                )
+        for text, answer in answered_turns(prefix):
+            quoted = [a or b for a, b in _QUOTED_RE.findall(text)]
+            self.pairs.append((normalise_record(" ".join(quoted)) if quoted else None, _tokens(text), answer))
         self._examples: dict[frozenset[str], dict[str, Any]] = {}
 
     def cues(self, content: Any) -> PromptCues:
