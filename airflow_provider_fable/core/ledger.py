@@ -110,6 +110,22 @@ from airflow_provider_fable.exceptions import ClaimLostError as ClaimLostError  
 from airflow_provider_fable.exceptions import LedgerError as LedgerError  # noqa: E402  (moved there)
 
 
+def _intent_upsert(stmt: Any) -> Any:
+    """A record's intent row, inserted or (sent again) reset to pending under the new submission:
+    the one upsert of ``write_intent``, per-row on SQLite and from the stage on PostgreSQL."""
+    return stmt.on_conflict_do_update(
+        index_elements=["job_id", "record_id"],
+        set_={
+            "custom_id": stmt.excluded.custom_id,
+            "status": PENDING,
+            "submission_id": stmt.excluded.submission_id,
+            "request_digest": stmt.excluded.request_digest,
+            "model": stmt.excluded.model,
+            "updated_at": stmt.excluded.updated_at,
+        },
+    )
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -878,18 +894,7 @@ class Ledger:
             if pg:
                 self._write_records_staged(conn, job_id, sub_id, records, model, now)
             for part in [] if pg else _chunks(records):
-                stmt = self._insert(self.records)
-                stmt = stmt.on_conflict_do_update(
-                    index_elements=["job_id", "record_id"],
-                    set_={
-                        "custom_id": stmt.excluded.custom_id,
-                        "status": PENDING,
-                        "submission_id": stmt.excluded.submission_id,
-                        "request_digest": stmt.excluded.request_digest,
-                        "model": stmt.excluded.model,
-                        "updated_at": stmt.excluded.updated_at,
-                    },
-                )
+                stmt = _intent_upsert(self._insert(self.records))
                 rows = [
                     {
                         "job_id": job_id, "record_id": rid, "custom_id": cid, "status": PENDING,
@@ -938,19 +943,7 @@ class Ledger:
                 sa.literal(model, sa.Text), sa.literal(now, sa.Text), sa.literal(now, sa.Text),
             ),
         )  # fmt: skip
-        conn.execute(
-            ins.on_conflict_do_update(
-                index_elements=["job_id", "record_id"],
-                set_={
-                    "custom_id": ins.excluded.custom_id,
-                    "status": PENDING,
-                    "submission_id": ins.excluded.submission_id,
-                    "request_digest": ins.excluded.request_digest,
-                    "model": ins.excluded.model,
-                    "updated_at": ins.excluded.updated_at,
-                },
-            )
-        )
+        conn.execute(_intent_upsert(ins))
 
     def _analyze_after(self, table: sa.Table, rows: int) -> None:
         """PostgreSQL: ``ANALYZE table`` once this object has written 50,000 rows to it, then
