@@ -177,6 +177,17 @@ def test_a_ledger_from_before_the_index_gains_it(ledger):
     assert ledger.has_records("J") is True
 
 
+def test_a_new_postgres_ledger_leaves_room_for_hot_verdict_updates(pg_engine):
+    """fillfactor 70 on fable_records, set by an ALTER after CREATE (``postgresql_with=`` is a
+    SQLAlchemy 2.1 table option and the floor is 2.0.50)."""
+    ledger = Ledger(pg_engine).ensure_schema()
+    with pg_engine.connect() as conn:
+        options = conn.execute(
+            sa.text("SELECT reloptions FROM pg_class WHERE oid = to_regclass(:t)"), {"t": ledger.records.name}
+        ).scalar_one()
+    assert options is not None and "fillfactor=70" in options
+
+
 @pytest.mark.parametrize("per_chunk", [False, True], ids=["set", "per_chunk"])
 def test_a_rerun_of_another_job_sends_exactly_its_rejects(
     fable_emulator_factory,

@@ -146,7 +146,7 @@ def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]
 
 def _tables(meta: sa.MetaData) -> dict[str, sa.Table]:
     text, integer = sa.Text, sa.BigInteger
-    return {
+    tables = {
         "meta": sa.Table(
             "fable_ledger_meta",
             meta,
@@ -197,9 +197,6 @@ def _tables(meta: sa.MetaData) -> dict[str, sa.Table]:
             sa.Column("created_at", text, nullable=False),
             sa.Column("updated_at", text, nullable=False),
             sa.Index(_SUBMISSION_INDEX, "submission_id"),
-            # Room on each page for the load's verdict (status, reason...: no indexed column) to be
-            # a HOT update, written beside the row without touching the three indexes. New ledgers.
-            postgresql_with={"fillfactor": 70},
         ),
         "outcomes": sa.Table(
             "fable_record_outcomes",
@@ -240,6 +237,16 @@ def _tables(meta: sa.MetaData) -> dict[str, sa.Table]:
             sa.Column("record_id", text, primary_key=True),
         ),
     }
+    # Room on each page of fable_records for the load's verdict (status, reason...: no indexed
+    # column) to be a HOT update, written beside the row without touching its indexes. New
+    # PostgreSQL ledgers only. An ALTER after CREATE, not ``postgresql_with=``: SQLAlchemy
+    # accepts that table option only from 2.1, and the floor is 2.0.50 (docs/compatibility.md).
+    sa.event.listen(
+        tables["records"],
+        "after_create",
+        sa.DDL("ALTER TABLE %(fullname)s SET (fillfactor = 70)").execute_if(dialect="postgresql"),  # type: ignore[no-untyped-call]
+    )
+    return tables
 
 
 def _exactly_once_tables(meta: sa.MetaData) -> dict[str, sa.Table]:
