@@ -87,8 +87,7 @@ def test_exceptions_module_imports_nothing_from_airflow():
 
 
 def test_retryable_false_still_fails_fast_and_keeps_type_and_attributes():
-    from airflow.sdk.exceptions import AirflowFailException
-
+    from airflow_provider_fable._compat import AirflowFailException
     from airflow_provider_fable.core.ledger import ClaimLostError, LedgerError
     from airflow_provider_fable.core.preflight import PreflightError
     from airflow_provider_fable.retries import fail_fast
