@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -25,7 +24,7 @@ from airflow_provider_fable.core.qa import select_qa_rows, write_qa_sample
 from airflow_provider_fable.core.results import BatchResult, Usage
 from airflow_provider_fable.core.sinks import ResultSink
 from airflow_provider_fable.core.validation import Accepted
-from tests.conftest import PG_URL, Paint, require_pg
+from tests.conftest import Paint
 from tests.test_ledger import dbs, pg_ledger_conn  # noqa: F401 - fixtures of the operator test
 
 
@@ -38,25 +37,9 @@ def two_ledgers(request, tmp_path) -> Iterator[tuple[Ledger, Ledger]]:
     is always the SQLite path: comparing PostgreSQL with itself would prove nothing.
     """
     reference_engine = sa.create_engine(f"sqlite:///{tmp_path / 'reference.db'}")
-    reference = Ledger(reference_engine).ensure_schema()
-    if request.param == "sqlite":
-        engine = sa.create_engine(f"sqlite:///{tmp_path / 'fast.db'}")
-        yield reference, Ledger(engine).ensure_schema()
-        for e in (reference_engine, engine):
-            e.dispose()
-        return
-    admin = sa.create_engine(PG_URL)
-    require_pg(admin)
-    schema = f"fable_test_{uuid.uuid4().hex[:8]}"
-    with admin.begin() as conn:
-        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
-    engine = sa.create_engine(PG_URL, connect_args={"options": f"-csearch_path={schema}"})
-    yield reference, Ledger(engine).ensure_schema()
-    for e in (reference_engine, engine):
-        e.dispose()
-    with admin.begin() as conn:
-        conn.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
-    admin.dispose()
+    engine = request.getfixturevalue("sqlite_engine" if request.param == "sqlite" else "pg_engine")
+    yield Ledger(reference_engine).ensure_schema(), Ledger(engine).ensure_schema()
+    reference_engine.dispose()
 
 
 def _scenario(ledger: Ledger, write) -> None:
