@@ -18,6 +18,7 @@ from typing import Any
 from airflow_provider_fable.core import ids
 from airflow_provider_fable.core.errors import RecordError
 from airflow_provider_fable.core.job import BatchJob, template_fields_of
+from airflow_provider_fable.core.unique_ids import UniqueIds
 
 
 def cache_control(job: BatchJob) -> dict[str, str]:
@@ -211,28 +212,19 @@ def build_requests(
     """
     shared = base_params(job)
     prefix = prefix_messages(job)
-    seen: dict[str, str] = {}
+    seen = UniqueIds()  # ~12 bytes a native id (core.unique_ids), not a dict entry
+    id_field = job.id_field
     for position, record in enumerate(records, 1):
         if job.on_missing_field == "skip":
             missing = missing_template_fields(job, record)
             if missing:
                 if skipped is not None:
-                    skipped.append(SkippedRecord(record.get(job.id_field), position, missing))
+                    skipped.append(SkippedRecord(record.get(id_field), position, missing))
                 continue
         try:
             request = build_request(job, record, shared=shared, prefix=prefix)
         except RecordError as exc:
             raise exc.at(position) from None
-        custom_id = request["custom_id"]
-        if custom_id in seen:
-            real = ids.record_id_text(record.get(job.id_field))
-            if seen[custom_id] == real:
-                raise RecordError(real, "custom_id.duplicate", "two source records share this id", position)
-            raise RecordError(
-                real,
-                "custom_id.collision",
-                f"its custom_id {custom_id!r} is also the custom_id of record {seen[custom_id]!r}",
-                position,
-            )
-        seen[custom_id] = ids.record_id_text(record.get(job.id_field))
+        seen.add(request["custom_id"], position, record.get(id_field))
         yield request
+    seen.finish()
