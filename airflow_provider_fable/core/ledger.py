@@ -900,21 +900,32 @@ class Ledger:
             pg = self.engine.dialect.name == "postgresql"
             if pg:
                 self._write_records_staged(conn, job_id, sub_id, records, model, now)
-            for part in [] if pg else _chunks(records):
-                stmt = _intent_upsert(self._insert(self.records))
-                rows = [
-                    {
-                        "job_id": job_id, "record_id": rid, "custom_id": cid, "status": PENDING,
-                        "submission_id": sub_id, "request_digest": digest, "attempts": 0, "model": model,
-                        "created_at": now, "updated_at": now,
-                    }
-                    for rid, cid, digest in part
-                ]  # fmt: skip
-                conn.execute(stmt, rows)
+            else:
+                # SQLite: the same upsert as one prepared statement over plain tuples. Through
+                # SQLAlchemy's executemany of dicts each row paid its parameter processing
+                # (~3 s per million intents); the DB-API cursor binds tuples in C.
+                conn.exec_driver_sql(
+                    self._sqlite_intent_sql(),
+                    [
+                        (job_id, rid, cid, PENDING, sub_id, digest, 0, model, now, now)
+                        for rid, cid, digest in records
+                    ],
+                )
             row = conn.execute(sa.select(self.submissions).where(self.submissions.c.id == sub_id)).one()
         if pg:
             self._analyze_after(self.records, len(records))
         return self._submission(row)
+
+    def _sqlite_intent_sql(self) -> str:
+        """``_intent_upsert`` as SQLite text with positional parameters (same columns, same rule)."""
+        target = self.engine.dialect.identifier_preparer.format_table(self.records)
+        return (
+            f"INSERT INTO {target} (job_id, record_id, custom_id, status, submission_id, request_digest, "
+            "attempts, model, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (job_id, record_id) DO UPDATE SET custom_id = excluded.custom_id, "
+            f"status = '{PENDING}', submission_id = excluded.submission_id, "
+            "request_digest = excluded.request_digest, model = excluded.model, updated_at = excluded.updated_at"
+        )
 
     def _write_records_staged(
         self, conn: sa.Connection, job_id: str, sub_id: int, records: Sequence[tuple[str, str, str]],
