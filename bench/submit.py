@@ -239,6 +239,12 @@ def main() -> None:
         "(dropped after) instead of the embedded SQLite",
     )
     parser.add_argument("--profile", help="write the operator child's cProfile stats to this file")
+    parser.add_argument(
+        "--sink",
+        action="store_true",
+        help="creates go to bench/sink.py (reads and drops every body) instead of the emulator, which "
+        "keeps every request in memory: for the submit's peak RSS at 10M records",
+    )
     args = parser.parse_args()
     if args.profile:
         os.environ["FABLE_BENCH_PROFILE"] = str(Path(args.profile).resolve())
@@ -248,7 +254,13 @@ def main() -> None:
     home = tempfile.mkdtemp(prefix="bench-airflow-")
     last = ""
     for n in args.records:
-        emulator, url = start_emulator()  # a fresh one per size: it keeps every batch in memory
+        if args.sink:
+            from sink import serve
+
+            server, url = serve()
+            emulator = None
+        else:
+            emulator, url = start_emulator()  # a fresh one per size: it keeps every batch in memory
         try:
             env = {
                 **os.environ,
@@ -267,8 +279,11 @@ def main() -> None:
                     whole = run_child("operator", n, env)
                     env.pop("AIRFLOW_CONN_FABLE_BENCH_LEDGER", None)
         finally:
-            emulator.terminate()
-            emulator.wait()
+            if emulator is not None:
+                emulator.terminate()
+                emulator.wait()
+            else:
+                server.shutdown()
         for name, r in (("stream", ours), ("baseline", base), ("operator", whole)):
             if r is None:
                 continue

@@ -83,7 +83,9 @@ def render_prompt(job: BatchJob, record: Mapping[str, Any], record_id: Any = Non
             'on_missing_field="skip" or "empty"',
         )
     try:
-        prompt = job.prompt_template.format_map(_RecordView(record))
+        # The view (a copy of the record that renders None/NaN as "") only when there is
+        # such a value to render: every other record formats straight from its own mapping.
+        prompt = job.prompt_template.format_map(_RecordView(record) if missing else record)
     except KeyError as exc:
         raise RecordError(
             record_id,
