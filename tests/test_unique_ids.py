@@ -57,3 +57,17 @@ def test_memory_is_the_runs_of_hashes_not_the_strings():
     guard = UniqueIds(1000)
     _feed(guard, [f"record-{i}" for i in range(10_000)])
     assert guard.nbytes == 12 * 10_000
+
+
+def test_runs_stop_merging_at_the_cap_and_duplicates_across_capped_runs_are_found(monkeypatch):
+    import airflow_provider_fable.core.unique_ids as unique_ids
+
+    monkeypatch.setattr(unique_ids, "MAX_RUN", 40)
+    guard = UniqueIds(10)
+    for position in range(1, 201):
+        guard.add(f"id{position}", position, None)
+    assert max(len(h) for h, _ in guard._runs) <= 40 and len(guard._runs) >= 5
+    with pytest.raises(RecordError) as info:
+        guard.add("id3", 201, None)  # in the first, long-closed run
+        guard.finish()
+    assert (info.value.record_id, info.value.position) == ("id3", 201)

@@ -32,6 +32,8 @@ from airflow_provider_fable.core.errors import RecordError
 
 #: Native ids checked together; the strings of one chunk are all that is held as objects.
 CHUNK = 1 << 16
+#: Largest merged run (4M ids, 48 MB): past it runs are kept side by side and each searched.
+MAX_RUN = 1 << 22
 
 _Run = tuple["np.ndarray[tuple[int], np.dtype[np.int64]]", "np.ndarray[tuple[int], np.dtype[np.uint32]]"]
 
@@ -108,8 +110,14 @@ class UniqueIds:
             )
         self._runs.append((hs, cs))
         # Merge while the newest run is as big as the one before it: a few runs of doubling size,
-        # so each chunk is searched in O(log N) runs and every hash is moved O(log N) times.
-        while len(self._runs) > 1 and len(self._runs[-2][0]) <= len(self._runs[-1][0]):
+        # so each chunk is searched in O(log N) runs and every hash is moved O(log N) times. Runs
+        # stop growing at MAX_RUN: a merge holds both inputs and its output at once, and merging
+        # everything into one run would double the check's memory at the moment of each merge.
+        while (
+            len(self._runs) > 1
+            and len(self._runs[-2][0]) <= len(self._runs[-1][0])
+            and len(self._runs[-2][0]) + len(self._runs[-1][0]) <= MAX_RUN
+        ):
             (ah, ac), (bh, bc) = self._runs[-2], self._runs.pop()
             at = np.searchsorted(ah, bh)
             self._runs[-1] = (np.insert(ah, at, bh), np.insert(ac, at, bc))
