@@ -349,6 +349,7 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--clone-from", type=int, help="build the setup from the one of this size (x copies)")
     parser.add_argument("--clone-state", help="the --state of the --clone-from setup (default /tmp/fable-load-task-<n>)")
+    parser.add_argument("--tag", default="fable_lt", help="prefix of the databases (PostgreSQL) and files")
     parser.add_argument("--child")
     parser.add_argument("--manifest")
     parser.add_argument("--dest")
@@ -368,13 +369,13 @@ def main() -> None:
     n, backend = args.records, args.backend
     state = Path(args.state or f"/tmp/fable-load-task-{n}")
     state.mkdir(parents=True, exist_ok=True)
-    tag = f"fable_lt_{n}"
+    tag = f"{args.tag}_{n}"
     template = f"{tag}_tpl" if backend == "postgres" else str(state / f"{tag}_tpl.db")
     if args.clone_from and not ((state / f"manifest-{backend}.json").exists() and _template_exists(backend, template)):
         source = Path(args.clone_state or f"/tmp/fable-load-task-{args.clone_from}")
         source_tpl = (
-            f"fable_lt_{args.clone_from}_tpl" if backend == "postgres"
-            else str(source / f"fable_lt_{args.clone_from}_tpl.db")
+            f"{args.tag}_{args.clone_from}_tpl" if backend == "postgres"
+            else str(source / f"{args.tag}_{args.clone_from}_tpl.db")
         )  # fmt: skip
         clone_setup(source, state, backend, n // args.clone_from, source_tpl, template)
     emulator = subprocess.Popen(
