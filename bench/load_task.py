@@ -348,7 +348,9 @@ def main() -> None:
     parser.add_argument("--profile")
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--clone-from", type=int, help="build the setup from the one of this size (x copies)")
-    parser.add_argument("--clone-state", help="the --state of the --clone-from setup (default /tmp/fable-load-task-<n>)")
+    parser.add_argument(
+        "--clone-state", help="the --state of the --clone-from setup (default /tmp/fable-load-task-<n>)"
+    )
     parser.add_argument("--tag", default="fable_lt", help="prefix of the databases (PostgreSQL) and files")
     parser.add_argument("--child")
     parser.add_argument("--manifest")
@@ -371,7 +373,9 @@ def main() -> None:
     state.mkdir(parents=True, exist_ok=True)
     tag = f"{args.tag}_{n}"
     template = f"{tag}_tpl" if backend == "postgres" else str(state / f"{tag}_tpl.db")
-    if args.clone_from and not ((state / f"manifest-{backend}.json").exists() and _template_exists(backend, template)):
+    if args.clone_from and not (
+        (state / f"manifest-{backend}.json").exists() and _template_exists(backend, template)
+    ):
         source = Path(args.clone_state or f"/tmp/fable-load-task-{args.clone_from}")
         source_tpl = (
             f"{args.tag}_{args.clone_from}_tpl" if backend == "postgres"

@@ -327,7 +327,8 @@ def test_resumable_lines_feed_hands_out_each_line_once_whatever_the_chunks():
 
     rng = random.Random(7)
     body = b"".join(
-        rng.choice([b"\n", b"  \n", b"\t\r\n"]) if rng.random() < 0.1 else b'{"i": %d}\n' % i for i in range(400)
+        rng.choice([b"\n", b"  \n", b"\t\r\n"]) if rng.random() < 0.1 else b'{"i": %d}\n' % i
+        for i in range(400)
     )
     expected = [line for line in body.split(b"\n") if line.strip()]
     counts = SimpleNamespace(succeeded=len(expected), errored=0, canceled=0, expired=0, processing=0)

@@ -1138,7 +1138,9 @@ class Ledger:
         with self.engine.connect() as conn:
             cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
             try:
-                cursor.execute(f"SELECT custom_id, record_id FROM {table} WHERE batch_id = {mark}", (batch_id,))
+                cursor.execute(
+                    f"SELECT custom_id, record_id FROM {table} WHERE batch_id = {mark}", (batch_id,)
+                )
                 return dict(cursor.fetchall())
             finally:
                 cursor.close()
