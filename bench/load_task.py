@@ -33,7 +33,8 @@ plain script). Both clocks include the imports (the SDK's costs seconds).
 Run: ``.venv/bin/python bench/load_task.py --records 100000 --backend postgres``.
 ``--profile FILE`` writes a cProfile of the task process; ``--runs N`` repeats the timed pair.
 The setup of 100,000 records takes the emulator's answer generation (~1 ms per answer today);
-``--records 1000000 --clone-from 100000`` builds the 1M setup from the 100k one (PostgreSQL).
+``--records 1000000 --clone-from 100000`` builds the 1M setup from the 100k one (PostgreSQL or
+SQLite; ``--clone-state`` when the 100k one is not in the default ``--state``).
 """
 
 from __future__ import annotations
@@ -285,22 +286,23 @@ def clone_setup(source: Path, state: Path, backend: str, copies: int, source_tpl
     The source's batch is copied ``copies - 1`` times: in the emulator's state file (result lines
     and metadata with the custom_ids ``T-000xxxxx`` renamed ``T-0jjxxxxx`` and a new batch id),
     in the ledger (its submission and records, renamed the same way) and in the manifest. The
-    load then meets N distinct records in N / 100k batches, as after a real submit. PostgreSQL
-    only (the ledger is copied with SQL).
+    load then meets N distinct records in N / 100k batches, as after a real submit. The ledger
+    is copied with SQL: a PostgreSQL template database, or a SQLite template file.
     """
     import sqlite3
 
-    if backend != "postgres":
-        raise SystemExit("--clone-from: postgres only")
     shutil.copyfile(source / "emulator.db", state / "emulator.db")
-    manifest = json.loads((source / "manifest-postgres.json").read_text())
+    manifest = json.loads((source / f"manifest-{backend}.json").read_text())
     [batch] = manifest["batch_ids"]
     db = sqlite3.connect(state / "emulator.db")
     (seq, meta, requests, lines), = db.execute(
         "SELECT seq, meta, requests, lines FROM batches WHERE id = ?", (batch,)
     )  # fmt: skip
-    _psql(f"DROP DATABASE IF EXISTS {tpl} WITH (FORCE)")
-    _psql(f"CREATE DATABASE {tpl} TEMPLATE {source_tpl}")
+    if backend == "postgres":
+        _psql(f"DROP DATABASE IF EXISTS {tpl} WITH (FORCE)")
+        _psql(f"CREATE DATABASE {tpl} TEMPLATE {source_tpl}")
+    else:
+        shutil.copyfile(source_tpl, tpl)
     sql = []
     for j in range(1, copies):
         new = f"{batch[:-4]}{j:04d}"
@@ -324,12 +326,17 @@ def clone_setup(source: Path, state: Path, backend: str, copies: int, source_tpl
         manifest["shards"].append({**manifest["shards"][0], "batch_id": new})
     db.commit()
     db.close()
-    subprocess.run(
-        ["psql", "-q", "-h", "127.0.0.1", "-U", "postgres", "-d", tpl, "-c", "".join(sql)], check=True
-    )
+    if backend == "postgres":
+        subprocess.run(
+            ["psql", "-q", "-h", "127.0.0.1", "-U", "postgres", "-d", tpl, "-c", "".join(sql)], check=True
+        )
+    else:
+        ledger = sqlite3.connect(tpl)
+        ledger.executescript("BEGIN;" + "".join(sql) + "COMMIT;")
+        ledger.close()
     for key in ("request_count", "submitted"):
         manifest[key] = manifest[key] * copies
-    (state / "manifest-postgres.json").write_text(json.dumps(manifest))
+    (state / f"manifest-{backend}.json").write_text(json.dumps(manifest))
 
 
 def main() -> None:
@@ -341,6 +348,10 @@ def main() -> None:
     parser.add_argument("--profile")
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--clone-from", type=int, help="build the setup from the one of this size (x copies)")
+    parser.add_argument(
+        "--clone-state", help="the --state of the --clone-from setup (default /tmp/fable-load-task-<n>)"
+    )
+    parser.add_argument("--tag", default="fable_lt", help="prefix of the databases (PostgreSQL) and files")
     parser.add_argument("--child")
     parser.add_argument("--manifest")
     parser.add_argument("--dest")
@@ -360,12 +371,17 @@ def main() -> None:
     n, backend = args.records, args.backend
     state = Path(args.state or f"/tmp/fable-load-task-{n}")
     state.mkdir(parents=True, exist_ok=True)
-    tag = f"fable_lt_{n}"
+    tag = f"{args.tag}_{n}"
+    template = f"{tag}_tpl" if backend == "postgres" else str(state / f"{tag}_tpl.db")
     if args.clone_from and not (
-        (state / f"manifest-{backend}.json").exists() and _template_exists(backend, f"{tag}_tpl")
+        (state / f"manifest-{backend}.json").exists() and _template_exists(backend, template)
     ):
-        clone_setup(Path(f"/tmp/fable-load-task-{args.clone_from}"), state, backend, n // args.clone_from,
-                    f"fable_lt_{args.clone_from}_tpl", f"{tag}_tpl")  # fmt: skip
+        source = Path(args.clone_state or f"/tmp/fable-load-task-{args.clone_from}")
+        source_tpl = (
+            f"{args.tag}_{args.clone_from}_tpl" if backend == "postgres"
+            else str(source / f"{args.tag}_{args.clone_from}_tpl.db")
+        )  # fmt: skip
+        clone_setup(source, state, backend, n // args.clone_from, source_tpl, template)
     emulator = subprocess.Popen(
         [sys.executable, "-m", "airflow_provider_fable.emulator", "--port", "0", "--api-key", KEY,
          "--state", str(state / "emulator.db")],
@@ -376,7 +392,6 @@ def main() -> None:
         base_url = re.search(r"listening on (\S+)", emulator.stdout.readline()).group(1)  # type: ignore[union-attr]
         home = state / "airflow"
         manifest = state / f"manifest-{backend}.json"
-        template = f"{tag}_tpl" if backend == "postgres" else str(state / f"{tag}_tpl.db")
         if not manifest.exists() or not _template_exists(backend, template):
             start = time.perf_counter()
             ledger = _fresh(backend, state, "", f"{tag}_tpl")

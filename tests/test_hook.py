@@ -314,3 +314,34 @@ async def test_async_results_status_read_tolerates_transient_errors(fable_emulat
     batch = hook.create_batch(requests_for(3))
     ids = sorted([json.loads(line)["custom_id"] async for line in hook.aiter_result_lines(batch.id)])
     assert ids == [f"r{i}" for i in range(3)]
+
+
+def test_resumable_lines_feed_hands_out_each_line_once_whatever_the_chunks():
+    """``_ResumableLines.feed`` works per chunk (issue #19): across random chunk boundaries,
+    blank lines and downloads restarted part-way, the lines handed out are those of the
+    per-line rule it replaced (skip blank lines, skip the ones an earlier attempt handed out)."""
+    import random
+    from types import SimpleNamespace
+
+    from airflow_provider_fable.hooks.fable import _ResumableLines
+
+    rng = random.Random(7)
+    body = b"".join(
+        rng.choice([b"\n", b"  \n", b"\t\r\n"]) if rng.random() < 0.1 else b'{"i": %d}\n' % i
+        for i in range(400)
+    )
+    expected = [line for line in body.split(b"\n") if line.strip()]
+    counts = SimpleNamespace(succeeded=len(expected), errored=0, canceled=0, expired=0, processing=0)
+    for _ in range(20):
+        lines = _ResumableLines(SimpleNamespace(id="msgbatch_x", results_url="u", request_counts=counts))
+        got: list[bytes] = []
+        for _attempt in range(3):  # two downloads broken off at random points, then a whole one
+            lines.restart()
+            cut = rng.randrange(len(body) + 1) if _attempt < 2 else len(body)
+            at = 0
+            while at < cut:
+                step = rng.randrange(1, 64)
+                got += lines.feed(body[at : min(cut, at + step)])
+                at += step
+        got += lines.finish()
+        assert got == expected

@@ -4,7 +4,10 @@
   same verdicts (accepts, rejects, a record whose resubmission is in flight, a rerun job that
   supersedes its parent's rejects, a repeated record, needs_review), SQLite and PostgreSQL; on
   PostgreSQL its statements probe the ledger's primary keys from the staged chunk instead of
-  scanning the ledger; ``VerdictPipe`` writes in order and hands the thread's error back.
+  scanning the ledger; ``VerdictPipe`` writes in order and hands the thread's error back, and
+  merges queued chunks into the rows of one-by-one writes; SQLite takes the set-based path,
+  through the operator too (a ledger file of its own: the thread; in the destination's file:
+  inline).
 - ``ResultScreen`` counts the batch's succeeded results and output tokens (``_Measured`` before).
 - ``write_qa_sample`` reads ids, then the chosen rows: the same sample as ``select_qa_rows`` over
   every row, integer ids and samples past one look-up chunk included.
@@ -237,3 +240,119 @@ def test_the_load_operator_on_a_postgres_ledger_writes_every_chunks_verdicts(
     # The measured output counted by ResultScreen (succeeded results) reached the ledger.
     measured = ledger.measured_output(job)
     assert measured is not None and measured["requests"] == 7 - summary["reject_reasons"].get("errored", 0)
+
+
+class _GatedWriter(VerdictWriter):
+    """A real ``VerdictWriter`` whose first write waits for ``gate``: the chunks put meanwhile
+    queue up behind it, so the pipe's merging of queued chunks is certain to be exercised."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        import threading
+
+        super().__init__(*args, **kwargs)
+        self.gate, self.entered = threading.Event(), threading.Event()
+        self.calls: list[int] = []
+
+    def write(self, outcomes) -> None:
+        if not self.calls:
+            self.entered.set()
+            assert self.gate.wait(30)
+        self.calls.append(len(outcomes))
+        super().write(outcomes)
+
+
+def test_verdict_pipe_merges_queued_chunks_into_the_rows_of_one_by_one_writes(two_ledgers):
+    """Chunks queued behind each other are written in one transaction when no record repeats among
+    them; the ledger ends as with ``record_outcomes`` per chunk (SQLite: the set-based path on the
+    pipe's thread; PostgreSQL: COPY). A chunk repeating a record stays for the next transaction."""
+    reference, fast = two_ledgers
+    ids = [f"r{i:03d}" for i in range(40)]
+    chunks = [
+        [Outcome(r, r, "accepted", None, False, "B1") for r in ids[:10]],
+        [Outcome(r, r, "rejected", "schema", True, "B1") for r in ids[10:20]],
+        [Outcome(r, r, "rejected", "refusal", False, "B1") for r in ids[20:30]],
+        [Outcome(r, r, "accepted", None, False, "B1") for r in ids[30:35]],
+        # repeats r010 (rejected above): not merged with the chunks before it; the acceptance wins
+        [Outcome("r010", "r010", "accepted", None, False, "B1")]
+        + [Outcome(r, r, "rejected", "truncated", True, "B1") for r in ids[35:]],
+    ]
+
+    def setup(lg: Ledger) -> None:
+        lg.register_job("job1", model="m")
+        sub = lg.write_intent("job1", run_key="k", shard=1, records=[(r, r, "d") for r in ids], byte_size=1,
+                              model="m")  # fmt: skip
+        lg.write_batch(sub.id, "B1")
+
+    setup(reference)
+    for chunk in chunks:
+        reference.record_outcomes("job1", "B1", chunk, review_after=1)
+    setup(fast)
+    writer = _GatedWriter(fast, "job1", "B1", review_after=1)
+    stored: list[int] = []
+    pipe = VerdictPipe(writer, on_written=stored.append, depth=4)
+    pipe.put(chunks[0])
+    assert writer.entered.wait(30)
+    for chunk in chunks[1:]:  # the thread holds chunk 0 at the gate: these four queue up
+        pipe.put(chunk)
+    writer.gate.set()
+    pipe.close()
+    assert writer.calls == [10, 25, 6]  # chunks 1-3 merged; chunk 4 repeats a record of chunk 1
+    assert stored == writer.calls
+    assert _state(fast) == _state(reference)
+    states = fast.record_states("job1", ["r010", "r011", "r020"])
+    assert states["r010"].status == "accepted"
+    assert states["r011"].status == states["r020"].status == "needs_review"  # review_after=1
+
+
+def test_sqlite_ledger_verdicts_take_the_set_based_path(sqlite_engine, tmp_path):
+    """This SQLite has JSON1, so ``VerdictWriter`` uses its set-based statements (the equality
+    with ``record_outcomes`` is the test above and the scenario test); ``sqlite_file`` names the
+    files a verdict thread may write and tells a ledger in the destination's file."""
+    from airflow_provider_fable.core.ledger_bulk import sqlite_file, sqlite_set_based
+
+    ledger = Ledger(sqlite_engine).ensure_schema()
+    ledger.register_job("job1", model="m")
+    sub = ledger.write_intent("job1", run_key="k", shard=1, records=[("a", "a", "d")], byte_size=1, model="m")
+    ledger.write_batch(sub.id, "B1")
+    writer = VerdictWriter(ledger, "job1", "B1")
+    writer.write([Outcome("a", "a", "accepted", None, False, "B1")])
+    assert sqlite_set_based(sqlite_engine) and writer._set_based is True
+    assert ledger.record_states("job1", ["a"])["a"].status == "accepted"
+    assert sqlite_file(sqlite_engine) == str((tmp_path / "dest.db").resolve())
+    same = sa.create_engine(f"sqlite:///{tmp_path}/./dest.db")
+    assert sqlite_file(same) == sqlite_file(sqlite_engine)  # one file, however it is spelt
+    assert sqlite_file(sa.create_engine("sqlite://")) is None  # in memory: no thread
+    assert sqlite_file(None) is None
+    same.dispose()
+
+
+@pytest.mark.parametrize("ledger_in_destination", [False, True])
+def test_the_load_operator_on_a_sqlite_ledger_writes_every_chunks_verdicts(
+    fable_emulator_factory,
+    dbs,  # noqa: F811 - the fixture imported above
+    monkeypatch,
+    ledger_in_destination,
+):
+    """Through the real operators, chunks of 2: the verdicts on the pipe's thread (a ledger file
+    of its own) or inline (the ledger in the destination's file, whose writer holds its lock)."""
+    import json
+
+    from tests.test_ledger import context, load_op, point_connection_at, submit_op
+
+    if ledger_in_destination:
+        path = dbs.dest.url.database
+        monkeypatch.setenv("AIRFLOW_CONN_LEDGER_DB", json.dumps({"conn_type": "sqlite", "host": path}))
+    point_connection_at(fable_emulator_factory(faults={"errored_rate": 0.3, "seed": 4}))
+    manifest = submit_op().execute(context())
+    summary = load_op(manifest, chunk_size=2).execute({})
+    assert summary["records"] == 7 and summary["rejected"] >= 1
+    engine = dbs.dest if ledger_in_destination else dbs.ledger
+    ledger = Ledger(engine)
+    counts = ledger.summary(manifest["job_fingerprint"])
+    assert counts.get("accepted", 0) == summary["accepted"]
+    assert counts.get("rejected", 0) == summary["rejected"]
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM fable_record_outcomes")).scalar_one() == 7
+    with dbs.dest.connect() as conn:
+        loaded = conn.execute(sa.text("SELECT count(*) FROM paint")).scalar_one()
+    assert loaded == summary["accepted"]

@@ -1141,10 +1141,20 @@ class Ledger:
         from a batch that is no longer a record's current one (a newer batch supersedes it).
         """
         self.ensure_schema()
-        c = self.records.c
+        # Through the DB-API cursor, ``dict(fetchall())``: the rows of a 100,000-record batch
+        # through SQLAlchemy's result (a Row object each, then a dict comprehension) took
+        # ~0.3-0.85 s per batch of the load; the driver's tuples go straight into the dict.
+        table = self.engine.dialect.identifier_preparer.format_table(self.records)
+        mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(c.custom_id, c.record_id).where(c.batch_id == batch_id))
-            return {cid: rid for cid, rid in rows}
+            cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            try:
+                cursor.execute(
+                    f"SELECT custom_id, record_id FROM {table} WHERE batch_id = {mark}", (batch_id,)
+                )
+                return dict(cursor.fetchall())
+            finally:
+                cursor.close()
 
     def known_custom_ids(self, job_id: str, custom_ids: Sequence[str]) -> set[str]:
         """Which of ``custom_ids`` name a record of the job (the rest it never sent)."""

@@ -493,10 +493,11 @@ class FableValidateLoadOperator(ObservedLoadMixin, LineageLoadMixin, LoadGuardra
             committed[2] = 1
             review_after = opt_int(self.needs_review_after, "needs_review_after")
 
-            from airflow_provider_fable.core.ledger_bulk import VerdictPipe, VerdictWriter
+            from airflow_provider_fable.core.ledger_bulk import VerdictPipe, VerdictWriter, sqlite_file
 
-            # = ledger.record_outcomes, at load speed (core/ledger_bulk.py); on PostgreSQL from a
-            # thread, so the server stores a chunk's verdicts while the next chunk is validated.
+            # = ledger.record_outcomes, at load speed (core/ledger_bulk.py), from a thread, so the
+            # ledger stores a chunk's verdicts while the next chunk is validated: PostgreSQL's
+            # server, or SQLite's C code (GIL released) on a ledger file of its own.
             verdicts = VerdictWriter(ledger, job_id, batch_id, review_after=review_after)
 
             def stored(n: int) -> None:
@@ -504,6 +505,12 @@ class FableValidateLoadOperator(ObservedLoadMixin, LineageLoadMixin, LoadGuardra
 
             if verdicts.postgres:
                 pipe = VerdictPipe(verdicts, on_written=stored)
+            elif (ledger_file := sqlite_file(ledger.engine)) is not None and ledger_file != sqlite_file(
+                getattr(target, "engine", None)
+            ):
+                # Pieces of chunks come from the destination's writer process: up to a chunk's
+                # worth queued, merged into one transaction (a commit is a few fsyncs).
+                pipe = VerdictPipe(verdicts, on_written=stored, depth=4)
 
             def on_outcomes(outcomes: list[RecordOutcome]) -> None:
                 committed[0] += len(outcomes)  # reported once their chunk is committed
