@@ -290,14 +290,18 @@ _NOT_CONTRACTIONS = {"can't": "can", "cannot": "can", "cant": "can", "won't": "w
 _BARE_NOT = frozenset(
     "dont doesnt didnt isnt arent wasnt werent hasnt havent hadnt couldnt wouldnt shouldnt".split()
 )
+_NOT_WORDS = _BARE_NOT | frozenset(_NOT_CONTRACTIONS)
 # A word counts as negated when one of these is among the two words before it ("not urgent").
 _NEGATORS = frozenset("not no never without nothing hardly".split())
 
 
 def _evidence_tokens(text: str) -> list[str]:
     """Words of ``text`` for evidence matching, with ``n't`` contractions expanded."""
+    words = _words(text)
+    if _NOT_WORDS.isdisjoint(words) and "n't" not in " ".join(words):
+        return words  # nothing to expand (most records): skip the per-word loop
     out: list[str] = []
-    for word in _words(text):
+    for word in words:
         if word in _NOT_CONTRACTIONS:
             out += [_NOT_CONTRACTIONS[word], "not"]
         elif word.endswith("n't") and len(word) > 3:
@@ -1191,6 +1195,7 @@ class _Answerer:
         #: memo of ``resolve`` shared by the requests of one prompt (None: resolve every time)
         self._resolved = shared.resolved if shared is not None and shared.owns(root) else None
         self._stable = shared.stable_ids if shared is not None else set()
+        self._plans = shared.object_plans if self._resolved is not None and shared is not None else None
         self.text = text
         #: Share of description-only constraints to break, and the key that picks which.
         self.break_rate = break_rate
@@ -1402,14 +1407,9 @@ class _Answerer:
         first_decision = len(self.decisions)
         first_chosen = len(self.chosen)
         first_picked = len(self.picked_all)
-        late = [n for n in props if set(name_tokens(n)) & (_CONFIDENCE_TOKENS | _EVIDENCE_TOKENS)]
-        siblings = self.sibling_enum_values(props)
-        for name, sub in props.items():
-            condition = self.condition_of(sub, siblings)
-            if condition:
-                self.conditions[(*path, name)] = condition
-                if name not in late:
-                    late.append(name)
+        late, conditions = self._object_plan(schema, props)
+        for name, condition in conditions:
+            self.conditions[(*path, name)] = condition
         for name, sub in props.items():
             if name not in late and (depth <= _MAX_DEPTH or name in required):
                 out[name] = self.gen(sub, (*path, name), depth + 1)
@@ -1429,6 +1429,31 @@ class _Answerer:
         if not props and isinstance(extra, Mapping) and depth <= _MAX_DEPTH:
             out["key"] = self.gen(extra, (*path, "key"), depth + 1)
         return out
+
+    def _object_plan(
+        self, schema: Mapping[str, Any], props: Mapping[str, Any]
+    ) -> tuple[list[str], list[tuple[str, set[str]]]]:
+        """Which fields of an object are filled last, and the enum values conditional fields are
+        tied to: a function of the schema alone, so worked out once per shared prompt (memoised
+        like ``resolve``, on nodes the shared prompt keeps alive) instead of once per record."""
+        cache = self._plans
+        if cache is not None and id(schema) in self._stable:
+            hit = cache.get(id(schema))
+            if hit is not None and hit[0] is schema:
+                return hit[1]  # type: ignore[no-any-return]
+        late = [n for n in props if set(name_tokens(n)) & (_CONFIDENCE_TOKENS | _EVIDENCE_TOKENS)]
+        siblings = self.sibling_enum_values(props)
+        conditions: list[tuple[str, set[str]]] = []
+        for name, sub in props.items():
+            condition = self.condition_of(sub, siblings)
+            if condition:
+                conditions.append((name, condition))
+                if name not in late:
+                    late.append(name)
+        plan = (late, conditions)
+        if cache is not None and id(schema) in self._stable:
+            cache[id(schema)] = (schema, plan)
+        return plan
 
     def sibling_enum_values(self, props: Mapping[str, Any]) -> set[str]:
         """String enum values of an object's own properties (for conditional fields)."""
@@ -2409,6 +2434,8 @@ class SharedPrompt:
         #: ``_Answerer.resolve`` memo: id(node) -> (node, resolved), for nodes kept alive here
         self.resolved: dict[int, tuple[Any, Any]] = {}
         self.stable_ids: set[int] = set()
+        #: ``_Answerer._object_plan`` memo: id(object schema) -> (schema, (late fields, conditions))
+        self.object_plans: dict[int, tuple[Any, Any]] = {}
         self._roots = [r for r in (self.schema, self.tool_schema) if isinstance(r, Mapping)]
         stack: list[Any] = list(self._roots)
         while stack and len(self.stable_ids) < 100_000:
