@@ -268,6 +268,25 @@ def stem(word: str) -> str:
     return word
 
 
+#: ``stem`` of the words seen so far: a record's words are mostly words other records had too,
+#: and a dict look-up is several times cheaper than the suffix walk (bounded: cleared when full).
+_STEM_MEMO: dict[str, str] = {}
+_STEM_MEMO_MAX = 200_000
+
+
+def _stems(tokens: Sequence[str]) -> list[str]:
+    """``[stem(t) for t in tokens]``, memoised per word."""
+    memo = _STEM_MEMO
+    out = [memo.get(t) for t in tokens]
+    if None in out:
+        if len(memo) > _STEM_MEMO_MAX:
+            memo.clear()
+        for i, s in enumerate(out):
+            if s is None:
+                out[i] = memo[tokens[i]] = stem(tokens[i])
+    return out  # type: ignore[return-value]
+
+
 def _words(text: str) -> list[str]:
     # Accents are folded first: "fonctionnalités" is one word, not "fonctionnalit" + "s".
     return _WORD_RE.findall(fold(text.lower().replace("\u2019", "'").replace("\u2018", "'")))
@@ -834,8 +853,8 @@ class Evidence:
             tokens = [
                 t if len(t) < 5 or t in vocabulary else _corrected_cached(t, vocabulary) for t in tokens
             ]
-        stems = [stem(t) for t in tokens]
-        extra = [[stem(t) for t in _evidence_tokens(g)] for g in glosses(tokens)]
+        stems = _stems(tokens)
+        extra = [_stems(_evidence_tokens(g)) for g in glosses(tokens)]
         self.text = text
         self._joined = " " + " | ".join([" ".join(stems), *(" ".join(e) for e in extra)]) + " "
         self._stems = Counter(stems)
@@ -1113,7 +1132,7 @@ def _field_lines(text: str) -> dict[str, str]:
     """``Key: value`` lines of a record (``Title: VP Sales``), keyed by the key's tokens joined."""
     out: dict[str, str] = {}
     for m in _FIELD_LINE_RE.finditer(text):
-        key = " ".join(name_tokens(m.group(1)))
+        key = " ".join(_name_tokens(m.group(1)))
         if key and key not in out and not m.group(2).startswith("//"):
             out[key] = m.group(2)
     return out
