@@ -867,9 +867,11 @@ class Evidence:
             # Nothing negated: the affirmed counts are the counts (read-only from here on).
             self._affirmed = self._stems
         else:
-            negated = Counter(
-                s for i, s in enumerate(stems) if any(t in _NEGATORS for t in tokens[max(0, i - 2) : i])
-            )
+            # A word is negated when a negator is one of the two words before it: walked from the
+            # few negators forward rather than from every word back.
+            size = len(tokens)
+            after = {i for j, t in enumerate(tokens) if t in _NEGATORS for i in (j + 1, j + 2) if i < size}
+            negated = Counter([stems[i] for i in after])
             self._affirmed = self._stems - negated
         # Keywords come from the content sentences so prompt instructions ("Classify...") are skipped.
         self._keyword_source = " ".join(sentences) if sentences is not None else text
