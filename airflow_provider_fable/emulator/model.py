@@ -2040,10 +2040,14 @@ def _definition_phrases(definition: str) -> tuple[_Phrase, ...]:
 
 
 def _definition_score(evidence: Evidence, definition: str) -> int:
-    return sum(
-        weight * min(evidence._count_stems(stems, False), _SATURATION)
-        for stems, weight, _ in _definition_phrases(definition)
-    )
+    """``sum(weight * min(count(phrase), _SATURATION))`` over the definition's phrases (none
+    negatable), walked from the record's stems by a ``_Scorer`` built once per definition."""
+    return _definition_scorer(definition).scores(evidence)[0]
+
+
+@lru_cache(maxsize=4096)
+def _definition_scorer(definition: str) -> _Scorer:
+    return _Scorer([tuple((stems, weight, False) for stems, weight, _ in _definition_phrases(definition))])
 
 
 @lru_cache(maxsize=1024)
