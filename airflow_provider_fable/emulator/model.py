@@ -1814,9 +1814,12 @@ class _Answerer:
         statement, or when the record has no such line, the whole record is the evidence.
         """
         words = [w for w in name_tokens(name) if w]
-        if not words or not self.fields:
+        if not words:
             return self.evidence
-        for phrase in _scope_phrases(" ".join(words), description, self.cues.system):
+        phrases = _scope_phrases(" ".join(words), description, self.cues.system)
+        if not phrases or not self.fields:  # the record's key lines are only read when needed
+            return self.evidence
+        for phrase in phrases:
             for key, value in self.fields.items():
                 if phrase.startswith(key):
                     if key not in self._scoped:
@@ -1850,7 +1853,9 @@ class _Answerer:
                 scores.append(0)
                 continue
             score = next(by_label)
-            if self.empty_record and _names_placeholder(v, cues.definitions.get(v)):
+            # The label test first (cached per label): the record key is only read for a
+            # label that stands for "no answer given".
+            if _names_placeholder(v, cues.definitions.get(v)) and self.empty_record:
                 score += 8
             scores.append(score)
         band = None
@@ -1995,6 +2000,7 @@ def _well_known(label: str) -> bool:
     return any(key in _LEXICON for key in {_phrase_key(tokens), _phrase_key(content)} if key)
 
 
+@lru_cache(maxsize=16384)
 def _names_placeholder(value: str, definition: str | None) -> bool:
     """Whether a label is the one for "no answer given" (``not_stated``, ``no_answer``, or
     defined as "empty, n/a, '-'")."""
