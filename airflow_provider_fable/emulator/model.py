@@ -1055,7 +1055,9 @@ _SIZE_WORDS: tuple[tuple[frozenset[str], int, int], ...] = (
     (frozenset("medium mid midsize midmarket mid_market mid-market".split()), 50, 999),
     (frozenset("large enterprise".split()), 1000, 10**9),
 )
-_FIELD_LINE_RE = re.compile(r"^\s*([A-Za-z][A-Za-z0-9 _/-]{0,30}?)\s*[:=]\s*(\S.*?)\s*$", re.MULTILINE)
+# The value is taken greedily to the end of its line and right-stripped in Python: the lazy
+# ``(\S.*?)\s*$`` it replaces retried the line end after every character (3x slower).
+_FIELD_LINE_RE = re.compile(r"^\s*([A-Za-z][A-Za-z0-9 _/-]{0,30}?)\s*[:=]\s*(\S.*)$", re.MULTILINE)
 
 
 def _number(raw: str, k: str | None) -> int:
@@ -1136,7 +1138,7 @@ def _field_lines(text: str) -> dict[str, str]:
     for m in _FIELD_LINE_RE.finditer(text):
         key = " ".join(_name_tokens(m.group(1)))
         if key and key not in out and not m.group(2).startswith("//"):
-            out[key] = m.group(2)
+            out[key] = m.group(2).rstrip()
     return out
 
 
