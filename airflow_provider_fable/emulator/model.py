@@ -352,6 +352,14 @@ _DEADLINE_RE = re.compile(
 )
 
 
+def _may_name_deadline(text: str) -> bool:
+    """False only when ``_DEADLINE_RE`` cannot match: each of its alternatives starts with one of
+    these letter runs (``deadl`` and not ``deadline``: under IGNORECASE a dotless ``ı`` matches
+    ``i``). A few substring scans instead of the regex's walk over most records."""
+    low = text.lower()
+    return "by" in low or "before" in low or "due" in low or "later" in low or "deadl" in low
+
+
 @dataclass(frozen=True)
 class _Group:
     """Names a label or field may have, and weighted, comma-separated evidence phrases for it.
@@ -860,7 +868,7 @@ class Evidence:
         self._stems = Counter(stems)
         for gloss in extra:
             self._stems.update(gloss)
-        deadlines = len(_DEADLINE_RE.findall(text))
+        deadlines = len(_DEADLINE_RE.findall(text)) if _may_name_deadline(text) else 0
         if deadlines:
             self._stems[stem("deadline")] += deadlines
         if _NEGATORS.isdisjoint(tokens):
