@@ -26,11 +26,11 @@ What is timed is the emulator's own work, in process (no HTTP client in the meas
   bench/end_to_end.py starts it (1 s processing): create, poll every 0.2 s until ended, stream
   the results; seconds per phase as the client sees them.
 
-The baseline is the emulator as committed on ``--baseline-ref`` (default 059749a, main before
-the #19 emulator work), unpacked
+The baseline is the emulator as committed on ``--baseline-ref`` (default 9c18f1e, main after
+the first #19 emulator work, before the answerer's redesign), unpacked
 with ``git archive`` into a temporary directory and run in its own process in the same run;
 ours runs from this working tree the same way. ``vs_baseline`` = ours/baseline answers per
-second on the ``e2e`` workload.
+second on the ``e2e`` workload; each workload's own ratio is reported as ``<name>_vs_baseline``.
 
 Run: ``.venv/bin/python bench/emulator_throughput.py`` (``--requests N`` for ours,
 ``--baseline-requests N`` for the slower baseline, ``--workloads e2e tickets``).
@@ -58,8 +58,9 @@ WORKLOADS = ("e2e", "tickets", "crm", "cancellations", "documents")
 PROMPT = "Subject: {subject}\n\n{body}"
 SYSTEM = "Triage the support ticket: label, urgency and a one-line summary."
 MODEL = "claude-fable-5"
-#: main as it was before the #19 emulator work (once merged, ``main`` is this code itself).
-BASELINE_REF = "059749a"
+#: main after the first #19 emulator work (streamed results, fast creates), before the answerer
+#: work of #19 item 3 (an earlier baseline, 059749a, is main before any #19 emulator work).
+BASELINE_REF = "9c18f1e"
 
 
 def _workload(name: str) -> list[tuple[str, dict[str, Any]]]:
@@ -330,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             summary[f"{name}_rps"] = f"{ours['rps']:.0f}"
             summary[f"{name}_baseline_rps"] = f"{theirs['rps']:.0f}"
+            summary[f"{name}_vs_baseline"] = f"{ratio:.2f}"
         body_path = tmpdir / "create.json"
         e2e_pairs = _workload("e2e")
         requests = [

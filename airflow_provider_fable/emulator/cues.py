@@ -143,6 +143,8 @@ _GLOSS_FIRST = frozenset(k[0] for k in _GLOSSARY)
 def glosses(words: Sequence[str]) -> list[str]:
     """English glosses of the foreign words and phrases in ``words`` (folded, lower case)."""
     out: list[str] = []
+    if _GLOSS_FIRST.isdisjoint(words):
+        return out  # no foreign word starts here (most records): skip the walk
     i = 0
     while i < len(words):
         if words[i] not in _GLOSS_FIRST:
@@ -347,8 +349,8 @@ def record_key(text: str, template_words: Iterable[str]) -> str:
     quoted = [a or b for a, b in _QUOTED_RE.findall(text)]
     if quoted:
         return normalise_record(" ".join(quoted))
-    template = set(template_words)
-    return " ".join(w for w in _tokens(text) if w not in template and not w.isdigit())
+    template = template_words if isinstance(template_words, (set, frozenset)) else set(template_words)
+    return " ".join([w for w in _tokens(text) if w not in template and not w.isdigit()])
 
 
 def quoted_text(text: str) -> str:

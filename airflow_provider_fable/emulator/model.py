@@ -268,6 +268,25 @@ def stem(word: str) -> str:
     return word
 
 
+#: ``stem`` of the words seen so far: a record's words are mostly words other records had too,
+#: and a dict look-up is several times cheaper than the suffix walk (bounded: cleared when full).
+_STEM_MEMO: dict[str, str] = {}
+_STEM_MEMO_MAX = 200_000
+
+
+def _stems(tokens: Sequence[str]) -> list[str]:
+    """``[stem(t) for t in tokens]``, memoised per word."""
+    memo = _STEM_MEMO
+    out = [memo.get(t) for t in tokens]
+    if None in out:
+        if len(memo) > _STEM_MEMO_MAX:
+            memo.clear()
+        for i, s in enumerate(out):
+            if s is None:
+                out[i] = memo[tokens[i]] = stem(tokens[i])
+    return out  # type: ignore[return-value]
+
+
 def _words(text: str) -> list[str]:
     # Accents are folded first: "fonctionnalités" is one word, not "fonctionnalit" + "s".
     return _WORD_RE.findall(fold(text.lower().replace("\u2019", "'").replace("\u2018", "'")))
@@ -290,14 +309,18 @@ _NOT_CONTRACTIONS = {"can't": "can", "cannot": "can", "cant": "can", "won't": "w
 _BARE_NOT = frozenset(
     "dont doesnt didnt isnt arent wasnt werent hasnt havent hadnt couldnt wouldnt shouldnt".split()
 )
+_NOT_WORDS = _BARE_NOT | frozenset(_NOT_CONTRACTIONS)
 # A word counts as negated when one of these is among the two words before it ("not urgent").
 _NEGATORS = frozenset("not no never without nothing hardly".split())
 
 
 def _evidence_tokens(text: str) -> list[str]:
     """Words of ``text`` for evidence matching, with ``n't`` contractions expanded."""
+    words = _words(text)
+    if _NOT_WORDS.isdisjoint(words) and "n't" not in " ".join(words):
+        return words  # nothing to expand (most records): skip the per-word loop
     out: list[str] = []
-    for word in _words(text):
+    for word in words:
         if word in _NOT_CONTRACTIONS:
             out += [_NOT_CONTRACTIONS[word], "not"]
         elif word.endswith("n't") and len(word) > 3:
@@ -327,6 +350,14 @@ _DEADLINE_RE = re.compile(
     rf"|\b(?:before|no\s+later\s+than|due|deadline\s+is)\b[^.!?\n]{{0,40}}?{_WHEN}",
     re.IGNORECASE,
 )
+
+
+def _may_name_deadline(text: str) -> bool:
+    """False only when ``_DEADLINE_RE`` cannot match: each of its alternatives starts with one of
+    these letter runs (``deadl`` and not ``deadline``: under IGNORECASE a dotless ``ı`` matches
+    ``i``). A few substring scans instead of the regex's walk over most records."""
+    low = text.lower()
+    return "by" in low or "before" in low or "due" in low or "later" in low or "deadl" in low
 
 
 @dataclass(frozen=True)
@@ -830,23 +861,25 @@ class Evidence:
             tokens = [
                 t if len(t) < 5 or t in vocabulary else _corrected_cached(t, vocabulary) for t in tokens
             ]
-        stems = [stem(t) for t in tokens]
-        extra = [[stem(t) for t in _evidence_tokens(g)] for g in glosses(tokens)]
+        stems = _stems(tokens)
+        extra = [_stems(_evidence_tokens(g)) for g in glosses(tokens)]
         self.text = text
         self._joined = " " + " | ".join([" ".join(stems), *(" ".join(e) for e in extra)]) + " "
         self._stems = Counter(stems)
         for gloss in extra:
             self._stems.update(gloss)
-        deadlines = len(_DEADLINE_RE.findall(text))
+        deadlines = len(_DEADLINE_RE.findall(text)) if _may_name_deadline(text) else 0
         if deadlines:
             self._stems[stem("deadline")] += deadlines
         if _NEGATORS.isdisjoint(tokens):
             # Nothing negated: the affirmed counts are the counts (read-only from here on).
             self._affirmed = self._stems
         else:
-            negated = Counter(
-                s for i, s in enumerate(stems) if any(t in _NEGATORS for t in tokens[max(0, i - 2) : i])
-            )
+            # A word is negated when a negator is one of the two words before it: walked from the
+            # few negators forward rather than from every word back.
+            size = len(tokens)
+            after = {i for j, t in enumerate(tokens) if t in _NEGATORS for i in (j + 1, j + 2) if i < size}
+            negated = Counter([stems[i] for i in after])
             self._affirmed = self._stems - negated
         # Keywords come from the content sentences so prompt instructions ("Classify...") are skipped.
         self._keyword_source = " ".join(sentences) if sentences is not None else text
@@ -1030,7 +1063,9 @@ _SIZE_WORDS: tuple[tuple[frozenset[str], int, int], ...] = (
     (frozenset("medium mid midsize midmarket mid_market mid-market".split()), 50, 999),
     (frozenset("large enterprise".split()), 1000, 10**9),
 )
-_FIELD_LINE_RE = re.compile(r"^\s*([A-Za-z][A-Za-z0-9 _/-]{0,30}?)\s*[:=]\s*(\S.*?)\s*$", re.MULTILINE)
+# The value is taken greedily to the end of its line and right-stripped in Python: the lazy
+# ``(\S.*?)\s*$`` it replaces retried the line end after every character (3x slower).
+_FIELD_LINE_RE = re.compile(r"^\s*([A-Za-z][A-Za-z0-9 _/-]{0,30}?)\s*[:=]\s*(\S.*)$", re.MULTILINE)
 
 
 def _number(raw: str, k: str | None) -> int:
@@ -1109,9 +1144,9 @@ def _field_lines(text: str) -> dict[str, str]:
     """``Key: value`` lines of a record (``Title: VP Sales``), keyed by the key's tokens joined."""
     out: dict[str, str] = {}
     for m in _FIELD_LINE_RE.finditer(text):
-        key = " ".join(name_tokens(m.group(1)))
+        key = " ".join(_name_tokens(m.group(1)))
         if key and key not in out and not m.group(2).startswith("//"):
-            out[key] = m.group(2)
+            out[key] = m.group(2).rstrip()
     return out
 
 
@@ -1191,6 +1226,7 @@ class _Answerer:
         #: memo of ``resolve`` shared by the requests of one prompt (None: resolve every time)
         self._resolved = shared.resolved if shared is not None and shared.owns(root) else None
         self._stable = shared.stable_ids if shared is not None else set()
+        self._plans = shared.object_plans if self._resolved is not None and shared is not None else None
         self.text = text
         #: Share of description-only constraints to break, and the key that picks which.
         self.break_rate = break_rate
@@ -1402,14 +1438,9 @@ class _Answerer:
         first_decision = len(self.decisions)
         first_chosen = len(self.chosen)
         first_picked = len(self.picked_all)
-        late = [n for n in props if set(name_tokens(n)) & (_CONFIDENCE_TOKENS | _EVIDENCE_TOKENS)]
-        siblings = self.sibling_enum_values(props)
-        for name, sub in props.items():
-            condition = self.condition_of(sub, siblings)
-            if condition:
-                self.conditions[(*path, name)] = condition
-                if name not in late:
-                    late.append(name)
+        late, conditions = self._object_plan(schema, props)
+        for name, condition in conditions:
+            self.conditions[(*path, name)] = condition
         for name, sub in props.items():
             if name not in late and (depth <= _MAX_DEPTH or name in required):
                 out[name] = self.gen(sub, (*path, name), depth + 1)
@@ -1429,6 +1460,31 @@ class _Answerer:
         if not props and isinstance(extra, Mapping) and depth <= _MAX_DEPTH:
             out["key"] = self.gen(extra, (*path, "key"), depth + 1)
         return out
+
+    def _object_plan(
+        self, schema: Mapping[str, Any], props: Mapping[str, Any]
+    ) -> tuple[list[str], list[tuple[str, set[str]]]]:
+        """Which fields of an object are filled last, and the enum values conditional fields are
+        tied to: a function of the schema alone, so worked out once per shared prompt (memoised
+        like ``resolve``, on nodes the shared prompt keeps alive) instead of once per record."""
+        cache = self._plans
+        if cache is not None and id(schema) in self._stable:
+            hit = cache.get(id(schema))
+            if hit is not None and hit[0] is schema:
+                return hit[1]  # type: ignore[no-any-return]
+        late = [n for n in props if set(name_tokens(n)) & (_CONFIDENCE_TOKENS | _EVIDENCE_TOKENS)]
+        siblings = self.sibling_enum_values(props)
+        conditions: list[tuple[str, set[str]]] = []
+        for name, sub in props.items():
+            condition = self.condition_of(sub, siblings)
+            if condition:
+                conditions.append((name, condition))
+                if name not in late:
+                    late.append(name)
+        plan = (late, conditions)
+        if cache is not None and id(schema) in self._stable:
+            cache[id(schema)] = (schema, plan)
+        return plan
 
     def sibling_enum_values(self, props: Mapping[str, Any]) -> set[str]:
         """String enum values of an object's own properties (for conditional fields)."""
@@ -1768,9 +1824,12 @@ class _Answerer:
         statement, or when the record has no such line, the whole record is the evidence.
         """
         words = [w for w in name_tokens(name) if w]
-        if not words or not self.fields:
+        if not words:
             return self.evidence
-        for phrase in _scope_phrases(" ".join(words), description, self.cues.system):
+        phrases = _scope_phrases(" ".join(words), description, self.cues.system)
+        if not phrases or not self.fields:  # the record's key lines are only read when needed
+            return self.evidence
+        for phrase in phrases:
             for key, value in self.fields.items():
                 if phrase.startswith(key):
                     if key not in self._scoped:
@@ -1804,7 +1863,9 @@ class _Answerer:
                 scores.append(0)
                 continue
             score = next(by_label)
-            if self.empty_record and _names_placeholder(v, cues.definitions.get(v)):
+            # The label test first (cached per label): the record key is only read for a
+            # label that stands for "no answer given".
+            if _names_placeholder(v, cues.definitions.get(v)) and self.empty_record:
                 score += 8
             scores.append(score)
         band = None
@@ -1949,6 +2010,7 @@ def _well_known(label: str) -> bool:
     return any(key in _LEXICON for key in {_phrase_key(tokens), _phrase_key(content)} if key)
 
 
+@lru_cache(maxsize=16384)
 def _names_placeholder(value: str, definition: str | None) -> bool:
     """Whether a label is the one for "no answer given" (``not_stated``, ``no_answer``, or
     defined as "empty, n/a, '-'")."""
@@ -1994,10 +2056,14 @@ def _definition_phrases(definition: str) -> tuple[_Phrase, ...]:
 
 
 def _definition_score(evidence: Evidence, definition: str) -> int:
-    return sum(
-        weight * min(evidence._count_stems(stems, False), _SATURATION)
-        for stems, weight, _ in _definition_phrases(definition)
-    )
+    """``sum(weight * min(count(phrase), _SATURATION))`` over the definition's phrases (none
+    negatable), walked from the record's stems by a ``_Scorer`` built once per definition."""
+    return _definition_scorer(definition).scores(evidence)[0]
+
+
+@lru_cache(maxsize=4096)
+def _definition_scorer(definition: str) -> _Scorer:
+    return _Scorer([tuple((stems, weight, False) for stems, weight, _ in _definition_phrases(definition))])
 
 
 @lru_cache(maxsize=1024)
@@ -2409,6 +2475,8 @@ class SharedPrompt:
         #: ``_Answerer.resolve`` memo: id(node) -> (node, resolved), for nodes kept alive here
         self.resolved: dict[int, tuple[Any, Any]] = {}
         self.stable_ids: set[int] = set()
+        #: ``_Answerer._object_plan`` memo: id(object schema) -> (schema, (late fields, conditions))
+        self.object_plans: dict[int, tuple[Any, Any]] = {}
         self._roots = [r for r in (self.schema, self.tool_schema) if isinstance(r, Mapping)]
         stack: list[Any] = list(self._roots)
         while stack and len(self.stable_ids) < 100_000:
