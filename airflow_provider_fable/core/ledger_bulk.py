@@ -213,14 +213,7 @@ class VerdictWriter:
         last: dict[str, list[tuple[str, str | None]]] = {}
         for rid, status, reason in rows:
             last.setdefault(rid, []).append((status, reason))
-        hits = [
-            rid
-            for rid, seen in last.items()
-            if len(seen) == n
-            and len(set(seen)) == 1
-            and seen[0][0] == REJECTED
-            and seen[0][1] not in _NOT_THE_RECORDS_FAULT
-        ]
+        hits = _review_hits(last, n)
         if hits:
             conn.execute(
                 sa.text(
@@ -330,14 +323,7 @@ class VerdictWriter:
             seen = last.setdefault(rid, [])
             if len(seen) < n:
                 seen.append((status, reason))
-        hits = [
-            rid
-            for rid, seen in last.items()
-            if len(seen) == n
-            and len(set(seen)) == 1
-            and seen[0][0] == REJECTED
-            and seen[0][1] not in _NOT_THE_RECORDS_FAULT
-        ]
+        hits = _review_hits(last, n)
         for start in range(0, len(hits), _SQLITE_IDS):
             part = hits[start : start + _SQLITE_IDS]
             conn.exec_driver_sql(
@@ -345,6 +331,19 @@ class VerdictWriter:
                 f"AND record_id IN ({', '.join('?' * len(part))}) AND status = ? AND superseded_by IS NULL",
                 (NEEDS_REVIEW, now, *chain, *part, REJECTED),
             )
+
+
+def _review_hits(last: dict[str, list[tuple[str, str | None]]], n: int) -> list[str]:
+    """Record ids whose last ``n`` outcomes (newest first) are the same reject, and a reject the
+    record itself causes: the needs-review rule of ``Ledger.mark_needs_review``, for both dialects."""
+    return [
+        rid
+        for rid, seen in last.items()
+        if len(seen) == n
+        and len(set(seen)) == 1
+        and seen[0][0] == REJECTED
+        and seen[0][1] not in _NOT_THE_RECORDS_FAULT
+    ]
 
 
 def _statements(records: str, outcomes: str, parent: bool) -> list[str]:
