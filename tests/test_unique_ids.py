@@ -71,3 +71,70 @@ def test_runs_stop_merging_at_the_cap_and_duplicates_across_capped_runs_are_foun
         guard.add("id3", 201, None)  # in the first, long-closed run
         guard.finish()
     assert (info.value.record_id, info.value.position) == ("id3", 201)
+
+
+@pytest.fixture
+def spill_early(monkeypatch):
+    """Runs stop at 50 ids: everything after goes through the bucket files (as past 1M ids)."""
+    import airflow_provider_fable.core.unique_ids as unique_ids
+
+    monkeypatch.setattr(unique_ids, "SPILL_AFTER", 50)
+    monkeypatch.setattr(unique_ids, "BUCKETS", 4)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_spilled_ids_find_every_duplicate_at_its_second_position(spill_early, chunk):
+    rng = random.Random(chunk)
+    distinct = [f"T{i:07d}" for i in range(1500)]
+    guard = UniqueIds(chunk)
+    _feed(guard, distinct)
+    assert guard.nbytes <= 12 * (50 + chunk)  # memory stopped growing at the spill point
+    pairs = [(3, 20), (10, 400), (600, 1400), (1498, 1499)]  # memory/memory .. spilled/spilled
+    pairs += [tuple(sorted(rng.sample(range(len(distinct)), 2))) for _ in range(15)]
+    for first, second in pairs:
+        custom_ids = list(distinct)
+        custom_ids[second] = custom_ids[first]
+        with pytest.raises(RecordError) as info:
+            _feed(UniqueIds(chunk), custom_ids)
+        assert info.value.rule == "custom_id.duplicate"
+        assert (info.value.record_id, info.value.position) == (custom_ids[first], second + 1)
+
+
+def test_a_spilled_pair_read_earlier_is_reported_before_a_later_duplicate_of_a_run_id(spill_early):
+    custom_ids = [f"id{i}" for i in range(1, 401)]
+    custom_ids[299] = custom_ids[199]  # both spilled: second occurrence at position 300
+    custom_ids[349] = custom_ids[9]  # first one held in the runs: found when its chunk is checked
+    with pytest.raises(RecordError) as info:
+        _feed(UniqueIds(64), custom_ids)
+    assert (info.value.record_id, info.value.position) == ("id200", 300)
+
+
+def test_bucket_files_are_removed_when_the_check_ends_or_is_abandoned(spill_early, monkeypatch, tmp_path):
+    import tempfile
+
+    from pydantic import BaseModel
+
+    from airflow_provider_fable.core.job import BatchJob
+    from airflow_provider_fable.core.requests import build_requests
+
+    import airflow_provider_fable.core.unique_ids as unique_ids
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # this test's own temp folder
+    monkeypatch.setattr(unique_ids, "CHUNK", 10)
+    guard = UniqueIds(10)
+    for position in range(1, 200):
+        guard.add(f"r{position}", position, None)
+    assert guard.spilled and any(tmp_path.glob("fable-unique-ids-*/*.ids"))
+    guard.finish()
+    assert not guard.spilled and not any(tmp_path.iterdir())
+
+    class Out(BaseModel):
+        label: str
+
+    job = BatchJob(prompt_template="{text}", output_model=Out)
+    requests = build_requests(job, ({"id": f"r{i}", "text": "x"} for i in range(500)))
+    for _ in range(300):
+        next(requests)
+    assert any(tmp_path.glob("fable-unique-ids-*/*.ids"))
+    requests.close()  # the submit stopped half way (an error elsewhere)
+    assert not any(tmp_path.iterdir())

@@ -216,17 +216,20 @@ def build_requests(
     prefix = prefix_messages(job)
     seen = UniqueIds()  # ~12 bytes a native id (core.unique_ids), not a dict entry
     id_field = job.id_field
-    for position, record in enumerate(records, 1):
-        if job.on_missing_field == "skip":
-            missing = missing_template_fields(job, record)
-            if missing:
-                if skipped is not None:
-                    skipped.append(SkippedRecord(record.get(id_field), position, missing))
-                continue
-        try:
-            request = build_request(job, record, shared=shared, prefix=prefix)
-        except RecordError as exc:
-            raise exc.at(position) from None
-        seen.add(request["custom_id"], position, record.get(id_field))
-        yield request
-    seen.finish()
+    try:
+        for position, record in enumerate(records, 1):
+            if job.on_missing_field == "skip":
+                missing = missing_template_fields(job, record)
+                if missing:
+                    if skipped is not None:
+                        skipped.append(SkippedRecord(record.get(id_field), position, missing))
+                    continue
+            try:
+                request = build_request(job, record, shared=shared, prefix=prefix)
+            except RecordError as exc:
+                raise exc.at(position) from None
+            seen.add(request["custom_id"], position, record.get(id_field))
+            yield request
+        seen.finish()
+    finally:
+        seen.close()  # a source abandoned half way leaves no spilled bucket files behind

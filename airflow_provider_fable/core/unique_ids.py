@@ -18,10 +18,21 @@ match there may be two *different* records (a collision), and the error must nam
 The check runs at chunk boundaries and at the end, so a duplicate is reported up to one chunk
 after its second occurrence was read: still before the first create (the submit spools every
 request first), and the error names the second record and its position, as before.
+
+Past ``SPILL_AFTER`` ids (1M, 12 MB of runs) the runs stop growing, so the task's memory is the
+same at 10M records as at 1M: every later chunk is still checked at once against itself and the
+runs in memory, then written to one of ``BUCKETS`` temporary files by its hash (the id text and,
+beside it, the position). The spilled ids are checked against each other bucket by bucket when
+the source is exhausted (a set over the texts of one bucket: ~1/64 of them at a time, exact), or
+as soon as a chunk finds a duplicate, so the error still names the *earliest* second occurrence.
+The files live in a private temporary directory of this task and are removed when the check ends
+(nothing is shared through the disk between tasks).
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 import zlib
 from typing import Any
 
@@ -34,6 +45,10 @@ from airflow_provider_fable.core.errors import RecordError
 CHUNK = 1 << 16
 #: Largest merged run (4M ids, 48 MB): past it runs are kept side by side and each searched.
 MAX_RUN = 1 << 22
+#: Ids kept as runs in memory; later chunks are spilled to bucket files (see the module doc).
+SPILL_AFTER = 1 << 20
+#: Bucket files of the spilled ids (each checked whole at the end: ~1/BUCKETS of them at a time).
+BUCKETS = 64
 
 _Run = tuple["np.ndarray[tuple[int], np.dtype[np.int64]]", "np.ndarray[tuple[int], np.dtype[np.uint32]]"]
 
@@ -41,11 +56,13 @@ _Run = tuple["np.ndarray[tuple[int], np.dtype[np.int64]]", "np.ndarray[tuple[int
 class UniqueIds:
     """Remembers a run's custom_ids; ``add`` and ``finish`` raise ``RecordError`` on a duplicate."""
 
-    def __init__(self, chunk: int = CHUNK) -> None:
-        self._chunk = chunk
+    def __init__(self, chunk: int | None = None) -> None:
+        self._chunk = chunk or CHUNK
         self._ids: list[str] = []  # pending native custom_ids (= record id texts)
         self._positions: list[int] = []
         self._runs: list[_Run] = []  # sorted 64-bit hashes with their crc32s, largest first
+        self._held = 0  # ids in the runs
+        self._spill: tempfile.TemporaryDirectory[str] | None = None  # bucket files, once past SPILL_AFTER
         self._encoded: dict[str, str] = {}  # "enc-..." custom_id -> record id text
 
     def add(self, custom_id: str, position: int, record_id: Any) -> None:
@@ -71,9 +88,29 @@ class UniqueIds:
             self._check()
 
     def finish(self) -> None:
-        """Check the last pending ids (call once the source is exhausted)."""
-        if self._ids:
-            self._check()
+        """Check the last pending ids and the spilled ones (call once the source is exhausted)."""
+        try:
+            if self._ids:
+                self._check()
+            if self._spill is not None:
+                earliest = self._spilled_duplicate()
+                if earliest is not None:
+                    raise RecordError(
+                        earliest[1], "custom_id.duplicate", "two source records share this id", earliest[0]
+                    )
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Remove the bucket files, if any (``finish`` does; for a source abandoned half way)."""
+        if self._spill is not None:
+            self._spill.cleanup()
+            self._spill = None
+
+    @property
+    def spilled(self) -> bool:
+        """Whether ids went to bucket files (the run had more than ``SPILL_AFTER`` ids)."""
+        return self._spill is not None
 
     @property
     def nbytes(self) -> int:
@@ -103,12 +140,34 @@ class UniqueIds:
                 lo, hi = int(at[j]), int(np.searchsorted(run_h, hs[j], side="right"))
                 if (run_c[lo:hi] == cs[j]).any():
                     second.append(int(order[j]))
+        if self._spill is not None or self._held >= SPILL_AFTER:
+            # Past the memory budget: the chunk goes to the bucket files, where the spilled ids
+            # are checked against each other at the end, or now if this chunk found a duplicate
+            # (a spilled pair may be the earlier one: the error names the earliest).
+            self._write_buckets(pending, positions, h)
+            if second:
+                index = min(second, key=lambda i: positions[i])
+                earliest = self._spilled_duplicate()
+                if earliest is not None and earliest[0] < positions[index]:
+                    self.close()
+                    raise RecordError(
+                        earliest[1], "custom_id.duplicate", "two source records share this id", earliest[0]
+                    )
+                self.close()
+                raise RecordError(
+                    pending[index],
+                    "custom_id.duplicate",
+                    "two source records share this id",
+                    positions[index],
+                )
+            return
         if second:
             index = min(second, key=lambda i: positions[i])
             raise RecordError(
                 pending[index], "custom_id.duplicate", "two source records share this id", positions[index]
             )
         self._runs.append((hs, cs))
+        self._held += n
         # Merge while the newest run is as big as the one before it: a few runs of doubling size,
         # so each chunk is searched in O(log N) runs and every hash is moved O(log N) times. Runs
         # stop growing at MAX_RUN: a merge holds both inputs and its output at once, and merging
@@ -121,3 +180,54 @@ class UniqueIds:
             (ah, ac), (bh, bc) = self._runs[-2], self._runs.pop()
             at = np.searchsorted(ah, bh)
             self._runs[-1] = (np.insert(ah, at, bh), np.insert(ac, at, bc))
+
+    def _write_buckets(
+        self, pending: list[str], positions: list[int], h: np.ndarray[tuple[int], np.dtype[np.int64]]
+    ) -> None:
+        """Append a checked chunk to the bucket files: each id's text (a native id fits the API's
+        ``[a-zA-Z0-9_-]``, so a newline ends it) to ``<b>.ids`` and its position to ``<b>.pos``."""
+        if self._spill is None:
+            self._spill = tempfile.TemporaryDirectory(prefix="fable-unique-ids-")
+        bucket = (h.view(np.uint64) % np.uint64(BUCKETS)).astype(np.intp)
+        order = np.argsort(bucket, kind="stable")
+        bounds = np.searchsorted(bucket[order], np.arange(BUCKETS + 1))
+        pos = np.asarray(positions, dtype=np.int64)[order]
+        members = order.tolist()
+        for b in range(BUCKETS):
+            lo, hi = int(bounds[b]), int(bounds[b + 1])
+            if lo == hi:
+                continue
+            stem = os.path.join(self._spill.name, str(b))
+            with open(stem + ".ids", "ab") as f:
+                f.write(
+                    ("\n".join([pending[i] for i in members[lo:hi]]) + "\n").encode("utf-8", "surrogatepass")
+                )
+            with open(stem + ".pos", "ab") as f:
+                pos[lo:hi].tofile(f)
+
+    def _spilled_duplicate(self) -> tuple[int, str] | None:
+        """(position, id) of the earliest second occurrence among the spilled ids, or None.
+
+        One bucket at a time: equal ids hash alike, so a duplicate's two occurrences share a
+        bucket. A bucket without one (nearly always) costs a split and a set of its texts."""
+        assert self._spill is not None
+        earliest: tuple[int, str] | None = None
+        for b in range(BUCKETS):
+            stem = os.path.join(self._spill.name, str(b))
+            if not os.path.exists(stem + ".ids"):
+                continue
+            with open(stem + ".ids", "rb") as f:
+                texts = f.read().split(b"\n")[:-1]
+            if len(set(texts)) == len(texts):
+                continue
+            positions = np.fromfile(stem + ".pos", dtype=np.int64)
+            first_seen: dict[bytes, int] = {}
+            for i, text in enumerate(texts):
+                if text in first_seen:
+                    # A later line of a bucket is a later position: files are appended in order.
+                    found = (int(positions[i]), text.decode("utf-8", "surrogatepass"))
+                    if earliest is None or found < earliest:
+                        earliest = found
+                    break
+                first_seen[text] = i
+        return earliest
