@@ -88,6 +88,27 @@ def test_estimate_is_logged_and_in_the_manifest_before_submit(fable_emulator_fac
     assert "upper bound: max_tokens=1024" in text and "seeded sample of 10" in text
 
 
+def test_the_sample_is_counted_a_few_calls_at_a_time_in_order(fable_emulator_factory):
+    from airflow_provider_fable.hooks.fable import FableHook
+
+    server = fable_emulator_factory()
+    point_connection_at(server)
+    hook = FableHook()
+    # Lengths that differ per request: a count returned to the wrong request would show.
+    sample = [
+        {
+            "model": "claude-fable-5",
+            "max_tokens": 16,
+            "messages": [{"role": "user", "content": "word " * (7 * i + 1)}],
+        }
+        for i in range(23)
+    ]
+    one_by_one = [hook.count_tokens(params) for params in sample]
+    assert len(set(one_by_one)) == len(sample)
+    assert submit_op()._count_sample(hook, sample) == one_by_one
+    assert stats(server)["calls"]["count_tokens"] == 2 * len(sample)
+
+
 def test_budget_cap_below_the_estimate_fails_before_any_create(fable_emulator_factory):
     server = fable_emulator_factory()
     point_connection_at(server)
