@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import sqlalchemy as sa
 
-from airflow_provider_fable.core.errors import FableError
+from airflow_provider_fable.core.errors import FableError, RecordError
 from airflow_provider_fable.core.ledger import (
     SCHEMA_VERSION,
     BatchCandidate,
@@ -322,6 +322,30 @@ def test_unusable_ids_round_trip_under_their_real_id(fable_emulator_factory, dbs
         loaded |= set(conn.execute(sa.text("SELECT record_id FROM paint_rejects")).scalars())
     assert loaded == set(odd)
     assert all(len(c) <= 64 for c in healthy_ids(server))
+
+
+def test_encoded_ids_spilled_out_of_memory_still_map_back_to_their_records(
+    fable_emulator_factory, dbs, monkeypatch
+):
+    """Past ``core.id_map.IN_MEMORY`` (here 3) the submit's custom_id -> id pairs and the duplicate
+    check's live in a SQLite scratch file: every record still lands under its own id."""
+    import airflow_provider_fable.core.id_map as id_map
+
+    monkeypatch.setattr(id_map, "IN_MEMORY", 3)
+    server = fable_emulator_factory()
+    point_connection_at(server)
+    odd = [f"ZD#{i} {'ü' * (i % 3)}" for i in range(25)] + ["jane@example.com", "plain_1"]
+    records = [{"id": rid, "text": "red fence, two coats"} for rid in odd]
+    manifest = submit_op(records=records).execute(context())
+    summary = load_op(manifest).execute({})
+    assert summary["accepted"] + summary["rejected"] == len(odd)
+    with dbs.dest.connect() as conn:
+        loaded = set(conn.execute(sa.text("SELECT paint_id FROM paint")).scalars())
+        loaded |= set(conn.execute(sa.text("SELECT record_id FROM paint_rejects")).scalars())
+    assert loaded == set(odd)
+    with pytest.raises(RecordError, match=r"custom_id.duplicate") as info:
+        submit_op(records=records + [{"id": "ZD#4 ü", "text": "again"}]).execute(context(run_id="dup"))
+    assert info.value.record_id == "ZD#4 ü" and info.value.position == len(odd) + 1
 
 
 def test_an_older_batch_never_overwrites_a_newer_answer(fable_emulator_factory, dbs):

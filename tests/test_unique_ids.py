@@ -114,10 +114,9 @@ def test_bucket_files_are_removed_when_the_check_ends_or_is_abandoned(spill_earl
 
     from pydantic import BaseModel
 
+    import airflow_provider_fable.core.unique_ids as unique_ids
     from airflow_provider_fable.core.job import BatchJob
     from airflow_provider_fable.core.requests import build_requests
-
-    import airflow_provider_fable.core.unique_ids as unique_ids
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # this test's own temp folder
     monkeypatch.setattr(unique_ids, "CHUNK", 10)

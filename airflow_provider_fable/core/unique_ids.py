@@ -40,6 +40,7 @@ import numpy as np
 
 from airflow_provider_fable.core import ids
 from airflow_provider_fable.core.errors import RecordError
+from airflow_provider_fable.core.id_map import IdMap
 
 #: Native ids checked together; the strings of one chunk are all that is held as objects.
 CHUNK = 1 << 16
@@ -63,7 +64,7 @@ class UniqueIds:
         self._runs: list[_Run] = []  # sorted 64-bit hashes with their crc32s, largest first
         self._held = 0  # ids in the runs
         self._spill: tempfile.TemporaryDirectory[str] | None = None  # bucket files, once past SPILL_AFTER
-        self._encoded: dict[str, str] = {}  # "enc-..." custom_id -> record id text
+        self._encoded = IdMap()  # "enc-..." custom_id -> record id text (spilled past 100k)
 
     def add(self, custom_id: str, position: int, record_id: Any) -> None:
         """One request's custom_id at source ``position``; ``record_id`` is the record's raw id
@@ -103,6 +104,7 @@ class UniqueIds:
 
     def close(self) -> None:
         """Remove the bucket files, if any (``finish`` does; for a source abandoned half way)."""
+        self._encoded.close()
         if self._spill is not None:
             self._spill.cleanup()
             self._spill = None

@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # everything else is imported where it is used, so a DAG file
     # this operator pays only for the lines above at parse time (bench/dag_parse.py)
     from airflow.sdk import Context
 
+    from airflow_provider_fable.core.id_map import IdMap
     from airflow_provider_fable.core.job import BatchJob
     from airflow_provider_fable.core.ledger import Ledger, RecordState
     from airflow_provider_fable.core.requests import SkippedRecord
@@ -480,7 +481,7 @@ class _Submission:
         """Requests that must be sent; attach/skip decisions are counted in ``plan`` on the way."""
         from airflow_provider_fable.core import ids
 
-        self._encoded_ids: dict[str, str] = plan["ids"]  # custom_id -> record id, for messages
+        self._encoded_ids: IdMap = plan["ids"]  # custom_id -> record id, for messages
         # "unaccepted" selects nothing from the ledger: every source record is decided on its state.
         rerun = bool(self.rerun_of) and self.rerun != "unaccepted"
         # A job the ledger has no record of (its first submit: under the claim no one else adds
@@ -651,13 +652,21 @@ class _Submission:
             if self.rerun_of:
                 self._settle_unloaded(self.rerun_of)
             with tempfile.TemporaryFile(prefix="fable-requests-") as spool:
-                shards = self._spool(self._selected(self._paired(source), plan), spool)
-                # Guardrails (operators/guarded.py): estimate, log it, refuse over max_cost_usd, all
-                # before the first intent or create; then pilot / estimate / QA excerpts into the manifest.
-                guarded = self.op._estimate_before_submit(
-                    self.hook, job, spool, [(shard.offset, shard.count) for shard in shards], ledger=ledger
-                )
-                manifest = self._submit(spool, shards, plan)
+                try:
+                    shards = self._spool(self._selected(self._paired(source), plan), spool)
+                    # Guardrails (operators/guarded.py): estimate, log it, refuse over max_cost_usd,
+                    # all before the first intent or create; then pilot / estimate / QA excerpts
+                    # into the manifest.
+                    guarded = self.op._estimate_before_submit(
+                        self.hook,
+                        job,
+                        spool,
+                        [(shard.offset, shard.count) for shard in shards],
+                        ledger=ledger,
+                    )
+                    manifest = self._submit(spool, shards, plan)
+                finally:
+                    plan["ids"].close()
         self.op._after_submit(job, manifest, guarded, self.context)
         return manifest
 
@@ -671,8 +680,11 @@ class _Submission:
 
     @staticmethod
     def _plan() -> dict[str, Any]:
+        from airflow_provider_fable.core.id_map import IdMap
+
+        # "ids": encoded custom_id -> record id, in bounded memory (core.id_map; close it after).
         return {
-            "ids": {}, "attached": {}, "skipped": 0, "not_selected": 0, "needs_review": 0,
+            "ids": IdMap(), "attached": {}, "skipped": 0, "not_selected": 0, "needs_review": 0,
             "attached_ids": {}, "batch_sizes": {},
         }  # fmt: skip
 
@@ -684,11 +696,14 @@ class _Submission:
         """
         plan = self._plan()
         with tempfile.TemporaryFile(prefix="fable-requests-") as spool:
-            shards = self._spool(self._selected(self._paired(source), plan), spool)
-            guarded = self.op._estimate_before_submit(
-                self.hook, self.job, spool, [(shard.offset, shard.count) for shard in shards],
-                ledger=self.ledger, enforce_budget=False,
-            )  # fmt: skip
+            try:
+                shards = self._spool(self._selected(self._paired(source), plan), spool)
+                guarded = self.op._estimate_before_submit(
+                    self.hook, self.job, spool, [(shard.offset, shard.count) for shard in shards],
+                    ledger=self.ledger, enforce_budget=False,
+                )  # fmt: skip
+            finally:
+                plan["ids"].close()
         new = sum(shard.count for shard in shards)
         manifest: dict[str, Any] = {
             "estimate_only": True,
