@@ -18,6 +18,8 @@ the overhead (everything but the creates: the provider's own cost). ``--ledger-u
 ledger in a fresh PostgreSQL database (the production setup) instead of the embedded SQLite;
 ``--operator-only`` skips the two hook-level variants; ``--profile FILE`` writes cProfile stats.
 
+``--encoded-ids`` gives the records ids that need encoding (``t#N``: custom_ids ``enc-...``).
+
 Run: ``.venv/bin/python bench/submit.py [--records 100000 1000000] [--operator]``
 (e.g. ``--records 100000 --operator-only --ledger-url postgresql+psycopg2://postgres@127.0.0.1/postgres``)
 """
@@ -59,9 +61,11 @@ WORDS = "refund invoice crash login parcel late broken charge twice error screen
 
 
 def records(n: int) -> Iterator[dict]:
+    # --encoded-ids: ids like "t#123", which the API's custom_id rule refuses (encoded "enc-...").
+    prefix = os.environ.get("FABLE_BENCH_ID_PREFIX", "t")
     for i in range(n):
         words = " ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(40))
-        yield {"id": f"t{i}", "subject": f"Ticket {i}", "body": f"Customer writes: {words}."}
+        yield {"id": f"{prefix}{i}", "subject": f"Ticket {i}", "body": f"Customer writes: {words}."}
 
 
 def child(variant: str, n: int) -> None:
@@ -245,7 +249,14 @@ def main() -> None:
         help="creates go to bench/sink.py (reads and drops every body) instead of the emulator, which "
         "keeps every request in memory: for the submit's peak RSS at 10M records",
     )
+    parser.add_argument(
+        "--encoded-ids",
+        action="store_true",
+        help="record ids the API's custom_id rule refuses (t#N): the encoded-id path (core.id_map)",
+    )
     args = parser.parse_args()
+    if args.encoded_ids:
+        os.environ["FABLE_BENCH_ID_PREFIX"] = "t#"
     if args.profile:
         os.environ["FABLE_BENCH_PROFILE"] = str(Path(args.profile).resolve())
     if args.child:
@@ -289,6 +300,7 @@ def main() -> None:
                 continue
             extra = (
                 f" ledger={'postgresql' if args.ledger_url else 'sqlite'}"
+                f" ids={'encoded' if args.encoded_ids else 'native'}"
                 f" before_first_create_s={r['before_first_create_s']:.1f} creates_s={r['creates_s']:.1f}"
                 f" overhead_s={r['overhead_s']:.1f}"
                 if name == "operator"
