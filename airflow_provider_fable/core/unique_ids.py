@@ -44,7 +44,8 @@ from airflow_provider_fable.core.id_map import IdMap
 
 #: Native ids checked together; the strings of one chunk are all that is held as objects.
 CHUNK = 1 << 16
-#: Largest merged run (4M ids, 48 MB): past it runs are kept side by side and each searched.
+#: Largest merged run (4M ids, 48 MB): past it runs are kept side by side and each searched
+#: (only reached when ``SPILL_AFTER`` is raised above it).
 MAX_RUN = 1 << 22
 #: Ids kept as runs in memory; later chunks are spilled to bucket files (see the module doc).
 SPILL_AFTER = 1 << 20
