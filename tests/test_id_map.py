@@ -29,3 +29,23 @@ def test_a_small_map_stays_in_memory():
     for i in range(15):
         ids[f"k{i}"] = f"v{i}"
     assert not ids.spilled and len(ids) == 15 and ids.get("k7") == "v7"
+
+
+def test_get_many_reads_memory_and_file_alike():
+    ids = IdMap(in_memory=10)
+    for i in range(2000):
+        ids[f"k{i}"] = f"v{i}"
+    wanted = [f"k{i}" for i in range(0, 2000, 3)] + ["absent"]
+    assert ids.get_many(wanted) == {k: "v" + k[1:] for k in wanted if k != "absent"}
+    ids.close()
+
+
+def test_first_wins_keeps_the_first_value_wherever_it_is():
+    ids = IdMap(in_memory=4, first_wins=True)
+    for i in range(20):
+        ids[f"k{i}"] = "first"
+    for i in range(20):
+        ids[f"k{i}"] = "second"  # spilled keys and keys still in memory alike
+    assert ids.spilled and all(ids.get(f"k{i}") == "first" for i in range(20))
+    assert ids.get_many(["k0", "k19", "zz"]) == {"k0": "first", "k19": "first"}
+    ids.close()

@@ -45,12 +45,40 @@ def test_encoded_ids_keep_the_exact_map_and_name_both_records_of_a_collision():
     encoded = ids.encode("ZD#123")
     guard = UniqueIds(4)
     guard.add(encoded, 1, "ZD#123")
-    with pytest.raises(RecordError, match=r"custom_id.collision.*'ZD#123'"):
+    with pytest.raises(RecordError, match=r"custom_id.collision.*'ZD#123'") as info:
         guard.add(encoded, 2, encoded)  # a native id that looks encoded
+        guard.finish()
+    assert (info.value.record_id, info.value.position) == (encoded, 2)
     guard = UniqueIds(4)
     guard.add(encoded, 1, "ZD#123")
-    with pytest.raises(RecordError, match="custom_id.duplicate"):
+    with pytest.raises(RecordError, match="custom_id.duplicate") as info:
         guard.add(encoded, 2, "ZD#123")
+        guard.finish()
+    assert (info.value.record_id, info.value.position) == ("ZD#123", 2)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_encoded_ids_are_checked_by_hash_and_named_from_the_spilled_map(monkeypatch, chunk):
+    import airflow_provider_fable.core.id_map as id_map
+    import airflow_provider_fable.core.unique_ids as unique_ids
+
+    monkeypatch.setattr(id_map, "IN_MEMORY", 5)  # the first-record map goes to its file early
+    monkeypatch.setattr(unique_ids, "SPILL_AFTER", 40)  # and later chunks to the bucket files
+    real = [f"ZD#{i}" for i in range(300)]
+    encoded = [ids.encode(r) for r in real]
+    for first in (2, 10, 120, 299):
+        guard = UniqueIds(chunk)
+        with pytest.raises(RecordError) as info:
+            for position, custom_id in enumerate(encoded, 1):
+                guard.add(custom_id, position, real[position - 1])
+            guard.add(encoded[first], 301, real[first])  # the same record again
+            guard.finish()
+        assert info.value.rule == "custom_id.duplicate"
+        assert (info.value.record_id, info.value.position) == (real[first], 301)
+    guard = UniqueIds(chunk)
+    for position, custom_id in enumerate(encoded, 1):
+        guard.add(custom_id, position, real[position - 1])
+    guard.finish()  # distinct: no false match
 
 
 def test_memory_is_the_runs_of_hashes_not_the_strings():

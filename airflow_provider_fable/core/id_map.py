@@ -24,20 +24,36 @@ IN_MEMORY = 100_000
 
 
 class IdMap:
-    """A ``dict[str, str]`` for ``get``/``[]=``/``in``/``len``, spilled to SQLite past ``IN_MEMORY``."""
+    """A ``dict[str, str]`` for ``get``/``[]=``/``in``/``len``, spilled to SQLite past ``IN_MEMORY``.
 
-    def __init__(self, in_memory: int | None = None) -> None:
+    ``first_wins``: a key set again keeps its first value (the duplicate check's map: the first
+    record that had a custom_id is the one to name); otherwise the last value wins, as in a dict.
+    A look-up of a spilled key is a primary-key probe (~10 us): ``get_many`` probes a whole list
+    at once, and the duplicate check reads the map only to name the records of a duplicate.
+    """
+
+    def __init__(self, in_memory: int | None = None, *, first_wins: bool = False) -> None:
         self._limit = in_memory or IN_MEMORY
+        self._first_wins = first_wins
         self._recent: dict[str, str] = {}
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self._db: sqlite3.Connection | None = None
 
     def __setitem__(self, key: str, value: str) -> None:
-        self._recent[key] = value
+        if self._first_wins:
+            self._recent.setdefault(key, value)
+        else:
+            self._recent[key] = value
         if len(self._recent) >= self._limit:
             self._flush()
 
     def get(self, key: str, default: str | None = None) -> str | None:
+        if self._first_wins and self._db is not None:
+            # The file holds the older values: first-wins looks there first.
+            row = self._db.execute("SELECT v FROM ids WHERE k = ?", (key,)).fetchone()
+            if row is not None:
+                return str(row[0])
+            return self._recent.get(key, default)
         value = self._recent.get(key)
         if value is not None:
             return value
@@ -45,6 +61,19 @@ class IdMap:
             return default
         row = self._db.execute("SELECT v FROM ids WHERE k = ?", (key,)).fetchone()
         return row[0] if row is not None else default
+
+    def get_many(self, keys: list[str]) -> dict[str, str]:
+        """The values of those ``keys`` that are in the map, probed 500 at a time in the file."""
+        if self._first_wins:
+            return {k: v for k in keys if (v := self.get(k)) is not None}
+        found = {k: v for k in keys if (v := self._recent.get(k)) is not None}
+        if self._db is not None:
+            rest = [k for k in keys if k not in found]
+            for start in range(0, len(rest), 500):
+                part = rest[start : start + 500]
+                marks = ",".join("?" * len(part))
+                found.update(self._db.execute(f"SELECT k, v FROM ids WHERE k IN ({marks})", part).fetchall())
+        return found
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and self.get(key) is not None
@@ -73,7 +102,8 @@ class IdMap:
             self._db.execute("PRAGMA synchronous = OFF")
             self._db.execute("CREATE TABLE ids (k TEXT PRIMARY KEY, v TEXT NOT NULL) WITHOUT ROWID")
         self._db.execute("BEGIN")
-        self._db.executemany("INSERT OR REPLACE INTO ids VALUES (?, ?)", self._recent.items())
+        verb = "INSERT OR IGNORE" if self._first_wins else "INSERT OR REPLACE"
+        self._db.executemany(f"{verb} INTO ids VALUES (?, ?)", self._recent.items())
         self._db.execute("COMMIT")
         self._recent = {}
 

@@ -12,8 +12,10 @@ grow (an LSM of a few runs), so the cost per record stays a hash and two appends
 
 For native ids equal custom_ids mean equal record ids, so a match is a true duplicate and the
 error can name the record from the string still held in the pending chunk. Custom_ids starting
-with ``enc-`` (encoded ids, or a native id that happens to look encoded) keep the exact map: a
-match there may be two *different* records (a collision), and the error must name both.
+with ``enc-`` (encoded ids, or a native id that happens to look encoded) are checked the same
+way, by hash; a match there may be two *different* records (a collision), so the first record
+given each such custom_id is kept (``core.id_map``, spilled to a scratch file past 100k) to
+name both. Only a match reads that map: no look-up per record.
 
 The check runs at chunk boundaries and at the end, so a duplicate is reported up to one chunk
 after its second occurrence was read: still before the first create (the submit spools every
@@ -60,30 +62,25 @@ class UniqueIds:
 
     def __init__(self, chunk: int | None = None) -> None:
         self._chunk = chunk or CHUNK
-        self._ids: list[str] = []  # pending native custom_ids (= record id texts)
+        self._ids: list[str] = []  # pending custom_ids (a native one is the record id text)
         self._positions: list[int] = []
         self._runs: list[_Run] = []  # sorted 64-bit hashes with their crc32s, largest first
         self._held = 0  # ids in the runs
         self._spill: tempfile.TemporaryDirectory[str] | None = None  # bucket files, once past SPILL_AFTER
-        self._encoded = IdMap()  # "enc-..." custom_id -> record id text (spilled past 100k)
+        # "enc-..." custom_id -> the first record id text given it (spilled past 100k), and the
+        # record texts of the pending chunk's enc- ids by index
+        self._encoded = IdMap(first_wins=True)
+        self._reals: dict[int, str] = {}
 
     def add(self, custom_id: str, position: int, record_id: Any) -> None:
         """One request's custom_id at source ``position``; ``record_id`` is the record's raw id
         (turned into text only for ``enc-`` custom_ids, rare unless the ids need encoding)."""
         if custom_id.startswith(ids.ENCODED_PREFIX):
+            # Checked by hash with the native ids; the map (first record per custom_id) and the
+            # chunk's record texts only serve to name the records of a match.
             real = ids.record_id_text(record_id)
-            earlier = self._encoded.get(custom_id)
-            if earlier is None:
-                self._encoded[custom_id] = real
-                return
-            if earlier == real:
-                raise RecordError(real, "custom_id.duplicate", "two source records share this id", position)
-            raise RecordError(
-                real,
-                "custom_id.collision",
-                f"its custom_id {custom_id!r} is also the custom_id of record {earlier!r}",
-                position,
-            )
+            self._encoded[custom_id] = real
+            self._reals[len(self._ids)] = real
         self._ids.append(custom_id)
         self._positions.append(position)
         if len(self._ids) >= self._chunk:
@@ -97,9 +94,7 @@ class UniqueIds:
             if self._spill is not None:
                 earliest = self._spilled_duplicate()
                 if earliest is not None:
-                    raise RecordError(
-                        earliest[1], "custom_id.duplicate", "two source records share this id", earliest[0]
-                    )
+                    raise self._duplicate(earliest[1], earliest[0])
         finally:
             self.close()
 
@@ -120,9 +115,31 @@ class UniqueIds:
         """Bytes held by the sorted runs (what grows with the number of records)."""
         return sum(h.nbytes + c.nbytes for h, c in self._runs)
 
+    def _duplicate(self, custom_id: str, position: int, real: str | None = None) -> RecordError:
+        """The error for the second occurrence of ``custom_id`` at ``position``.
+
+        A native custom_id is the record's id. An encoded one names the first record given it
+        (kept in the map) and this one (``real``, when the pending chunk still has its text): the
+        same id twice is a duplicate, two ids with one encoding a collision (odds ~10^-15 at 10M).
+        """
+        if not custom_id.startswith(ids.ENCODED_PREFIX):
+            return RecordError(custom_id, "custom_id.duplicate", "two source records share this id", position)
+        earlier = self._encoded.get(custom_id)
+        if real is not None and earlier is not None and earlier != real:
+            return RecordError(
+                real,
+                "custom_id.collision",
+                f"its custom_id {custom_id!r} is also the custom_id of record {earlier!r}",
+                position,
+            )
+        if real is None:  # read back from the bucket files: only the custom_id is there
+            message = "two source records share this custom_id (the same id, or two ids encoded alike)"
+            return RecordError(earlier or custom_id, "custom_id.duplicate", message, position)
+        return RecordError(real, "custom_id.duplicate", "two source records share this id", position)
+
     def _check(self) -> None:
-        pending, positions = self._ids, self._positions
-        self._ids, self._positions = [], []
+        pending, positions, reals = self._ids, self._positions, self._reals
+        self._ids, self._positions, self._reals = [], [], {}
         n = len(pending)
         h = np.fromiter(map(hash, pending), dtype=np.int64, count=n)
         c = np.fromiter((zlib.crc32(x.encode("utf-8", "surrogatepass")) for x in pending), np.uint32, n)
@@ -152,23 +169,15 @@ class UniqueIds:
                 index = min(second, key=lambda i: positions[i])
                 earliest = self._spilled_duplicate()
                 if earliest is not None and earliest[0] < positions[index]:
-                    self.close()
-                    raise RecordError(
-                        earliest[1], "custom_id.duplicate", "two source records share this id", earliest[0]
-                    )
+                    error = self._duplicate(earliest[1], earliest[0])
+                else:
+                    error = self._duplicate(pending[index], positions[index], reals.get(index))
                 self.close()
-                raise RecordError(
-                    pending[index],
-                    "custom_id.duplicate",
-                    "two source records share this id",
-                    positions[index],
-                )
+                raise error
             return
         if second:
             index = min(second, key=lambda i: positions[i])
-            raise RecordError(
-                pending[index], "custom_id.duplicate", "two source records share this id", positions[index]
-            )
+            raise self._duplicate(pending[index], positions[index], reals.get(index))
         self._runs.append((hs, cs))
         self._held += n
         # Merge while the newest run is as big as the one before it: a few runs of doubling size,
@@ -187,7 +196,7 @@ class UniqueIds:
     def _write_buckets(
         self, pending: list[str], positions: list[int], h: np.ndarray[tuple[int], np.dtype[np.int64]]
     ) -> None:
-        """Append a checked chunk to the bucket files: each id's text (a native id fits the API's
+        """Append a checked chunk to the bucket files: each custom_id (it fits the API's
         ``[a-zA-Z0-9_-]``, so a newline ends it) to ``<b>.ids`` and its position to ``<b>.pos``."""
         if self._spill is None:
             self._spill = tempfile.TemporaryDirectory(prefix="fable-unique-ids-")

@@ -792,6 +792,8 @@ class _Submission:
         it first), read there; a line that does not is parsed as JSON. At 1M records this was
         a JSON parse and a key-sorted re-serialisation per request, ~25 s of the submit.
         """
+        from airflow_provider_fable.core.ids import ENCODED_PREFIX
+
         spool.seek(shard.offset)
         digest = hashlib.sha256()
         rows = []
@@ -806,7 +808,13 @@ class _Submission:
             end = line.find(b'"', head) if line.startswith(_CUSTOM_ID_HEAD) else -1
             raw = line[head:end] if end > 0 else b"\\"
             custom_id = raw.decode() if b"\\" not in raw else str(json.loads(line)["custom_id"])
-            rows.append((ids.get(custom_id, custom_id), custom_id, sha256(line.rstrip(b"\n")).hexdigest()))
+            rows.append((custom_id, custom_id, sha256(line.rstrip(b"\n")).hexdigest()))
+        # Encoded custom_ids back to their record ids, the shard's at once (a few probes of the
+        # id map's scratch file per 500 ids once it spilled; none for native ids).
+        encoded = [row[1] for row in rows if row[1].startswith(ENCODED_PREFIX)]
+        if encoded:
+            real = ids.get_many(encoded)
+            rows = [(real.get(cid, cid), cid, digest_) for _, cid, digest_ in rows]
         return rows, digest.hexdigest(), size
 
     def _ended_incomplete(self, attached: dict[str, int]) -> list[str]:
