@@ -309,18 +309,22 @@ def healthy_ids(server) -> list[str]:
     return sorted(out)
 
 
-def test_unusable_ids_round_trip_under_their_real_id(fable_emulator_factory, dbs):
-    server = fable_emulator_factory()
-    point_connection_at(server)
-    odd = ["has space", "a/b/c.txt", "ZD#123", "jane@example.com", "tête 東京", "x" * 200]
+def round_trip(odd: list[str], dest) -> list[dict]:
+    """Submit and load one record per id; every id lands once, as a row or a reject."""
     records = [{"id": rid, "text": "red fence, two coats"} for rid in odd]
-    manifest = submit_op(records=records).execute(context())
-    summary = load_op(manifest).execute({})
+    summary = load_op(submit_op(records=records).execute(context())).execute({})
     assert summary["accepted"] + summary["rejected"] == len(odd)
-    with dbs.dest.connect() as conn:
+    with dest.connect() as conn:
         loaded = set(conn.execute(sa.text("SELECT paint_id FROM paint")).scalars())
         loaded |= set(conn.execute(sa.text("SELECT record_id FROM paint_rejects")).scalars())
     assert loaded == set(odd)
+    return records
+
+
+def test_unusable_ids_round_trip_under_their_real_id(fable_emulator_factory, dbs):
+    server = fable_emulator_factory()
+    point_connection_at(server)
+    round_trip(["has space", "a/b/c.txt", "ZD#123", "jane@example.com", "tête 東京", "x" * 200], dbs.dest)
     assert all(len(c) <= 64 for c in healthy_ids(server))
 
 
@@ -335,14 +339,7 @@ def test_encoded_ids_spilled_out_of_memory_still_map_back_to_their_records(
     server = fable_emulator_factory()
     point_connection_at(server)
     odd = [f"ZD#{i} {'ü' * (i % 3)}" for i in range(25)] + ["jane@example.com", "plain_1"]
-    records = [{"id": rid, "text": "red fence, two coats"} for rid in odd]
-    manifest = submit_op(records=records).execute(context())
-    summary = load_op(manifest).execute({})
-    assert summary["accepted"] + summary["rejected"] == len(odd)
-    with dbs.dest.connect() as conn:
-        loaded = set(conn.execute(sa.text("SELECT paint_id FROM paint")).scalars())
-        loaded |= set(conn.execute(sa.text("SELECT record_id FROM paint_rejects")).scalars())
-    assert loaded == set(odd)
+    records = round_trip(odd, dbs.dest)
     with pytest.raises(RecordError, match=r"custom_id.duplicate") as info:
         submit_op(records=records + [{"id": "ZD#4 ü", "text": "again"}]).execute(context(run_id="dup"))
     assert info.value.record_id == "ZD#4 ü" and info.value.position == len(odd) + 1
