@@ -21,7 +21,7 @@ import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -76,6 +76,27 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # Stable hashing: every "random" choice in the emulator goes through these, never `random`.
 # --------------------------------------------------------------------------------------------
+
+
+class _lazy:  # noqa: N801 (used as a decorator, like the functools one it replaces)
+    """``functools.cached_property`` without its per-access lock (Python 3.11 takes an RLock on
+    every first read): an ``_Answerer`` lives in one thread, and its lazy reads are hot."""
+
+    __slots__ = ("func", "name")
+
+    def __init__(self, func: Callable[[Any], Any]) -> None:
+        self.func = func
+        self.name = func.__name__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.func(obj)
+        return value
+
 
 _ALNUM = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
@@ -150,6 +171,37 @@ def last_user_text(params: Mapping[str, Any]) -> str:
 _TAG_RE = re.compile(r"</?[A-Za-z][A-Za-z0-9_-]{0,40}>")
 _LABEL_PREFIX_RE = re.compile(r"^[A-Za-z][A-Za-z0-9 #_-]{0,24}:\s+")
 _SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?])\s+|\n+")
+#: Where a ``_SENTENCE_SPLIT_RE`` separator can begin: a newline, or the punctuation before
+#: one (searched for as one character class; the look-behind alternation made the engine try
+#: every character of the text both ways, several times slower).
+_SENTENCE_MARK_RE = re.compile(r"[.!?\n]")
+_SPACE_RUN_RE = re.compile(r"\s+")
+_NEWLINE_RUN_RE = re.compile(r"\n+")
+_HAS_ALNUM_RE = re.compile(r"[^\W_]")  # what ``str.isalnum`` accepts, one character of it
+
+
+def _split_sentences(text: str) -> list[str]:
+    """``_SENTENCE_SPLIT_RE.split(text)``: the same pieces, empty ones included."""
+    pieces: list[str] = []
+    start = pos = 0
+    search = _SENTENCE_MARK_RE.search
+    while (mark := search(text, pos)) is not None:
+        j = mark.start()
+        if text[j] == "\n":
+            # Not after punctuation (that one was met first and took the newline with it).
+            run = _NEWLINE_RUN_RE.match(text, j)
+        else:
+            run = _SPACE_RUN_RE.match(text, j + 1)
+            if run is None:
+                pos = j + 1
+                continue
+        assert run is not None
+        pieces.append(text[start : run.start()])
+        start = pos = run.end()
+    pieces.append(text[start:])
+    return pieces
+
+
 _INSTRUCTION_WORDS = frozenset(
     "classify categorize categorise summarize summarise extract analyze analyse label determine "
     "identify decide output return respond enrich tag score rate assess evaluate qualify review "
@@ -163,16 +215,18 @@ def content_sentences(text: str) -> list[str]:
     Prompt templates wrap the record in instructions ("Classify this ticket:") and labels
     ("Subject: ..."); those are skipped or stripped so extracts quote the record itself.
     """
-    text = _TAG_RE.sub(" ", text.replace("\u2019", "'"))
+    text = text.replace("\u2019", "'")
+    if "<" in text:
+        text = _TAG_RE.sub(" ", text)
     out: list[str] = []
-    for raw in _SENTENCE_SPLIT_RE.split(text):
+    for raw in _split_sentences(text):
         sentence = " ".join(raw.split())
-        if not sentence or sentence.endswith(":") or not any(ch.isalnum() for ch in sentence):
+        if not sentence or sentence.endswith(":") or _HAS_ALNUM_RE.search(sentence) is None:
             continue
-        words = sentence.lower().split()
-        first = words[0].strip(",.:;!?")
+        words = sentence.split(None, 2)  # the first two words are all that is read
+        first = words[0].lower().strip(",.:;!?")
         if first == "please" and len(words) > 1:
-            first = words[1].strip(",.:;!?")
+            first = words[1].lower().strip(",.:;!?")
         if first in _INSTRUCTION_WORDS:
             continue
         sentence = _LABEL_PREFIX_RE.sub("", sentence, count=1) or sentence
@@ -287,9 +341,31 @@ def _stems(tokens: Sequence[str]) -> list[str]:
     return out  # type: ignore[return-value]
 
 
+#: Every ASCII character that cannot be part of a word, as a space (for ``_words``).
+_NON_WORD_ASCII = str.maketrans(
+    {chr(i): " " for i in range(128) if not (chr(i).isalnum() or chr(i) == "'") or chr(i).isupper()}
+)
+_NON_ASCII_RE = re.compile(r"[^\x00-\x7f]+")
+
+
 def _words(text: str) -> list[str]:
     # Accents are folded first: "fonctionnalités" is one word, not "fonctionnalit" + "s".
-    return _WORD_RE.findall(fold(text.lower().replace("\u2019", "'").replace("\u2018", "'")))
+    text = fold(text.lower().replace("\u2019", "'").replace("\u2018", "'"))
+    # ``_WORD_RE.findall``, faster: characters no word can hold become spaces and the text is
+    # split there (no match of the pattern spans one, so the matches are the same); only the
+    # pieces with an apostrophe, whose place in a word the pattern decides, go through it.
+    if not text.isascii():
+        text = _NON_ASCII_RE.sub(" ", text)
+    parts = text.translate(_NON_WORD_ASCII).split()
+    if "'" not in text:
+        return parts
+    out: list[str] = []
+    for part in parts:
+        if "'" in part:
+            out += _WORD_RE.findall(part)
+        else:
+            out.append(part)
+    return out
 
 
 def name_tokens(name: str) -> list[str]:
@@ -845,6 +921,31 @@ def _corrected(token: str, vocabulary: frozenset[str]) -> str:
     return _corrected_cached(token, vocabulary)
 
 
+#: ``_corrected`` per vocabulary (the typo vocabulary of a prompt is one cached frozenset, so
+#: keyed by it): one dict look-up per word instead of a length test, a set test and, for every
+#: long word, an ``lru_cache`` call (bounded: a vocabulary's memo is cleared when full).
+_CORRECTED_MEMO: dict[frozenset[str], dict[str, str]] = {}
+_CORRECTED_MEMO_MAX = 200_000
+
+
+def _corrected_all(tokens: list[str], vocabulary: frozenset[str]) -> list[str]:
+    """``[_corrected(t, vocabulary) for t in tokens]``, memoised per word and vocabulary."""
+    memo = _CORRECTED_MEMO.get(vocabulary)
+    if memo is None:
+        if len(_CORRECTED_MEMO) >= 64:
+            _CORRECTED_MEMO.clear()
+        memo = _CORRECTED_MEMO[vocabulary] = {}
+    out = [memo.get(t) for t in tokens]
+    if None in out:
+        if len(memo) > _CORRECTED_MEMO_MAX:
+            memo.clear()
+        for i, s in enumerate(out):
+            if s is None:
+                t = tokens[i]
+                out[i] = memo[t] = _corrected(t, vocabulary)
+    return out  # type: ignore[return-value]
+
+
 class Evidence:
     """Word statistics of one request text, built once and queried per label.
 
@@ -858,9 +959,7 @@ class Evidence:
     ) -> None:
         tokens = _evidence_tokens(text)
         if vocabulary:
-            tokens = [
-                t if len(t) < 5 or t in vocabulary else _corrected_cached(t, vocabulary) for t in tokens
-            ]
+            tokens = _corrected_all(tokens, vocabulary)
         stems = _stems(tokens)
         extra = [_stems(_evidence_tokens(g)) for g in glosses(tokens)]
         self.text = text
@@ -930,7 +1029,7 @@ class _Scorer:
     Identical scores for a fraction of the work; built once per label set and cached.
     """
 
-    __slots__ = ("multi", "single", "size")
+    __slots__ = ("multi", "multi_by_first", "single", "size")
 
     def __init__(self, phrase_lists: Sequence[Iterable[_Phrase]]) -> None:
         single: dict[str, list[tuple[int, int, bool]]] = {}
@@ -944,6 +1043,13 @@ class _Scorer:
         self.size = len(phrase_lists)
         self.single: dict[str, tuple[tuple[int, int, bool], ...]] = {k: tuple(v) for k, v in single.items()}
         self.multi: tuple[tuple[int, str, str, int], ...] = tuple(multi)
+        #: the multi-word phrases by their first stem: a record's few stems find theirs directly
+        by_first: dict[str, list[tuple[int, str, int]]] = {}
+        for i, first, phrase, weight in multi:
+            by_first.setdefault(first, []).append((i, phrase, weight))
+        self.multi_by_first: dict[str, tuple[tuple[int, str, int], ...]] = {
+            k: tuple(v) for k, v in by_first.items()
+        }
 
     def scores(self, evidence: Evidence) -> list[int]:
         """Each label's score against ``evidence`` (what ``Evidence.score`` sums, label by label)."""
@@ -960,10 +1066,16 @@ class _Scorer:
                 c = affirmed.get(s, 0) if negatable else n
                 if c > 0:
                     out[i] += weight * (c if c < _SATURATION else _SATURATION)
-        if self.multi:
+        by_first = self.multi_by_first
+        if by_first:
+            # Sums of integers: the order phrases are added in does not change a score.
             joined = evidence._joined
-            for i, first, phrase, weight in self.multi:
-                if first in counts:
+            if len(counts) <= len(by_first):
+                hits = [p for p in map(by_first.get, counts) if p is not None]
+            else:
+                hits = [p for first, p in by_first.items() if first in counts]
+            for phrases in hits:
+                for i, phrase, weight in phrases:
                     c = joined.count(phrase)
                     if c:
                         out[i] += weight * (c if c < _SATURATION else _SATURATION)
@@ -1260,31 +1372,31 @@ class _Answerer:
         self.conditions: dict[tuple[Any, ...], set[str]] = {}
 
     # -- what the record says, read when a field first needs it ------------------------------
-    @cached_property
+    @_lazy
     def record(self) -> str:
         """The record itself (its quoted value, or its non-template words), normalised."""
         return record_key(self.text, self.cues.template_words)
 
-    @cached_property
+    @_lazy
     def empty_record(self) -> bool:
         return is_placeholder(self.record)
 
-    @cached_property
+    @_lazy
     def example(self) -> Any:
         """The answer a few-shot turn gave to this very record, if one did."""
         return matching_example(self.record, self.cues.examples) if self.cues.examples else None
 
-    @cached_property
+    @_lazy
     def filler(self) -> list[str]:
         """Words of the record, to pad text up to a minLength."""
         return _words(self.text) or ["details"]
 
-    @cached_property
+    @_lazy
     def counts(self) -> list[int]:
         """Counts the record states ("350 employees", "Employees: 1,200", "a 12-person team")."""
         return _counts_in(self.text)
 
-    @cached_property
+    @_lazy
     def fields(self) -> dict[str, str]:
         """``Key: value`` lines of the record, by key stems, for fields named like a key."""
         return _field_lines(self.text)
@@ -2586,6 +2698,10 @@ class Answer:
     invented_quotes: int = 0
 
 
+#: ``json.dumps(value, ensure_ascii=False)`` without building an encoder per call (same bytes).
+_REPLY_JSON = json.JSONEncoder(ensure_ascii=False)
+
+
 def _broken_text(json_text: str) -> str:
     return "Here is the JSON you asked for:\n" + json_text[: max(1, len(json_text) // 2)]
 
@@ -2659,7 +2775,7 @@ def build_answer(
         if invalid_kind is not None and invalid_kind != "non_json":
             value, applied = break_answer(value, schema, generated.enum_paths, invalid_kind, fault_key)
         if invalid_kind == "non_json" or not isinstance(value, dict):
-            reply = _broken_text(json.dumps(value, ensure_ascii=False))
+            reply = _broken_text(_REPLY_JSON.encode(value))
             return Answer(
                 [*prefix, {"type": "text", "text": reply}],
                 "end_turn",
@@ -2689,11 +2805,11 @@ def build_answer(
         broken_hints = generated.broken_hints
         invented = generated.invented_quotes
         if invalid_kind == "non_json":
-            reply, applied = _broken_text(json.dumps(value, ensure_ascii=False)), "non_json"
+            reply, applied = _broken_text(_REPLY_JSON.encode(value)), "non_json"
         else:
             if invalid_kind is not None:
                 value, applied = break_answer(value, schema, generated.enum_paths, invalid_kind, fault_key)
-            reply = json.dumps(value, ensure_ascii=False)
+            reply = _REPLY_JSON.encode(value)
     else:
         reply = free_text_answer(text)
     stop_reason = "end_turn"
@@ -2770,13 +2886,56 @@ def answer_lines(
             invented_quote_rate=invented_quote_rate,
         )
         usage = usage_dict(output_tokens=answer.output_tokens, **job.usage)
-        message = build_message(job.params, answer, usage, job.message_id)
         # Text blocks carry the answer as a string: no float outside a tool_use input.
         fast = all(block.get("type") != "tool_use" for block in answer.content)
-        line = {"custom_id": job.custom_id, "result": {"type": "succeeded", "message": message}}
-        lines.append(result_line(line, fast=fast))
+        line = _fast_line(job, answer, usage) if fast else None
+        if line is None:
+            message = build_message(job.params, answer, usage, job.message_id)
+            obj = {"custom_id": job.custom_id, "result": {"type": "succeeded", "message": message}}
+            line = result_line(obj, fast=fast)
+        lines.append(line)
         counts.append((answer.invalid_kind, answer.broken_hints, answer.invented_quotes))
     return lines, counts
+
+
+_LINE_HEAD = b'{"custom_id":'
+_LINE_ID = b',"result":{"type":"succeeded","message":{"id":'
+_LINE_MODEL = b',"type":"message","role":"assistant","model":'
+_LINE_CONTENT = b',"content":'
+_LINE_STOP = b',"stop_reason":'
+_LINE_USAGE = b',"stop_sequence":null,"usage":'
+_LINE_TAIL = b"}}}\n"
+
+
+def _fast_line(job: AnswerJob, answer: Answer, usage: dict[str, Any]) -> bytes | None:
+    """The result line of a succeeded job whose content has no tool_use block, from its
+    pieces: the same bytes as ``result_line`` of the whole object with ``fast`` (orjson, compact,
+    the keys in ``build_message``'s order) without building the envelope dicts. None (the
+    caller takes the general way) when a piece is not a plain string or orjson refuses one."""
+    model = job.params.get("model")
+    if type(job.custom_id) is not str or type(job.message_id) is not str or type(model) is not str:
+        return None
+    dumps = orjson.dumps
+    try:
+        return b"".join(
+            (
+                _LINE_HEAD,
+                dumps(job.custom_id),
+                _LINE_ID,
+                dumps(job.message_id),
+                _LINE_MODEL,
+                dumps(model),
+                _LINE_CONTENT,
+                dumps(answer.content),
+                _LINE_STOP,
+                dumps(answer.stop_reason),
+                _LINE_USAGE,
+                dumps(usage),
+                _LINE_TAIL,
+            )
+        )
+    except orjson.JSONEncodeError:
+        return None
 
 
 def build_message(
