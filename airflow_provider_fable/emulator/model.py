@@ -1282,10 +1282,18 @@ def _constraint(schema: Mapping[str, Any], key: str) -> float | None:
         return float(value)
     description = schema.get("description")
     if isinstance(description, str) and key in description:
-        for name, number in _HINT_RE.findall(description):
-            if name == key:
-                return float(number)
+        return _description_hints(description).get(key)
     return None
+
+
+@lru_cache(maxsize=4096)
+def _description_hints(description: str) -> dict[str, float]:
+    """The ``{maxLength: 80}`` hints of a description, the first of each name (read-only:
+    a schema's descriptions are the same strings in every request of a batch)."""
+    hints: dict[str, float] = {}
+    for name, number in _HINT_RE.findall(description):
+        hints.setdefault(name, float(number))
+    return hints
 
 
 def _int_constraint(schema: Mapping[str, Any], key: str) -> int | None:
@@ -1471,8 +1479,9 @@ class _Answerer:
                 return part
         return ""
 
-    def _path_str(self, path: tuple[Any, ...]) -> str:
-        return "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
+    @staticmethod
+    def _path_str(path: tuple[Any, ...]) -> str:
+        return _path_string(path)
 
     # -- generation --------------------------------------------------------------------------
     def gen(self, schema: Any, path: tuple[Any, ...], depth: int) -> Any:
@@ -1894,7 +1903,11 @@ class _Answerer:
         roleish = bool(set(toks) & (_ROLE_KEYS - {"title", "contact"})) or (
             "title" in toks and bool(set(toks) & {"job", "contact", "person", "lead", "buyer"})
         )
-        for key, value in self.fields.items():
+        # A key line can only match when a wanted word is in the text (the keys are ASCII, so
+        # their words are in the lower-cased text as they are): else the lines are not read.
+        lowered = self.text.lower()
+        lines = self.fields if any(w in lowered for w in wanted) else {}
+        for key, value in lines.items():
             if set(key.split()) & wanted:
                 if roleish:
                     role = _ROLE_RE.search(value)
@@ -2000,18 +2013,15 @@ class _Answerer:
         best = max(scores)
         ordered = sorted(scores, reverse=True)
         runner_up = ordered[1] if len(ordered) > 1 else 0
-        has_unknown = any(isinstance(v, str) and v.lower() in _UNKNOWN_LABELS for v in values)
-        weak = best < _MIN_EVIDENCE and has_unknown
+        fallbacks, unknowns = _label_flags(values)
+        weak = best < _MIN_EVIDENCE and 0 in unknowns
         self.decisions.append((best, runner_up))
         where = self._path_str(path)
 
         def rank(i: int) -> tuple[int, int, int]:
-            value = values[i]
-            fallback = 0 if isinstance(value, str) and value.lower() in _FALLBACK_LABELS else 1
             if weak:
-                unknown = 0 if isinstance(value, str) and value.lower() in _UNKNOWN_LABELS else 1
-                return (unknown, -scores[i], fallback)
-            return (0, -scores[i], fallback if best == 0 else 0)
+                return (unknowns[i], -scores[i], fallbacks[i])
+            return (0, -scores[i], fallbacks[i] if best == 0 else 0)
 
         order = self._ranked(values, rank, where, k)
         picked = [values[i] for i in order[:k]]
@@ -2041,6 +2051,30 @@ class _Answerer:
                 order[start:end] = group
             start = end
         return order
+
+
+def _label_flags(values: Sequence[Any]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Per enum value: 0 when it is a fallback label (else 1), 0 when an unknown-like one
+    (else 1), as ``choose`` ranks them; cached per value list (the same in every record)."""
+    try:
+        return _label_flags_cached(tuple(values))
+    except TypeError:  # unhashable enum values (objects, lists)
+        return _label_flags_cached.__wrapped__(tuple(values))
+
+
+@lru_cache(maxsize=1024)
+def _label_flags_cached(values: tuple[Any, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    lowered = [v.lower() if isinstance(v, str) else None for v in values]
+    return (
+        tuple(0 if v is not None and v in _FALLBACK_LABELS else 1 for v in lowered),
+        tuple(0 if v is not None and v in _UNKNOWN_LABELS else 1 for v in lowered),
+    )
+
+
+@lru_cache(maxsize=4096)
+def _path_string(path: tuple[Any, ...]) -> str:
+    """A field's JSON path as the stable hashes spell it (``$.items[0].label``)."""
+    return "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
 
 
 _LIST_THRESHOLD = 3  # a sentence is "about" a list's topic from this much evidence
