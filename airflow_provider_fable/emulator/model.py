@@ -921,29 +921,30 @@ def _corrected(token: str, vocabulary: frozenset[str]) -> str:
     return _corrected_cached(token, vocabulary)
 
 
-#: ``_corrected`` per vocabulary (the typo vocabulary of a prompt is one cached frozenset, so
-#: keyed by it): one dict look-up per word instead of a length test, a set test and, for every
-#: long word, an ``lru_cache`` call (bounded: a vocabulary's memo is cleared when full).
-_CORRECTED_MEMO: dict[frozenset[str], dict[str, str]] = {}
+#: Per typo vocabulary (a prompt's is one cached frozenset, so keyed by it), each word seen so
+#: far: (``_corrected(word, vocabulary)``, its ``stem``). One dict look-up per word instead of a
+#: length test, a set test, an ``lru_cache`` call for every long word and the stem memo's look-up
+#: (bounded: a vocabulary's memo is cleared when full).
+_CORRECTED_MEMO: dict[frozenset[str], dict[str, tuple[str, str]]] = {}
 _CORRECTED_MEMO_MAX = 200_000
 
 
-def _corrected_all(tokens: list[str], vocabulary: frozenset[str]) -> list[str]:
-    """``[_corrected(t, vocabulary) for t in tokens]``, memoised per word and vocabulary."""
+def _corrected_stems(tokens: list[str], vocabulary: frozenset[str]) -> tuple[list[str], list[str]]:
+    """``[_corrected(t, vocabulary) for t in tokens]`` and ``_stems`` of that, memoised per word."""
     memo = _CORRECTED_MEMO.get(vocabulary)
     if memo is None:
         if len(_CORRECTED_MEMO) >= 64:
             _CORRECTED_MEMO.clear()
         memo = _CORRECTED_MEMO[vocabulary] = {}
-    out = [memo.get(t) for t in tokens]
-    if None in out:
+    pairs = [memo.get(t) for t in tokens]
+    if None in pairs:
         if len(memo) > _CORRECTED_MEMO_MAX:
             memo.clear()
-        for i, s in enumerate(out):
-            if s is None:
-                t = tokens[i]
-                out[i] = memo[t] = _corrected(t, vocabulary)
-    return out  # type: ignore[return-value]
+        for i, pair in enumerate(pairs):
+            if pair is None:
+                word = _corrected(tokens[i], vocabulary)
+                pairs[i] = memo[tokens[i]] = (word, _stems([word])[0])
+    return [p[0] for p in pairs], [p[1] for p in pairs]  # type: ignore[index]
 
 
 class Evidence:
@@ -959,8 +960,9 @@ class Evidence:
     ) -> None:
         tokens = _evidence_tokens(text)
         if vocabulary:
-            tokens = _corrected_all(tokens, vocabulary)
-        stems = _stems(tokens)
+            tokens, stems = _corrected_stems(tokens, vocabulary)
+        else:
+            stems = _stems(tokens)
         extra = [_stems(_evidence_tokens(g)) for g in glosses(tokens)]
         self.text = text
         self._joined = " " + " | ".join([" ".join(stems), *(" ".join(e) for e in extra)]) + " "
@@ -981,14 +983,15 @@ class Evidence:
             negated = Counter([stems[i] for i in after])
             self._affirmed = self._stems - negated
         # Keywords come from the content sentences so prompt instructions ("Classify...") are skipped.
-        self._keyword_source = " ".join(sentences) if sentences is not None else text
+        self._sentences = sentences  # joined when first needed
         self._words_cache: list[str] | None = None
 
     @property
     def _words(self) -> list[str]:
         """Words for keywords, tokenised on first use (most schemas have no keyword field)."""
         if self._words_cache is None:
-            self._words_cache = _words(self._keyword_source)
+            source = " ".join(self._sentences) if self._sentences is not None else self.text
+            self._words_cache = _words(source)
         return self._words_cache
 
     def count(self, phrase: Sequence[str], *, negatable: bool = False) -> int:
@@ -1366,6 +1369,8 @@ class _Answerer:
         self.evidence = Evidence(evidence_text, self.sentences, vocabulary=self.vocabulary)
         self._scoped: dict[str, Evidence] = {}
         self._sentence_evidence: dict[str, Evidence] = {}
+        #: the stems of each sentence of the record, for the fields answered by overlap
+        self._sentence_stems: dict[str, frozenset[str]] = {}
         self.enum_paths: list[tuple[tuple[Any, ...], tuple[Any, ...]]] = []
         #: (best score, runner-up score) of every enum decision: how sure each choice was.
         self.decisions: list[tuple[int, int]] = []
@@ -1926,16 +1931,14 @@ class _Answerer:
             return role.group(1) if role else "unknown"
         if not by_overlap:
             return None  # summaries and tags have their own rules
-        hints = {stem(t) for t in toks}
-        if isinstance(description, str):
-            hints |= {
-                stem(w)
-                for w in _words(_HINT_BLOCK_RE.sub(" ", description))
-                if len(w) > 3 and w not in _STOPWORDS
-            }
+        hints = _overlap_hints(tuple(toks), description if isinstance(description, str) else None)
         best, best_hits = None, 0
+        stem_sets = self._sentence_stems
         for sentence in self.sentences:
-            hits = len(hints & {stem(w) for w in _words(sentence)})
+            stems = stem_sets.get(sentence)
+            if stems is None:
+                stems = stem_sets[sentence] = frozenset(_stems(_words(sentence)))
+            hits = len(hints & stems)
             if hits > best_hits:
                 best, best_hits = sentence, hits
         return best
@@ -2051,6 +2054,20 @@ class _Answerer:
                 order[start:end] = group
             start = end
         return order
+
+
+@lru_cache(maxsize=1024)
+def _overlap_hints(toks: tuple[str, ...], description: str | None) -> frozenset[str]:
+    """The stems a free-text field looks for in the record's sentences: its name's and its
+    description's (hint blocks, short words and stopwords left out); the same in every record."""
+    hints = {stem(t) for t in toks}
+    if description is not None:
+        hints |= {
+            stem(w)
+            for w in _words(_HINT_BLOCK_RE.sub(" ", description))
+            if len(w) > 3 and w not in _STOPWORDS
+        }
+    return frozenset(hints)
 
 
 def _label_flags(values: Sequence[Any]) -> tuple[tuple[int, ...], tuple[int, ...]]:
