@@ -1981,21 +1981,22 @@ class _Answerer:
         name = self.field_name(path)
         description = schema.get("description") if isinstance(schema, Mapping) else None
         description = description if isinstance(description, str) else ""
-        labels = tuple(v for v in values if isinstance(v, str))
-        cues, scorer = _choice_model(labels, self.cues.system, description)
-        evidence = self.scoped_evidence(name, description)
-        by_label = iter(scorer.scores(evidence))
-        scores = []
-        for v in values:
-            if not isinstance(v, str):
-                scores.append(0)
-                continue
-            score = next(by_label)
-            # The label test first (cached per label): the record key is only read for a
-            # label that stands for "no answer given".
-            if _names_placeholder(v, cues.definitions.get(v)) and self.empty_record:
-                score += 8
-            scores.append(score)
+        plan = _choice_plan(values, self.cues.system, description, name)
+        labels, cues, scorer = plan.labels, plan.cues, plan.scorer
+        # Without scope phrases ``scoped_evidence`` is the whole record's evidence.
+        evidence = self.scoped_evidence(name, description) if plan.scoped else self.evidence
+        by_label = scorer.scores(evidence)
+        if plan.all_strings:
+            scores = by_label
+        else:
+            scores = [0] * len(values)
+            for i, score in zip(plan.string_at, by_label, strict=True):
+                scores[i] = score
+        # The label test first (cached per label): the record key is only read for a label
+        # that stands for "no answer given".
+        if plan.placeholders and self.empty_record:
+            for i in plan.placeholders:
+                scores[i] += 8
         band = None
         if len(cues.bands) >= 2 and self.counts:
             for count in self.counts:
@@ -2005,7 +2006,7 @@ class _Answerer:
                 if band is not None:
                     band = list(values).index(labels[band])
                     break
-        if band is None and _has_bands(values, name):
+        if band is None and plan.bands:
             band = _band_choice(values, self.counts, name)
         if band is not None:
             scores[band] += 6
@@ -2016,7 +2017,7 @@ class _Answerer:
         best = max(scores)
         ordered = sorted(scores, reverse=True)
         runner_up = ordered[1] if len(ordered) > 1 else 0
-        fallbacks, unknowns = _label_flags(values)
+        fallbacks, unknowns = plan.fallbacks, plan.unknowns
         weak = best < _MIN_EVIDENCE and 0 in unknowns
         self.decisions.append((best, runner_up))
         where = self._path_str(path)
@@ -2070,21 +2071,56 @@ def _overlap_hints(toks: tuple[str, ...], description: str | None) -> frozenset[
     return frozenset(hints)
 
 
-def _label_flags(values: Sequence[Any]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Per enum value: 0 when it is a fallback label (else 1), 0 when an unknown-like one
-    (else 1), as ``choose`` ranks them; cached per value list (the same in every record)."""
+@dataclass(frozen=True)
+class _ChoicePlan:
+    """What ``choose`` works out from an enum field alone (its values, the prompt's system text,
+    its description and name): the same in every record, so built once per field."""
+
+    labels: tuple[str, ...]
+    cues: LabelCues
+    scorer: _Scorer
+    #: every value is a string (the scores are the scorer's, in order)
+    all_strings: bool
+    #: indexes of the string values, in order (for the others' zero scores)
+    string_at: tuple[int, ...]
+    #: indexes of the labels that stand for "no answer given"
+    placeholders: tuple[int, ...]
+    #: the prompt names the record part the field comes from (``scoped_evidence`` may narrow)
+    scoped: bool
+    #: a head count could pick a value (``_has_bands``)
+    bands: bool
+    #: per value, 0 for a fallback label (else 1), 0 for an unknown-like one (else 1)
+    fallbacks: tuple[int, ...]
+    unknowns: tuple[int, ...]
+
+
+def _choice_plan(values: Sequence[Any], system: str, description: str, name: str) -> _ChoicePlan:
     try:
-        return _label_flags_cached(tuple(values))
+        return _choice_plan_cached(tuple(values), system, description, name)
     except TypeError:  # unhashable enum values (objects, lists)
-        return _label_flags_cached.__wrapped__(tuple(values))
+        return _choice_plan_cached.__wrapped__(tuple(values), system, description, name)
 
 
 @lru_cache(maxsize=1024)
-def _label_flags_cached(values: tuple[Any, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def _choice_plan_cached(values: tuple[Any, ...], system: str, description: str, name: str) -> _ChoicePlan:
+    labels = tuple(v for v in values if isinstance(v, str))
+    cues, scorer = _choice_model(labels, system, description)
+    string_at = tuple(i for i, v in enumerate(values) if isinstance(v, str))
+    words = [w for w in name_tokens(name) if w]
     lowered = [v.lower() if isinstance(v, str) else None for v in values]
-    return (
-        tuple(0 if v is not None and v in _FALLBACK_LABELS else 1 for v in lowered),
-        tuple(0 if v is not None and v in _UNKNOWN_LABELS else 1 for v in lowered),
+    return _ChoicePlan(
+        labels=labels,
+        cues=cues,
+        scorer=scorer,
+        all_strings=len(string_at) == len(values),
+        string_at=string_at,
+        placeholders=tuple(
+            i for i in string_at if _names_placeholder(values[i], cues.definitions.get(values[i]))
+        ),
+        scoped=bool(words) and bool(_scope_phrases(" ".join(words), description, system)),
+        bands=_has_bands(values, name),
+        fallbacks=tuple(0 if v is not None and v in _FALLBACK_LABELS else 1 for v in lowered),
+        unknowns=tuple(0 if v is not None and v in _UNKNOWN_LABELS else 1 for v in lowered),
     )
 
 
