@@ -1060,25 +1060,19 @@ class _Scorer:
         counts = evidence._stems
         affirmed = evidence._affirmed
         single = self.single
-        if len(counts) <= len(single):
-            found = [(s, c, single[s]) for s, c in counts.items() if s in single]
-        else:
-            found = [(s, counts[s], entries) for s, entries in single.items() if s in counts]
-        for s, n, entries in found:
-            for i, weight, negatable in entries:
+        # Sums of integers: the order stems and phrases are added in does not change a score,
+        # so the stems both sides have are found as one set intersection (walks the smaller).
+        for s in counts.keys() & single.keys():
+            n = counts[s]
+            for i, weight, negatable in single[s]:
                 c = affirmed.get(s, 0) if negatable else n
                 if c > 0:
                     out[i] += weight * (c if c < _SATURATION else _SATURATION)
         by_first = self.multi_by_first
         if by_first:
-            # Sums of integers: the order phrases are added in does not change a score.
             joined = evidence._joined
-            if len(counts) <= len(by_first):
-                hits = [p for p in map(by_first.get, counts) if p is not None]
-            else:
-                hits = [p for first, p in by_first.items() if first in counts]
-            for phrases in hits:
-                for i, phrase, weight in phrases:
+            for first in counts.keys() & by_first.keys():
+                for i, phrase, weight in by_first[first]:
                     c = joined.count(phrase)
                     if c:
                         out[i] += weight * (c if c < _SATURATION else _SATURATION)
