@@ -1781,16 +1781,16 @@ class _Answerer:
         if isinstance(fmt, str) and fmt in _FORMATS:
             return _FORMATS[fmt](self, path)
         name = self.field_name(path)
-        toks = set(name_tokens(name))
+        email, url, quote, summary, tag = _string_kinds(name)
         min_len = _int_constraint(schema, "minLength")
         max_len = _int_constraint(schema, "maxLength")
         index = path[-1] if path and isinstance(path[-1], int) else 0
         sentences = self.sentences or ["n/a"]
-        if toks & {"email", "mail"}:
+        if email:
             value = _format_email(self, path)
-        elif toks & {"url", "uri", "link", "website"}:
+        elif url:
             value = _format_uri(self, path)
-        elif toks & _EVIDENCE_TOKENS:
+        elif quote:
             value = trim_to(self.best_quote(), 280)
             if self.invents_quote(path):
                 # A real model asked for a verbatim quote sometimes paraphrases or adds a
@@ -1800,14 +1800,12 @@ class _Answerer:
                 if max_len is not None:
                     return value
         elif (
-            found := self.field_value(
-                name, schema.get("description"), by_overlap=not toks & (_SUMMARY_TOKENS | _TAG_TOKENS)
-            )
+            found := self.field_value(name, schema.get("description"), by_overlap=not (summary or tag))
         ) is not None:
             value = found
-        elif toks & _SUMMARY_TOKENS:
+        elif summary:
             value = trim_to(sentences[index % len(sentences)], 280)
-        elif toks & _TAG_TOKENS:
+        elif tag:
             words = self.evidence.keywords(index + 1) or ["general"]
             value = words[min(index, len(words) - 1)]
         else:
@@ -1892,16 +1890,9 @@ class _Answerer:
         role) wins; a role-like field takes the job title found in the record; else the
         sentence sharing most words with the field's name and description. None: no clue.
         """
-        toks = [t for t in name_tokens(name) if t not in _LABEL_STOPWORDS]
+        toks, wanted, roleish = _field_words(name)
         if not toks:
             return None
-        wanted = set(toks)
-        for t in toks:
-            wanted |= _SYNONYMS.get(t, frozenset())
-        # A bare "title" is a headline; "job_title", "persona" or "role" are about a person.
-        roleish = bool(set(toks) & (_ROLE_KEYS - {"title", "contact"})) or (
-            "title" in toks and bool(set(toks) & {"job", "contact", "person", "lead", "buyer"})
-        )
         # A key line can only match when a wanted word is in the text (the keys are ASCII, so
         # their words are in the lower-cased text as they are): else the lines are not read.
         lowered = self.text.lower()
@@ -2049,6 +2040,36 @@ class _Answerer:
                 order[start:end] = group
             start = end
         return order
+
+
+@lru_cache(maxsize=4096)
+def _string_kinds(name: str) -> tuple[bool, bool, bool, bool, bool]:
+    """What a string field's name makes it, as ``_Answerer.string`` tests in turn: an email, a
+    URL, a verbatim quote, a summary-like text, a tag (the same in every record)."""
+    toks = set(name_tokens(name))
+    return (
+        bool(toks & {"email", "mail"}),
+        bool(toks & {"url", "uri", "link", "website"}),
+        bool(toks & _EVIDENCE_TOKENS),
+        bool(toks & _SUMMARY_TOKENS),
+        bool(toks & _TAG_TOKENS),
+    )
+
+
+@lru_cache(maxsize=4096)
+def _field_words(name: str) -> tuple[list[str], frozenset[str], bool]:
+    """What ``field_value`` reads from a field's name alone: its words (stopwords left out), the
+    key-line words it looks for (synonyms included) and whether it is about a person's role.
+    The same in every record (the word list is read-only)."""
+    toks = [t for t in name_tokens(name) if t not in _LABEL_STOPWORDS]
+    wanted = set(toks)
+    for t in toks:
+        wanted |= _SYNONYMS.get(t, frozenset())
+    # A bare "title" is a headline; "job_title", "persona" or "role" are about a person.
+    roleish = bool(set(toks) & (_ROLE_KEYS - {"title", "contact"})) or (
+        "title" in toks and bool(set(toks) & {"job", "contact", "person", "lead", "buyer"})
+    )
+    return toks, frozenset(wanted), roleish
 
 
 @lru_cache(maxsize=1024)
