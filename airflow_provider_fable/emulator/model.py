@@ -1344,6 +1344,7 @@ class _Answerer:
         self._resolved = shared.resolved if shared is not None and shared.owns(root) else None
         self._stable = shared.stable_ids if shared is not None else set()
         self._plans = shared.object_plans if self._resolved is not None and shared is not None else None
+        self._gen_plans = shared.gen_plans if self._resolved is not None and shared is not None else None
         self.text = text
         #: Share of description-only constraints to break, and the key that picks which.
         self.break_rate = break_rate
@@ -1484,6 +1485,17 @@ class _Answerer:
 
     # -- generation --------------------------------------------------------------------------
     def gen(self, schema: Any, path: tuple[Any, ...], depth: int) -> Any:
+        plans = self._gen_plans
+        if plans is not None:
+            # A node of the shared prompt's schema is filled the same way in every record: an
+            # enum, or a type (per depth class); what was worked out for it is looked up.
+            hit = plans.get(id(schema))
+            if hit is not None and hit[0] is schema:
+                if hit[1] is None:  # an enum: (node, None, resolved, values tuple, values)
+                    self.enum_paths.append((path, hit[3]))
+                    return copy.deepcopy(self.choose(hit[4], path, 1, hit[2])[0])
+                return self._fill(hit[2], hit[3] if depth > _MAX_DEPTH else hit[1], path, depth)
+        original = schema
         schema = self.resolve(schema)
         if not isinstance(schema, Mapping):
             return None if schema is False else self.string({}, path)
@@ -1491,7 +1503,10 @@ class _Answerer:
             return copy.deepcopy(schema["const"])
         enum = schema.get("enum")
         if isinstance(enum, list) and enum:
-            self.enum_paths.append((path, tuple(enum)))
+            values = tuple(enum)
+            if plans is not None and id(original) in self._stable:
+                plans[id(original)] = (original, None, schema, values, enum)
+            self.enum_paths.append((path, values))
             return copy.deepcopy(self.choose(enum, path, 1, schema)[0])
         variants = schema.get("anyOf") or schema.get("oneOf")
         if isinstance(variants, list) and variants:
@@ -1509,17 +1524,13 @@ class _Answerer:
                     "description": f"{inner}\n\n{outer}" if isinstance(inner, str) else outer,
                 }
             return self.gen(variant, path, depth)
-        kind = schema.get("type")
-        if isinstance(kind, list):
-            non_null = [t for t in kind if t != "null"]
-            kind = "null" if not non_null or (depth > _MAX_DEPTH and "null" in kind) else non_null[0]
-        if kind is None:
-            if "properties" in schema or "additionalProperties" in schema:
-                kind = "object"
-            elif "items" in schema:
-                kind = "array"
-            else:
-                kind = "string"
+        shallow, deep = _schema_kinds(schema)
+        if plans is not None and id(original) in self._stable:
+            plans[id(original)] = (original, shallow, schema, deep)
+        return self._fill(schema, deep if depth > _MAX_DEPTH else shallow, path, depth)
+
+    def _fill(self, schema: Mapping[str, Any], kind: Any, path: tuple[Any, ...], depth: int) -> Any:
+        """A value of a resolved schema of type ``kind`` (no const, enum or variants)."""
         if kind == "object":
             return self.object(schema, path, depth)
         if kind == "array":
@@ -2040,6 +2051,26 @@ class _Answerer:
                 order[start:end] = group
             start = end
         return order
+
+
+def _schema_kinds(schema: Mapping[str, Any]) -> tuple[Any, Any]:
+    """The type ``gen`` fills a resolved schema as (no const, enum or variants): at depths up to
+    ``_MAX_DEPTH`` and beyond it (where a nullable type list gives null)."""
+    out = []
+    for deep in (False, True):
+        kind = schema.get("type")
+        if isinstance(kind, list):
+            non_null = [t for t in kind if t != "null"]
+            kind = "null" if not non_null or (deep and "null" in kind) else non_null[0]
+        if kind is None:
+            if "properties" in schema or "additionalProperties" in schema:
+                kind = "object"
+            elif "items" in schema:
+                kind = "array"
+            else:
+                kind = "string"
+        out.append(kind)
+    return out[0], out[1]
 
 
 @lru_cache(maxsize=4096)
@@ -2691,6 +2722,8 @@ class SharedPrompt:
         self.stable_ids: set[int] = set()
         #: ``_Answerer._object_plan`` memo: id(object schema) -> (schema, (late fields, conditions))
         self.object_plans: dict[int, tuple[Any, Any]] = {}
+        #: ``_Answerer.gen`` memo: id(schema node) -> (node, how it is filled), for nodes kept alive here
+        self.gen_plans: dict[int, tuple[Any, ...]] = {}
         self._roots = [r for r in (self.schema, self.tool_schema) if isinstance(r, Mapping)]
         stack: list[Any] = list(self._roots)
         while stack and len(self.stable_ids) < 100_000:
