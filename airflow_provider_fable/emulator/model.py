@@ -331,7 +331,7 @@ _STEM_MEMO_MAX = 200_000
 def _stems(tokens: Sequence[str]) -> list[str]:
     """``[stem(t) for t in tokens]``, memoised per word."""
     memo = _STEM_MEMO
-    out = [memo.get(t) for t in tokens]
+    out = list(map(memo.get, tokens))
     if None in out:
         if len(memo) > _STEM_MEMO_MAX:
             memo.clear()
@@ -936,7 +936,7 @@ def _corrected_stems(tokens: list[str], vocabulary: frozenset[str]) -> tuple[lis
         if len(_CORRECTED_MEMO) >= 64:
             _CORRECTED_MEMO.clear()
         memo = _CORRECTED_MEMO[vocabulary] = {}
-    pairs = [memo.get(t) for t in tokens]
+    pairs = list(map(memo.get, tokens))
     if None in pairs:
         if len(memo) > _CORRECTED_MEMO_MAX:
             memo.clear()
@@ -944,7 +944,10 @@ def _corrected_stems(tokens: list[str], vocabulary: frozenset[str]) -> tuple[lis
             if pair is None:
                 word = _corrected(tokens[i], vocabulary)
                 pairs[i] = memo[tokens[i]] = (word, _stems([word])[0])
-    return [p[0] for p in pairs], [p[1] for p in pairs]  # type: ignore[index]
+    if not pairs:
+        return [], []
+    words, stems = zip(*pairs, strict=True)  # type: ignore[misc]
+    return list(words), list(stems)
 
 
 class Evidence:
@@ -1583,7 +1586,8 @@ class _Answerer:
         for name in late:
             if depth <= _MAX_DEPTH or name in required:
                 out[name] = self.gen(props[name], (*path, name), depth + 1)
-        out = {name: out[name] for name in props if name in out}
+        if late:  # else the fields were filled in the schema's order already
+            out = {name: out[name] for name in props if name in out}
         for name in required:
             if name not in out:
                 out[name] = self.string({}, (*path, name))
