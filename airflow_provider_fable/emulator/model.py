@@ -21,7 +21,7 @@ import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -76,6 +76,27 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # Stable hashing: every "random" choice in the emulator goes through these, never `random`.
 # --------------------------------------------------------------------------------------------
+
+
+class _lazy:  # noqa: N801 (used as a decorator, like the functools one it replaces)
+    """``functools.cached_property`` without its per-access lock (Python 3.11 takes an RLock on
+    every first read): an ``_Answerer`` lives in one thread, and its lazy reads are hot."""
+
+    __slots__ = ("func", "name")
+
+    def __init__(self, func: Callable[[Any], Any]) -> None:
+        self.func = func
+        self.name = func.__name__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.func(obj)
+        return value
+
 
 _ALNUM = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
@@ -158,6 +179,37 @@ def last_user_text(params: Mapping[str, Any]) -> str:
 _TAG_RE = re.compile(r"</?[A-Za-z][A-Za-z0-9_-]{0,40}>")
 _LABEL_PREFIX_RE = re.compile(r"^[A-Za-z][A-Za-z0-9 #_-]{0,24}:\s+")
 _SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?])\s+|\n+")
+#: Where a ``_SENTENCE_SPLIT_RE`` separator can begin: a newline, or the punctuation before
+#: one (searched for as one character class; the look-behind alternation made the engine try
+#: every character of the text both ways, several times slower).
+_SENTENCE_MARK_RE = re.compile(r"[.!?\n]")
+_SPACE_RUN_RE = re.compile(r"\s+")
+_NEWLINE_RUN_RE = re.compile(r"\n+")
+_HAS_ALNUM_RE = re.compile(r"[^\W_]")  # what ``str.isalnum`` accepts, one character of it
+
+
+def _split_sentences(text: str) -> list[str]:
+    """``_SENTENCE_SPLIT_RE.split(text)``: the same pieces, empty ones included."""
+    pieces: list[str] = []
+    start = pos = 0
+    search = _SENTENCE_MARK_RE.search
+    while (mark := search(text, pos)) is not None:
+        j = mark.start()
+        if text[j] == "\n":
+            # Not after punctuation (that one was met first and took the newline with it).
+            run = _NEWLINE_RUN_RE.match(text, j)
+        else:
+            run = _SPACE_RUN_RE.match(text, j + 1)
+            if run is None:
+                pos = j + 1
+                continue
+        assert run is not None
+        pieces.append(text[start : run.start()])
+        start = pos = run.end()
+    pieces.append(text[start:])
+    return pieces
+
+
 _INSTRUCTION_WORDS = frozenset(
     "classify categorize categorise summarize summarise extract analyze analyse label determine "
     "identify decide output return respond enrich tag score rate assess evaluate qualify review "
@@ -171,16 +223,18 @@ def content_sentences(text: str) -> list[str]:
     Prompt templates wrap the record in instructions ("Classify this ticket:") and labels
     ("Subject: ..."); those are skipped or stripped so extracts quote the record itself.
     """
-    text = _TAG_RE.sub(" ", text.replace("\u2019", "'"))
+    text = text.replace("\u2019", "'")
+    if "<" in text:
+        text = _TAG_RE.sub(" ", text)
     out: list[str] = []
-    for raw in _SENTENCE_SPLIT_RE.split(text):
+    for raw in _split_sentences(text):
         sentence = " ".join(raw.split())
-        if not sentence or sentence.endswith(":") or not any(ch.isalnum() for ch in sentence):
+        if not sentence or sentence.endswith(":") or _HAS_ALNUM_RE.search(sentence) is None:
             continue
-        words = sentence.lower().split()
-        first = words[0].strip(",.:;!?")
+        words = sentence.split(None, 2)  # the first two words are all that is read
+        first = words[0].lower().strip(",.:;!?")
         if first == "please" and len(words) > 1:
-            first = words[1].strip(",.:;!?")
+            first = words[1].lower().strip(",.:;!?")
         if first in _INSTRUCTION_WORDS:
             continue
         sentence = _LABEL_PREFIX_RE.sub("", sentence, count=1) or sentence
@@ -285,7 +339,7 @@ _STEM_MEMO_MAX = 200_000
 def _stems(tokens: Sequence[str]) -> list[str]:
     """``[stem(t) for t in tokens]``, memoised per word."""
     memo = _STEM_MEMO
-    out = [memo.get(t) for t in tokens]
+    out = list(map(memo.get, tokens))
     if None in out:
         if len(memo) > _STEM_MEMO_MAX:
             memo.clear()
@@ -295,9 +349,31 @@ def _stems(tokens: Sequence[str]) -> list[str]:
     return out  # type: ignore[return-value]
 
 
+#: Every ASCII character that cannot be part of a word, as a space (for ``_words``).
+_NON_WORD_ASCII = str.maketrans(
+    {chr(i): " " for i in range(128) if not (chr(i).isalnum() or chr(i) == "'") or chr(i).isupper()}
+)
+_NON_ASCII_RE = re.compile(r"[^\x00-\x7f]+")
+
+
 def _words(text: str) -> list[str]:
     # Accents are folded first: "fonctionnalités" is one word, not "fonctionnalit" + "s".
-    return _WORD_RE.findall(fold(text.lower().replace("\u2019", "'").replace("\u2018", "'")))
+    text = fold(text.lower().replace("\u2019", "'").replace("\u2018", "'"))
+    # ``_WORD_RE.findall``, faster: characters no word can hold become spaces and the text is
+    # split there (no match of the pattern spans one, so the matches are the same); only the
+    # pieces with an apostrophe, whose place in a word the pattern decides, go through it.
+    if not text.isascii():
+        text = _NON_ASCII_RE.sub(" ", text)
+    parts = text.translate(_NON_WORD_ASCII).split()
+    if "'" not in text:
+        return parts
+    out: list[str] = []
+    for part in parts:
+        if "'" in part:
+            out += _WORD_RE.findall(part)
+        else:
+            out.append(part)
+    return out
 
 
 def name_tokens(name: str) -> list[str]:
@@ -853,6 +929,35 @@ def _corrected(token: str, vocabulary: frozenset[str]) -> str:
     return _corrected_cached(token, vocabulary)
 
 
+#: Per typo vocabulary (a prompt's is one cached frozenset, so keyed by it), each word seen so
+#: far: (``_corrected(word, vocabulary)``, its ``stem``). One dict look-up per word instead of a
+#: length test, a set test, an ``lru_cache`` call for every long word and the stem memo's look-up
+#: (bounded: a vocabulary's memo is cleared when full).
+_CORRECTED_MEMO: dict[frozenset[str], dict[str, tuple[str, str]]] = {}
+_CORRECTED_MEMO_MAX = 200_000
+
+
+def _corrected_stems(tokens: list[str], vocabulary: frozenset[str]) -> tuple[list[str], list[str]]:
+    """``[_corrected(t, vocabulary) for t in tokens]`` and ``_stems`` of that, memoised per word."""
+    memo = _CORRECTED_MEMO.get(vocabulary)
+    if memo is None:
+        if len(_CORRECTED_MEMO) >= 64:
+            _CORRECTED_MEMO.clear()
+        memo = _CORRECTED_MEMO[vocabulary] = {}
+    pairs = list(map(memo.get, tokens))
+    if None in pairs:
+        if len(memo) > _CORRECTED_MEMO_MAX:
+            memo.clear()
+        for i, pair in enumerate(pairs):
+            if pair is None:
+                word = _corrected(tokens[i], vocabulary)
+                pairs[i] = memo[tokens[i]] = (word, _stems([word])[0])
+    if not pairs:
+        return [], []
+    words, stems = zip(*pairs, strict=True)  # type: ignore[misc]
+    return list(words), list(stems)
+
+
 class Evidence:
     """Word statistics of one request text, built once and queried per label.
 
@@ -866,10 +971,9 @@ class Evidence:
     ) -> None:
         tokens = _evidence_tokens(text)
         if vocabulary:
-            tokens = [
-                t if len(t) < 5 or t in vocabulary else _corrected_cached(t, vocabulary) for t in tokens
-            ]
-        stems = _stems(tokens)
+            tokens, stems = _corrected_stems(tokens, vocabulary)
+        else:
+            stems = _stems(tokens)
         extra = [_stems(_evidence_tokens(g)) for g in glosses(tokens)]
         self.text = text
         self._joined = " " + " | ".join([" ".join(stems), *(" ".join(e) for e in extra)]) + " "
@@ -890,14 +994,15 @@ class Evidence:
             negated = Counter([stems[i] for i in after])
             self._affirmed = self._stems - negated
         # Keywords come from the content sentences so prompt instructions ("Classify...") are skipped.
-        self._keyword_source = " ".join(sentences) if sentences is not None else text
+        self._sentences = sentences  # joined when first needed
         self._words_cache: list[str] | None = None
 
     @property
     def _words(self) -> list[str]:
         """Words for keywords, tokenised on first use (most schemas have no keyword field)."""
         if self._words_cache is None:
-            self._words_cache = _words(self._keyword_source)
+            source = " ".join(self._sentences) if self._sentences is not None else self.text
+            self._words_cache = _words(source)
         return self._words_cache
 
     def count(self, phrase: Sequence[str], *, negatable: bool = False) -> int:
@@ -938,7 +1043,7 @@ class _Scorer:
     Identical scores for a fraction of the work; built once per label set and cached.
     """
 
-    __slots__ = ("multi", "single", "size")
+    __slots__ = ("multi", "multi_by_first", "single", "size")
 
     def __init__(self, phrase_lists: Sequence[Iterable[_Phrase]]) -> None:
         single: dict[str, list[tuple[int, int, bool]]] = {}
@@ -952,6 +1057,13 @@ class _Scorer:
         self.size = len(phrase_lists)
         self.single: dict[str, tuple[tuple[int, int, bool], ...]] = {k: tuple(v) for k, v in single.items()}
         self.multi: tuple[tuple[int, str, str, int], ...] = tuple(multi)
+        #: the multi-word phrases by their first stem: a record's few stems find theirs directly
+        by_first: dict[str, list[tuple[int, str, int]]] = {}
+        for i, first, phrase, weight in multi:
+            by_first.setdefault(first, []).append((i, phrase, weight))
+        self.multi_by_first: dict[str, tuple[tuple[int, str, int], ...]] = {
+            k: tuple(v) for k, v in by_first.items()
+        }
 
     def scores(self, evidence: Evidence) -> list[int]:
         """Each label's score against ``evidence`` (what ``Evidence.score`` sums, label by label)."""
@@ -959,19 +1071,19 @@ class _Scorer:
         counts = evidence._stems
         affirmed = evidence._affirmed
         single = self.single
-        if len(counts) <= len(single):
-            found = [(s, c, single[s]) for s, c in counts.items() if s in single]
-        else:
-            found = [(s, counts[s], entries) for s, entries in single.items() if s in counts]
-        for s, n, entries in found:
-            for i, weight, negatable in entries:
+        # Sums of integers: the order stems and phrases are added in does not change a score,
+        # so the stems both sides have are found as one set intersection (walks the smaller).
+        for s in counts.keys() & single.keys():
+            n = counts[s]
+            for i, weight, negatable in single[s]:
                 c = affirmed.get(s, 0) if negatable else n
                 if c > 0:
                     out[i] += weight * (c if c < _SATURATION else _SATURATION)
-        if self.multi:
+        by_first = self.multi_by_first
+        if by_first:
             joined = evidence._joined
-            for i, first, phrase, weight in self.multi:
-                if first in counts:
+            for first in counts.keys() & by_first.keys():
+                for i, phrase, weight in by_first[first]:
                     c = joined.count(phrase)
                     if c:
                         out[i] += weight * (c if c < _SATURATION else _SATURATION)
@@ -1178,10 +1290,18 @@ def _constraint(schema: Mapping[str, Any], key: str) -> float | None:
         return float(value)
     description = schema.get("description")
     if isinstance(description, str) and key in description:
-        for name, number in _HINT_RE.findall(description):
-            if name == key:
-                return float(number)
+        return _description_hints(description).get(key)
     return None
+
+
+@lru_cache(maxsize=4096)
+def _description_hints(description: str) -> dict[str, float]:
+    """The ``{maxLength: 80}`` hints of a description, the first of each name (read-only:
+    a schema's descriptions are the same strings in every request of a batch)."""
+    hints: dict[str, float] = {}
+    for name, number in _HINT_RE.findall(description):
+        hints.setdefault(name, float(number))
+    return hints
 
 
 def _int_constraint(schema: Mapping[str, Any], key: str) -> int | None:
@@ -1235,6 +1355,7 @@ class _Answerer:
         self._resolved = shared.resolved if shared is not None and shared.owns(root) else None
         self._stable = shared.stable_ids if shared is not None else set()
         self._plans = shared.object_plans if self._resolved is not None and shared is not None else None
+        self._gen_plans = shared.gen_plans if self._resolved is not None and shared is not None else None
         self.text = text
         #: Share of description-only constraints to break, and the key that picks which.
         self.break_rate = break_rate
@@ -1254,6 +1375,8 @@ class _Answerer:
         self.evidence = Evidence(evidence_text, self.sentences, vocabulary=self.vocabulary)
         self._scoped: dict[str, Evidence] = {}
         self._sentence_evidence: dict[str, Evidence] = {}
+        #: the stems of each sentence of the record, for the fields answered by overlap
+        self._sentence_stems: dict[str, frozenset[str]] = {}
         self.enum_paths: list[tuple[tuple[Any, ...], tuple[Any, ...]]] = []
         #: (best score, runner-up score) of every enum decision: how sure each choice was.
         self.decisions: list[tuple[int, int]] = []
@@ -1268,31 +1391,31 @@ class _Answerer:
         self.conditions: dict[tuple[Any, ...], set[str]] = {}
 
     # -- what the record says, read when a field first needs it ------------------------------
-    @cached_property
+    @_lazy
     def record(self) -> str:
         """The record itself (its quoted value, or its non-template words), normalised."""
         return record_key(self.text, self.cues.template_words)
 
-    @cached_property
+    @_lazy
     def empty_record(self) -> bool:
         return is_placeholder(self.record)
 
-    @cached_property
+    @_lazy
     def example(self) -> Any:
         """The answer a few-shot turn gave to this very record, if one did."""
         return matching_example(self.record, self.cues.examples) if self.cues.examples else None
 
-    @cached_property
+    @_lazy
     def filler(self) -> list[str]:
         """Words of the record, to pad text up to a minLength."""
         return _words(self.text) or ["details"]
 
-    @cached_property
+    @_lazy
     def counts(self) -> list[int]:
         """Counts the record states ("350 employees", "Employees: 1,200", "a 12-person team")."""
         return _counts_in(self.text)
 
-    @cached_property
+    @_lazy
     def fields(self) -> dict[str, str]:
         """``Key: value`` lines of the record, by key stems, for fields named like a key."""
         return _field_lines(self.text)
@@ -1367,11 +1490,23 @@ class _Answerer:
                 return part
         return ""
 
-    def _path_str(self, path: tuple[Any, ...]) -> str:
-        return "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
+    @staticmethod
+    def _path_str(path: tuple[Any, ...]) -> str:
+        return _path_string(path)
 
     # -- generation --------------------------------------------------------------------------
     def gen(self, schema: Any, path: tuple[Any, ...], depth: int) -> Any:
+        plans = self._gen_plans
+        if plans is not None:
+            # A node of the shared prompt's schema is filled the same way in every record: an
+            # enum, or a type (per depth class); what was worked out for it is looked up.
+            hit = plans.get(id(schema))
+            if hit is not None and hit[0] is schema:
+                if hit[1] is None:  # an enum: (node, None, resolved, values tuple, values)
+                    self.enum_paths.append((path, hit[3]))
+                    return copy.deepcopy(self.choose(hit[4], path, 1, hit[2])[0])
+                return self._fill(hit[2], hit[3] if depth > _MAX_DEPTH else hit[1], path, depth)
+        original = schema
         schema = self.resolve(schema)
         if not isinstance(schema, Mapping):
             return None if schema is False else self.string({}, path)
@@ -1379,7 +1514,10 @@ class _Answerer:
             return copy.deepcopy(schema["const"])
         enum = schema.get("enum")
         if isinstance(enum, list) and enum:
-            self.enum_paths.append((path, tuple(enum)))
+            values = tuple(enum)
+            if plans is not None and id(original) in self._stable:
+                plans[id(original)] = (original, None, schema, values, enum)
+            self.enum_paths.append((path, values))
             return copy.deepcopy(self.choose(enum, path, 1, schema)[0])
         variants = schema.get("anyOf") or schema.get("oneOf")
         if isinstance(variants, list) and variants:
@@ -1397,17 +1535,13 @@ class _Answerer:
                     "description": f"{inner}\n\n{outer}" if isinstance(inner, str) else outer,
                 }
             return self.gen(variant, path, depth)
-        kind = schema.get("type")
-        if isinstance(kind, list):
-            non_null = [t for t in kind if t != "null"]
-            kind = "null" if not non_null or (depth > _MAX_DEPTH and "null" in kind) else non_null[0]
-        if kind is None:
-            if "properties" in schema or "additionalProperties" in schema:
-                kind = "object"
-            elif "items" in schema:
-                kind = "array"
-            else:
-                kind = "string"
+        shallow, deep = _schema_kinds(schema)
+        if plans is not None and id(original) in self._stable:
+            plans[id(original)] = (original, shallow, schema, deep)
+        return self._fill(schema, deep if depth > _MAX_DEPTH else shallow, path, depth)
+
+    def _fill(self, schema: Mapping[str, Any], kind: Any, path: tuple[Any, ...], depth: int) -> Any:
+        """A value of a resolved schema of type ``kind`` (no const, enum or variants)."""
         if kind == "object":
             return self.object(schema, path, depth)
         if kind == "array":
@@ -1460,7 +1594,8 @@ class _Answerer:
         for name in late:
             if depth <= _MAX_DEPTH or name in required:
                 out[name] = self.gen(props[name], (*path, name), depth + 1)
-        out = {name: out[name] for name in props if name in out}
+        if late:  # else the fields were filled in the schema's order already
+            out = {name: out[name] for name in props if name in out}
         for name in required:
             if name not in out:
                 out[name] = self.string({}, (*path, name))
@@ -1669,16 +1804,16 @@ class _Answerer:
         if isinstance(fmt, str) and fmt in _FORMATS:
             return _FORMATS[fmt](self, path)
         name = self.field_name(path)
-        toks = set(name_tokens(name))
+        email, url, quote, summary, tag = _string_kinds(name)
         min_len = _int_constraint(schema, "minLength")
         max_len = _int_constraint(schema, "maxLength")
         index = path[-1] if path and isinstance(path[-1], int) else 0
         sentences = self.sentences or ["n/a"]
-        if toks & {"email", "mail"}:
+        if email:
             value = _format_email(self, path)
-        elif toks & {"url", "uri", "link", "website"}:
+        elif url:
             value = _format_uri(self, path)
-        elif toks & _EVIDENCE_TOKENS:
+        elif quote:
             value = trim_to(self.best_quote(), 280)
             if self.invents_quote(path):
                 # A real model asked for a verbatim quote sometimes paraphrases or adds a
@@ -1688,14 +1823,12 @@ class _Answerer:
                 if max_len is not None:
                     return value
         elif (
-            found := self.field_value(
-                name, schema.get("description"), by_overlap=not toks & (_SUMMARY_TOKENS | _TAG_TOKENS)
-            )
+            found := self.field_value(name, schema.get("description"), by_overlap=not (summary or tag))
         ) is not None:
             value = found
-        elif toks & _SUMMARY_TOKENS:
+        elif summary:
             value = trim_to(sentences[index % len(sentences)], 280)
-        elif toks & _TAG_TOKENS:
+        elif tag:
             words = self.evidence.keywords(index + 1) or ["general"]
             value = words[min(index, len(words) - 1)]
         else:
@@ -1780,17 +1913,14 @@ class _Answerer:
         role) wins; a role-like field takes the job title found in the record; else the
         sentence sharing most words with the field's name and description. None: no clue.
         """
-        toks = [t for t in name_tokens(name) if t not in _LABEL_STOPWORDS]
+        toks, wanted, roleish = _field_words(name)
         if not toks:
             return None
-        wanted = set(toks)
-        for t in toks:
-            wanted |= _SYNONYMS.get(t, frozenset())
-        # A bare "title" is a headline; "job_title", "persona" or "role" are about a person.
-        roleish = bool(set(toks) & (_ROLE_KEYS - {"title", "contact"})) or (
-            "title" in toks and bool(set(toks) & {"job", "contact", "person", "lead", "buyer"})
-        )
-        for key, value in self.fields.items():
+        # A key line can only match when a wanted word is in the text (the keys are ASCII, so
+        # their words are in the lower-cased text as they are): else the lines are not read.
+        lowered = self.text.lower()
+        lines = self.fields if any(w in lowered for w in wanted) else {}
+        for key, value in lines.items():
             if set(key.split()) & wanted:
                 if roleish:
                     role = _ROLE_RE.search(value)
@@ -1809,16 +1939,14 @@ class _Answerer:
             return role.group(1) if role else "unknown"
         if not by_overlap:
             return None  # summaries and tags have their own rules
-        hints = {stem(t) for t in toks}
-        if isinstance(description, str):
-            hints |= {
-                stem(w)
-                for w in _words(_HINT_BLOCK_RE.sub(" ", description))
-                if len(w) > 3 and w not in _STOPWORDS
-            }
+        hints = _overlap_hints(tuple(toks), description if isinstance(description, str) else None)
         best, best_hits = None, 0
+        stem_sets = self._sentence_stems
         for sentence in self.sentences:
-            hits = len(hints & {stem(w) for w in _words(sentence)})
+            stems = stem_sets.get(sentence)
+            if stems is None:
+                stems = stem_sets[sentence] = frozenset(_stems(_words(sentence)))
+            hits = len(hints & stems)
             if hits > best_hits:
                 best, best_hits = sentence, hits
         return best
@@ -1861,21 +1989,22 @@ class _Answerer:
         name = self.field_name(path)
         description = schema.get("description") if isinstance(schema, Mapping) else None
         description = description if isinstance(description, str) else ""
-        labels = tuple(v for v in values if isinstance(v, str))
-        cues, scorer = _choice_model(labels, self.cues.system, description)
-        evidence = self.scoped_evidence(name, description)
-        by_label = iter(scorer.scores(evidence))
-        scores = []
-        for v in values:
-            if not isinstance(v, str):
-                scores.append(0)
-                continue
-            score = next(by_label)
-            # The label test first (cached per label): the record key is only read for a
-            # label that stands for "no answer given".
-            if _names_placeholder(v, cues.definitions.get(v)) and self.empty_record:
-                score += 8
-            scores.append(score)
+        plan = _choice_plan(values, self.cues.system, description, name)
+        labels, cues, scorer = plan.labels, plan.cues, plan.scorer
+        # Without scope phrases ``scoped_evidence`` is the whole record's evidence.
+        evidence = self.scoped_evidence(name, description) if plan.scoped else self.evidence
+        by_label = scorer.scores(evidence)
+        if plan.all_strings:
+            scores = by_label
+        else:
+            scores = [0] * len(values)
+            for i, score in zip(plan.string_at, by_label, strict=True):
+                scores[i] = score
+        # The label test first (cached per label): the record key is only read for a label
+        # that stands for "no answer given".
+        if plan.placeholders and self.empty_record:
+            for i in plan.placeholders:
+                scores[i] += 8
         band = None
         if len(cues.bands) >= 2 and self.counts:
             for count in self.counts:
@@ -1885,7 +2014,7 @@ class _Answerer:
                 if band is not None:
                     band = list(values).index(labels[band])
                     break
-        if band is None and _has_bands(values, name):
+        if band is None and plan.bands:
             band = _band_choice(values, self.counts, name)
         if band is not None:
             scores[band] += 6
@@ -1896,18 +2025,15 @@ class _Answerer:
         best = max(scores)
         ordered = sorted(scores, reverse=True)
         runner_up = ordered[1] if len(ordered) > 1 else 0
-        has_unknown = any(isinstance(v, str) and v.lower() in _UNKNOWN_LABELS for v in values)
-        weak = best < _MIN_EVIDENCE and has_unknown
+        fallbacks, unknowns = plan.fallbacks, plan.unknowns
+        weak = best < _MIN_EVIDENCE and 0 in unknowns
         self.decisions.append((best, runner_up))
         where = self._path_str(path)
 
         def rank(i: int) -> tuple[int, int, int]:
-            value = values[i]
-            fallback = 0 if isinstance(value, str) and value.lower() in _FALLBACK_LABELS else 1
             if weak:
-                unknown = 0 if isinstance(value, str) and value.lower() in _UNKNOWN_LABELS else 1
-                return (unknown, -scores[i], fallback)
-            return (0, -scores[i], fallback if best == 0 else 0)
+                return (unknowns[i], -scores[i], fallbacks[i])
+            return (0, -scores[i], fallbacks[i] if best == 0 else 0)
 
         order = self._ranked(values, rank, where, k)
         picked = [values[i] for i in order[:k]]
@@ -1937,6 +2063,129 @@ class _Answerer:
                 order[start:end] = group
             start = end
         return order
+
+
+def _schema_kinds(schema: Mapping[str, Any]) -> tuple[Any, Any]:
+    """The type ``gen`` fills a resolved schema as (no const, enum or variants): at depths up to
+    ``_MAX_DEPTH`` and beyond it (where a nullable type list gives null)."""
+    out = []
+    for deep in (False, True):
+        kind = schema.get("type")
+        if isinstance(kind, list):
+            non_null = [t for t in kind if t != "null"]
+            kind = "null" if not non_null or (deep and "null" in kind) else non_null[0]
+        if kind is None:
+            if "properties" in schema or "additionalProperties" in schema:
+                kind = "object"
+            elif "items" in schema:
+                kind = "array"
+            else:
+                kind = "string"
+        out.append(kind)
+    return out[0], out[1]
+
+
+@lru_cache(maxsize=4096)
+def _string_kinds(name: str) -> tuple[bool, bool, bool, bool, bool]:
+    """What a string field's name makes it, as ``_Answerer.string`` tests in turn: an email, a
+    URL, a verbatim quote, a summary-like text, a tag (the same in every record)."""
+    toks = set(name_tokens(name))
+    return (
+        bool(toks & {"email", "mail"}),
+        bool(toks & {"url", "uri", "link", "website"}),
+        bool(toks & _EVIDENCE_TOKENS),
+        bool(toks & _SUMMARY_TOKENS),
+        bool(toks & _TAG_TOKENS),
+    )
+
+
+@lru_cache(maxsize=4096)
+def _field_words(name: str) -> tuple[list[str], frozenset[str], bool]:
+    """What ``field_value`` reads from a field's name alone: its words (stopwords left out), the
+    key-line words it looks for (synonyms included) and whether it is about a person's role.
+    The same in every record (the word list is read-only)."""
+    toks = [t for t in name_tokens(name) if t not in _LABEL_STOPWORDS]
+    wanted = set(toks)
+    for t in toks:
+        wanted |= _SYNONYMS.get(t, frozenset())
+    # A bare "title" is a headline; "job_title", "persona" or "role" are about a person.
+    roleish = bool(set(toks) & (_ROLE_KEYS - {"title", "contact"})) or (
+        "title" in toks and bool(set(toks) & {"job", "contact", "person", "lead", "buyer"})
+    )
+    return toks, frozenset(wanted), roleish
+
+
+@lru_cache(maxsize=1024)
+def _overlap_hints(toks: tuple[str, ...], description: str | None) -> frozenset[str]:
+    """The stems a free-text field looks for in the record's sentences: its name's and its
+    description's (hint blocks, short words and stopwords left out); the same in every record."""
+    hints = {stem(t) for t in toks}
+    if description is not None:
+        hints |= {
+            stem(w)
+            for w in _words(_HINT_BLOCK_RE.sub(" ", description))
+            if len(w) > 3 and w not in _STOPWORDS
+        }
+    return frozenset(hints)
+
+
+@dataclass(frozen=True)
+class _ChoicePlan:
+    """What ``choose`` works out from an enum field alone (its values, the prompt's system text,
+    its description and name): the same in every record, so built once per field."""
+
+    labels: tuple[str, ...]
+    cues: LabelCues
+    scorer: _Scorer
+    #: every value is a string (the scores are the scorer's, in order)
+    all_strings: bool
+    #: indexes of the string values, in order (for the others' zero scores)
+    string_at: tuple[int, ...]
+    #: indexes of the labels that stand for "no answer given"
+    placeholders: tuple[int, ...]
+    #: the prompt names the record part the field comes from (``scoped_evidence`` may narrow)
+    scoped: bool
+    #: a head count could pick a value (``_has_bands``)
+    bands: bool
+    #: per value, 0 for a fallback label (else 1), 0 for an unknown-like one (else 1)
+    fallbacks: tuple[int, ...]
+    unknowns: tuple[int, ...]
+
+
+def _choice_plan(values: Sequence[Any], system: str, description: str, name: str) -> _ChoicePlan:
+    try:
+        return _choice_plan_cached(tuple(values), system, description, name)
+    except TypeError:  # unhashable enum values (objects, lists)
+        return _choice_plan_cached.__wrapped__(tuple(values), system, description, name)
+
+
+@lru_cache(maxsize=1024)
+def _choice_plan_cached(values: tuple[Any, ...], system: str, description: str, name: str) -> _ChoicePlan:
+    labels = tuple(v for v in values if isinstance(v, str))
+    cues, scorer = _choice_model(labels, system, description)
+    string_at = tuple(i for i, v in enumerate(values) if isinstance(v, str))
+    words = [w for w in name_tokens(name) if w]
+    lowered = [v.lower() if isinstance(v, str) else None for v in values]
+    return _ChoicePlan(
+        labels=labels,
+        cues=cues,
+        scorer=scorer,
+        all_strings=len(string_at) == len(values),
+        string_at=string_at,
+        placeholders=tuple(
+            i for i in string_at if _names_placeholder(values[i], cues.definitions.get(values[i]))
+        ),
+        scoped=bool(words) and bool(_scope_phrases(" ".join(words), description, system)),
+        bands=_has_bands(values, name),
+        fallbacks=tuple(0 if v is not None and v in _FALLBACK_LABELS else 1 for v in lowered),
+        unknowns=tuple(0 if v is not None and v in _UNKNOWN_LABELS else 1 for v in lowered),
+    )
+
+
+@lru_cache(maxsize=4096)
+def _path_string(path: tuple[Any, ...]) -> str:
+    """A field's JSON path as the stable hashes spell it (``$.items[0].label``)."""
+    return "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
 
 
 _LIST_THRESHOLD = 3  # a sentence is "about" a list's topic from this much evidence
@@ -2485,6 +2734,8 @@ class SharedPrompt:
         self.stable_ids: set[int] = set()
         #: ``_Answerer._object_plan`` memo: id(object schema) -> (schema, (late fields, conditions))
         self.object_plans: dict[int, tuple[Any, Any]] = {}
+        #: ``_Answerer.gen`` memo: id(schema node) -> (node, how it is filled), for nodes kept alive here
+        self.gen_plans: dict[int, tuple[Any, ...]] = {}
         self._roots = [r for r in (self.schema, self.tool_schema) if isinstance(r, Mapping)]
         stack: list[Any] = list(self._roots)
         while stack and len(self.stable_ids) < 100_000:
@@ -2626,6 +2877,10 @@ class Answer:
     invented_quotes: int = 0
 
 
+#: ``json.dumps(value, ensure_ascii=False)`` without building an encoder per call (same bytes).
+_REPLY_JSON = json.JSONEncoder(ensure_ascii=False)
+
+
 def _broken_text(json_text: str) -> str:
     return "Here is the JSON you asked for:\n" + json_text[: max(1, len(json_text) // 2)]
 
@@ -2699,7 +2954,7 @@ def build_answer(
         if invalid_kind is not None and invalid_kind != "non_json":
             value, applied = break_answer(value, schema, generated.enum_paths, invalid_kind, fault_key)
         if invalid_kind == "non_json" or not isinstance(value, dict):
-            reply = _broken_text(json.dumps(value, ensure_ascii=False))
+            reply = _broken_text(_REPLY_JSON.encode(value))
             return Answer(
                 [*prefix, {"type": "text", "text": reply}],
                 "end_turn",
@@ -2729,11 +2984,11 @@ def build_answer(
         broken_hints = generated.broken_hints
         invented = generated.invented_quotes
         if invalid_kind == "non_json":
-            reply, applied = _broken_text(json.dumps(value, ensure_ascii=False)), "non_json"
+            reply, applied = _broken_text(_REPLY_JSON.encode(value)), "non_json"
         else:
             if invalid_kind is not None:
                 value, applied = break_answer(value, schema, generated.enum_paths, invalid_kind, fault_key)
-            reply = json.dumps(value, ensure_ascii=False)
+            reply = _REPLY_JSON.encode(value)
     else:
         reply = free_text_answer(text)
     stop_reason = "end_turn"
@@ -2810,13 +3065,56 @@ def answer_lines(
             invented_quote_rate=invented_quote_rate,
         )
         usage = usage_dict(output_tokens=answer.output_tokens, **job.usage)
-        message = build_message(job.params, answer, usage, job.message_id)
         # Text blocks carry the answer as a string: no float outside a tool_use input.
         fast = all(block.get("type") != "tool_use" for block in answer.content)
-        line = {"custom_id": job.custom_id, "result": {"type": "succeeded", "message": message}}
-        lines.append(result_line(line, fast=fast))
+        line = _fast_line(job, answer, usage) if fast else None
+        if line is None:
+            message = build_message(job.params, answer, usage, job.message_id)
+            obj = {"custom_id": job.custom_id, "result": {"type": "succeeded", "message": message}}
+            line = result_line(obj, fast=fast)
+        lines.append(line)
         counts.append((answer.invalid_kind, answer.broken_hints, answer.invented_quotes))
     return lines, counts
+
+
+_LINE_HEAD = b'{"custom_id":'
+_LINE_ID = b',"result":{"type":"succeeded","message":{"id":'
+_LINE_MODEL = b',"type":"message","role":"assistant","model":'
+_LINE_CONTENT = b',"content":'
+_LINE_STOP = b',"stop_reason":'
+_LINE_USAGE = b',"stop_sequence":null,"usage":'
+_LINE_TAIL = b"}}}\n"
+
+
+def _fast_line(job: AnswerJob, answer: Answer, usage: dict[str, Any]) -> bytes | None:
+    """The result line of a succeeded job whose content has no tool_use block, from its
+    pieces: the same bytes as ``result_line`` of the whole object with ``fast`` (orjson, compact,
+    the keys in ``build_message``'s order) without building the envelope dicts. None (the
+    caller takes the general way) when a piece is not a plain string or orjson refuses one."""
+    model = job.params.get("model")
+    if type(job.custom_id) is not str or type(job.message_id) is not str or type(model) is not str:
+        return None
+    dumps = orjson.dumps
+    try:
+        return b"".join(
+            (
+                _LINE_HEAD,
+                dumps(job.custom_id),
+                _LINE_ID,
+                dumps(job.message_id),
+                _LINE_MODEL,
+                dumps(model),
+                _LINE_CONTENT,
+                dumps(answer.content),
+                _LINE_STOP,
+                dumps(answer.stop_reason),
+                _LINE_USAGE,
+                dumps(usage),
+                _LINE_TAIL,
+            )
+        )
+    except orjson.JSONEncodeError:
+        return None
 
 
 def build_message(
