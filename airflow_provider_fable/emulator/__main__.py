@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=defaults.generation_workers,
         help="worker processes that generate the answers of large batches (0: a thread of the "
-        "emulator's own process)",
+        "emulator's own process; default: one per CPU, at most 4, none on a single CPU)",
     )
     api.add_argument(
         "--generation-min-batch",

@@ -13,6 +13,7 @@ extract of the question. Usage is estimated at ~4 characters per token.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import re
@@ -50,6 +51,9 @@ __all__ = [
     "account_prompt",
     "answer_for_schema",
     "answer_lines",
+    "answer_packed",
+    "pack_jobs",
+    "unpack_jobs",
     "build_answer",
     "SchemaAnswer",
     "SharedPrompt",
@@ -2685,6 +2689,24 @@ def _schema_tokens(params: Mapping[str, Any]) -> int:
     return 0 if schema is None else estimate_tokens(len(_canonical(schema)))
 
 
+def _uncached_tokens(message: Any) -> int | None:
+    """The tokens ``_Tally.add_message`` adds for ``message`` when none of its blocks carries
+    ``cache_control`` (then the tally's prefix is left as it was), else None."""
+    content = message.get("content") if isinstance(message, Mapping) else None
+    if type(content) is str:
+        return estimate_tokens(len(content))
+    if content is None:
+        return 0
+    if type(content) is not list:
+        return None  # another type: counted by its JSON, through the tally
+    total = 0
+    for block in content:
+        if isinstance(block, Mapping) and block.get("cache_control"):
+            return None
+        total += _block_tokens(block)
+    return total
+
+
 def account_prompt(params: Mapping[str, Any]) -> PromptAccounting:
     """Count input tokens and find the prompt-cache prefix.
 
@@ -2696,8 +2718,17 @@ def account_prompt(params: Mapping[str, Any]) -> PromptAccounting:
     """
     shared = shared_prompt(params)
     if shared is not None:
+        last = params["messages"][-1]
+        tokens = _uncached_tokens(last)
+        if tokens is not None:
+            # No cache breakpoint in the record's message: the prefix is the shared one and
+            # only the total grows (the hash of the message would never be read).
+            base = shared.tally
+            return PromptAccounting(
+                base.total + tokens + shared.schema_tokens, base.prefix_tokens, base.prefix_key, base.ttl
+            )
         tally = shared.tally.copy()
-        tally.add_message(params["messages"][-1])
+        tally.add_message(last)
         total = tally.total + shared.schema_tokens
     else:
         tally = _tally_prompt(params, params.get("messages") or [])
@@ -2779,14 +2810,23 @@ _shared_last: tuple[Any, SharedPrompt | None] = (None, None)
 _shared_same: tuple[tuple[Any, ...], SharedPrompt | None] = ((), None)
 
 
+_SCALARS = (str, int)
+
+
 def _same_shared_part(params: Mapping[str, Any], messages: list[Any], parts: tuple[Any, ...]) -> bool:
     """Whether ``params`` has the shared part ``parts`` (same keys in order, same objects)."""
     if len(parts) != 2 * len(params) + len(messages):
         return False
     i = 0
     for key, value in params.items():
-        if key != parts[i] or (key != "messages" and value is not parts[i + 1]):
+        if key != parts[i]:
             return False
+        if key != "messages":
+            part = parts[i + 1]
+            # Short strings and integers are not made one object by the create ("claude-fable-5",
+            # 1024): equal ones of the same exact type have the same JSON (floats may not: -0.0).
+            if value is not part and not (type(value) is type(part) in _SCALARS and value == part):
+                return False
         i += 2
     for message in messages[:-1]:
         if message is not parts[i]:
@@ -3021,24 +3061,37 @@ def result_line(obj: dict[str, Any], *, fast: bool = False) -> bytes:
     return _compact(obj).encode("utf-8", "surrogatepass") + b"\n"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class AnswerJob:
     """A succeeded batch request whose result line is still to be written.
 
     Everything that depends on the emulator's state (the outcome, the broken-answer kind, the
     prompt cache's verdict in ``usage``) is decided when the batch ends; what is left is a pure
     function of this job, so it can run later, in a background thread or a worker process.
+    The message id and the tool-use id seed derive from the batch id and the custom_id where
+    the line is written: hashing them is work the end of a batch no longer does in order.
     """
 
     custom_id: str
     params: dict[str, Any]
-    id_seed: str
+    batch_id: str
     invalid_kind: str | None
-    message_id: str
     #: ``<seed>:<fault key>``: picks broken hints and invented quotes
     fault_key: str
-    #: ``usage_dict`` arguments but the output tokens
-    usage: dict[str, Any]
+    #: ``usage_dict`` arguments but the output tokens: (input_tokens, cache_creation,
+    #: cache_read, cache_ttl_seconds, service_tier)
+    usage: tuple[int, int, int, float, str]
+    #: the request's ``SharedPrompt`` when known: lets ``pack_jobs`` send its shape once
+    shared: SharedPrompt | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    @property
+    def id_seed(self) -> str:
+        """Seeds the tool-use id and the thinking signature (``<batch id>:<custom_id>``)."""
+        return f"{self.batch_id}:{self.custom_id}"
+
+    @property
+    def message_id(self) -> str:
+        return "msg_01" + stable_token(22, self.batch_id, self.custom_id)
 
 
 #: What answering a job counted: (broken-answer kind applied, broken hints, invented quotes).
@@ -3064,17 +3117,87 @@ def answer_lines(
             description_break_rate=description_break_rate,
             invented_quote_rate=invented_quote_rate,
         )
-        usage = usage_dict(output_tokens=answer.output_tokens, **job.usage)
+        input_tokens, creation, read, ttl, tier = job.usage
+        usage = usage_dict(
+            input_tokens=input_tokens, output_tokens=answer.output_tokens, cache_creation=creation,
+            cache_read=read, cache_ttl_seconds=ttl, service_tier=tier,
+        )  # fmt: skip
+        message_id = job.message_id
         # Text blocks carry the answer as a string: no float outside a tool_use input.
         fast = all(block.get("type") != "tool_use" for block in answer.content)
-        line = _fast_line(job, answer, usage) if fast else None
+        line = _fast_line(job, message_id, answer, usage) if fast else None
         if line is None:
-            message = build_message(job.params, answer, usage, job.message_id)
+            message = build_message(job.params, answer, usage, message_id)
             obj = {"custom_id": job.custom_id, "result": {"type": "succeeded", "message": message}}
             line = result_line(obj, fast=fast)
         lines.append(line)
         counts.append((answer.invalid_kind, answer.broken_hints, answer.invented_quotes))
     return lines, counts
+
+
+#: A chunk of jobs as sent to a worker process (``pack_jobs``): the prompt shapes, then one
+#: row per job: a ready line, or (shape index, custom_id, last message, invalid kind, fault
+#: key, usage), with the chunk's batch id once.
+PackedJobs = tuple[str, list[tuple[tuple[str, ...], tuple[Any, ...], list[Any]]], list[Any]]
+
+
+def pack_jobs(jobs: Sequence[bytes | AnswerJob]) -> PackedJobs:
+    """``jobs`` in the form a worker process is sent: each prompt shape once, then per job
+    only what is its own (the record's message, its ids and usage).
+
+    Pickling the jobs as they are repeats, per request, the params dict, its messages list
+    and the job's attribute dict, and reading them back costs a worker ~6 us a request. A job
+    whose ``shared`` prompt is known (the end of a batch looked it up) is sent as its shape's
+    index: the shared part is the same JSON for every request of a ``SharedPrompt``, so the
+    params the worker rebuilds from the shape's first request are equal to the job's own,
+    keys in the job's order (``unpack_jobs``).
+    """
+    shapes: list[tuple[tuple[str, ...], tuple[Any, ...], list[Any]]] = []
+    index: dict[tuple[int, tuple[str, ...]], int] = {}
+    rows: list[Any] = []
+    batch_id = ""
+    for job in jobs:
+        if not isinstance(job, AnswerJob):
+            rows.append(job)
+            continue
+        shared = job.shared
+        if shared is None or (batch_id and job.batch_id != batch_id):
+            rows.append(dataclasses.replace(job, shared=None))  # sent whole
+            continue
+        batch_id = job.batch_id
+        keys = tuple(job.params)
+        shape = index.get((id(shared), keys))
+        if shape is None:
+            first = shared.params
+            values = tuple(None if k == "messages" else first[k] for k in keys)
+            shape = index[(id(shared), keys)] = len(shapes)
+            shapes.append((keys, values, first["messages"][:-1]))
+        last = job.params["messages"][-1]
+        rows.append((shape, job.custom_id, last, job.invalid_kind, job.fault_key, job.usage))
+    return batch_id, shapes, rows
+
+
+def unpack_jobs(packed: PackedJobs) -> list[bytes | AnswerJob]:
+    """The jobs ``pack_jobs`` packed (params equal to the originals, keys in the same order)."""
+    batch_id, shapes, rows = packed
+    jobs: list[bytes | AnswerJob] = []
+    for row in rows:
+        if type(row) is not tuple:
+            jobs.append(row)
+            continue
+        shape, custom_id, last, invalid_kind, fault_key, usage = row
+        keys, values, prefix = shapes[shape]
+        params = dict(zip(keys, values, strict=True))
+        params["messages"] = [*prefix, last]
+        jobs.append(AnswerJob(custom_id, params, batch_id, invalid_kind, fault_key, usage))
+    return jobs
+
+
+def answer_packed(
+    packed: PackedJobs, description_break_rate: float, invented_quote_rate: float
+) -> tuple[list[bytes], list[JobCounts]]:
+    """``answer_lines`` of packed jobs: what a worker process runs."""
+    return answer_lines(unpack_jobs(packed), description_break_rate, invented_quote_rate)
 
 
 _LINE_HEAD = b'{"custom_id":'
@@ -3086,13 +3209,13 @@ _LINE_USAGE = b',"stop_sequence":null,"usage":'
 _LINE_TAIL = b"}}}\n"
 
 
-def _fast_line(job: AnswerJob, answer: Answer, usage: dict[str, Any]) -> bytes | None:
+def _fast_line(job: AnswerJob, message_id: str, answer: Answer, usage: dict[str, Any]) -> bytes | None:
     """The result line of a succeeded job whose content has no tool_use block, from its
     pieces: the same bytes as ``result_line`` of the whole object with ``fast`` (orjson, compact,
     the keys in ``build_message``'s order) without building the envelope dicts. None (the
     caller takes the general way) when a piece is not a plain string or orjson refuses one."""
     model = job.params.get("model")
-    if type(job.custom_id) is not str or type(job.message_id) is not str or type(model) is not str:
+    if type(job.custom_id) is not str or type(model) is not str:
         return None
     dumps = orjson.dumps
     try:
@@ -3101,7 +3224,7 @@ def _fast_line(job: AnswerJob, answer: Answer, usage: dict[str, Any]) -> bytes |
                 _LINE_HEAD,
                 dumps(job.custom_id),
                 _LINE_ID,
-                dumps(job.message_id),
+                dumps(message_id),
                 _LINE_MODEL,
                 dumps(model),
                 _LINE_CONTENT,

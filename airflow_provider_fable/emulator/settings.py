@@ -151,10 +151,10 @@ class EmulatorSettings(BaseModel):
     #: Initial offset of the emulated clock, in seconds (``/_emulator/clock`` moves it later).
     clock_offset_seconds: float = 0.0
     #: Worker processes that generate the answers of large batches (``generation_min_batch``
-    #: requests or more); 0 (the default) generates in a thread of the emulator's own process.
-    #: The answers are the same either way. Workers pay for shipping each request to them,
-    #: which only pays off with idle cores (docs/performance.md, "Emulator throughput").
-    generation_workers: int = Field(0, ge=0, le=64)
+    #: requests or more); 0 generates in a thread of the emulator's own process. None (the
+    #: default): one per CPU the emulator may run on (at most 4), or 0 on a single CPU. The
+    #: answers are the same either way (docs/emulator.md, "Throughput").
+    generation_workers: int | None = Field(None, ge=0, le=64)
     #: Smaller batches are answered in process (no worker start-up, nothing to ship).
     generation_min_batch: int = Field(5000, ge=1)
     faults: FaultSettings = FaultSettings()

@@ -524,6 +524,10 @@ class BatchStore:
         self._sent: dict[str, int] = {}
         self._pool: ProcessPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        #: large batches waiting for their answers, in end order (``_queue_generation``)
+        self._generation_queue: deque[tuple[ResultsFile, list[bytes | model.AnswerJob]]] = deque()
+        self._generation_lock = threading.Lock()
+        self._generation_thread: threading.Thread | None = None
         if self.state_file is not None:
             self._load()
 
@@ -725,25 +729,36 @@ class BatchStore:
     def _problem(
         self, params: Any, endpoint: str, api_version: str, betas: tuple[str, ...]
     ) -> Problem | None:
+        return self._checker(endpoint, api_version, betas)(params)
+
+    def _checker(
+        self, endpoint: str, api_version: str, betas: tuple[str, ...]
+    ) -> Callable[[Any], Problem | None]:
+        """The params check of one endpoint, version and betas: the rules are built once and
+        reused for every request of a batch (its end checks up to 100,000 in a row)."""
         rules: dict[str, Any] = {
             "api_version": api_version,
             "betas": betas,
             "known_models": self.settings.known_models,
             "endpoint": endpoint,
         }
-        shared = model.shared_prompt(params) if isinstance(params, dict) else None
-        if shared is None:
-            return validate_request(params, **rules)
         key = (endpoint, api_version, betas, self.settings.known_models)
 
-        def prefix_problem() -> Problem | None:
-            # The verdict on the shared part, once per prompt shape and rules.
-            if key not in shared.problems:
-                shared.problems[key] = validate_request(prefix_params(shared.params), **rules)
-            problem: Problem | None = shared.problems[key]
-            return problem
+        def check(params: Any) -> Problem | None:
+            shared = model.shared_prompt(params) if isinstance(params, dict) else None
+            if shared is None:
+                return validate_request(params, **rules)
 
-        return validate_shared(params, prefix_problem, **rules)
+            def prefix_problem() -> Problem | None:
+                # The verdict on the shared part, once per prompt shape and rules.
+                if key not in shared.problems:
+                    shared.problems[key] = validate_request(prefix_params(shared.params), **rules)
+                problem: Problem | None = shared.problems[key]
+                return problem
+
+            return validate_shared(params, prefix_problem, **rules)
+
+        return check
 
     def count_tokens(
         self, params: Any, *, api_version: str = API_VERSIONS[-1], betas: tuple[str, ...] = ()
@@ -828,6 +843,7 @@ class BatchStore:
         invalid_seen = 0
         canceled_at = batch.cancel_initiated_at
         fault_keys = batch.fault_keys or [custom_id for custom_id, _ in batch.requests]
+        check = self._checker("batch", batch.api_version, batch.betas)
         for index, (custom_id, params) in enumerate(batch.requests):
             fault_key = fault_keys[index]
             outcome = fault_rules.request_outcome(faults, fault_key)
@@ -839,7 +855,7 @@ class BatchStore:
                 kind_of, result = "expired", {"type": "expired"}
                 self.stats.fault("expired")
             else:
-                problem = self._problem(params, "batch", batch.api_version, batch.betas)
+                problem = check(params)
                 if problem:
                     kind_of, result = "errored", _errored(problem.error_type, problem.message)
                 elif outcome == "errored":
@@ -855,11 +871,9 @@ class BatchStore:
                         kind = faults.invalid_kinds[invalid_seen % len(faults.invalid_kinds)]
                         invalid_seen += 1
                     kind_of, result = "succeeded", None
-                    usage = self._usage(params, "batch")
-                    message_id = "msg_01" + model.stable_token(22, batch.id, custom_id)
                     job = model.AnswerJob(
-                        custom_id, params, f"{batch.id}:{custom_id}", kind, message_id,
-                        f"{faults.seed}:{fault_key}", usage,
+                        custom_id, params, batch.id, kind, f"{faults.seed}:{fault_key}",
+                        self._usage_of(params, "batch"), model.shared_prompt(params),
                     )  # fmt: skip
             if result is not None:
                 job = _line({"custom_id": custom_id, "result": result})
@@ -879,10 +893,42 @@ class BatchStore:
         if self.state_file is not None:
             self._generate(batch.results, ordered)  # the state file stores the whole results file
             self._save(batch)
+        elif counts["succeeded"] >= self.settings.generation_min_batch:
+            self._queue_generation(batch.results, ordered)
         else:
             threading.Thread(
                 target=self._generate, args=(batch.results, ordered), name=f"results-{batch.id}", daemon=True
             ).start()
+
+    def _queue_generation(self, results: ResultsFile, jobs: list[bytes | model.AnswerJob]) -> None:
+        """Answer a large batch after the large batches that ended before it, one at a time.
+
+        A 1M-record job ends ten 100,000-request batches within seconds of each other. Answered
+        side by side (a thread each), all ten would finish near the end, every download waiting
+        on all of them, and ten CPU-bound threads would starve the HTTP side of the GIL. In end
+        order the first batch's results are complete after a tenth of the time, so its download
+        and load run while the others are answered. Small batches keep their own thread: they
+        never wait behind a large one.
+        """
+        with self._generation_lock:
+            self._generation_queue.append((results, jobs))
+            if self._generation_thread is None:
+                self._generation_thread = threading.Thread(
+                    target=self._drain_generation, name="results-queue", daemon=True
+                )
+                self._generation_thread.start()
+
+    def _drain_generation(self) -> None:
+        while True:
+            with self._generation_lock:
+                if not self._generation_queue:
+                    self._generation_thread = None
+                    return
+                results, jobs = self._generation_queue.popleft()
+            try:
+                self._generate(results, jobs)
+            except BaseException:  # noqa: BLE001,S112 - logged and reported to its downloads by _generate
+                continue
 
     def _generate(self, results: ResultsFile, jobs: list[bytes | model.AnswerJob], chunk: int = 500) -> None:
         """Write the result lines of ``jobs`` in order, answering the succeeded ones.
@@ -893,7 +939,7 @@ class BatchStore:
         """
         faults = self.settings.faults
         rates = (faults.description_break_rate, faults.invented_quote_rate)
-        workers = self.settings.generation_workers
+        workers = self.generation_workers
         answers = sum(isinstance(job, model.AnswerJob) for job in jobs)
         try:
             pool = self._worker_pool() if workers and answers >= self.settings.generation_min_batch else None
@@ -907,12 +953,15 @@ class BatchStore:
 
             if pool is not None:
                 for start in itertools.islice(starts, 2 * workers):
-                    pending.append(pool.submit(model.answer_lines, hand_over(start), *rates))
+                    pending.append(
+                        pool.submit(model.answer_packed, model.pack_jobs(hand_over(start)), *rates)
+                    )
                 while pending:
                     lines, counts = pending.popleft().result()
                     following = next(starts, None)
                     if following is not None:
-                        pending.append(pool.submit(model.answer_lines, hand_over(following), *rates))
+                        part = model.pack_jobs(hand_over(following))
+                        pending.append(pool.submit(model.answer_packed, part, *rates))
                     self._count_answers(counts)
                     results.append(lines)
             else:
@@ -935,18 +984,46 @@ class BatchStore:
             if invented_quotes:
                 self.stats.fault("invented_quote", invented_quotes)
 
+    @property
+    def generation_workers(self) -> int:
+        """How many worker processes answer large batches (``generation_workers``, None: auto).
+
+        Automatic: every CPU this process may run on, up to 4, when there are at least two (a
+        batch's answers are pure functions of its requests and spread evenly over processes;
+        the emulator's own process keeps the HTTP side responsive meanwhile), else none.
+        """
+        configured = self.settings.generation_workers
+        if configured is not None:
+            return configured
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cpus = os.cpu_count() or 1
+        return min(cpus, 4) if cpus >= 2 else 0
+
     def _worker_pool(self) -> ProcessPoolExecutor:
         """The answer workers, started on first use (``spawn``: safe in a threaded server)."""
         with self._pool_lock:
             if self._pool is None:
                 self._pool = ProcessPoolExecutor(
-                    max_workers=self.settings.generation_workers,
+                    max_workers=self.generation_workers,
                     mp_context=multiprocessing.get_context("spawn"),
                 )
             return self._pool
 
     def _usage(self, params: dict[str, Any], tier: str) -> dict[str, Any]:
         """Input-token usage of a request, reading or writing the prompt cache (in processing order)."""
+        input_tokens, creation, read, ttl, tier = self._usage_of(params, tier)
+        return {
+            "input_tokens": input_tokens,
+            "cache_creation": creation,
+            "cache_read": read,
+            "cache_ttl_seconds": ttl,
+            "service_tier": tier,
+        }
+
+    def _usage_of(self, params: dict[str, Any], tier: str) -> tuple[int, int, int, float, str]:
+        """``_usage`` as (input tokens, cache creation, cache read, cache TTL, tier)."""
         accounting = model.account_prompt(params)
         creation = read = 0
         if (
@@ -961,13 +1038,7 @@ class BatchStore:
             else:
                 creation = accounting.cache_prefix_tokens
                 self.stats.add("cache_creations")
-        return {
-            "input_tokens": accounting.total_tokens - creation - read,
-            "cache_creation": creation,
-            "cache_read": read,
-            "cache_ttl_seconds": accounting.cache_ttl_seconds,
-            "service_tier": tier,
-        }
+        return (accounting.total_tokens - creation - read, creation, read, accounting.cache_ttl_seconds, tier)
 
     def _message(
         self,

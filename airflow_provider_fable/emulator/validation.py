@@ -569,7 +569,12 @@ def validate_shared(
     messages = params.get("messages")
     if not isinstance(messages, list) or not messages or prefix_problem() is not None:
         return validate_request(params, **rules)
-    return _check_message(messages[-1], len(messages) - 1, len(messages))
+    last = messages[-1]
+    if type(last) is dict and len(last) == 2 and last.get("role") == "user":
+        content = last.get("content")
+        if type(content) is str and content:
+            return None  # the commonest record: exactly role and content, a non-empty string
+    return _check_message(last, len(messages) - 1, len(messages))
 
 
 def prefix_params(params: Mapping[str, Any]) -> dict[str, Any]:
