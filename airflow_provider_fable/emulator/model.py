@@ -120,21 +120,27 @@ def stable_fraction(*parts: object) -> float:
 
 
 _BLOCK = 62**10  # ten base-62 digits: a machine-size integer
+#: Two base-62 digits per entry, lower digit first: ``_PAIRS[r] == _ALNUM[r % 62] + _ALNUM[r // 62]``.
+_PAIRS = tuple(_ALNUM[r % 62] + _ALNUM[r // 62] for r in range(62 * 62))
 
 
 def stable_token(length: int, *parts: object) -> str:
     """An alphanumeric id derived from ``parts`` (message and tool-use ids stay reproducible).
 
     The base-62 digits of the SHA-256, lowest first; taken ten at a time off the 256-bit number
-    (one big division per ten digits, then small ones): the same digits, a third of the time."""
+    (one big division per ten digits), then two at a time from a table: the same digits as
+    one division per digit, for a fifth of the divisions (a message id per answer)."""
     n = int.from_bytes(_digest(parts), "big")
     out = []
-    while len(out) < length:
+    need = length
+    while need > 0:
         n, block = divmod(n, _BLOCK)
-        for _ in range(min(10, length - len(out))):
-            block, r = divmod(block, 62)
-            out.append(_ALNUM[r])
-    return "".join(out)
+        for _ in range((min(10, need) + 1) // 2):
+            block, r = divmod(block, 3844)
+            out.append(_PAIRS[r])
+        need -= 10
+    token = "".join(out)
+    return token if len(token) == length else token[:length]
 
 
 # --------------------------------------------------------------------------------------------
