@@ -94,7 +94,7 @@ def test_worker_processes_write_the_results_the_thread_writes() -> None:
         seed=5, errored_rate=0.1, invalid_answer_rate=0.2, description_break_rate=0.2, invented_quote_rate=0.2
     )
     requests = _requests(120)
-    in_thread, thread_stats = _served(EmulatorSettings(faults=faults), requests)
+    in_thread, thread_stats = _served(EmulatorSettings(faults=faults, generation_workers=0), requests)
     in_workers, worker_stats = _served(
         EmulatorSettings(faults=faults, generation_workers=2, generation_min_batch=1), requests
     )
@@ -178,6 +178,24 @@ def test_results_read_as_lines_are_served_as_set() -> None:
         pytest.param({**text_params(""), "system": 5}, "messages.0.content", id="message-before-system"),
         pytest.param({**text_params("fine"), "system": 5}, "system", id="bad-system"),
         pytest.param(text_params("fine"), None, id="valid"),
+        pytest.param(
+            {**text_params("hi"), "messages": [{"role": "user", "text": "hi"}]},
+            "messages.0.text",
+            id="two-keys-not-content",
+        ),
+        pytest.param(
+            {**text_params("hi"), "messages": [{"role": "user", "content": "hi", "name": "x"}]},
+            "messages.0.name",
+            id="extra-key-in-record",
+        ),
+        pytest.param(
+            {
+                **text_params("hi"),
+                "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+            },
+            None,
+            id="record-as-blocks",
+        ),
     ],
 )
 def test_validating_the_shared_part_once_gives_the_full_verdict(
