@@ -47,9 +47,9 @@ from airflow_provider_fable.emulator.settings import ENDPOINTS, EmulatorSettings
 from airflow_provider_fable.emulator.validation import (
     API_VERSIONS,
     Problem,
+    last_message_problem,
     prefix_params,
     validate_request,
-    validate_shared,
 )
 
 __all__ = [
@@ -384,6 +384,46 @@ class Batch:
     @lines.setter
     def lines(self, value: list[bytes] | None) -> None:
         self.line_list = value
+
+
+class _CacheUses:
+    """The prompt-cache touches of one batch end, in request order (``BatchStore._usage_of``).
+
+    Up to 100,000 requests share a prefix: the first touch of each (prefix, TTL) goes to the
+    cache, the later ones are reads without its lock; ``done`` counts the reads and writes and
+    touches every prefix once more, in the order of their last use, so each entry ends with
+    the expiry the last request of the batch gave it, as per-request touches would.
+    """
+
+    __slots__ = ("cache", "creations", "reads", "used")
+
+    def __init__(self, cache: PromptCache) -> None:
+        self.cache = cache
+        self.used: dict[tuple[str, float], None] = {}
+        self.reads = 0
+        self.creations = 0
+
+    def touch(self, key: str, ttl: float) -> bool:
+        pair = (key, ttl)
+        if pair in self.used:
+            del self.used[pair]  # re-inserted last: the last use decides the final expiry
+            hit = True
+        else:
+            hit = self.cache.touch(key, ttl)
+        self.used[pair] = None
+        if hit:
+            self.reads += 1
+        else:
+            self.creations += 1
+        return hit
+
+    def done(self, stats: Stats) -> None:
+        if self.reads:
+            stats.add("cache_reads", self.reads)
+        if self.creations:
+            stats.add("cache_creations", self.creations)
+        for key, ttl in self.used:
+            self.cache.touch(key, ttl)
 
 
 class ResultsFile:
@@ -745,18 +785,17 @@ class BatchStore:
         key = (endpoint, api_version, betas, self.settings.known_models)
 
         def check(params: Any) -> Problem | None:
+            # ``validate_shared`` with the verdict on the shared part (once per prompt shape and
+            # rules) looked up here: a request's own work is its last message.
             shared = model.shared_prompt(params) if isinstance(params, dict) else None
             if shared is None:
                 return validate_request(params, **rules)
-
-            def prefix_problem() -> Problem | None:
-                # The verdict on the shared part, once per prompt shape and rules.
-                if key not in shared.problems:
-                    shared.problems[key] = validate_request(prefix_params(shared.params), **rules)
-                problem: Problem | None = shared.problems[key]
-                return problem
-
-            return validate_shared(params, prefix_problem, **rules)
+            problems = shared.problems
+            if key not in problems:
+                problems[key] = validate_request(prefix_params(shared.params), **rules)
+            if problems[key] is not None:
+                return validate_request(params, **rules)
+            return last_message_problem(params["messages"])
 
         return check
 
@@ -844,6 +883,8 @@ class BatchStore:
         canceled_at = batch.cancel_initiated_at
         fault_keys = batch.fault_keys or [custom_id for custom_id, _ in batch.requests]
         check = self._checker("batch", batch.api_version, batch.betas)
+        uses = _CacheUses(self.cache)
+        order_keys = fault_rules.result_order_keys(faults, [custom_id for custom_id, _ in batch.requests])
         for index, (custom_id, params) in enumerate(batch.requests):
             fault_key = fault_keys[index]
             outcome = fault_rules.request_outcome(faults, fault_key)
@@ -873,12 +914,13 @@ class BatchStore:
                     kind_of, result = "succeeded", None
                     job = model.AnswerJob(
                         custom_id, params, batch.id, kind, f"{faults.seed}:{fault_key}",
-                        self._usage_of(params, "batch"), model.shared_prompt(params),
+                        self._usage_of(params, "batch", uses), model.shared_prompt(params),
                     )  # fmt: skip
             if result is not None:
                 job = _line({"custom_id": custom_id, "result": result})
             counts[kind_of] += 1
-            jobs.append((fault_rules.result_order_key(faults, custom_id), index, job))
+            jobs.append((order_keys[index], index, job))
+        uses.done(self.stats)
         jobs.sort(key=lambda item: item[0])
         if len(jobs) > 1 and all(jobs[i][1] == i for i in range(len(jobs))):
             jobs = jobs[1:] + jobs[:1]  # never the request order, even by chance
@@ -1022,22 +1064,31 @@ class BatchStore:
             "service_tier": tier,
         }
 
-    def _usage_of(self, params: dict[str, Any], tier: str) -> tuple[int, int, int, float, str]:
-        """``_usage`` as (input tokens, cache creation, cache read, cache TTL, tier)."""
+    def _usage_of(
+        self, params: dict[str, Any], tier: str, uses: _CacheUses | None = None
+    ) -> tuple[int, int, int, float, str]:
+        """``_usage`` as (input tokens, cache creation, cache read, cache TTL, tier).
+
+        ``uses`` (the end of one batch): the prompt cache is touched once per prefix and TTL;
+        the later requests with that prefix read what the first one wrote (the clock does not
+        move while a batch ends, so a real touch would find it live). ``_CacheUses.done``
+        counts them and refreshes the entries once the batch is decided.
+        """
         accounting = model.account_prompt(params)
         creation = read = 0
         if (
             accounting.cache_key is not None
             and accounting.cache_prefix_tokens >= self.settings.min_cache_tokens
         ):
-            if self.cache.touch(
-                f"{params.get('model')}:{accounting.cache_key}", accounting.cache_ttl_seconds
-            ):
+            key = f"{params.get('model')}:{accounting.cache_key}"
+            ttl = accounting.cache_ttl_seconds
+            hit = self.cache.touch(key, ttl) if uses is None else uses.touch(key, ttl)
+            if uses is None:
+                self.stats.add("cache_reads" if hit else "cache_creations")
+            if hit:
                 read = accounting.cache_prefix_tokens
-                self.stats.add("cache_reads")
             else:
                 creation = accounting.cache_prefix_tokens
-                self.stats.add("cache_creations")
         return (accounting.total_tokens - creation - read, creation, read, accounting.cache_ttl_seconds, tier)
 
     def _message(

@@ -569,6 +569,11 @@ def validate_shared(
     messages = params.get("messages")
     if not isinstance(messages, list) or not messages or prefix_problem() is not None:
         return validate_request(params, **rules)
+    return last_message_problem(messages)
+
+
+def last_message_problem(messages: list[Any]) -> Problem | None:
+    """The complaint about the last of ``messages`` (``validate_shared`` once the rest is clean)."""
     last = messages[-1]
     if type(last) is dict and len(last) == 2 and last.get("role") == "user":
         content = last.get("content")
