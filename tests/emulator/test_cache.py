@@ -115,3 +115,24 @@ def test_one_hour_ttl_and_few_shot_breakpoint(client: anthropic.Anthropic) -> No
     assert created > 200
     assert usage["f1"].cache_creation.ephemeral_1h_input_tokens == created
     assert usage["f2"].cache_read_input_tokens == created
+
+
+def test_a_batch_end_touches_each_prefix_once_and_leaves_the_expiry_of_its_last_use() -> None:
+    """The end of a batch reads a prefix's later uses without touching the cache each time; the
+    counts and the entry it leaves (expiry from the last use's TTL) are those of per-request
+    touches."""
+    from airflow_provider_fable.emulator.state import PromptCache, Stats, _CacheUses
+
+    now = [1000.0]
+    cache = PromptCache(lambda: now[0])
+    uses = _CacheUses(cache)
+    hits = [
+        uses.touch(key, ttl) for key, ttl in [("m:a", 300.0), ("m:a", 3600.0), ("m:b", 300.0), ("m:a", 300.0)]
+    ]
+    assert hits == [False, True, False, True]
+    counted = Stats()
+    uses.done(counted)
+    assert counted.counters["cache_creations"] == 2 and counted.counters["cache_reads"] == 2
+    assert cache._entries["m:a"] == now[0] + 300.0  # the last use's TTL, not the 1 h one before it
+    now[0] += 301.0
+    assert cache.touch("m:a", 300.0) is False  # expired as the last (5 min) use said
