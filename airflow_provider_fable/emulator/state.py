@@ -239,10 +239,15 @@ def _share_equal_values(params_list: list[dict[str, Any]]) -> None:
     invisible; the batch then holds ~1 KB a request.
     """
     table: dict[tuple[str, bytes | str], Any] = {}
+    ints: dict[tuple[str, int], int] = {}
 
     def shared(key: str, value: Any) -> Any:
         if isinstance(value, str):
-            return table.setdefault((key, value), value) if len(value) > 32 else value
+            return table.setdefault((key, value), value)
+        if type(value) is int:
+            # 1024 is a new object in every request: one object lets the end of the batch tell
+            # the requests of one prompt shape by identity (``model.shared_prompt``).
+            return ints.setdefault((key, value), value)
         if not isinstance(value, (dict, list)):
             return value
         try:

@@ -51,9 +51,7 @@ def test_crm_dag_escalates_and_never_keeps_an_invented_quote(
                 r["lead_id"]: dict(r) for r in conn.execute(sa.text("SELECT * FROM crm_leads")).mappings()
             }
             # The backlog unit keeps each stage's accepted answers in <table>__<stage>.
-            stage1 = [
-                dict(r) for r in conn.execute(sa.text("SELECT * FROM lead_enrichment__s1")).mappings()
-            ]
+            stage1 = [dict(r) for r in conn.execute(sa.text("SELECT * FROM lead_enrichment__s1")).mappings()]
             final = [dict(r) for r in conn.execute(sa.text("SELECT * FROM lead_enrichment")).mappings()]
     finally:
         engine.dispose()

@@ -278,6 +278,10 @@ def test_requests_of_a_create_share_their_equal_values_and_keep_their_own_record
     structured = [p for p in parsed if "output_config" in p]
     assert all(p["output_config"] is structured[0]["output_config"] for p in structured)
     assert all(p["system"] is structured[0]["system"] for p in structured)
+    # Short strings and integers too (decoded anew per request): the shape is told by identity.
+    assert all(
+        p["model"] is parsed[0]["model"] and p["max_tokens"] is parsed[0]["max_tokens"] for p in parsed
+    )
     records = [p["messages"][-1]["content"] for p in parsed]
     assert records == [r["params"]["messages"][-1]["content"] for r in requests]
     assert parsed == [r["params"] for r in requests]  # equal values, fewer copies
