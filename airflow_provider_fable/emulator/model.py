@@ -227,6 +227,28 @@ _INSTRUCTION_WORDS = frozenset(
 )
 
 
+def _content_sentence(raw: str) -> str | None:
+    """One piece of ``_split_sentences`` as ``content_sentences`` keeps it, or None (skipped)."""
+    sentence = " ".join(raw.split())
+    if not sentence or sentence.endswith(":") or _HAS_ALNUM_RE.search(sentence) is None:
+        return None
+    words = sentence.split(None, 2)  # the first two words are all that is read
+    first = words[0].lower().strip(",.:;!?")
+    if first == "please" and len(words) > 1:
+        first = words[1].lower().strip(",.:;!?")
+    if first in _INSTRUCTION_WORDS:
+        return None
+    return _LABEL_PREFIX_RE.sub("", sentence, count=1) or sentence
+
+
+#: ``_content_sentence`` of the pieces seen so far: a prompt template's own lines ("Classify
+#: this ticket:", "Subject: ...") and a backlog's boilerplate (signatures, disclaimers) recur
+#: in every record (bounded: cleared when full).
+_SENTENCE_MEMO: dict[str, str | None] = {}
+_SENTENCE_MEMO_MAX = 20_000
+_UNSEEN = object()
+
+
 def content_sentences(text: str) -> list[str]:
     """Sentences of ``text`` that carry content, in order.
 
@@ -237,18 +259,15 @@ def content_sentences(text: str) -> list[str]:
     if "<" in text:
         text = _TAG_RE.sub(" ", text)
     out: list[str] = []
+    memo = _SENTENCE_MEMO
     for raw in _split_sentences(text):
-        sentence = " ".join(raw.split())
-        if not sentence or sentence.endswith(":") or _HAS_ALNUM_RE.search(sentence) is None:
-            continue
-        words = sentence.split(None, 2)  # the first two words are all that is read
-        first = words[0].lower().strip(",.:;!?")
-        if first == "please" and len(words) > 1:
-            first = words[1].lower().strip(",.:;!?")
-        if first in _INSTRUCTION_WORDS:
-            continue
-        sentence = _LABEL_PREFIX_RE.sub("", sentence, count=1) or sentence
-        out.append(sentence)
+        sentence = memo.get(raw, _UNSEEN)
+        if sentence is _UNSEEN:
+            if len(memo) >= _SENTENCE_MEMO_MAX:
+                memo.clear()
+            sentence = memo[raw] = _content_sentence(raw)
+        if sentence is not None:
+            out.append(sentence)
     if not out:
         whole = " ".join(text.split())
         if any(ch.isalnum() for ch in whole):
@@ -940,10 +959,9 @@ def _corrected(token: str, vocabulary: frozenset[str]) -> str:
 
 
 #: Per typo vocabulary (a prompt's is one cached frozenset, so keyed by it), each word seen so
-#: far: (``_corrected(word, vocabulary)``, its ``stem``). One dict look-up per word instead of a
-#: length test, a set test, an ``lru_cache`` call for every long word and the stem memo's look-up
-#: (bounded: a vocabulary's memo is cleared when full).
-_CORRECTED_MEMO: dict[frozenset[str], dict[str, tuple[str, str]]] = {}
+#: far: ``_corrected(word, vocabulary)``. One dict look-up per word instead of a length test, a
+#: set test and an ``lru_cache`` call for every long word (bounded: cleared when full).
+_CORRECTED_MEMO: dict[frozenset[str], dict[str, str]] = {}
 _CORRECTED_MEMO_MAX = 200_000
 
 
@@ -954,18 +972,14 @@ def _corrected_stems(tokens: list[str], vocabulary: frozenset[str]) -> tuple[lis
         if len(_CORRECTED_MEMO) >= 64:
             _CORRECTED_MEMO.clear()
         memo = _CORRECTED_MEMO[vocabulary] = {}
-    pairs = list(map(memo.get, tokens))
-    if None in pairs:
+    words = list(map(memo.get, tokens))
+    if None in words:
         if len(memo) > _CORRECTED_MEMO_MAX:
             memo.clear()
-        for i, pair in enumerate(pairs):
-            if pair is None:
-                word = _corrected(tokens[i], vocabulary)
-                pairs[i] = memo[tokens[i]] = (word, _stems([word])[0])
-    if not pairs:
-        return [], []
-    words, stems = zip(*pairs, strict=True)  # type: ignore[misc]
-    return list(words), list(stems)
+        for i, word in enumerate(words):
+            if word is None:
+                words[i] = memo[tokens[i]] = _corrected(tokens[i], vocabulary)
+    return words, _stems(words)  # type: ignore[arg-type]
 
 
 class Evidence:
