@@ -391,6 +391,61 @@ class Batch:
         self.line_list = value
 
 
+#: Results come in windows of this many requests, in request order, shuffled within each
+#: window: the answers of a window can be written as soon as the batch end has decided it
+#: (a batch of up to this size is shuffled as a whole).
+_ORDER_WINDOW = 1000
+
+
+def _stream_order(window: list[tuple[int, int, Any]]) -> list[Any]:
+    """The jobs of one window, (order key, request index, job), in the order they are served:
+    by order key, never the request order, even by chance."""
+    window.sort(key=lambda item: item[0])
+    if len(window) > 1 and all(window[i][1] < window[i + 1][1] for i in range(len(window) - 1)):
+        window = window[1:] + window[:1]
+    return [job for _, _, job in window]
+
+
+class _JobFeed:
+    """A batch's jobs in stream order, handed from the batch end (``put``) to the thread that
+    answers them (``parts``) while the rest of the batch is still being decided."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._jobs: list[Any] = []
+        self._closed = False
+        self._error: BaseException | None = None
+
+    def put(self, jobs: list[Any]) -> None:
+        with self._cond:
+            self._jobs.extend(jobs)
+            self._cond.notify_all()
+
+    def close(self, error: BaseException | None = None) -> None:
+        """No more jobs; with ``error``, the batch end failed and the generation must too."""
+        with self._cond:
+            self._closed = True
+            self._error = error
+            self._cond.notify_all()
+
+    def parts(self, size: int) -> Iterator[list[Any]]:
+        """The jobs in chunks of ``size`` (the last one shorter), each as soon as it is decided."""
+        taken = 0
+        while True:
+            with self._cond:
+                while len(self._jobs) - taken < size and not self._closed:
+                    self._cond.wait()
+                if self._error is not None:
+                    raise RuntimeError("the batch end failed") from self._error
+                end = min(taken + size, len(self._jobs))
+                part = self._jobs[taken:end]
+                self._jobs[taken:end] = [b""] * (end - taken)  # dropped here once handed over
+            if not part:
+                return
+            taken = end
+            yield part
+
+
 class _CacheUses:
     """The prompt-cache touches of one batch end, in request order (``BatchStore._usage_of``).
 
@@ -570,7 +625,7 @@ class BatchStore:
         self._pool: ProcessPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         #: large batches waiting for their answers, in end order (``_queue_generation``)
-        self._generation_queue: deque[tuple[ResultsFile, list[bytes | model.AnswerJob]]] = deque()
+        self._generation_queue: deque[tuple[ResultsFile, _JobFeed]] = deque()
         self._generation_lock = threading.Lock()
         self._generation_thread: threading.Thread | None = None
         if self.state_file is not None:
@@ -876,20 +931,65 @@ class BatchStore:
         backend processes them: each request's outcome (canceled, expired, errored by the
         params check or a fault, succeeded), the counts, which requests get a broken answer
         (kinds in turn) and the prompt cache's writes and reads. The answers themselves are
-        pure functions of each request, so they are generated afterwards, in stream order,
-        into the results file (a background thread; inline with a state file, which must hold
-        them): the retrieve that ends a 100,000-request batch returns at once, and the first
-        result lines stream while the rest are generated. ``expiring``: the 24 h expiry.
+        pure functions of each request, so they are generated in stream order into the results
+        file by a background thread (inline, afterwards, with a state file, which must hold
+        them), starting with the first window of requests decided here (``_ORDER_WINDOW``):
+        the answer workers are busy while the rest of the batch is decided, the retrieve that
+        ends a 100,000-request batch returns once every outcome is known, and the first result
+        lines stream while the rest are generated. ``expiring``: the 24 h expiry.
         """
         faults = self.settings.faults
         counts = dict.fromkeys(_TYPES, 0)
-        jobs: list[tuple[int, int, bytes | model.AnswerJob]] = []
-        invalid_seen = 0
-        canceled_at = batch.cancel_initiated_at
         fault_keys = batch.fault_keys or [custom_id for custom_id, _ in batch.requests]
         check = self._checker("batch", batch.api_version, batch.betas)
         uses = _CacheUses(self.cache)
         order_keys = fault_rules.result_order_keys(faults, [custom_id for custom_id, _ in batch.requests])
+        results = ResultsFile(len(batch.requests))
+        feed = _JobFeed()
+        if self.state_file is None:
+            # Answering starts with the first decided window, while the end decides the rest.
+            if len(batch.requests) >= self.settings.generation_min_batch:
+                self._queue_generation(results, feed)
+            else:
+                threading.Thread(
+                    target=self._generate, args=(results, feed), name=f"results-{batch.id}", daemon=True
+                ).start()
+        try:
+            self._decide(batch, ended_at, expiring, check, uses, order_keys, fault_keys, feed, counts)
+        except BaseException as exc:
+            feed.close(exc)
+            raise
+        feed.close()
+        uses.done(self.stats)
+        batch.results = results
+        batch.line_list = None
+        batch.counts = counts
+        batch.requests = []  # the params live on in the jobs until their answers are written
+        batch.status = "ended"
+        batch.ended_at = ended_at
+        self.stats.add_results(counts)
+        if self.state_file is not None:
+            self._generate(results, feed)  # the state file stores the whole results file
+            self._save(batch)
+
+    def _decide(
+        self,
+        batch: Batch,
+        ended_at: float,
+        expiring: bool,
+        check: Callable[[Any], Problem | None],
+        uses: _CacheUses,
+        order_keys: list[int],
+        fault_keys: list[str],
+        feed: _JobFeed,
+        counts: dict[str, int],
+    ) -> None:
+        """``_finish``'s pass over the requests, in request order: each one's outcome and job,
+        fed to the generation one order window at a time (``_ORDER_WINDOW``)."""
+        faults = self.settings.faults
+        canceled_at = batch.cancel_initiated_at
+        invalid_seen = 0
+        window: list[tuple[int, int, bytes | model.AnswerJob]] = []
         for index, (custom_id, params) in enumerate(batch.requests):
             fault_key = fault_keys[index]
             outcome = fault_rules.request_outcome(faults, fault_key)
@@ -924,30 +1024,14 @@ class BatchStore:
             if result is not None:
                 job = _line({"custom_id": custom_id, "result": result})
             counts[kind_of] += 1
-            jobs.append((order_keys[index], index, job))
-        uses.done(self.stats)
-        jobs.sort(key=lambda item: item[0])
-        if len(jobs) > 1 and all(jobs[i][1] == i for i in range(len(jobs))):
-            jobs = jobs[1:] + jobs[:1]  # never the request order, even by chance
-        batch.results = ResultsFile(len(jobs))
-        batch.line_list = None
-        batch.counts = counts
-        batch.requests = []  # the params live on in the jobs until their answers are written
-        batch.status = "ended"
-        batch.ended_at = ended_at
-        self.stats.add_results(counts)
-        ordered = [job for _, _, job in jobs]
-        if self.state_file is not None:
-            self._generate(batch.results, ordered)  # the state file stores the whole results file
-            self._save(batch)
-        elif counts["succeeded"] >= self.settings.generation_min_batch:
-            self._queue_generation(batch.results, ordered)
-        else:
-            threading.Thread(
-                target=self._generate, args=(batch.results, ordered), name=f"results-{batch.id}", daemon=True
-            ).start()
+            window.append((order_keys[index], index, job))
+            if len(window) == _ORDER_WINDOW:
+                feed.put(_stream_order(window))
+                window = []
+        if window:
+            feed.put(_stream_order(window))
 
-    def _queue_generation(self, results: ResultsFile, jobs: list[bytes | model.AnswerJob]) -> None:
+    def _queue_generation(self, results: ResultsFile, jobs: _JobFeed) -> None:
         """Answer a large batch after the large batches that ended before it, one at a time.
 
         A 1M-record job ends ten 100,000-request batches within seconds of each other. Answered
@@ -977,43 +1061,35 @@ class BatchStore:
             except BaseException:  # noqa: BLE001,S112 - logged and reported to its downloads by _generate
                 continue
 
-    def _generate(self, results: ResultsFile, jobs: list[bytes | model.AnswerJob], chunk: int = 500) -> None:
+    def _generate(self, results: ResultsFile, jobs: _JobFeed, chunk: int = 500) -> None:
         """Write the result lines of ``jobs`` in order, answering the succeeded ones.
 
         Large batches are answered by worker processes (``generation_workers``), a few chunks
-        ahead of the writer, results taken in order; small ones here. Each job's params are
-        dropped as soon as it is handed over.
+        ahead of the writer, results taken in order; small ones here. Chunks are taken from
+        the feed as the batch end decides them, and each job's params are dropped as soon as
+        it is handed over.
         """
         faults = self.settings.faults
         rates = (faults.description_break_rate, faults.invented_quote_rate)
         workers = self.generation_workers
-        answers = sum(isinstance(job, model.AnswerJob) for job in jobs)
         try:
-            pool = self._worker_pool() if workers and answers >= self.settings.generation_min_batch else None
-            pending: deque[Future[tuple[list[bytes], list[model.JobCounts]]]] = deque()
-            starts = iter(range(0, len(jobs), chunk))
-
-            def hand_over(start: int) -> list[bytes | model.AnswerJob]:
-                part = jobs[start : start + chunk]
-                jobs[start : start + chunk] = [b""] * len(part)  # the params are not needed here any more
-                return part
-
+            large = results.total >= self.settings.generation_min_batch
+            pool = self._worker_pool() if workers and large else None
+            parts = jobs.parts(chunk)
             if pool is not None:
-                for start in itertools.islice(starts, 2 * workers):
-                    pending.append(
-                        pool.submit(model.answer_packed, model.pack_jobs(hand_over(start)), *rates)
-                    )
+                pending: deque[Future[tuple[list[bytes], list[model.JobCounts]]]] = deque()
+                for part in itertools.islice(parts, 2 * workers):
+                    pending.append(pool.submit(model.answer_packed, model.pack_jobs(part), *rates))
                 while pending:
                     lines, counts = pending.popleft().result()
-                    following = next(starts, None)
+                    following = next(parts, None)
                     if following is not None:
-                        part = model.pack_jobs(hand_over(following))
-                        pending.append(pool.submit(model.answer_packed, part, *rates))
+                        pending.append(pool.submit(model.answer_packed, model.pack_jobs(following), *rates))
                     self._count_answers(counts)
                     results.append(lines)
             else:
-                for start in starts:
-                    lines, counts = model.answer_lines(hand_over(start), *rates)
+                for part in parts:
+                    lines, counts = model.answer_lines(part, *rates)
                     self._count_answers(counts)
                     results.append(lines)
         except BaseException as exc:  # noqa: BLE001 - reported to every download waiting for lines

@@ -24,17 +24,20 @@ from .test_throughput_paths import _requests
 
 def _ended_jobs(store: BatchStore, requests: list[dict[str, Any]]) -> list[Any]:
     """The jobs a batch's end hands to the generation (captured instead of answered)."""
-    captured: list[Any] = []
+    feeds: list[Any] = []
+    handed = threading.Event()
 
-    def capture(results: ResultsFile, jobs: list[Any], chunk: int = 500) -> None:
-        captured.extend(jobs)
-        results.finish()
+    def capture(results: ResultsFile, jobs: Any, chunk: int = 500) -> None:
+        feeds.append(jobs)  # read below, once the end has decided every request
+        handed.set()
 
     store._generate = capture  # type: ignore[method-assign]
     store._queue_generation = capture  # type: ignore[method-assign]
     batch = store.create(parse_create_body(json.dumps({"requests": requests}).encode()), "http://e/")
     store.retrieve(batch["id"], "http://e/")
-    return captured
+    assert handed.wait(30), "the batch end handed nothing to the generation"
+    (feed,) = feeds
+    return [job for part in feed.parts(len(requests)) for job in part]
 
 
 def test_packed_jobs_rebuild_the_same_requests_and_answers() -> None:
