@@ -182,3 +182,47 @@ def test_an_http_batch_answered_by_the_default_workers_is_complete() -> None:
         results = list(client.messages.batches.results(batch.id))
     assert sorted(r.custom_id for r in results) == sorted(r["custom_id"] for r in requests)
     assert all(r.result.type == "succeeded" for r in results)
+
+
+def test_results_come_window_by_window_shuffled_within_each() -> None:
+    """2,500 requests: lines 1-1,000 answer requests 1-1,000 (not in their order), and so on;
+    the same order at every download."""
+    from airflow_provider_fable.emulator.state import _ORDER_WINDOW
+
+    store = BatchStore(EmulatorSettings(generation_workers=0))
+    n = 2 * _ORDER_WINDOW + 500
+    requests = [{"custom_id": f"r{i}", "params": text_params(f"record {i}")} for i in range(n)]
+    batch = store.create(parse_create_body(json.dumps({"requests": requests}).encode()), "http://e/")
+    store.retrieve(batch["id"], "http://e/")
+    served = [
+        json.loads(line)["custom_id"]
+        for line in b"".join(store.open_results(batch["id"]).chunks()).splitlines()
+    ]
+    again = [
+        json.loads(line)["custom_id"]
+        for line in b"".join(store.open_results(batch["id"]).chunks()).splitlines()
+    ]
+    assert served == again
+    for start in range(0, n, _ORDER_WINDOW):
+        window = served[start : start + _ORDER_WINDOW]
+        expected = [f"r{i}" for i in range(start, min(start + _ORDER_WINDOW, n))]
+        assert sorted(window) == sorted(expected)
+        assert window != expected
+    store.close()
+
+
+def test_the_feed_hands_over_decided_jobs_before_the_end_is_done() -> None:
+    from airflow_provider_fable.emulator.state import _JobFeed
+
+    feed = _JobFeed()
+    parts = feed.parts(2)
+    feed.put([b"a", b"b", b"c"])
+    assert next(parts) == [b"a", b"b"]  # without waiting for the rest of the batch
+    feed.close()
+    assert next(parts) == [b"c"]
+    assert next(parts, None) is None
+    failed = _JobFeed()
+    failed.put([b"x"])
+    failed.close(ValueError("boom"))
+    with pytest.raises(RuntimeError, match="batch end failed"):
+        list(failed.parts(5))
