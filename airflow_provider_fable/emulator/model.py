@@ -52,6 +52,7 @@ __all__ = [
     "answer_for_schema",
     "answer_lines",
     "answer_packed",
+    "worker_ready",
     "pack_jobs",
     "unpack_jobs",
     "build_answer",
@@ -3211,6 +3212,10 @@ def unpack_jobs(packed: PackedJobs) -> list[bytes | AnswerJob]:
         params["messages"] = [*prefix, last]
         jobs.append(AnswerJob(custom_id, params, batch_id, invalid_kind, fault_key, usage))
     return jobs
+
+
+def worker_ready() -> None:
+    """Submitted to the answer workers to start them early (unpickling it imports this module)."""
 
 
 def answer_packed(

@@ -708,9 +708,24 @@ class BatchStore:
             self._seq_by_id[batch_id] = batch.seq
         self.stats.add("batches_created")
         self.stats.add("requests_seen", len(requests))
+        if self.state_file is None and len(requests) >= self.settings.generation_min_batch:
+            self._start_workers()
         with batch.lock:
             self._save(batch)
             return self._render(batch, base_url)
+
+    def _start_workers(self) -> None:
+        """Start the answer workers while a large batch is processing, not when it ends: each
+        takes ~0.5 s to start (a new interpreter importing the emulator)."""
+        if not self.generation_workers or self._pool is not None:
+            return
+
+        def start() -> None:
+            pool = self._worker_pool()
+            for _ in range(self.generation_workers):
+                pool.submit(model.worker_ready)
+
+        threading.Thread(target=start, name="answer-workers-start", daemon=True).start()
 
     def _get(self, batch_id: str) -> Batch:
         with self._lock:
