@@ -23,7 +23,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -2630,9 +2630,10 @@ def _block_tokens(block: Any) -> int:
     return estimate_tokens(len(_canonical(block)))
 
 
-@dataclass(frozen=True)
-class PromptAccounting:
-    """Input-token view of one request: its total and its cacheable prefix, if any."""
+class PromptAccounting(NamedTuple):
+    """Input-token view of one request: its total and its cacheable prefix, if any (a named
+    tuple: the end of a batch builds one per request, several times faster than a frozen
+    dataclass)."""
 
     total_tokens: int
     cache_prefix_tokens: int = 0
@@ -2940,6 +2941,32 @@ class Answer:
 
 #: ``json.dumps(value, ensure_ascii=False)`` without building an encoder per call (same bytes).
 _REPLY_JSON = json.JSONEncoder(ensure_ascii=False)
+_JSON_STRING = json.encoder.encode_basestring  # what that encoder writes a str as
+
+
+def _reply_json(value: Any) -> str:
+    """``_REPLY_JSON.encode(value)``: a flat object of strings, booleans, integers and nulls (the
+    commonest answer) is written here, the same bytes without the encoder's call layers."""
+    if type(value) is dict and value:
+        parts = []
+        for key, item in value.items():
+            kind = type(item)
+            if type(key) is not str:
+                break
+            if kind is str:
+                text = _JSON_STRING(item)
+            elif kind is bool:
+                text = "true" if item else "false"
+            elif kind is int:
+                text = int.__repr__(item)
+            elif item is None:
+                text = "null"
+            else:
+                break
+            parts.append(f"{_JSON_STRING(key)}: {text}")
+        else:
+            return "{" + ", ".join(parts) + "}"
+    return _REPLY_JSON.encode(value)
 
 
 def _broken_text(json_text: str) -> str:
@@ -3015,7 +3042,7 @@ def build_answer(
         if invalid_kind is not None and invalid_kind != "non_json":
             value, applied = break_answer(value, schema, generated.enum_paths, invalid_kind, fault_key)
         if invalid_kind == "non_json" or not isinstance(value, dict):
-            reply = _broken_text(_REPLY_JSON.encode(value))
+            reply = _broken_text(_reply_json(value))
             return Answer(
                 [*prefix, {"type": "text", "text": reply}],
                 "end_turn",
@@ -3045,11 +3072,11 @@ def build_answer(
         broken_hints = generated.broken_hints
         invented = generated.invented_quotes
         if invalid_kind == "non_json":
-            reply, applied = _broken_text(_REPLY_JSON.encode(value)), "non_json"
+            reply, applied = _broken_text(_reply_json(value)), "non_json"
         else:
             if invalid_kind is not None:
                 value, applied = break_answer(value, schema, generated.enum_paths, invalid_kind, fault_key)
-            reply = _REPLY_JSON.encode(value)
+            reply = _reply_json(value)
     else:
         reply = free_text_answer(text)
     stop_reason = "end_turn"
