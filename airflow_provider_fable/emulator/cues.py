@@ -419,6 +419,9 @@ def prompt_cues(params: Mapping[str, Any]) -> PromptCues:
     )
 
 
+_NO_TEMPLATE: frozenset[str] = frozenset()
+
+
 class SharedCues:
     """``prompt_cues`` split in two: what all requests of one prompt share, read once.
 
@@ -446,13 +449,27 @@ class SharedCues:
             quoted = [a or b for a, b in _QUOTED_RE.findall(text)]
             self.pairs.append((normalise_record(" ".join(quoted)) if quoted else None, _tokens(text), answer))
         self._examples: dict[frozenset[str], dict[str, Any]] = {}
+        self._cues: dict[tuple[frozenset[str], bool], PromptCues] = {}
 
     def cues(self, content: Any) -> PromptCues:
-        """``prompt_cues`` of the request whose last message is a user turn with ``content``."""
+        """``prompt_cues`` of the request whose last message is a user turn with ``content``.
+
+        The result is immutable and only depends on the template words and whether the record
+        is quoted: one object per such pair is handed to every request that has it."""
+        if self.common is None and self.count == 0:
+            # No other user turn (most batches): nothing of the record is read here.
+            return self._cues_for(_NO_TEMPLATE, False)
         last_text = _text_of(content)
-        template: frozenset[str] = frozenset()
+        template: frozenset[str] = _NO_TEMPLATE
         if self.common is not None:
             template = frozenset(self.common.intersection(_tokens(last_text)))
+        quoted = self.count >= 1 and self.all_quoted and bool(_QUOTED_RE.search(last_text))
+        return self._cues_for(template, quoted)
+
+    def _cues_for(self, template: frozenset[str], quoted: bool) -> PromptCues:
+        hit = self._cues.get((template, quoted))
+        if hit is not None:
+            return hit
         examples = self._examples.get(template)
         if examples is None:
             examples = {}
@@ -465,5 +482,7 @@ class SharedCues:
                 examples[key] = answer
             if len(self._examples) < 64:
                 self._examples[template] = examples
-        quoted = self.count >= 1 and self.all_quoted and bool(_QUOTED_RE.search(last_text))
-        return PromptCues(self.system, template, examples, quoted, self.model)
+        cues = PromptCues(self.system, template, examples, quoted, self.model)
+        if len(self._cues) < 128:
+            self._cues[(template, quoted)] = cues
+        return cues

@@ -115,6 +115,13 @@ def stable_hash(*parts: object) -> int:
     return int.from_bytes(_digest(parts)[:8], "big")
 
 
+def _continued(hasher: Any, rest: Sequence[object]) -> int:
+    """``stable_hash`` of the parts ``hasher`` has taken (each followed by the separator) and ``rest``."""
+    hasher = hasher.copy()
+    hasher.update("\x1f".join(map(str, rest)).encode("utf-8", "surrogatepass"))
+    return int.from_bytes(hasher.digest()[:8], "big")
+
+
 def stable_fraction(*parts: object) -> float:
     """A number in [0, 1) derived from ``parts``; fault rates compare against it."""
     return stable_hash(*parts) / 2.0**64
@@ -179,6 +186,10 @@ def last_user_text(params: Mapping[str, Any]) -> str:
     last user turn.
     """
     messages = params.get("messages")
+    if type(messages) is list and messages:
+        last = messages[-1]
+        if type(last) is dict and last.get("role") == "user" and type(last.get("content")) is str:
+            return last["content"]  # the commonest record: a user turn of plain text
     if not isinstance(messages, list):
         return ""
     for message in reversed(messages):
@@ -1399,6 +1410,8 @@ class _Answerer:
         )
         self.evidence = Evidence(evidence_text, self.sentences, vocabulary=self.vocabulary)
         self._scoped: dict[str, Evidence] = {}
+        self._text_hasher: Any = None
+        self._break_hasher: Any = None
         self._sentence_evidence: dict[str, Evidence] = {}
         #: the stems of each sentence of the record, for the fields answered by overlap
         self._sentence_stems: dict[str, frozenset[str]] = {}
@@ -1452,6 +1465,22 @@ class _Answerer:
             evidence = self._sentence_evidence[sentence] = Evidence(sentence, [sentence])
         return evidence
 
+    def text_hash(self, *rest: object) -> int:
+        """``stable_hash(self.text, *rest)``, the record's part of the hash computed once per record
+        (a record is hashed for several draws: tie-breaks, hints, confidence jitter)."""
+        hasher = self._text_hasher
+        if hasher is None:
+            hasher = self._text_hasher = hashlib.sha256((self.text + "\x1f").encode("utf-8", "surrogatepass"))
+        return _continued(hasher, rest)
+
+    def break_hash(self, *rest: object) -> int:
+        """``stable_hash(self.break_key, self.text, *rest)``, likewise."""
+        hasher = self._break_hasher
+        if hasher is None:
+            head = f"{self.break_key}\x1f{self.text}\x1f"
+            hasher = self._break_hasher = hashlib.sha256(head.encode("utf-8", "surrogatepass"))
+        return _continued(hasher, rest)
+
     def fit(self, text: str, min_len: int | None, max_len: int | None) -> str:
         """``fit_length`` with the record's words as filler (only read when padding is needed)."""
         return fit_length(text, min_len, max_len, self.filler if min_len else ())
@@ -1504,7 +1533,7 @@ class _Answerer:
         """
         if not self.break_rate or key in schema or _constraint(schema, key) is None:
             return False
-        hit = stable_fraction(self.break_key, self.text, self._path_str(path), key) < self.break_rate
+        hit = self.break_hash(self._path_str(path), key) / 2.0**64 < self.break_rate
         self.broken += hit
         return hit
 
@@ -1777,13 +1806,13 @@ class _Answerer:
         if hi < lo:
             return lo
         if self.breaks(schema, "maximum", path):
-            return hi + 1 + stable_hash(self.text, self._path_str(path)) % 5
+            return hi + 1 + self.text_hash(self._path_str(path)) % 5
         if self.breaks(schema, "minimum", path):
-            return lo - 1 - stable_hash(self.text, self._path_str(path)) % 5
+            return lo - 1 - self.text_hash(self._path_str(path)) % 5
         step = _constraint(schema, "multipleOf")
         if confident and self.scope[0] and not step:
             return lo + round((hi - lo) * self.confidence_share(path))
-        h = stable_hash(self.text, self._path_str(path))
+        h = self.text_hash(self._path_str(path))
         if step and step >= 1 and float(step).is_integer():
             m = int(step)
             first = -(-lo // m) * m
@@ -1794,7 +1823,7 @@ class _Answerer:
     def number(self, schema: Mapping[str, Any], path: tuple[Any, ...]) -> float:
         lo, hi = _constraint(schema, "minimum"), _constraint(schema, "maximum")
         ex_lo, ex_hi = _constraint(schema, "exclusiveMinimum"), _constraint(schema, "exclusiveMaximum")
-        frac = stable_fraction(self.text, self._path_str(path))
+        frac = self.text_hash(self._path_str(path)) / 2.0**64
         low = lo if lo is not None else ex_lo
         high = hi if hi is not None else ex_hi
         confident = bool(set(name_tokens(self.field_name(path))) & _CONFIDENCE_TOKENS)
@@ -1885,7 +1914,7 @@ class _Answerer:
         """A "quote" that is not in the record: a number in it changed (the commonest invented
         specific), else the wording paraphrased, with a made-up head count added."""
         record = " ".join(self.text.lower().split())
-        h = stable_hash(self.text, "invented_quote")
+        h = self.text_hash("invented_quote")
 
         def bump(m: re.Match[str]) -> str:
             n = _number(m.group(0), None)
@@ -1904,7 +1933,7 @@ class _Answerer:
     def confidence_share(self, path: tuple[Any, ...]) -> float:
         """Where a confidence-like field lands in its range: high when the labels of its object
         had strong, clear evidence, low when they were guesses (fallbacks, close calls)."""
-        jitter = (stable_fraction(self.text, self._path_str(path)) - 0.5) * 0.08
+        jitter = (self.text_hash(self._path_str(path)) / 2.0**64 - 0.5) * 0.08
         decisions = self.scope[0]
         if not decisions:
             return min(0.99, max(0.01, 0.6 + 0.3 * min(1.0, len(self.sentences) / 4) + jitter))
@@ -2084,7 +2113,7 @@ class _Answerer:
                 end += 1
             if end - start > 1:
                 group = order[start:end]
-                group.sort(key=lambda i: stable_hash(self.text, where, repr(values[i])))
+                group.sort(key=lambda i: self.text_hash(where, repr(values[i])))
                 order[start:end] = group
             start = end
         return order
