@@ -19,7 +19,7 @@ import json
 import re
 import threading
 import uuid
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, _count_elements  # type: ignore[attr-defined]
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -1013,7 +1013,8 @@ class Evidence:
         extra = [_stems(_evidence_tokens(g)) for g in glosses(tokens)]
         self.text = text
         self._joined = " " + " | ".join([" ".join(stems), *(" ".join(e) for e in extra)]) + " "
-        self._stems = Counter(stems)
+        self._stems = Counter()
+        _count_elements(self._stems, stems)  # Counter(stems) without its Mapping check
         for gloss in extra:
             self._stems.update(gloss)
         deadlines = len(_DEADLINE_RE.findall(text)) if _may_name_deadline(text) else 0
@@ -1626,7 +1627,9 @@ class _Answerer:
         return resolved[0]
 
     def object(self, schema: Mapping[str, Any], path: tuple[Any, ...], depth: int) -> dict[str, Any]:
-        props = schema.get("properties") if isinstance(schema.get("properties"), Mapping) else {}
+        props = schema.get("properties")
+        if type(props) is not dict and not isinstance(props, Mapping):
+            props = {}
         required = [r for r in schema.get("required") or [] if isinstance(r, str)]
         out: dict[str, Any] = {}
         # Fields that judge the others (confidence, evidence quotes) are filled last, from the
@@ -2041,7 +2044,9 @@ class _Answerer:
         when the best evidence is weak (a single weak word), not only when there is none.
         """
         name = self.field_name(path)
-        description = schema.get("description") if isinstance(schema, Mapping) else None
+        description = (
+            schema.get("description") if type(schema) is dict or isinstance(schema, Mapping) else None
+        )
         description = description if isinstance(description, str) else ""
         plan = _choice_plan(values, self.cues.system, description, name)
         labels, cues, scorer = plan.labels, plan.cues, plan.scorer
@@ -2072,7 +2077,8 @@ class _Answerer:
             band = _band_choice(values, self.counts, name)
         if band is not None:
             scores[band] += 6
-        if isinstance(self.example, Mapping):
+        example = self.example
+        if example is not None and isinstance(example, Mapping):
             shown = self.example.get(name)
             if shown in values:
                 scores[list(values).index(shown)] += 10
@@ -2842,7 +2848,10 @@ class SharedPrompt:
 
     def owns(self, root: Any) -> bool:
         """Whether ``root`` is one of this prompt's own schemas (the structured output or the tool's)."""
-        return any(root is r for r in self._roots)
+        for own in self._roots:
+            if root is own:
+                return True
+        return False
 
 
 _SHARED_MAX = 64
@@ -3009,7 +3018,11 @@ def _thinking_block(params: Mapping[str, Any], text: str, id_seed: str) -> tuple
     block then carries only the signature), so usage stays honest about what was paid for.
     """
     thinking = params.get("thinking")
-    if not isinstance(thinking, Mapping) or thinking.get("type") not in ("enabled", "adaptive"):
+    if (
+        thinking is None
+        or not isinstance(thinking, Mapping)
+        or thinking.get("type") not in ("enabled", "adaptive")
+    ):
         return None
     sentences = content_sentences(text) or [text.strip() or "the request"]
     reasoning = (
