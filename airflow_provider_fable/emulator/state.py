@@ -1076,7 +1076,7 @@ class BatchStore:
             except BaseException:  # noqa: BLE001,S112 - logged and reported to its downloads by _generate
                 continue
 
-    def _generate(self, results: ResultsFile, jobs: _JobFeed, chunk: int = 500) -> None:
+    def _generate(self, results: ResultsFile, jobs: _JobFeed, chunk: int = 2000) -> None:
         """Write the result lines of ``jobs`` in order, answering the succeeded ones.
 
         Large batches are answered by worker processes (``generation_workers``), a few chunks
